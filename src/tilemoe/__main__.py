@@ -1,0 +1,5 @@
+import sys
+
+from tilemoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Public launchers (validate -> allocate -> grid -> launch), each with a plain-PyTorch ``*_torch`` reference."""

@@ -1,0 +1,1 @@
+"""@triton.jit kernels only, one concern per file; launched from tilemoe.ops."""

@@ -1,0 +1,110 @@
+"""Router math: logits -> (topk_weights fp32 [T, K], topk_ids int32 [T, K]).
+
+Every routing function is plain PyTorch and serves as the reference for the Triton routing kernel.
+Ties are broken toward the lower expert index (a stable descending sort), so the ids are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tilemoe.config import MoEConfig
+
+__all__ = ["route", "router_logits", "topk_stable"]
+
+
+def topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim; equal scores go to the lower index. Returns (values, int64 indices)."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H] @ weight[E, H]^T (+ bias) in float32 (float64 stays float64)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def _renormalize(weights: torch.Tensor) -> torch.Tensor:
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+def _grouped_topk(
+    scores: torch.Tensor, choice_scores: torch.Tensor, config: MoEConfig, group_score: str
+) -> torch.Tensor:
+    """Pick top-k experts among the topk_group best groups. Returns int64 ids [T, K]."""
+    t, e = scores.shape
+    per_group = e // config.n_group
+    grouped = choice_scores.view(t, config.n_group, per_group)
+    if group_score == "top2_sum":  # DeepSeek-V3: a group is worth its two best biased scores
+        group_scores = topk_stable(grouped, min(2, per_group))[0].sum(dim=-1)
+    else:  # DeepSeek-V2: a group is worth its best score
+        group_scores = grouped.max(dim=-1).values
+    _, group_ids = topk_stable(group_scores, config.topk_group)
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+    expert_mask = group_mask.unsqueeze(-1).expand(t, config.n_group, per_group).reshape(t, e)
+    masked = choice_scores.masked_fill(~expert_mask, float("-inf"))
+    return topk_stable(masked, config.top_k)[1]
+
+
+def route(
+    logits: torch.Tensor,
+    config: MoEConfig,
+    *,
+    correction_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route tokens.
+
+    Args:
+        logits: router logits [T, E], any float dtype (computed in float32, float64 kept).
+        config: the layer's MoEConfig (routing, top_k, renormalize, groups, scaling).
+        correction_bias: [E] score correction bias (DeepSeek-V3 ``e_score_correction_bias``); it moves
+            the choice of experts only, never the weights.
+    Returns:
+        topk_weights [T, K] float32 (float64 for float64 logits), topk_ids [T, K] int32.
+    Raises:
+        ValueError: logits not [T, E] with E == config.num_experts; bias not [E].
+    """
+    if logits.dim() != 2 or logits.shape[1] != config.num_experts:
+        raise ValueError(f"router_logits: expected shape [T, {config.num_experts}], got {list(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"router_logits: expected a floating dtype, got {logits.dtype}")
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(compute)
+    k = config.top_k
+    kind = config.routing
+
+    if kind == "softmax_topk":
+        scores = torch.softmax(logits, dim=-1)
+        weights, ids = topk_stable(scores, k)
+        if config.renormalize:
+            weights = _renormalize(weights)
+    elif kind == "topk_softmax":
+        values, ids = topk_stable(logits, k)
+        weights = torch.softmax(values, dim=-1)
+    elif kind == "sigmoid_top1_input_scaled":
+        values, ids = topk_stable(logits, k)
+        weights = torch.sigmoid(values)
+    elif kind in ("sigmoid_grouped_topk", "softmax_grouped_topk"):
+        if kind == "sigmoid_grouped_topk":
+            scores = torch.sigmoid(logits)
+        else:
+            scores = torch.softmax(logits, dim=-1)
+        choice = scores
+        if correction_bias is not None:
+            if correction_bias.shape != (config.num_experts,):
+                raise ValueError(
+                    f"correction_bias: expected shape [{config.num_experts}], got {list(correction_bias.shape)}"
+                )
+            choice = scores + correction_bias.to(device=scores.device, dtype=compute)
+        group_score = "top2_sum" if kind == "sigmoid_grouped_topk" else "max"
+        ids = _grouped_topk(scores, choice, config, group_score)
+        weights = scores.gather(1, ids)
+        if config.renormalize:
+            weights = _renormalize(weights)
+    else:  # pragma: no cover - MoEConfig.validate rejects unknown routings
+        raise ValueError(f"config.routing: unknown routing {kind!r}")
+
+    if config.routed_scaling_factor != 1.0:
+        weights = weights * config.routed_scaling_factor
+    return weights.contiguous(), ids.to(torch.int32).contiguous()
