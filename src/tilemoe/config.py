@@ -109,13 +109,16 @@ class MoEConfig:
         return self.num_shared_experts > 0
 
     def flops_per_token(self) -> int:
-        """Multiply-add FLOPs of one token through one MoE layer (routed + shared experts + router)."""
+        """Matmul FLOPs (2 per multiply-add) of one token through one MoE layer: its K routed experts, the
+        shared expert MLP (and its gate) and the router. Activations, biases and the combine are not counted."""
         h, i = self.hidden_size, self.intermediate_size
         routed = 2 * self.top_k * (h * self.w13_rows + i * h)
         shared = 0
         if self.has_shared_experts:
             si = self.shared_intermediate_size
             shared = 2 * (h * (2 * si if self.gated else si) + si * h)
+            if self.shared_expert_gate:
+                shared += 2 * h
         router = 2 * h * self.num_experts
         return routed + shared + router
 
@@ -124,13 +127,18 @@ class MoEConfig:
         return self.hidden_size * self.w13_rows + self.intermediate_size * self.hidden_size
 
     def weight_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """Weight bytes one token touches: its K experts, the shared experts and the router."""
+        """Weight bytes one token touches: its K experts (with their biases), the shared experts (with their
+        gate) and the router (with its bias)."""
+        h = self.hidden_size
+        routed = self.expert_weight_elements()
+        if self.expert_bias:
+            routed += self.w13_rows + h
         shared = 0
         if self.has_shared_experts:
             si = self.shared_intermediate_size
-            shared = self.hidden_size * ((2 * si if self.gated else si) + si)
-        router = self.hidden_size * self.num_experts
-        return bytes_per_element * (self.top_k * self.expert_weight_elements() + shared + router)
+            shared = h * ((2 * si if self.gated else si) + si) + (h if self.shared_expert_gate else 0)
+        router = h * self.num_experts + (self.num_experts if self.router_bias else 0)
+        return bytes_per_element * (self.top_k * routed + shared + router)
 
     def replace(self, **changes) -> MoEConfig:
         return dataclasses.replace(self, **changes)
