@@ -1,0 +1,345 @@
+"""The bench loop: for each scenario and token count, make inputs, gate every implementation on correctness,
+then time them interleaved round by round; one result row per (implementation, scenario, tokens).
+
+Correctness gate: each implementation's output on the first input set is compared with the float64
+reference (``tilemoe.impls.reference``) under the tolerances of the bench dtype (``tilemoe.testing``). The
+reference is computed once per input, on the bench device. Every token is independent of the others in an
+MoE layer, so for large shapes (more than ``REF_FLOP_BUDGET`` float64 FLOPs) the reference runs on an evenly
+spaced subset of the tokens and only those rows are compared: the same tolerance, a sample of the rows. A
+mismatch (or an exception) marks the row FAILED and it is not timed.
+
+Out of memory (``torch.OutOfMemoryError``, or a RuntimeError saying "out of memory" / "can't allocate
+memory") anywhere in an implementation's gate or timing marks its row OOM; memory is freed and the run goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tilemoe.bench.metrics import layer_bytes, layer_flops, load_stats, roofline_seconds
+from tilemoe.bench.roofline import Roofline
+from tilemoe.bench.scenarios import make_routing_for
+from tilemoe.bench.timing import Timer, TimingStats
+from tilemoe.config import MoEConfig
+from tilemoe.impls import get_impl
+from tilemoe.impls.reference import reference_experts_fp64
+from tilemoe.testing import assert_close, make_weights
+
+# float64 FLOPs the reference may spend per input: about a second on CPU / on an H100's fp64 units
+REF_FLOP_BUDGET = {"cpu": 2e9, "cuda": 2e12}
+L2_ROTATE_BYTES = 64 << 20  # activations smaller than this are rotated over 3 input sets (H100 L2: 50 MB)
+
+LEADING_COLUMNS = (
+    "implementation",
+    "scenario",
+    "num_tokens",
+    "ep_size",
+    "tp_size",
+    "num_experts",
+    "num_experts_per_tok",
+    "latency_mean_ms",
+    "latency_std_ms",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "max_load",
+    "min_load",
+    "avg_load",
+    "max_imbalance",
+    "throughput_tok_per_sec",
+)
+MORE_COLUMNS = (
+    "tflops",
+    "gbps",
+    "pct_roofline",
+    "roofline_ms",
+    "peak_memory_mb",
+    "status",
+    "speedup",
+    "baseline",
+    "level",
+    "cuda_graph",
+    "device",
+    "dtype",
+    "model",
+    "hidden_size",
+    "intermediate_size",
+    "activation",
+    "gated",
+    "flops",
+    "bytes",
+    "note",
+)
+COLUMNS = LEADING_COLUMNS + MORE_COLUMNS
+
+
+@dataclass
+class BenchSettings:
+    config: MoEConfig
+    impls: list[str]
+    num_tokens: list[int]
+    scenarios: list[str]
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    model: str = "manual"
+    baseline: str | None = None
+    imbalance_factor: float = 3.0
+    zipf_alpha: float = 1.2
+    trace: tuple | None = None
+    seed: int = 0
+    warmup: int = 2
+    iters: int = 10
+    rounds: int = 5
+    cuda_graph: bool = False
+    profile_dir: str | None = None
+    ep_size: int = 1
+    tp_size: int = 1
+    skip: Callable[[str, int], str | None] | None = None  # (impl, tokens) -> reason to skip, or None
+    extra: dict = field(default_factory=dict)
+
+
+def is_oom(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reference_rows(num_tokens: int, config: MoEConfig, device: torch.device) -> torch.Tensor | None:
+    """Token indices the reference covers (None: all)."""
+    budget = REF_FLOP_BUDGET.get(device.type, REF_FLOP_BUDGET["cpu"])
+    per_token = layer_flops(config, 1)
+    if num_tokens * per_token <= budget:
+        return None
+    n = max(1, int(budget // per_token))
+    return torch.linspace(0, num_tokens - 1, n, device=device).round().long().unique()
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return math.nan  # not tracked on CPU
+
+
+def _base_row(s: BenchSettings, impl: str, scenario: str, tokens: int, loads, flops, nbytes, roof_s) -> dict:
+    impl_obj = get_impl(impl)
+    return {
+        "implementation": impl,
+        "scenario": scenario,
+        "num_tokens": tokens,
+        "ep_size": s.ep_size,
+        "tp_size": s.tp_size,
+        "num_experts": s.config.num_experts,
+        "num_experts_per_tok": s.config.top_k,
+        "latency_mean_ms": math.nan,
+        "latency_std_ms": math.nan,
+        "latency_p50_ms": math.nan,
+        "latency_p95_ms": math.nan,
+        "latency_p99_ms": math.nan,
+        "max_load": loads.max_load,
+        "min_load": loads.min_load,
+        "avg_load": loads.avg_load,
+        "max_imbalance": loads.max_imbalance,
+        "throughput_tok_per_sec": math.nan,
+        "tflops": math.nan,
+        "gbps": math.nan,
+        "pct_roofline": math.nan,
+        "roofline_ms": roof_s * 1e3,
+        "peak_memory_mb": math.nan,
+        "status": "OK",
+        "speedup": math.nan,
+        "baseline": s.baseline or "",
+        "level": "" if impl_obj.level is None else impl_obj.level,
+        "cuda_graph": False,
+        "device": str(s.device),
+        "dtype": str(s.dtype).replace("torch.", ""),
+        "model": s.model,
+        "hidden_size": s.config.hidden_size,
+        "intermediate_size": s.config.intermediate_size,
+        "activation": s.config.activation,
+        "gated": s.config.gated,
+        "flops": flops,
+        "bytes": nbytes,
+        "note": "",
+    }
+
+
+def _fill_timing(row: dict, stats: TimingStats, tokens: int) -> None:
+    mean = stats.mean
+    row.update(
+        latency_mean_ms=mean,
+        latency_std_ms=stats.std,
+        latency_p50_ms=stats.p50,
+        latency_p95_ms=stats.p95,
+        latency_p99_ms=stats.p99,
+        cuda_graph=stats.cuda_graph,
+    )
+    if mean > 0:
+        seconds = mean / 1e3
+        row["throughput_tok_per_sec"] = tokens / seconds
+        row["tflops"] = row["flops"] / seconds / 1e12
+        row["gbps"] = row["bytes"] / seconds / 1e9
+        row["pct_roofline"] = 100.0 * row["roofline_ms"] / mean
+    if stats.note:
+        row["note"] = stats.note
+
+
+def _profile(fn, inp, path: Path, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            fn(inp)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+
+
+def run_case(
+    s: BenchSettings,
+    scenario: str,
+    tokens: int,
+    weights: dict,
+    roofline: Roofline,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """All implementations on one (scenario, tokens): rows in ``s.impls`` order."""
+    config, device = s.config, s.device
+    gen = torch.Generator().manual_seed(s.seed * 1_000_003 + tokens * 31 + len(scenario))
+    element = torch.empty((), dtype=s.dtype).element_size()
+    x_bytes = tokens * config.hidden_size * element
+    n_sets = 3 if device.type == "cuda" and 0 < x_bytes < L2_ROTATE_BYTES else 1
+    xs = [torch.randn(tokens, config.hidden_size, generator=gen).to(device, s.dtype) for _ in range(n_sets)]
+    topk_weights, topk_ids = make_routing_for(
+        scenario,
+        tokens,
+        config,
+        generator=gen,
+        x=xs[0],
+        device=device,
+        imbalance_factor=s.imbalance_factor,
+        zipf_alpha=s.zipf_alpha,
+        trace=s.trace,
+    )
+    inputs = [(x, topk_weights, topk_ids) for x in xs]
+    loads = load_stats(topk_ids, config.num_experts)
+    flops = layer_flops(config, tokens)
+    nbytes = layer_bytes(config, tokens, loads.experts_hit, element)
+    roof_s = roofline_seconds(flops, nbytes, roofline.matmul_flops_per_s, roofline.copy_bytes_per_s)
+    w13, w2, b13, b2 = weights["w13"], weights["w2"], weights["b13"], weights["b2"]
+
+    subset = _reference_rows(tokens, config, device)
+    x0 = xs[0] if subset is None else xs[0][subset]
+    tw0 = topk_weights if subset is None else topk_weights[subset]
+    ti0 = topk_ids if subset is None else topk_ids[subset]
+    reference = reference_experts_fp64(x0, w13, w2, tw0, ti0, config=config, b13=b13, b2=b2)
+
+    rows: dict[str, dict] = {}
+    timers: dict[str, Timer] = {}
+    stats: dict[str, TimingStats] = {}
+    for name in s.impls:
+        row = _base_row(s, name, scenario, tokens, loads, flops, nbytes, roof_s)
+        rows[name] = row
+        impl = get_impl(name)
+        reason = s.skip(name, tokens) if s.skip else None
+        if reason is None and not impl.available(device):
+            reason = f"not available on {device.type}"
+        if reason:
+            row.update(status="SKIPPED", note=reason)
+            continue
+
+        def fn(inp, _impl=impl):
+            return _impl.fn(inp[0], w13, w2, inp[1], inp[2], config=config, b13=b13, b2=b2)
+
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            out = fn(inputs[0])
+            row["peak_memory_mb"] = _peak_mb(device)
+            got = out if subset is None else out[subset]
+            assert_close(got, reference, dtype=s.dtype, name=name)
+            del out, got
+            timer = Timer(fn, inputs, device=device, cuda_graph=s.cuda_graph)
+            timer.warmup(s.warmup)
+            timers[name] = timer
+            stats[name] = TimingStats(note=timer.note)
+        except AssertionError as error:
+            row.update(status="FAILED", note=f"output differs from the float64 reference: {error}")
+        except Exception as error:  # noqa: BLE001 - any failure of one impl must not stop the others
+            if is_oom(error):
+                row.update(status="OOM", note=str(error).splitlines()[0][:200] if str(error) else "out of memory")
+            else:
+                row.update(status="FAILED", note=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            timers.pop(name, None)
+            _free_memory(device)
+
+    # timed in turn within each round, so clock drift spreads over every implementation alike
+    per_round = max(1, math.ceil(s.iters / max(1, s.rounds)))
+    done = 0
+    while done < s.iters and timers:
+        chunk = min(per_round, s.iters - done)
+        for name in list(timers):
+            try:
+                stats[name].extend(timers[name].run(chunk))
+            except Exception as error:  # noqa: BLE001
+                status = "OOM" if is_oom(error) else "FAILED"
+                rows[name].update(status=status, note=f"during timing: {str(error).splitlines()[0][:200]}")
+                del timers[name]
+                _free_memory(device)
+        done += chunk
+    for name, timer in timers.items():
+        stats[name].cuda_graph = timer.graphs is not None
+        _fill_timing(rows[name], stats[name], tokens)
+        if s.profile_dir:
+            path = Path(s.profile_dir) / f"{scenario}_T{tokens}_{name}.json"
+            _profile(timer.fn, inputs[0], path, device)
+    del timers
+    _free_memory(device)
+
+    baseline = rows.get(s.baseline) if s.baseline else None
+    if baseline is not None and baseline["status"] == "OK":
+        for row in rows.values():
+            if row["status"] == "OK" and row["latency_mean_ms"] > 0:
+                row["speedup"] = baseline["latency_mean_ms"] / row["latency_mean_ms"]
+    if progress:
+        progress(f"{scenario} T={tokens}")
+    return [rows[name] for name in s.impls]
+
+
+def make_bench_weights(s: BenchSettings) -> dict:
+    gen = torch.Generator().manual_seed(s.seed)
+    return make_weights(s.config, dtype=s.dtype, device=s.device, generator=gen)
+
+
+def run_bench(
+    s: BenchSettings,
+    roofline: Roofline,
+    *,
+    progress: Callable[[str], None] | None = None,
+    on_rows: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Every (scenario, tokens) in order; returns all rows (see ``COLUMNS``)."""
+    weights = make_bench_weights(s)
+    rows: list[dict] = []
+    for scenario in s.scenarios:
+        for tokens in s.num_tokens:
+            case_rows = run_case(s, scenario, tokens, weights, roofline, progress)
+            rows.extend(case_rows)
+            if on_rows:
+                on_rows(case_rows)
+    return rows

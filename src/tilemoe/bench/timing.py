@@ -1,0 +1,162 @@
+"""Timing one callable: CUDA events (or CUDA-graph replays) on a GPU, perf_counter on CPU.
+
+``measure(fn, inputs, ...)`` is the single-call entry point (also used by the expert-parallel bench);
+``Timer`` lets the runner interleave implementations: each is prepared once, then timed a few iterations per
+round, round after round, so slow drift of the device clock (an H100 under its power cap) hits all alike.
+
+``inputs`` is a list of input sets; call i uses ``inputs[i % len(inputs)]`` so that several sets rotate when
+one set would stay in L2 between calls (the runner makes 3 sets when the activations are small).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class TimingStats:
+    """Per-call times in milliseconds and their summary."""
+
+    times_ms: list[float] = field(default_factory=list)
+    cuda_graph: bool = False  # True when the times are CUDA-graph replays
+    note: str = ""  # e.g. why a requested CUDA graph was not used
+
+    def extend(self, other: TimingStats) -> None:
+        self.times_ms.extend(other.times_ms)
+
+    def _pct(self, q: float) -> float:
+        if not self.times_ms:
+            return math.nan
+        ordered = sorted(self.times_ms)
+        pos = q / 100 * (len(ordered) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.times_ms) if self.times_ms else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.times_ms) if len(self.times_ms) > 1 else 0.0
+
+    @property
+    def p50(self) -> float:
+        return self._pct(50)
+
+    @property
+    def p95(self) -> float:
+        return self._pct(95)
+
+    @property
+    def p99(self) -> float:
+        return self._pct(99)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Times ``fn(inputs[i])``; with ``cuda_graph`` one graph per input set is captured and replayed.
+
+    A forward that cannot be captured (it reads values back to the host, as levels 3 and 4 do) is timed
+    eagerly instead and ``stats.note`` says so.
+    """
+
+    def __init__(
+        self, fn: Callable[[Any], Any], inputs: Sequence[Any], *, device: torch.device, cuda_graph: bool = False
+    ):
+        if not inputs:
+            raise ValueError("inputs: expected at least one input set, got none")
+        self.fn, self.inputs, self.device = fn, list(inputs), torch.device(device)
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.note = ""
+        self._calls = 0
+        if cuda_graph:
+            if self.device.type != "cuda":
+                self.note = "cuda graph needs a CUDA device: timed eagerly"
+            else:
+                self._capture()
+
+    def _capture(self) -> None:
+        graphs = []
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for inp in self.inputs:  # warm-up off the capture (allocator, lazy init, autotuning)
+                    self.fn(inp)
+            torch.cuda.current_stream().wait_stream(stream)
+            for inp in self.inputs:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.fn(inp)
+                graphs.append(graph)
+            self.graphs = graphs
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
+                raise
+            torch.cuda.synchronize()
+            self.note = f"not capturable in a CUDA graph ({str(error).splitlines()[0][:80]}): timed eagerly"
+            self.graphs = None
+
+    def _call(self, i: int) -> None:
+        if self.graphs is not None:
+            self.graphs[i % len(self.graphs)].replay()
+        else:
+            self.fn(self.inputs[i % len(self.inputs)])
+
+    def warmup(self, iters: int) -> None:
+        for _ in range(iters):
+            self._call(self._calls)
+            self._calls += 1
+        _synchronize(self.device)
+
+    def run(self, iters: int) -> TimingStats:
+        """Time ``iters`` calls, one sample each."""
+        times: list[float] = []
+        if self.device.type == "cuda":
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
+            ]
+            for start, end in events:
+                start.record()
+                self._call(self._calls)
+                end.record()
+                self._calls += 1
+            torch.cuda.synchronize(self.device)
+            times = [start.elapsed_time(end) for start, end in events]
+        else:
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                self._call(self._calls)
+                times.append((time.perf_counter() - t0) * 1e3)
+                self._calls += 1
+        return TimingStats(times_ms=times, cuda_graph=self.graphs is not None, note=self.note)
+
+
+def measure(
+    fn: Callable[[Any], Any],
+    inputs: Sequence[Any],
+    *,
+    warmup: int,
+    iters: int,
+    device: torch.device | str,
+    cuda_graph: bool = False,
+) -> TimingStats:
+    """Warm up, then time ``iters`` calls of ``fn(inputs[i % len(inputs)])``; per-call milliseconds.
+
+    Raises whatever ``fn`` raises (``torch.OutOfMemoryError`` included).
+    """
+    timer = Timer(fn, inputs, device=torch.device(device), cuda_graph=cuda_graph)
+    timer.warmup(warmup)
+    return timer.run(iters)
