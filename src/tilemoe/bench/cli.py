@@ -24,7 +24,7 @@ from tilemoe.bench.options import (
 )
 from tilemoe.bench.scenarios import SCENARIOS, load_trace
 from tilemoe.config import MoEConfig
-from tilemoe.impls import available_impls, get_impl, resolve_impl
+from tilemoe.impls import all_impls, available_impls, get_impl, resolve_impl
 
 DEFAULT_SCENARIOS = ["random", "balanced", "imbalanced"]
 GPU_TOKENS = [1, 16, 128, 1024, 4096]
@@ -119,7 +119,7 @@ def default_impls(device: torch.device) -> list[str]:
 
 
 def check_impl_names(names: list[str], device: torch.device) -> list[str]:
-    known = {i for i in available_impls()}
+    known = {i.name for i in all_impls()}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(

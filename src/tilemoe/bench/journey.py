@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_device_flags(parser)
     parser.add_argument("--num-tokens", nargs="+", type=int, default=None, help="default 2048 8192 16384 32768 on GPU")
     parser.add_argument("--scenario", default="random", choices=("random", "balanced", "imbalanced", "zipf"))
-    parser.add_argument("--max-naive-tokens", type=int, default=None, help="skip level 0 above this (GPU 512, CPU 64)")
+    parser.add_argument("--max-naive-tokens", type=int, default=None, help="skip level 0 above this (GPU 2048, CPU 64)")
     parser.add_argument("--no-own", action="store_true", help="ladder levels only, without tilemoe's own kernels")
     parser.add_argument("--output-file", default=None, help="base path: writes BASE.md and BASE.csv")
     parser.set_defaults(
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as error:
         print(f"tilemoe journey: error: {error}", file=sys.stderr)
         return 2
-    max_naive = args.max_naive_tokens if args.max_naive_tokens is not None else (512 if on_gpu else 64)
+    max_naive = args.max_naive_tokens if args.max_naive_tokens is not None else (2048 if on_gpu else 64)
     impls = journey_impls(include_own=not args.no_own)
     settings.impls = impls
     settings.baseline = "naive"

@@ -87,7 +87,26 @@ class Timer:
             else:
                 self._capture()
 
+    def _host_sync_error(self) -> str | None:
+        """Run once with synchronising CUDA calls turned into errors: a forward that reads values back to the
+        host cannot be captured, and a failed capture can leave the CUDA context unusable, so ask first."""
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self.fn(self.inputs[0])
+        except RuntimeError as error:
+            if "out of memory" in str(error):
+                raise
+            return str(error).splitlines()[0][:100]
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        return None
+
     def _capture(self) -> None:
+        sync_error = self._host_sync_error()
+        if sync_error is not None:
+            self.note = f"not capturable in a CUDA graph (it synchronises with the host: {sync_error}): timed eagerly"
+            return
         graphs = []
         try:
             stream = torch.cuda.Stream()

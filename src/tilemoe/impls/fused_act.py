@@ -25,5 +25,5 @@ from tilemoe.ops.act_and_mul import act_and_mul, triton_kernels_available
 def fused_act_experts(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
     h = batched_first_matmul(x, w13, topk_weights, topk_ids, config=config, b13=b13)
     t, k, rows = h.shape
-    a = act_and_mul(h.view(t * k, rows), config).view(t, k, -1)
+    a = act_and_mul(h.view(t * k, rows), config).view(t, k, config.intermediate_size)
     return batched_second_matmul(a, x, w2, topk_weights, topk_ids, config=config, b2=b2)

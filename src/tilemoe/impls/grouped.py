@@ -26,7 +26,9 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     flat = topk_ids.reshape(-1).long()
     order = torch.sort(flat, stable=True)[1]
     token_of_row = order // topk_ids.shape[1]
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads the max id back to the host, which breaks CUDA-graph capture
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     return order, token_of_row, counts
 
 

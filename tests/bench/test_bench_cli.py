@@ -1,0 +1,188 @@
+"""`tilemoe bench` driven through tilemoe.cli.main at tiny sizes on CPU."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+
+from tilemoe.bench.cli import validate_parallel
+from tilemoe.cli import main
+from tilemoe.config import MoEConfig
+from tilemoe.impls import register_impl, unregister_impl
+from tilemoe.impls._registry import _REGISTRY
+
+LEADING = [
+    "implementation",
+    "scenario",
+    "num_tokens",
+    "ep_size",
+    "tp_size",
+    "num_experts",
+    "num_experts_per_tok",
+    "latency_mean_ms",
+    "latency_std_ms",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "max_load",
+    "min_load",
+    "avg_load",
+    "max_imbalance",
+    "throughput_tok_per_sec",
+]
+TINY = ["--manual-config", "--num-experts", "6", "--num-experts-per-tok", "2", "--hidden-size", "16"]
+TINY += ["--intermediate-size", "8", "--warmup-iters", "1", "--benchmark-iters", "3", "--rounds", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEMOE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_outputs_csv_markdown_json(tmp_path, capsys):
+    base = tmp_path / "out" / "bench"
+    rc = main(
+        ["bench", *TINY, "--impl", "grouped", "naive", "--num-tokens", "0", "5", "--scenarios", "random", "balanced"]
+        + ["--output-file", str(base), "--output-format", "all"]
+    )
+    assert rc == 0
+    header = (base.parent / "bench.csv").read_text().splitlines()[0].split(",")
+    assert header[: len(LEADING)] == LEADING
+    assert {"tflops", "gbps", "pct_roofline", "peak_memory_mb", "status", "speedup", "device", "dtype"} <= set(header)
+    rows = _read_csv(base.parent / "bench.csv")
+    assert len(rows) == 2 * 2 * 2  # impls x scenarios x token counts
+    assert {r["status"] for r in rows} == {"OK"}
+    five = [r for r in rows if r["num_tokens"] == "5"]
+    assert all(float(r["latency_mean_ms"]) > 0 and float(r["throughput_tok_per_sec"]) > 0 for r in five)
+    assert all(r["speedup"] == "1" for r in five if r["implementation"] == "grouped")  # grouped is the baseline
+    md = (base.parent / "bench.md").read_text()
+    for text in ("# tilemoe bench", "torch", "triton", "**command**", "## random, 5 tokens", "## balanced, 0 tokens"):
+        assert text in md
+    assert "| grouped | OK |" in md and "speedup vs grouped" in md
+    data = json.loads((base.parent / "bench.json").read_text())
+    assert data["header"]["config"]["num_experts"] == 6 and len(data["rows"]) == 8
+    out = capsys.readouterr().out
+    assert "grouped" in out and "wrote" in out
+
+
+def test_oom_row_and_run_goes_on(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 190.00 GiB (forced by the test)")
+
+    monkeypatch.setattr("tilemoe.impls.batched.torch.einsum", fail)
+    base = tmp_path / "oom"
+    rc = main(["bench", *TINY, "--impl", "batched", "grouped", "--num-tokens", "4", "--scenarios", "random"]
+              + ["--output-file", str(base), "--output-format", "csv"])  # fmt: skip
+    assert rc == 0
+    rows = {r["implementation"]: r for r in _read_csv(tmp_path / "oom.csv")}
+    assert rows["batched"]["status"] == "OOM" and rows["batched"]["latency_mean_ms"] == ""
+    assert "out of memory" in rows["batched"]["note"]
+    assert rows["grouped"]["status"] == "OK"
+
+
+@pytest.fixture
+def wrong_impl():
+    @register_impl("wrong_for_test", description="deliberately wrong: drops the last expert slot")
+    def wrong(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
+        from tilemoe.impls.grouped import grouped_forward
+
+        return grouped_forward(x, w13, w2, topk_weights * 0.5, topk_ids, config=config, b13=b13, b2=b2)
+
+    yield "wrong_for_test"
+    unregister_impl("wrong_for_test")
+
+
+def test_failed_row_is_not_timed(tmp_path, wrong_impl):
+    base = tmp_path / "failed"
+    rc = main(["bench", *TINY, "--impl", wrong_impl, "grouped", "--num-tokens", "6", "--scenarios", "balanced"]
+              + ["--output-file", str(base), "--output-format", "both"])  # fmt: skip
+    assert rc == 0
+    rows = {r["implementation"]: r for r in _read_csv(tmp_path / "failed.csv")}
+    assert rows[wrong_impl]["status"] == "FAILED"
+    assert rows[wrong_impl]["latency_mean_ms"] == "" and "reference" in rows[wrong_impl]["note"]
+    assert rows["grouped"]["status"] == "OK"
+    assert f"| {wrong_impl} | FAILED |" in (tmp_path / "failed.md").read_text()
+
+
+def test_unknown_impl_lists_available(capsys):
+    assert main(["bench", *TINY, "--impl", "nope", "--num-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown implementation(s) ['nope']" in err and "grouped" in err
+
+
+def test_ep_size_divisibility_error(capsys):
+    args = ["bench", "--manual-config", "--num-experts", "60", "--num-experts-per-tok", "4", "--hidden-size", "16"]
+    assert main([*args, "--intermediate-size", "8", "--ep-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "num_experts (60) must be divisible by ep_size (8): valid ep sizes are 1, 2, 3, 4, 5, 6, 10, 12, 15," in err
+
+
+def test_tp_size_exceeds_device_count(monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = argparse.Namespace(ep_size=2, tp_size=4, nnodes=1, node_rank=0)
+    config = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
+    with pytest.raises(ValueError, match="tp_size exceeds device count"):
+        validate_parallel(args, config, torch.device("cuda"))
+    args = argparse.Namespace(ep_size=2, tp_size=None, nnodes=1, node_rank=0)
+    validate_parallel(args, config, torch.device("cuda"))
+    assert (args.tp_size, args.tp_actual) == (2, 1)
+
+
+def test_routing_trace_replay(tmp_path):
+    ids = [[0, 1]] * 5 + [[2, 3]]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(ids))
+    base = tmp_path / "trace_out"
+    rc = main(["bench", *TINY, "--impl", "grouped", "--num-tokens", "6", "--routing-trace", str(trace)]
+              + ["--output-file", str(base), "--output-format", "csv"])  # fmt: skip
+    assert rc == 0
+    (row,) = _read_csv(tmp_path / "trace_out.csv")
+    assert row["scenario"] == "trace" and row["status"] == "OK"
+    assert (row["max_load"], row["min_load"]) == ("5", "0")  # experts 0 and 1 got 5 tokens, 4 and 5 none
+    assert float(row["max_imbalance"]) == pytest.approx(5 / 2)
+
+
+def test_plot_and_profile(tmp_path):
+    base = tmp_path / "p" / "run"
+    prof = tmp_path / "traces"
+    rc = main(["bench", *TINY, "--impl", "grouped", "--num-tokens", "2", "4", "--scenarios", "random", "zipf"]
+              + ["--output-file", str(base), "--plot", "--profile", "--profile-dir", str(prof)])  # fmt: skip
+    assert rc == 0
+    for scenario in ("random", "zipf"):
+        png = tmp_path / "p" / f"run_{scenario}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trace = json.loads((prof / "random_T4_grouped.json").read_text())
+    assert trace["traceEvents"]
+
+
+def test_default_run_is_quick(capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the GPU default is the real model")
+    start = time.perf_counter()
+    assert main(["bench"]) == 0
+    assert time.perf_counter() - start < 60
+    out = capsys.readouterr().out
+    assert "scaled down" in out and "torch_grouped_mm" in out and "grouped" in out
+
+
+def test_unavailable_impl_is_skipped_row(tmp_path, monkeypatch):
+    impl = _REGISTRY["grouped"]
+    monkeypatch.setitem(_REGISTRY, "grouped", dataclasses.replace(impl, is_available=lambda: False))
+    base = tmp_path / "skip"
+    rc = main(["bench", *TINY, "--impl", "grouped", "naive", "--num-tokens", "3", "--scenarios", "random"]
+              + ["--output-file", str(base), "--output-format", "csv"])  # fmt: skip
+    assert rc == 0
+    rows = {r["implementation"]: r for r in _read_csv(tmp_path / "skip.csv")}
+    assert rows["grouped"]["status"] == "SKIPPED" and rows["naive"]["status"] == "OK"
