@@ -58,6 +58,36 @@ def check_expert_weights(
         check_tensor("b2", b2, (e, h), dtypes=FLOAT_DTYPES, device=x.device)
 
 
+def check_shared_weights(
+    config: MoEConfig,
+    x: torch.Tensor,
+    shared_w13: torch.Tensor | None,
+    shared_w2: torch.Tensor | None,
+    shared_gate: torch.Tensor | None,
+) -> None:
+    """Shared expert weights: none at all, or shared_w13 [2Is, H] ([Is, H] plain), shared_w2 [H, Is] and,
+    exactly when config.shared_expert_gate, shared_gate [1, H]; dtype and device of x."""
+    if shared_w13 is None and shared_w2 is None and shared_gate is None:
+        return
+    if not config.has_shared_experts:
+        raise ValueError(
+            "shared_w13: the config has no shared experts (num_shared_experts=0), got shared expert weights"
+        )
+    if shared_w13 is None or shared_w2 is None:
+        missing = "shared_w13" if shared_w13 is None else "shared_w2"
+        raise ValueError(f"{missing}: expected a tensor when the other shared expert weights are given, got None")
+    h, si = config.hidden_size, config.shared_intermediate_size
+    rows = 2 * si if config.gated else si
+    check_tensor("shared_w13", shared_w13, (rows, h), dtypes=(x.dtype,), device=x.device)
+    check_tensor("shared_w2", shared_w2, (h, si), dtypes=(x.dtype,), device=x.device)
+    if config.shared_expert_gate and shared_gate is None:
+        raise ValueError(f"shared_gate: expected a [1, {h}] tensor (config.shared_expert_gate is True), got None")
+    if shared_gate is not None:
+        if not config.shared_expert_gate:
+            raise ValueError("shared_gate: config.shared_expert_gate is False, got a gate tensor")
+        check_tensor("shared_gate", shared_gate, (1, h), dtypes=(x.dtype,), device=x.device)
+
+
 def check_topk(
     config: MoEConfig,
     x: torch.Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tilemoe.checks import FLOAT_DTYPES, check_expert_weights, check_tensor, check_topk
+from tilemoe.checks import FLOAT_DTYPES, check_expert_weights, check_shared_weights, check_tensor, check_topk
 from tilemoe.config import MoEConfig
 from tilemoe.impls import resolve_impl
 from tilemoe.ops.activation import act_and_mul_torch
@@ -98,6 +98,7 @@ def moe_forward(
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     check_expert_weights(config, x2, w13, w2, b13, b2)
+    check_shared_weights(config, x2, shared_w13, shared_w2, shared_gate)
 
     if router_logits is not None:
         if topk_ids is not None or topk_weights is not None:
@@ -111,7 +112,5 @@ def moe_forward(
 
     out = experts_forward(x2, w13, w2, topk_weights, topk_ids, config=config, impl=impl, b13=b13, b2=b2)
     if shared_w13 is not None:
-        if shared_w2 is None:
-            raise ValueError("shared_w2: expected a tensor when shared_w13 is given, got None")
         out = out + shared_experts_forward(x2, shared_w13, shared_w2, config, shared_gate)
     return out.reshape(*leading, config.hidden_size)
