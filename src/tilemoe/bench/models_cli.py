@@ -1,6 +1,6 @@
 """``tilemoe models``: the shipped presets (or one config.json) as a table of MoE layer shapes and costs.
 
-    tilemoe models                               # every preset, a rich table when rich is installed
+    tilemoe models                               # every preset (a rich table on a terminal with rich)
     tilemoe models --format markdown             # for a README
     tilemoe models --model qwen3-30b-a3b --format json
     tilemoe models --model path/to/config.json   # any config.json, model directory or HF id (online)
@@ -142,6 +142,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     elif fmt == "markdown":
         print(format_markdown(rows))
-    elif not _print_rich(rows):
+    elif not (sys.stdout.isatty() and _print_rich(rows)):  # pipes and files get plain, unwrapped text
         print(format_plain(rows))
     return 0
