@@ -3,13 +3,16 @@ then time them interleaved round by round; one result row per (implementation, s
 
 Correctness gate: each implementation's output on the first input set is compared with the float64
 reference (``tilemoe.impls.reference``) under the tolerances of the bench dtype (``tilemoe.testing``). The
-reference is computed once per input, on the bench device. Every token is independent of the others in an
-MoE layer, so for large shapes (more than ``REF_FLOP_BUDGET`` float64 FLOPs) the reference runs on an evenly
-spaced subset of the tokens and only those rows are compared: the same tolerance, a sample of the rows. A
-mismatch (or an exception) marks the row FAILED and it is not timed.
+reference is computed once per input, on the bench device (on the CPU if the device runs out of memory).
+Every token is independent of the others in an MoE layer, so for large shapes (more than ``REF_FLOP_BUDGET``
+float64 FLOPs) the reference runs on an evenly spaced subset of the tokens and only those rows are compared:
+the same tolerance, a sample of the rows. A mismatch (or an exception) marks the row FAILED and it is not timed.
 
 Out of memory (``torch.OutOfMemoryError``, or a RuntimeError saying "out of memory" / "can't allocate
 memory") anywhere in an implementation's gate or timing marks its row OOM; memory is freed and the run goes on.
+
+peak_memory_mb: ``torch.cuda.max_memory_allocated`` over the gate call (weights and inputs included); empty on
+CPU, where PyTorch does not track it.
 """
 
 from __future__ import annotations
@@ -125,6 +128,27 @@ def _reference_rows(num_tokens: int, config: MoEConfig, device: torch.device) ->
         return None
     n = max(1, int(budget // per_token))
     return torch.linspace(0, num_tokens - 1, n, device=device).round().long().unique()
+
+
+def _reference(x, topk_weights, topk_ids, subset, weights, config, device) -> torch.Tensor:
+    """float64 reference of the rows in ``subset`` (None: all), on ``device``; on the CPU if that runs out of
+    memory (the float64 copies of one expert's weights and rows are what it needs)."""
+    if subset is not None:
+        x, topk_weights, topk_ids = x[subset], topk_weights[subset], topk_ids[subset]
+    w = {k: weights[k] for k in ("w13", "w2", "b13", "b2")}
+    try:
+        return reference_experts_fp64(
+            x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"]
+        )
+    except Exception as error:  # noqa: BLE001
+        if not is_oom(error) or device.type == "cpu":
+            raise
+    _free_memory(device)
+    cpu = {k: None if v is None else v.cpu() for k, v in w.items()}
+    out = reference_experts_fp64(
+        x.cpu(), cpu["w13"], cpu["w2"], topk_weights.cpu(), topk_ids.cpu(), config=config, b13=cpu["b13"], b2=cpu["b2"]
+    )
+    return out.to(device)
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -243,10 +267,7 @@ def run_case(
     w13, w2, b13, b2 = weights["w13"], weights["w2"], weights["b13"], weights["b2"]
 
     subset = _reference_rows(tokens, config, device)
-    x0 = xs[0] if subset is None else xs[0][subset]
-    tw0 = topk_weights if subset is None else topk_weights[subset]
-    ti0 = topk_ids if subset is None else topk_ids[subset]
-    reference = reference_experts_fp64(x0, w13, w2, tw0, ti0, config=config, b13=b13, b2=b2)
+    reference = _reference(xs[0], topk_weights, topk_ids, subset, weights, config, device)
 
     rows: dict[str, dict] = {}
     timers: dict[str, Timer] = {}
@@ -288,6 +309,8 @@ def run_case(
             timers.pop(name, None)
             _free_memory(device)
 
+    del reference
+    _free_memory(device)
     # timed in turn within each round, so clock drift spreads over every implementation alike
     per_round = max(1, math.ceil(s.iters / max(1, s.rounds)))
     done = 0
