@@ -186,3 +186,45 @@ def test_unavailable_impl_is_skipped_row(tmp_path, monkeypatch):
     assert rc == 0
     rows = {r["implementation"]: r for r in _read_csv(tmp_path / "skip.csv")}
     assert rows["grouped"]["status"] == "SKIPPED" and rows["naive"]["status"] == "OK"
+
+
+def test_reference_on_a_token_subset_still_gates(tmp_path, monkeypatch, wrong_impl):
+    """Big shapes check a sample of the rows; a wrong impl must still fail there, a right one pass."""
+    import tilemoe.bench.runner as runner
+
+    per_token = 2 * 2 * (16 * 16 + 8 * 16)  # layer FLOPs of one token for the TINY config
+    monkeypatch.setitem(runner.REF_FLOP_BUDGET, "cpu", 5 * per_token)
+    rows = _read_csv(_run(tmp_path, ["--impl", "grouped", wrong_impl, "--num-tokens", "40"]))
+    status = {r["implementation"]: r["status"] for r in rows}
+    assert status == {"grouped": "OK", wrong_impl: "FAILED"}
+    assert len(runner._reference_rows(40, MoEConfig(6, 2, 16, 8), torch.device("cpu"))) == 5
+
+
+def _run(tmp_path, extra):
+    base = tmp_path / "run"
+    assert (
+        main(["bench", *TINY, "--scenarios", "random", "--output-file", str(base), "--output-format", "csv", *extra])
+        == 0
+    )
+    return tmp_path / "run.csv"
+
+
+def test_cuda_graph_flag_on_cpu_times_eagerly(tmp_path):
+    (row,) = _read_csv(_run(tmp_path, ["--impl", "grouped", "--num-tokens", "3", "--cuda-graph"]))
+    assert row["status"] == "OK" and row["cuda_graph"] == "False" and "CUDA device" in row["note"]
+
+
+def test_ep_size_goes_to_the_distributed_runner(monkeypatch, capsys):
+    import importlib.util
+
+    args = [*TINY, "--num-tokens", "2", "--ep-size", "2"]
+    if importlib.util.find_spec("tilemoe.bench.distributed_runner") is None:
+        with pytest.raises(RuntimeError, match="expert-parallel benchmark not available"):
+            main(["bench", *args])
+    else:
+        import tilemoe.bench.distributed_runner as dr
+
+        seen = {}
+        monkeypatch.setattr(dr, "run_distributed", lambda a, c: seen.update(ep=a.ep_size, e=c.num_experts) or 0)
+        assert main(["bench", *args]) == 0
+        assert seen == {"ep": 2, "e": 6}
