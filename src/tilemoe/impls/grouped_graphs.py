@@ -8,7 +8,9 @@ Level 4 reads the per-expert counts on the host to slice the sorted rows, and a 
 bounds in. So a graph is captured per (input shapes, dtypes, per-expert counts) and replayed only for inputs
 with the same counts: the counts are still read once per call (one sync), the ids, weights and activations
 are copied into the graph's static inputs and everything else is recomputed from them on replay, so a replay
-is exactly level 4 on the new values. Up to ``MAX_GRAPHS`` graphs are kept (least recently used dropped).
+is exactly level 4 on the new values. Up to ``MAX_GRAPHS`` graphs are kept (least recently used dropped), all
+for one token count: each graph holds its own memory pool (about 3 GB at 32768 tokens of qwen3-30b-a3b), so
+a new token count drops the graphs of the old one.
 
 CUDA only: there is no graph capture on CPU (the ``tilemoe journey`` CPU run shows it as unavailable).
 """
@@ -22,7 +24,7 @@ import torch
 from tilemoe.impls._registry import register_impl
 from tilemoe.impls.grouped import grouped_forward
 
-MAX_GRAPHS = 8
+MAX_GRAPHS = 4
 _GRAPHS: OrderedDict[tuple, tuple] = OrderedDict()
 
 
@@ -78,6 +80,8 @@ def grouped_graphs_experts(x, w13, w2, topk_weights, topk_ids, *, config, b13=No
     )
     entry = _GRAPHS.get(key)
     if entry is None:
+        for stale in [k for k in _GRAPHS if k[0] != key[0]]:
+            del _GRAPHS[stale]
         entry = _capture(x, w13, w2, topk_weights, topk_ids, config, b13, b2, list(counts_host))
         _GRAPHS[key] = entry
         while len(_GRAPHS) > MAX_GRAPHS:
