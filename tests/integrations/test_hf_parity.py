@@ -16,9 +16,10 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("transformers.integrations.moe")
+if not hasattr(pytest.importorskip("transformers.integrations.moe"), "ExpertsInterface"):
+    pytest.skip("transformers without ExpertsInterface (< 5): these modules differ", allow_module_level=True)
 
-from tilemoe import from_hf  # noqa: E402
+from tilemoe import convert, from_hf  # noqa: E402
 from tilemoe.integrations import hf  # noqa: E402
 from tilemoe.testing import assert_close  # noqa: E402
 
@@ -263,3 +264,58 @@ def test_config_that_disagrees_with_weights():
     moe_cfg = from_hf(block).config.replace(intermediate_size=25)
     with pytest.raises(ValueError, match="config"):
         from_hf(block, config=moe_cfg)
+
+
+def test_ungated_experts_through_interface():
+    """has_gate=False experts (NemotronH: up_proj then act): tilemoe's plain MLP; an unknown activation raises."""
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    kw = {"hidden_size": H, "moe_intermediate_size": 24, "n_routed_experts": 5, "num_experts_per_tok": 2}
+    cfg = transformers.NemotronHConfig(**kw, mlp_hidden_act="relu", experts_implementation="eager")
+    torch.manual_seed(8)
+    experts = NemotronHExperts(cfg).float()
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0.0, 0.35)
+    x = _input(9).reshape(-1, H)
+    g = torch.Generator().manual_seed(10)
+    ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(x.shape[0])])
+    weights = torch.rand(x.shape[0], 2, generator=g)
+    with torch.no_grad():
+        assert_close(hf.hf_experts_forward(experts, x, ids, weights, impl="reference"), experts(x, ids, weights))
+    relu2 = NemotronHExperts(transformers.NemotronHConfig(**kw, mlp_hidden_act="relu2"))
+    with pytest.raises(NotImplementedError, match="activation"):
+        hf.hf_experts_forward(relu2, x, ids, weights)
+
+
+class _OldMixtralMLP(torch.nn.Module):
+    """One expert as transformers 4.x Mixtral stored it (MixtralBlockSparseTop2MLP)."""
+
+    def __init__(self, w1, w3, w2):
+        super().__init__()
+        self.w1, self.w3, self.w2 = (torch.nn.Linear(t.shape[1], t.shape[0], bias=False) for t in (w1, w3, w2))
+        with torch.no_grad():
+            self.w1.weight.copy_(w1)
+            self.w3.weight.copy_(w3)
+            self.w2.weight.copy_(w2)
+
+
+def test_transformers4_per_expert_block():
+    """A 4.x-style block (router nn.Linear, experts a ModuleList of w1/w3/w2 MLPs) with the weights of a 5.x
+    Mixtral block gives that block's output: the per-expert keys are stacked in the right order."""
+    family = FAMILIES[0]
+    block, cfg = family.build(seed=13)
+    sd = convert.to_per_expert_state_dict(block.experts.gate_up_proj, block.experts.down_proj, "", names="mixtral")
+    old = torch.nn.Module()
+    old.gate = torch.nn.Linear(H, cfg.num_local_experts, bias=False)
+    with torch.no_grad():
+        old.gate.weight.copy_(block.gate.weight)
+    old.experts = torch.nn.ModuleList(
+        _OldMixtralMLP(sd[f"{e}.w1.weight"], sd[f"{e}.w3.weight"], sd[f"{e}.w2.weight"])
+        for e in range(cfg.num_local_experts)
+    )
+    moe = from_hf(old, impl="reference", config=cfg)
+    x = _input(14)
+    with torch.no_grad():
+        assert_close(moe(x), block(x), torch.float32)
+    assert moe.router_weight is old.gate.weight

@@ -17,7 +17,9 @@ layouts agree; copies only where the layout forces one:
                              rows, so a strided view would not do), shared_w13 (gate_proj and up_proj are two
                              separate nn.Linear weights, concatenated)
 
-A copied tensor no longer follows the block: rebuild after changing the block's weights.
+transformers 4.x blocks whose experts are a ModuleList of per-expert MLPs (w1/w3/w2 or gate_proj/up_proj/
+down_proj) are read too; their experts are stacked, so copied. A copied tensor no longer follows the block:
+rebuild after changing the block's weights.
 
 ``register()`` adds "tilemoe" to transformers' ``ExpertsInterface``: then ``experts_implementation="tilemoe"``
 (``from_pretrained`` / ``from_config``) or ``model.set_experts_implementation("tilemoe")`` runs every experts
@@ -34,7 +36,15 @@ import torch
 from torch import nn
 
 from tilemoe.config import MoEConfig
-from tilemoe.convert import HFExpertsLayout, b13_from_hf, w2_from_hf, w13_from_hf
+from tilemoe.convert import (
+    HF_LAYOUTS,
+    PER_EXPERT_NAMES,
+    HFExpertsLayout,
+    b13_from_hf,
+    from_per_expert_state_dict,
+    w2_from_hf,
+    w13_from_hf,
+)
 from tilemoe.functional import experts_forward
 from tilemoe.module import MoE
 
@@ -68,12 +78,36 @@ def _layout_of(experts: nn.Module) -> HFExpertsLayout:
             interleaved=not bool(getattr(experts, "is_concatenated", True)),
             bias=bool(getattr(experts, "has_bias", False)),
         )
-    if type(experts).__name__ == "Llama4TextExperts":
-        return HFExpertsLayout(transposed=True)
+    by_class = {"Llama4TextExperts": "llama4_text", "GptOssExperts": "gpt_oss"}  # also transformers 4.x
+    if type(experts).__name__ in by_class:
+        return HF_LAYOUTS[by_class[type(experts).__name__]]
     raise TypeError(
         f"block.experts: {type(experts).__name__} is neither a transformers @use_experts_implementation experts "
         "module nor Llama4TextExperts"
     )
+
+
+def _per_expert_weights(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers 4.x blocks: one MLP per expert (w1/w3/w2 or gate_proj/up_proj/down_proj), stacked (a copy).
+
+    Returns (w13, w2, a gate weight, a down weight); the last two tell whether the copies should train.
+    """
+    first = experts[0] if len(experts) else None
+    if first is not None and all(hasattr(first, n) for n in ("w1", "w3", "w2")):
+        names = PER_EXPERT_NAMES["mixtral"]
+    elif first is not None and all(hasattr(first, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        names = PER_EXPERT_NAMES["gate_up_down"]
+    else:
+        raise TypeError(
+            "block.experts: a ModuleList of per-expert MLPs needs w1/w3/w2 or gate_proj/up_proj/down_proj, "
+            f"got {type(first).__name__}"
+        )
+    for e, mlp in enumerate(experts):
+        for name in names:
+            if getattr(getattr(mlp, name), "bias", None) is not None:
+                raise ValueError(f"block.experts[{e}].{name}: tilemoe's routed experts have no such bias, got one")
+    w13, w2 = from_per_expert_state_dict(experts.state_dict(), "", len(experts), names=names)
+    return w13, w2, getattr(first, names[0]).weight, getattr(first, names[2]).weight
 
 
 def _router_of(block: nn.Module) -> nn.Module:
@@ -155,19 +189,22 @@ def from_hf_block(block: nn.Module, *, impl: str = "auto", config: Any = None) -
     if not isinstance(experts, nn.Module):
         raise TypeError(f"block: expected a transformers MoE block with .experts, got {type(block).__name__}")
     router = _router_of(block)
-    layout = _layout_of(experts)
     cfg = _moe_config_for(block, config, router)
-    if getattr(experts, "has_post_expert_norm", False):
-        raise ValueError(f"block.experts: {type(experts).__name__} has a post-expert norm; tilemoe has none")
-    if not getattr(experts, "has_gate", True):
-        raise ValueError(f"block.experts: {type(experts).__name__} is ungated (up_proj only); not supported here")
-
-    gate_up, down = experts.gate_up_proj, experts.down_proj
-    if layout.transposed or layout.interleaved:
-        w13 = w13_from_hf(gate_up, transposed=layout.transposed, interleaved=layout.interleaved)
-        w2 = w2_from_hf(down, transposed=layout.transposed)
+    if isinstance(experts, nn.ModuleList):
+        layout = HFExpertsLayout()
+        w13, w2, gate_up, down = _per_expert_weights(experts)
     else:
-        w13, w2 = gate_up, down
+        layout = _layout_of(experts)
+        if getattr(experts, "has_post_expert_norm", False):
+            raise ValueError(f"block.experts: {type(experts).__name__} has a post-expert norm; tilemoe has none")
+        if not getattr(experts, "has_gate", True):
+            raise ValueError(f"block.experts: {type(experts).__name__} is ungated (up_proj only); not supported")
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if layout.transposed or layout.interleaved:
+            w13 = w13_from_hf(gate_up, transposed=layout.transposed, interleaved=layout.interleaved)
+            w2 = w2_from_hf(down, transposed=layout.transposed)
+        else:
+            w13, w2 = gate_up, down
     e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     if tuple(w13.shape) != (e, cfg.w13_rows, h) or tuple(w2.shape) != (e, h, i):
         raise ValueError(
@@ -223,15 +260,19 @@ def _activation_of(module: nn.Module) -> dict[str, Any]:
             f"experts_implementation='tilemoe': {type(module).__name__} has its own _apply_gate that tilemoe does "
             "not know; use another experts_implementation for this model"
         )
+    from transformers.activations import ACT2FN
+
     from tilemoe.hf_config import _ACTIVATIONS
 
-    act = getattr(module.config, "hidden_act", None) or getattr(module.config, "hidden_activation", "silu")
-    if act not in _ACTIVATIONS:
-        raise NotImplementedError(
-            f"experts_implementation='tilemoe': hidden_act {act!r} of {type(module).__name__} is not one of "
-            f"{sorted(_ACTIVATIONS)}"
-        )
-    return {"activation": _ACTIVATIONS[act]}
+    # By the activation object itself: the config key naming it differs per family (hidden_act, mlp_hidden_act)
+    act_type = type(getattr(module, "act_fn", None))
+    for hf_name, ours in _ACTIVATIONS.items():
+        if hf_name in ACT2FN and type(ACT2FN[hf_name]) is act_type:
+            return {"activation": ours}
+    raise NotImplementedError(
+        f"experts_implementation='tilemoe': activation {act_type.__name__} of {type(module).__name__} is not one "
+        f"of tilemoe's ({', '.join(sorted(set(_ACTIVATIONS.values())))})"
+    )
 
 
 def _key(*tensors: torch.Tensor | None) -> tuple:
