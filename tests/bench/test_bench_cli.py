@@ -228,3 +228,28 @@ def test_ep_size_goes_to_the_distributed_runner(monkeypatch, capsys):
         monkeypatch.setattr(dr, "run_distributed", lambda a, c: seen.update(ep=a.ep_size, e=c.num_experts) or 0)
         assert main(["bench", *args]) == 0
         assert seen == {"ep": 2, "e": 6}
+
+
+def test_imbalanced_cli_reaches_factor_without_manual_flag(tmp_path):
+    # the four sizes without --manual-config work too; avg load = 60*2/6 = 20, target 2.5 -> hot expert 50
+    base = tmp_path / "imb"
+    args = ["--num-experts", "6", "--num-experts-per-tok", "2", "--hidden-size", "16", "--intermediate-size", "8"]
+    args += ["--benchmark-iters", "1", "--warmup-iters", "0", "--impl", "grouped", "--num-tokens", "60"]
+    args += ["--scenarios", "imbalanced", "--imbalance-factor", "2.5", "--output-file", str(base)]
+    assert main(["bench", *args, "--output-format", "csv"]) == 0
+    (row,) = _read_csv(tmp_path / "imb.csv")
+    assert abs(float(row["max_imbalance"]) - 2.5) <= 0.25 and row["max_load"] == "50"
+
+
+def test_roofline_is_measured_once_and_cached(tmp_path, monkeypatch):
+    import tilemoe.bench.roofline as roofline
+
+    first = roofline.get_roofline(torch.device("cpu"), torch.float32)
+    assert first.copy_gbps > 0 and first.matmul_tflops > 0
+    assert (tmp_path / "cache" / "roofline.json").exists()
+
+    def no_measure(*args, **kwargs):
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr(roofline, "measure_roofline", no_measure)
+    assert roofline.get_roofline(torch.device("cpu"), torch.float32) == first
