@@ -364,3 +364,34 @@ def test_flops_and_bytes_match_a_counted_forward(name):
         else:
             used += p.numel()
     assert c.weight_bytes_per_token(4) == 4 * used
+
+
+# Keys of the original (remote-code) configs that transformers' classes do not declare; tilemoe reads them.
+REMOTE_CODE_KEYS = {"scoring_func", "topk_method", "moe_layer_freq", "experts_per_token"}
+# model_type without a transformers class -> the class its architectures entry loads
+CONFIG_CLASS_OF = {"kimi_k2": "deepseek_v3"}
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_presets_use_real_keys_and_round_trip_through_transformers(name):
+    """Every preset key is one the model's transformers config class declares or aliases (attribute_map), or a
+    known remote-code key,
+    and the preset parsed from that class's to_dict() equals the preset parsed directly."""
+    pytest.importorskip("transformers")
+    from transformers import CONFIG_MAPPING
+
+    d = load_preset_dict(name)
+    fields = {k: v for k, v in d.items() if not k.startswith("_")}
+    model_type = CONFIG_CLASS_OF.get(d["model_type"], d["model_type"])
+    if model_type == "llama4":
+        text = fields["text_config"]
+        cls = CONFIG_MAPPING["llama4_text"]
+        unknown = set(text) - set(cls().to_dict()) - set(cls.attribute_map) - REMOTE_CODE_KEYS
+        hf = CONFIG_MAPPING["llama4"](text_config=text)
+    else:
+        cls = CONFIG_MAPPING[model_type]
+        unknown = set(fields) - set(cls().to_dict()) - set(cls.attribute_map) - REMOTE_CODE_KEYS
+        hf = cls(**{k: v for k, v in fields.items() if k != "model_type"})
+    assert not unknown, f"{name}: keys {sorted(unknown)} are not {cls.__name__} keys"
+    via_hf = config_from_hf_dict({**hf.to_dict(), **{k: v for k, v in fields.items() if k in REMOTE_CODE_KEYS}})
+    assert via_hf == load_preset(name).replace(name=None)
