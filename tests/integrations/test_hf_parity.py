@@ -219,7 +219,10 @@ def test_whole_model_logits_match_eager(kind, registered):
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         eager = model(ids).logits
-        model.set_experts_implementation("tilemoe")
+        if kind == "mixtral":
+            assert hf.patch_model(model, impl="auto") is model
+        else:
+            model.set_experts_implementation("tilemoe")
         assert model.config._experts_implementation == "tilemoe"
         ours = model(ids).logits
     experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
@@ -256,6 +259,8 @@ def test_unknown_block_and_missing_config():
     block, _ = family.build(seed=0)
     with pytest.raises(ValueError, match="config"):
         from_hf(block)
+    with pytest.raises(TypeError, match="model"):
+        hf.patch_model(block)
 
 
 def test_config_that_disagrees_with_weights():

@@ -48,7 +48,7 @@ from tilemoe.convert import (
 from tilemoe.functional import experts_forward
 from tilemoe.module import MoE
 
-__all__ = ["from_hf_block", "hf_experts_forward", "register", "unregister", "IMPLEMENTATION_NAME"]
+__all__ = ["IMPLEMENTATION_NAME", "from_hf_block", "hf_experts_forward", "patch_model", "register", "unregister"]
 
 IMPLEMENTATION_NAME = "tilemoe"
 
@@ -280,7 +280,11 @@ def _key(*tensors: torch.Tensor | None) -> tuple:
 
 
 def _tilemoe_weights(module: nn.Module, top_k: int) -> tuple[MoEConfig, torch.Tensor, torch.Tensor, Any, Any]:
-    """(config, w13, w2, b13, b2) in tilemoe's layout, cached on the module until its weights change."""
+    """(config, w13, w2, b13, b2) in tilemoe's layout, cached on the module until its weights change.
+
+    Standard layouts use the module's own tensors; transposed or interleaved ones (gpt-oss) keep one converted
+    copy per experts module, refreshed when a weight's storage or version counter changes.
+    """
     gated = bool(getattr(module, "has_gate", True))
     first = module.gate_up_proj if gated else module.up_proj
     bias13 = (module.gate_up_proj_bias if gated else module.up_proj_bias) if module.has_bias else None
@@ -378,3 +382,18 @@ def unregister() -> None:
     """Remove "tilemoe" from transformers' experts interface (no-op when absent)."""
     interface = _experts_interface()
     interface._global_mapping.pop(IMPLEMENTATION_NAME, None)
+
+
+def patch_model(model: nn.Module, impl: str = "auto") -> nn.Module:
+    """``register(impl)`` then ``model.set_experts_implementation("tilemoe")``; returns the model (same object).
+
+    Raises TypeError when ``model`` is not a transformers model with ``set_experts_implementation``, and
+    ImportError when transformers has no experts interface.
+    """
+    if not hasattr(model, "set_experts_implementation"):
+        raise TypeError(
+            f"model: expected a transformers model with set_experts_implementation, got {type(model).__name__}"
+        )
+    register(impl)
+    model.set_experts_implementation(IMPLEMENTATION_NAME)
+    return model
