@@ -1,0 +1,28 @@
+"""tilemoe's fused Triton MoE (``tilemoe.ops.fused_experts``): two fused expert GEMMs, no host sync.
+
+Gather fused into GEMM 1's loads, the gated activation into its epilogue; routing weight and per-slot
+output in GEMM 2's epilogue; a sync-free alignment, so the layer captures in a CUDA graph. Tile shapes from
+``tilemoe.tuning.pick_config``. Runs on CUDA, and on the CPU under the Triton interpreter
+(``TRITON_INTERPRET=1``, for tests); "auto" takes it on CUDA, on the CPU only in the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tilemoe.impls._registry import register_impl
+from tilemoe.ops.act_and_mul import triton_kernels_available
+from tilemoe.ops.fused_experts import fused_experts
+
+_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+@register_impl(
+    "triton",
+    description="fused Triton MoE: gather+GEMM1+activation, GEMM2+weight, sync-free alignment",
+    devices=_DEVICES,
+    auto_priority=100,
+    is_available=triton_kernels_available,
+)
+def triton_experts(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
+    return fused_experts(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2)

@@ -1,0 +1,216 @@
+"""Triton kernels of the fused expert MLP: GEMM 1 (gather + gate/up + activation) and GEMM 2 (+ weight, combine).
+
+Dimension letters: T tokens, K top-k, E experts, H hidden, I expert intermediate; S = T*K slots
+(slot s is token s // K, its pick s % K); CAP padded rows (see ``tilemoe.ops.align``).
+    x            [T, H]        activations
+    w13          [E, 2I, H]    gate rows [0, I) then up rows [I, 2I)   ([E, I, H] when GATED is False)
+    b13          [E, 2I]       optional
+    w2           [E, H, I]
+    b2           [E, H]        optional
+    topk_weights [S]           float32 routing weight of each slot
+    sorted_ids   [CAP]         slot at each padded row (S = padding)
+    expert_ids   [CAP / BM]    expert of each block of BLOCK_M rows
+    num_padded   [1]           rows in use; blocks at or past it exit
+    act          [CAP, I]      GEMM 1 output, rows in padded sorted order (padding rows hold act(bias) * ...)
+    out_slots    [S, H]        GEMM 2 output per slot (deterministic combine: summed over K afterwards)
+    out_acc      [T, H] fp32   GEMM 2 output added atomically per token (fast combine)
+Accumulation in float32; fp32 operands go through tf32 (Triton's default for a float32 dot).
+"""
+
+import triton
+import triton.language as tl
+
+# activation codes: tilemoe.ops.act_and_mul.ACTIVATION_CODES
+SILU = 0
+GELU = 1
+GELU_TANH = 2
+RELU = 3
+SWIGLUOAI = 4
+
+
+@triton.jit
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _activate(g, ACTIVATION: tl.constexpr, swiglu_alpha, swiglu_limit):
+    if ACTIVATION == 4:  # swigluoai: g * sigmoid(alpha * g), g clamped from above
+        g = tl.minimum(g, swiglu_limit)
+        a = g * _sigmoid(g * swiglu_alpha)
+    elif ACTIVATION == 0:
+        a = g * _sigmoid(g)
+    elif ACTIVATION == 1:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (2.0 * _sigmoid(2.0 * inner))  # 1 + tanh(v) = 2 sigmoid(2v)
+    else:
+        a = tl.maximum(g, 0.0)
+    return a
+
+
+@triton.jit
+def _tile_ids(num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
+    """Program id -> (block of rows, block of columns), GROUP_M row blocks at a time (weights stay in L2)."""
+    pid = tl.program_id(0)
+    in_group = GROUP_M * num_blocks_n
+    group = pid // in_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm1_kernel(
+    x_ptr,
+    stride_xt,
+    stride_xh,
+    w_ptr,
+    stride_we,
+    stride_wn,
+    stride_wh,
+    b_ptr,
+    stride_be,
+    stride_bn,
+    topk_weights_ptr,
+    act_ptr,
+    stride_am,
+    stride_ai,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    num_slots,
+    top_k,
+    hidden,
+    inter,
+    num_blocks_m,
+    swiglu_alpha,
+    swiglu_limit,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WEIGHTS_ON_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ids_ptr + rows)
+    valid = slot < num_slots
+    token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+
+    a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh
+    # [BLOCK_K, BLOCK_N] views of the gate rows and the up rows (I further down) of this expert
+    g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
+    u_ptrs = g_ptrs + inter * stride_wn
+    if WEIGHTS_ON_INPUT:
+        row_weight = tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
+        k_mask = ks < hidden - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        if WEIGHTS_ON_INPUT:
+            a = (a.to(tl.float32) * row_weight[:, None]).to(x_ptr.dtype.element_ty)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc_g = tl.dot(a, tl.load(g_ptrs, mask=w_mask, other=0.0), acc_g)
+        if GATED:
+            acc_u = tl.dot(a, tl.load(u_ptrs, mask=w_mask, other=0.0), acc_u)
+        a_ptrs += BLOCK_K * stride_xh
+        g_ptrs += BLOCK_K * stride_wh
+        u_ptrs += BLOCK_K * stride_wh
+
+    # epilogue: the activated intermediate, rounded to the operand dtype like an unfused h = x @ w13^T
+    dtype = act_ptr.dtype.element_ty
+    if HAS_BIAS:
+        b_row = b_ptr + expert * stride_be
+        acc_g += tl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_row + (cols + inter) * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    g = acc_g.to(dtype).to(tl.float32)
+    result = _activate(g, ACTIVATION, swiglu_alpha, swiglu_limit)
+    if GATED:
+        u = acc_u.to(dtype).to(tl.float32)
+        if ACTIVATION == 4:
+            u = tl.minimum(tl.maximum(u, -swiglu_limit), swiglu_limit) + 1.0
+        result = result * u
+    out_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :] * stride_ai
+    tl.store(out_ptrs, result.to(dtype), mask=col_mask[None, :])
+
+
+@triton.jit
+def _gemm2_kernel(
+    act_ptr,
+    stride_am,
+    stride_ai,
+    w_ptr,
+    stride_we,
+    stride_wh,
+    stride_wi,
+    b_ptr,
+    stride_be,
+    stride_bh,
+    topk_weights_ptr,
+    out_ptr,
+    stride_om,
+    stride_oh,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    num_slots,
+    top_k,
+    hidden,
+    inter,
+    num_blocks_m,
+    HAS_BIAS: tl.constexpr,
+    WEIGHTS_ON_INPUT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ids_ptr + rows)
+    valid = slot < num_slots
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+
+    a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ai
+    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wi
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(inter, BLOCK_K)):
+        k_mask = ks < inter - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K * stride_ai
+        w_ptrs += BLOCK_K * stride_wi
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + expert * stride_be + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if not WEIGHTS_ON_INPUT:
+        acc = acc * tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)[:, None]
+    mask = valid[:, None] & col_mask[None, :]
+    if ATOMIC:
+        token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+        tl.atomic_add(out_ptr + token[:, None] * stride_om + cols[None, :] * stride_oh, acc, mask=mask, sem="relaxed")
+    else:
+        out_ptrs = out_ptr + tl.where(valid, slot, 0).to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_oh
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)

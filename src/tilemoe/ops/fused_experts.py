@@ -1,0 +1,287 @@
+"""fused_experts: the routed expert MLP of one MoE layer in Triton, no host sync.
+
+    align (sorted_ids, expert_ids; ``tilemoe.ops.align``)
+    GEMM 1: gather x rows by slot, x @ w13[e]^T (gate and up column blocks), + b13, act(gate) * up -> act
+    GEMM 2: act @ w2[e]^T, + b2, * routing weight -> per-slot rows (deterministic) or fp32 atomics (fast)
+    combine: sum over the K slots of each token (deterministic mode)
+
+``fused_experts_torch`` is the plain-PyTorch reference beside it. The launcher is a ``torch.library``
+custom op (``tilemoe::fused_experts``) so torch.compile traces it as one opaque call and CUDA graphs
+capture it (nothing reads the device from the host).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from tilemoe.config import MoEConfig
+from tilemoe.ops.act_and_mul import ACTIVATION_CODES
+from tilemoe.ops.activation import act_and_mul_torch
+from tilemoe.ops.align import moe_align
+from tilemoe.tuning import KernelConfig, MoEShape, pick_config
+
+__all__ = ["fused_experts", "fused_experts_torch"]
+
+_CONFIG_FIELDS = tuple(KernelConfig.__dataclass_fields__)
+
+
+@functools.cache
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _device_of(x: torch.Tensor) -> str | None:
+    return _device_name(x.device.index) if x.is_cuda else None
+
+
+def _launch(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    activation: int,
+    gated: bool,
+    weights_on_input: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    cfg: KernelConfig,
+    deterministic: bool,
+) -> torch.Tensor:
+    from tilemoe.ops._kernels._fused_experts import _gemm1_kernel, _gemm2_kernel
+
+    num_tokens, hidden = x.shape
+    num_experts, inter = w2.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    num_slots = num_tokens * top_k
+    if num_tokens == 0:
+        return x.new_empty((0, hidden))
+    align = moe_align(topk_ids, num_experts, cfg.block_m)
+    capacity = align.sorted_ids.numel()
+    num_blocks_m = capacity // cfg.block_m
+    weights_flat = topk_weights.reshape(-1)
+    act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
+    b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
+    _gemm1_kernel[(num_blocks_m * triton_cdiv(inter, cfg.block_n1),)](
+        x_ptr=x,
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        w_ptr=w13,
+        stride_we=w13.stride(0),
+        stride_wn=w13.stride(1),
+        stride_wh=w13.stride(2),
+        b_ptr=b13_arg,
+        stride_be=b13_arg.stride(0),
+        stride_bn=b13_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        act_ptr=act,
+        stride_am=act.stride(0),
+        stride_ai=act.stride(1),
+        sorted_ids_ptr=align.sorted_ids,
+        expert_ids_ptr=align.expert_ids,
+        num_padded_ptr=align.num_padded,
+        num_slots=num_slots,
+        top_k=top_k,
+        hidden=hidden,
+        inter=inter,
+        num_blocks_m=num_blocks_m,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        ACTIVATION=activation,
+        GATED=gated,
+        HAS_BIAS=b13 is not None,
+        WEIGHTS_ON_INPUT=weights_on_input,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n1,
+        BLOCK_K=cfg.block_k1,
+        GROUP_M=cfg.group_m1,
+        num_warps=cfg.num_warps1,
+        num_stages=cfg.num_stages1,
+    )
+    atomic = not deterministic and top_k > 1
+    if atomic:
+        out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
+    b2_arg = b2 if b2 is not None else w2
+    _gemm2_kernel[(num_blocks_m * triton_cdiv(hidden, cfg.block_n2),)](
+        act_ptr=act,
+        stride_am=act.stride(0),
+        stride_ai=act.stride(1),
+        w_ptr=w2,
+        stride_we=w2.stride(0),
+        stride_wh=w2.stride(1),
+        stride_wi=w2.stride(2),
+        b_ptr=b2_arg,
+        stride_be=b2_arg.stride(0),
+        stride_bh=b2_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        out_ptr=out,
+        stride_om=out.stride(0),
+        stride_oh=out.stride(1),
+        sorted_ids_ptr=align.sorted_ids,
+        expert_ids_ptr=align.expert_ids,
+        num_padded_ptr=align.num_padded,
+        num_slots=num_slots,
+        top_k=top_k,
+        hidden=hidden,
+        inter=inter,
+        num_blocks_m=num_blocks_m,
+        HAS_BIAS=b2 is not None,
+        WEIGHTS_ON_INPUT=weights_on_input,
+        ATOMIC=atomic,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n2,
+        BLOCK_K=cfg.block_k2,
+        GROUP_M=cfg.group_m2,
+        num_warps=cfg.num_warps2,
+        num_stages=cfg.num_stages2,
+    )
+    if atomic:
+        return out.to(x.dtype)
+    if top_k == 1:
+        return out
+    return out.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@torch.library.custom_op("tilemoe::fused_experts", mutates_args=())
+def _fused_experts_op(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    activation: int,
+    gated: bool,
+    weights_on_input: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    kernel_config: list[int],
+    deterministic: bool,
+) -> torch.Tensor:
+    cfg = KernelConfig(**dict(zip(_CONFIG_FIELDS, kernel_config, strict=True)))
+    return _launch(
+        x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input,
+        swiglu_alpha, swiglu_limit, cfg, deterministic,
+    )  # fmt: skip
+
+
+@_fused_experts_op.register_fake
+def _(x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
+      swiglu_limit, kernel_config, deterministic):  # fmt: skip
+    return x.new_empty(x.shape)
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    config: MoEConfig,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    kernel_config: KernelConfig | None = None,
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """Routed experts of one layer: [T, H] -> [T, H] in x.dtype (see ``tilemoe.impls._registry``).
+
+    Args:
+        x [T, H] fp32/fp16/bf16; w13 [E, 2I, H] (gate rows, then up rows; [E, I, H] plain); w2 [E, H, I];
+        topk_weights [T, K] float32; topk_ids [T, K] int32 in [0, E); b13 [E, 2I] / b2 [E, H] or None.
+        kernel_config: tile shapes; ``tilemoe.tuning.pick_config`` when None.
+        deterministic: per-slot rows summed over K (bitwise repeatable); False adds them with fp32 atomics.
+    Raises:
+        ValueError / TypeError naming the argument on a shape, dtype or device mismatch.
+    """
+    _check(x, w13, w2, topk_weights, topk_ids, config, b13, b2)
+    num_experts, hidden, inter = w2.shape
+    if kernel_config is None:
+        shape = MoEShape(x.shape[0], num_experts, topk_ids.shape[1], hidden, inter)
+        kernel_config = pick_config(shape, x.dtype, _device_of(x))
+    elif not isinstance(kernel_config, KernelConfig):
+        raise TypeError(f"kernel_config: expected a KernelConfig or None, got {type(kernel_config).__name__}")
+    return _fused_experts_op(
+        x,
+        w13,
+        w2,
+        topk_weights,
+        topk_ids,
+        b13,
+        b2,
+        ACTIVATION_CODES[config.activation],
+        config.gated,
+        config.weights_on_input,
+        float(config.swiglu_alpha),
+        float(config.swiglu_limit),
+        [getattr(kernel_config, name) for name in _CONFIG_FIELDS],
+        deterministic,
+    )
+
+
+def _check(x, w13, w2, topk_weights, topk_ids, config, b13, b2) -> None:
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [T, H], got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+    t, h = x.shape
+    if w2.dim() != 3 or w2.shape[1] != h:
+        raise ValueError(f"w2: expected shape [E, {h}, I], got {list(w2.shape)}")
+    e, _, i = w2.shape
+    rows = 2 * i if config.gated else i
+    expected = {
+        "w13": (w13, (e, rows, h)),
+        "topk_weights": (topk_weights, (t, config.top_k)),
+        "topk_ids": (topk_ids, (t, config.top_k)),
+        "b13": (b13, (e, rows)),
+        "b2": (b2, (e, h)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(tensor.shape)}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device}, got {tensor.device}")
+    for name, tensor in (("w13", w13), ("w2", w2), ("b13", b13), ("b2", b2)):
+        if tensor is not None and tensor.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {tensor.dtype}")
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"topk_weights: expected dtype float32, got {topk_weights.dtype}")
+    if topk_ids.dtype != torch.int32:
+        raise TypeError(f"topk_ids: expected dtype int32, got {topk_ids.dtype}")
+    if w2.device != x.device:
+        raise ValueError(f"w2: expected device {x.device}, got {w2.device}")
+
+
+def fused_experts_torch(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None) -> torch.Tensor:
+    """Plain-PyTorch reference of ``fused_experts`` (one expert at a time, fp32 math): [T, H] in x.dtype."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for expert in range(w13.shape[0]):
+        token, pick = (topk_ids == expert).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        weight = topk_weights[token, pick].unsqueeze(1)
+        rows = xf[token] * weight if config.weights_on_input else xf[token]
+        h = rows @ w13[expert].float().t()
+        if b13 is not None:
+            h = h + b13[expert].float()
+        y = act_and_mul_torch(h, config) @ w2[expert].float().t()
+        if b2 is not None:
+            y = y + b2[expert].float()
+        out.index_add_(0, token, y if config.weights_on_input else y * weight)
+    return out.to(x.dtype)

@@ -1,0 +1,149 @@
+"""Kernel configs of the fused Triton MoE: ``pick_config`` (pure; tuned table, else a heuristic) and tables.
+
+A table is a JSON file in ``tilemoe/tuning_tables`` named after the device (``torch.cuda.get_device_name``,
+lower case, non-alphanumerics as '_'), mapping a shape key to a KernelConfig dict::
+
+    {"device": "NVIDIA H100 80GB HBM3", "configs": {"E128_K8_H2048_I768_bf16_T64": {...}, ...}}
+
+Shape key: E, K, H, I, dtype and the token bucket (the power of two at or above T, 1..16384; larger T share
+the 16384 bucket). ``tilemoe tune`` (``tilemoe.tune_cli``) writes these tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["KernelConfig", "MoEShape", "pick_config", "heuristic_config", "shape_key", "table_path", "token_bucket"]
+
+TABLE_DIR = Path(__file__).parent / "tuning_tables"
+MAX_BUCKET = 16384
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shapes of the two expert GEMMs. ``block_m`` is also the alignment of each expert's rows.
+
+    GEMM 1 tiles its I gate columns (and the matching up columns) by ``block_n1``, H by ``block_k1``;
+    GEMM 2 tiles H by ``block_n2``, I by ``block_k2``. All block sizes are powers of two >= 16.
+    """
+
+    block_m: int = 64
+    block_n1: int = 64
+    block_k1: int = 64
+    group_m1: int = 8
+    num_warps1: int = 4
+    num_stages1: int = 3
+    block_n2: int = 64
+    block_k2: int = 64
+    group_m2: int = 8
+    num_warps2: int = 4
+    num_stages2: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name}: expected a power of two >= 16, got {value!r}")
+        for name in ("group_m1", "group_m2", "num_warps1", "num_warps2", "num_stages1", "num_stages2"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KernelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"KernelConfig.from_dict: unknown keys {unknown}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """What a config depends on: tokens T, experts E, top-k K, hidden H, intermediate I."""
+
+    num_tokens: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+
+
+def token_bucket(num_tokens: int) -> int:
+    """The power of two at or above ``num_tokens`` (1 for 0), capped at 16384."""
+    return min(MAX_BUCKET, 1 << max(0, num_tokens - 1).bit_length())
+
+
+def shape_key(shape: MoEShape, dtype: torch.dtype) -> str:
+    return (
+        f"E{shape.num_experts}_K{shape.top_k}_H{shape.hidden_size}_I{shape.intermediate_size}_"
+        f"{_DTYPE_NAMES.get(dtype, str(dtype))}_T{token_bucket(shape.num_tokens)}"
+    )
+
+
+def table_path(device_name: str) -> Path:
+    return TABLE_DIR / (re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_") + ".json")
+
+
+@functools.cache
+def _load_table(device_name: str) -> dict[str, KernelConfig]:
+    path = table_path(device_name)
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {key: KernelConfig.from_dict(value) for key, value in data.get("configs", {}).items()}
+
+
+def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
+    """Config for any shape from the rows per expert (a rule, no table).
+
+    Few rows per expert (decode): the weights are the bytes, so small row tiles and narrow column tiles
+    give many programs per expert to keep enough loads in flight. Many rows: large tiles for the matrix units.
+    """
+    slots = shape.num_tokens * shape.top_k
+    rows_per_expert = slots / shape.num_experts
+    big_k = 128 if dtype != torch.float32 else 64
+    if rows_per_expert <= 16:
+        return KernelConfig(
+            block_m=16, block_n1=32, block_k1=big_k, group_m1=1, num_warps1=4, num_stages1=4,
+            block_n2=32, block_k2=big_k, group_m2=1, num_warps2=4, num_stages2=4,
+        )  # fmt: skip
+    if rows_per_expert <= 128:
+        return KernelConfig(
+            block_m=32, block_n1=64, block_k1=big_k, group_m1=4, num_warps1=4, num_stages1=4,
+            block_n2=64, block_k2=big_k, group_m2=4, num_warps2=4, num_stages2=4,
+        )  # fmt: skip
+    if rows_per_expert <= 512:
+        return KernelConfig(
+            block_m=64, block_n1=64, block_k1=64, group_m1=8, num_warps1=4, num_stages1=4,
+            block_n2=128, block_k2=64, group_m2=8, num_warps2=4, num_stages2=4,
+        )  # fmt: skip
+    return KernelConfig(
+        block_m=128, block_n1=64, block_k1=64, group_m1=8, num_warps1=8, num_stages1=4,
+        block_n2=128, block_k2=64, group_m2=8, num_warps2=8, num_stages2=4,
+    )  # fmt: skip
+
+
+def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> KernelConfig:
+    """The config for ``shape`` in ``dtype`` on the GPU named ``device`` (``torch.cuda.get_device_name``).
+
+    Pure: the same arguments give the same config. A tuned table entry when one exists for the device and
+    shape bucket, else ``heuristic_config``; never missing (any device, including None for CPU/interpreter).
+    """
+    if device:
+        table = _load_table(device)
+        hit = table.get(shape_key(shape, dtype))
+        if hit is not None:
+            return hit
+    return heuristic_config(shape, dtype)

@@ -1,0 +1,143 @@
+"""The registered "triton" implementation: registry, moe_forward, and on the GPU bf16, CUDA graphs,
+torch.compile and a randomized sweep against the float64 reference."""
+
+import os
+import random
+
+import pytest
+import torch
+
+import tilemoe.impls
+from tilemoe.config import MoEConfig
+from tilemoe.functional import moe_forward
+from tilemoe.impls import get_impl, resolve_impl
+from tilemoe.testing import assert_close, make_input, make_routing, make_weights
+from tilemoe.tuning import KernelConfig
+
+
+def _reference(x, w, topk_weights, topk_ids, config):
+    d = {k: None if v is None else v.double() for k, v in w.items()}
+    return get_impl("reference").fn(
+        x.double(), d["w13"], d["w2"], topk_weights.double(), topk_ids, config=config, b13=d["b13"], b2=d["b2"]
+    )
+
+
+def test_registered_with_auto_priority():
+    impl = get_impl("triton")
+    assert impl.auto_priority == 100 and "cuda" in impl.devices
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    assert impl.available("cpu") == interpreted
+    if interpreted or torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        assert resolve_impl("auto", torch.device(device)).name == "triton"
+
+
+def test_moe_forward_through_registry(generator):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not get_impl("triton").available(device):
+        pytest.skip("no CUDA and no Triton interpreter")
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=32, intermediate_size=24)
+    w = make_weights(config, device=device, generator=generator)
+    x = make_input(5, config, device=device, generator=generator)
+    logits = torch.randn(5, 6, generator=generator).to(device)
+    out = moe_forward(x, w["w13"], w["w2"], router_logits=logits, config=config, impl="triton")
+    ref = moe_forward(x, w["w13"], w["w2"], router_logits=logits, config=config, impl="reference")
+    assert_close(out, ref, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite", "gpt-oss-120b"])
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+def test_presets_bf16(preset, num_tokens, generator):
+    # the preset's H, I, activation and biases with 8 experts (the float64 reference of all of them is too slow)
+    full = MoEConfig.from_pretrained(preset)
+    config = full.replace(
+        num_experts=8, top_k=min(full.top_k, 8), routing="softmax_topk", n_group=1, topk_group=1,
+        num_shared_experts=0, shared_intermediate_size=0,
+    )  # fmt: skip
+    w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=generator)
+    x = make_input(num_tokens, config, dtype=torch.bfloat16, device="cuda", generator=generator)
+    tw, ti = make_routing(num_tokens, config, device="cuda", generator=generator)
+    for deterministic in (True, False):
+        out = tilemoe.ops.fused_experts.fused_experts(
+            x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], deterministic=deterministic
+        )
+        assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay(generator):
+    config = MoEConfig(num_experts=12, top_k=4, hidden_size=256, intermediate_size=192)
+    w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=generator)
+    x = make_input(33, config, dtype=torch.bfloat16, device="cuda", generator=generator)
+    tw, ti = make_routing(33, config, device="cuda", generator=generator)
+    fn = get_impl("triton").fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(x, w["w13"], w["w2"], tw, ti, config=config)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(x, w["w13"], w["w2"], tw, ti, config=config)
+    for _ in range(2):  # new inputs copied in place: the replay must follow them (new routing too)
+        x.copy_(make_input(33, config, dtype=torch.bfloat16, device="cuda", generator=generator))
+        new_w, new_i = make_routing(33, config, device="cuda", generator=generator)
+        tw.copy_(new_w)
+        ti.copy_(new_i)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_torch_compile(generator):
+    config = MoEConfig(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64, activation="swigluoai")
+    w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=generator)
+    x = make_input(20, config, dtype=torch.bfloat16, device="cuda", generator=generator)
+    logits = torch.randn(20, 8, generator=generator).to("cuda")
+
+    @torch.compile
+    def layer(x, logits):
+        return moe_forward(x, w["w13"], w["w2"], router_logits=logits, config=config, impl="triton") * 2
+
+    out = layer(x, logits)
+    ref = moe_forward(x, w["w13"], w["w2"], router_logits=logits, config=config, impl="reference")
+    assert_close(out, 2 * ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_randomized_sweep_bf16():
+    """>= 200 random shapes, routings and options; every one must match the float64 reference."""
+    rng = random.Random(torch.seed())
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    blocks = [16, 32, 64]
+    mismatches = []
+    for case in range(200):
+        e = rng.choice([1, 3, 8, 13, 64, 160])
+        k = rng.randint(1, min(e, 8))
+        config = MoEConfig(
+            num_experts=e, top_k=k, hidden_size=rng.choice([16, 72, 128, 200, 512]),
+            intermediate_size=rng.choice([8, 40, 96, 256]), activation=rng.choice(["silu", "gelu", "swigluoai"]),
+            expert_bias=rng.random() < 0.3, routing="softmax_topk" if k > 1 else rng.choice(
+                ["softmax_topk", "sigmoid_top1_input_scaled"]),
+        )  # fmt: skip
+        t = rng.choice([0, 1, 2, 7, 64, 300, 1000])
+        kc = None
+        if rng.random() < 0.5:
+            kc = KernelConfig(block_m=rng.choice(blocks), block_n1=rng.choice(blocks), block_k1=rng.choice(blocks),
+                              block_n2=rng.choice(blocks), block_k2=rng.choice(blocks))  # fmt: skip
+        w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=gen)
+        x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+        tw, ti = make_routing(t, config, device="cuda", generator=gen, hot_expert=0 if rng.random() < 0.1 else None)
+        out = tilemoe.ops.fused_experts.fused_experts(
+            x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], kernel_config=kc,
+            deterministic=rng.random() < 0.5,
+        )  # fmt: skip
+        try:
+            assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+        except AssertionError as error:
+            mismatches.append(f"case {case}: {config} T={t} {kc}: {error}")
+    assert not mismatches, f"{len(mismatches)} / 200 mismatches:\n" + "\n".join(mismatches[:5])

@@ -1,0 +1,92 @@
+"""fused_experts (Triton; the interpreter on CPU) against the float64 reference, every option and edge case."""
+
+import pytest
+import torch
+
+from tilemoe.config import MoEConfig
+from tilemoe.impls import get_impl
+from tilemoe.ops.fused_experts import fused_experts, fused_experts_torch
+from tilemoe.testing import assert_close, make_input, make_routing, make_weights
+from tilemoe.tuning import KernelConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter's tl.dot is wrong for bf16: bf16 on the GPU only
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+SMALL = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages1=2, num_stages2=2)
+
+
+def _reference(x, w, topk_weights, topk_ids, config):
+    ref = get_impl("reference").fn
+    d = {k: None if v is None else v.double() for k, v in w.items()}
+    return ref(x.double(), d["w13"], d["w2"], topk_weights.double(), topk_ids, config=config, b13=d["b13"], b2=d["b2"])
+
+
+def _run_case(config, num_tokens, dtype, generator, *, hot_expert=None, kernel_config=None, deterministic=True):
+    w = make_weights(config, dtype=dtype, device=DEVICE, generator=generator)
+    x = make_input(num_tokens, config, dtype=dtype, device=DEVICE, generator=generator)
+    topk_weights, topk_ids = make_routing(num_tokens, config, device=DEVICE, generator=generator, hot_expert=hot_expert)
+    out = fused_experts(
+        x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"],
+        kernel_config=kernel_config, deterministic=deterministic,
+    )  # fmt: skip
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 64])
+def test_shapes_and_dtypes(num_tokens, dtype, generator):
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24)
+    _run_case(config, num_tokens, dtype, generator)
+
+
+def test_many_tokens_top8_small_tiles(generator):
+    config = MoEConfig(num_experts=10, top_k=8, hidden_size=48, intermediate_size=40)
+    _run_case(config, 300, torch.float16, generator, kernel_config=SMALL)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_one_expert_takes_every_token(deterministic, generator):
+    config = MoEConfig(num_experts=5, top_k=1, hidden_size=40, intermediate_size=24, routing="topk_softmax")
+    _run_case(config, 37, torch.float32, generator, hot_expert=2, kernel_config=SMALL, deterministic=deterministic)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(activation="swigluoai", expert_bias=True, routing="topk_softmax"),
+        dict(activation="gelu", gated=False),
+        dict(activation="gelu_tanh", expert_bias=True),
+        dict(activation="relu"),
+        dict(routing="sigmoid_top1_input_scaled", top_k=1),
+    ],
+)
+def test_activations_biases_input_scaling(changes, generator):
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24).replace(**changes)
+    _run_case(config, 9, torch.float16, generator, kernel_config=SMALL, deterministic=False)
+
+
+def test_torch_reference_matches(generator):
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, expert_bias=True)
+    w = make_weights(config, generator=generator)
+    x = make_input(5, config, generator=generator)
+    topk_weights, topk_ids = make_routing(5, config, generator=generator)
+    out = fused_experts_torch(x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"])
+    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), torch.float32)
+
+
+def test_bad_arguments(generator):
+    config = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8)
+    w = make_weights(config, generator=generator)
+    x = make_input(3, config, generator=generator)
+    tw, ti = make_routing(3, config, generator=generator)
+    with pytest.raises(TypeError, match="topk_ids"):
+        fused_experts(x, w["w13"], w["w2"], tw, ti.long(), config=config)
+    with pytest.raises(ValueError, match="w13"):
+        fused_experts(x, w["w13"][:, :4], w["w2"], tw, ti, config=config)
+    with pytest.raises(TypeError, match="w2"):
+        fused_experts(x, w["w13"], w["w2"].half(), tw, ti, config=config)
+    with pytest.raises(TypeError, match="kernel_config"):
+        fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config={"block_m": 16})
+    with pytest.raises(ValueError, match="block_m"):
+        KernelConfig(block_m=24)
