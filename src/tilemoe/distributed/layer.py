@@ -1,0 +1,263 @@
+"""ExpertParallelMoE: one MoE layer whose experts are spread over the ranks of a process group.
+
+Data-parallel tokens, expert-parallel weights: every rank routes its own T tokens with the (replicated)
+router, sends each (token, slot) row to the rank owning the expert, runs its own experts on what arrives,
+and gets its rows back; its output equals the single-device MoE on its tokens. Shared experts are replicated
+and run locally. ``apply_expert_parallel`` builds one from a ``tilemoe.MoE`` holding all experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tilemoe.config import MoEConfig
+from tilemoe.distributed.epmoe import EPDispatcher
+from tilemoe.distributed.placement import ExpertPlacement
+from tilemoe.distributed.runtime import check_consistent
+from tilemoe.functional import experts_forward, shared_experts_forward
+from tilemoe.impls import available_impls
+from tilemoe.routing import route, router_logits
+
+BACKENDS = ("epmoe", "fused")
+# best first: tilemoe's Triton kernels, then torch's grouped GEMM, then the grouped loop
+LOCAL_IMPL_ORDER = ("triton", "torch_grouped_mm", "grouped", "reference")
+
+
+def best_local_impl(device: torch.device | str) -> str:
+    """The fastest single-device implementation available on ``device`` for the local experts."""
+    names = available_impls(device)
+    if torch.device(device).type != "cuda":  # on CPU Triton runs in its interpreter: slowest of all
+        names = [n for n in names if n != "triton"]
+    for name in LOCAL_IMPL_ORDER:
+        if name in names:
+            return name
+    raise ValueError(f"local_impl: none of {LOCAL_IMPL_ORDER} is available on {device} (available: {names})")
+
+
+class ExpertParallelMoE(nn.Module):
+    """One MoE layer with expert-parallel weights.
+
+    Parameters on each rank (E_local = experts this rank owns under ``placement``):
+        router_weight [E, H] (+ router_bias [E]), correction_bias [E] buffer: replicated
+        w13 [E_local, 2I, H], w2 [E_local, H, I] (+ b13, b2): this rank's experts, in global-id order
+        shared_w13 / shared_w2 / shared_gate: replicated
+
+    Args:
+        config: the full layer's MoEConfig (all E experts); must be equal on every rank.
+        group: expert-parallel process group (None: the default group).
+        backend: "epmoe" (all_to_all_single; NCCL or gloo). "fused" is not implemented in this version and
+            raises NotImplementedError.
+        placement: ExpertPlacement (default contiguous over the group).
+        max_tokens / capacity: give either for the fixed-capacity (padded, no host sync, CUDA-graph
+            capturable) dispatch; capacity defaults to max_tokens * K (dropless). Neither: dynamic, dropless.
+        local_impl: implementation of the local experts ("auto": ``best_local_impl``).
+    Raises:
+        ValueError on a bad argument, or (on every rank) when config / placement / backend / capacity / dtype
+        differ between ranks, naming the field and the ranks.
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        group: dist.ProcessGroup | None = None,
+        backend: str = "epmoe",
+        *,
+        placement: ExpertPlacement | None = None,
+        max_tokens: int | None = None,
+        capacity: int | None = None,
+        local_impl: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if backend == "fused":
+            raise NotImplementedError(
+                "backend 'fused' (symmetric-memory, device-initiated) is not implemented in this version; "
+                "use backend='epmoe'"
+            )
+        if not dist.is_initialized():
+            raise ValueError("group: torch.distributed is not initialised (see tilemoe.distributed.init_distributed)")
+        self.config = config
+        self.group = group
+        self.backend = backend
+        self.rank = dist.get_rank(group)
+        self.ep_size = dist.get_world_size(group)
+        self.placement = placement or ExpertPlacement.contiguous(config.num_experts, self.ep_size)
+        if self.placement.num_experts != config.num_experts:
+            raise ValueError(
+                f"placement: expected a map of {config.num_experts} experts, got {self.placement.num_experts}"
+            )
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens: expected None or a positive int, got {max_tokens!r}")
+        if capacity is None and max_tokens is not None:
+            capacity = max_tokens * config.top_k
+        self.max_tokens = max_tokens
+        self.local_experts = self.placement.experts_of(self.rank)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.local_impl = best_local_impl(device) if local_impl == "auto" else local_impl
+        check_consistent(
+            {
+                **{f"config.{key}": value for key, value in config.to_dict().items()},
+                "placement": self.placement.owner,
+                "ep_size": self.ep_size,
+                "backend": backend,
+                "capacity": capacity,
+                "max_tokens": max_tokens,
+                "dtype": str(dtype),
+            },
+            group,
+        )
+        self.dispatcher = EPDispatcher(self.placement, group, capacity=capacity)
+
+        e, h, i, n = config.num_experts, config.hidden_size, config.intermediate_size, len(self.local_experts)
+        kw = {"dtype": dtype, "device": device}
+        self.router_weight = nn.Parameter(torch.empty(e, h, **kw))
+        self.router_bias = nn.Parameter(torch.empty(e, **kw)) if config.router_bias else None
+        if config.score_correction_bias:
+            self.register_buffer("correction_bias", torch.zeros(e, dtype=torch.float32, device=device))
+        else:
+            self.correction_bias = None
+        self.w13 = nn.Parameter(torch.empty(n, config.w13_rows, h, **kw))
+        self.w2 = nn.Parameter(torch.empty(n, h, i, **kw))
+        self.b13 = nn.Parameter(torch.empty(n, config.w13_rows, **kw)) if config.expert_bias else None
+        self.b2 = nn.Parameter(torch.empty(n, h, **kw)) if config.expert_bias else None
+        if config.has_shared_experts:
+            si = config.shared_intermediate_size
+            self.shared_w13 = nn.Parameter(torch.empty(2 * si if config.gated else si, h, **kw))
+            self.shared_w2 = nn.Parameter(torch.empty(h, si, **kw))
+            self.shared_gate = nn.Parameter(torch.empty(1, h, **kw)) if config.shared_expert_gate else None
+        else:
+            self.shared_w13 = self.shared_w2 = self.shared_gate = None
+        self._local_config = config.replace(num_experts=max(1, n), top_k=1, name=f"{config.name}-ep{self.rank}")
+        self.last_handle = None
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def local_experts_forward(self, recv_x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor):
+        """This rank's experts on received rows: recv_x [R, H], local_ids [R], weights [R] -> [R, H] weighted."""
+        if len(self.local_experts) == 0 or recv_x.shape[0] == 0:
+            return recv_x.new_zeros(recv_x.shape)
+        return experts_forward(
+            recv_x,
+            self.w13,
+            self.w2,
+            weights.unsqueeze(1),
+            local_ids.unsqueeze(1),
+            config=self._local_config,
+            impl=self.local_impl,
+            b13=self.b13,
+            b2=self.b2,
+        )
+
+    def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Routed experts only, routing given: x [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H].
+
+        Collective: every rank of the group must call it (T may differ, 0 included). With a fixed capacity,
+        T must be <= max_tokens (ValueError naming T otherwise).
+        """
+        c = self.config
+        if x.dim() != 2 or x.shape[1] != c.hidden_size:
+            raise ValueError(f"x: expected [T, {c.hidden_size}], got {list(x.shape)}")
+        if topk_ids.shape != (x.shape[0], c.top_k):
+            raise ValueError(f"topk_ids: expected [{x.shape[0]}, {c.top_k}], got {list(topk_ids.shape)}")
+        if self.max_tokens is not None and x.shape[0] > self.max_tokens:
+            raise ValueError(
+                f"x: {x.shape[0]} tokens exceed max_tokens={self.max_tokens} this layer's buffers were sized for"
+            )
+        recv_x, meta, handle = self.dispatcher.dispatch(x, topk_ids, topk_weights)
+        y = self.local_experts_forward(recv_x, meta.local_ids, meta.weights)
+        self.last_handle = handle
+        return self.dispatcher.combine(y, handle, apply_weights=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] or [B, S, H] -> same shape: route, experts across ranks, shared experts. Collective."""
+        c = self.config
+        if x.shape[-1] != c.hidden_size:
+            raise ValueError(f"x: expected last dim hidden_size={c.hidden_size}, got shape {list(x.shape)}")
+        x2 = x.reshape(-1, c.hidden_size).contiguous()
+        logits = router_logits(x2, self.router_weight, self.router_bias)
+        weights, ids = route(logits, c, correction_bias=self.correction_bias)
+        out = self.forward_routed(x2, weights, ids)
+        if self.shared_w13 is not None:
+            out = out + shared_experts_forward(x2, self.shared_w13, self.shared_w2, c, self.shared_gate)
+        return out.reshape(x.shape)
+
+    # ------------------------------------------------------------------ statistics
+    def load_stats(self) -> dict:
+        """Loads of the last forward over the whole group (collective: every rank calls it).
+
+        Returns {"per_expert": [E] ints, "per_rank": [ep] ints (pairs each rank's experts got),
+        "max_imbalance_expert": max/mean over experts, "max_imbalance_rank": max/mean over ranks,
+        "dropped": pairs dropped group-wide}.
+        """
+        if self.last_handle is None:
+            raise ValueError("load_stats: no forward has run yet")
+        h = self.last_handle
+        counts = torch.cat([h.expert_counts, h.dropped.reshape(1)]).to(torch.int64)
+        dist.all_reduce(counts, group=self.group)
+        per_expert = counts[:-1].cpu()
+        owner = self.placement.owner_tensor()
+        per_rank = torch.zeros(self.ep_size, dtype=torch.int64).index_add_(0, owner, per_expert)
+
+        def imbalance(v: torch.Tensor) -> float:
+            mean = float(v.double().mean()) if v.numel() else 0.0
+            return float(v.max()) / mean if mean > 0 else 0.0
+
+        return {
+            "per_expert": per_expert.tolist(),
+            "per_rank": per_rank.tolist(),
+            "max_imbalance_expert": imbalance(per_expert),
+            "max_imbalance_rank": imbalance(per_rank),
+            "dropped": int(counts[-1]),
+        }
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"E={c.num_experts} (local {self.local_experts}), K={c.top_k}, H={c.hidden_size}, "
+            f"I={c.intermediate_size}, ep={self.ep_size}, rank={self.rank}, backend={self.backend!r}, "
+            f"capacity={self.dispatcher.capacity}, local_impl={self.local_impl!r}"
+        )
+
+
+@torch.no_grad()
+def apply_expert_parallel(
+    module: nn.Module, group: dist.ProcessGroup | None = None, backend: str = "epmoe", **kwargs
+) -> ExpertParallelMoE:
+    """The expert-parallel version of a ``tilemoe.MoE`` holding all experts: keeps this rank's experts.
+
+    Weights are copied (the caller may drop ``module`` afterwards). kwargs go to ``ExpertParallelMoE``
+    (placement, max_tokens, capacity, local_impl). Raises TypeError when ``module`` is not a tilemoe.MoE.
+    """
+    from tilemoe.module import MoE
+
+    if not isinstance(module, MoE):
+        raise TypeError(f"module: expected a tilemoe.MoE, got {type(module).__name__}")
+    ref = module.w13
+    layer = ExpertParallelMoE(module.config, group, backend, dtype=ref.dtype, device=ref.device, **kwargs)
+    index = torch.tensor(layer.local_experts, dtype=torch.long, device=ref.device)
+    layer.router_weight.copy_(module.router_weight)
+    for name in ("router_bias", "shared_w13", "shared_w2", "shared_gate"):
+        if getattr(layer, name) is not None:
+            getattr(layer, name).copy_(getattr(module, name))
+    if layer.correction_bias is not None:
+        layer.correction_bias.copy_(module.correction_bias)
+    for name in ("w13", "w2", "b13", "b2"):
+        if getattr(layer, name) is not None:
+            getattr(layer, name).copy_(getattr(module, name).index_select(0, index))
+    return layer
+
+
+def expert_shard(weights: torch.Tensor, experts: list[int]) -> torch.Tensor:
+    """Rows of an [E, ...] tensor for the given global expert ids (contiguous copy)."""
+    if not experts:
+        return weights[:0].clone()
+    return weights.index_select(0, torch.tensor(experts, dtype=torch.long, device=weights.device)).contiguous()
