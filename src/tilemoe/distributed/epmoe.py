@@ -130,8 +130,10 @@ class EPDispatcher:
         local = local_index[ids]
         order = torch.sort(dest * max_local + local, stable=True)[1]
         dest_sorted = dest[order]
-        send_counts = torch.bincount(dest, minlength=ep)
-        expert_counts = torch.bincount(ids, minlength=self.placement.num_experts)
+        # scatter_add, not bincount: CUDA bincount reads the max id back to the host (no graph capture)
+        send_counts = torch.zeros(ep, dtype=torch.int64, device=device).scatter_add_(0, dest, torch.ones_like(dest))
+        expert_counts = torch.zeros(self.placement.num_experts, dtype=torch.int64, device=device)
+        expert_counts.scatter_add_(0, ids, torch.ones_like(ids))
         weights = topk_weights.reshape(-1).float()
         # metadata rows: local expert, source pair index, weight bits (float32 viewed as int32)
         meta = torch.stack([local[order], order, weights[order].contiguous().view(torch.int32).long()], dim=1)

@@ -1,0 +1,430 @@
+"""``tilemoe bench --ep-size N``: the expert-parallel benchmark, one process per rank.
+
+Launch: under torchrun (WORLD_SIZE > 1 in the environment) every process runs its rank here; otherwise
+``run_distributed`` starts ``--nproc-per-node`` local processes (default ep_size // nnodes) itself, with
+ranks ``node_rank * nproc + i`` of ``nnodes * nproc`` and ``--dist-init-addr host:port`` as the rendezvous
+(required when nnodes > 1; a FileStore in a temporary directory on one host). NCCL on CUDA, gloo on CPU.
+
+Each rank holds its own T tokens (``--num-tokens`` is per rank) and E/ep experts. Per scenario and T, rows:
+    single   every rank runs all E experts on its own tokens (the one-GPU baseline), best local impl
+    epmoe    all_to_all_single dispatch, local experts, all-to-all combine (dynamic, dropless)
+    epmoe-graph (with --cuda-graph) the fixed-capacity epmoe captured in a CUDA graph
+Every row is checked against the float64 reference on a sample of this rank's rows first (FAILED otherwise).
+Latency: per call, CUDA events (or wall clock on CPU), median over iterations; the reported value is the
+slowest rank's (all_reduce MAX), printed on rank 0 only.
+
+Extra columns: dispatch_combine_ms / dispatch_combine_gbps (dispatch then combine with identity experts;
+bytes = rows this rank sends to other ranks and gets back, times H * element size), nccl_a2a_gbps (a plain
+all_to_all_single of the same bytes, the bar to beat), compute_ms (local experts alone on the received rows),
+overlap_efficiency = (comm + compute - total) / min(comm, compute) (0: no overlap, 1: the shorter one hidden),
+rank_imbalance (max over ranks of the pairs each rank's experts got / mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from tilemoe.config import MoEConfig
+
+EP_COLUMNS = (
+    "dispatch_combine_ms",
+    "dispatch_combine_gbps",
+    "nccl_a2a_gbps",
+    "compute_ms",
+    "overlap_efficiency",
+    "rank_imbalance",
+    "speedup_vs_single",
+)
+SAMPLE_ROWS = 64  # rows per rank compared with the float64 reference
+SUPPORTED = ("epmoe",)
+
+
+def _payload(args: argparse.Namespace, config: MoEConfig) -> dict:
+    from tilemoe.bench.cli import CPU_TOKENS, DEFAULT_SCENARIOS, GPU_TOKENS
+    from tilemoe.bench.options import resolve_device, resolve_dtype, timing_defaults
+
+    device = resolve_device(args)
+    warmup, iters = timing_defaults(args, device)
+    return {
+        "config": config.to_dict(),
+        "device_type": device.type,
+        "dtype": str(resolve_dtype(args, device)).replace("torch.", ""),
+        "tokens": list(args.num_tokens or (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS)),
+        "scenarios": list(args.scenarios or DEFAULT_SCENARIOS),
+        "impls": list(args.impl or ["epmoe"]),
+        "model": args.model or "manual",
+        "seed": args.seed,
+        "warmup": warmup,
+        "iters": iters,
+        "cuda_graph": bool(args.cuda_graph),
+        "imbalance_factor": args.imbalance_factor,
+        "zipf_alpha": args.zipf_alpha,
+        "output_file": args.output_file,
+        "output_format": args.output_format,
+        "ep_size": args.ep_size,
+        "tp_size": args.tp_size or args.ep_size,
+        "verbose": bool(args.verbose),
+        "argv": list(sys.argv),
+    }
+
+
+def run_distributed(args: argparse.Namespace, config: MoEConfig) -> int:
+    """Run the EP benchmark (see the module docstring); returns the exit code (0 ok, 1 a rank failed, 2 bad flags)."""
+    from tilemoe.distributed.spawn import spawn_ranks
+
+    tp = args.tp_size or args.ep_size
+    if tp != args.ep_size:
+        print(
+            f"tilemoe bench: error: EP+TP (tp_size {tp} > ep_size {args.ep_size}) is not implemented yet; "
+            "give --tp-size equal to --ep-size",
+            file=sys.stderr,
+        )
+        return 2
+    bad = [name for name in (args.impl or []) if name not in SUPPORTED]
+    if bad:
+        print(
+            f"tilemoe bench: error: --impl with --ep-size: expected some of {list(SUPPORTED)}, got {bad} "
+            "('fused' is not implemented yet)",
+            file=sys.stderr,
+        )
+        return 2
+    payload = _payload(args, config)
+    backend = "nccl" if payload["device_type"] == "cuda" else "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:  # launched by torchrun
+        from tilemoe.distributed.runtime import init_distributed
+
+        init_distributed(backend)
+        import torch.distributed as dist
+
+        try:
+            return _bench_rank(dist.get_rank(), dist.get_world_size(), payload)
+        finally:
+            dist.destroy_process_group()
+    nnodes = max(1, args.nnodes)
+    nproc = args.nproc_per_node or max(1, tp // nnodes)
+    world = nproc * nnodes
+    if world != tp:
+        print(
+            f"tilemoe bench: error: nnodes * nproc_per_node ({nnodes} * {nproc}) must equal ep_size ({tp})",
+            file=sys.stderr,
+        )
+        return 2
+    init_method = None
+    if args.dist_init_addr:
+        init_method = "tcp://" + args.dist_init_addr.removeprefix("tcp://")
+    elif nnodes > 1:
+        print("tilemoe bench: error: --dist-init-addr host:port is required with --nnodes > 1", file=sys.stderr)
+        return 2
+    fork_ok = payload["device_type"] == "cpu" and sys.platform.startswith("linux")
+    outcomes = spawn_ranks(
+        _bench_rank,
+        nproc,
+        (payload,),
+        backend=backend,
+        init_method=init_method,
+        rank_offset=args.node_rank * nproc,
+        total_world=world,
+        start_method="fork" if fork_ok else "spawn",
+        timeout_s=float(os.environ.get("TILEMOE_EP_TIMEOUT_S", "120")),
+        join_timeout_s=float(os.environ.get("TILEMOE_EP_JOIN_TIMEOUT_S", "3600")),
+    )
+    failed = [o for o in outcomes if not o.ok]
+    for o in failed:
+        print(f"tilemoe bench: rank {o.rank} failed: {o.error}", file=sys.stderr)
+    if failed:
+        return 1
+    return max(int(o.value or 0) for o in outcomes)
+
+
+# ---------------------------------------------------------------------------------------------- per rank
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Per-call times in ms (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _slowest(value: float, device: torch.device) -> float:
+    """Max of ``value`` over all ranks (nan stays nan)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _graph(fn, device: torch.device):
+    """Capture ``fn`` in a CUDA graph after warm-up on a side stream; returns the replay callable."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _bench_rank(rank: int, world: int, p: dict) -> int:
+    import torch.distributed as dist
+
+    from tilemoe.bench.scenarios import make_routing_for
+    from tilemoe.distributed import ExpertParallelMoE, best_local_impl, expert_shard
+    from tilemoe.functional import experts_forward
+    from tilemoe.impls.reference import reference_experts_fp64
+    from tilemoe.testing import assert_close, make_weights
+
+    config = MoEConfig(**p["config"])
+    if p["device_type"] == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    dtype = getattr(torch, p["dtype"])
+    weights = make_weights(config, dtype=dtype, device=device, generator=torch.Generator().manual_seed(p["seed"]))
+    local_impl = best_local_impl(device)
+    max_t = max(p["tokens"]) if p["tokens"] else 0
+    layers = {"epmoe": ExpertParallelMoE(config, None, "epmoe", dtype=dtype, device=device)}
+    if p["cuda_graph"] and device.type == "cuda" and max_t > 0:
+        layers["epmoe-graph"] = ExpertParallelMoE(config, None, "epmoe", dtype=dtype, device=device, max_tokens=max_t)
+    for layer in layers.values():
+        with torch.no_grad():
+            layer.w13.copy_(expert_shard(weights["w13"], layer.local_experts))
+            layer.w2.copy_(expert_shard(weights["w2"], layer.local_experts))
+    ep_layer = layers["epmoe"]
+    rows: list[dict] = []
+    elem = torch.empty((), dtype=dtype).element_size()
+    h = config.hidden_size
+    for scenario in p["scenarios"]:
+        for tokens in p["tokens"]:
+            g = torch.Generator().manual_seed(p["seed"] * 1000 + rank * 7 + tokens)
+            x = torch.randn(tokens, h, generator=g).to(device, dtype)
+            tw, ti = make_routing_for(
+                scenario,
+                tokens,
+                config,
+                generator=g,
+                x=x,
+                device=device,
+                imbalance_factor=p["imbalance_factor"],
+                zipf_alpha=p["zipf_alpha"],
+            )
+            sample = torch.linspace(0, max(tokens - 1, 0), min(tokens, SAMPLE_ROWS)).round().long().unique().to(device)
+            ref = reference_experts_fp64(
+                x[sample], weights["w13"], weights["w2"], tw[sample], ti[sample], config=config
+            )
+
+            fns = {
+                "single": lambda x=x, tw=tw, ti=ti: experts_forward(
+                    x, weights["w13"], weights["w2"], tw, ti, config=config, impl=local_impl
+                ),
+                "epmoe": lambda x=x, tw=tw, ti=ti: ep_layer.forward_routed(x, tw, ti),
+            }
+            if "epmoe-graph" in layers:
+                fns["epmoe-graph"] = lambda x=x, tw=tw, ti=ti, g=layers["epmoe-graph"]: g.forward_routed(x, tw, ti)
+            case_rows = {}
+            for name, fn in fns.items():
+                row = _row(p, config, name, scenario, tokens, world)
+                try:
+                    out = fn()
+                    assert_close(out[sample], ref, dtype, name=f"{name} rank {rank}")
+                    row["status"] = "OK"
+                except AssertionError as error:
+                    row["status"], row["note"] = "FAILED", str(error)[:200]
+                ok = _slowest(0.0 if row["status"] == "OK" else 1.0, device) == 0.0
+                if not ok:
+                    row["status"] = "FAILED"
+                    case_rows[name] = row
+                    continue
+                timed = fn
+                if name == "epmoe-graph":
+                    try:
+                        timed = _graph(fn, device)
+                        row["cuda_graph"] = True
+                    except RuntimeError as error:
+                        row["note"] = f"CUDA graph capture failed, timed eagerly: {str(error)[:120]}"
+                dist.barrier()
+                times = _time_ms(timed, device, p["warmup"], p["iters"])
+                median = statistics.median(times)
+                row["latency_p50_ms"] = _slowest(median, device)
+                row["latency_mean_ms"] = _slowest(statistics.fmean(times), device)
+                row["latency_std_ms"] = statistics.pstdev(times) if len(times) > 1 else 0.0
+                row["latency_p95_ms"] = _slowest(sorted(times)[int(0.95 * (len(times) - 1))], device)
+                row["latency_p99_ms"] = _slowest(sorted(times)[int(0.99 * (len(times) - 1))], device)
+                total_tokens = tokens * world
+                ms = row["latency_p50_ms"]
+                row["throughput_tok_per_sec"] = total_tokens / (ms / 1e3) if ms > 0 else math.nan
+                flops = 2 * tokens * config.top_k * (h * config.w13_rows + config.intermediate_size * h)
+                row["flops"] = flops
+                row["tflops"] = flops / (ms / 1e3) / 1e12 if ms > 0 else math.nan
+                case_rows[name] = row
+            ep_layer.forward_routed(x, tw, ti)  # the stats below are this input's
+            stats = ep_layer.load_stats()
+            _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats)
+            single = case_rows["single"]["latency_p50_ms"]
+            for row in case_rows.values():
+                row["speedup_vs_single"] = single / row["latency_p50_ms"] if row["latency_p50_ms"] > 0 else math.nan
+                rows.append(row)
+            if p["verbose"] and rank == 0:
+                print(
+                    f"  {scenario} T={tokens}: "
+                    + ", ".join(f"{n} {r['status']} {r['latency_p50_ms']:.4g} ms" for n, r in case_rows.items()),
+                    file=sys.stderr,
+                )
+    if rank == 0:
+        _report(p, rows, device)
+    return 1 if any(r["status"] == "FAILED" for r in rows) else 0
+
+
+def _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats) -> None:
+    """dispatch/combine alone, local experts alone, a plain all_to_all of the same bytes; into the epmoe row."""
+    import torch.distributed as dist
+
+    d = ep_layer.dispatcher
+    world = d.ep_size
+    row = case_rows.get("epmoe")
+    per_rank = stats["per_rank"]
+    mean = sum(per_rank) / len(per_rank) if per_rank else 0
+    for r in case_rows.values():
+        r["max_load"] = max(stats["per_expert"]) if stats["per_expert"] else 0
+        r["min_load"] = min(stats["per_expert"]) if stats["per_expert"] else 0
+        r["avg_load"] = sum(stats["per_expert"]) / len(stats["per_expert"])
+        r["max_imbalance"] = stats["max_imbalance_expert"]
+        r["rank_imbalance"] = max(per_rank) / mean if mean > 0 else 0.0
+    if row is None or row["status"] != "OK":
+        return
+    recv_x, meta, handle = d.dispatch(x, ti, tw)
+    remote_rows = sum(n for r, n in enumerate(handle.send_splits) if r != d.rank)
+    nbytes = 2 * remote_rows * x.shape[1] * elem
+    dist.barrier()
+    comm = _time_ms(lambda: d.combine(d.dispatch(x, ti, tw)[0], handle), device, p["warmup"], p["iters"])
+    comm_ms = _slowest(statistics.median(comm), device)
+    compute = _time_ms(
+        lambda: ep_layer.local_experts_forward(recv_x, meta.local_ids, meta.weights), device, p["warmup"], p["iters"]
+    )
+    compute_ms = _slowest(statistics.median(compute), device)
+    # a plain all_to_all_single of the busiest rank's bytes (even splits): the NCCL bar. Every rank must make
+    # the same collective calls, so the size is agreed first.
+    busiest = int(_slowest(float(remote_rows), device))
+    per_peer = -(-busiest // (world - 1)) if world > 1 else 0
+    nccl_gbps = math.nan
+    if world > 1 and busiest:
+        send = torch.empty(per_peer * world, x.shape[1], dtype=x.dtype, device=device)
+        recv = torch.empty_like(send)
+        dist.barrier()
+        a2a = _time_ms(lambda: dist.all_to_all_single(recv, send), device, p["warmup"], p["iters"])
+        a2a_ms = _slowest(statistics.median(a2a), device)
+        nccl_gbps = per_peer * (world - 1) * x.shape[1] * elem / (a2a_ms / 1e3) / 1e9
+    total = row["latency_p50_ms"]
+    row["dispatch_combine_ms"] = comm_ms
+    row["dispatch_combine_gbps"] = nbytes / (comm_ms / 1e3) / 1e9 if comm_ms > 0 and nbytes else math.nan
+    row["nccl_a2a_gbps"] = nccl_gbps
+    row["compute_ms"] = compute_ms
+    shorter = min(comm_ms, compute_ms)
+    row["overlap_efficiency"] = (
+        min(1.0, max(0.0, (comm_ms + compute_ms - total) / shorter)) if shorter > 0 else math.nan
+    )
+    row["gbps"] = row["dispatch_combine_gbps"]
+
+
+def _row(p: dict, config: MoEConfig, impl: str, scenario: str, tokens: int, world: int) -> dict:
+    from tilemoe.bench.runner import COLUMNS
+
+    row = {k: math.nan for k in COLUMNS + EP_COLUMNS}
+    row.update(
+        implementation=impl,
+        scenario=scenario,
+        num_tokens=tokens,
+        ep_size=world,
+        tp_size=p["tp_size"],
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.top_k,
+        status="OK",
+        baseline="single",
+        level="",
+        cuda_graph=False,
+        device=p["device_type"],
+        dtype=p["dtype"],
+        model=p["model"],
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        activation=config.activation,
+        gated=config.gated,
+        bytes=math.nan,
+        note="",
+    )
+    return row
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.5g}"
+    return str(value)
+
+
+def _report(p: dict, rows: list[dict], device: torch.device) -> None:
+    """Console table on rank 0; CSV (standard + EP columns) and Markdown when --output-file is given."""
+    from tilemoe.bench.report import environment
+    from tilemoe.bench.runner import COLUMNS
+
+    for r in rows:
+        r["speedup"] = r["speedup_vs_single"]
+    show = ("implementation", "scenario", "num_tokens", "status", "latency_p50_ms", "speedup_vs_single",
+            "dispatch_combine_gbps", "nccl_a2a_gbps", "compute_ms", "overlap_efficiency", "rank_imbalance")  # fmt: skip
+    header = environment(device)
+    header["command"] = " ".join(p["argv"])
+    title = f"tilemoe bench (expert parallel): {p['model']}, ep={p['ep_size']}, {header['device']}, {p['dtype']}"
+    table = [list(show)] + [[_fmt(r[k]) for k in show] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(show))]
+    print(title)
+    for line in table:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+    if not p["output_file"]:
+        return
+    import csv
+    from pathlib import Path
+
+    base = Path(p["output_file"])
+    if base.suffix in (".csv", ".md", ".json"):
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(COLUMNS) + list(EP_COLUMNS)
+    with open(base.with_name(base.name + ".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _fmt(r.get(k, "")) for k in columns})
+    lines = [f"# {title}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in header.items()]
+    lines += [f"- **config**: {p['config']}", f"- **tokens per rank**: {p['tokens']}", ""]
+    lines += ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in show) + " |" for r in rows]
+    base.with_name(base.name + ".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {base}.csv and {base}.md")
