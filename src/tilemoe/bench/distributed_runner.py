@@ -188,9 +188,27 @@ def _graph(fn, device: torch.device):
             fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: NCCL's watchdog thread queries events while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return graph.replay
+
+
+def _weights(config: MoEConfig, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+    """The same random expert weights on every rank (same seed, same device type); drawn on the device, since
+    drawing a real model's experts on the CPU takes seconds."""
+    from tilemoe.testing import make_weights
+
+    if device.type != "cuda":
+        return make_weights(config, dtype=dtype, device=device, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator(device).manual_seed(seed)
+    e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+    return {
+        "w13": (torch.randn(e, config.w13_rows, h, device=device, generator=g) * h**-0.5).to(dtype),
+        "w2": (torch.randn(e, h, i, device=device, generator=g) * i**-0.5).to(dtype),
+        "b13": None,
+        "b2": None,
+    }
 
 
 def _bench_rank(rank: int, world: int, p: dict) -> int:
@@ -200,7 +218,7 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
     from tilemoe.distributed import ExpertParallelMoE, best_local_impl, expert_shard
     from tilemoe.functional import experts_forward
     from tilemoe.impls.reference import reference_experts_fp64
-    from tilemoe.testing import assert_close, make_weights
+    from tilemoe.testing import assert_close
 
     config = MoEConfig(**p["config"])
     if p["device_type"] == "cuda":
@@ -208,17 +226,18 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
     else:
         device = torch.device("cpu")
     dtype = getattr(torch, p["dtype"])
-    weights = make_weights(config, dtype=dtype, device=device, generator=torch.Generator().manual_seed(p["seed"]))
+    weights = _weights(config, dtype, device, p["seed"])
     local_impl = best_local_impl(device)
-    max_t = max(p["tokens"]) if p["tokens"] else 0
-    layers = {"epmoe": ExpertParallelMoE(config, None, "epmoe", dtype=dtype, device=device)}
-    if p["cuda_graph"] and device.type == "cuda" and max_t > 0:
-        layers["epmoe-graph"] = ExpertParallelMoE(config, None, "epmoe", dtype=dtype, device=device, max_tokens=max_t)
-    for layer in layers.values():
+
+    def ep_layer_for(max_tokens: int | None) -> ExpertParallelMoE:
+        layer = ExpertParallelMoE(config, None, "epmoe", dtype=dtype, device=device, max_tokens=max_tokens)
         with torch.no_grad():
             layer.w13.copy_(expert_shard(weights["w13"], layer.local_experts))
             layer.w2.copy_(expert_shard(weights["w2"], layer.local_experts))
-    ep_layer = layers["epmoe"]
+        return layer
+
+    ep_layer = ep_layer_for(None)
+    graph_layers: dict[int, ExpertParallelMoE] = {}  # fixed capacity T * K per peer: sized per token count
     rows: list[dict] = []
     elem = torch.empty((), dtype=dtype).element_size()
     h = config.hidden_size
@@ -226,11 +245,14 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
         for tokens in p["tokens"]:
             g = torch.Generator().manual_seed(p["seed"] * 1000 + rank * 7 + tokens)
             x = torch.randn(tokens, h, generator=g).to(device, dtype)
+            # one routing generator for all ranks: the same router (random) and the same hot experts
+            # (imbalanced) everywhere, so an imbalanced scenario loads some ranks more than others
+            shared = torch.Generator().manual_seed(p["seed"] * 1000 + tokens + 17)
             tw, ti = make_routing_for(
                 scenario,
                 tokens,
                 config,
-                generator=g,
+                generator=shared,
                 x=x,
                 device=device,
                 imbalance_factor=p["imbalance_factor"],
@@ -247,8 +269,11 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                 ),
                 "epmoe": lambda x=x, tw=tw, ti=ti: ep_layer.forward_routed(x, tw, ti),
             }
-            if "epmoe-graph" in layers:
-                fns["epmoe-graph"] = lambda x=x, tw=tw, ti=ti, g=layers["epmoe-graph"]: g.forward_routed(x, tw, ti)
+            if p["cuda_graph"] and device.type == "cuda" and tokens > 0:
+                if tokens not in graph_layers:
+                    graph_layers.clear()  # one padded layer at a time: its buffers are ep * T * K rows
+                    graph_layers[tokens] = ep_layer_for(tokens)
+                fns["epmoe-graph"] = lambda x=x, tw=tw, ti=ti, g=graph_layers[tokens]: g.forward_routed(x, tw, ti)
             case_rows = {}
             for name, fn in fns.items():
                 row = _row(p, config, name, scenario, tokens, world)
@@ -256,8 +281,8 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                     out = fn()
                     assert_close(out[sample], ref, dtype, name=f"{name} rank {rank}")
                     row["status"] = "OK"
-                except AssertionError as error:
-                    row["status"], row["note"] = "FAILED", str(error)[:200]
+                except Exception as error:  # noqa: BLE001  (a failed row must not leave the other ranks waiting)
+                    row["status"], row["note"] = "FAILED", f"{type(error).__name__}: {str(error)[:200]}"
                 ok = _slowest(0.0 if row["status"] == "OK" else 1.0, device) == 0.0
                 if not ok:
                     row["status"] = "FAILED"
@@ -298,6 +323,8 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                     + ", ".join(f"{n} {r['status']} {r['latency_p50_ms']:.4g} ms" for n, r in case_rows.items()),
                     file=sys.stderr,
                 )
+            if rank == 0:  # files rewritten after every case: a run cut short keeps what it measured
+                _report(p, rows, device, console=False)
     if rank == 0:
         _report(p, rows, device)
     return 1 if any(r["status"] == "FAILED" for r in rows) else 0
@@ -389,7 +416,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _report(p: dict, rows: list[dict], device: torch.device) -> None:
+def _report(p: dict, rows: list[dict], device: torch.device, console: bool = True) -> None:
     """Console table on rank 0; CSV (standard + EP columns) and Markdown when --output-file is given."""
     from tilemoe.bench.report import environment
     from tilemoe.bench.runner import COLUMNS
@@ -403,9 +430,10 @@ def _report(p: dict, rows: list[dict], device: torch.device) -> None:
     title = f"tilemoe bench (expert parallel): {p['model']}, ep={p['ep_size']}, {header['device']}, {p['dtype']}"
     table = [list(show)] + [[_fmt(r[k]) for k in show] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(show))]
-    print(title)
-    for line in table:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+    if console:
+        print(title)
+        for line in table:
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
     if not p["output_file"]:
         return
     import csv
@@ -427,4 +455,5 @@ def _report(p: dict, rows: list[dict], device: torch.device) -> None:
     lines += ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in show) + " |" for r in rows]
     base.with_name(base.name + ".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {base}.csv and {base}.md")
+    if console:
+        print(f"wrote {base}.csv and {base}.md")

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Expert parallelism on nvidia-h200-x2, one call: the distributed GPU tests, then the EP benchmark
+# (FlashMoE's shape, qwen3-30b-a3b, deepseek-v2-lite; T = 128, 1024, 8192 per rank; random and imbalanced;
+# single-GPU all experts vs epmoe vs epmoe in a CUDA graph). Results under $OUT/results/ (bench/results layout),
+# logs in $OUT, a short table last. Budget: under 9 minutes (every step has its own timeout).
+#   bash bench/gpu_check_ep.sh [EP_SIZE]      # EP_SIZE default 2 (4 and 8 on the bigger machines, issue 6)
+set -uo pipefail
+ep=${1:-2}
+OUT=${OUT:-/tmp/tilemoe-ep-out}
+res=$OUT/results
+mkdir -p "$res"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export TILEMOE_CACHE_DIR=/tmp/tilemoe-cache TILEMOE_EP_TIMEOUT_S=120
+log=$OUT/gpu_check_ep.log
+start=$(date +%s)
+{
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+  nvidia-smi topo -m | head -n 4
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version(), "triton", triton.__version__, "gpus", torch.cuda.device_count())'
+} 2>&1 | tee "$log"
+
+echo "== GPU tests (distributed) ==" | tee -a "$log"
+timeout 170 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/distributed 2>&1 | tee "$OUT/tests.log" | tail -n 25
+echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$log"
+
+common=(--dtype bf16 --num-tokens 128 1024 8192 --scenarios random imbalanced --imbalance-factor 3.0
+  --ep-size "$ep" --cuda-graph --warmup-iters 5 --benchmark-iters 30 --output-format both --verbose)
+bench() {  # name, then model flags
+  local name=$1; shift
+  echo "== bench $name (ep $ep) ==" | tee -a "$log"
+  timeout 110 python3 -m tilemoe bench "$@" "${common[@]}" --output-file "$res/${ep}xh200-ep-$name" \
+    2>&1 | tee "$OUT/bench-$name.log" | tail -n 16
+  echo "bench $name exit: ${PIPESTATUS[0]}" | tee -a "$log"
+}
+bench flashmoe --manual-config --num-experts 32 --num-experts-per-tok 2 --hidden-size 2048 --intermediate-size 2048
+bench qwen3-30b-a3b --model qwen3-30b-a3b
+bench deepseek-v2-lite --model deepseek-v2-lite
+
+echo "== summary: p50 ms (slowest rank), speedup vs one GPU with all experts, dispatch+combine GB/s =="
+python3 - "$res" "$ep" <<'PY'
+import csv, glob, os, sys
+res, ep = sys.argv[1], sys.argv[2]
+for path in sorted(glob.glob(os.path.join(res, f"{ep}xh200-ep-*.csv"))):
+    rows = list(csv.DictReader(open(path)))
+    print(os.path.basename(path))
+    print(f"  {'scenario':<11}{'T':>6}  {'impl':<12}{'status':<8}{'p50 ms':>9}{'vs single':>10}{'d+c GB/s':>10}{'nccl GB/s':>10}")
+    for r in rows:
+        print(f"  {r['scenario']:<11}{r['num_tokens']:>6}  {r['implementation']:<12}{r['status']:<8}"
+              f"{r['latency_p50_ms']:>9}{r['speedup_vs_single'][:6]:>10}{r['dispatch_combine_gbps'][:7]:>10}"
+              f"{r['nccl_a2a_gbps'][:7]:>10}")
+PY
+echo "elapsed $(( $(date +%s) - start )) s; results in $res"
