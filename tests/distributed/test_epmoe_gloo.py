@@ -116,10 +116,32 @@ def _module_cases(rank, world):
     return True
 
 
+def _tp_case(rank, world):
+    """EP + TP (tp 2): apply_expert_parallel of a MoE with expert biases and a shared expert vs the module."""
+    from tilemoe import MoE
+    from tilemoe.distributed import apply_expert_parallel
+    from tilemoe.testing import assert_close
+
+    torch.manual_seed(11)
+    config = _config(e=6, k=2, i=24, expert_bias=True, num_shared_experts=1, shared_intermediate_size=8)
+    full = MoE(config, dtype=torch.float32, impl="reference")
+    layer = apply_expert_parallel(full, None, "epmoe", tp_size=2)
+    assert layer.w2.shape[-1] == 12 and layer.ep_size == world // 2
+    x = torch.randn(6 + 3 * rank, config.hidden_size, generator=torch.Generator().manual_seed(rank))
+    if rank == 1:
+        x = x[:0]  # T = 0 on one rank of a TP group
+    assert_close(layer(x), full(x), torch.float32, name=f"ep+tp rank {rank}")
+    stats = layer.load_stats()
+    assert sum(stats["per_expert"]) == config.top_k * sum(6 + 3 * r for r in range(world) if r != 1), stats
+    return True
+
+
 def _run_all(rank, world, cases):
     results = [_routed_case(rank, world, case) for case in cases]
     _dispatch_identity(rank, world)
     _module_cases(rank, world)
+    if world in (2, 4):  # ep 1 x tp 2, ep 2 x tp 2
+        _tp_case(rank, world)
     return results
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from tilemoe.config import MoEConfig
 from tilemoe.distributed.epmoe import EPDispatcher
 from tilemoe.distributed.placement import ExpertPlacement
-from tilemoe.distributed.runtime import check_consistent
+from tilemoe.distributed.runtime import check_consistent, group_timeout
 from tilemoe.functional import experts_forward, shared_experts_forward
 from tilemoe.impls import available_impls
 from tilemoe.routing import route, router_logits
@@ -53,6 +53,11 @@ class ExpertParallelMoE(nn.Module):
         max_tokens / capacity: give either for the fixed-capacity (padded, no host sync, CUDA-graph
             capturable) dispatch; capacity defaults to max_tokens * K (dropless). Neither: dynamic, dropless.
         local_impl: implementation of the local experts ("auto": ``best_local_impl``).
+        tp_size: EP + TP. The group's ranks form ep = size / tp_size expert-parallel groups of tp_size ranks;
+            rank r is tp rank r % tp_size of EP rank r // tp_size, holds that EP rank's experts split along I
+            (1/tp_size of the gate, up and w2 columns). Forward: all-gather the tokens of the TP group, EP
+            dispatch among the ranks of the same tp rank, partial expert outputs, combine, all-reduce over the
+            TP group, keep this rank's rows. Dynamic (dropless) dispatch only.
     Raises:
         ValueError on a bad argument, or (on every rank) when config / placement / backend / capacity / dtype
         differ between ranks, naming the field and the ranks.
@@ -68,6 +73,7 @@ class ExpertParallelMoE(nn.Module):
         max_tokens: int | None = None,
         capacity: int | None = None,
         local_impl: str = "auto",
+        tp_size: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -86,8 +92,21 @@ class ExpertParallelMoE(nn.Module):
         self.config = config
         self.group = group
         self.backend = backend
-        self.rank = dist.get_rank(group)
-        self.ep_size = dist.get_world_size(group)
+        world = dist.get_world_size(group)
+        if not isinstance(tp_size, int) or tp_size < 1 or world % tp_size:
+            raise ValueError(f"tp_size: expected a positive divisor of the group size {world}, got {tp_size!r}")
+        if config.intermediate_size % tp_size:
+            raise ValueError(
+                f"tp_size: expected a divisor of intermediate_size ({config.intermediate_size}), got {tp_size}"
+            )
+        if tp_size > 1 and (max_tokens is not None or capacity is not None):
+            raise ValueError("max_tokens/capacity: the fixed-capacity dispatch is not supported with tp_size > 1")
+        self.tp_size = tp_size
+        self.tp_rank = dist.get_rank(group) % tp_size
+        self.tp_group, ep_group = _tp_ep_groups(group, tp_size)
+        self.ep_group = ep_group
+        self.rank = dist.get_rank(ep_group)
+        self.ep_size = dist.get_world_size(ep_group)
         self.placement = placement or ExpertPlacement.contiguous(config.num_experts, self.ep_size)
         if self.placement.num_experts != config.num_experts:
             raise ValueError(
@@ -106,6 +125,7 @@ class ExpertParallelMoE(nn.Module):
                 **{f"config.{key}": value for key, value in config.to_dict().items()},
                 "placement": self.placement.owner,
                 "ep_size": self.ep_size,
+                "tp_size": tp_size,
                 "backend": backend,
                 "capacity": capacity,
                 "max_tokens": max_tokens,
@@ -113,9 +133,10 @@ class ExpertParallelMoE(nn.Module):
             },
             group,
         )
-        self.dispatcher = EPDispatcher(self.placement, group, capacity=capacity)
+        self.dispatcher = EPDispatcher(self.placement, ep_group, capacity=capacity)
 
-        e, h, i, n = config.num_experts, config.hidden_size, config.intermediate_size, len(self.local_experts)
+        e, h, n = config.num_experts, config.hidden_size, len(self.local_experts)
+        i = config.intermediate_size // tp_size
         kw = {"dtype": dtype, "device": device}
         self.router_weight = nn.Parameter(torch.empty(e, h, **kw))
         self.router_bias = nn.Parameter(torch.empty(e, **kw)) if config.router_bias else None
@@ -123,9 +144,10 @@ class ExpertParallelMoE(nn.Module):
             self.register_buffer("correction_bias", torch.zeros(e, dtype=torch.float32, device=device))
         else:
             self.correction_bias = None
-        self.w13 = nn.Parameter(torch.empty(n, config.w13_rows, h, **kw))
+        w13_rows = config.w13_rows // tp_size
+        self.w13 = nn.Parameter(torch.empty(n, w13_rows, h, **kw))
         self.w2 = nn.Parameter(torch.empty(n, h, i, **kw))
-        self.b13 = nn.Parameter(torch.empty(n, config.w13_rows, **kw)) if config.expert_bias else None
+        self.b13 = nn.Parameter(torch.empty(n, w13_rows, **kw)) if config.expert_bias else None
         self.b2 = nn.Parameter(torch.empty(n, h, **kw)) if config.expert_bias else None
         if config.has_shared_experts:
             si = config.shared_intermediate_size
@@ -134,7 +156,9 @@ class ExpertParallelMoE(nn.Module):
             self.shared_gate = nn.Parameter(torch.empty(1, h, **kw)) if config.shared_expert_gate else None
         else:
             self.shared_w13 = self.shared_w2 = self.shared_gate = None
-        self._local_config = config.replace(num_experts=max(1, n), top_k=1, name=f"{config.name}-ep{self.rank}")
+        self._local_config = config.replace(
+            num_experts=max(1, n), top_k=1, intermediate_size=i, name=f"{config.name}-ep{self.rank}"
+        )
         self.last_handle = None
         with torch.no_grad():
             for p in self.parameters():
@@ -172,10 +196,39 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(
                 f"x: {x.shape[0]} tokens exceed max_tokens={self.max_tokens} this layer's buffers were sized for"
             )
+        if self.tp_size > 1:
+            return self._forward_routed_tp(x, topk_weights, topk_ids)
         recv_x, meta, handle = self.dispatcher.dispatch(x, topk_ids, topk_weights)
         y = self.local_experts_forward(recv_x, meta.local_ids, meta.weights)
         self.last_handle = handle
         return self.dispatcher.combine(y, handle, apply_weights=False)
+
+    def _forward_routed_tp(self, x, topk_weights, topk_ids):
+        """EP + TP: 1. all-gather the TP group's tokens (sizes first); 2. EP dispatch / partial experts (this
+        rank's I slice) / combine over the ranks of the same tp rank; 3. all-reduce the partial outputs over
+        the TP group (all-reduce, not reduce-scatter: gloo has no reduce-scatter) and keep this rank's rows."""
+        tp, g = self.tp_size, self.tp_group
+        sizes = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        all_sizes = [torch.empty_like(sizes) for _ in range(tp)]
+        dist.all_gather(all_sizes, sizes, group=g)
+        counts = [int(s) for s in torch.cat(all_sizes).cpu()]
+        longest = max(counts)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            padded = t.new_zeros((longest, *t.shape[1:]))
+            padded[: t.shape[0]] = t
+            parts = [torch.empty_like(padded) for _ in range(tp)]
+            dist.all_gather(parts, padded.contiguous(), group=g)
+            return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+        xs, ws, ids = gather(x), gather(topk_weights.float()), gather(topk_ids.to(torch.int64))
+        recv_x, meta, handle = self.dispatcher.dispatch(xs, ids, ws)
+        y = self.local_experts_forward(recv_x, meta.local_ids, meta.weights)
+        self.last_handle = handle
+        out = self.dispatcher.combine(y, handle, apply_weights=False).float()
+        dist.all_reduce(out, group=g)
+        start = sum(counts[: self.tp_rank])
+        return out[start : start + x.shape[0]].to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] or [B, S, H] -> same shape: route, experts across ranks, shared experts. Collective."""
@@ -202,6 +255,8 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError("load_stats: no forward has run yet")
         h = self.last_handle
         counts = torch.cat([h.expert_counts, h.dropped.reshape(1)]).to(torch.int64)
+        if self.tp_rank != 0:  # every tp rank dispatched the same gathered tokens: count them once
+            counts.zero_()
         dist.all_reduce(counts, group=self.group)
         per_expert = counts[:-1].cpu()
         owner = self.placement.owner_tensor()
@@ -224,7 +279,7 @@ class ExpertParallelMoE(nn.Module):
         return (
             f"E={c.num_experts} (local {self.local_experts}), K={c.top_k}, H={c.hidden_size}, "
             f"I={c.intermediate_size}, ep={self.ep_size}, rank={self.rank}, backend={self.backend!r}, "
-            f"capacity={self.dispatcher.capacity}, local_impl={self.local_impl!r}"
+            f"tp={self.tp_size}, capacity={self.dispatcher.capacity}, local_impl={self.local_impl!r}"
         )
 
 
@@ -250,10 +305,76 @@ def apply_expert_parallel(
             getattr(layer, name).copy_(getattr(module, name))
     if layer.correction_bias is not None:
         layer.correction_bias.copy_(module.correction_bias)
-    for name in ("w13", "w2", "b13", "b2"):
-        if getattr(layer, name) is not None:
-            getattr(layer, name).copy_(getattr(module, name).index_select(0, index))
+    shards = tp_shard(
+        module.config,
+        layer.tp_size,
+        layer.tp_rank,
+        **{name: None if getattr(module, name) is None else getattr(module, name).index_select(0, index)
+           for name in ("w13", "w2", "b13", "b2")},
+    )  # fmt: skip
+    for name, value in shards.items():
+        if value is not None:
+            getattr(layer, name).copy_(value)
     return layer
+
+
+def tp_shard(
+    config: MoEConfig,
+    tp_size: int,
+    tp_rank: int,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """This tp rank's slice along I of experts' weights: w13 [n, 2I, H] -> [n, 2I/tp, H] (its gate rows, then
+    its up rows), w2 [n, H, I] -> [n, H, I/tp], b13 likewise; b2 kept on tp rank 0 only (zeros elsewhere),
+    since the TP partial outputs are summed."""
+    if tp_size == 1:
+        return {"w13": w13, "w2": w2, "b13": b13, "b2": b2}
+    i = config.intermediate_size
+    step = i // tp_size
+    cols = slice(tp_rank * step, (tp_rank + 1) * step)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # gate and up halves sliced alike
+        if not config.gated:
+            return t[:, cols]
+        return torch.cat([t[:, :i][:, cols], t[:, i:][:, cols]], dim=1)
+
+    return {
+        "w13": rows(w13).contiguous(),
+        "w2": w2[:, :, cols].contiguous(),
+        "b13": None if b13 is None else rows(b13).contiguous(),
+        "b2": None if b2 is None else (b2 if tp_rank == 0 else torch.zeros_like(b2)),
+    }
+
+
+_GROUPS: dict[tuple, tuple] = {}
+
+
+def _tp_ep_groups(group: dist.ProcessGroup | None, tp_size: int):
+    """(tp_group, ep_group) of this rank; (None-like world, group) when tp_size is 1. Every rank of ``group``
+    creates every subgroup, in the same order (new_group is collective)."""
+    if tp_size == 1:
+        return None, group
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    key = (tuple(ranks), tp_size)
+    if key not in _GROUPS:
+        me = dist.get_rank()
+        ep = len(ranks) // tp_size
+        tp_group = ep_group = None
+        for e in range(ep):  # TP groups: consecutive ranks
+            members = ranks[e * tp_size : (e + 1) * tp_size]
+            made = dist.new_group(members, timeout=group_timeout())
+            if me in members:
+                tp_group = made
+        for t in range(tp_size):  # EP groups: the same tp rank of every EP rank
+            members = ranks[t::tp_size]
+            made = dist.new_group(members, timeout=group_timeout())
+            if me in members:
+                ep_group = made
+        _GROUPS[key] = (tp_group, ep_group)
+    return _GROUPS[key]
 
 
 def expert_shard(weights: torch.Tensor, experts: list[int]) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 60.0
+_TIMEOUT_S = DEFAULT_TIMEOUT_S
 
 
 def init_distributed(
@@ -47,7 +48,15 @@ def init_distributed(
         local = int(os.environ.get("LOCAL_RANK", rank if rank is not None else 0)) % torch.cuda.device_count()
         torch.cuda.set_device(local)
     dist.init_process_group(**kwargs)
+    global _TIMEOUT_S
+    _TIMEOUT_S = timeout_s
     return dist.group.WORLD
+
+
+def group_timeout() -> timedelta:
+    """The timeout ``init_distributed`` gave the default group (DEFAULT_TIMEOUT_S when it did not create it):
+    the one subgroups get, so that they too never wait unbounded."""
+    return timedelta(seconds=_TIMEOUT_S)
 
 
 def check_consistent(fields: dict, group: dist.ProcessGroup | None = None, what: str = "ExpertParallelMoE") -> None:
