@@ -113,25 +113,34 @@ def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
     """
     slots = shape.num_tokens * shape.top_k
     rows_per_expert = slots / shape.num_experts
-    big_k = 128 if dtype != torch.float32 else 64
-    if rows_per_expert <= 16:
+    fp32 = dtype == torch.float32
+    few_experts = shape.num_experts <= 16  # large experts (Mixtral): tiles span many columns anyway
+    # Rules read off `tilemoe tune` on an H100 (bench/NOTES.md, run 2): the decode config won or tied
+    # at <= 16 rows per expert with many experts; BM=64 won 1.3-1.5x for Mixtral at T=64..256; the
+    # 128x128 (two accumulators) / 128x256 config won every T >= 1024 point except two ties.
+    if rows_per_expert <= 16 and not few_experts:
         return KernelConfig(
-            block_m=16, block_n1=32, block_k1=big_k, group_m1=1, num_warps1=4, num_stages1=4,
-            block_n2=32, block_k2=big_k, group_m2=1, num_warps2=4, num_stages2=4,
+            block_m=16, block_n1=32, block_k1=64 if fp32 else 256, group_m1=1, num_warps1=4, num_stages1=3,
+            block_n2=64, block_k2=64 if fp32 else 256, group_m2=1, num_warps2=4, num_stages2=3,
         )  # fmt: skip
-    if rows_per_expert <= 128:
+    if rows_per_expert <= 48:
+        if few_experts:
+            return KernelConfig(
+                block_m=64, block_n1=64, block_k1=64 if fp32 else 128, group_m1=8, num_warps1=4, num_stages1=3,
+                block_n2=64, block_k2=64 if fp32 else 128, group_m2=8, num_warps2=4, num_stages2=3,
+            )  # fmt: skip
         return KernelConfig(
-            block_m=32, block_n1=64, block_k1=big_k, group_m1=4, num_warps1=4, num_stages1=4,
-            block_n2=64, block_k2=big_k, group_m2=4, num_warps2=4, num_stages2=4,
+            block_m=32, block_n1=64, block_k1=64 if fp32 else 128, group_m1=4, num_warps1=4, num_stages1=4,
+            block_n2=64, block_k2=64 if fp32 else 128, group_m2=4, num_warps2=4, num_stages2=4,
         )  # fmt: skip
-    if rows_per_expert <= 512:
+    if fp32:  # 4-byte operands: half the tile bytes per stage
         return KernelConfig(
-            block_m=64, block_n1=64, block_k1=64, group_m1=8, num_warps1=4, num_stages1=4,
-            block_n2=128, block_k2=64, group_m2=8, num_warps2=4, num_stages2=4,
+            block_m=64, block_n1=64, block_k1=32, group_m1=8, num_warps1=4, num_stages1=3,
+            block_n2=128, block_k2=32, group_m2=8, num_warps2=4, num_stages2=3,
         )  # fmt: skip
     return KernelConfig(
-        block_m=128, block_n1=64, block_k1=64, group_m1=8, num_warps1=8, num_stages1=4,
-        block_n2=128, block_k2=64, group_m2=8, num_warps2=8, num_stages2=4,
+        block_m=128, block_n1=128, block_k1=64, group_m1=8, num_warps1=8, num_stages1=3,
+        block_n2=256, block_k2=64, group_m2=8, num_warps2=8, num_stages2=3,
     )  # fmt: skip
 
 

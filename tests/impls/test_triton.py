@@ -48,7 +48,7 @@ def test_moe_forward_through_registry(generator):
 # ---------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite", "gpt-oss-120b"])
-@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+@pytest.mark.parametrize("num_tokens", [1, 300])
 def test_presets_bf16(preset, num_tokens, generator):
     # the preset's H, I, activation and biases with 8 experts (the float64 reference of all of them is too slow)
     full = MoEConfig.from_pretrained(preset)
@@ -113,7 +113,9 @@ def test_randomized_sweep_bf16():
     """>= 200 random shapes, routings and options; every one must match the float64 reference."""
     rng = random.Random(torch.seed())
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
-    blocks = [16, 32, 64]
+    # a few forced configs (each compiles once) besides pick_config's own
+    forced = [None, None, KernelConfig(block_m=16, block_n1=16, block_k1=32, block_n2=32, block_k2=16),
+              KernelConfig(block_m=64, block_n1=32, block_k1=64, block_n2=64, block_k2=32)]  # fmt: skip
     mismatches = []
     for case in range(200):
         e = rng.choice([1, 3, 8, 13, 64, 160])
@@ -125,10 +127,7 @@ def test_randomized_sweep_bf16():
                 ["softmax_topk", "sigmoid_top1_input_scaled"]),
         )  # fmt: skip
         t = rng.choice([0, 1, 2, 7, 64, 300, 1000])
-        kc = None
-        if rng.random() < 0.5:
-            kc = KernelConfig(block_m=rng.choice(blocks), block_n1=rng.choice(blocks), block_k1=rng.choice(blocks),
-                              block_n2=rng.choice(blocks), block_k2=rng.choice(blocks))  # fmt: skip
+        kc = rng.choice(forced)  # None: pick_config's choice
         w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=gen)
         x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
         tw, ti = make_routing(t, config, device="cuda", generator=gen, hot_expert=0 if rng.random() < 0.1 else None)

@@ -5,6 +5,8 @@ import torch
 
 from tilemoe.ops.align import align_capacity, moe_align, moe_align_torch
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _check_invariants(al, topk_ids, num_experts, block_m):
     flat = topk_ids.reshape(-1).long().cpu()
@@ -36,7 +38,7 @@ def _check_invariants(al, topk_ids, num_experts, block_m):
 )
 def test_align_matches_reference(num_tokens, top_k, num_experts, block_m, generator):
     scores = torch.rand(num_tokens, num_experts, generator=generator)
-    topk_ids = torch.sort(scores, dim=-1, descending=True)[1][:, :top_k].to(torch.int32)
+    topk_ids = torch.sort(scores, dim=-1, descending=True)[1][:, :top_k].to(DEVICE, torch.int32)
     got = moe_align(topk_ids, num_experts, block_m)
     ref = moe_align_torch(topk_ids, num_experts, block_m)
     for name in ("sorted_ids", "expert_ids", "counts", "num_padded"):
@@ -45,7 +47,7 @@ def test_align_matches_reference(num_tokens, top_k, num_experts, block_m, genera
 
 
 def test_align_one_expert_takes_every_token():
-    topk_ids = torch.full((33, 1), 3, dtype=torch.int32)
+    topk_ids = torch.full((33, 1), 3, dtype=torch.int32, device=DEVICE)
     got = moe_align(topk_ids, 5, 16)
     _check_invariants(got, topk_ids, 5, 16)
     assert got.counts.tolist() == [0, 0, 0, 33, 0]

@@ -90,3 +90,10 @@ def test_bad_arguments(generator):
         fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config={"block_m": 16})
     with pytest.raises(ValueError, match="block_m"):
         KernelConfig(block_m=24)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_tile_multiples_take_the_unmasked_loop(gated, generator):
+    # H and I multiples of every block of SMALL: EVEN_K and EVEN_N, the loads without masks
+    config = MoEConfig(num_experts=3, top_k=2, hidden_size=64, intermediate_size=32, gated=gated, expert_bias=True)
+    _run_case(config, 21, torch.float16, generator, kernel_config=SMALL)

@@ -10,6 +10,7 @@ CAP = round_up(S + min(E, S) * (BM - 1), BM) always suffices; blocks past ``num_
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,14 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> A
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """Slots of ``topk_ids`` [T, K] grouped by expert and padded to ``block_m`` rows, without a host sync.
 
-    Small S = T*K (decode): one Triton program; larger S: ``moe_align_torch`` (sort-based). Both give the
+    Small S = T*K (decode) on CUDA or the interpreter: one Triton program; else ``moe_align_torch``. Both give the
     same result, the order inside an expert being the slot order. Raises ValueError / TypeError on a bad
     argument.
     """
     _check(topk_ids, num_experts, block_m)
     num_slots = topk_ids.numel()
-    if num_slots > ONE_PROGRAM_MAX_SLOTS or num_slots == 0:
+    on_triton = topk_ids.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if num_slots > ONE_PROGRAM_MAX_SLOTS or num_slots == 0 or not on_triton:
         return moe_align_torch(topk_ids, num_experts, block_m)
     from tilemoe.ops._kernels._align import _align_one_program_kernel
 
