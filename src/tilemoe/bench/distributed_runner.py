@@ -69,7 +69,7 @@ def _payload(args: argparse.Namespace, config: MoEConfig) -> dict:
         "output_file": args.output_file,
         "output_format": args.output_format,
         "ep_size": args.ep_size,
-        "tp_size": args.tp_size or args.ep_size,
+        "tp_size": args.tp_size or args.ep_size,  # devices in all
         "verbose": bool(args.verbose),
         "argv": list(sys.argv),
     }
@@ -79,14 +79,7 @@ def run_distributed(args: argparse.Namespace, config: MoEConfig) -> int:
     """Run the EP benchmark (see the module docstring); returns the exit code (0 ok, 1 a rank failed, 2 bad flags)."""
     from tilemoe.distributed.spawn import spawn_ranks
 
-    tp = args.tp_size or args.ep_size
-    if tp != args.ep_size:
-        print(
-            f"tilemoe bench: error: EP+TP (tp_size {tp} > ep_size {args.ep_size}) is not implemented yet; "
-            "give --tp-size equal to --ep-size",
-            file=sys.stderr,
-        )
-        return 2
+    tp = args.tp_size or args.ep_size  # devices in all: ep_size EP ranks, each split over tp // ep_size ranks
     bad = [name for name in (args.impl or []) if name not in SUPPORTED]
     if bad:
         print(
@@ -216,6 +209,7 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
 
     from tilemoe.bench.scenarios import make_routing_for
     from tilemoe.distributed import ExpertParallelMoE, best_local_impl, expert_shard
+    from tilemoe.distributed.layer import tp_shard
     from tilemoe.functional import experts_forward
     from tilemoe.impls.reference import reference_experts_fp64
     from tilemoe.testing import assert_close
@@ -229,11 +223,19 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
     weights = _weights(config, dtype, device, p["seed"])
     local_impl = best_local_impl(device)
 
+    tp_actual = max(1, world // p["ep_size"])
+
     def ep_layer_for(max_tokens: int | None) -> ExpertParallelMoE:
-        layer = ExpertParallelMoE(config, None, "epmoe", dtype=dtype, device=device, max_tokens=max_tokens)
+        layer = ExpertParallelMoE(
+            config, None, "epmoe", dtype=dtype, device=device, max_tokens=max_tokens, tp_size=tp_actual
+        )
+        local = layer.local_experts
+        shard = tp_shard(
+            config, tp_actual, layer.tp_rank, expert_shard(weights["w13"], local), expert_shard(weights["w2"], local)
+        )
         with torch.no_grad():
-            layer.w13.copy_(expert_shard(weights["w13"], layer.local_experts))
-            layer.w2.copy_(expert_shard(weights["w2"], layer.local_experts))
+            layer.w13.copy_(shard["w13"])
+            layer.w2.copy_(shard["w2"])
         return layer
 
     ep_layer = ep_layer_for(None)
@@ -269,7 +271,7 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                 ),
                 "epmoe": lambda x=x, tw=tw, ti=ti: ep_layer.forward_routed(x, tw, ti),
             }
-            if p["cuda_graph"] and device.type == "cuda" and tokens > 0:
+            if p["cuda_graph"] and device.type == "cuda" and tokens > 0 and tp_actual == 1:
                 if tokens not in graph_layers:
                     graph_layers.clear()  # one padded layer at a time: its buffers are ep * T * K rows
                     graph_layers[tokens] = ep_layer_for(tokens)
@@ -334,7 +336,7 @@ def _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats) -> Non
     """dispatch/combine alone, local experts alone, a plain all_to_all of the same bytes; into the epmoe row."""
     import torch.distributed as dist
 
-    d = ep_layer.dispatcher
+    d = ep_layer.dispatcher  # over the EP group (the ranks of this tp rank); this rank's own tokens
     world = d.ep_size
     row = case_rows.get("epmoe")
     per_rank = stats["per_rank"]
@@ -366,7 +368,7 @@ def _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats) -> Non
         send = torch.empty(per_peer * world, x.shape[1], dtype=x.dtype, device=device)
         recv = torch.empty_like(send)
         dist.barrier()
-        a2a = _time_ms(lambda: dist.all_to_all_single(recv, send), device, p["warmup"], p["iters"])
+        a2a = _time_ms(lambda: dist.all_to_all_single(recv, send, group=d.group), device, p["warmup"], p["iters"])
         a2a_ms = _slowest(statistics.median(a2a), device)
         nccl_gbps = per_peer * (world - 1) * x.shape[1] * elem / (a2a_ms / 1e3) / 1e9
     total = row["latency_p50_ms"]
@@ -389,7 +391,7 @@ def _row(p: dict, config: MoEConfig, impl: str, scenario: str, tokens: int, worl
         implementation=impl,
         scenario=scenario,
         num_tokens=tokens,
-        ep_size=world,
+        ep_size=p["ep_size"],
         tp_size=p["tp_size"],
         num_experts=config.num_experts,
         num_experts_per_tok=config.top_k,
