@@ -25,6 +25,7 @@ from tilemoe.bench.options import (
 from tilemoe.bench.scenarios import SCENARIOS, load_trace
 from tilemoe.config import MoEConfig
 from tilemoe.impls import all_impls, available_impls, get_impl, resolve_impl
+from tilemoe.ops.act_and_mul import triton_kernels_available
 
 DEFAULT_SCENARIOS = ["random", "balanced", "imbalanced"]
 GPU_TOKENS = [1, 16, 128, 1024, 4096]
@@ -112,7 +113,21 @@ def run_distributed_bench(args: argparse.Namespace, config: MoEConfig) -> int:
 
 
 def default_impls(device: torch.device) -> list[str]:
-    names = [resolve_impl("auto", device).name]
+    """The fastest implementation available on ``device``, plus level 4 (``grouped``).
+
+    On CPU, Triton-kernel implementations run only in the interpreter (a test tool, thousands of times slower
+    than the kernels), so there the default is the fastest PyTorch implementation.
+    """
+    if device.type == "cpu":
+        candidates = [
+            i
+            for i in all_impls()
+            if not i.distributed and i.available(device) and i.is_available is not triton_kernels_available
+        ]
+        best = max(candidates, key=lambda i: (i.auto_priority, -(i.level or 0)))
+        names = [best.name]
+    else:
+        names = [resolve_impl("auto", device).name]
     if "grouped" not in names and get_impl("grouped").available(device):
         names.append("grouped")
     return names
