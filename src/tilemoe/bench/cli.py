@@ -1,4 +1,4 @@
-"""``tilemoe bench``: compare MoE implementations on one layer, per routing scenario and token count.
+r"""``tilemoe bench``: compare MoE implementations on one layer, per routing scenario and token count.
 
     tilemoe bench                                   # CPU: a scaled-down qwen3-30b-a3b; GPU: the real one
     tilemoe bench --model qwen3-30b-a3b --dtype bf16 --impl grouped torch_grouped_mm triton \
