@@ -57,7 +57,7 @@ def test_bench_ep_dry_run(ep, tp, tmp_path, capsys):
 
 
 def test_bench_ep_bad_flags(capsys):
-    assert main(["bench", *TINY, "--ep-size", "2", "--impl", "fused"]) == 2
-    assert "fused" in capsys.readouterr().err
+    assert main(["bench", *TINY, "--ep-size", "2", "--impl", "grouped"]) == 2
+    assert "'epmoe', 'fused'" in capsys.readouterr().err
     assert main(["bench", *TINY, "--ep-size", "2", "--nnodes", "2", "--node-rank", "0"]) == 2
     assert "--dist-init-addr" in capsys.readouterr().err

@@ -29,10 +29,10 @@ def _setup(rank, tokens, seed, config, hot_expert=None):
     return device, weights, x, tw, ti
 
 
-def _layer(config, weights, device, **kw):
+def _layer(config, weights, device, backend="epmoe", **kw):
     from tilemoe.distributed import ExpertParallelMoE, expert_shard
 
-    layer = ExpertParallelMoE(config, None, "epmoe", dtype=torch.bfloat16, device=device, **kw)
+    layer = ExpertParallelMoE(config, None, backend, dtype=torch.bfloat16, device=device, **kw)
     with torch.no_grad():
         layer.w13.copy_(expert_shard(weights["w13"], layer.local_experts))
         layer.w2.copy_(expert_shard(weights["w2"], layer.local_experts))
@@ -134,3 +134,43 @@ def _module(rank, world):
 
 def test_apply_expert_parallel_nccl_bf16():
     raise_on_failure(spawn_ranks(_module, 2, backend="nccl", timeout_s=120, join_timeout_s=300, env=ENV))
+
+
+def _fused(rank, world):
+    """backend="fused" (symmetric memory, device-initiated puts) vs the reference; T = 0 on one rank; then
+    captured in a CUDA graph and replayed with new inputs."""
+    from tilemoe import MoEConfig
+    from tilemoe.impls.reference import reference_experts_fp64
+    from tilemoe.testing import assert_close
+
+    config = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=128)
+    device, weights, x, tw, ti = _setup(rank, [96, 33][rank], 21, config)
+    layer = _layer(config, weights, device, max_tokens=96, backend="fused")
+    for step, (xs, tws, tis) in enumerate([(x, tw, ti), (x[: 0 if rank == 0 else 33], tw[:0 if rank == 0 else 33],
+                                                          ti[: 0 if rank == 0 else 33])]):  # fmt: skip
+        out = layer.forward_routed(xs, tws, tis)
+        ref = reference_experts_fp64(xs, weights["w13"], weights["w2"], tws, tis, config=config)
+        assert_close(out, ref, torch.bfloat16, name=f"fused step {step} rank {rank}")
+    static = [x.clone(), tw.clone(), ti.clone()]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer.forward_routed(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = layer.forward_routed(*static)
+    _, _, x2, tw2, ti2 = _setup(rank, [96, 33][rank], 22, config)
+    static[0].copy_(x2)
+    static[1].copy_(tw2)
+    static[2].copy_(ti2)
+    for _ in range(100):
+        graph.replay()
+    torch.cuda.synchronize()
+    ref2 = reference_experts_fp64(x2, weights["w13"], weights["w2"], tw2, ti2, config=config)
+    assert_close(out, ref2, torch.bfloat16, name=f"fused graph rank {rank}")
+    return True
+
+
+def test_fused_backend_symmetric_memory():
+    raise_on_failure(spawn_ranks(_fused, 2, backend="nccl", timeout_s=120, join_timeout_s=300, env=ENV))

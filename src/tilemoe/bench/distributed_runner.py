@@ -9,6 +9,7 @@ Each rank holds its own T tokens (``--num-tokens`` is per rank) and E/ep experts
     single   every rank runs all E experts on its own tokens (the one-GPU baseline), best local impl
     epmoe    all_to_all_single dispatch, local experts, all-to-all combine (dynamic, dropless)
     epmoe-graph (with --cuda-graph) the fixed-capacity epmoe captured in a CUDA graph
+    fused    (with --impl ... fused, CUDA) device-initiated puts into symmetric memory (fused_backend)
 Every row is checked against the float64 reference on a sample of this rank's rows first (FAILED otherwise).
 Latency: per call, CUDA events (or wall clock on CPU), median over iterations; the reported value is the
 slowest rank's (all_reduce MAX), printed on rank 0 only.
@@ -43,7 +44,7 @@ EP_COLUMNS = (
     "speedup_vs_single",
 )
 SAMPLE_ROWS = 64  # rows per rank compared with the float64 reference
-SUPPORTED = ("epmoe",)
+SUPPORTED = ("epmoe", "fused")
 
 
 def _payload(args: argparse.Namespace, config: MoEConfig) -> dict:
@@ -83,8 +84,7 @@ def run_distributed(args: argparse.Namespace, config: MoEConfig) -> int:
     bad = [name for name in (args.impl or []) if name not in SUPPORTED]
     if bad:
         print(
-            f"tilemoe bench: error: --impl with --ep-size: expected some of {list(SUPPORTED)}, got {bad} "
-            "('fused' is not implemented yet)",
+            f"tilemoe bench: error: --impl with --ep-size: expected some of {list(SUPPORTED)}, got {bad} ",
             file=sys.stderr,
         )
         return 2
@@ -187,6 +187,10 @@ def _graph(fn, device: torch.device):
     return graph.replay
 
 
+def _raise(error: Exception):
+    raise RuntimeError(f"could not build the layer: {type(error).__name__}: {error}")
+
+
 def _weights(config: MoEConfig, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     """The same random expert weights on every rank (same seed, same device type); drawn on the device, since
     drawing a real model's experts on the CPU takes seconds."""
@@ -225,9 +229,9 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
 
     tp_actual = max(1, world // p["ep_size"])
 
-    def ep_layer_for(max_tokens: int | None) -> ExpertParallelMoE:
+    def ep_layer_for(max_tokens: int | None, backend: str = "epmoe") -> ExpertParallelMoE:
         layer = ExpertParallelMoE(
-            config, None, "epmoe", dtype=dtype, device=device, max_tokens=max_tokens, tp_size=tp_actual
+            config, None, backend, dtype=dtype, device=device, max_tokens=max_tokens, tp_size=tp_actual
         )
         local = layer.local_experts
         shard = tp_shard(
@@ -239,6 +243,7 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
         return layer
 
     ep_layer = ep_layer_for(None)
+    fused_layers: dict[int, ExpertParallelMoE] = {}  # symmetric buffers sized per token count
     graph_layers: dict[int, ExpertParallelMoE] = {}  # fixed capacity T * K per peer: sized per token count
     rows: list[dict] = []
     elem = torch.empty((), dtype=dtype).element_size()
@@ -271,6 +276,18 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                 ),
                 "epmoe": lambda x=x, tw=tw, ti=ti: ep_layer.forward_routed(x, tw, ti),
             }
+            if "fused" in p["impls"] and device.type == "cuda" and tokens > 0 and tp_actual == 1:
+                if tokens not in fused_layers:
+                    fused_layers.clear()
+                    try:
+                        fused_layers[tokens] = ep_layer_for(tokens, backend="fused")
+                    except Exception as error:  # noqa: BLE001  (reported in the row by the gate below)
+                        fused_layers[tokens] = error
+                f = fused_layers[tokens]
+                if isinstance(f, Exception):
+                    fns["fused"] = lambda f=f: _raise(f)
+                else:
+                    fns["fused"] = lambda x=x, tw=tw, ti=ti, f=f: f.forward_routed(x, tw, ti)
             if p["cuda_graph"] and device.type == "cuda" and tokens > 0 and tp_actual == 1:
                 if tokens not in graph_layers:
                     graph_layers.clear()  # one padded layer at a time: its buffers are ep * T * K rows

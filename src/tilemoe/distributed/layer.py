@@ -47,8 +47,8 @@ class ExpertParallelMoE(nn.Module):
     Args:
         config: the full layer's MoEConfig (all E experts); must be equal on every rank.
         group: expert-parallel process group (None: the default group).
-        backend: "epmoe" (all_to_all_single; NCCL or gloo). "fused" is not implemented in this version and
-            raises NotImplementedError.
+        backend: "epmoe" (all_to_all_single; NCCL or gloo) or "fused" (CUDA only: device-initiated puts into
+            symmetric memory, see ``fused_backend``; needs max_tokens; first version, phases not overlapped).
         placement: ExpertPlacement (default contiguous over the group).
         max_tokens / capacity: give either for the fixed-capacity (padded, no host sync, CUDA-graph
             capturable) dispatch; capacity defaults to max_tokens * K (dropless). Neither: dynamic, dropless.
@@ -82,10 +82,10 @@ class ExpertParallelMoE(nn.Module):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if backend == "fused":
-            raise NotImplementedError(
-                "backend 'fused' (symmetric-memory, device-initiated) is not implemented in this version; "
-                "use backend='epmoe'"
+        if backend == "fused" and (max_tokens is None or tp_size != 1 or capacity is not None):
+            raise ValueError(
+                "backend 'fused': expected max_tokens (its symmetric buffers are sized at init), no capacity and "
+                f"tp_size 1, got max_tokens={max_tokens}, capacity={capacity}, tp_size={tp_size}"
             )
         if not dist.is_initialized():
             raise ValueError("group: torch.distributed is not initialised (see tilemoe.distributed.init_distributed)")
@@ -134,6 +134,14 @@ class ExpertParallelMoE(nn.Module):
             group,
         )
         self.dispatcher = EPDispatcher(self.placement, ep_group, capacity=capacity)
+        self.fused = None
+        if backend == "fused":
+            from tilemoe.distributed.fused_backend import FusedDispatcher
+
+            self.fused = FusedDispatcher(
+                self.placement, ep_group, max_tokens=max_tokens, top_k=config.top_k,
+                hidden_size=config.hidden_size, dtype=dtype or torch.get_default_dtype(), device=device,
+            )  # fmt: skip
 
         e, h, n = config.num_experts, config.hidden_size, len(self.local_experts)
         i = config.intermediate_size // tp_size
@@ -198,6 +206,8 @@ class ExpertParallelMoE(nn.Module):
             )
         if self.tp_size > 1:
             return self._forward_routed_tp(x, topk_weights, topk_ids)
+        if self.fused is not None:
+            return self.fused.forward(x, topk_ids, topk_weights, self.local_experts_forward)
         recv_x, meta, handle = self.dispatcher.dispatch(x, topk_ids, topk_weights)
         y = self.local_experts_forward(recv_x, meta.local_ids, meta.weights)
         self.last_handle = handle
