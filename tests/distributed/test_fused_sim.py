@@ -48,3 +48,24 @@ def test_fused_simulation_capacity_too_small(generator):
     w2s = [expert_shard(w["w2"], placement.experts_of(r)) for r in range(2)]
     with pytest.raises(ValueError, match="capacity"):
         simulate_fused_forward([x, x], [tw, tw], [ti, ti], shards, w2s, placement, config, capacity=4)
+
+
+@pytest.mark.gpu
+def test_fused_simulation_compiled_on_gpu():
+    """The same put kernels compiled for the GPU (system-scope release flags), ranks simulated on one device."""
+    g = torch.Generator().manual_seed(0)
+    config = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=128)
+    placement = ExpertPlacement.contiguous(8, 2)
+    w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=g)
+    xs, tws, tis = [], [], []
+    for t in (100, 37):
+        xs.append(make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=g))
+        tw, ti = make_routing(t, config, device="cuda", generator=g)
+        tws.append(tw)
+        tis.append(ti)
+    w13 = [expert_shard(w["w13"], placement.experts_of(r)) for r in range(2)]
+    w2 = [expert_shard(w["w2"], placement.experts_of(r)) for r in range(2)]
+    outs = simulate_fused_forward(xs, tws, tis, w13, w2, placement, config, local_impl="torch_grouped_mm", block_h=128)
+    for r in range(2):
+        ref = reference_experts_fp64(xs[r], w["w13"], w["w2"], tws[r], tis[r], config=config)
+        assert_close(outs[r], ref, torch.bfloat16, name=f"fused sim on GPU rank {r}")
