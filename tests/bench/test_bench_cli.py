@@ -170,9 +170,10 @@ def test_plot_and_profile(tmp_path):
 def test_default_run_is_quick(capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the GPU default is the real model")
-    start = time.perf_counter()
+    # CPU time of this process, not wall time: the 60 s budget is for an idle machine, and CI machines are shared
+    start = time.process_time()
     assert main(["bench"]) == 0
-    assert time.perf_counter() - start < 60
+    assert time.process_time() - start < 60
     out = capsys.readouterr().out
     assert "scaled down" in out and "torch_grouped_mm" in out and "grouped" in out
 
