@@ -230,3 +230,30 @@ def test_placement_contiguous_uneven_and_map():
         ExpertPlacement.from_map([0, 1, 5], 2)
     with pytest.raises(ValueError, match="ep_size"):
         ExpertPlacement.contiguous(4, 0)
+
+
+def _stalls(rank, world):
+    from tilemoe.distributed import ExpertParallelMoE
+
+    config = _config()
+    layer = ExpertParallelMoE(config, None, "epmoe")
+    if rank == 1:
+        time.sleep(60)  # alive but silent: never joins the forward
+        return "slept"
+    x = torch.randn(8, config.hidden_size)
+    tw, ti = torch.full((8, 2), 0.5), torch.tensor([[0, 5]] * 8, dtype=torch.int32)
+    start = time.monotonic()
+    try:
+        layer.forward_routed(x, tw, ti)
+    except Exception as error:  # noqa: BLE001
+        return (time.monotonic() - start, f"{type(error).__name__}: {error}")
+    return "no error"
+
+
+def test_silent_rank_ends_in_timeout_error():
+    outcomes = spawn_ranks(_stalls, 2, timeout_s=3.0, join_timeout_s=8, start_method=START)
+    r0 = outcomes[0]
+    assert r0.ok and isinstance(r0.value, tuple), r0
+    waited, message = r0.value
+    assert 2.0 < waited < 7.0, r0.value  # the group's 3 s timeout, not a hang
+    assert "hang" in outcomes[1].error  # the silent rank is the one the parent had to terminate
