@@ -7,8 +7,10 @@
 set -uo pipefail
 ep=${1:-2}
 OUT=${OUT:-/tmp/tilemoe-ep-out}
-res=$OUT/results
-mkdir -p "$res"
+# At most 8 files come back from $OUT: results and per-step logs go to /tmp, then into one tarball.
+res=/tmp/tilemoe-ep/results
+logs=/tmp/tilemoe-ep/logs
+mkdir -p "$res" "$logs" "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TILEMOE_CACHE_DIR=/tmp/tilemoe-cache TILEMOE_EP_TIMEOUT_S=120
@@ -21,7 +23,7 @@ start=$(date +%s)
 } 2>&1 | tee "$log"
 
 echo "== GPU tests (distributed) ==" | tee -a "$log"
-timeout 150 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/distributed 2>&1 | tee "$OUT/tests.log" | tail -n 25
+timeout 150 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/distributed 2>&1 | tee "$logs/tests.log" | tail -n 25
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$log"
 
 common=(--dtype bf16 --num-tokens 128 1024 8192 --scenarios random imbalanced --imbalance-factor 3.0
@@ -30,7 +32,7 @@ bench() {  # seconds, name, then model flags
   local limit=$1 name=$2; shift 2
   echo "== bench $name (ep $ep) ==" | tee -a "$log"
   timeout -k 10 "$limit" python3 -m tilemoe bench "$@" "${common[@]}" --output-file "$res/${ep}xh200-ep-$name" \
-    2>&1 | tee "$OUT/bench-$name.log" | tail -n 16
+    2>&1 | tee "$logs/bench-$name.log" | tail -n 16
   echo "bench $name exit: ${PIPESTATUS[0]}" | tee -a "$log"
 }
 flashmoe=(--manual-config --num-experts 32 --num-experts-per-tok 2 --hidden-size 2048 --intermediate-size 2048)
@@ -54,4 +56,5 @@ for path in sorted(glob.glob(os.path.join(res, f"{ep}xh200-ep-*.csv"))):
               f"{r['latency_p50_ms']:>9}{r['speedup_vs_single'][:6]:>10}{r['dispatch_combine_gbps'][:7]:>10}"
               f"{r['nccl_a2a_gbps'][:7]:>10}")
 PY
-echo "elapsed $(( $(date +%s) - start )) s; results in $res"
+tar -czf "$OUT/ep_results.tar.gz" -C /tmp/tilemoe-ep results logs
+echo "elapsed $(( $(date +%s) - start )) s; results in $OUT/ep_results.tar.gz"
