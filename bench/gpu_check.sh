@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: GPU tests, then the benchmarks, results under $OUT, a short table last.
-#   bash bench/gpu_check.sh [tests|ladder|triton|all] [extra pytest args]
+#   bash bench/gpu_check.sh MODE...   MODE: tests, ladder (journey + issue-3 benches), triton (issue-4 benches), all
+# Each mode fits one 10-minute device call on an H100; give several to run them in one call.
 # Results come back as $OUT/results.tar.gz (bench/results/ layout) plus logs; the machine keeps nothing.
 set -uo pipefail
-mode=${1:-all}
+modes=" ${*:-all} "
+has() { [[ $modes == *" $1 "* || $modes == *" all "* ]]; }
 OUT=${OUT:-/tmp/tilemoe-out}
 mkdir -p "$OUT" /tmp/res
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -16,12 +18,12 @@ log=$OUT/gpu_check.log
   python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 } 2>&1 | tee "$log"
 
-if [[ $mode == tests || $mode == all ]]; then
+if has tests; then
   # -n 8: Triton compilation is CPU-bound; parallel workers also warm the on-disk kernel cache.
-  python3 -m pytest -m gpu -q -x -n 8 -p no:cacheprovider tests "${@:2}" 2>&1 | tee -a "$log" | tail -n 30
+  python3 -m pytest -m gpu -q -x -n 8 -p no:cacheprovider tests 2>&1 | tee -a "$log" | tail -n 30
 fi
 
-if [[ $mode == ladder || $mode == all ]]; then
+if has ladder; then
   tm journey --model qwen3-30b-a3b --num-tokens 2048 8192 16384 32768 --dtype bf16 --max-naive-tokens 2048 \
     --output-file /tmp/res/h100-journey 2>&1 | tee -a "$log"
   for model in qwen3-30b-a3b mixtral-8x7b; do
@@ -30,7 +32,7 @@ if [[ $mode == ladder || $mode == all ]]; then
   done
 fi
 
-if [[ $mode == triton || $mode == all ]]; then
+if has triton; then
   for model in qwen3-30b-a3b mixtral-8x7b deepseek-v2-lite gpt-oss-120b; do
     tm bench --model $model --dtype bf16 --impl triton torch_grouped_mm grouped --baseline torch_grouped_mm \
       --num-tokens 1 8 64 256 1024 4096 16384 --scenarios random imbalanced --imbalance-factor 3.0 --cuda-graph \
@@ -38,6 +40,15 @@ if [[ $mode == triton || $mode == all ]]; then
   done
 fi
 tar -czf "$OUT/results.tar.gz" -C /tmp/res . 2>/dev/null
-echo "== summary =="
-grep -h -E "^\|" /tmp/res/*.md 2>/dev/null | head -n 0
-ls -la /tmp/res
+cp "$log" "$OUT/" 2>/dev/null
+echo "== summary: implementation, scenario, tokens, mean ms, status =="
+for f in /tmp/res/*.csv; do
+  [[ -f $f ]] || continue
+  echo "-- $(basename "$f")"
+  python3 - "$f" <<'PY'
+import csv, sys
+for row in csv.DictReader(open(sys.argv[1])):
+    print(row.get("implementation"), row.get("scenario"), row.get("num_tokens"), row.get("latency_mean_ms"),
+          row.get("pct_roofline", ""), row.get("status", ""), sep="\t")
+PY
+done
