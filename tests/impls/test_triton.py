@@ -109,15 +109,16 @@ def test_torch_compile(generator):
 
 
 @pytest.mark.gpu
-def test_randomized_sweep_bf16():
-    """>= 200 random shapes, routings and options; every one must match the float64 reference."""
-    rng = random.Random(torch.seed())
+@pytest.mark.parametrize("part", range(4))
+def test_randomized_sweep_bf16(part):
+    """4 x 50 = 200 random shapes, routings and options; every one must match the float64 reference."""
+    rng = random.Random(torch.seed() + part)
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     # a few forced configs (each compiles once) besides pick_config's own
     forced = [None, None, KernelConfig(block_m=16, block_n1=16, block_k1=32, block_n2=32, block_k2=16),
               KernelConfig(block_m=64, block_n1=32, block_k1=64, block_n2=64, block_k2=32)]  # fmt: skip
     mismatches = []
-    for case in range(200):
+    for case in range(50):
         e = rng.choice([1, 3, 8, 13, 64, 160])
         k = rng.randint(1, min(e, 8))
         config = MoEConfig(
@@ -139,4 +140,4 @@ def test_randomized_sweep_bf16():
             assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
         except AssertionError as error:
             mismatches.append(f"case {case}: {config} T={t} {kc}: {error}")
-    assert not mismatches, f"{len(mismatches)} / 200 mismatches:\n" + "\n".join(mismatches[:5])
+    assert not mismatches, f"{len(mismatches)} / 50 mismatches:\n" + "\n".join(mismatches[:5])
