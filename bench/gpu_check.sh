@@ -11,7 +11,9 @@ mkdir -p "$OUT" /tmp/res
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TILEMOE_CACHE_DIR=/tmp/tilemoe-cache
-tm() { python3 -m tilemoe "$@"; }
+# Per-step limits (seconds) keep each mode inside one 10-minute call, so the results always come back.
+T_TESTS=${T_TESTS:-170} T_JOURNEY=${T_JOURNEY:-200} T_BENCH=${T_BENCH:-110} T_TRITON=${T_TRITON:-140}
+tm() { local limit=$1; shift; timeout -k 5 "$limit" python3 -m tilemoe "$@"; }
 log=$OUT/gpu_check.log
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.draw,power.limit --format=csv
@@ -20,21 +22,21 @@ log=$OUT/gpu_check.log
 
 if has tests; then
   # -n 8: Triton compilation is CPU-bound; parallel workers also warm the on-disk kernel cache.
-  python3 -m pytest -m gpu -q -x -n 8 -p no:cacheprovider tests 2>&1 | tee -a "$log" | tail -n 30
+  timeout -k 5 "$T_TESTS" python3 -m pytest -m gpu -q -x -n 8 -p no:cacheprovider tests 2>&1 | tee -a "$log" | tail -n 30
 fi
 
 if has ladder; then
-  tm journey --model qwen3-30b-a3b --num-tokens 2048 8192 16384 32768 --dtype bf16 --max-naive-tokens 2048 \
+  tm "$T_JOURNEY" journey --model qwen3-30b-a3b --num-tokens 2048 8192 16384 32768 --dtype bf16 --max-naive-tokens 2048 \
     --output-file /tmp/res/h100-journey 2>&1 | tee -a "$log"
   for model in qwen3-30b-a3b mixtral-8x7b; do
-    tm bench --model $model --dtype bf16 --num-tokens 1 16 128 1024 4096 --cuda-graph \
+    tm "$T_BENCH" bench --model $model --dtype bf16 --num-tokens 1 16 128 1024 4096 --cuda-graph \
       --output-format all --output-file /tmp/res/h100-bench-$model 2>&1 | tee -a "$log"
   done
 fi
 
 if has triton; then
   for model in qwen3-30b-a3b mixtral-8x7b deepseek-v2-lite gpt-oss-120b; do
-    tm bench --model $model --dtype bf16 --impl triton torch_grouped_mm grouped --baseline torch_grouped_mm \
+    tm "$T_TRITON" bench --model $model --dtype bf16 --impl triton torch_grouped_mm grouped --baseline torch_grouped_mm \
       --num-tokens 1 8 64 256 1024 4096 16384 --scenarios random imbalanced --imbalance-factor 3.0 --cuda-graph \
       --output-format all --output-file /tmp/res/h100-triton-$model 2>&1 | tee -a "$log"
   done
