@@ -22,7 +22,7 @@ log=$OUT/gpu_check.log
 
 if has tests; then
   # -n 8: Triton compilation is CPU-bound; parallel workers also warm the on-disk kernel cache.
-  timeout -k 5 "$T_TESTS" python3 -m pytest -m gpu -q -x -n 8 -p no:cacheprovider tests 2>&1 | tee -a "$log" | tail -n 30
+  timeout -k 5 "$T_TESTS" python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider tests 2>&1 | tee -a "$log" | tail -n 30
 fi
 
 if has ladder; then
