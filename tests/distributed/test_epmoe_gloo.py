@@ -16,8 +16,9 @@ from tilemoe.config import MoEConfig
 from tilemoe.distributed.spawn import raise_on_failure, spawn_ranks
 
 TIMEOUT_S = 30.0
-# fork: the children share the parent's imported torch (spawn re-imports it: ~4 s a process here)
-START = "fork" if sys.platform.startswith("linux") and not torch.cuda.is_initialized() else "spawn"
+# forkserver: children fork from a clean server holding torch (spawn re-imports it: ~4 s a process here),
+# and inherit none of the OpenMP threads that earlier tests started in this process (fork deadlocked there)
+START = "forkserver" if sys.platform.startswith("linux") and not torch.cuda.is_initialized() else "spawn"
 
 
 def _config(e=6, k=2, h=32, i=24, **kw) -> MoEConfig:

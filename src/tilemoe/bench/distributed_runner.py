@@ -124,7 +124,7 @@ def run_distributed(args: argparse.Namespace, config: MoEConfig) -> int:
         init_method=init_method,
         rank_offset=args.node_rank * nproc,
         total_world=world,
-        start_method="fork" if fork_ok else "spawn",
+        start_method="forkserver" if fork_ok else "spawn",
         timeout_s=float(os.environ.get("TILEMOE_EP_TIMEOUT_S", "120")),
         join_timeout_s=float(os.environ.get("TILEMOE_EP_JOIN_TIMEOUT_S", "3600")),
     )

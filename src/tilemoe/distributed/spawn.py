@@ -65,8 +65,10 @@ def spawn_ranks(
     fn must be importable (a module-level function). Returns one RankOutcome per local rank, in rank order.
     init_method: default a FileStore in a fresh temporary directory (single host). For multi-host runs give a
     tcp:// address and ``rank_offset`` / ``total_world``. join_timeout_s: default 3 * timeout_s + 60.
-    start_method: "spawn" (safe with CUDA) or "fork" (CPU only: skips re-importing torch, ~4 s a process on
-    a loaded 2-core machine; the parent must not have initialised CUDA or a process group).
+    start_method: "spawn" (safe with CUDA), "forkserver" (CPU: children forked from a clean server that has
+    imported torch once, so they start fast without inheriting the parent's OpenMP threads), or "fork"
+    (only for a parent that has run no parallel torch op: a child forked after OpenMP started can deadlock in
+    its first parallel op, seen here as a 4-rank gloo run that never finished).
     A process that neither reports nor exits in time is terminated and reported as a hang.
     """
     if world_size < 1:
@@ -75,6 +77,8 @@ def spawn_ranks(
     if start_method not in ("spawn", "fork", "forkserver"):
         raise ValueError(f"start_method: expected spawn, fork or forkserver, got {start_method!r}")
     ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "tilemoe.distributed.runtime"])
     results = ctx.Queue()
     tmp = None
     if init_method is None:
