@@ -9,17 +9,7 @@ Math in float32, stored in out's dtype.
 import triton
 import triton.language as tl
 
-# activation codes (tilemoe.ops.act_and_mul.ACTIVATION_CODES)
-SILU = 0
-GELU = 1
-GELU_TANH = 2
-RELU = 3
-SWIGLUOAI = 4
-
-
-@triton.jit
-def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
+from tilemoe.ops._kernels._activation import _activate, _up_factor
 
 
 @triton.jit
@@ -47,22 +37,9 @@ def _act_and_mul_kernel(
     # int64 row offsets: M * 2I passes 2**31 at real sizes (T*K = 32768*8 rows of 2*768 columns is close)
     h_rows = h_ptr + rows[:, None].to(tl.int64) * stride_hm
     g = tl.load(h_rows + cols[None, :] * stride_hi, mask=mask, other=0.0).to(tl.float32)
-    if ACTIVATION == 4:  # swigluoai (gpt-oss)
-        g = tl.minimum(g, swiglu_limit)
-        a = g * _sigmoid(g * swiglu_alpha)
-    elif ACTIVATION == 0:
-        a = g * _sigmoid(g)
-    elif ACTIVATION == 1:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    elif ACTIVATION == 2:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (1.0 + (2.0 * _sigmoid(2.0 * inner) - 1.0))  # tanh(v) = 2 sigmoid(2v) - 1
-    else:
-        a = tl.maximum(g, 0.0)
+    a = _activate(g, ACTIVATION, swiglu_alpha, swiglu_limit)
     if GATED:
         u = tl.load(h_rows + (cols[None, :] + inter_size) * stride_hi, mask=mask, other=0.0).to(tl.float32)
-        if ACTIVATION == 4:
-            u = tl.minimum(tl.maximum(u, -swiglu_limit), swiglu_limit) + 1.0
-        a = a * u
+        a = a * _up_factor(u, ACTIVATION, swiglu_limit)
     out_rows = out_ptr + rows[:, None].to(tl.int64) * stride_om
     tl.store(out_rows + cols[None, :] * stride_oi, a.to(out_ptr.dtype.element_ty), mask=mask)

@@ -20,34 +20,7 @@ Accumulation in float32; fp32 operands go through 3xTF32 (``_dot``).
 import triton
 import triton.language as tl
 
-# activation codes: tilemoe.ops.act_and_mul.ACTIVATION_CODES
-SILU = 0
-GELU = 1
-GELU_TANH = 2
-RELU = 3
-SWIGLUOAI = 4
-
-
-@triton.jit
-def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
-
-
-@triton.jit
-def _activate(g, ACTIVATION: tl.constexpr, swiglu_alpha, swiglu_limit):
-    if ACTIVATION == 4:  # swigluoai: g * sigmoid(alpha * g), g clamped from above
-        g = tl.minimum(g, swiglu_limit)
-        a = g * _sigmoid(g * swiglu_alpha)
-    elif ACTIVATION == 0:
-        a = g * _sigmoid(g)
-    elif ACTIVATION == 1:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    elif ACTIVATION == 2:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (2.0 * _sigmoid(2.0 * inner))  # 1 + tanh(v) = 2 sigmoid(2v)
-    else:
-        a = tl.maximum(g, 0.0)
-    return a
+from tilemoe.ops._kernels._activation import _activate, _up_factor
 
 
 @triton.jit
@@ -165,9 +138,7 @@ def _gemm1_kernel(
     result = _activate(g, ACTIVATION, swiglu_alpha, swiglu_limit)
     if GATED:
         u = acc_u.to(dtype).to(tl.float32)
-        if ACTIVATION == 4:
-            u = tl.minimum(tl.maximum(u, -swiglu_limit), swiglu_limit) + 1.0
-        result = result * u
+        result = result * _up_factor(u, ACTIVATION, swiglu_limit)
     out_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :] * stride_ai
     tl.store(out_ptrs, result.to(dtype), mask=col_mask[None, :])
 
