@@ -14,7 +14,7 @@ import csv
 import sys
 
 import torch
-import triton.testing
+import triton
 
 from tilemoe.bench.metrics import layer_bytes, layer_flops, roofline_seconds
 from tilemoe.bench.roofline import measure_roofline
@@ -22,36 +22,8 @@ from tilemoe.bench.scenarios import make_routing_for
 from tilemoe.config import MoEConfig
 from tilemoe.impls import get_impl
 from tilemoe.ops.fused_experts import fused_experts
-from tilemoe.testing import relative_error
-
-
-def graph_time(fn, calls: int = 20, replays: int = 10) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / calls)
-    times.sort()
-    return times[len(times) // 2] * 1e-3
-
-
-def bench_time(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+from tilemoe.testing import make_weights, relative_error
+from tilemoe.tune_cli import bench_seconds, graph_seconds
 
 
 def variants(tgm, x, w13, w2, tw, ti, config, b13, b2) -> dict:
@@ -86,11 +58,8 @@ def main(argv=None) -> int:
     for name in args.models:
         config = MoEConfig.from_pretrained(name)
         gen = torch.Generator().manual_seed(0)
-        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
-        w13 = (torch.randn(e, config.w13_rows, h, device=device, dtype=dtype) * h**-0.5).contiguous()
-        w2 = (torch.randn(e, h, i, device=device, dtype=dtype) * i**-0.5).contiguous()
-        b13 = torch.randn(e, config.w13_rows, device=device, dtype=dtype) * 0.1 if config.expert_bias else None
-        b2 = torch.randn(e, h, device=device, dtype=dtype) * 0.1 if config.expert_bias else None
+        e, h = config.num_experts, config.hidden_size
+        w13, w2, b13, b2 = make_weights(config, dtype=dtype, device=device).values()
         for t in args.tokens:
             for scenario in args.scenarios:
                 x = torch.randn(t, h, generator=gen).to(device, dtype)
@@ -104,7 +73,7 @@ def main(argv=None) -> int:
                 fns = variants(tgm, x, w13, w2, tw, ti, config, b13, b2)
                 ref = fns["tgm"]().float()
                 err = max(relative_error(fns["triton"](), ref), relative_error(fns["atomic"](), ref))
-                timer = graph_time if t <= 256 else bench_time
+                timer = graph_seconds if t <= 256 else bench_seconds
                 times = {key: timer(fn) for key, fn in fns.items()}
                 row = dict(
                     model=name, T=t, scenario=scenario, experts_hit=hit, roof_us=roof_s * 1e6,

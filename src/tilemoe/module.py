@@ -11,7 +11,44 @@ from tilemoe.config import MoEConfig
 from tilemoe.functional import moe_forward
 from tilemoe.routing import router_logits
 
-__all__ = ["MoE"]
+__all__ = ["MoE", "add_moe_parameters"]
+
+
+def add_moe_parameters(
+    module: nn.Module,
+    config: MoEConfig,
+    *,
+    num_local_experts: int | None = None,
+    tp_size: int = 1,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> None:
+    """Give ``module`` one MoE layer's parameters (uninitialised), in the layout ``MoE`` documents.
+
+    The expert-parallel layer calls it with its ``num_local_experts`` and ``tp_size`` (experts split along I);
+    router, correction bias and shared experts stay whole.
+    """
+    e, h = config.num_experts, config.hidden_size
+    n = e if num_local_experts is None else num_local_experts
+    i, w13_rows = config.intermediate_size // tp_size, config.w13_rows // tp_size
+    kw = {"dtype": dtype, "device": device}
+    module.router_weight = nn.Parameter(torch.empty(e, h, **kw))
+    module.router_bias = nn.Parameter(torch.empty(e, **kw)) if config.router_bias else None
+    if config.score_correction_bias:
+        module.register_buffer("correction_bias", torch.zeros(e, dtype=torch.float32, device=device))
+    else:
+        module.correction_bias = None
+    module.w13 = nn.Parameter(torch.empty(n, w13_rows, h, **kw))
+    module.w2 = nn.Parameter(torch.empty(n, h, i, **kw))
+    module.b13 = nn.Parameter(torch.empty(n, w13_rows, **kw)) if config.expert_bias else None
+    module.b2 = nn.Parameter(torch.empty(n, h, **kw)) if config.expert_bias else None
+    if config.has_shared_experts:
+        si = config.shared_intermediate_size
+        module.shared_w13 = nn.Parameter(torch.empty(2 * si if config.gated else si, h, **kw))
+        module.shared_w2 = nn.Parameter(torch.empty(h, si, **kw))
+        module.shared_gate = nn.Parameter(torch.empty(1, h, **kw)) if config.shared_expert_gate else None
+    else:
+        module.shared_w13 = module.shared_w2 = module.shared_gate = None
 
 
 class MoE(nn.Module):
@@ -39,25 +76,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.impl = impl
-        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
-        kw = {"dtype": dtype, "device": device}
-        self.router_weight = nn.Parameter(torch.empty(e, h, **kw))
-        self.router_bias = nn.Parameter(torch.empty(e, **kw)) if config.router_bias else None
-        if config.score_correction_bias:
-            self.register_buffer("correction_bias", torch.zeros(e, dtype=torch.float32, device=device))
-        else:
-            self.correction_bias = None
-        self.w13 = nn.Parameter(torch.empty(e, config.w13_rows, h, **kw))
-        self.w2 = nn.Parameter(torch.empty(e, h, i, **kw))
-        self.b13 = nn.Parameter(torch.empty(e, config.w13_rows, **kw)) if config.expert_bias else None
-        self.b2 = nn.Parameter(torch.empty(e, h, **kw)) if config.expert_bias else None
-        if config.has_shared_experts:
-            si = config.shared_intermediate_size
-            self.shared_w13 = nn.Parameter(torch.empty(2 * si if config.gated else si, h, **kw))
-            self.shared_w2 = nn.Parameter(torch.empty(h, si, **kw))
-            self.shared_gate = nn.Parameter(torch.empty(1, h, **kw)) if config.shared_expert_gate else None
-        else:
-            self.shared_w13 = self.shared_w2 = self.shared_gate = None
+        add_moe_parameters(self, config, dtype=dtype, device=device)
         self.reset_parameters()
 
     @torch.no_grad()

@@ -76,6 +76,8 @@ def make_weights(
     h, i = config.hidden_size, config.intermediate_size
 
     def rnd(*shape, scale):
+        if generator is None:  # drawn where they live: real-size weights (GBs) skip a host round trip
+            return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
         return (torch.randn(*shape, generator=generator, dtype=torch.float32) * scale).to(device, dtype)
 
     out = {

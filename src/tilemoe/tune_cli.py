@@ -85,16 +85,13 @@ def tune_model(model: str, token_counts: list[int], dtype: torch.dtype, verbose:
     from tilemoe.bench.scenarios import make_routing_for
     from tilemoe.config import MoEConfig
     from tilemoe.ops.fused_experts import fused_experts
-    from tilemoe.testing import relative_error
+    from tilemoe.testing import make_weights, relative_error
 
     config = MoEConfig.from_pretrained(model)
     device = torch.device("cuda")
     e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
-    w13 = torch.randn(e, config.w13_rows, h, device=device, dtype=dtype) * h**-0.5
-    w2 = torch.randn(e, h, i, device=device, dtype=dtype) * i**-0.5
-    b13 = torch.randn(e, config.w13_rows, device=device, dtype=dtype) * 0.1 if config.expert_bias else None
-    b2 = torch.randn(e, h, device=device, dtype=dtype) * 0.1 if config.expert_bias else None
     gen = torch.Generator().manual_seed(0)
+    w13, w2, b13, b2 = make_weights(config, dtype=dtype, device=device).values()
     table = {}
     for t in token_counts:
         x = torch.randn(t, h, generator=gen).to(device, dtype)

@@ -18,6 +18,7 @@ from tilemoe.distributed.placement import ExpertPlacement
 from tilemoe.distributed.runtime import check_consistent, group_timeout
 from tilemoe.functional import experts_forward, shared_experts_forward
 from tilemoe.impls import available_impls
+from tilemoe.module import add_moe_parameters
 from tilemoe.routing import route, router_logits
 
 BACKENDS = ("epmoe", "fused")
@@ -143,27 +144,9 @@ class ExpertParallelMoE(nn.Module):
                 hidden_size=config.hidden_size, dtype=dtype or torch.get_default_dtype(), device=device,
             )  # fmt: skip
 
-        e, h, n = config.num_experts, config.hidden_size, len(self.local_experts)
+        n = len(self.local_experts)
         i = config.intermediate_size // tp_size
-        kw = {"dtype": dtype, "device": device}
-        self.router_weight = nn.Parameter(torch.empty(e, h, **kw))
-        self.router_bias = nn.Parameter(torch.empty(e, **kw)) if config.router_bias else None
-        if config.score_correction_bias:
-            self.register_buffer("correction_bias", torch.zeros(e, dtype=torch.float32, device=device))
-        else:
-            self.correction_bias = None
-        w13_rows = config.w13_rows // tp_size
-        self.w13 = nn.Parameter(torch.empty(n, w13_rows, h, **kw))
-        self.w2 = nn.Parameter(torch.empty(n, h, i, **kw))
-        self.b13 = nn.Parameter(torch.empty(n, w13_rows, **kw)) if config.expert_bias else None
-        self.b2 = nn.Parameter(torch.empty(n, h, **kw)) if config.expert_bias else None
-        if config.has_shared_experts:
-            si = config.shared_intermediate_size
-            self.shared_w13 = nn.Parameter(torch.empty(2 * si if config.gated else si, h, **kw))
-            self.shared_w2 = nn.Parameter(torch.empty(h, si, **kw))
-            self.shared_gate = nn.Parameter(torch.empty(1, h, **kw)) if config.shared_expert_gate else None
-        else:
-            self.shared_w13 = self.shared_w2 = self.shared_gate = None
+        add_moe_parameters(self, config, num_local_experts=n, tp_size=tp_size, dtype=dtype, device=device)
         self._local_config = config.replace(
             num_experts=max(1, n), top_k=1, intermediate_size=i, name=f"{config.name}-ep{self.rank}"
         )
