@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tilemoe.ops.align import align_capacity, moe_align, moe_align_torch
+from tilemoe.ops import align as align_module
+from tilemoe.ops.align import align_capacity, moe_align, moe_align_torch, moe_align_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,6 +55,86 @@ def test_align_one_expert_takes_every_token():
     assert int(got.num_padded) == 48
 
 
+def _assert_same(got, ref):
+    for name in ("sorted_ids", "expert_ids", "counts", "num_padded"):
+        assert torch.equal(getattr(got, name).cpu(), getattr(ref, name).cpu()), name
+
+
+def _random_ids(num_tokens, top_k, num_experts, generator, dtype=torch.int32):
+    """Distinct experts per token (as a router picks them)."""
+    scores = torch.rand(num_tokens, num_experts, generator=generator)
+    return torch.sort(scores, dim=-1, descending=True)[1][:, :top_k].to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("num_slots", [512, 513])  # last one-program size, first multi-program size
+def test_align_threshold_paths_match_reference(num_slots, monkeypatch, generator):
+    # the threshold lowered so the multi-program path runs at interpreter sizes (3 chunks of 256 at S = 513)
+    monkeypatch.setattr(align_module, "ONE_PROGRAM_MAX_SLOTS", 512)
+    calls = []
+    monkeypatch.setattr(
+        align_module, "moe_align_triton", lambda *a, **kw: calls.append(1) or moe_align_triton(*a, **kw)
+    )
+    topk_ids = _random_ids(num_slots, 1, 10, generator)
+    got = moe_align(topk_ids, 10, 16)
+    assert len(calls) == (num_slots > 512)
+    _assert_same(got, moe_align_torch(topk_ids, 10, 16))
+    _check_invariants(got, topk_ids, 10, 16)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "top_k", "num_experts", "block_m", "chunk"),
+    [
+        (300, 4, 7, 16, 64),  # 19 chunks, the last one partial
+        (150, 8, 160, 32, 64),  # E not a power of two, > 128 (SUB = 32 tiles)
+        (100, 3, 3, 256, 64),  # E = 3, the largest block_m
+        (40, 8, 384, 16, 64),  # E = 384 (kimi-k2): most experts get 0 or 1 slot
+        (1, 2, 6, 16, 64),  # one partial chunk
+        (64, 4, 16, 64, 256),  # exactly one full chunk
+    ],
+)
+def test_align_multi_program_matches_reference(num_tokens, top_k, num_experts, block_m, chunk, generator):
+    topk_ids = _random_ids(num_tokens, top_k, num_experts, generator)
+    got = moe_align_triton(topk_ids, num_experts, block_m, chunk=chunk)
+    _assert_same(got, moe_align_torch(topk_ids, num_experts, block_m))
+    _check_invariants(got, topk_ids, num_experts, block_m)
+
+
+def test_align_multi_program_skewed_and_int64(generator):
+    # int64 ids; one expert takes every slot of the first chunks, odd experts get none
+    ids = 2 * torch.randint(0, 6, (160, 4), generator=generator)
+    ids[:40] = 4
+    topk_ids = ids.to(DEVICE, torch.int64)
+    got = moe_align_triton(topk_ids, 13, 32, chunk=64)
+    _assert_same(got, moe_align_torch(topk_ids, 13, 32))
+    _check_invariants(got, topk_ids, 13, 32)
+    assert all(c == 0 for c in got.counts.tolist()[1::2])
+
+
+def test_align_multi_program_one_expert_takes_every_slot():
+    topk_ids = torch.full((700, 1), 5, dtype=torch.int32, device=DEVICE)
+    got = moe_align_triton(topk_ids, 8, 64, chunk=128)
+    _assert_same(got, moe_align_torch(topk_ids, 8, 64))
+    assert int(got.num_padded) == 704
+
+
+def test_align_multi_program_zero_tokens():
+    topk_ids = torch.empty((0, 8), dtype=torch.int32, device=DEVICE)
+    got = moe_align_triton(topk_ids, 128, 64)
+    _assert_same(got, moe_align_torch(topk_ids, 128, 64))
+    assert int(got.num_padded) == 0 and got.sorted_ids.numel() == 0
+
+
+def test_align_multi_program_ids_out_of_range_are_dropped(generator):
+    # documented behaviour: a slot whose id is outside [0, E) is counted nowhere and never written
+    topk_ids = _random_ids(50, 3, 9, generator)
+    topk_ids[3, 1], topk_ids[40, 0] = -1, 9
+    got = moe_align_triton(topk_ids, 9, 16, chunk=64)
+    assert int(got.counts.sum()) == 150 - 2
+    sorted_ids = got.sorted_ids.cpu()
+    assert not bool(((sorted_ids == 3 * 3 + 1) | (sorted_ids == 40 * 3)).any())
+    assert int((sorted_ids < 150).sum()) == 148
+
+
 def test_align_bad_arguments():
     ids = torch.zeros(2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="block_m"):
@@ -62,3 +143,72 @@ def test_align_bad_arguments():
         moe_align(ids.float(), 4, 16)
     with pytest.raises(ValueError, match="num_experts"):
         moe_align(ids, 0, 16)
+    with pytest.raises(ValueError, match="chunk"):
+        moe_align_triton(ids, 4, 16, chunk=96)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("num_tokens", "top_k", "num_experts", "block_m"),
+    [(16384, 8, 128, 64), (4097, 8, 128, 16), (8192, 8, 384, 128), (3000, 6, 160, 32), (1024, 2, 3, 256)],
+)
+def test_align_large_matches_reference_gpu(num_tokens, top_k, num_experts, block_m, generator):
+    topk_ids = _random_ids(num_tokens, top_k, num_experts, generator)
+    got = moe_align(topk_ids, num_experts, block_m)
+    _assert_same(got, moe_align_torch(topk_ids, num_experts, block_m))
+    _check_invariants(got, topk_ids, num_experts, block_m)
+
+
+@pytest.mark.gpu
+def test_align_multi_program_cuda_graph_gpu(generator):
+    topk_ids = _random_ids(4096, 8, 128, generator)
+    static = topk_ids.clone()
+    moe_align_triton(static, 128, 64)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = moe_align_triton(static, 128, 64)
+    for _ in range(2):  # new routings replayed through the captured launches
+        static.copy_(_random_ids(4096, 8, 128, generator))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_same(got, moe_align_torch(static, 128, 64))
+
+
+def align_timings(num_slots_list=(1024, 4096, 16384, 32768, 131072), num_experts=128, top_k=8, block_m=64):
+    """Median microseconds (CUDA-graph replays) of each align path per S; the one-program path up to S = 16384.
+
+    A helper for choosing ``ONE_PROGRAM_MAX_SLOTS`` and ``ALIGN_CHUNK``: run
+    ``pytest tests/ops/test_align.py -m gpu -k timings -s`` on the GPU.
+    """
+    from tilemoe.bench.timing import measure
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for num_slots in num_slots_list:
+        topk_ids = _random_ids(num_slots // top_k, top_k, num_experts, generator)
+        paths = {"torch": moe_align_torch, "multi": moe_align_triton}
+        for chunk in (128, 512, 1024):
+            paths[f"multi_c{chunk}"] = lambda ids, e, bm, c=chunk: moe_align_triton(ids, e, bm, chunk=c)
+        if num_slots <= 16384:
+            paths["one_program"] = align_module._moe_align_one_program
+        row = {"S": num_slots}
+        for name, fn in paths.items():
+            _assert_same(fn(topk_ids, num_experts, block_m), moe_align_torch(topk_ids, num_experts, block_m))
+            stats = measure(
+                lambda ids, fn=fn: fn(ids, num_experts, block_m),
+                [topk_ids],
+                warmup=10,
+                iters=100,
+                device="cuda",
+                cuda_graph=True,
+            )
+            row[name] = round(stats.p50 * 1000, 1)
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.gpu
+def test_align_timings_gpu():
+    for num_experts in (128, 384):
+        for row in align_timings(num_experts=num_experts):
+            print(f"E={num_experts} align us (p50, graph replays):", row)

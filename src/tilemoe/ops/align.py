@@ -6,6 +6,9 @@ on the device (``num_padded``), so a forward that uses this can be captured in a
 Capacity (rows of ``sorted_ids``): expert e uses round_up(c_e, BLOCK_M) rows, and
 sum_e round_up(c_e, BM) <= sum_e (c_e + BM - 1) over the experts hit, at most min(E, S) of them, so
 CAP = round_up(S + min(E, S) * (BM - 1), BM) always suffices; blocks past ``num_padded`` exit at once.
+
+Two Triton paths give the same result as the reference ``moe_align_torch``: one program for small S (decode),
+and ``moe_align_triton`` for large S, three launches over chunks of slots (histogram, scan, scatter).
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Alignment", "align_capacity", "moe_align", "moe_align_torch"]
+__all__ = ["Alignment", "align_capacity", "moe_align", "moe_align_torch", "moe_align_triton"]
 
-# One-program kernel up to this many slots: below it the launches dominate; above it the torch path
-# (a device sort, a few kernels) is faster than one program walking all slots.
+# One-program kernel up to this many slots: below it the launches dominate; above it the multi-program path
+# (three launches) is faster than one program walking all slots twice.
 ONE_PROGRAM_MAX_SLOTS = 4096
+# Slots per program of the multi-program path: S = 131072 gives 512 programs, ~4 per H100 SM.
+ALIGN_CHUNK = 256
 
 
 @dataclass
@@ -87,18 +92,25 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> A
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """Slots of ``topk_ids`` [T, K] grouped by expert and padded to ``block_m`` rows, without a host sync.
 
-    Small S = T*K (decode) on CUDA or the interpreter: one Triton program; else ``moe_align_torch``. Both give the
-    same result, the order inside an expert being the slot order. Raises ValueError / TypeError on a bad
-    argument.
+    On CUDA or the interpreter: one Triton program for S = T*K <= ``ONE_PROGRAM_MAX_SLOTS`` (decode), else
+    ``moe_align_triton``; elsewhere ``moe_align_torch``. All give the same result, the order inside an expert
+    being the slot order. Raises ValueError / TypeError on a bad argument.
     """
     _check(topk_ids, num_experts, block_m)
     num_slots = topk_ids.numel()
     on_triton = topk_ids.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    if num_slots > ONE_PROGRAM_MAX_SLOTS or num_slots == 0 or not on_triton:
+    if num_slots == 0 or not on_triton:
         return moe_align_torch(topk_ids, num_experts, block_m)
+    if num_slots > ONE_PROGRAM_MAX_SLOTS:
+        return moe_align_triton(topk_ids, num_experts, block_m)
+    return _moe_align_one_program(topk_ids, num_experts, block_m)
+
+
+def _moe_align_one_program(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     from tilemoe.ops._kernels._align import _align_one_program_kernel
 
     device = topk_ids.device
+    num_slots = topk_ids.numel()
     capacity = align_capacity(num_slots, num_experts, block_m)
     sorted_ids = torch.empty(capacity, dtype=torch.int32, device=device)
     expert_ids = torch.empty(capacity // block_m, dtype=torch.int32, device=device)
@@ -107,7 +119,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignme
     block_e = max(16, 1 << (num_experts - 1).bit_length())
     chunk = 64 if block_e <= 64 else 32
     _align_one_program_kernel[(1,)](
-        topk_ids_ptr=topk_ids.reshape(-1).to(torch.int32),
+        topk_ids_ptr=topk_ids.reshape(-1),
         sorted_ids_ptr=sorted_ids,
         expert_ids_ptr=expert_ids,
         counts_ptr=counts,
@@ -121,3 +133,81 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignme
         num_warps=4,
     )
     return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m)
+
+
+def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int = ALIGN_CHUNK) -> Alignment:
+    """The large-S path of ``moe_align``: three Triton launches over chunks of ``chunk`` slots, no host sync.
+
+    1. histogram: per-chunk expert counts hist[E, C]; padding marks (S) written into ``sorted_ids``.
+    2. scan (one program per expert): hist[e, :] -> slots of e in earlier chunks; counts[e].
+    3. scatter (one program per chunk): the padded layout from ``counts``, ``num_padded``, this program's share
+       of ``expert_ids``, and each slot's row = its expert's start + earlier chunks + earlier slots in the chunk.
+
+    Same arguments and result as ``moe_align`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); ``chunk`` is a
+    power of two >= 64. Ids outside [0, E) are counted nowhere and never written (the reference raises on them).
+    Raises ValueError / TypeError on a bad argument.
+    """
+    _check(topk_ids, num_experts, block_m)
+    if not isinstance(chunk, int) or chunk < 64 or chunk & (chunk - 1):
+        raise ValueError(f"chunk: expected a power of two >= 64, got {chunk!r}")
+    num_slots = topk_ids.numel()
+    if num_slots == 0:
+        return moe_align_torch(topk_ids, num_experts, block_m)
+    device = topk_ids.device
+    capacity = align_capacity(num_slots, num_experts, block_m)
+    num_blocks = capacity // block_m
+    sorted_ids = torch.empty(capacity, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    from tilemoe.ops._kernels._align import _align_histogram_kernel, _align_scan_kernel, _align_scatter_kernel
+
+    flat = topk_ids.reshape(-1)
+    num_chunks = _cdiv(num_slots, chunk)
+    hist = torch.empty((num_experts, num_chunks), dtype=torch.int32, device=device)
+    block_e = max(16, 1 << (num_experts - 1).bit_length())
+    _align_histogram_kernel[(num_chunks,)](
+        topk_ids_ptr=flat,
+        hist_ptr=hist,
+        sorted_ids_ptr=sorted_ids,
+        num_slots=num_slots,
+        num_experts=num_experts,
+        num_chunks=num_chunks,
+        capacity=capacity,
+        fill_per_program=_cdiv(capacity, num_chunks),
+        CHUNK=chunk,
+        NUM_BINS=max(32, 1 << num_experts.bit_length()),  # > E: the sentinel E gets a bin; >= a warp
+        FILL_BLOCK=256,
+        num_warps=4,
+    )
+    _align_scan_kernel[(num_experts,)](
+        hist_ptr=hist,
+        counts_ptr=counts,
+        num_chunks=num_chunks,
+        BLOCK_C=min(1024, max(16, 1 << (num_chunks - 1).bit_length())),
+        num_warps=4,
+    )
+    _align_scatter_kernel[(num_chunks,)](
+        topk_ids_ptr=flat,
+        hist_ptr=hist,
+        counts_ptr=counts,
+        sorted_ids_ptr=sorted_ids,
+        expert_ids_ptr=expert_ids,
+        num_padded_ptr=num_padded,
+        num_slots=num_slots,
+        num_experts=num_experts,
+        num_chunks=num_chunks,
+        num_blocks=num_blocks,
+        blocks_per_program=_cdiv(num_blocks, num_chunks),
+        BLOCK_M=block_m,
+        BLOCK_E=block_e,
+        CHUNK=chunk,
+        # [SUB, BLOCK_E] one-hot tiles: 64 x 128 for E <= 128, 32 x 512 for E = 384
+        SUB=64 if block_e <= 128 else 32,
+        num_warps=4 if block_e <= 128 else 8,
+    )
+    return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,13 +1,14 @@
-"""Triton kernel: group the T*K (token, slot) pairs by expert, padded to BLOCK_M, in one program.
+"""Triton kernels: group the T*K (token, slot) pairs by expert, padded to BLOCK_M.
 
 Dimension letters: T tokens, K top-k, E experts; S = T*K slots (slot s = token s // K, its k-th pick s % K).
-    topk_ids     [S]            int32 expert of each slot (flattened [T, K])
+    topk_ids     [S]            int32 or int64 expert of each slot (flattened [T, K])
     sorted_ids   [CAP]          int32 slot at each padded position; S marks padding (CAP = capacity)
     expert_ids   [CAP/BLOCK_M]  int32 expert of each BLOCK_M-row block; E for blocks past the end
     counts       [E]            int32 slots per expert
     num_padded   [1]            int32 rows in use: sum_e round_up(counts[e], BLOCK_M)
 Order inside an expert is the slot order (a stable sort), so the result equals ``moe_align_torch``.
-One program: it is meant for small S (decode), where launches, not work, cost time.
+``_align_one_program_kernel`` is meant for small S (decode), where launches, not work, cost time; the three
+multi-program kernels below it for large S.
 """
 
 import triton
@@ -33,7 +34,7 @@ def _align_one_program_kernel(
     # pass 1: per-expert counts, one-hot sums over chunks of slots
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     for start in range(0, num_slots, CHUNK):
-        ids = tl.load(topk_ids_ptr + start + lanes, mask=start + lanes < num_slots, other=BLOCK_E)
+        ids = tl.load(topk_ids_ptr + start + lanes, mask=start + lanes < num_slots, other=BLOCK_E).to(tl.int32)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
@@ -56,10 +57,121 @@ def _align_one_program_kernel(
     # pass 2: each slot's rank inside its expert = slots of that expert in earlier chunks + earlier in this one
     seen = tl.zeros([BLOCK_E], dtype=tl.int32)
     for start in range(0, num_slots, CHUNK):
-        ids = tl.load(topk_ids_ptr + start + lanes, mask=start + lanes < num_slots, other=BLOCK_E)
+        ids = tl.load(topk_ids_ptr + start + lanes, mask=start + lanes < num_slots, other=BLOCK_E).to(tl.int32)
         onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
         base = tl.sum(onehot * (pad_start + seen)[None, :], axis=1)
         same_before = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
         rank = tl.sum(same_before.to(tl.int32), axis=1)
         tl.store(sorted_ids_ptr + base + rank, start + lanes, mask=start + lanes < num_slots)
         seen += tl.sum(onehot, axis=0)
+
+
+# Multi-program align for large S, three launches (no host sync, CUDA-graph capturable):
+#   hist        [E, C]  int32 scratch, C = cdiv(S, CHUNK) chunks of CHUNK slots:
+#                       after _align_histogram_kernel: slots of expert e in chunk c;
+#                       after _align_scan_kernel: slots of expert e in chunks before c (exclusive scan over c).
+# Ids outside [0, E) are read as "no expert" (the sentinel E): such a slot is counted nowhere and never written,
+# so a bad id cannot send a store out of bounds.
+
+
+@triton.jit
+def _align_histogram_kernel(
+    topk_ids_ptr,
+    hist_ptr,
+    sorted_ids_ptr,
+    num_slots,
+    num_experts,
+    num_chunks,
+    capacity,
+    fill_per_program,
+    CHUNK: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    FILL_BLOCK: tl.constexpr,
+):
+    """Program c: the expert histogram of chunk c, and padding marks (S) in its share of ``sorted_ids``."""
+    pid = tl.program_id(0)
+    slots = pid * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=num_experts).to(tl.int32)
+    ids = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    # NUM_BINS > E: the sentinel E has a bin of its own, never stored
+    hist = tl.histogram(ids, NUM_BINS)
+    bins = tl.arange(0, NUM_BINS)
+    tl.store(hist_ptr + bins * num_chunks + pid, hist, mask=bins < num_experts)
+    lanes = tl.arange(0, FILL_BLOCK)
+    marks = tl.zeros([FILL_BLOCK], dtype=tl.int32) + num_slots
+    for start in range(0, fill_per_program, FILL_BLOCK):
+        pos = pid * fill_per_program + start + lanes
+        tl.store(sorted_ids_ptr + pos, marks, mask=(start + lanes < fill_per_program) & (pos < capacity))
+
+
+@triton.jit
+def _align_scan_kernel(
+    hist_ptr,
+    counts_ptr,
+    num_chunks,
+    BLOCK_C: tl.constexpr,
+):
+    """Program e: exclusive scan of hist[e, :] over the chunks, in place; counts[e] = the total."""
+    expert = tl.program_id(0)
+    row = hist_ptr + expert * num_chunks
+    carry = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), axis=0)
+    for start in range(0, num_chunks, BLOCK_C):
+        chunks = start + tl.arange(0, BLOCK_C)
+        h = tl.load(row + chunks, mask=chunks < num_chunks, other=0)
+        tl.store(row + chunks, tl.cumsum(h, axis=0) - h + carry, mask=chunks < num_chunks)
+        carry += tl.sum(h, axis=0)
+    tl.store(counts_ptr + expert, carry)
+
+
+@triton.jit
+def _align_scatter_kernel(
+    topk_ids_ptr,
+    hist_ptr,
+    counts_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    num_slots,
+    num_experts,
+    num_chunks,
+    num_blocks,
+    blocks_per_program,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+):
+    """Program c: the rows of the slots of chunk c, and the expert of its share of the BLOCK_M-row blocks.
+
+    Every program recomputes the padded layout from ``counts`` (E values): cheaper than one more launch.
+    """
+    pid = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    lanes = tl.arange(0, SUB)
+    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    if pid == 0:
+        tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    for start in range(0, blocks_per_program, SUB):
+        blocks = pid * blocks_per_program + start + lanes
+        # experts whose padded range ends at or before this block's first row come before it
+        before = tl.sum((pad_end[None, :] <= (blocks * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(
+            expert_ids_ptr + blocks,
+            tl.minimum(before, num_experts),
+            mask=(start + lanes < blocks_per_program) & (blocks < num_blocks),
+        )
+    # next free row of each expert for this chunk: its padded start + its slots in earlier chunks
+    seen = tl.load(hist_ptr + experts * num_chunks + pid, mask=experts < num_experts, other=0)
+    next_row = pad_end - padded + seen
+    for start in range(0, CHUNK, SUB):
+        slots = pid * CHUNK + start + lanes
+        ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=num_experts).to(tl.int32)
+        ids = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+        base = tl.sum(onehot * next_row[None, :], axis=1)
+        same_before = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
+        rank = tl.sum(same_before.to(tl.int32), axis=1)
+        tl.store(sorted_ids_ptr + base + rank, slots, mask=(slots < num_slots) & (ids < num_experts))
+        next_row += tl.sum(onehot, axis=0)
