@@ -1,13 +1,47 @@
-"""route_triton against tilemoe.routing.route: ids exactly, weights to float32 rounding."""
+"""route_triton against tilemoe.routing.route: ids exactly, weights to float32 rounding.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py); outputs are poisoned (NaN weights,
+-1 ids) before the kernel runs, so an element it does not write fails the comparison.
+"""
 
 import pytest
 import torch
 
+import tilemoe.ops.route as route_module
 from tilemoe.config import MoEConfig
+from tilemoe.hf_config import list_presets
 from tilemoe.ops.route import route_triton
 from tilemoe.routing import route
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PRESETS = list_presets()
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    def poisoned(logits, top_k):
+        shape = (logits.shape[0], top_k)
+        weights = torch.full(shape, float("nan"), dtype=torch.float32, device=logits.device)
+        return weights, torch.full(shape, -1, dtype=torch.int32, device=logits.device)
+
+    monkeypatch.setattr(route_module, "_empty_outputs", poisoned)
+
+
+def _logits(num_tokens, experts, generator, dtype=torch.float32, ties=True):
+    """Fresh normal logits; with ``ties`` every other row rounded to a few values, so many scores are equal."""
+    logits = torch.randn(num_tokens, experts, generator=generator)
+    if ties:
+        logits[::2] = (logits[::2] * 2).round().clamp(-3, 3) / 2
+    return logits.to(DEVICE, dtype)
+
+
+def _check(logits, config, correction_bias=None):
+    weights, ids = route_triton(logits, config, correction_bias)
+    ref_w, ref_i = route(logits, config, correction_bias=correction_bias)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert ids.shape == ref_i.shape == (logits.shape[0], config.top_k)
+    assert torch.equal(ids.cpu(), ref_i.cpu())
+    torch.testing.assert_close(weights.cpu(), ref_w.cpu(), rtol=1e-5, atol=1e-6 * config.routed_scaling_factor)
 
 
 @pytest.mark.parametrize(
@@ -18,7 +52,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         ("topk_softmax", 7, 4, {}),
         ("sigmoid_top1_input_scaled", 5, 1, {}),
         ("softmax_topk", 160, 6, {}),
-        ("sigmoid_grouped_topk", 16, 4, {"n_group": 4, "topk_group": 2}),
     ],
 )
 @pytest.mark.parametrize("num_tokens", [0, 1, 7, 64])
@@ -27,19 +60,112 @@ def test_matches_reference(routing, experts, top_k, extra, num_tokens, generator
     logits = torch.randn(num_tokens, experts, generator=generator).to(DEVICE)
     if num_tokens > 1:
         logits[1, :3] = logits[1, 3]  # ties: the lower index must win
-    weights, ids = route_triton(logits, config)
-    ref_w, ref_i = route(logits, config)
-    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
-    assert torch.equal(ids.cpu(), ref_i.cpu())
-    torch.testing.assert_close(weights.cpu(), ref_w.cpu(), rtol=1e-5, atol=1e-6)
+    _check(logits, config)
+
+
+GROUPED = [
+    # E not a power of two (6 per group), bias, scaling; DeepSeek-V3's math at a small size
+    ("sigmoid_grouped_topk", 24, 4, 4, 2, True, {"routed_scaling_factor": 2.5}),
+    # DeepSeek-V2 group_limited_greedy: softmax, group = its best expert, no renormalisation
+    ("softmax_grouped_topk", 20, 3, 4, 2, False, {"renormalize": False, "routed_scaling_factor": 16.0}),
+    # 16 groups of 3, top-2 sums over 3 members
+    ("sigmoid_grouped_topk", 48, 6, 16, 3, True, {}),
+    # one expert per group: the group score is that expert alone
+    ("sigmoid_grouped_topk", 12, 2, 12, 5, False, {}),
+    # every group kept (no group stage), E not a power of two
+    ("sigmoid_grouped_topk", 9, 3, 1, 1, True, {"routed_scaling_factor": 2.827}),
+    # a correction bias on the softmax routing, all but one group kept
+    ("softmax_grouped_topk", 30, 4, 3, 2, True, {}),
+]
+
+
+@pytest.mark.parametrize(("routing", "experts", "top_k", "n_group", "topk_group", "bias", "extra"), GROUPED)
+@pytest.mark.parametrize(
+    ("num_tokens", "dtype"),
+    [(0, torch.float32), (1, torch.bfloat16), (7, torch.float16), (7, torch.float32)],
+)
+def test_grouped_matches_reference(routing, experts, top_k, n_group, topk_group, bias, extra, num_tokens, dtype,
+                                   generator):  # fmt: skip
+    config = MoEConfig(num_experts=experts, top_k=top_k, hidden_size=8, intermediate_size=8, routing=routing,
+                       n_group=n_group, topk_group=topk_group, **extra)  # fmt: skip
+    logits = _logits(num_tokens, experts, generator, dtype)
+    # rounded too, so that biased choices tie as well; the bias stays on the CPU (route_triton moves it)
+    correction_bias = (torch.randn(experts, generator=generator) * 4).round() / 8 if bias else None
+    _check(logits, config, correction_bias)
+
+
+def test_grouped_many_tokens(generator):
+    # T=300 (not a multiple of anything), ties in half the rows, group limit, E not a power of two
+    config = MoEConfig(num_experts=40, top_k=4, hidden_size=8, intermediate_size=8, routing="sigmoid_grouped_topk",
+                       n_group=8, topk_group=3, routed_scaling_factor=2.5)  # fmt: skip
+    _check(_logits(300, 40, generator), config, torch.randn(40, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_routing(name, generator):
+    config = MoEConfig.from_pretrained(name)
+    bias = torch.randn(config.num_experts, generator=generator) * 0.1 if config.score_correction_bias else None
+    _check(_logits(3, config.num_experts, generator, torch.bfloat16), config, bias)
 
 
 def test_bf16_logits_and_bad_shape(generator):
     config = MoEConfig(num_experts=8, top_k=2, hidden_size=8, intermediate_size=8)
-    logits = torch.randn(5, 8, generator=generator).to(DEVICE, torch.bfloat16)
-    w, i = route_triton(logits, config)
-    rw, ri = route(logits, config)
-    assert torch.equal(i.cpu(), ri.cpu())
-    torch.testing.assert_close(w.cpu(), rw.cpu(), rtol=1e-5, atol=1e-6)
+    _check(torch.randn(5, 8, generator=generator).to(DEVICE, torch.bfloat16), config)
     with pytest.raises(ValueError, match="router_logits"):
-        route_triton(logits[:, :7], config)
+        route_triton(torch.randn(5, 7, device=DEVICE), config)
+    grouped = MoEConfig(num_experts=8, top_k=2, hidden_size=8, intermediate_size=8, routing="sigmoid_grouped_topk",
+                        n_group=4, topk_group=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"correction_bias: expected shape \[8\], got \[7\]"):
+        route_triton(torch.randn(5, 8, device=DEVICE), grouped, torch.zeros(7))
+
+
+@pytest.mark.parametrize("routing", ["softmax_topk", "sigmoid_grouped_topk"])
+def test_cpu_without_interpreter_is_torch(routing, monkeypatch, generator):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched for a CPU tensor without the interpreter")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(route_module, "_route_op", no_kernel)
+    monkeypatch.setattr(route_module, "_grouped_route_op", no_kernel)
+    config = MoEConfig(num_experts=8, top_k=2, hidden_size=8, intermediate_size=8, routing=routing, n_group=4,
+                       topk_group=2)  # fmt: skip
+    logits = torch.randn(4, 8, generator=generator)
+    bias = torch.randn(8, generator=generator)
+    weights, ids = route_triton(logits, config, bias)
+    ref_w, ref_i = route(logits, config, correction_bias=bias)
+    assert torch.equal(ids, ref_i) and torch.equal(weights, ref_w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_large_gpu(name, generator):
+    # T=4096 from a real router's output dtype; ties in half the rows
+    config = MoEConfig.from_pretrained(name)
+    bias = torch.randn(config.num_experts, generator=generator).cuda() * 0.1 if config.score_correction_bias else None
+    _check(_logits(4096, config.num_experts, generator, torch.bfloat16), config, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-v2", "kimi-k2", "qwen3-30b-a3b"])
+def test_no_host_sync_and_cuda_graph_gpu(name, generator):
+    config = MoEConfig.from_pretrained(name)
+    logits = _logits(64, config.num_experts, generator, torch.bfloat16)
+    bias = torch.randn(config.num_experts, device="cuda") * 0.1 if config.score_correction_bias else None
+    route_triton(logits, config, bias)  # compile outside the checks
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        weights, ids = route_triton(logits, config, bias)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_weights, g_ids = route_triton(logits, config, bias)
+    logits.copy_(_logits(64, config.num_experts, generator, torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_w, ref_i = route(logits, config, correction_bias=bias)
+    assert torch.equal(g_ids, ref_i)
+    torch.testing.assert_close(g_weights, ref_w, rtol=1e-5, atol=1e-6 * config.routed_scaling_factor)
+    compiled = torch.compile(lambda lg: route_triton(lg, config, bias))
+    c_weights, c_ids = compiled(logits)
+    assert torch.equal(c_ids, ref_i) and torch.equal(c_weights, g_weights)

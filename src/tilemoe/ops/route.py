@@ -1,8 +1,14 @@
-"""route_triton: the routing step (scores, top-k, renormalisation, scaling) as one Triton kernel.
+"""route_triton: the routing step (scores, top-k, groups, renormalisation, scaling) as one Triton kernel.
 
-``tilemoe.routing.route`` is its reference; ids match it exactly (ties to the lower index). Grouped
-routings (``sigmoid_grouped_topk``, ``softmax_grouped_topk``) are not in the kernel yet: they go through
-``tilemoe.routing.route`` (sync-free on CUDA too), so every routing works through this entry point.
+``tilemoe.routing.route`` is its reference; ids match it exactly (ties to the lower index). Every routing of
+``tilemoe.config.ROUTINGS`` runs in a kernel, one program per token, with no host synchronisation:
+
+    softmax_topk, topk_softmax, sigmoid_top1_input_scaled   ``_route_kernel`` (flat top-k over the E experts)
+    sigmoid_grouped_topk, softmax_grouped_topk             ``_grouped_route_kernel`` (score + correction bias,
+                                                           group scores, keep topk_group groups, top-k inside)
+
+On CPU tensors without the Triton interpreter (``TRITON_INTERPRET=1``), and for float64 logits, it is
+``tilemoe.routing.route`` itself.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from tilemoe.routing import route
 __all__ = ["route_triton"]
 
 _SCORE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_top1_input_scaled": 2}
+# grouped routings: (score: 0 softmax / 1 sigmoid, group score: 0 sum of the best two / 1 the best)
+_GROUPED_CODES = {"sigmoid_grouped_topk": (1, 0), "softmax_grouped_topk": (0, 1)}
 
 
 def route_triton(
@@ -24,22 +32,50 @@ def route_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route tokens: logits [T, E] (any float dtype) -> (topk_weights [T, K] float32, topk_ids [T, K] int32).
 
-    Same result as ``tilemoe.routing.route(logits, config, correction_bias=...)``. Raises ValueError /
-    TypeError on a wrong shape or dtype (as ``route`` does).
+    Same result as ``tilemoe.routing.route(logits, config, correction_bias=...)``: ``correction_bias`` [E]
+    (any float dtype, moved to the logits' device) moves the choice of a grouped routing and is ignored by
+    the others. Raises ValueError / TypeError on a wrong shape or dtype (as ``route`` does).
     """
     on_triton = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if (
-        config.routing not in _SCORE_CODES
-        or not on_triton
+        not on_triton
         or logits.dtype == torch.float64
         or logits.dim() != 2
         or logits.shape[-1] != config.num_experts
         or not logits.is_floating_point()
     ):
-        return route(logits, config, correction_bias=correction_bias)  # grouped routings; also raises
-    return _route_op(
-        logits, config.top_k, _SCORE_CODES[config.routing], config.renormalize, float(config.routed_scaling_factor)
+        return route(logits, config, correction_bias=correction_bias)  # also raises on bad input
+    scale = float(config.routed_scaling_factor)
+    if config.routing in _SCORE_CODES:
+        return _route_op(logits, config.top_k, _SCORE_CODES[config.routing], config.renormalize, scale)
+    if correction_bias is not None:
+        if correction_bias.shape != (config.num_experts,):
+            raise ValueError(
+                f"correction_bias: expected shape [{config.num_experts}], got {list(correction_bias.shape)}"
+            )
+        correction_bias = correction_bias.to(logits.device)
+    score, group_score = _GROUPED_CODES[config.routing]
+    return _grouped_route_op(
+        logits,
+        correction_bias,
+        config.top_k,
+        config.n_group,
+        config.topk_group,
+        score,
+        group_score,
+        config.renormalize,
+        scale,
     )
+
+
+def _pow2(n: int, least: int) -> int:
+    return max(least, 1 << (n - 1).bit_length())
+
+
+def _empty_outputs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (logits.shape[0], top_k)
+    weights = torch.empty(shape, dtype=torch.float32, device=logits.device)
+    return weights, torch.empty(shape, dtype=torch.int32, device=logits.device)
 
 
 @torch.library.custom_op("tilemoe::route", mutates_args=())
@@ -49,8 +85,7 @@ def _route_op(
     from tilemoe.ops._kernels._route import _route_kernel
 
     num_tokens, num_experts = logits.shape
-    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
+    weights, ids = _empty_outputs(logits, top_k)
     if num_tokens == 0:
         return weights, ids
     _route_kernel[(num_tokens,)](
@@ -64,8 +99,8 @@ def _route_op(
         TOP_K=top_k,
         SCORE=score,
         RENORMALIZE=renormalize,
-        BLOCK_E=max(16, 1 << (num_experts - 1).bit_length()),
-        BLOCK_K=max(2, 1 << (top_k - 1).bit_length()),
+        BLOCK_E=_pow2(num_experts, 16),
+        BLOCK_K=_pow2(top_k, 2),
         num_warps=1 if num_experts <= 128 else 4,
     )
     return weights, ids
@@ -73,5 +108,58 @@ def _route_op(
 
 @_route_op.register_fake
 def _(logits, top_k, score, renormalize, scale):
+    shape = (logits.shape[0], top_k)
+    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("tilemoe::grouped_route", mutates_args=())
+def _grouped_route_op(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    score: int,
+    group_score: int,
+    renormalize: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from tilemoe.ops._kernels._route import _grouped_route_kernel
+
+    num_tokens, num_experts = logits.shape
+    weights, ids = _empty_outputs(logits, top_k)
+    if num_tokens == 0:
+        return weights, ids
+    per_group = num_experts // n_group
+    has_bias = correction_bias is not None
+    # the tile is at least 2 x 16: size-1 block dimensions are avoided on every Triton version
+    block_g, block_p = _pow2(n_group, 2), _pow2(per_group, 16)
+    _grouped_route_kernel[(num_tokens,)](
+        logits_ptr=logits,
+        stride_lt=logits.stride(0),
+        stride_le=logits.stride(1),
+        bias_ptr=correction_bias if has_bias else logits,  # not read without a bias
+        stride_be=correction_bias.stride(0) if has_bias else 0,
+        weights_ptr=weights,
+        ids_ptr=ids,
+        scale=scale,
+        TOP_K=top_k,
+        N_GROUP=n_group,
+        PER_GROUP=per_group,
+        TOPK_GROUP=topk_group,
+        SCORE=score,
+        GROUP_SCORE=group_score,
+        HAS_BIAS=has_bias,
+        RENORMALIZE=renormalize,
+        BLOCK_G=block_g,
+        BLOCK_P=block_p,
+        BLOCK_K=_pow2(top_k, 2),
+        num_warps=1 if block_g * block_p <= 128 else 4,
+    )
+    return weights, ids
+
+
+@_grouped_route_op.register_fake
+def _(logits, correction_bias, top_k, n_group, topk_group, score, group_score, renormalize, scale):
     shape = (logits.shape[0], top_k)
     return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)

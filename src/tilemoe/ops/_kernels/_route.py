@@ -1,11 +1,20 @@
-"""Triton kernel: router logits -> top-k weights and ids, one program per token.
+"""Triton kernels: router logits -> top-k weights and ids, one program per token.
 
-Dimension letters: T tokens, E experts, K top-k.
+Dimension letters: T tokens, E experts, K top-k, G expert groups (E = G * P, P experts per group).
     logits  [T, E]  any float dtype, math in float32
+    bias    [E]     score correction bias (grouped routings only): moves the choice, never the weights
     weights [T, K]  float32
     ids     [T, K]  int32; equal scores go to the lower expert index (like ``tilemoe.routing.topk_stable``)
-SCORE: 0 softmax then top-k (renormalised when RENORMALIZE); 1 top-k on the logits then softmax over the K;
-2 top-k on the logits then sigmoid. Weights are multiplied by ``scale`` (routed_scaling_factor).
+
+``_route_kernel`` (flat routings), SCORE: 0 softmax then top-k (renormalised when RENORMALIZE); 1 top-k on
+the logits then softmax over the K; 2 top-k on the logits then sigmoid.
+
+``_grouped_route_kernel`` (``sigmoid_grouped_topk``, ``softmax_grouped_topk``), SCORE: 0 softmax, 1 sigmoid.
+The token's E scores are held as a [G, P] tile (expert g * P + p at row g, column p), so the per-group
+reductions are reductions along axis 1. choice = score + bias; a group is worth the sum of its two best
+choices (GROUP_SCORE 0, DeepSeek-V3) or its best choice (1, DeepSeek-V2); the TOPK_GROUP best groups are kept
+(ties to the lower group) and the top-K choices inside them picked; weights are the unbiased scores of the
+picked experts. Both kernels multiply the weights by ``scale`` (routed_scaling_factor).
 """
 
 import triton
@@ -58,5 +67,82 @@ def _route_kernel(
         weights = shifted / tl.sum(shifted, axis=0)
     else:
         weights = 1.0 / (1.0 + tl.exp(-picked))
+    tl.store(weights_ptr + token * TOP_K + slots, weights * scale, mask=valid)
+    tl.store(ids_ptr + token * TOP_K + slots, picked_ids, mask=valid)
+
+
+@triton.jit
+def _grouped_route_kernel(
+    logits_ptr,
+    stride_lt,
+    stride_le,
+    bias_ptr,
+    stride_be,
+    weights_ptr,
+    ids_ptr,
+    scale,
+    TOP_K: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    PER_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    SCORE: tl.constexpr,
+    GROUP_SCORE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    groups = tl.arange(0, BLOCK_G)
+    members = tl.arange(0, BLOCK_P)
+    # [G, P] expert index of each tile element; padding columns alias the next group's experts, harmless:
+    # their choice is -inf and their score 0, so they never win and add nothing to a weight
+    experts = groups[:, None] * PER_GROUP + members[None, :]
+    in_range = (groups[:, None] < N_GROUP) & (members[None, :] < PER_GROUP)
+    logits = tl.load(logits_ptr + token * stride_lt + experts * stride_le, mask=in_range, other=float("-inf"))
+    logits = logits.to(tl.float32)
+    if SCORE == 0:
+        shifted = tl.exp(logits - tl.max(tl.max(logits, axis=1), axis=0))
+        scores = shifted / tl.sum(tl.sum(shifted, axis=1), axis=0)
+    else:
+        scores = tl.sigmoid(logits)
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(bias_ptr + experts * stride_be, mask=in_range, other=0.0).to(tl.float32)
+    choice = tl.where(in_range, choice, float("-inf"))
+
+    if TOPK_GROUP < N_GROUP:  # keeping every group changes nothing: skip the group stage
+        best = tl.max(choice, axis=1)  # [G]
+        group_scores = best
+        if GROUP_SCORE == 0 and PER_GROUP > 1:
+            # second best of each group: drop one copy of the best (the lowest member holding it), take the max
+            first = tl.min(tl.where(choice == best[:, None], members[None, :], BLOCK_P), axis=1)
+            rest = tl.where(members[None, :] == first[:, None], float("-inf"), choice)
+            group_scores = best + tl.max(rest, axis=1)
+        group_scores = tl.where(groups < N_GROUP, group_scores, float("-inf"))
+        kept = groups < 0  # all False
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(group_scores, axis=0)
+            top_group = tl.min(tl.where(group_scores == top, groups, BLOCK_G), axis=0)
+            kept = kept | (groups == top_group)
+            group_scores = tl.where(groups == top_group, float("-inf"), group_scores)
+        choice = tl.where(kept[:, None], choice, float("-inf"))
+
+    slots = tl.arange(0, BLOCK_K)
+    picked = tl.zeros([BLOCK_K], dtype=tl.float32)
+    picked_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        top = tl.max(tl.max(choice, axis=1), axis=0)
+        top_id = tl.min(tl.min(tl.where(choice == top, experts, BLOCK_G * BLOCK_P), axis=1), axis=0)
+        hit = experts == top_id
+        weight = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=0)
+        picked = tl.where(slots == k, weight, picked)
+        picked_ids = tl.where(slots == k, top_id, picked_ids)
+        choice = tl.where(hit, float("-inf"), choice)
+    valid = slots < TOP_K
+    weights = picked
+    if RENORMALIZE:
+        weights = weights / tl.maximum(tl.sum(tl.where(valid, weights, 0.0), axis=0), 1e-20)
     tl.store(weights_ptr + token * TOP_K + slots, weights * scale, mask=valid)
     tl.store(ids_ptr + token * TOP_K + slots, picked_ids, mask=valid)
