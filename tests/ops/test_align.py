@@ -174,7 +174,9 @@ def test_align_multi_program_cuda_graph_gpu(generator):
         _assert_same(got, moe_align_torch(static, 128, 64))
 
 
-def align_timings(num_slots_list=(1024, 4096, 16384, 32768, 131072), num_experts=128, top_k=8, block_m=64):
+def align_timings(
+    num_slots_list=(256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072), num_experts=128, top_k=8, block_m=64
+):
     """Median microseconds (CUDA-graph replays) of each align path per S; the one-program path up to S = 16384.
 
     A helper for choosing ``ONE_PROGRAM_MAX_SLOTS`` and ``ALIGN_CHUNK``: run
