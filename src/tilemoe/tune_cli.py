@@ -1,24 +1,55 @@
 """``tilemoe tune``: search fused-MoE kernel configs on this GPU and write the winners into the package's tables.
 
-    tilemoe tune --model qwen3-30b-a3b [--num-tokens 1 8 ... 16384] [--dtype bf16] [--write | --output FILE]
+    tilemoe tune --model all | NAME... [--models-from FILE] [--num-tokens 1 8 ... 16384] [--dtype bf16]
+                 [--write | --out FILE] [--budget-s S] [--workers N] [--dry-run]
 
-For each token count (one per shape bucket, ``tilemoe.tuning.token_bucket``) every candidate config is timed
-on random routing (CUDA-graph replay for T <= 256, else ``triton.testing.do_bench`` median); the fastest,
-checked against the heuristic's output, goes into the table of this device (``tilemoe.tuning.table_path``),
-merged with what the table already holds.
+1. Plan: the models' MoE layers grouped by what the kernels see (E, K, H, I, activation, gated, bias,
+   weights on input): each shape is tuned once and its table key (``tilemoe.tuning.shape_key``) serves every
+   model that has it. Per token count (one per shape bucket) the candidates come from ``candidate_configs``.
+2. Warm-up: N spawned worker processes on the same GPU each run ``fused_experts`` once per (shape, candidate)
+   on tiny inputs (one expert, a few tokens) chosen so that the kernels get the same specialization as the
+   timed run; the compiled kernels land in the on-disk Triton cache, which the main process then reads.
+   Triton compilation is CPU-bound and serial within one process, so this is where the cores pay off.
+3. Timing, in the main process, one candidate at a time on random routing: CUDA-graph replay for T <= 256,
+   ``triton.testing.do_bench`` median above, a few event-timed calls for calls over 2 ms. Every candidate is
+   checked against the heuristic config's output (itself checked against ``fused_experts_torch`` up to T=1024).
+4. ``--budget-s``: the warm-up gets at most ``WARMUP_SHARE`` of it; each point gets a share of what is left;
+   a point cut short keeps its best-so-far (the heuristic is always timed first), a point never reached is not
+   written (``pick_config`` keeps the table entry or the heuristic). The summary says which.
+5. ``--write`` merges the winners into this device's table (``tilemoe.tuning.table_path``), ``--out FILE``
+   into FILE, after each shape, keeping the other keys; the file records the device, torch/triton and date.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
+import math
+import multiprocessing
+import os
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from tilemoe.config import MoEConfig
+from tilemoe.ops.align import ONE_PROGRAM_MAX_SLOTS, align_capacity
 from tilemoe.tuning import KernelConfig, MoEShape, heuristic_config, shape_key, table_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKEN_COUNTS = [1, 8, 64, 256, 1024, 4096, 16384]
+GRAPH_MAX_TOKENS = 256  # CUDA-graph replay at and below: launch overhead would otherwise be timed
+LONG_CALL_S = 2e-3  # above: a few event-timed calls instead of do_bench's 60 ms of repeats
+# Of --budget-s. An estimate, not yet measured: ~920 compiles for the 17 presets at ~2.5 s each on 16 cores.
+WARMUP_SHARE = 0.6
+REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-3}
+REFERENCE_MAX_TOKENS = 1024  # heuristic checked against fused_experts_torch up to here (its loop over E is slow)
+WARMUP_MAX_TOKENS = 4096  # on one expert: 16 blocks of 128 rows at K=1 need 2048
+FIRST_CALL_MISS_S = 0.5  # a first call slower than this compiled in the main process: the warm-up missed it
 
 
 def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, g=8) -> KernelConfig:
@@ -49,6 +80,24 @@ CANDIDATES = [
 ]
 
 
+def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]:
+    """The configs ``tilemoe tune`` times for ``shape`` in ``dtype``: the heuristic first, then ``CANDIDATES``
+    that can win, the likeliest first (block_m nearest the heuristic's), without repeats.
+
+    Pruned: block_m over 4x the mean rows per expert (T*K/E), floor 16: such a tile is mostly padding rows
+    (the busiest expert of a random routing rarely gets 4x the mean); block_m under 1/16 of it: 128-row
+    tiles won every T >= 1024 point of the H100 runs (bench/NOTES.md, run 2), so 16 x smaller ones cannot.
+    """
+    base = heuristic_config(shape, dtype)
+    rows_per_expert = shape.num_tokens * shape.top_k / shape.num_experts
+    max_block_m = max(16, 4 * rows_per_expert)
+    min_block_m = rows_per_expert / 16
+    rest = [c for c in dict.fromkeys(CANDIDATES) if c != base and min_block_m <= c.block_m <= max_block_m]
+    rest.sort(key=lambda c: abs(math.log2(c.block_m) - math.log2(base.block_m)))  # stable: list order breaks ties
+    return [base, *rest]
+
+
+# ------------------------------------------------------------------------------------------------- timers
 def graph_seconds(fn, calls: int = 10, replays: int = 10) -> float:
     """Median time of one call, from replays of a CUDA graph holding ``calls`` calls."""
     stream = torch.cuda.Stream()
@@ -80,71 +129,601 @@ def bench_seconds(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e-3
 
 
-def tune_model(model: str, token_counts: list[int], dtype: torch.dtype, verbose: bool = True) -> dict[str, dict]:
-    """Best config per shape key for ``model`` on the current GPU: {key: KernelConfig dict}."""
-    from tilemoe.bench.scenarios import make_routing_for
-    from tilemoe.config import MoEConfig
+def events_seconds(fn, reps: int) -> float:
+    """Median of ``reps`` calls, each timed alone with CUDA events."""
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2] * 1e-3
+
+
+def time_call(fn, num_tokens: int) -> float:
+    """Seconds per call of ``fn`` (already run once): graph replay for small T, fewer repeats for long calls."""
+    estimate = events_seconds(fn, 1)
+    if num_tokens <= GRAPH_MAX_TOKENS:
+        calls = 10 if estimate < 2e-4 else 3
+        return graph_seconds(fn, calls=calls, replays=10 if estimate < 1e-3 else 5)
+    if estimate > LONG_CALL_S:
+        return events_seconds(fn, reps=max(3, min(10, int(0.05 / estimate))))
+    return bench_seconds(fn)
+
+
+# ------------------------------------------------------------------------------------------------- plan
+@dataclass
+class ShapeGroup:
+    """Models whose MoE layers the kernels cannot tell apart: tuned once, one table key per token bucket.
+
+    key: (E, K, H, I, activation, gated, expert_bias, weights_on_input, swiglu_alpha, swiglu_limit).
+    config: the first model's MoEConfig (what the tuner builds weights and routing from).
+    """
+
+    key: tuple
+    config: MoEConfig
+    models: list[str]
+
+
+@dataclass
+class TunePoint:
+    """One (shape, token count): its candidates and, once tuned, what the timing found.
+
+    status: "pending", "tuned" (every candidate timed), "cut" (budget ran out: best so far kept),
+    "skipped" (budget ran out first: nothing written), "failed" (the heuristic itself failed the check).
+    """
+
+    group: ShapeGroup
+    num_tokens: int
+    table_key: str
+    candidates: list[KernelConfig]
+    status: str = "pending"
+    best: KernelConfig | None = None
+    best_s: float | None = None
+    heuristic_s: float | None = None
+    timed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> MoEShape:
+        c = self.group.config
+        return MoEShape(self.num_tokens, c.num_experts, c.top_k, c.hidden_size, c.intermediate_size)
+
+
+def kernel_shape_key(config: MoEConfig) -> tuple:
+    """What the fused-experts kernels depend on in ``config`` (besides T and dtype)."""
+    return (
+        config.num_experts, config.top_k, config.hidden_size, config.intermediate_size, config.activation,
+        config.gated, config.expert_bias, config.weights_on_input, config.swiglu_alpha, config.swiglu_limit,
+    )  # fmt: skip
+
+
+def group_shapes(models: list[str], configs: dict[str, MoEConfig] | None = None) -> list[ShapeGroup]:
+    """``models`` (preset names / config.json paths) grouped by ``kernel_shape_key``, in first-seen order.
+
+    ``configs``: already loaded configs by model name (tests); the rest come from ``MoEConfig.from_pretrained``.
+    """
+    groups: dict[tuple, ShapeGroup] = {}
+    for model in dict.fromkeys(models):
+        config = (configs or {}).get(model) or MoEConfig.from_pretrained(model)
+        key = kernel_shape_key(config)
+        if key in groups:
+            groups[key].models.append(model)
+        else:
+            groups[key] = ShapeGroup(key, config, [model])
+    return list(groups.values())
+
+
+def plan_points(groups: list[ShapeGroup], token_counts: list[int], dtype: torch.dtype, log=print) -> list[TunePoint]:
+    """One point per (group, token bucket), group by group, T ascending; table keys deduplicated.
+
+    Two groups that differ only where ``shape_key`` does not look (activation, bias, ...) would write the same
+    table key: the first is tuned, the clash is logged. Raises ValueError for a token count below 1.
+    """
+    bad = [t for t in token_counts if not isinstance(t, int) or t < 1]
+    if bad:
+        raise ValueError(f"num_tokens: expected ints >= 1, got {bad}")
+    points, owner, clashes = [], {}, set()
+    for group in groups:
+        c = group.config
+        for t in sorted(set(token_counts)):
+            shape = MoEShape(t, c.num_experts, c.top_k, c.hidden_size, c.intermediate_size)
+            key = shape_key(shape, dtype)
+            if key in owner:
+                if owner[key] is not group and (id(group), id(owner[key])) not in clashes:
+                    clashes.add((id(group), id(owner[key])))
+                    log(f"tune: {'/'.join(group.models)} shares table key {key} with {'/'.join(owner[key].models)} "
+                        "(the key has no activation/bias): tuned for the first")  # fmt: skip
+                continue
+            owner[key] = group
+            points.append(TunePoint(group, t, key, candidate_configs(shape, dtype)))
+    return points
+
+
+def resolve_models(names: list[str], models_from: str | None = None) -> list[str]:
+    """Model names: "all" expands to every preset; ``models_from`` adds one name per line (# comments)."""
+    from tilemoe.hf_config import list_presets
+
+    names = list(names or [])
+    if models_from:
+        for line in Path(models_from).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                names.append(line)
+    out = []
+    for name in names:
+        out.extend(list_presets() if name == "all" else [name])
+    if not out:
+        raise ValueError("models: expected --model NAME... or --models-from FILE, got no model")
+    return list(dict.fromkeys(out))
+
+
+# ------------------------------------------------------------------------------------------------ warm-up
+@dataclass(frozen=True, eq=False)
+class WarmTask:
+    """One warm-up launch: ``fused_experts`` on ``num_tokens`` tokens, every slot on the one expert of
+    ``num_experts`` (1: GEMM kernels; the real E: the align kernel, which alone sees E), with ``kernel_config``."""
+
+    config: MoEConfig
+    dtype: str
+    num_tokens: int
+    kernel_config: KernelConfig
+    align_only: bool = False
+    num_experts: int = 1
+
+
+def launch_ints(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """The integer kernel arguments of ``fused_experts`` that depend on T or E: (num_slots, num_blocks_m).
+
+    Mirrors ``tilemoe.ops.fused_experts._launch``; extend it when that launcher passes another such int.
+    """
+    num_slots = num_tokens * top_k
+    return num_slots, align_capacity(num_slots, num_experts, block_m) // block_m
+
+
+def _int_class(value: int) -> tuple[bool, bool, bool, bool]:
+    # What Triton specializes an int argument on (3.6 and 3.9): == 1, divisible by 16, 32-bit range; 0 for safety.
+    return value == 1, value % 16 == 0, value == 0, -(2**31) <= value < 2**31
+
+
+def warmup_tokens(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> int | None:
+    """Fewest tokens whose launch on ONE expert specializes the GEMM kernels as (``num_tokens``, ``num_experts``)
+    does, or None when none up to ``WARMUP_MAX_TOKENS`` does (the main process then compiles that one)."""
+    target = tuple(_int_class(v) for v in launch_ints(num_tokens, top_k, num_experts, block_m))
+    return _first_tokens_with(target, top_k, block_m)
+
+
+@functools.cache
+def _first_tokens_with(target: tuple, top_k: int, block_m: int) -> int | None:
+    for t in range(1, WARMUP_MAX_TOKENS + 1):
+        if tuple(_int_class(v) for v in launch_ints(t, top_k, 1, block_m)) == target:
+            return t
+    return None
+
+
+def warmup_tasks(points: list[TunePoint], dtype: torch.dtype) -> list[WarmTask]:
+    """The launches that compile every kernel the timing of ``points`` will run, each once, in timing order."""
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    tasks, seen = [], set()
+    for p in points:
+        c = p.group.config
+        for cfg in p.candidates:
+            t_w = warmup_tokens(p.num_tokens, c.top_k, c.num_experts, cfg.block_m)
+            if t_w is not None and (p.group.key, cfg, t_w) not in seen:
+                seen.add((p.group.key, cfg, t_w))
+                tasks.append(WarmTask(c, name, t_w, cfg))
+            align = (c.top_k, c.num_experts, cfg.block_m, p.num_tokens)
+            if p.num_tokens * c.top_k <= ONE_PROGRAM_MAX_SLOTS and ("align", align) not in seen:
+                seen.add(("align", align))
+                tasks.append(WarmTask(c, name, p.num_tokens, cfg, align_only=True, num_experts=c.num_experts))
+    return tasks
+
+
+def partition(items: list, num_workers: int, chunks_per_worker: int = 8) -> list[list]:
+    """``items`` in order, cut into about ``num_workers * chunks_per_worker`` consecutive chunks whose sizes
+    differ by at most one (many small chunks: the pool balances them, and a budget cut waits for one chunk).
+    Raises ValueError for num_workers < 1."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers: expected >= 1, got {num_workers}")
+    if not items:
+        return []
+    n = min(len(items), num_workers * chunks_per_worker)
+    size, extra = divmod(len(items), n)
+    chunks, start = [], 0
+    for i in range(n):
+        end = start + size + (i < extra)
+        chunks.append(items[start:end])
+        start = end
+    return chunks
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # 16 workers on 16 cores: the compiler is the work, not torch's CPU ops
+
+
+def run_warm_task(task: WarmTask, device: str) -> None:
+    """Run ``task`` once on ``device`` (compiles its kernels into the Triton cache). Raises what the launch raises."""
+    from tilemoe.ops.align import moe_align
     from tilemoe.ops.fused_experts import fused_experts
-    from tilemoe.testing import make_weights, relative_error
 
-    config = MoEConfig.from_pretrained(model)
+    c, dtype = task.config, DTYPES[task.dtype]
+    ids = torch.zeros(task.num_tokens, c.top_k, dtype=torch.int32, device=device)
+    if task.align_only:
+        moe_align(ids, task.num_experts, task.kernel_config.block_m)
+        return
+    e, h, i = task.num_experts, c.hidden_size, c.intermediate_size
+    x = torch.zeros(task.num_tokens, h, dtype=dtype, device=device)
+    w13 = torch.zeros(e, c.w13_rows, h, dtype=dtype, device=device)
+    w2 = torch.zeros(e, h, i, dtype=dtype, device=device)
+    b13 = torch.zeros(e, c.w13_rows, dtype=dtype, device=device) if c.expert_bias else None
+    b2 = torch.zeros(e, h, dtype=dtype, device=device) if c.expert_bias else None
+    weights = torch.full((task.num_tokens, c.top_k), 1.0 / c.top_k, dtype=torch.float32, device=device)
+    fused_experts(x, w13, w2, weights, ids, config=c, b13=b13, b2=b2, kernel_config=task.kernel_config)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def warm_chunk(tasks: list[WarmTask]) -> list[str | None]:
+    """Worker entry: each task run once on the GPU (CPU without one); per task None or the error text."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = []
+    for task in tasks:
+        try:
+            run_warm_task(task, device)
+            out.append(None)
+        except Exception as error:  # a config that does not fit (shared memory, registers) is a result here
+            out.append(f"{type(error).__name__}: {str(error)[:200]}")
+    return out
+
+
+@dataclass
+class WarmupReport:
+    tasks: int = 0
+    done: int = 0
+    cancelled: int = 0
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    workers: int = 0
+
+
+def warm_up(tasks: list[WarmTask], num_workers: int, deadline: float | None = None) -> WarmupReport:
+    """Run ``tasks`` in ``num_workers`` spawned processes (CUDA needs spawn), until done or ``deadline``
+    (``time.monotonic``): then the chunks not started are cancelled and the running ones finish."""
+    report = WarmupReport(tasks=len(tasks))
+    start = time.monotonic()
+    chunks = partition(tasks, num_workers)
+    if not chunks:
+        return report
+    report.workers = min(num_workers, len(chunks))
+    spawn = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(report.workers, mp_context=spawn, initializer=_worker_init)
+    futures = {pool.submit(warm_chunk, chunk): chunk for chunk in chunks}
+    try:
+        wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for future, chunk in futures.items():
+        if future.cancelled():
+            report.cancelled += len(chunk)
+            continue
+        try:
+            results = future.result()
+        except Exception as error:  # a worker died (BrokenProcessPool): its chunk is left to the main process
+            report.errors.append(f"{len(chunk)} tasks lost: {type(error).__name__}: {error}")
+            continue
+        report.done += len(chunk)
+        report.errors.extend(
+            f"{t.config.name} T={t.num_tokens} {t.kernel_config}: {r}" for t, r in zip(chunk, results) if r
+        )
+    report.seconds = time.monotonic() - start
+    return report
+
+
+# ------------------------------------------------------------------------------------------------- timing
+class Budget:
+    """A wall-clock budget from now (None: unlimited); ``clock`` is injectable for tests."""
+
+    def __init__(self, seconds: float | None, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.start = clock()
+        self.deadline = None if seconds is None else self.start + seconds
+
+    def left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - self.clock()
+
+    def expired(self) -> bool:
+        return self.left() <= 0
+
+    def at(self, share: float) -> float | None:
+        """The clock time ``share`` of the way through the budget (None when unlimited)."""
+        return None if self.deadline is None else self.start + share * (self.deadline - self.start)
+
+
+def point_slice(budget: Budget, points_left: int) -> float:
+    """Seconds one point may take: 1.5x its even share of what is left, so large-T points can borrow what
+    small-T points (earlier in each group) did not use."""
+    return 1.5 * budget.left() / max(1, points_left)
+
+
+def search_point(point: TunePoint, measure, budget: Budget, slice_s: float) -> None:
+    """Time ``point.candidates`` in order with ``measure(cfg) -> seconds`` (raises on a wrong or failing
+    candidate) and record the best. The heuristic (first) is always timed; the others while the point's slice
+    and the budget last. Sets status "tuned", "cut" or "failed" (the heuristic failed: nothing to compare to)."""
+    start = budget.clock()
+    for n, cfg in enumerate(point.candidates):
+        if n > 0 and (budget.expired() or budget.clock() - start > slice_s):
+            point.status = "cut"
+            return
+        try:
+            seconds = measure(cfg)
+        except Exception as error:
+            point.errors.append(f"{cfg}: {type(error).__name__}: {str(error)[:300]}")
+            if n == 0:
+                point.status = "failed"
+                return
+            continue
+        point.timed += 1
+        if n == 0:
+            point.heuristic_s = seconds
+        if point.best_s is None or seconds < point.best_s:
+            point.best, point.best_s = cfg, seconds
+    point.status = "tuned"
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    # On the device: a float64 copy to the host costs ~1 s per call at T=16384, H=7168.
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _device_weights(config: MoEConfig, dtype: torch.dtype, device: torch.device):
+    # Drawn in ``dtype`` directly: an fp32 draw of Kimi-K2's w13 (45 GB) would not fit beside it.
+    def rnd(*shape, scale):
+        return torch.empty(*shape, dtype=dtype, device=device).normal_(0.0, scale)
+
+    h, i, e = config.hidden_size, config.intermediate_size, config.num_experts
+    w13, w2 = rnd(e, config.w13_rows, h, scale=h**-0.5), rnd(e, h, i, scale=i**-0.5)
+    if not config.expert_bias:
+        return w13, w2, None, None
+    return w13, w2, rnd(e, config.w13_rows, scale=0.1), rnd(e, h, scale=0.1)
+
+
+class _Measure:
+    """``measure(cfg) -> seconds`` for ``search_point`` at one point; ``misses[0]`` counts the first calls that
+    compiled in this process."""
+
+    def __init__(self, args: tuple, kwargs: dict, num_tokens: int, dtype: torch.dtype, ref, misses: list[int]):
+        self.args, self.kwargs, self.num_tokens, self.dtype, self.ref = args, kwargs, num_tokens, dtype, ref
+        self.misses = misses
+
+    def __call__(self, cfg: KernelConfig) -> float:
+        from tilemoe.ops.fused_experts import fused_experts
+
+        def call():
+            return fused_experts(*self.args, kernel_config=cfg, **self.kwargs)
+
+        first = time.monotonic()
+        out = call().float()
+        torch.cuda.synchronize()
+        if time.monotonic() - first > FIRST_CALL_MISS_S:
+            self.misses[0] += 1
+        if self.ref is None:  # the heuristic's output: the reference of the others above REFERENCE_MAX_TOKENS
+            self.ref = out
+        err = _relative_error(out, self.ref)
+        if not err <= REL_TOL[self.dtype]:  # also catches NaN
+            raise ValueError(f"relative error {err:.2e} > {REL_TOL[self.dtype]:.0e}")
+        return time_call(call, self.num_tokens)
+
+
+def search_points(points: list[TunePoint], measure_for, budget: Budget, points_left: int, log=print) -> None:
+    """``search_point`` on each point in turn, ``measure_for(point)`` giving its measure; ``points_left``: points
+    still to go in the whole run (this list included), for the slices. Points reached after the budget ran out
+    are marked "skipped"."""
+    for point in points:
+        if budget.expired():
+            point.status = "skipped"
+        else:
+            search_point(point, measure_for(point), budget, point_slice(budget, points_left))
+            log(_point_line(point))
+        points_left -= 1
+
+
+def tune_group(points: list[TunePoint], dtype: torch.dtype, budget: Budget, points_left: int, log=print) -> int:
+    """Time the points of one shape group (weights built once), ``points_left`` points to go in all.
+    Returns how many first calls compiled in this process (warm-up misses)."""
+    from tilemoe.bench.scenarios import make_routing_for
+    from tilemoe.ops.fused_experts import fused_experts_torch
+
+    config = points[0].group.config
     device = torch.device("cuda")
-    e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+    w13, w2, b13, b2 = _device_weights(config, dtype, device)
+    kwargs = dict(config=config, b13=b13, b2=b2)
     gen = torch.Generator().manual_seed(0)
-    w13, w2, b13, b2 = make_weights(config, dtype=dtype, device=device).values()
-    table = {}
-    for t in token_counts:
-        x = torch.randn(t, h, generator=gen).to(device, dtype)
+    misses = [0]
+
+    def measure_for(point: TunePoint) -> _Measure:
+        t = point.num_tokens
+        x = torch.randn(t, config.hidden_size, device=device, dtype=torch.float32).to(dtype)
         tw, ti = make_routing_for("random", t, config, generator=gen, x=x, device=device)
-        tw, ti = tw.float().contiguous(), ti.to(torch.int32).contiguous()
-        shape = MoEShape(t, e, config.top_k, h, i)
-        base = heuristic_config(shape, dtype)
-        ref = fused_experts(x, w13, w2, tw, ti, config=config, b13=b13, b2=b2, kernel_config=base).float()
-        timer = graph_seconds if t <= 256 else bench_seconds
-        results = []
-        for cand in [base, *[c for c in CANDIDATES if c != base]]:
+        args = (x, w13, w2, tw.float().contiguous(), ti.to(torch.int32).contiguous())
+        ref = fused_experts_torch(*args, **kwargs).float() if t <= REFERENCE_MAX_TOKENS else None
+        return _Measure(args, kwargs, t, dtype, ref, misses)
 
-            def run(cand=cand, x=x, tw=tw, ti=ti):
-                return fused_experts(x, w13, w2, tw, ti, config=config, b13=b13, b2=b2, kernel_config=cand)
-
-            err = relative_error(run(), ref)
-            if err > 2e-2:
-                raise RuntimeError(f"tune: {model} T={t} {cand}: relative error {err:.2e} vs the heuristic config")
-            results.append((timer(run), cand))
-        best_s, best = min(results, key=lambda r: r[0])
-        base_s = results[0][0]
-        table[shape_key(shape, dtype)] = best.to_dict()
-        if verbose:
-            print(
-                f"{model} T={t}: best {best_s * 1e6:.1f} us (heuristic {base_s * 1e6:.1f} us, "
-                f"{base_s / best_s:.2f}x) {best}",
-                flush=True,
-            )
-    return table
+    search_points(points, measure_for, budget, points_left, log)
+    return misses[0]
 
 
+def _point_line(p: TunePoint) -> str:
+    models = "/".join(p.group.models)
+    if p.best_s is None:
+        return f"{models} T={p.num_tokens}: {p.status} ({'; '.join(p.errors)[:400]})"
+    line = (
+        f"{models} T={p.num_tokens}: best {p.best_s * 1e6:.1f} us (heuristic {p.heuristic_s * 1e6:.1f} us, "
+        f"{p.heuristic_s / p.best_s:.2f}x; {p.timed}/{len(p.candidates)} timed) {p.best}"
+    )
+    if p.status == "cut":
+        line += " [budget: best so far]"
+    if p.errors:
+        line += f" [{len(p.errors)} candidates failed: {p.errors[0][:200]}]"
+    return line
+
+
+# ------------------------------------------------------------------------------------------------- table
+def merge_table(path: Path, device: str, configs: dict[str, dict], measured: dict[str, dict] | None = None) -> dict:
+    """Merge ``configs`` (shape key -> KernelConfig dict) into the table file at ``path`` (created when absent),
+    keeping its other keys; record device, torch/triton versions and the UTC date. Written atomically.
+
+    Raises ValueError when the file holds another device's table.
+    """
+    import triton
+
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if data.get("device", device) != device:
+        raise ValueError(f"{path}: expected a table of device {device!r}, got one of {data['device']!r}")
+    data["device"] = device
+    data["torch"] = torch.__version__
+    data["triton"] = triton.__version__
+    data["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    data.setdefault("configs", {}).update(configs)
+    if measured:
+        data.setdefault("measured", {}).update(measured)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return data
+
+
+def _results(points: list[TunePoint]) -> tuple[dict[str, dict], dict[str, dict]]:
+    configs, measured = {}, {}
+    for p in points:
+        if p.best is None:
+            continue
+        configs[p.table_key] = p.best.to_dict()
+        measured[p.table_key] = {
+            "models": p.group.models, "tokens": p.num_tokens, "best_us": round(p.best_s * 1e6, 2),
+            "heuristic_us": round(p.heuristic_s * 1e6, 2), "timed": p.timed, "candidates": len(p.candidates),
+            "complete": p.status == "tuned",
+        }  # fmt: skip
+    return configs, measured
+
+
+def tune_model(model: str, token_counts: list[int], dtype: torch.dtype, verbose: bool = True) -> dict[str, dict]:
+    """Best config per shape key for ``model`` on the current GPU (no warm-up, no budget): {key: config dict}."""
+    points = plan_points(group_shapes([model]), token_counts, dtype)
+    tune_group(points, dtype, Budget(None), len(points), log=print if verbose else lambda *a: None)
+    return _results(points)[0]
+
+
+# ------------------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("tune", help="search fused-MoE kernel configs on this GPU, write tuning tables")
-    parser.add_argument("--model", nargs="+", required=True, help="preset names or config.json paths")
-    parser.add_argument("--num-tokens", nargs="+", type=int, default=[1, 8, 64, 256, 1024, 4096, 16384])
+    parser.add_argument("--model", nargs="+", default=[], help='preset names, config.json paths, or "all"')
+    parser.add_argument("--models-from", default=None, help="file with one model per line (# comments)")
+    parser.add_argument("--num-tokens", nargs="+", type=int, default=TOKEN_COUNTS)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--write", action="store_true", help="merge the results into the package's table")
-    parser.add_argument("--output", default=None, help="write the table JSON here instead")
+    parser.add_argument("--write", action="store_true", help="merge the results into this device's package table")
+    parser.add_argument("--out", "--output", dest="output", default=None, help="merge into this table file instead")
+    parser.add_argument("--budget-s", type=float, default=None, help="wall-clock limit of the whole search")
+    parser.add_argument(
+        "--workers", type=int, default=min(16, os.cpu_count() or 1), help="compile warm-up processes (0: none)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (shapes, points, compiles) and stop")
     parser.set_defaults(run=run)
 
 
+def add_table_candidates(points: list[TunePoint], paths: list[Path]) -> int:
+    """Put each point's entry in the table files ``paths`` (those that exist) second in its candidates, so a
+    re-tune never writes a config slower than the one in use. Returns how many were added."""
+    added = 0
+    for path in dict.fromkeys(paths):
+        if not path.exists():
+            continue
+        current = json.loads(path.read_text()).get("configs", {})
+        for p in points:
+            try:
+                cfg = KernelConfig.from_dict(current[p.table_key]) if p.table_key in current else None
+            except (TypeError, ValueError):
+                cfg = None  # written by another KernelConfig version
+            if cfg is not None and cfg not in p.candidates:
+                p.candidates.insert(1, cfg)
+                added += 1
+    return added
+
+
 def run(args) -> int:
+    budget = Budget(args.budget_s)
+    dtype = DTYPES[args.dtype]
+    try:
+        models = resolve_models(args.model, args.models_from)
+        groups = group_shapes(models)
+        points = plan_points(groups, args.num_tokens, dtype)
+    except (ValueError, OSError) as error:
+        print(f"tilemoe tune: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        _print_plan(models, groups, points, warmup_tasks(points, dtype))
+        for p in points:
+            print(f"  {p.table_key} {'/'.join(p.group.models)}: {len(p.candidates)} candidates")
+        return 0
     if not torch.cuda.is_available():
         print("tilemoe tune: needs a CUDA GPU", file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name()
-    path = table_path(name) if args.output is None else Path(args.output)
-    data = json.loads(path.read_text()) if path.exists() else {"device": name, "configs": {}}
-    for model in args.model:
-        data["configs"].update(tune_model(model, args.num_tokens, DTYPES[args.dtype]))
-        if args.write or args.output:  # after each model, so a cut-off run keeps what it found
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    if args.write or args.output:
-        print(f"wrote {len(data['configs'])} configs to {path}")
-    return 0
+    path = Path(args.output) if args.output else table_path(name)
+    writing = args.write or args.output is not None
+    add_table_candidates(points, [table_path(name), path])
+    tasks = warmup_tasks(points, dtype)
+    _print_plan(models, groups, points, tasks)
+    if args.workers > 0:
+        report = warm_up(tasks, args.workers, deadline=budget.at(WARMUP_SHARE))
+        print(
+            f"warm-up: {report.done}/{report.tasks} launches in {report.seconds:.0f} s on {report.workers} workers"
+            f", {len(report.errors)} failed, {report.cancelled} cut by the budget",
+            flush=True,
+        )
+        for error in report.errors[:10]:
+            print(f"  warm-up error: {error}")
+    misses = 0
+    by_group: dict[int, list[TunePoint]] = {}
+    for p in points:
+        by_group.setdefault(id(p.group), []).append(p)
+    left = len(points)
+    for group_points in by_group.values():
+        misses += tune_group(group_points, dtype, budget, left)
+        torch.cuda.empty_cache()  # the next shape's weights (up to 34 GB for Kimi-K2) need the room
+        left -= len(group_points)
+        configs, measured = _results(group_points)
+        if writing and configs:  # after each shape, so a run cut off from outside keeps what it found
+            merge_table(path, name, configs, measured)
+    _summary(points, budget, misses, path if writing else None)
+    return 1 if any(p.status == "failed" for p in points) else 0
+
+
+def _print_plan(models, groups, points, tasks) -> None:
+    print(
+        f"tune: {len(models)} models -> {len(groups)} shapes, {len(points)} points, "
+        f"{sum(len(p.candidates) for p in points)} timings, {len(tasks)} warm-up launches",
+        flush=True,
+    )
+
+
+def _summary(points: list[TunePoint], budget: Budget, misses: int, path: Path | None) -> None:
+    count = {s: sum(p.status == s for p in points) for s in ("tuned", "cut", "skipped", "failed")}
+    gains = [p.heuristic_s / p.best_s for p in points if p.best_s]
+    print("== tune summary ==")
+    print(
+        f"{len(points)} points in {budget.clock() - budget.start:.0f} s: {count['tuned']} tuned, {count['cut']} cut "
+        f"by the budget (best so far kept), {count['skipped']} not reached (table entry / heuristic kept), "
+        f"{count['failed']} failed"
+    )
+    if gains:
+        print(f"best vs heuristic: median {sorted(gains)[len(gains) // 2]:.2f}x, max {max(gains):.2f}x")
+    if misses:
+        print(f"{misses} first calls compiled in the timing loop (the warm-up missed their specialization)")
+    for p in points:
+        if p.status in ("skipped", "failed"):
+            print(f"  {p.status}: {p.table_key} {'/'.join(p.group.models)} {'; '.join(p.errors)[:200]}")
+    if path is not None:
+        print(f"table: {path}")

@@ -1,0 +1,324 @@
+"""tilemoe tune: plan (dedup, candidates, pruning), warm-up (specialization match, partitioning, worker path),
+budget cut-off, table merge; one end-to-end run on the GPU."""
+
+import json
+import time
+
+import pytest
+import torch
+
+import tilemoe.tune_cli as tune
+import tilemoe.tuning as tuning
+from tilemoe.cli import main
+from tilemoe.config import MoEConfig
+from tilemoe.tuning import KernelConfig, MoEShape, heuristic_config, pick_config
+
+
+def _config(**changes) -> MoEConfig:
+    base = dict(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32)
+    return MoEConfig(**{**base, **changes})
+
+
+# ------------------------------------------------------------------------------------------------- plan
+def test_group_shapes_dedups_kernel_shapes():
+    configs = {
+        "a": _config(),
+        "b": _config(name="b"),  # same kernel shape as "a": tuned once
+        "c": _config(activation="gelu"),  # same E/K/H/I but another kernel: its own group
+        "d": _config(num_experts=16),
+    }
+    groups = tune.group_shapes(["a", "b", "c", "d", "a"], configs)
+    assert [g.models for g in groups] == [["a", "b"], ["c"], ["d"]]
+
+
+def test_plan_points_one_per_table_key():
+    configs = {"a": _config(), "c": _config(activation="gelu"), "d": _config(num_experts=16)}
+    logged = []
+    groups = tune.group_shapes(["a", "c", "d"], configs)
+    # 100 and 128 share the T128 bucket; "c" shares every key of "a" (the key has no activation)
+    points = tune.plan_points(groups, [128, 1, 100, 8], torch.bfloat16, log=logged.append)
+    keys = [p.table_key for p in points]
+    assert len(keys) == len(set(keys)) == 6
+    assert [(p.group.models, p.num_tokens) for p in points] == [
+        (["a"], 1), (["a"], 8), (["a"], 100), (["d"], 1), (["d"], 8), (["d"], 100),
+    ]  # fmt: skip
+    assert len(logged) == 1 and all("shares table key" in line for line in logged)
+    with pytest.raises(ValueError, match="num_tokens"):
+        tune.plan_points(groups, [0, 8], torch.bfloat16)
+
+
+def test_resolve_models(tmp_path):
+    listed = tmp_path / "models.txt"
+    listed.write_text("# chosen\nmixtral-8x7b\n\nqwen3-30b-a3b  # trailing comment\n")
+    assert tune.resolve_models(["olmoe-1b-7b"], str(listed)) == ["olmoe-1b-7b", "mixtral-8x7b", "qwen3-30b-a3b"]
+    everything = tune.resolve_models(["all", "mixtral-8x7b"])
+    assert len(everything) == len(set(everything)) == 17 and "kimi-k2" in everything
+    with pytest.raises(ValueError, match="models"):
+        tune.resolve_models([])
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        MoEShape(1, 128, 8, 2048, 768),  # decode, many experts: only 16-row tiles survive
+        MoEShape(64, 8, 2, 4096, 14336),  # few large experts, 16 rows each
+        MoEShape(16384, 128, 8, 2048, 768),  # 1024 rows per expert: no small tiles
+    ],
+)
+def test_candidate_configs(shape):
+    cands = tune.candidate_configs(shape, torch.bfloat16)
+    assert cands[0] == heuristic_config(shape, torch.bfloat16)
+    assert len(cands) == len(set(cands)) >= 2
+    rows = shape.num_tokens * shape.top_k / shape.num_experts
+    for cfg in cands[1:]:
+        assert rows / 16 <= cfg.block_m <= max(16, 4 * rows)
+    pruned = [c for c in tune.CANDIDATES if c not in cands]
+    assert all(not rows / 16 <= c.block_m <= max(16, 4 * rows) for c in pruned if c != cands[0])
+
+
+# ------------------------------------------------------------------------------------------------ warm-up
+def _triton_int_key(value: int):
+    """Triton's own specialization of an int argument (3.6+: native_specialize_impl)."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    if not hasattr(libtriton, "native_specialize_impl"):
+        pytest.skip("this Triton has no native_specialize_impl")
+    from triton.backends.compiler import BaseBackend
+
+    return libtriton.native_specialize_impl(BaseBackend, value, False, True, True)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 6, 8])
+@pytest.mark.parametrize("num_experts", [8, 60, 128, 384])
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+def test_warmup_tokens_match_triton_specialization(top_k, num_experts, block_m):
+    for t in tune.TOKEN_COUNTS:
+        t_w = tune.warmup_tokens(t, top_k, num_experts, block_m)
+        assert t_w is not None and t_w <= tune.WARMUP_MAX_TOKENS
+        real = tune.launch_ints(t, top_k, num_experts, block_m)
+        warm = tune.launch_ints(t_w, top_k, 1, block_m)
+        assert [_triton_int_key(v) for v in warm] == [_triton_int_key(v) for v in real], (t, t_w, real, warm)
+
+
+def test_warmup_tasks_cover_every_candidate_once():
+    groups = tune.group_shapes(["a", "d"], {"a": _config(), "d": _config(num_experts=16, top_k=4)})
+    points = tune.plan_points(groups, [1, 8, 64, 4096], torch.float16)
+    tasks = tune.warmup_tasks(points, torch.float16)
+    gemm = {(t.config.num_experts, t.kernel_config, t.num_tokens) for t in tasks if not t.align_only}
+    assert len(gemm) == sum(not t.align_only for t in tasks)  # no launch twice
+    for p in points:
+        c = p.group.config
+        for cfg in p.candidates:
+            t_w = tune.warmup_tokens(p.num_tokens, c.top_k, c.num_experts, cfg.block_m)
+            assert (c.num_experts, cfg, t_w) in gemm
+    aligns = [t for t in tasks if t.align_only]
+    assert all(t.num_experts == t.config.num_experts for t in aligns)
+    assert all(t.num_tokens * t.config.top_k <= tune.ONE_PROGRAM_MAX_SLOTS for t in aligns)
+    assert {t.dtype for t in tasks} == {"fp16"}
+
+
+@pytest.mark.parametrize("num_items", [0, 1, 5, 37, 200])
+@pytest.mark.parametrize("num_workers", [1, 3, 16])
+def test_partition(num_items, num_workers):
+    items = list(range(num_items))
+    chunks = tune.partition(items, num_workers, chunks_per_worker=4)
+    assert [i for chunk in chunks for i in chunk] == items  # every item once, in order
+    assert len(chunks) == min(num_items, num_workers * 4)
+    if chunks:
+        sizes = [len(c) for c in chunks]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_partition_bad_workers():
+    with pytest.raises(ValueError, match="num_workers"):
+        tune.partition([1, 2], 0)
+
+
+def _tiny_tasks(n: int) -> list:
+    config = _config(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
+    cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16)
+    tasks = [tune.WarmTask(config, "fp32", t, cfg) for t in range(1, n + 1)]
+    return tasks + [tune.WarmTask(config, "fp32", 3, cfg, align_only=True, num_experts=4)]
+
+
+def test_warm_chunk_runs_tasks_and_reports_errors(monkeypatch):
+    tasks = _tiny_tasks(2)
+    assert tune.warm_chunk(tasks) == [None, None, None]
+    real = tune.run_warm_task
+
+    def flaky(task, device):
+        if task.num_tokens == 2 and not task.align_only:
+            raise RuntimeError("out of shared memory")
+        real(task, device)
+
+    monkeypatch.setattr(tune, "run_warm_task", flaky)
+    results = tune.warm_chunk(tasks)
+    assert results[0] is None and results[2] is None
+    assert "RuntimeError: out of shared memory" in results[1]
+
+
+def test_warm_up_spawned_workers():
+    tasks = _tiny_tasks(3)
+    report = tune.warm_up(tasks, num_workers=2)
+    assert (report.tasks, report.done, report.cancelled, report.errors, report.workers) == (4, 4, 0, [], 2)
+
+
+def test_warm_up_deadline_cancels_the_rest():
+    tasks = _tiny_tasks(30)
+    report = tune.warm_up(tasks, num_workers=1, deadline=time.monotonic())
+    # chunks already handed to the (still starting) worker run; the others are cancelled
+    assert report.done + report.cancelled == report.tasks == 31
+    assert report.cancelled > 0 and report.errors == []
+
+
+# ------------------------------------------------------------------------------------------------- budget
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _points(n_points: int, n_cands: int) -> list:
+    group = tune.ShapeGroup(("k",), _config(), ["m"])
+    cands = [KernelConfig(block_m=16 << (i % 4), num_warps1=1 + i) for i in range(n_cands)]
+    return [tune.TunePoint(group, t + 1, f"key{t}", list(cands)) for t in range(n_points)]
+
+
+def test_search_point_keeps_best_and_errors():
+    clock = _Clock()
+    (point,) = _points(1, 4)
+    secs = {point.candidates[0]: 3.0, point.candidates[1]: 2.0, point.candidates[3]: 2.5}
+
+    def measure(cfg):
+        clock.now += 1
+        if cfg not in secs:
+            raise ValueError("relative error 1.0e+00 > 2e-02")
+        return secs[cfg]
+
+    tune.search_point(point, measure, tune.Budget(None, clock), slice_s=100)
+    assert point.status == "tuned" and point.timed == 3
+    assert (point.best, point.best_s, point.heuristic_s) == (point.candidates[1], 2.0, 3.0)
+    assert len(point.errors) == 1 and "relative error" in point.errors[0]
+
+
+def test_search_point_heuristic_failure():
+    (point,) = _points(1, 3)
+
+    def measure(cfg):
+        raise RuntimeError("boom")
+
+    tune.search_point(point, measure, tune.Budget(None), slice_s=100)
+    assert point.status == "failed" and point.best is None and point.timed == 0
+
+
+def test_budget_cut_off():
+    clock = _Clock()
+    budget = tune.Budget(10.0, clock)
+    points = _points(4, 5)
+    points[0].candidates = points[0].candidates[:2]
+    timed = []
+
+    def measure_for(point):
+        def measure(cfg):
+            timed.append((point.table_key, cfg))
+            clock.now += 1.0
+            return 100.0 - len(timed)  # later candidates faster: best = last timed
+
+        return measure
+
+    lines = []
+    tune.search_points(points, measure_for, budget, points_left=4, log=lines.append)
+    # 1 s per candidate; slices 1.5 x (left / points left): 3.75 s (2 candidates: done at 2 s), 4 s (5 timed by
+    # 7 s), 2.25 s (3 timed, then the budget is out at 10 s), then nothing left for the 4th point
+    assert [p.status for p in points] == ["tuned", "tuned", "cut", "skipped"]
+    assert [p.timed for p in points] == [2, 5, 3, 0] and clock.now == 10.0
+    for p in points:
+        if p.status == "skipped":
+            assert p.best is None and p.timed == 0
+        else:
+            assert p.heuristic_s is not None and p.best == p.candidates[p.timed - 1]
+    assert any("budget: best so far" in line for line in lines)
+    configs, measured = tune._results(points)
+    assert set(configs) == {p.table_key for p in points if p.status != "skipped"}
+    assert all(measured[p.table_key]["complete"] == (p.status == "tuned") for p in points if p.best)
+
+
+def test_point_slice_lets_late_points_borrow():
+    clock = _Clock()
+    budget = tune.Budget(100.0, clock)
+    assert tune.point_slice(budget, 10) == pytest.approx(15.0)
+    clock.now = 90.0
+    assert tune.point_slice(budget, 1) == pytest.approx(15.0)
+    assert tune.point_slice(tune.Budget(None), 3) == float("inf")
+    assert tune.Budget(100.0, clock).at(0.5) == pytest.approx(140.0)
+
+
+# ------------------------------------------------------------------------------------------------- table
+def test_merge_table_keeps_other_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path)
+    tuning._load_table.cache_clear()
+    path = tuning.table_path("Test GPU 7")
+    shape = MoEShape(64, 8, 2, 4096, 14336)
+    key = tuning.shape_key(shape, torch.bfloat16)
+    old = KernelConfig(block_m=32)
+    path.write_text(json.dumps({"device": "Test GPU 7", "configs": {"other": old.to_dict(), key: old.to_dict()}}))
+    new = KernelConfig(block_m=64, block_n1=128)
+    data = tune.merge_table(path, "Test GPU 7", {key: new.to_dict()}, {key: {"best_us": 1.0}})
+    on_disk = json.loads(path.read_text())
+    assert on_disk == data
+    assert on_disk["configs"] == {"other": old.to_dict(), key: new.to_dict()}
+    assert on_disk["measured"] == {key: {"best_us": 1.0}}
+    assert on_disk["device"] == "Test GPU 7" and on_disk["torch"] == torch.__version__
+    assert on_disk["triton"] and on_disk["date"].endswith("+00:00")
+    try:
+        assert pick_config(shape, torch.bfloat16, "Test GPU 7") == new
+    finally:
+        tuning._load_table.cache_clear()
+    with pytest.raises(ValueError, match="device"):
+        tune.merge_table(path, "Other GPU", {key: new.to_dict()})
+    fresh = tmp_path / "sub" / "fresh.json"
+    assert tune.merge_table(fresh, "Test GPU 7", {key: new.to_dict()})["configs"] == {key: new.to_dict()}
+
+
+def test_add_table_candidates(tmp_path):
+    points = _points(2, 3)
+    current = KernelConfig(block_m=128, block_n1=256)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"configs": {"key0": current.to_dict(), "key1": {"block_mm": 3}}}))
+    assert tune.add_table_candidates(points, [path, tmp_path / "missing.json", path]) == 1
+    assert points[0].candidates[1] == current and len(points[0].candidates) == 4
+    assert len(points[1].candidates) == 3  # an entry of another KernelConfig version is ignored
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def test_cli_dry_run_all(capsys):
+    assert main(["tune", "--model", "all", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "17 models -> 17 shapes, 119 points" in out
+    assert "E384_K8_H7168_I2048_bf16_T16384 kimi-k2" in out
+
+
+def test_cli_errors(capsys):
+    assert main(["tune", "--model", "mixtral-8x7b", "--num-tokens", "0", "--dry-run"]) == 2
+    assert "num_tokens" in capsys.readouterr().err
+    assert main(["tune", "--dry-run"]) == 2
+    if not torch.cuda.is_available():
+        assert main(["tune", "--model", "mixtral-8x7b"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_tune_end_to_end_gpu(tmp_path, capsys):
+    out = tmp_path / "table.json"
+    argv = ["tune", "--model", "olmoe-1b-7b", "mixtral-8x7b", "--num-tokens", "1", "300", "--out", str(out)]
+    assert main([*argv, "--budget-s", "120", "--workers", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "warm-up: " in text and "== tune summary ==" in text
+    data = json.loads(out.read_text())
+    assert data["device"] == torch.cuda.get_device_name()
+    assert len(data["configs"]) == 4 and set(data["measured"]) == set(data["configs"])
+    for key, cfg in data["configs"].items():
+        KernelConfig.from_dict(cfg)
+        assert data["measured"][key]["best_us"] <= data["measured"][key]["heuristic_us"]
+    assert "first calls compiled in the timing loop" not in text  # the warm-up compiled what was timed
