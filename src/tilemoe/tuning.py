@@ -33,6 +33,11 @@ class KernelConfig:
 
     GEMM 1 tiles its I gate columns (and the matching up columns) by ``block_n1``, H by ``block_k1``;
     GEMM 2 tiles H by ``block_n2``, I by ``block_k2``. All block sizes are powers of two >= 16.
+    ``tma``: weight tiles through TMA tensor descriptors (Hopper+; the launcher falls back to pointer loads
+    where the layout does not allow it). ``persistent``: one program per SM walking the tiles.
+    ``decode``: the decode kernels (``ops/_kernels/_decode.py``: one row per slot, no alignment or padding, the
+    sum over K inside GEMM 2) with ``block_n*`` / ``block_k*`` / ``num_warps*`` as their tiles; ``block_m`` and the
+    stage and group fields are then unused.
     """
 
     block_m: int = 64
@@ -46,6 +51,9 @@ class KernelConfig:
     group_m2: int = 8
     num_warps2: int = 4
     num_stages2: int = 3
+    tma: bool = False
+    persistent: bool = False
+    decode: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -56,6 +64,11 @@ class KernelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
+        for name in ("tma", "persistent", "decode"):
+            value = getattr(self, name)
+            if value not in (True, False):  # 0 / 1 from a table or the custom op's int list
+                raise ValueError(f"KernelConfig.{name}: expected a bool, got {value!r}")
+            object.__setattr__(self, name, bool(value))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,9 +151,11 @@ def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
             block_m=64, block_n1=64, block_k1=32, group_m1=8, num_warps1=4, num_stages1=3,
             block_n2=128, block_k2=32, group_m2=8, num_warps2=4, num_stages2=3,
         )  # fmt: skip
+    # TMA weight boxes and 4 stages: GEMM 1 541 vs 594 us (FlashMoE's shape, T=8192), 1435 vs 1507 us
+    # (qwen3-30b-a3b, T=16384) on an H100 (bench/NOTES.md, version 3); a persistent grid gave nothing there.
     return KernelConfig(
-        block_m=128, block_n1=128, block_k1=64, group_m1=8, num_warps1=8, num_stages1=3,
-        block_n2=256, block_k2=64, group_m2=8, num_warps2=8, num_stages2=3,
+        block_m=128, block_n1=128, block_k1=64, group_m1=8, num_warps1=8, num_stages1=4,
+        block_n2=256, block_k2=64, group_m2=8, num_warps2=8, num_stages2=4, tma=True,
     )  # fmt: skip
 
 

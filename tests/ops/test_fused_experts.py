@@ -97,3 +97,80 @@ def test_tile_multiples_take_the_unmasked_loop(gated, generator):
     # H and I multiples of every block of SMALL: EVEN_K and EVEN_N, the loads without masks
     config = MoEConfig(num_experts=3, top_k=2, hidden_size=64, intermediate_size=32, gated=gated, expert_bias=True)
     _run_case(config, 21, torch.float16, generator, kernel_config=SMALL)
+
+
+# weights through TMA descriptors and/or a persistent grid (3 programs walking the tiles in the interpreter)
+TMA = [
+    dict(tma=True),
+    dict(persistent=True),
+    dict(tma=True, persistent=True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", TMA)
+@pytest.mark.parametrize(
+    "hidden, inter, gated",
+    [
+        (48, 40, True),  # H, I not multiples of the 16/32 tiles: zero-filled boxes past H / I, masked stores
+        (64, 32, True),  # multiples: the unmasked loop
+        (40, 24, False),  # plain MLP: one weight box per k-step
+    ],
+)
+def test_tma_and_persistent(options, hidden, inter, gated, dtype, generator):
+    config = MoEConfig(num_experts=7, top_k=3, hidden_size=hidden, intermediate_size=inter, gated=gated,
+                       expert_bias=True)  # fmt: skip
+    cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2,
+                       num_stages2=2, **options)  # fmt: skip
+    _run_case(config, 45, dtype, generator, kernel_config=cfg)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1])
+def test_persistent_tma_tiny_batches(num_tokens, generator):
+    config = MoEConfig(num_experts=5, top_k=2, hidden_size=32, intermediate_size=16)
+    cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, tma=True, persistent=True)
+    _run_case(config, num_tokens, torch.float32, generator, kernel_config=cfg)
+
+
+def test_tma_falls_back_on_unaligned_rows(generator):
+    # H = 36 fp16: 72-byte rows are not 16-byte aligned, so the launcher takes the pointer loads
+    config = MoEConfig(num_experts=4, top_k=2, hidden_size=36, intermediate_size=20)
+    cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, tma=True, persistent=True)
+    _run_case(config, 11, torch.float16, generator, kernel_config=cfg)
+
+
+def test_config_flags_are_bools():
+    assert KernelConfig(tma=1).tma is True
+    with pytest.raises(ValueError, match="tma"):
+        KernelConfig(tma=2)
+
+
+# the decode kernels: no dot, so bf16 runs in the interpreter too
+DECODE = KernelConfig(block_n1=16, block_k1=32, block_n2=16, block_k2=32, decode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [0, 1, 3, 9])
+def test_decode_path(num_tokens, dtype, generator):
+    # H, I not multiples of the 16/32 tiles; E = 7 not a power of two
+    config = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=24)
+    _run_case(config, num_tokens, dtype, generator, kernel_config=DECODE)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(activation="swigluoai", expert_bias=True, routing="topk_softmax"),
+        dict(activation="gelu", gated=False, expert_bias=True),
+        dict(routing="sigmoid_top1_input_scaled", top_k=1),
+        dict(top_k=1, routing="topk_softmax"),
+    ],
+)
+def test_decode_path_options(changes, generator):
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24).replace(**changes)
+    _run_case(config, 5, torch.float16, generator, kernel_config=DECODE)
+
+
+def test_decode_path_one_expert_takes_every_token(generator):
+    config = MoEConfig(num_experts=5, top_k=1, hidden_size=32, intermediate_size=16, routing="topk_softmax")
+    _run_case(config, 6, torch.float32, generator, hot_expert=4, kernel_config=DECODE)

@@ -3,7 +3,7 @@
     align (sorted_ids, expert_ids; ``tilemoe.ops.align``)
     GEMM 1: gather x rows by slot, x @ w13[e]^T (gate and up column blocks), + b13, act(gate) * up -> act
     GEMM 2: act @ w2[e]^T, + b2, * routing weight -> per-slot rows (deterministic) or fp32 atomics (fast)
-    combine: sum over the K slots of each token (deterministic mode)
+    combine: sum over the K slots of each token (deterministic mode; ``tilemoe.ops.combine.sum_slots``)
 
 ``fused_experts_torch`` is the plain-PyTorch reference beside it. The launcher is a ``torch.library``
 custom op (``tilemoe::fused_experts``) so torch.compile traces it as one opaque call and CUDA graphs
@@ -20,6 +20,7 @@ from tilemoe.config import MoEConfig
 from tilemoe.ops.act_and_mul import ACTIVATION_CODES
 from tilemoe.ops.activation import act_and_mul_torch
 from tilemoe.ops.align import moe_align
+from tilemoe.ops.combine import sum_slots
 from tilemoe.tuning import KernelConfig, MoEShape, pick_config
 
 __all__ = ["fused_experts", "fused_experts_torch"]
@@ -30,6 +31,33 @@ _CONFIG_FIELDS = tuple(KernelConfig.__dataclass_fields__)
 @functools.cache
 def _device_name(index: int | None) -> str:
     return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def _num_sms(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# Programs of a persistent launch in the interpreter: few, so that each walks several tiles in the tests.
+INTERPRETER_PROGRAMS = 3
+
+
+def _persistent_grid(device: torch.device, max_tiles: int) -> int:
+    programs = _num_sms(device.index) if device.type == "cuda" else INTERPRETER_PROGRAMS
+    return max(1, min(programs, max_tiles))
+
+
+def _weight_descriptor(w: torch.Tensor, block_n: int, block_k: int):
+    """TMA descriptor over w [E, N, K] viewed as [E*N, K] with [block_n, block_k] boxes, or None when TMA cannot
+    read it: not contiguous, rows not 16-byte aligned, a box row over 128 bytes, or a GPU before Hopper."""
+    if w.device.type == "cuda" and torch.cuda.get_device_capability(w.device)[0] < 9:
+        return None
+    size = w.element_size()
+    if not w.is_contiguous() or (w.shape[-1] * size) % 16 or w.data_ptr() % 16 or block_k * size > 128:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [block_n, block_k])
 
 
 def _device_of(x: torch.Tensor) -> str | None:
@@ -60,17 +88,24 @@ def _launch(
     num_slots = num_tokens * top_k
     if num_tokens == 0:
         return x.new_empty((0, hidden))
+    if cfg.decode:
+        return _launch_decode(
+            x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
+            swiglu_limit, cfg,
+        )  # fmt: skip
     align = moe_align(topk_ids, num_experts, cfg.block_m)
     capacity = align.sorted_ids.numel()
     num_blocks_m = capacity // cfg.block_m
     weights_flat = topk_weights.reshape(-1)
     act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
-    _gemm1_kernel[(num_blocks_m * triton_cdiv(inter, cfg.block_n1),)](
+    w13_desc = _weight_descriptor(w13, cfg.block_n1, cfg.block_k1) if cfg.tma else None
+    tiles1 = num_blocks_m * triton_cdiv(inter, cfg.block_n1)
+    _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent else tiles1,)](
         x_ptr=x,
         stride_xt=x.stride(0),
         stride_xh=x.stride(1),
-        w_ptr=w13,
+        w_ptr=w13 if w13_desc is None else w13_desc,
         stride_we=w13.stride(0),
         stride_wn=w13.stride(1),
         stride_wh=w13.stride(2),
@@ -96,6 +131,8 @@ def _launch(
         HAS_BIAS=b13 is not None,
         WEIGHTS_ON_INPUT=weights_on_input,
         FP32_PRECISE=x.dtype == torch.float32,
+        W_TMA=w13_desc is not None,
+        PERSISTENT=cfg.persistent,
         EVEN_K=hidden % cfg.block_k1 == 0,
         EVEN_N=inter % cfg.block_n1 == 0,
         BLOCK_M=cfg.block_m,
@@ -111,11 +148,13 @@ def _launch(
     else:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
-    _gemm2_kernel[(num_blocks_m * triton_cdiv(hidden, cfg.block_n2),)](
+    w2_desc = _weight_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
+    tiles2 = num_blocks_m * triton_cdiv(hidden, cfg.block_n2)
+    _gemm2_kernel[(_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,)](
         act_ptr=act,
         stride_am=act.stride(0),
         stride_ai=act.stride(1),
-        w_ptr=w2,
+        w_ptr=w2 if w2_desc is None else w2_desc,
         stride_we=w2.stride(0),
         stride_wh=w2.stride(1),
         stride_wi=w2.stride(2),
@@ -138,6 +177,8 @@ def _launch(
         WEIGHTS_ON_INPUT=weights_on_input,
         ATOMIC=atomic,
         FP32_PRECISE=x.dtype == torch.float32,
+        W_TMA=w2_desc is not None,
+        PERSISTENT=cfg.persistent,
         EVEN_K=inter % cfg.block_k2 == 0,
         EVEN_N=hidden % cfg.block_n2 == 0,
         BLOCK_M=cfg.block_m,
@@ -149,9 +190,78 @@ def _launch(
     )
     if atomic:
         return out.to(x.dtype)
-    if top_k == 1:
-        return out
-    return out.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    return sum_slots(out, top_k)
+
+
+def _launch_decode(
+    x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg
+) -> torch.Tensor:
+    """Two launches, no alignment: GEMM 1 per (slot, column block), GEMM 2 per (token, column block) summing K."""
+    from tilemoe.ops._kernels._decode import _decode_gemm1_kernel, _decode_gemm2_kernel
+
+    num_tokens, hidden = x.shape
+    inter = w2.shape[2]
+    top_k = topk_ids.shape[1]
+    weights_flat, ids_flat = topk_weights.reshape(-1), topk_ids.reshape(-1)
+    act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=x.device)
+    b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
+    _decode_gemm1_kernel[(num_tokens * top_k, triton_cdiv(inter, cfg.block_n1))](
+        x_ptr=x,
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        w_ptr=w13,
+        stride_we=w13.stride(0),
+        stride_wn=w13.stride(1),
+        stride_wh=w13.stride(2),
+        b_ptr=b13_arg,
+        stride_be=b13_arg.stride(0),
+        stride_bn=b13_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        topk_ids_ptr=ids_flat,
+        act_ptr=act,
+        stride_as=act.stride(0),
+        stride_ai=act.stride(1),
+        top_k=top_k,
+        hidden=hidden,
+        inter=inter,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        ACTIVATION=activation,
+        GATED=gated,
+        HAS_BIAS=b13 is not None,
+        WEIGHTS_ON_INPUT=weights_on_input,
+        BLOCK_N=cfg.block_n1,
+        BLOCK_K=cfg.block_k1,
+        num_warps=cfg.num_warps1,
+    )
+    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    b2_arg = b2 if b2 is not None else w2
+    _decode_gemm2_kernel[(num_tokens, triton_cdiv(hidden, cfg.block_n2))](
+        act_ptr=act,
+        stride_as=act.stride(0),
+        stride_ai=act.stride(1),
+        w_ptr=w2,
+        stride_we=w2.stride(0),
+        stride_wh=w2.stride(1),
+        stride_wi=w2.stride(2),
+        b_ptr=b2_arg,
+        stride_be=b2_arg.stride(0),
+        stride_bh=b2_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        topk_ids_ptr=ids_flat,
+        out_ptr=out,
+        stride_ot=out.stride(0),
+        stride_oh=out.stride(1),
+        top_k=top_k,
+        hidden=hidden,
+        inter=inter,
+        HAS_BIAS=b2 is not None,
+        WEIGHTS_ON_INPUT=weights_on_input,
+        BLOCK_N=cfg.block_n2,
+        BLOCK_K=cfg.block_k2,
+        num_warps=cfg.num_warps2,
+    )
+    return out
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -231,7 +341,7 @@ def fused_experts(
         config.weights_on_input,
         float(config.swiglu_alpha),
         float(config.swiglu_limit),
-        [getattr(kernel_config, name) for name in _CONFIG_FIELDS],
+        [int(getattr(kernel_config, name)) for name in _CONFIG_FIELDS],
         deterministic,
     )
 

@@ -15,6 +15,12 @@ Dimension letters: T tokens, K top-k, E experts, H hidden, I expert intermediate
     out_slots    [S, H]        GEMM 2 output per slot (deterministic combine: summed over K afterwards)
     out_acc      [T, H] fp32   GEMM 2 output added atomically per token (fast combine)
 Accumulation in float32; fp32 operands go through 3xTF32 (``_dot``).
+
+Weights come through pointers or, with W_TMA, through host-built tensor descriptors over the 2-D views
+w13 [E*N1, H] / w2 [E*H, I] (N1 = 2I gated, else I): a [BLOCK_N, BLOCK_K] box per load, zero-filled past H or I.
+A box that runs past the expert's last row reads the next rows of the view; those columns are never stored.
+PERSISTENT launches one program per SM that walks the tiles (rows in use read from ``num_padded``); otherwise one
+program per tile, and tiles past ``num_padded`` exit at once.
 """
 
 import triton
@@ -33,16 +39,123 @@ def _dot(a, b, acc, FP32_PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _tile_ids(num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
-    """Program id -> (block of rows, block of columns), GROUP_M row blocks at a time (weights stay in L2)."""
-    pid = tl.program_id(0)
+def _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
+    """Tile index -> (block of rows, block of columns), GROUP_M row blocks at a time (weights stay in L2)."""
     in_group = GROUP_M * num_blocks_n
-    group = pid // in_group
+    group = tile // in_group
     first_m = group * GROUP_M
     size_m = tl.minimum(num_blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
+    pid_m = first_m + (tile % in_group) % size_m
+    pid_n = (tile % in_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _load_w(w_ptrs, w_desc, row, k0, k_mask, col_mask, W_TMA: tl.constexpr, EVEN: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] weight tile: a TMA box [BLOCK_N, BLOCK_K] at (row, k0) transposed, or a pointer load."""
+    if W_TMA:
+        return w_desc.load([row, k0]).T
+    elif EVEN:
+        return tl.load(w_ptrs)
+    else:
+        return tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _gemm1_tile(
+    tile,
+    num_blocks_m,
+    x_ptr,
+    stride_xt,
+    stride_xh,
+    w_ptr,
+    stride_we,
+    stride_wn,
+    stride_wh,
+    b_ptr,
+    stride_be,
+    stride_bn,
+    topk_weights_ptr,
+    act_ptr,
+    stride_am,
+    stride_ai,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_slots,
+    top_k,
+    hidden,
+    inter,
+    swiglu_alpha,
+    swiglu_limit,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WEIGHTS_ON_INPUT: tl.constexpr,
+    FP32_PRECISE: tl.constexpr,
+    W_TMA: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ids_ptr + rows)
+    valid = slot < num_slots
+    token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+    n1 = 2 * inter if GATED else inter
+    gate_row = (expert * n1 + pid_n * BLOCK_N).to(tl.int32)
+
+    a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh
+    if W_TMA:  # w_ptr is the descriptor; the pointer tiles below are never formed
+        g_ptrs = w_ptr
+        u_ptrs = w_ptr
+    else:  # [BLOCK_K, BLOCK_N] views of the gate rows and the up rows (I further down) of this expert
+        g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
+        u_ptrs = g_ptrs + inter * stride_wn
+    if WEIGHTS_ON_INPUT:
+        row_weight = tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # padding rows read token 0 (finite, discarded by GEMM 2): the A loads need no row mask
+    for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
+        k_mask = ks < hidden - k0 * BLOCK_K
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        if WEIGHTS_ON_INPUT:
+            a = (a.to(tl.float32) * row_weight[:, None]).to(x_ptr.dtype.element_ty)
+        wg = _load_w(g_ptrs, w_ptr, gate_row, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
+        acc_g = _dot(a, wg, acc_g, FP32_PRECISE)
+        if GATED:
+            wu = _load_w(u_ptrs, w_ptr, gate_row + inter, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
+            acc_u = _dot(a, wu, acc_u, FP32_PRECISE)
+        a_ptrs += BLOCK_K * stride_xh
+        if not W_TMA:
+            g_ptrs += BLOCK_K * stride_wh
+            u_ptrs += BLOCK_K * stride_wh
+
+    # epilogue: the activated intermediate, rounded to the operand dtype like an unfused h = x @ w13^T
+    dtype = act_ptr.dtype.element_ty
+    if HAS_BIAS:
+        b_row = b_ptr + expert * stride_be
+        acc_g += tl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_row + (cols + inter) * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    g = acc_g.to(dtype).to(tl.float32)
+    result = _activate(g, ACTIVATION, swiglu_alpha, swiglu_limit)
+    if GATED:
+        u = acc_u.to(dtype).to(tl.float32)
+        result = result * _up_factor(u, ACTIVATION, swiglu_limit)
+    out_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :] * stride_ai
+    tl.store(out_ptrs, result.to(dtype), mask=col_mask[None, :])
 
 
 @triton.jit
@@ -50,7 +163,7 @@ def _gemm1_kernel(
     x_ptr,
     stride_xt,
     stride_xh,
-    w_ptr,
+    w_ptr,  # w13, or its tensor descriptor when W_TMA
     stride_we,
     stride_wn,
     stride_wh,
@@ -76,6 +189,8 @@ def _gemm1_kernel(
     HAS_BIAS: tl.constexpr,
     WEIGHTS_ON_INPUT: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
+    W_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     EVEN_K: tl.constexpr,  # the reduced dim is a multiple of BLOCK_K: no masks in the main loop
     EVEN_N: tl.constexpr,  # the output columns are a multiple of BLOCK_N
     BLOCK_M: tl.constexpr,
@@ -83,64 +198,106 @@ def _gemm1_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
+    num_padded = tl.load(num_padded_ptr)
+    if PERSISTENT:
+        used_m = num_padded // BLOCK_M
+        num_tiles = used_m * tl.cdiv(inter, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm1_tile(
+                tile, used_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            )  # fmt: skip
+    else:
+        tile = tl.program_id(0)
+        pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+        if pid_m * BLOCK_M < num_padded:
+            _gemm1_tile(
+                tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            )  # fmt: skip
+
+
+@triton.jit
+def _gemm2_tile(
+    tile,
+    num_blocks_m,
+    act_ptr,
+    stride_am,
+    stride_ai,
+    w_ptr,
+    stride_we,
+    stride_wh,
+    stride_wi,
+    b_ptr,
+    stride_be,
+    stride_bh,
+    topk_weights_ptr,
+    out_ptr,
+    stride_om,
+    stride_oh,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_slots,
+    top_k,
+    hidden,
+    inter,
+    HAS_BIAS: tl.constexpr,
+    WEIGHTS_ON_INPUT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    FP32_PRECISE: tl.constexpr,
+    W_TMA: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
-    token = tl.where(valid, slot // top_k, 0).to(tl.int64)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < inter
+    col_mask = cols < hidden
     ks = tl.arange(0, BLOCK_K)
+    w_row = (expert * hidden + pid_n * BLOCK_N).to(tl.int32)
 
-    a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh
-    # [BLOCK_K, BLOCK_N] views of the gate rows and the up rows (I further down) of this expert
-    g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
-    u_ptrs = g_ptrs + inter * stride_wn
-    if WEIGHTS_ON_INPUT:
-        row_weight = tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # padding rows read token 0 (finite, discarded by GEMM 2): the A loads need no row mask
-    for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
+    a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ai
+    if W_TMA:
+        w_ptrs = w_ptr
+    else:
+        w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wi
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(inter, BLOCK_K)):
+        k_mask = ks < inter - k0 * BLOCK_K
         if EVEN_K:
             a = tl.load(a_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=(ks < hidden - k0 * BLOCK_K)[None, :], other=0.0)
-        if WEIGHTS_ON_INPUT:
-            a = (a.to(tl.float32) * row_weight[:, None]).to(x_ptr.dtype.element_ty)
-        if EVEN_K and EVEN_N:
-            wg = tl.load(g_ptrs)
-        else:
-            w_mask = (ks < hidden - k0 * BLOCK_K)[:, None] & col_mask[None, :]
-            wg = tl.load(g_ptrs, mask=w_mask, other=0.0)
-        acc_g = _dot(a, wg, acc_g, FP32_PRECISE)
-        if GATED:
-            if EVEN_K and EVEN_N:
-                wu = tl.load(u_ptrs)
-            else:
-                wu = tl.load(u_ptrs, mask=w_mask, other=0.0)
-            acc_u = _dot(a, wu, acc_u, FP32_PRECISE)
-        a_ptrs += BLOCK_K * stride_xh
-        g_ptrs += BLOCK_K * stride_wh
-        u_ptrs += BLOCK_K * stride_wh
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        w = _load_w(w_ptrs, w_ptr, w_row, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
+        acc = _dot(a, w, acc, FP32_PRECISE)
+        a_ptrs += BLOCK_K * stride_ai
+        if not W_TMA:
+            w_ptrs += BLOCK_K * stride_wi
 
-    # epilogue: the activated intermediate, rounded to the operand dtype like an unfused h = x @ w13^T
-    dtype = act_ptr.dtype.element_ty
     if HAS_BIAS:
-        b_row = b_ptr + expert * stride_be
-        acc_g += tl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_u += tl.load(b_row + (cols + inter) * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    g = acc_g.to(dtype).to(tl.float32)
-    result = _activate(g, ACTIVATION, swiglu_alpha, swiglu_limit)
-    if GATED:
-        u = acc_u.to(dtype).to(tl.float32)
-        result = result * _up_factor(u, ACTIVATION, swiglu_limit)
-    out_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :] * stride_ai
-    tl.store(out_ptrs, result.to(dtype), mask=col_mask[None, :])
+        acc += tl.load(b_ptr + expert * stride_be + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if not WEIGHTS_ON_INPUT:
+        acc = acc * tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)[:, None]
+    mask = valid[:, None] & col_mask[None, :]
+    if ATOMIC:
+        token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+        tl.atomic_add(out_ptr + token[:, None] * stride_om + cols[None, :] * stride_oh, acc, mask=mask, sem="relaxed")
+    else:
+        out_ptrs = out_ptr + tl.where(valid, slot, 0).to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_oh
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -148,7 +305,7 @@ def _gemm2_kernel(
     act_ptr,
     stride_am,
     stride_ai,
-    w_ptr,
+    w_ptr,  # w2, or its tensor descriptor when W_TMA
     stride_we,
     stride_wh,
     stride_wi,
@@ -171,6 +328,8 @@ def _gemm2_kernel(
     WEIGHTS_ON_INPUT: tl.constexpr,
     ATOMIC: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
+    W_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     EVEN_K: tl.constexpr,  # the reduced dim is a multiple of BLOCK_K: no masks in the main loop
     EVEN_N: tl.constexpr,  # the output columns are a multiple of BLOCK_N
     BLOCK_M: tl.constexpr,
@@ -178,40 +337,26 @@ def _gemm2_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(sorted_ids_ptr + rows)
-    valid = slot < num_slots
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
-
-    a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ai
-    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wi
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(inter, BLOCK_K)):
-        if EVEN_K and EVEN_N:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = ks < inter - k0 * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _dot(a, w, acc, FP32_PRECISE)
-        a_ptrs += BLOCK_K * stride_ai
-        w_ptrs += BLOCK_K * stride_wi
-
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + expert * stride_be + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if not WEIGHTS_ON_INPUT:
-        acc = acc * tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)[:, None]
-    mask = valid[:, None] & col_mask[None, :]
-    if ATOMIC:
-        token = tl.where(valid, slot // top_k, 0).to(tl.int64)
-        tl.atomic_add(out_ptr + token[:, None] * stride_om + cols[None, :] * stride_oh, acc, mask=mask, sem="relaxed")
+    num_padded = tl.load(num_padded_ptr)
+    if PERSISTENT:
+        used_m = num_padded // BLOCK_M
+        num_tiles = used_m * tl.cdiv(hidden, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm2_tile(
+                tile, used_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+                b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            )  # fmt: skip
     else:
-        out_ptrs = out_ptr + tl.where(valid, slot, 0).to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_oh
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tile = tl.program_id(0)
+        pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+        if pid_m * BLOCK_M < num_padded:
+            _gemm2_tile(
+                tile, num_blocks_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+                b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            )  # fmt: skip
