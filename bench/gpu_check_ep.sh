@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Expert parallelism on nvidia-h200-x2, one call: the distributed GPU tests, then the EP benchmark
 # (FlashMoE's shape, qwen3-30b-a3b, deepseek-v2-lite; T = 128, 1024, 8192 per rank; random and imbalanced;
-# single-GPU all experts vs epmoe vs epmoe in a CUDA graph). Results under $OUT/results/ (bench/results layout),
+# single-GPU all experts vs epmoe vs epmoe in a CUDA graph; flashmoe-fused adds fused and fused-graph). Results under $OUT/results/ (bench/results layout),
 # logs in $OUT, a short table last. Budget: under 9 minutes (every step has its own timeout).
 #   bash bench/gpu_check_ep.sh [EP_SIZE]      # EP_SIZE default 2 (4 and 8 on the bigger machines, issue 6)
+#   EP_TESTS=tests/distributed/test_fused_gpu.py EP_BENCHES=flashmoe-fused EP_TOKENS="1024 8192" bash ...
 set -uo pipefail
 ep=${1:-2}
 OUT=${OUT:-/tmp/tilemoe-ep-out}
@@ -23,10 +24,18 @@ start=$(date +%s)
 } 2>&1 | tee "$log"
 
 echo "== GPU tests (distributed) ==" | tee -a "$log"
-timeout 150 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/distributed 2>&1 | tee "$logs/tests.log" | tail -n 25
+# EP_TESTS picks the test files or ids (default: every distributed GPU test)
+# shellcheck disable=SC2086
+timeout "${EP_TESTS_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider ${EP_TESTS:-tests/distributed} 2>&1 \
+  | tee "$logs/tests.log" | tail -n 40
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$log"
 
-common=(--dtype bf16 --num-tokens 128 1024 8192 --scenarios random imbalanced --imbalance-factor 3.0
+# EP_TOKENS / EP_SCENARIOS: tokens per rank and scenarios of every bench run
+# shellcheck disable=SC2206
+tokens=(${EP_TOKENS:-128 1024 8192})
+# shellcheck disable=SC2206
+scenarios=(${EP_SCENARIOS:-random imbalanced})
+common=(--dtype bf16 --num-tokens "${tokens[@]}" --scenarios "${scenarios[@]}" --imbalance-factor 3.0
   --ep-size "$ep" --cuda-graph --warmup-iters 5 --benchmark-iters 30 --output-format both --verbose)
 # EP_BENCHES picks the runs (default all four), to fit what is left of a device budget.
 benches=" ${EP_BENCHES:-flashmoe qwen3-30b-a3b deepseek-v2-lite flashmoe-fused} "
@@ -42,9 +51,9 @@ flashmoe=(--manual-config --num-experts 32 --num-experts-per-tok 2 --hidden-size
 bench 95 flashmoe "${flashmoe[@]}" --impl epmoe
 bench 95 qwen3-30b-a3b --model qwen3-30b-a3b --impl epmoe
 bench 95 deepseek-v2-lite --model deepseek-v2-lite --impl epmoe
-# the first fused backend (symmetric memory puts, barriers between phases): its own run, so a failure there
-# cannot cost the rows above
-bench 80 flashmoe-fused "${flashmoe[@]}" --impl epmoe fused
+# the fused backend (symmetric-memory puts, flag-waiting GEMMs, stores back) vs epmoe vs one GPU: its own run,
+# so a failure there cannot cost the rows above
+bench "${EP_FUSED_TIMEOUT:-120}" flashmoe-fused "${flashmoe[@]}" --impl epmoe fused
 
 echo "== summary: p50 ms (slowest rank), speedup vs one GPU with all experts, dispatch+combine GB/s =="
 python3 - "$res" "$ep" <<'PY'
@@ -53,11 +62,12 @@ res, ep = sys.argv[1], sys.argv[2]
 for path in sorted(glob.glob(os.path.join(res, f"{ep}xh200-ep-*.csv"))):
     rows = list(csv.DictReader(open(path)))
     print(os.path.basename(path))
-    print(f"  {'scenario':<11}{'T':>6}  {'impl':<12}{'status':<8}{'p50 ms':>9}{'vs single':>10}{'d+c GB/s':>10}{'nccl GB/s':>10}")
+    print(f"  {'scenario':<11}{'T':>6}  {'impl':<12}{'status':<8}{'p50 ms':>9}{'vs single':>10}{'d+c GB/s':>10}"
+          f"{'nccl GB/s':>10}{'d GB/s':>9}{'c GB/s':>9}")
     for r in rows:
         print(f"  {r['scenario']:<11}{r['num_tokens']:>6}  {r['implementation']:<12}{r['status']:<8}"
               f"{r['latency_p50_ms']:>9}{r['speedup_vs_single'][:6]:>10}{r['dispatch_combine_gbps'][:7]:>10}"
-              f"{r['nccl_a2a_gbps'][:7]:>10}")
+              f"{r['nccl_a2a_gbps'][:7]:>10}{r.get('dispatch_gbps', '')[:7]:>9}{r.get('combine_gbps', '')[:7]:>9}")
 PY
 tar -czf "$OUT/ep_results.tar.gz" -C /tmp/tilemoe-ep results logs
 echo "elapsed $(( $(date +%s) - start )) s; results in $OUT/ep_results.tar.gz"

@@ -1,4 +1,5 @@
-"""The fused path's put kernels in the Triton interpreter, every rank simulated in one process."""
+"""The fused path's kernels (layout, dispatch puts with per-block flags, flag-checking GEMMs, remote-store
+epilogue, combine) in the Triton interpreter, every rank simulated in one process, against the float64 reference."""
 
 from __future__ import annotations
 
@@ -7,65 +8,127 @@ import torch
 
 from tilemoe.config import MoEConfig
 from tilemoe.distributed import ExpertPlacement, expert_shard
-from tilemoe.distributed.fused import simulate_fused_forward
+from tilemoe.distributed.fused import SimulatedFusedEP, simulate_fused_forward
+from tilemoe.distributed.fused_layout import FusedGeometry, fused_layout
 from tilemoe.impls.reference import reference_experts_fp64
 from tilemoe.testing import assert_close, make_input, make_routing, make_weights
 
 
-@pytest.mark.parametrize(
-    ("ep", "tokens", "owner", "hot"),
-    [
-        (2, [9, 20], None, None),  # T differs; 20*K rows > BLOCK_M: several tiles per source
-        (3, [0, 7, 5], None, 4),  # T = 0 on rank 0; one expert takes every first choice
-        (2, [6, 6], [1, 0, 1, 1, 0, 1], None),  # explicit map, uneven
-    ],
-)
-def test_fused_simulation_matches_reference(ep, tokens, owner, hot, generator):
-    config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24)
-    placement = ExpertPlacement.from_map(owner, ep) if owner else ExpertPlacement.contiguous(6, ep)
-    w = make_weights(config, generator=generator)
+def _case(config, placement, tokens, dtype, generator, hot=None):
+    w = make_weights(config, dtype=dtype, generator=generator)
     xs, tws, tis = [], [], []
     for t in tokens:
-        xs.append(make_input(t, config, generator=generator))
+        xs.append(make_input(t, config, dtype=dtype, generator=generator))
         tw, ti = make_routing(t, config, generator=generator, hot_expert=hot)
         tws.append(tw)
         tis.append(ti)
-    w13 = [expert_shard(w["w13"], placement.experts_of(r)) for r in range(ep)]
-    w2 = [expert_shard(w["w2"], placement.experts_of(r)) for r in range(ep)]
-    outs = simulate_fused_forward(xs, tws, tis, w13, w2, placement, config, epoch=3)
-    for r in range(ep):
-        ref = reference_experts_fp64(xs[r], w["w13"], w["w2"], tws[r], tis[r], config=config)
-        assert_close(outs[r], ref, torch.float32, name=f"fused sim rank {r}")
+    ep = placement.ep_size
+    shards = {name: [expert_shard(w[name], placement.experts_of(r)) if w[name] is not None else None
+                     for r in range(ep)] for name in ("w13", "w2", "b13", "b2")}  # fmt: skip
+    return w, xs, tws, tis, shards
 
 
-def test_fused_simulation_capacity_too_small(generator):
+def _check(outs, w, xs, tws, tis, config, dtype, what):
+    for r, out in enumerate(outs):
+        ref = reference_experts_fp64(xs[r], w["w13"], w["w2"], tws[r], tis[r], config=config,
+                                     b13=w["b13"], b2=w["b2"])  # fmt: skip
+        assert out.dtype == dtype
+        assert_close(out, ref, dtype, name=f"{what} rank {r}")
+
+
+@pytest.mark.parametrize(
+    ("ep", "tokens", "owner", "hot", "dtype"),
+    [
+        (1, [13], None, None, torch.float32),  # one rank: only the own region, no remote rows
+        (2, [9, 20], None, None, torch.float16),  # T differs; 20*K rows: several blocks per region
+        (4, [0, 7, 5, 3], None, 4, torch.float32),  # T = 0 on rank 0; one expert takes every first choice
+        (2, [6, 6], [1, 0, 1, 1, 1, 1], None, torch.float32),  # explicit map: rank 0 owns 1 expert, rank 1 five
+    ],
+)
+def test_fused_simulation_matches_reference(ep, tokens, owner, hot, dtype, generator):
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24)
+    placement = ExpertPlacement.from_map(owner, ep) if owner else ExpertPlacement.contiguous(6, ep)
+    w, xs, tws, tis, s = _case(config, placement, tokens, dtype, generator, hot)
+    outs = simulate_fused_forward(xs, tws, tis, s["w13"], s["w2"], placement, config)
+    _check(outs, w, xs, tws, tis, config, dtype, "fused sim")
+
+
+def test_fused_simulation_epochs_reuse_buffers(generator):
+    """Three forwards on the same buffers, new routing each time (one with T = 0 on a rank): flags carry the
+    epoch and are never reset; a bias and a plain (non-gated) MLP go through the epilogues."""
+    config = MoEConfig(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16, gated=False,
+                       activation="gelu", expert_bias=True)  # fmt: skip
+    placement = ExpertPlacement.contiguous(4, 2)
+    sim = SimulatedFusedEP(placement, config, max_tokens=10)
+    for tokens in ([10, 4], [0, 7], [3, 10]):
+        w, xs, tws, tis, s = _case(config, placement, tokens, torch.float32, generator)
+        outs = sim.forward(xs, tws, tis, s["w13"], s["w2"], b13=s["b13"], b2=s["b2"])
+        _check(outs, w, xs, tws, tis, config, torch.float32, f"epoch T={tokens}")
+    assert [int(r.epoch) for r in sim.ranks] == [3, 3]
+
+
+def test_fused_simulation_missing_puts_is_an_error(generator):
+    """A source whose puts never arrive: the destinations' GEMM 1 finds its flags down and says so."""
     config = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=16)
     placement = ExpertPlacement.contiguous(4, 2)
-    w = make_weights(config, generator=generator)
-    x = make_input(8, config, generator=generator)
-    tw, ti = make_routing(8, config, generator=generator, hot_expert=0)
-    shards = [expert_shard(w["w13"], placement.experts_of(r)) for r in range(2)]
-    w2s = [expert_shard(w["w2"], placement.experts_of(r)) for r in range(2)]
-    with pytest.raises(ValueError, match="capacity"):
-        simulate_fused_forward([x, x], [tw, tw], [ti, ti], shards, w2s, placement, config, capacity=4)
+    sim = SimulatedFusedEP(placement, config, max_tokens=8)
+    w, xs, tws, tis, s = _case(config, placement, [8, 8], torch.float32, generator)
+    with pytest.raises(ValueError, match="GEMM 1.*rank 0.*dispatch"):
+        sim.forward(xs, tws, tis, s["w13"], s["w2"], skip_puts_of=1)
+
+
+def test_fused_simulation_too_many_tokens(generator):
+    config = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=16)
+    placement = ExpertPlacement.contiguous(4, 2)
+    sim = SimulatedFusedEP(placement, config, max_tokens=4)
+    w, xs, tws, tis, s = _case(config, placement, [5, 1], torch.float32, generator)
+    with pytest.raises(ValueError, match="max_tokens=4"):
+        sim.forward(xs, tws, tis, s["w13"], s["w2"])
+
+
+def test_fused_layout_invariants(generator):
+    """Every pair placed exactly once; blocks hold one expert each and at least one real row; offsets padded."""
+    config = MoEConfig(num_experts=7, top_k=3, hidden_size=8, intermediate_size=8)
+    placement = ExpertPlacement.contiguous(7, 3)
+    geom = FusedGeometry.of(placement, max_tokens=50, top_k=3, hidden_size=8, intermediate_size=8, block_m=4)
+    _, ids = make_routing(50, config, generator=generator, hot_expert=2)
+    lay = fused_layout(ids, placement.owner_tensor(), placement.local_index_tensor(), geom)
+    inv = lay.inv.view(3, geom.region_rows).long()
+    flat = ids.reshape(-1)
+    placed = inv[inv >= 0]
+    assert torch.equal(placed.sort()[0], torch.arange(flat.numel()))
+    for d in range(3):
+        nb = int(lay.nblocks[d])
+        assert int((inv[d, nb * 4 :] >= 0).sum()) == 0
+        for b in range(nb):
+            pairs = inv[d, b * 4 : (b + 1) * 4]
+            real = pairs[pairs >= 0]
+            assert real.numel() >= 1
+            experts = placement.local_index_tensor()[flat[real]]
+            assert torch.all(experts == lay.block_expert[d, b])
+            assert torch.all(placement.owner_tensor()[flat[real]] == d)
+            assert torch.all(lay.pair_block[real] == d * geom.max_blocks + b)
 
 
 @pytest.mark.gpu
 def test_fused_simulation_compiled_on_gpu():
-    """The same put kernels compiled for the GPU (system-scope release flags), ranks simulated on one device."""
+    """The same kernels compiled for the GPU (system-scope flags, real spins), ranks simulated on one device,
+    phases in order so no spin ever waits; bf16 at the default tile shapes."""
+    from tilemoe.distributed.fused_ops import FusedTiles
+
     g = torch.Generator().manual_seed(0)
-    config = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=128)
+    config = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=384)
     placement = ExpertPlacement.contiguous(8, 2)
     w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=g)
     xs, tws, tis = [], [], []
-    for t in (100, 37):
+    for t in (300, 37):
         xs.append(make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=g))
         tw, ti = make_routing(t, config, device="cuda", generator=g)
         tws.append(tw)
         tis.append(ti)
     w13 = [expert_shard(w["w13"], placement.experts_of(r)) for r in range(2)]
     w2 = [expert_shard(w["w2"], placement.experts_of(r)) for r in range(2)]
-    outs = simulate_fused_forward(xs, tws, tis, w13, w2, placement, config, local_impl="torch_grouped_mm", block_h=128)
+    outs = simulate_fused_forward(xs, tws, tis, w13, w2, placement, config, tiles=FusedTiles())
     for r in range(2):
         ref = reference_experts_fp64(xs[r], w["w13"], w["w2"], tws[r], tis[r], config=config)
         assert_close(outs[r], ref, torch.bfloat16, name=f"fused sim on GPU rank {r}")

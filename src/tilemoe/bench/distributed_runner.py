@@ -9,7 +9,9 @@ Each rank holds its own T tokens (``--num-tokens`` is per rank) and E/ep experts
     single   every rank runs all E experts on its own tokens (the one-GPU baseline), best local impl
     epmoe    all_to_all_single dispatch, local experts, all-to-all combine (dynamic, dropless)
     epmoe-graph (with --cuda-graph) the fixed-capacity epmoe captured in a CUDA graph
-    fused    (with --impl ... fused, CUDA) device-initiated puts into symmetric memory (fused_backend)
+    fused    (with --impl ... fused, CUDA) device-initiated puts into symmetric memory, GEMMs waiting on
+             per-block flags, outputs stored straight back (fused_backend); fused-graph: the same in a CUDA graph
+             (with --cuda-graph)
 Every row is checked against the float64 reference on a sample of this rank's rows first (FAILED otherwise).
 Latency: per call, CUDA events (or wall clock on CPU), median over iterations; the reported value is the
 slowest rank's (all_reduce MAX), printed on rank 0 only.
@@ -19,6 +21,10 @@ bytes = rows this rank sends to other ranks and gets back, times H * element siz
 all_to_all_single of the same bytes, the bar to beat), compute_ms (local experts alone on the received rows),
 overlap_efficiency = (comm + compute - total) / min(comm, compute) (0: no overlap, 1: the shorter one hidden),
 rank_imbalance (max over ranks of the pairs each rank's experts got / mean).
+Fused rows: dispatch_gbps / combine_gbps (a communication-only fused forward: the same puts, flags and
+waits, no GEMM; dispatch = layout + puts until every row arrived, combine = stores back + the wait and sum;
+bytes = rows this rank sends to other ranks times H * element size, the slowest rank's), dispatch_combine_*
+of that forward, nccl_a2a_gbps copied from the epmoe row (the same bytes).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ EP_COLUMNS = (
     "overlap_efficiency",
     "rank_imbalance",
     "speedup_vs_single",
+    "dispatch_gbps",
+    "combine_gbps",
 )
 SAMPLE_ROWS = 64  # rows per rank compared with the float64 reference
 SUPPORTED = ("epmoe", "fused")
@@ -288,6 +296,8 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                     fns["fused"] = lambda f=f: _raise(f)
                 else:
                     fns["fused"] = lambda x=x, tw=tw, ti=ti, f=f: f.forward_routed(x, tw, ti)
+                    if p["cuda_graph"]:
+                        fns["fused-graph"] = fns["fused"]
             if p["cuda_graph"] and device.type == "cuda" and tokens > 0 and tp_actual == 1:
                 if tokens not in graph_layers:
                     graph_layers.clear()  # one padded layer at a time: its buffers are ep * T * K rows
@@ -308,7 +318,7 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                     case_rows[name] = row
                     continue
                 timed = fn
-                if name == "epmoe-graph":
+                if name in ("epmoe-graph", "fused-graph"):
                     try:
                         timed = _graph(fn, device)
                         row["cuda_graph"] = True
@@ -316,6 +326,13 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                         row["note"] = f"CUDA graph capture failed, timed eagerly: {str(error)[:120]}"
                 dist.barrier()
                 times = _time_ms(timed, device, p["warmup"], p["iters"])
+                if name.startswith("fused"):
+                    try:  # a wait that gave up (lost peer) is an error, not a fast row
+                        fused_layers[tokens].fused.check()
+                    except RuntimeError as error:
+                        row["status"], row["note"] = "FAILED", str(error)[:200]
+                    if _slowest(0.0 if row["status"] == "OK" else 1.0, device) != 0.0:
+                        row["status"] = "FAILED"  # on every rank: the columns below are collective
                 median = statistics.median(times)
                 row["latency_p50_ms"] = _slowest(median, device)
                 row["latency_mean_ms"] = _slowest(statistics.fmean(times), device)
@@ -332,6 +349,10 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
             ep_layer.forward_routed(x, tw, ti)  # the stats below are this input's
             stats = ep_layer.load_stats()
             _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats)
+            for name in ("fused", "fused-graph"):
+                if name in case_rows and case_rows[name]["status"] == "OK":
+                    _fused_comm_columns(p, fused_layers[tokens], x, tw, ti, device, elem, case_rows[name])
+                    case_rows[name]["nccl_a2a_gbps"] = case_rows["epmoe"]["nccl_a2a_gbps"]
             single = case_rows["single"]["latency_p50_ms"]
             for row in case_rows.values():
                 row["speedup_vs_single"] = single / row["latency_p50_ms"] if row["latency_p50_ms"] > 0 else math.nan
@@ -400,6 +421,34 @@ def _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats) -> Non
     row["gbps"] = row["dispatch_combine_gbps"]
 
 
+def _fused_comm_columns(p, layer, x, tw, ti, device, elem, row) -> None:
+    """Dispatch and combine of the fused path alone: communication-only forwards (no GEMM), each started
+    together on every rank (a barrier first), timed with CUDA events between the steps."""
+    import torch.distributed as dist
+
+    f = layer.fused
+    owner = layer.placement.owner_tensor(device)
+    remote = int((owner[ti.reshape(-1).long()] != layer.rank).sum())
+    nbytes = remote * x.shape[1] * elem
+    d_ms, c_ms = [], []
+    for i in range(p["warmup"] + p["iters"]):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        dist.barrier()
+        f.forward(x, ti, tw, layer.w13, layer.w2, layer.b13, layer.b2, compute=False, events=events)
+        events[2].synchronize()
+        if i >= p["warmup"]:
+            d_ms.append(events[0].elapsed_time(events[1]))
+            c_ms.append(events[1].elapsed_time(events[2]))
+    f.check()
+    d, c = statistics.median(d_ms), statistics.median(c_ms)
+    # the slowest rank's time and the smallest rate (min = -max(-v))
+    row["dispatch_combine_ms"] = _slowest(d + c, device)
+    row["dispatch_gbps"] = -_slowest(-(nbytes / (d / 1e3) / 1e9) if d > 0 else 0.0, device)
+    row["combine_gbps"] = -_slowest(-(nbytes / (c / 1e3) / 1e9) if c > 0 else 0.0, device)
+    total = 2 * nbytes / ((d + c) / 1e3) / 1e9 if d + c > 0 else 0.0
+    row["dispatch_combine_gbps"] = -_slowest(-total, device)
+
+
 def _row(p: dict, config: MoEConfig, impl: str, scenario: str, tokens: int, world: int) -> dict:
     from tilemoe.bench.runner import COLUMNS
 
@@ -443,7 +492,8 @@ def _report(p: dict, rows: list[dict], device: torch.device, console: bool = Tru
     for r in rows:
         r["speedup"] = r["speedup_vs_single"]
     show = ("implementation", "scenario", "num_tokens", "status", "latency_p50_ms", "speedup_vs_single",
-            "dispatch_combine_gbps", "nccl_a2a_gbps", "compute_ms", "overlap_efficiency", "rank_imbalance")  # fmt: skip
+            "dispatch_combine_gbps", "nccl_a2a_gbps", "dispatch_gbps", "combine_gbps", "compute_ms",
+            "overlap_efficiency", "rank_imbalance")  # fmt: skip
     header = environment(device)
     header["command"] = " ".join(p["argv"])
     title = f"tilemoe bench (expert parallel): {p['model']}, ep={p['ep_size']}, {header['device']}, {p['dtype']}"

@@ -1,16 +1,21 @@
-"""``fused`` backend, first version: device-initiated puts into symmetric memory, no host sync.
+"""``fused`` backend on GPUs: buffers in symmetric memory, device-initiated puts, flag waits, no host sync.
 
-1. Reset this rank's receive metadata (padding rows: weight 0), then a symmetric-memory barrier, so no peer
-   writes into a buffer still being reset or read.
-2. Dispatch-put kernel: each row, its metadata and the per-source count go straight into the owning rank's
-   receive buffer (``fused_kernels._dispatch_put_kernel``; peers reached through ``buffer_ptrs``), flags raised.
-3. Barrier; the local experts run on the whole padded receive buffer (ep * C rows, C = max_tokens * K).
-4. Combine-put kernel: each output row goes straight into the source's ``ret`` buffer at its pair index.
-5. Barrier; each source sums its K rows per token.
+1. At init every rank allocates the symmetric buffers (``fused_ops.buffer_specs``) in the same order, zeroes
+   them, exchanges their addresses (``rendezvous``; the tables of peers' base addresses go to the kernels) and
+   meets the others once (a process-group barrier), so no peer writes into a buffer still being zeroed.
+2. Each forward, on the current stream, no barrier, no host sync: the epoch counter is advanced on the
+   device; ``fused_layout``; one launch of dispatch puts + GEMM 1 (the GEMM programs wait for each row-block's
+   flag, own rows first); GEMM 2 storing into the sources' ``ret`` with per-tile combine flags; the combine,
+   waiting for those flags. Buffers are reused safely without barriers: a source reuses its region on a
+   destination only after that destination said it finished reading it (``done`` / combine flags, see
+   ``fused_kernels``), and every flag carries the epoch, so nothing is reset (CUDA-graph capturable).
+3. Every wait is bounded (``spin_timeout_s``): a peer that stops answering ends the forward with an error
+   code on the device, which ``check()`` turns into a RuntimeError (a sync point; the layer never syncs).
 
-Not yet what the issue asks for in full: phases are separated by barriers instead of consumers spinning on
-the per-tile flags, so nothing overlaps yet, and the padded receive buffer costs expert compute like
-``epmoe``'s fixed capacity. Needs CUDA and ``torch.distributed._symmetric_memory``; untested on GPUs here.
+Symmetric-memory backends: "cuda" (default, CUDA IPC; one host) or "nvshmem" (``symm_mem.set_backend
+("NVSHMEM")``; the same pointer-based puts work where peers are NVLink-mapped, i.e. on one host; across hosts
+the peers' buffers have no load/store address and init raises). Settings for one host:
+NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_SYMMETRIC_SIZE=4G.
 """
 
 from __future__ import annotations
@@ -19,14 +24,16 @@ import importlib
 
 import torch
 import torch.distributed as dist
-import triton
 
-from tilemoe.distributed.fused_kernels import _combine_put_kernel, _dispatch_put_kernel
+from tilemoe.config import MoEConfig
+from tilemoe.distributed.fused_layout import FusedGeometry, fused_layout
+from tilemoe.distributed.fused_ops import FusedRank, FusedTiles, buffer_specs, combine, dispatch_gemm1, gemm2_put
 from tilemoe.distributed.placement import ExpertPlacement
 
-BLOCK_M = 32
-BLOCK_H = 128
-BARRIER_TIMEOUT_MS = 30_000
+SYMM_MEM_BACKENDS = ("cuda", "nvshmem")
+DEFAULT_SPIN_TIMEOUT_S = 30.0
+# one poll of a flag (a system-scope acquire atomic) takes about 1 us: iterations per second of waiting
+SPINS_PER_SECOND = 1_000_000
 
 
 def symmetric_memory_available() -> bool:
@@ -39,8 +46,46 @@ def symmetric_memory_available() -> bool:
     return True
 
 
+def _select_backend(symm_mem, name: str, device: torch.device) -> None:
+    """Make ``name`` the process's symmetric-memory backend. "cuda" is torch's default and is never set
+    explicitly (setting a backend fails once a symmetric buffer exists, e.g. from an earlier layer)."""
+    wanted = {"cuda": "CUDA", "nvshmem": "NVSHMEM"}[name]
+    current = None
+    if hasattr(symm_mem, "get_backend"):
+        try:
+            current = symm_mem.get_backend(device)
+        except (RuntimeError, TypeError):
+            current = None
+    current = str(current).upper() if current else None
+    if current == wanted:
+        return
+    if name == "cuda":
+        if current in (None, "CUDA"):
+            return
+        raise ValueError(f"symm_mem_backend: 'cuda' requested, but this process already uses {current}")
+    if not (hasattr(symm_mem, "is_nvshmem_available") and symm_mem.is_nvshmem_available()):
+        raise ValueError("symm_mem_backend: 'nvshmem' requested, but this torch build has no NVSHMEM")
+    try:
+        symm_mem.set_backend(wanted)
+    except (RuntimeError, AttributeError) as error:
+        raise ValueError(
+            f"symm_mem_backend: cannot switch this process to {wanted} (currently {current}); the backend is fixed "
+            f"once a symmetric buffer exists: {error}"
+        ) from error
+
+
 class FusedDispatcher:
-    """Buffers (allocated once, in the same order on every rank) and the forward of the fused path."""
+    """Symmetric buffers (allocated once, in the same order on every rank) and the forward of the fused path.
+
+    Args:
+        placement: expert placement over ``group``; max_tokens: the most tokens a rank sends per forward
+            (buffers are sized for it); config: the full layer's MoEConfig.
+        dtype / device: of activations and weights (CUDA). tiles: ``FusedTiles`` (default tile shapes).
+        symm_mem_backend: "cuda" or "nvshmem". spin_timeout_s: the longest a kernel waits for a peer.
+    Raises:
+        ValueError without CUDA / symmetric memory, on a bad option, or when a peer's buffer has no address
+        this GPU can store to.
+    """
 
     def __init__(
         self,
@@ -48,98 +93,97 @@ class FusedDispatcher:
         group: dist.ProcessGroup | None,
         *,
         max_tokens: int,
-        top_k: int,
-        hidden_size: int,
+        config: MoEConfig,
         dtype: torch.dtype,
         device: torch.device,
+        tiles: FusedTiles | None = None,
+        symm_mem_backend: str = "cuda",
+        spin_timeout_s: float = DEFAULT_SPIN_TIMEOUT_S,
     ) -> None:
-        if not symmetric_memory_available() or torch.device(device).type != "cuda":
+        device = torch.device(device)
+        if not symmetric_memory_available() or device.type != "cuda":
             raise ValueError(f"backend 'fused': needs CUDA and torch.distributed._symmetric_memory, got {device}")
+        if symm_mem_backend not in SYMM_MEM_BACKENDS:
+            raise ValueError(f"symm_mem_backend: expected one of {SYMM_MEM_BACKENDS}, got {symm_mem_backend!r}")
+        if not spin_timeout_s > 0:
+            raise ValueError(f"spin_timeout_s: expected > 0, got {spin_timeout_s}")
         symm_mem = importlib.import_module("torch.distributed._symmetric_memory")
+        _select_backend(symm_mem, symm_mem_backend, device)
 
         self.group = group if group is not None else dist.group.WORLD
         self.rank, self.ep_size = dist.get_rank(group), dist.get_world_size(group)
-        self.placement = placement
-        self.max_tokens, self.top_k, self.hidden = max_tokens, top_k, hidden_size
-        self.capacity = c = max_tokens * top_k
-        self.tiles = triton.cdiv(c, BLOCK_M)
-        ep = self.ep_size
-        shapes = {
-            "recv_x": ((ep * c, hidden_size), dtype),
-            "recv_meta": ((ep * c, 3), torch.int64),
-            "recv_cnt": ((ep,), torch.int64),
-            "ret": ((c, hidden_size), dtype),
-            "disp_flags": ((ep * self.tiles,), torch.int64),
-            "comb_flags": ((ep * self.tiles,), torch.int64),
-        }
-        self.buf: dict[str, torch.Tensor] = {}
+        self.placement, self.config, self.max_tokens = placement, config, max_tokens
+        self.tiles = tiles or FusedTiles()
+        self.symm_mem_backend = symm_mem_backend
+        self.max_spin = int(min(2**31 - 1, spin_timeout_s * SPINS_PER_SECOND))
+        self.geom = FusedGeometry.of(
+            placement, max_tokens=max_tokens, top_k=config.top_k, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, block_m=self.tiles.block_m,
+        )  # fmt: skip
+        bufs: dict[str, torch.Tensor] = {}
+        tables: dict[str, torch.Tensor] = {}
         self.handles = {}
-        self.tables: dict[str, torch.Tensor] = {}
-        for name, (shape, dt) in shapes.items():  # the same order on every rank
+        for name, (shape, dt) in buffer_specs(self.geom, self.tiles, dtype).items():  # same order everywhere
             t = symm_mem.empty(shape, dtype=dt, device=device)
             t.zero_()
             try:
                 handle = symm_mem.rendezvous(t, self.group)
             except TypeError:  # older signature: the group's name
                 handle = symm_mem.rendezvous(t, self.group.group_name)
-            self.buf[name], self.handles[name] = t, handle
-            self.tables[name] = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
-        self._barrier_handle = self.handles["recv_cnt"]
+            ptrs = [int(p) for p in handle.buffer_ptrs]
+            if len(ptrs) != self.ep_size or any(p == 0 for p in ptrs):
+                raise ValueError(
+                    f"symm_mem_backend {symm_mem_backend!r}: buffer {name!r} has no load/store address on some "
+                    f"peer ({ptrs}); the fused path needs peers mapped into this GPU (one host, NVLink / P2P)"
+                )
+            bufs[name], self.handles[name] = t, handle
+            tables[name] = torch.tensor(ptrs, dtype=torch.int64, device=device)
+        self.state = FusedRank(self.rank, self.geom, self.tiles, bufs, tables)
         self.owner = placement.owner_tensor(device)
         self.local_index = placement.local_index_tensor(device)
-        self.epoch = 0
+        torch.cuda.synchronize(device)
+        # every rank zeroed its buffers before any peer writes into them; bounded by the group's timeout
+        dist.barrier(group=self.group)
 
-    def barrier(self) -> None:
-        # bounded: a peer that never arrives ends in a device-side timeout error, not a hang
-        self._barrier_handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        b13: torch.Tensor | None = None,
+        b2: torch.Tensor | None = None,
+        *,
+        compute: bool = True,
+        events: list | None = None,
+    ) -> torch.Tensor:
+        """x [T, H] (T <= max_tokens), topk_ids / topk_weights [T, K]; w13 [E_local, 2I or I, H], w2
+        [E_local, H, I] (+ biases): this rank's experts -> [T, H] in x.dtype. Collective, no host sync.
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts) -> torch.Tensor:
-        """x [T, H] (T <= max_tokens); experts(recv_x [R, H], local_ids [R], weights [R]) -> [R, H] weighted."""
-        t, k = topk_ids.shape
+        For the bench: compute=False moves the same bytes but runs no GEMM (the output is then zeros);
+        events: three CUDA events, recorded at the start, after dispatch (+ GEMM 1) and at the end."""
+        t = x.shape[0]
         if t > self.max_tokens:
             raise ValueError(f"x: {t} tokens exceed max_tokens={self.max_tokens} the symmetric buffers were sized for")
-        ep, c, h = self.ep_size, self.capacity, self.hidden
-        self.epoch += 1
-        meta_buf = self.buf["recv_meta"]
-        meta_buf.zero_()  # padding rows: local expert 0, weight 0
-        self.barrier()
-        ids = topk_ids.reshape(-1).long()
-        dest = self.owner[ids]
-        order = torch.sort(dest * max(1, self.placement.max_local) + self.local_index[ids], stable=True)[1]
-        counts = torch.zeros(ep, dtype=torch.int64, device=x.device).scatter_add_(0, dest, torch.ones_like(dest))
-        starts = torch.cumsum(counts, 0) - counts
-        bits = topk_weights.reshape(-1).float()[order].contiguous().view(torch.int32).long()
-        meta = torch.stack([self.local_index[ids][order], order, bits], dim=1).contiguous()
-        if t:
-            _dispatch_put_kernel[(ep, self.tiles)](
-                x.contiguous(), order, meta, starts, counts,
-                self.tables["recv_x"], self.tables["recv_meta"], self.tables["recv_cnt"], self.tables["disp_flags"],
-                self.rank, self.epoch, h, c,
-                K=k, TILES=self.tiles, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, SYSTEM_SCOPE=True,
-            )  # fmt: skip
-        else:  # nothing to send, but every destination must learn the count 0
-            self._zero_counts()
-        self.barrier()
-        recv_meta = self.buf["recv_meta"]
-        weights = recv_meta[:, 2].to(torch.int32).view(torch.float32)
-        y = experts(self.buf["recv_x"], recv_meta[:, 0], weights)
-        _combine_put_kernel[(ep, self.tiles)](
-            y.contiguous(), recv_meta, self.buf["recv_cnt"], self.tables["ret"], self.tables["comb_flags"],
-            self.rank, self.epoch, h, c,
-            TILES=self.tiles, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, SYSTEM_SCOPE=True,
-        )  # fmt: skip
-        self.barrier()
-        return self.buf["ret"][: t * k].float().view(t, k, h).sum(1).to(x.dtype)
+        if x.dtype != self.state.act.dtype:
+            raise TypeError(f"x: expected dtype {self.state.act.dtype} (the buffers'), got {x.dtype}")
+        if events:
+            events[0].record()
+        layout = fused_layout(topk_ids, self.owner, self.local_index, self.geom)
+        self.state.epoch.add_(1)
+        dispatch_gemm1(self.state, x, topk_weights, layout, w13.contiguous(), b13, self.config,
+                       compute=compute, max_spin=self.max_spin)  # fmt: skip
+        if events:
+            events[1].record()
+        gemm2_put(self.state, w2.contiguous(), b2, self.config, compute=compute)
+        out = combine(self.state, t, layout, max_spin=self.max_spin)
+        if events:
+            events[2].record()
+        return out
 
-    def _zero_counts(self) -> None:
-        """T = 0 here: write count 0 into every peer's recv_cnt slot of this rank (a put of nothing)."""
-        empty_order = torch.zeros(1, dtype=torch.int64, device=self.owner.device)
-        zeros = torch.zeros(self.ep_size, dtype=torch.int64, device=self.owner.device)
-        meta = torch.zeros((1, 3), dtype=torch.int64, device=self.owner.device)
-        dummy = self.buf["ret"][:1]
-        _dispatch_put_kernel[(self.ep_size, 1)](
-            dummy, empty_order, meta, zeros, zeros,
-            self.tables["recv_x"], self.tables["recv_meta"], self.tables["recv_cnt"], self.tables["disp_flags"],
-            self.rank, self.epoch, self.hidden, self.capacity,
-            K=self.top_k, TILES=self.tiles, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, SYSTEM_SCOPE=True,
-        )  # fmt: skip
+    def check(self) -> None:
+        """Raise RuntimeError when a wait of an earlier forward gave up (a lost or stalled peer). Syncs."""
+        message = self.state.error()
+        if message is not None:
+            raise RuntimeError(f"fused EP rank {self.rank}: {message} (waited about {self.max_spin / 1e6:.3g} s)")

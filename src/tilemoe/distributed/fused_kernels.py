@@ -1,21 +1,28 @@
-"""Triton kernels of the ``fused`` expert-parallel path: device-initiated puts into peers' buffers + flags.
+"""Triton kernels of the ``fused`` expert-parallel path: puts, flag-waiting expert GEMMs, remote-store combine.
 
-Status: the kernels and a one-process simulation of the ranks (``simulate_fused_forward``) are written and
-tested in the Triton interpreter; the multi-GPU backend around them (symmetric-memory buffers, consumers
-spinning on the flags, stream overlap, CUDA-graph capture) is NOT written yet, so ``backend="fused"`` is not
-offered. See docs/expert_parallel.md.
+Letters: T tokens on a rank, K top-k, pair p = t*K + k, H hidden, I expert intermediate, ep ranks,
+BM rows per row-block, MAXB row-blocks per source region, R = MAXB*BM rows per region (``fused_layout``).
 
-Letters: T tokens on a rank, K top-k, H hidden, ep ranks, C capacity (rows per (source, destination) pair).
-Buffers each rank owns (on the GPU they would be symmetric-memory allocations, the same on every rank):
-    recv_x    [ep * C, H]   rows other ranks put here; rows from source s at s*C ... s*C + count - 1
-    recv_meta [ep * C, 3]   int64: local expert id, source pair index (t*K + k), weight bits (float32 as int)
-    recv_cnt  [ep]          int64: rows each source put here
-    ret       [T_max * K, H] expert outputs put back by the ranks that ran them, at the pair's own index
-    flags     [ep * TILES]  int64: epoch numbers; a tile's flag is raised (release) after its rows are stored,
-                            so a consumer that reads flag >= epoch (acquire) sees the rows. Epochs only grow:
-                            flags never need resetting (CUDA-graph friendly).
-Peers are reached through tables of base addresses (int64 [ep]): on the GPU symmetric memory's
-``buffer_ptrs_dev``; in the simulation the data_ptr() of plain tensors.
+Buffers of every rank (symmetric: peers write into them through tables of base addresses, int64 [ep]):
+    recv_x     [ep*R, H]    rows sources put here (region s = rows s*R ...); the own region stays empty:
+                            GEMM 1 reads its own rows straight from x
+    recv_meta  [ep*R, 2]    int32: pair index on the source (-1: padding row), routing weight (float32 bits)
+    hdr        [ep]         int64 flag word per source: (epoch << 32) | blocks it filled in its region
+    bflag      [ep*MAXB]    int64 flag word per block: (epoch << 32) | destination-local expert of the block
+    ret        [T_max*K, H] expert outputs the destinations store back, at the pair's own row
+    cflag      [ep*MAXB*NT2] int64 (epoch << 32) per (destination, block, GEMM 2 column tile): ret rows stored
+    done       [ep]         int64 (epoch << 32) per destination: it finished GEMM 1 (read all it was sent)
+Local buffers: act [ep*R, I] (GEMM 1 output), nb_local [ep] / bexp_local [ep*MAXB] (the header and block
+words GEMM 1 read, for GEMM 2), epoch [1] int64 (advanced on the device once per forward), err [1] int32.
+
+Flags carry the forward's epoch, which only grows, so nothing is ever reset (CUDA-graph replays just work).
+A flag is raised after a CTA barrier (``tl.debug_barrier``: every thread's stores issued) by a release atomic
+at system scope; waiters read it with acquire atomics at system scope, so the rows it guards are visible.
+
+Every spin is bounded (``max_spin`` iterations): a spin that runs out writes its code into ``err`` and gives
+up; all other spins stop at once when ``err`` is set, so a lost peer ends in an error the host reads
+(``FusedDispatcher.check``), never a hang. In the interpreter (``SPIN=False``) nothing waits: ranks are
+simulated in one process with phases in order, and a flag that is not yet raised is an error at once.
 """
 
 from __future__ import annotations
@@ -23,90 +30,322 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from tilemoe.ops._kernels._activation import _activate, _up_factor
 
-@triton.jit
-def _dispatch_put_kernel(
-    x_ptr,  # [T, H] this rank's tokens
-    order_ptr,  # [T*K] int64 pair indices sorted by destination
-    meta_ptr,  # [T*K, 3] int64 metadata rows in sorted order
-    starts_ptr,  # [ep] int64 first sorted pair of each destination
-    counts_ptr,  # [ep] int64 pairs for each destination
-    peer_x_ptr,  # [ep] int64 base addresses of each rank's recv_x
-    peer_meta_ptr,  # [ep] int64 base addresses of each rank's recv_meta
-    peer_cnt_ptr,  # [ep] int64 base addresses of each rank's recv_cnt
-    peer_flag_ptr,  # [ep] int64 base addresses of each rank's dispatch flags
-    src_rank,
-    epoch,
-    H,
-    C,
-    K: tl.constexpr,
-    TILES: tl.constexpr,  # flag slots per source on a destination (>= cdiv(C, BLOCK_M))
-    BLOCK_M: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    SYSTEM_SCOPE: tl.constexpr,  # sys-scope release on the GPU (peers); the interpreter has one memory
-):
-    dest = tl.program_id(0)
-    tile = tl.program_id(1)
-    count = tl.load(counts_ptr + dest)
-    start = tl.load(starts_ptr + dest)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = rows < count
-    pair = tl.load(order_ptr + start + rows, mask=valid, other=0)
-    token = pair // K
-    x_dst = tl.load(peer_x_ptr + dest).to(tl.pointer_type(x_ptr.dtype.element_ty), bitcast=True)
-    m_dst = tl.load(peer_meta_ptr + dest).to(tl.pointer_type(tl.int64), bitcast=True)
-    slot = src_rank * C + rows
-    for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = valid[:, None] & (cols[None, :] < H)
-        v = tl.load(x_ptr + token[:, None] * H + cols[None, :], mask=mask)
-        tl.store(x_dst + slot[:, None] * H + cols[None, :], v, mask=mask)
-    for c in range(3):
-        mv = tl.load(meta_ptr + (start + rows) * 3 + c, mask=valid, other=0)
-        tl.store(m_dst + slot * 3 + c, mv, mask=valid)
-    if tile == 0:
-        c_dst = tl.load(peer_cnt_ptr + dest).to(tl.pointer_type(tl.int64), bitcast=True)
-        tl.store(c_dst + src_rank, count)
-    if tile * BLOCK_M < count or tile == 0:  # tile 0 always signals: it carries the count, maybe 0
-        f_dst = tl.load(peer_flag_ptr + dest).to(tl.pointer_type(tl.int64), bitcast=True)
-        if SYSTEM_SCOPE:
-            tl.atomic_xchg(f_dst + src_rank * TILES + tile, epoch, sem="release", scope="sys")
-        else:
-            tl.atomic_xchg(f_dst + src_rank * TILES + tile, epoch)
+ERR_DISPATCH = 1  # a GEMM 1 program waited too long for its rows
+ERR_COMBINE = 2  # a combine program waited too long for expert outputs
 
 
 @triton.jit
-def _combine_put_kernel(
-    y_ptr,  # [ep * C, H] expert outputs of this rank's recv rows (weighted)
-    meta_ptr,  # [ep * C, 3] int64 recv_meta (column 1: the pair index on the source)
-    cnt_ptr,  # [ep] int64 rows received from each source
-    peer_ret_ptr,  # [ep] int64 base addresses of each rank's ret buffer
-    peer_flag_ptr,  # [ep] int64 base addresses of each rank's combine flags
-    my_rank,
-    epoch,
-    H,
-    C,
-    TILES: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    SYSTEM_SCOPE: tl.constexpr,
-):
-    src = tl.program_id(0)
-    tile = tl.program_id(1)
-    count = tl.load(cnt_ptr + src)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = rows < count
-    slot = src * C + rows
-    pair = tl.load(meta_ptr + slot * 3 + 1, mask=valid, other=0)
-    r_dst = tl.load(peer_ret_ptr + src).to(tl.pointer_type(y_ptr.dtype.element_ty), bitcast=True)
-    for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = valid[:, None] & (cols[None, :] < H)
-        v = tl.load(y_ptr + slot[:, None] * H + cols[None, :], mask=mask)
-        tl.store(r_dst + pair[:, None] * H + cols[None, :], v, mask=mask)
-    if tile * BLOCK_M < count or tile == 0:
-        f_dst = tl.load(peer_flag_ptr + src).to(tl.pointer_type(tl.int64), bitcast=True)
-        if SYSTEM_SCOPE:
-            tl.atomic_xchg(f_dst + my_rank * TILES + tile, epoch, sem="release", scope="sys")
+def _acquire(ptrs, mask, SYS: tl.constexpr):
+    if SYS:
+        return tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+    else:
+        return tl.atomic_add(ptrs, 0, mask=mask)
+
+
+@triton.jit
+def _release(ptr, word, SYS: tl.constexpr):
+    """Raise a flag: after every thread of the CTA issued its stores (barrier), a release store of ``word``."""
+    tl.debug_barrier()
+    if SYS:
+        tl.atomic_xchg(ptr, word, sem="release", scope="sys")
+    else:
+        tl.atomic_xchg(ptr, word)
+
+
+@triton.jit
+def _wait(ptrs, mask, epoch, err_ptr, code, max_spin, SPIN: tl.constexpr, SYS: tl.constexpr):
+    """Flag words at ``ptrs`` (masked lanes ignored) until each one's epoch (high 32 bits) >= ``epoch``."""
+    words = _acquire(ptrs, mask, SYS)
+    lowest = tl.min(tl.where(mask, words >> 32, epoch))
+    if SPIN:
+        spins = 0
+        failed = tl.load(err_ptr, volatile=True)
+        while (lowest < epoch) & (spins < max_spin) & (failed == 0):
+            words = _acquire(ptrs, mask, SYS)
+            lowest = tl.min(tl.where(mask, words >> 32, epoch))
+            failed = tl.load(err_ptr, volatile=True)
+            spins += 1
+    if lowest < epoch:
+        tl.atomic_max(err_ptr, code)
+    return words
+
+
+@triton.jit
+def _wait_one(ptr, epoch, err_ptr, code, max_spin, SPIN: tl.constexpr, SYS: tl.constexpr):
+    """One flag word (see ``_wait``), returned as a scalar."""
+    lane = tl.arange(0, 2)
+    words = _wait(ptr + lane * 0, lane < 1, epoch, err_ptr, code, max_spin, SPIN, SYS)
+    return tl.max(tl.where(lane < 1, words, 0))
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_PRECISE: tl.constexpr):
+    if FP32_PRECISE:  # fp32 operands: 3xTF32 (one tf32 pass misses the fp32 tolerance)
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _put_blocks(
+    pid, x_ptr, topk_w_ptr, inv_ptr, nblocks_ptr, bexp_ptr,
+    peer_x_ptr, peer_meta_ptr, peer_hdr_ptr, peer_bflag_ptr,
+    epoch, my_rank, ep, top_k, hidden,
+    MAXB: tl.constexpr, NUM_PUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    SYS: tl.constexpr,
+):  # fmt: skip
+    """Dispatch puts of one put program: every destination's header (program 0), then the blocks
+    j = pid, pid + NUM_PUT, ... (own destination first: its GEMM starts at once): rows (remote only),
+    metadata, then the block's flag. Never waits."""
+    region_rows = MAXB * BLOCK_M
+    dtype = x_ptr.dtype.element_ty
+    if pid == 0:
+        for d in range(ep):
+            nb = tl.load(nblocks_ptr + d)
+            hdr = tl.load(peer_hdr_ptr + d).to(tl.pointer_type(tl.int64), bitcast=True)
+            _release(hdr + my_rank, (epoch << 32) | nb, SYS)
+    for j in range(pid, ep * MAXB, NUM_PUT):
+        d = (my_rank + j // MAXB) % ep
+        b = j % MAXB
+        if b < tl.load(nblocks_ptr + d):
+            rows = b * BLOCK_M + tl.arange(0, BLOCK_M)
+            pair = tl.load(inv_ptr + d * region_rows + rows)
+            valid = pair >= 0
+            slot = (my_rank * region_rows + rows).to(tl.int64)
+            if d != my_rank:
+                token = tl.where(valid, pair // top_k, 0).to(tl.int64)
+                x_dst = tl.load(peer_x_ptr + d).to(tl.pointer_type(dtype), bitcast=True)
+                x_dst = tl.multiple_of(x_dst, 16)
+                for h0 in range(0, hidden, BLOCK_H):
+                    cols = h0 + tl.arange(0, BLOCK_H)
+                    mask = valid[:, None] & (cols[None, :] < hidden)
+                    v = tl.load(x_ptr + token[:, None] * hidden + cols[None, :], mask=mask)
+                    tl.store(x_dst + slot[:, None] * hidden + cols[None, :], v, mask=mask)
+            weight = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
+            m_dst = tl.load(peer_meta_ptr + d).to(tl.pointer_type(tl.int32), bitcast=True)
+            tl.store(m_dst + slot * 2, pair)
+            tl.store(m_dst + slot * 2 + 1, weight.to(tl.int32, bitcast=True))
+            expert = tl.load(bexp_ptr + d * MAXB + b).to(tl.int64)
+            f_dst = tl.load(peer_bflag_ptr + d).to(tl.pointer_type(tl.int64), bitcast=True)
+            _release(f_dst + my_rank * MAXB + b, (epoch << 32) | expert, SYS)
+
+
+@triton.jit
+def _dispatch_gemm1_kernel(
+    x_ptr, topk_w_ptr, inv_ptr, nblocks_ptr, bexp_ptr,  # source side: this rank's tokens and layout
+    peer_x_ptr, peer_meta_ptr, peer_hdr_ptr, peer_bflag_ptr,  # [ep] int64 address tables
+    recv_x_ptr, recv_meta_ptr, hdr_ptr, bflag_ptr,  # this rank's receive buffers
+    w13_ptr, b13_ptr, act_ptr, nb_local_ptr, bexp_local_ptr, epoch_ptr, err_ptr,
+    my_rank, ep, top_k, hidden, inter, max_spin, swiglu_alpha, swiglu_limit,
+    MAXB: tl.constexpr, NUM_PUT: tl.constexpr, DO_PUT: tl.constexpr, DO_GEMM: tl.constexpr,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
+    FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    SPIN: tl.constexpr, SYS: tl.constexpr,
+):  # fmt: skip
+    """Programs [0, NUM_PUT): dispatch puts (``_put_blocks``). The rest: GEMM 1 tiles (row-block, column
+    block of I), own region first; each waits for its region's header and its block's flag, then
+    act = act(x @ w_gate^T) * (x @ w_up^T) for its rows. The put programs have the lowest ids, so they start
+    first and never wait: the GEMM programs spinning on the same GPU cannot starve them."""
+    pid = tl.program_id(0)
+    epoch = tl.load(epoch_ptr)
+    first_tile = NUM_PUT if DO_PUT else 0
+    # nested ifs: Triton cannot `and` a constexpr with a tensor
+    if DO_PUT:  # noqa: SIM102
+        if pid < NUM_PUT:
+            _put_blocks(
+                pid, x_ptr, topk_w_ptr, inv_ptr, nblocks_ptr, bexp_ptr,
+                peer_x_ptr, peer_meta_ptr, peer_hdr_ptr, peer_bflag_ptr,
+                epoch, my_rank, ep, top_k, hidden,
+                MAXB, NUM_PUT, BLOCK_M, BLOCK_H, SYS,
+            )  # fmt: skip
+    if DO_GEMM:  # noqa: SIM102
+        if pid >= first_tile:
+            _gemm1_program(
+                pid - first_tile, x_ptr, recv_x_ptr, recv_meta_ptr, hdr_ptr, bflag_ptr,
+                w13_ptr, b13_ptr, act_ptr, nb_local_ptr, bexp_local_ptr, err_ptr,
+                epoch, my_rank, ep, top_k, hidden, inter, max_spin, swiglu_alpha, swiglu_limit,
+                MAXB, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, EVEN_K, COMPUTE,
+                BLOCK_M, BLOCK_N, BLOCK_K, SPIN, SYS,
+            )  # fmt: skip
+
+
+@triton.jit
+def _gemm1_program(
+    tile, x_ptr, recv_x_ptr, recv_meta_ptr, hdr_ptr, bflag_ptr,
+    w13_ptr, b13_ptr, act_ptr, nb_local_ptr, bexp_local_ptr, err_ptr,
+    epoch, my_rank, ep, top_k, hidden, inter, max_spin, swiglu_alpha, swiglu_limit,
+    MAXB: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WEIGHTS_ON_INPUT: tl.constexpr, FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPIN: tl.constexpr, SYS: tl.constexpr,
+):  # fmt: skip
+    """One GEMM 1 tile: (row-block m, column block n of I), regions in the order own, own + 1, ...
+    COMPUTE=False (the bench's communication-only forward): wait for the rows, compute nothing."""
+    nt = tl.cdiv(inter, BLOCK_N)
+    m = tile // nt
+    n = tile % nt
+    s = (my_rank + m // MAXB) % ep
+    b = m % MAXB
+    header = _wait_one(hdr_ptr + s, epoch, err_ptr, 1, max_spin, SPIN, SYS)
+    nb = header - ((header >> 32) << 32)
+    if (b == 0) & (n == 0):
+        tl.store(nb_local_ptr + s, nb)
+    if b < nb:
+        word = _wait_one(bflag_ptr + s * MAXB + b, epoch, err_ptr, 1, max_spin, SPIN, SYS)
+        expert = word - ((word >> 32) << 32)
+        if n == 0:
+            tl.store(bexp_local_ptr + s * MAXB + b, expert)
+        if COMPUTE:
+            _gemm1_tile(
+                x_ptr, recv_x_ptr, recv_meta_ptr, w13_ptr, b13_ptr, act_ptr,
+                s * (MAXB * BLOCK_M) + b * BLOCK_M, n, expert, s == my_rank, top_k, hidden, inter,
+                swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+
+
+@triton.jit
+def _gemm1_tile(
+    x_ptr, recv_x_ptr, recv_meta_ptr, w13_ptr, b13_ptr, act_ptr,
+    row0, n, expert, own, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
+    FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pair = tl.load(recv_meta_ptr + rows * 2)
+    valid = pair >= 0
+    if own:  # own rows were never copied: read them from x by token
+        a_ptrs = x_ptr + tl.where(valid, pair // top_k, 0).to(tl.int64)[:, None] * hidden
+    else:
+        a_ptrs = recv_x_ptr + rows[:, None] * hidden
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs += ks[None, :]
+    cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < inter
+    n1 = 2 * inter if GATED else inter
+    g_ptrs = w13_ptr + expert.to(tl.int64) * n1 * hidden + cols[None, :].to(tl.int64) * hidden + ks[:, None]
+    u_ptrs = g_ptrs + inter * hidden
+    if WEIGHTS_ON_INPUT:
+        row_weight = tl.load(recv_meta_ptr + rows * 2 + 1).to(tl.float32, bitcast=True)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
+        k_mask = ks < hidden - k0 * BLOCK_K
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
         else:
-            tl.atomic_xchg(f_dst + my_rank * TILES + tile, epoch)
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        if WEIGHTS_ON_INPUT:
+            a = (a.to(tl.float32) * row_weight[:, None]).to(x_ptr.dtype.element_ty)
+        wg = tl.load(g_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc_g = _dot(a, wg, acc_g, FP32_PRECISE)
+        if GATED:
+            wu = tl.load(u_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc_u = _dot(a, wu, acc_u, FP32_PRECISE)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    dtype = act_ptr.dtype.element_ty
+    if HAS_BIAS:
+        b_row = b13_ptr + expert.to(tl.int64) * n1
+        acc_g += tl.load(b_row + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_row + inter + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # rounded to the operand dtype first, like an unfused h = x @ w13^T
+    result = _activate(acc_g.to(dtype).to(tl.float32), ACTIVATION, swiglu_alpha, swiglu_limit)
+    if GATED:
+        result = result * _up_factor(acc_u.to(dtype).to(tl.float32), ACTIVATION, swiglu_limit)
+    tl.store(act_ptr + rows[:, None] * inter + cols[None, :], result.to(dtype), mask=col_mask[None, :])
+
+
+@triton.jit
+def _gemm2_put_kernel(
+    act_ptr, recv_meta_ptr, w2_ptr, b2_ptr, nb_local_ptr, bexp_local_ptr, epoch_ptr,
+    peer_ret_ptr, peer_cflag_ptr, peer_done_ptr,  # [ep] int64 address tables (the sources' buffers)
+    my_rank, ep, hidden, inter,
+    MAXB: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_PRECISE: tl.constexpr,
+    EVEN_K: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SYS: tl.constexpr,
+):  # fmt: skip
+    """GEMM 2 tiles (row-block, column block of H): y = act @ w2^T (+ b2) times the routing weight, stored
+    straight into the source's ``ret`` at each row's pair index; then the tile's combine flag there. Runs
+    after GEMM 1 in stream order, so it only reads what GEMM 1 recorded locally (nb_local, bexp_local);
+    program (region s, block 0, column 0) first tells s that GEMM 1 is done (``done``): s may then reuse
+    the region it sent here, even when it sent nothing. COMPUTE=False: zeros stored (same bytes moved)."""
+    pid = tl.program_id(0)
+    epoch = tl.load(epoch_ptr)
+    nt = tl.cdiv(hidden, BLOCK_N)
+    m = pid // nt
+    n = pid % nt
+    s = (my_rank + m // MAXB) % ep
+    b = m % MAXB
+    if (b == 0) & (n == 0):
+        done = tl.load(peer_done_ptr + s).to(tl.pointer_type(tl.int64), bitcast=True)
+        _release(done + my_rank, epoch << 32, SYS)
+    if b < tl.load(nb_local_ptr + s):
+        expert = tl.load(bexp_local_ptr + s * MAXB + b).to(tl.int64)
+        rows = (s * MAXB * BLOCK_M + b * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        pair = tl.load(recv_meta_ptr + rows * 2)
+        valid = pair >= 0
+        ks = tl.arange(0, BLOCK_K)
+        cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < hidden
+        a_ptrs = act_ptr + rows[:, None] * inter + ks[None, :]
+        w_ptrs = w2_ptr + expert * hidden * inter + cols[None, :].to(tl.int64) * inter + ks[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_tiles = tl.cdiv(inter, BLOCK_K)
+        if not COMPUTE:
+            k_tiles = 0
+        for k0 in range(0, k_tiles):
+            k_mask = ks < inter - k0 * BLOCK_K
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = _dot(a, w, acc, FP32_PRECISE)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(b2_ptr + expert * hidden + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        dtype = act_ptr.dtype.element_ty
+        if not WEIGHTS_ON_INPUT:
+            weight = tl.load(recv_meta_ptr + rows * 2 + 1).to(tl.float32, bitcast=True)
+            acc = acc.to(dtype).to(tl.float32) * weight[:, None]
+        ret = tl.load(peer_ret_ptr + s).to(tl.pointer_type(dtype), bitcast=True)
+        ret = tl.multiple_of(ret, 16)
+        dst = ret + tl.where(valid, pair, 0).to(tl.int64)[:, None] * hidden + cols[None, :]
+        tl.store(dst, acc.to(dtype), mask=valid[:, None] & col_mask[None, :])
+        flag = tl.load(peer_cflag_ptr + s).to(tl.pointer_type(tl.int64), bitcast=True)
+        _release(flag + (my_rank * MAXB + b) * nt + n, epoch << 32, SYS)
+
+
+@triton.jit
+def _combine_kernel(
+    ret_ptr, pair_block_ptr, cflag_ptr, done_ptr, out_ptr, epoch_ptr, err_ptr,
+    num_tokens, ep, hidden, max_spin,
+    K: tl.constexpr, EP_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPIN: tl.constexpr, SYS: tl.constexpr,
+):  # fmt: skip
+    """out[t, cols] = sum_k ret[t*K + k, cols] (weights applied by the destinations), each program waiting
+    for the combine flags of the tiles its rows come from, and first for every destination's ``done``."""
+    pid_t = tl.program_id(0)
+    n = tl.program_id(1)
+    epoch = tl.load(epoch_ptr)
+    nt = tl.num_programs(1)
+    peers = tl.arange(0, EP_P2)
+    _wait(done_ptr + peers, peers < ep, epoch, err_ptr, 2, max_spin, SPIN, SYS)
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = tokens < num_tokens
+    cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = t_mask[:, None] & (cols[None, :] < hidden)
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for k in tl.static_range(K):
+        pair = tokens.to(tl.int64) * K + k
+        block = tl.load(pair_block_ptr + pair, mask=t_mask, other=0).to(tl.int64)
+        _wait(cflag_ptr + block * nt + n, t_mask, epoch, err_ptr, 2, max_spin, SPIN, SYS)
+        acc += tl.load(ret_ptr + pair[:, None] * hidden + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tokens[:, None].to(tl.int64) * hidden + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip

@@ -49,7 +49,11 @@ class ExpertParallelMoE(nn.Module):
         config: the full layer's MoEConfig (all E experts); must be equal on every rank.
         group: expert-parallel process group (None: the default group).
         backend: "epmoe" (all_to_all_single; NCCL or gloo) or "fused" (CUDA only: device-initiated puts into
-            symmetric memory, see ``fused_backend``; needs max_tokens; first version, phases not overlapped).
+            symmetric memory, expert GEMMs waiting on per-block flags, outputs stored straight back into the
+            source; no host sync, CUDA-graph capturable; see ``fused_backend``; needs max_tokens).
+        symm_mem_backend: the fused backend's symmetric memory, "cuda" (default) or "nvshmem" (one host;
+            NVSHMEM_REMOTE_TRANSPORT=none etc., see docs/expert_parallel.md). The fused path runs its own
+            expert kernels (``fused_kernels``); ``local_impl`` is not used by it.
         placement: ExpertPlacement (default contiguous over the group).
         max_tokens / capacity: give either for the fixed-capacity (padded, no host sync, CUDA-graph
             capturable) dispatch; capacity defaults to max_tokens * K (dropless). Neither: dynamic, dropless.
@@ -77,6 +81,7 @@ class ExpertParallelMoE(nn.Module):
         tp_size: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        symm_mem_backend: str = "cuda",
     ) -> None:
         super().__init__()
         if not isinstance(config, MoEConfig):
@@ -131,6 +136,7 @@ class ExpertParallelMoE(nn.Module):
                 "capacity": capacity,
                 "max_tokens": max_tokens,
                 "dtype": str(dtype),
+                "symm_mem_backend": symm_mem_backend if backend == "fused" else None,
             },
             group,
         )
@@ -140,8 +146,8 @@ class ExpertParallelMoE(nn.Module):
             from tilemoe.distributed.fused_backend import FusedDispatcher
 
             self.fused = FusedDispatcher(
-                self.placement, ep_group, max_tokens=max_tokens, top_k=config.top_k,
-                hidden_size=config.hidden_size, dtype=dtype or torch.get_default_dtype(), device=device,
+                self.placement, ep_group, max_tokens=max_tokens, config=config,
+                dtype=dtype or torch.get_default_dtype(), device=device, symm_mem_backend=symm_mem_backend,
             )  # fmt: skip
 
         n = len(self.local_experts)
@@ -190,7 +196,7 @@ class ExpertParallelMoE(nn.Module):
         if self.tp_size > 1:
             return self._forward_routed_tp(x, topk_weights, topk_ids)
         if self.fused is not None:
-            return self.fused.forward(x, topk_ids, topk_weights, self.local_experts_forward)
+            return self.fused.forward(x, topk_ids, topk_weights, self.w13, self.w2, self.b13, self.b2)
         recv_x, meta, handle = self.dispatcher.dispatch(x, topk_ids, topk_weights)
         y = self.local_experts_forward(recv_x, meta.local_ids, meta.weights)
         self.last_handle = handle

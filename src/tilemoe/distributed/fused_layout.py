@@ -1,0 +1,107 @@
+"""Geometry and per-forward layout of the ``fused`` expert-parallel path (plain torch ops, no host sync).
+
+Letters: T tokens on a rank (at most ``max_tokens``), K top-k, S = T*K (token, pick) pairs, pair p = t*K + k;
+ep ranks; L = the largest number of experts one rank owns; BM = ``block_m`` (rows of one GEMM row-block).
+
+Every destination rank's receive buffers have one *region* per source rank, R = MAXB * BM rows each. Inside
+the region of source s, s lays out its pairs for that destination sorted by destination-local expert, each
+expert's rows padded to a multiple of BM, so that every row-block of BM rows holds one expert and comes from
+one source (and holds at least one real row). MAXB = cdiv(max_tokens * K, BM) + L blocks always suffice:
+one destination gets at most S pairs, and padding adds less than one block per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from tilemoe.distributed.placement import ExpertPlacement
+
+
+@dataclass(frozen=True)
+class FusedGeometry:
+    """Sizes shared by every rank (the symmetric buffers are allocated from them, the same on every rank)."""
+
+    ep_size: int
+    max_tokens: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    max_local: int  # L
+    block_m: int  # BM
+
+    @property
+    def max_blocks(self) -> int:
+        """MAXB: row-blocks per source region."""
+        return triton.cdiv(self.max_tokens * self.top_k, self.block_m) + self.max_local
+
+    @property
+    def region_rows(self) -> int:
+        """R = MAXB * BM rows per source region."""
+        return self.max_blocks * self.block_m
+
+    @property
+    def recv_rows(self) -> int:
+        """ep * R rows of a receive buffer."""
+        return self.ep_size * self.region_rows
+
+    @classmethod
+    def of(cls, placement: ExpertPlacement, *, max_tokens: int, top_k: int, hidden_size: int,
+           intermediate_size: int, block_m: int) -> FusedGeometry:  # fmt: skip
+        return cls(placement.ep_size, max_tokens, top_k, hidden_size, intermediate_size,
+                   max(1, placement.max_local), block_m)  # fmt: skip
+
+
+@dataclass
+class FusedLayout:
+    """Where this (source) rank's pairs go, computed on the device from its routing.
+
+    inv          [ep * R] int32   pair placed at each row of each destination's region for this source (-1 pad)
+    nblocks      [ep] int64       row-blocks this source fills in each destination's region
+    block_expert [ep, MAXB] int32 destination-local expert of each of those blocks
+    pair_block   [S] int32        d * MAXB + block of each pair: where its output comes back from (combine flags)
+    """
+
+    inv: torch.Tensor
+    nblocks: torch.Tensor
+    block_expert: torch.Tensor
+    pair_block: torch.Tensor
+
+
+def fused_layout(
+    topk_ids: torch.Tensor, owner: torch.Tensor, local_index: torch.Tensor, geom: FusedGeometry
+) -> FusedLayout:
+    """The padded per-destination layout of ``topk_ids`` [T, K] (see the module docstring); no host sync.
+
+    owner / local_index: [E] int64 (``ExpertPlacement.owner_tensor`` / ``local_index_tensor``) on the device.
+    1. counts per (destination, local expert) by scatter_add (fixed size: no sync), padded to BM;
+    2. region offsets = exclusive cumsum of the padded counts per destination; blocks per destination;
+    3. a stable sort of the pairs by (destination, local expert): a pair's row = its expert's offset + its
+       rank among the pairs of that (destination, expert);
+    4. the inverse (row -> pair) by scatter, and each block's expert by a search over the offsets.
+    """
+    ep, lmax, bm, maxb, r = geom.ep_size, geom.max_local, geom.block_m, geom.max_blocks, geom.region_rows
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1).long()
+    s = flat.numel()
+    dest = owner[flat]
+    key = dest * lmax + local_index[flat]
+    counts = torch.zeros(ep * lmax, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts + bm - 1) // bm * bm
+    ends = padded.view(ep, lmax).cumsum(1)
+    offsets = (ends - padded.view(ep, lmax)).reshape(-1)
+    nblocks = ends[:, -1] // bm
+    order = torch.sort(key, stable=True)[1]
+    sorted_key = key[order]
+    group_start = counts.cumsum(0) - counts
+    row = offsets[sorted_key] + torch.arange(s, dtype=torch.int64, device=device) - group_start[sorted_key]
+    inv = torch.full((ep * r,), -1, dtype=torch.int32, device=device)
+    inv[dest[order] * r + row] = order.to(torch.int32)
+    pair_row = torch.empty(s, dtype=torch.int64, device=device)
+    pair_row[order] = row
+    pair_block = (dest * maxb + pair_row // bm).to(torch.int32)
+    block_start = (torch.arange(maxb, dtype=torch.int64, device=device) * bm).expand(ep, maxb).contiguous()
+    block_expert = torch.searchsorted(ends.contiguous(), block_start, right=True).clamp_(max=lmax - 1)
+    return FusedLayout(inv, nblocks, block_expert.to(torch.int32).contiguous(), pair_block)

@@ -1,0 +1,194 @@
+"""Launchers of the ``fused`` path's kernels and the buffers of one rank (shared by the GPU backend and the
+one-process simulation). Kernels and buffer meanings: ``fused_kernels``; layout: ``fused_layout``.
+
+One forward on every rank, in stream order (nothing waits on the host):
+1. ``fused_layout``: where each of this rank's pairs goes (torch, on the device).
+2. ``dispatch_gemm1``: one launch; its first ``num_put`` programs put rows + metadata into the destinations
+   and raise one flag per row-block; the other programs are GEMM 1 tiles that wait for their block's flag
+   (own region first, so local rows start at once while remote rows are in flight).
+3. ``gemm2_put``: GEMM 2; the epilogue scales by the routing weight and stores each row straight into its
+   source's ``ret``, then raises that tile's combine flag there.
+4. ``combine``: waits for the combine flags of its rows and sums the K rows of each token.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from tilemoe.config import MoEConfig
+from tilemoe.distributed.fused_kernels import (
+    ERR_COMBINE,
+    ERR_DISPATCH,
+    _combine_kernel,
+    _dispatch_gemm1_kernel,
+    _gemm2_put_kernel,
+)
+from tilemoe.distributed.fused_layout import FusedGeometry, FusedLayout
+from tilemoe.ops.act_and_mul import ACTIVATION_CODES
+
+SYMMETRIC_BUFFERS = ("recv_x", "recv_meta", "hdr", "bflag", "ret", "cflag", "done")
+ERRORS = {
+    ERR_DISPATCH: "a GEMM 1 program waited too long for rows from a peer (dispatch)",
+    ERR_COMBINE: "a combine program waited too long for expert outputs from a peer (combine)",
+}
+
+
+@dataclass(frozen=True)
+class FusedTiles:
+    """Tile shapes and program counts. Defaults: the H100 tuning table's choice for T*K = 16384 rows at
+    H = 2048 (block_m 128, GEMM 1 128 x 64, GEMM 2 256 x 64, 8 warps); num_put 32: the H200 probe moved 92%
+    of the peak put bandwidth with ~32 CTAs."""
+
+    block_m: int = 128
+    block_n1: int = 128
+    block_k1: int = 64
+    num_warps1: int = 8
+    num_stages1: int = 3
+    block_n2: int = 256
+    block_k2: int = 64
+    num_warps2: int = 8
+    num_stages2: int = 3
+    num_put: int = 32
+    block_h: int = 128  # columns per put step
+    block_t: int = 16  # tokens per combine program
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2", "block_h", "block_t"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"FusedTiles.{name}: expected a power of two, got {value!r}")
+        if self.num_put < 1:
+            raise ValueError(f"FusedTiles.num_put: expected >= 1, got {self.num_put}")
+
+
+# the interpreter runs every program in Python: the smallest tiles tl.dot accepts
+INTERPRETER_TILES = FusedTiles(
+    block_m=16, block_n1=16, block_k1=16, num_warps1=4, num_stages1=1,
+    block_n2=16, block_k2=16, num_warps2=4, num_stages2=1, num_put=2, block_h=32, block_t=8,
+)  # fmt: skip
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def buffer_specs(geom: FusedGeometry, tiles: FusedTiles, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Shapes and dtypes of the symmetric buffers, in allocation order (the same on every rank)."""
+    ep, maxb, h = geom.ep_size, geom.max_blocks, geom.hidden_size
+    nt2 = triton.cdiv(h, tiles.block_n2)
+    return {
+        "recv_x": ((geom.recv_rows, h), dtype),
+        "recv_meta": ((geom.recv_rows, 2), torch.int32),
+        "hdr": ((ep,), torch.int64),
+        "bflag": ((ep * maxb,), torch.int64),
+        "ret": ((max(1, geom.max_tokens * geom.top_k), h), dtype),
+        "cflag": ((ep * maxb * nt2,), torch.int64),
+        "done": ((ep,), torch.int64),
+    }
+
+
+class FusedRank:
+    """One rank's buffers: the symmetric ones (given: symmetric memory on GPUs, plain tensors in the
+    simulation), the tables of every rank's base address of each, and the local ones."""
+
+    def __init__(
+        self,
+        rank: int,
+        geom: FusedGeometry,
+        tiles: FusedTiles,
+        symmetric: dict[str, torch.Tensor],
+        tables: dict[str, torch.Tensor],
+    ) -> None:
+        missing = [n for n in SYMMETRIC_BUFFERS if n not in symmetric or n not in tables]
+        if missing:
+            raise ValueError(f"symmetric / tables: expected buffers {SYMMETRIC_BUFFERS}, missing {missing}")
+        self.rank, self.geom, self.tiles = rank, geom, tiles
+        self.buf, self.tables = symmetric, tables
+        device, dtype = symmetric["recv_x"].device, symmetric["recv_x"].dtype
+        self.act = torch.empty((geom.recv_rows, geom.intermediate_size), dtype=dtype, device=device)
+        self.nb_local = torch.zeros(geom.ep_size, dtype=torch.int64, device=device)
+        self.bexp_local = torch.zeros(geom.ep_size * geom.max_blocks, dtype=torch.int64, device=device)
+        self.epoch = torch.zeros(1, dtype=torch.int64, device=device)  # advanced on the device per forward
+        self.err = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def error(self) -> str | None:
+        """The error a bounded wait recorded (reads the device: a sync), or None."""
+        code = int(self.err.item())
+        return None if code == 0 else ERRORS.get(code, f"error code {code}")
+
+
+def dispatch_gemm1(
+    r: FusedRank,
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    layout: FusedLayout,
+    w13: torch.Tensor,
+    b13: torch.Tensor | None,
+    config: MoEConfig,
+    *,
+    put: bool = True,
+    gemm: bool = True,
+    compute: bool = True,
+    max_spin: int = 1,
+) -> None:
+    """Step 2 (see the module docstring). put / gemm: both on GPUs; one at a time in the simulation.
+    compute=False: the GEMM programs only wait for their rows (communication-only timing)."""
+    g, t = r.geom, r.tiles
+    spin = not interpreting()
+    nt1 = triton.cdiv(g.intermediate_size, t.block_n1) if compute else 1
+    grid = (t.num_put if put else 0) + (g.ep_size * g.max_blocks * nt1 if gemm else 0)
+    x = x.contiguous() if x.shape[0] else r.buf["ret"][:1]  # T = 0: any valid address; never read
+    _dispatch_gemm1_kernel[(grid,)](
+        x, topk_weights.reshape(-1).float().contiguous(), layout.inv, layout.nblocks, layout.block_expert,
+        r.tables["recv_x"], r.tables["recv_meta"], r.tables["hdr"], r.tables["bflag"],
+        r.buf["recv_x"], r.buf["recv_meta"], r.buf["hdr"], r.buf["bflag"],
+        w13, b13 if b13 is not None else w13, r.act, r.nb_local, r.bexp_local, r.epoch, r.err,
+        r.rank, g.ep_size, g.top_k, g.hidden_size, g.intermediate_size, max_spin,
+        config.swiglu_alpha, config.swiglu_limit,
+        MAXB=g.max_blocks, NUM_PUT=t.num_put, DO_PUT=put, DO_GEMM=gemm,
+        ACTIVATION=ACTIVATION_CODES[config.activation], GATED=config.gated, HAS_BIAS=b13 is not None,
+        WEIGHTS_ON_INPUT=config.weights_on_input, FP32_PRECISE=x.dtype == torch.float32,
+        EVEN_K=g.hidden_size % t.block_k1 == 0, COMPUTE=compute,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n1, BLOCK_K=t.block_k1, BLOCK_H=t.block_h,
+        SPIN=spin, SYS=spin, num_warps=t.num_warps1, num_stages=t.num_stages1,
+    )  # fmt: skip
+
+
+def gemm2_put(
+    r: FusedRank, w2: torch.Tensor, b2: torch.Tensor | None, config: MoEConfig, *, compute: bool = True
+) -> None:
+    """Step 3 (see the module docstring). compute=False: zeros stored instead (communication-only timing)."""
+    g, t = r.geom, r.tiles
+    sys_scope = not interpreting()
+    grid = g.ep_size * g.max_blocks * triton.cdiv(g.hidden_size, t.block_n2)
+    _gemm2_put_kernel[(grid,)](
+        r.act, r.buf["recv_meta"], w2, b2 if b2 is not None else w2, r.nb_local, r.bexp_local, r.epoch,
+        r.tables["ret"], r.tables["cflag"], r.tables["done"],
+        r.rank, g.ep_size, g.hidden_size, g.intermediate_size,
+        MAXB=g.max_blocks, WEIGHTS_ON_INPUT=config.weights_on_input, HAS_BIAS=b2 is not None,
+        FP32_PRECISE=r.act.dtype == torch.float32, EVEN_K=g.intermediate_size % t.block_k2 == 0,
+        COMPUTE=compute, BLOCK_M=t.block_m, BLOCK_N=t.block_n2, BLOCK_K=t.block_k2, SYS=sys_scope,
+        num_warps=t.num_warps2, num_stages=t.num_stages2,
+    )  # fmt: skip
+
+
+def combine(r: FusedRank, num_tokens: int, layout: FusedLayout, *, max_spin: int = 1) -> torch.Tensor:
+    """Step 4: out [num_tokens, H] in the buffers' dtype. Always at least one program: it waits for every
+    destination's ``done``, so even a rank with no tokens never reuses its buffers too early."""
+    g, t = r.geom, r.tiles
+    spin = not interpreting()
+    ret = r.buf["ret"]
+    out = torch.empty((num_tokens, g.hidden_size), dtype=ret.dtype, device=ret.device)
+    pair_block = layout.pair_block if num_tokens else r.nb_local  # T = 0: any valid address; never read
+    grid = (max(1, triton.cdiv(num_tokens, t.block_t)), triton.cdiv(g.hidden_size, t.block_n2))
+    _combine_kernel[grid](
+        ret, pair_block, r.buf["cflag"], r.buf["done"], out if num_tokens else ret, r.epoch, r.err,
+        num_tokens, g.ep_size, g.hidden_size, max_spin,
+        K=g.top_k, EP_P2=max(2, triton.next_power_of_2(g.ep_size)), BLOCK_T=t.block_t, BLOCK_N=t.block_n2,
+        SPIN=spin, SYS=spin, num_warps=4,
+    )  # fmt: skip
+    return out
