@@ -1,5 +1,8 @@
 r"""``tilemoe bench``: compare MoE implementations on one layer, per routing scenario and token count.
 
+Each timed call is the full layer by default (``--timed-scope layer``: router GEMM + routing + routed experts);
+``--timed-scope experts`` times the routed experts alone, routing done before the timed region.
+
     tilemoe bench                                   # CPU: a scaled-down qwen3-30b-a3b; GPU: the real one
     tilemoe bench --model qwen3-30b-a3b --dtype bf16 --impl grouped torch_grouped_mm triton \
         --num-tokens 1 16 128 1024 4096 --cuda-graph --output-file out/h100-bench-qwen3 --output-format all
@@ -49,6 +52,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--imbalance-factor", type=float, default=3.0, help="target max_load/avg_load (imbalanced)")
     g.add_argument("--zipf-alpha", type=float, default=1.2)
     g.add_argument("--routing-trace", default=None, help="replay top-k ids from a .pt/.npy/.json [T, K] file")
+    g.add_argument(
+        "--timed-scope",
+        choices=("layer", "experts"),
+        default="layer",
+        help="layer: router GEMM + routing + experts in each timed call (default); experts: the routed experts "
+        "only, routing done before timing (single-device runs; the expert-parallel bench keeps its own timing)",
+    )
     add_distributed_flags(parser)
     o = parser.add_argument_group("output")
     o.add_argument("--output-format", choices=OUTPUT_FORMATS, default="both")
@@ -174,6 +184,7 @@ def build_settings(args: argparse.Namespace, command: str = "bench"):  # noqa: A
         raise ValueError(f"--num-tokens: expected counts >= 0, got {tokens}")
     trace = load_trace(args.routing_trace) if getattr(args, "routing_trace", None) else None
     scenarios = getattr(args, "scenarios", None) or (["trace"] if trace is not None else DEFAULT_SCENARIOS)
+    timed_scope = getattr(args, "timed_scope", "experts")  # commands without the flag (journey) time the experts
     if "trace" in scenarios and trace is None:
         raise ValueError("--scenarios: 'trace' needs --routing-trace FILE")
     settings = BenchSettings(
@@ -194,12 +205,15 @@ def build_settings(args: argparse.Namespace, command: str = "bench"):  # noqa: A
         cuda_graph=args.cuda_graph,
         ep_size=args.ep_size,
         tp_size=args.tp_size,
+        timed_scope=timed_scope,
     )
     header = {**environment(device), "model": model, "dtype": str(dtype).replace("torch.", "")}
     if note:
         header["note"] = note
     header["config"] = config_summary(config)
     header["timing"] = {"warmup": warmup, "iters": iters, "rounds": args.rounds, "cuda_graph": args.cuda_graph}
+    if hasattr(args, "timed_scope"):
+        header["timing"]["timed_scope"] = timed_scope
     return settings, header
 
 
@@ -250,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
         rows = run_bench(settings, roofline, progress=advance, on_rows=show)
     if "note" in header:
         print(header["note"])
-    print_console(rows, title=f"tilemoe bench: {settings.model} on {header['device']}, {header['dtype']}")
+    title = f"tilemoe bench: {settings.model} on {header['device']}, {header['dtype']}, timed: {settings.timed_scope}"
+    print_console(rows, title=title)
     if args.output_file:
         for path in write_outputs(rows, header, args.output_file, args.output_format):
             print(f"wrote {path}")

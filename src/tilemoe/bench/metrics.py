@@ -1,10 +1,13 @@
 """What one MoE layer call must compute and move, given its routing; loads and the roofline bound.
 
-The bench times the routed experts only (routing is done before the timed call), so:
+For the routed experts (timed_scope "experts": routing done before the timed call):
     FLOPs  = 2 * T*K * (H * w13_rows + I * H)              (both expert matmuls; w13_rows = 2I gated, I plain)
     bytes  = weights (and biases) of the experts actually hit      (each read once at best)
            + x read [T, H] + out written [T, H]                    (activation dtype)
            + topk_ids and topk_weights read [T, K] (4 bytes each)  (the router's output)
+With ``router=True`` (timed_scope "layer": router GEMM + routing + experts) the router GEMM adds
+    FLOPs  + 2 * T*H*E
+    bytes  + router weight [E, H] + logits [T, E]                  (activation dtype)
 Intermediate activations are not counted: a fused kernel need not send them to memory.
     roofline time = max(FLOPs / matmul rate, bytes / copy bandwidth)  (both measured, see roofline.py)
 """
@@ -41,20 +44,24 @@ def load_stats(topk_ids: torch.Tensor, num_experts: int) -> LoadStats:
     )
 
 
-def layer_flops(config: MoEConfig, num_tokens: int) -> int:
-    """Multiply-add FLOPs (2 per MAC) of the routed experts for ``num_tokens`` tokens."""
+def layer_flops(config: MoEConfig, num_tokens: int, router: bool = False) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the routed experts for ``num_tokens`` tokens (+ the router GEMM)."""
     h, i = config.hidden_size, config.intermediate_size
-    return 2 * num_tokens * config.top_k * (h * config.w13_rows + i * h)
+    flops = 2 * num_tokens * config.top_k * (h * config.w13_rows + i * h)
+    if router:
+        flops += 2 * num_tokens * h * config.num_experts
+    return flops
 
 
-def layer_bytes(config: MoEConfig, num_tokens: int, experts_hit: int, element_size: int) -> int:
-    """Bytes that must move for one call (see the module docstring)."""
+def layer_bytes(config: MoEConfig, num_tokens: int, experts_hit: int, element_size: int, router: bool = False) -> int:
+    """Bytes that must move for one call (see the module docstring; ``router``: with the router GEMM)."""
     weights = experts_hit * config.expert_weight_elements()
     if config.expert_bias:
         weights += experts_hit * (config.w13_rows + config.hidden_size)
     activations = 2 * num_tokens * config.hidden_size
-    router = num_tokens * config.top_k * (4 + 4)
-    return element_size * (weights + activations) + router
+    router_gemm = config.num_experts * (config.hidden_size + num_tokens) if router else 0  # weight + logits
+    routing = num_tokens * config.top_k * (4 + 4)
+    return element_size * (weights + activations + router_gemm) + routing
 
 
 def roofline_seconds(flops: float, nbytes: float, matmul_flops_per_s: float, copy_bytes_per_s: float) -> float:

@@ -1,6 +1,13 @@
 """The bench loop: for each scenario and token count, make inputs, gate every implementation on correctness,
 then time them interleaved round by round; one result row per (implementation, scenario, tokens).
 
+What one timed call covers (``BenchSettings.timed_scope``, CSV column ``timed_scope``):
+    experts  the implementation's routed experts only (dispatch, both GEMMs, activation, combine), on the
+             scenario's topk_weights / topk_ids computed before the timed region
+    layer    router GEMM + routing + the same experts, in one callable, in the same order for every
+             implementation (``tilemoe.bench.layer``); the router is steered so that the routing kernel picks
+             the scenario's ids, which is checked once before timing
+
 Correctness gate: each implementation's output on the first input set is compared with the float64
 reference (``tilemoe.impls.reference``) under the tolerances of the bench dtype (``tilemoe.testing``). The
 reference is computed once per input, on the bench device (on the CPU if the device runs out of memory).
@@ -25,6 +32,14 @@ from pathlib import Path
 
 import torch
 
+from tilemoe.bench.layer import (
+    check_layer_ids,
+    layer_fn,
+    make_router_weights,
+    reachable_tokens,
+    route_fn,
+    steer_input,
+)
 from tilemoe.bench.metrics import layer_bytes, layer_flops, load_stats, roofline_seconds
 from tilemoe.bench.roofline import Roofline
 from tilemoe.bench.scenarios import make_routing_for
@@ -32,11 +47,13 @@ from tilemoe.bench.timing import Timer, TimingStats
 from tilemoe.config import MoEConfig
 from tilemoe.impls import get_impl
 from tilemoe.impls.reference import reference_experts_fp64
+from tilemoe.routing import route
 from tilemoe.testing import assert_close, make_weights
 
 # float64 FLOPs the reference may spend per input: about a second on CPU / on an H100's fp64 units
 REF_FLOP_BUDGET = {"cpu": 2e9, "cuda": 2e12}
 L2_ROTATE_BYTES = 64 << 20  # activations smaller than this are rotated over 3 input sets (H100 L2: 50 MB)
+TIMED_SCOPES = ("layer", "experts")
 
 LEADING_COLUMNS = (
     "implementation",
@@ -68,6 +85,7 @@ MORE_COLUMNS = (
     "baseline",
     "level",
     "cuda_graph",
+    "timed_scope",
     "device",
     "dtype",
     "model",
@@ -103,6 +121,7 @@ class BenchSettings:
     profile_dir: str | None = None
     ep_size: int = 1
     tp_size: int = 1
+    timed_scope: str = "experts"  # "layer": router GEMM + routing + experts (see the module docstring)
     skip: Callable[[str, int], str | None] | None = None  # (impl, tokens) -> reason to skip, or None
     extra: dict = field(default_factory=dict)
 
@@ -187,6 +206,7 @@ def _base_row(s: BenchSettings, impl: str, scenario: str, tokens: int, loads, fl
         "baseline": s.baseline or "",
         "level": "" if impl_obj.level is None else impl_obj.level,
         "cuda_graph": False,
+        "timed_scope": s.timed_scope,
         "device": str(s.device),
         "dtype": str(s.dtype).replace("torch.", ""),
         "model": s.model,
@@ -217,7 +237,7 @@ def _fill_timing(row: dict, stats: TimingStats, tokens: int) -> None:
         row["gbps"] = row["bytes"] / seconds / 1e9
         row["pct_roofline"] = 100.0 * row["roofline_ms"] / mean
     if stats.note:
-        row["note"] = stats.note
+        row["note"] = f"{row['note']}; {stats.note}" if row["note"] else stats.note
 
 
 def _profile(fn, inp, path: Path, device: torch.device) -> None:
@@ -231,6 +251,33 @@ def _profile(fn, inp, path: Path, device: torch.device) -> None:
             torch.cuda.synchronize(device)
     path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(path))
+
+
+def _layer_inputs(
+    s: BenchSettings, scenario: str, xs: list, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: dict
+) -> tuple[list, torch.Tensor, bool, str]:
+    """Layer scope: (input sets with steered x, reference topk_weights, pass_through, note for the rows).
+
+    The reference weights are ``routing.route`` of the first set's router logits; its ids, and those of the
+    routing the timed call uses, must equal the scenario's on every token a router can steer (else RuntimeError).
+    """
+    config, device = s.config, s.device
+    reachable = reachable_tokens(topk_ids, config)
+    xs = [steer_input(x, topk_ids, config) for x in xs]
+    logits = torch.nn.functional.linear(xs[0], weights["router_weight"])
+    bias = weights["correction_bias"]
+    ref_weights, ref_ids = route(logits, config, correction_bias=bias)
+    check_layer_ids(ref_ids, topk_ids, reachable, scenario)
+    check_layer_ids(route_fn(device)(logits, config, correction_bias=bias)[1], topk_ids, reachable, scenario)
+    unreachable = int((~reachable).sum())
+    note = ""
+    if unreachable:
+        if config.hidden_size < config.num_experts:
+            why = f"hidden_size {config.hidden_size} < num_experts {config.num_experts}"
+        else:
+            why = f"ids in more than topk_group={config.topk_group} of {config.n_group} groups, or repeated"
+        note = f"layer scope: scenario ids passed through the routing ({unreachable}/{len(reachable)} tokens: {why})"
+    return [(x, topk_weights, topk_ids) for x in xs], ref_weights, unreachable > 0, note
 
 
 def run_case(
@@ -259,21 +306,27 @@ def run_case(
         zipf_alpha=s.zipf_alpha,
         trace=s.trace,
     )
-    inputs = [(x, topk_weights, topk_ids) for x in xs]
     loads = load_stats(topk_ids, config.num_experts)
-    flops = layer_flops(config, tokens)
-    nbytes = layer_bytes(config, tokens, loads.experts_hit, element)
+    layer = s.timed_scope == "layer"
+    flops = layer_flops(config, tokens, router=layer)
+    nbytes = layer_bytes(config, tokens, loads.experts_hit, element, router=layer)
     roof_s = roofline_seconds(flops, nbytes, roofline.matmul_flops_per_s, roofline.copy_bytes_per_s)
     w13, w2, b13, b2 = weights["w13"], weights["w2"], weights["b13"], weights["b2"]
 
+    inputs = [(x, topk_weights, topk_ids) for x in xs]
+    ref_weights, pass_through, scope_note = topk_weights, False, ""
+    if layer:
+        inputs, ref_weights, pass_through, scope_note = _layer_inputs(s, scenario, xs, topk_weights, topk_ids, weights)
     subset = _reference_rows(tokens, config, device)
-    reference = _reference(xs[0], topk_weights, topk_ids, subset, weights, config, device)
+    # the same ids as the timed calls: the scenario's (layer scope: the routed ones, checked equal to them)
+    reference = _reference(inputs[0][0], ref_weights, topk_ids, subset, weights, config, device)
 
     rows: dict[str, dict] = {}
     timers: dict[str, Timer] = {}
     stats: dict[str, TimingStats] = {}
     for name in s.impls:
         row = _base_row(s, name, scenario, tokens, loads, flops, nbytes, roof_s)
+        row["note"] = scope_note
         rows[name] = row
         impl = get_impl(name)
         reason = s.skip(name, tokens) if s.skip else None
@@ -283,8 +336,12 @@ def run_case(
             row.update(status="SKIPPED", note=reason)
             continue
 
-        def fn(inp, _impl=impl):
-            return _impl.fn(inp[0], w13, w2, inp[1], inp[2], config=config, b13=b13, b2=b2)
+        if layer:
+            fn = layer_fn(impl.fn, weights, config, device, pass_through=pass_through)
+        else:
+
+            def fn(inp, _impl=impl):
+                return _impl.fn(inp[0], w13, w2, inp[1], inp[2], config=config, b13=b13, b2=b2)
 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -345,8 +402,13 @@ def run_case(
 
 
 def make_bench_weights(s: BenchSettings) -> dict:
+    """Expert weights (``tilemoe.testing.make_weights``); in layer scope also "router_weight" [E, H] in the
+    bench dtype and "correction_bias" [E] (or None), drawn after the experts' so those stay the same."""
     gen = torch.Generator().manual_seed(s.seed)
-    return make_weights(s.config, dtype=s.dtype, device=s.device, generator=gen)
+    weights = make_weights(s.config, dtype=s.dtype, device=s.device, generator=gen)
+    if s.timed_scope == "layer":
+        weights.update(make_router_weights(s.config, dtype=s.dtype, device=s.device, generator=gen))
+    return weights
 
 
 def run_bench(
@@ -356,7 +418,13 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     on_rows: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Every (scenario, tokens) in order; returns all rows (see ``COLUMNS``)."""
+    """Every (scenario, tokens) in order; returns all rows (see ``COLUMNS``).
+
+    Raises ValueError for an unknown ``s.timed_scope``; RuntimeError when a layer-scope router fails to
+    reproduce a scenario's routing (a bug, not a slow implementation).
+    """
+    if s.timed_scope not in TIMED_SCOPES:
+        raise ValueError(f"timed_scope: expected one of {TIMED_SCOPES}, got {s.timed_scope!r}")
     weights = make_bench_weights(s)
     rows: list[dict] = []
     for scenario in s.scenarios:

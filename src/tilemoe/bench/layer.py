@@ -1,0 +1,150 @@
+"""Full-layer timing (``tilemoe bench --timed-scope layer``): router GEMM + routing + routed experts in one call.
+
+The timed callable, the same for every implementation::
+
+    logits = x @ router_weight^T                 [T, E] in the bench dtype (router_weight [E, H], bench dtype)
+    weights, ids = route(logits, correction_bias)  route_triton on CUDA (what moe_forward does), routing.route
+                                                   on CPU
+    out = impl.fn(x, w13, w2, weights, ids)
+
+A scenario (random / balanced / imbalanced / zipf / trace) still decides which experts each token goes to: the
+router is built so that its logits pick exactly the scenario's ids, and the routing kernel really runs on them.
+
+    router_weight[:, :E] = ROUTER_GAIN * identity      router_weight[:, E:] = tiny noise (logit noise ~1e-3)
+    x[t, :E] = target[t] / ROUTER_GAIN                 (the rest of x stays the scenario's random input)
+    target[t, e] = CHOSEN_TOP - j * step  for the j-th scenario id of token t,  NOT_CHOSEN for the others
+
+so logits[t] = target[t] + noise: the scenario's K experts lead by a wide margin, in slot order, under softmax,
+sigmoid and the correction bias alike (the bias is drawn tiny: it moves nothing here, but is read and added).
+Targets are multiples of 1/16 in [-6, 3] and ROUTER_GAIN is 4, so x and the logits hold them exactly even in
+bf16. ``check_layer_ids`` asserts once, before timing, that the routing gives the scenario's ids.
+
+Two cases cannot be steered, and there the scenario's ids are passed through to the experts (the router GEMM and
+the routing kernel still run on every token, the row's note says so):
+  * a group-limited routing (topk_group < n_group) and a token whose K ids span more than topk_group groups
+    (balanced / imbalanced / zipf ids ignore groups; ``random`` ids come from the routing itself and never do);
+  * hidden_size < num_experts: x has too few columns to carry a target per expert;
+  * a trace token that repeats an expert id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tilemoe.config import MoEConfig
+from tilemoe.ops.route import route_triton
+from tilemoe.routing import route
+
+ROUTER_GAIN = 4.0
+CHOSEN_TOP = 3.0
+NOT_CHOSEN = -6.0
+LOGIT_NOISE = 1e-3
+BIAS_SCALE = 1e-4  # correction bias values in [0, 1e-4): far below the 1/16 logit steps between the chosen
+
+__all__ = ["check_layer_ids", "layer_fn", "make_router_weights", "reachable_tokens", "route_fn", "steer_input"]
+
+
+def route_fn(device: torch.device) -> Callable:
+    """The routing ``moe_forward`` uses on ``device``: the Triton kernel on CUDA, plain PyTorch elsewhere."""
+    return route_triton if device.type == "cuda" else route
+
+
+def make_router_weights(
+    config: MoEConfig, *, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> dict[str, torch.Tensor | None]:
+    """{"router_weight": [E, H] in ``dtype``, "correction_bias": [E] float32 or None} (see the module docstring).
+
+    With hidden_size < num_experts the router is plain random (scenario ids are then passed through).
+    """
+    e, h = config.num_experts, config.hidden_size
+    if h >= e:
+        weight = torch.zeros(e, h)
+        weight[:, :e] = ROUTER_GAIN * torch.eye(e)
+        if h > e:
+            weight[:, e:] = torch.randn(e, h - e, generator=generator) * (LOGIT_NOISE / (h - e) ** 0.5)
+    else:
+        weight = torch.randn(e, h, generator=generator) * h**-0.5
+    bias = torch.rand(e, generator=generator) * BIAS_SCALE if config.score_correction_bias else None
+    return {
+        "router_weight": weight.to(device, dtype),
+        "correction_bias": None if bias is None else bias.to(device),
+    }
+
+
+def reachable_tokens(topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """[T] bool: tokens whose ids some router logits can produce: K distinct ids in at most topk_group groups
+    (group-limited routings), and hidden_size >= num_experts."""
+    t = topk_ids.shape[0]
+    if config.hidden_size < config.num_experts:
+        return torch.zeros(t, dtype=torch.bool, device=topk_ids.device)
+    ordered = topk_ids.long().sort(dim=1).values
+    reachable = (ordered[:, 1:] != ordered[:, :-1]).all(dim=1)  # a trace may repeat an id within a token
+    grouped = config.routing in ("sigmoid_grouped_topk", "softmax_grouped_topk")
+    if grouped and config.topk_group < config.n_group:
+        groups = topk_ids.long() // (config.num_experts // config.n_group)
+        used = torch.zeros(t, config.n_group, dtype=torch.bool, device=topk_ids.device).scatter_(1, groups, True)
+        reachable &= used.sum(dim=1) <= config.topk_group
+    return reachable
+
+
+def _targets(topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """[T, E] float32 logits that rank the K ids of each token first, in slot order."""
+    t, k = topk_ids.shape
+    step = 1 / 16 if k == 1 else max(1 / 16, (4 * 16 // (k - 1)) / 16)  # chosen logits span [-1, 3] when K <= 65
+    chosen = CHOSEN_TOP - step * torch.arange(k, dtype=torch.float32, device=topk_ids.device)
+    target = torch.full((t, config.num_experts), NOT_CHOSEN, dtype=torch.float32, device=topk_ids.device)
+    return target.scatter_(1, topk_ids.long(), chosen.expand(t, k).contiguous())
+
+
+def steer_input(x: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """A copy of x [T, H] whose first E columns make the router of ``make_router_weights`` pick ``topk_ids``.
+
+    x is returned unchanged (not copied) when hidden_size < num_experts.
+    """
+    e = config.num_experts
+    if config.hidden_size < e:
+        return x
+    out = x.clone()
+    out[:, :e] = (_targets(topk_ids, config) / ROUTER_GAIN).to(x.dtype)
+    return out
+
+
+def check_layer_ids(got: torch.Tensor, scenario: torch.Tensor, reachable: torch.Tensor, scenario_name: str) -> None:
+    """Raise RuntimeError unless the routed ids equal the scenario's on every reachable token."""
+    differ = (got != scenario).any(dim=1) & reachable
+    if bool(differ.any()):
+        t = int(differ.nonzero()[0, 0])
+        raise RuntimeError(
+            f"timed_scope 'layer': the steered router did not reproduce the {scenario_name!r} scenario's ids on "
+            f"{int(differ.sum())} of {int(reachable.sum())} tokens (token {t}: routed {got[t].tolist()}, "
+            f"scenario {scenario[t].tolist()}); use --timed-scope experts for this configuration"
+        )
+
+
+def layer_fn(
+    experts_fn: Callable,
+    weights: dict,
+    config: MoEConfig,
+    device: torch.device,
+    *,
+    pass_through: bool,
+) -> Callable:
+    """The timed callable of one implementation: ``fn((x, _, scenario_ids)) -> out [T, H]``.
+
+    ``pass_through``: give the experts the scenario's ids instead of the routed ones (routing still runs).
+    """
+    w13, w2, b13, b2 = weights["w13"], weights["w2"], weights["b13"], weights["b2"]
+    router_weight, bias = weights["router_weight"], weights["correction_bias"]
+    routing = route_fn(device)
+
+    def fn(inp):
+        x, _, scenario_ids = inp
+        logits = torch.nn.functional.linear(x, router_weight)
+        topk_weights, topk_ids = routing(logits, config, correction_bias=bias)
+        if pass_through:
+            topk_ids = scenario_ids
+        return experts_fn(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2)
+
+    return fn
