@@ -185,3 +185,22 @@ def test_bad_scope_is_rejected(capsys):
                              device=torch.device("cpu"), timed_scope="router")  # fmt: skip
     with pytest.raises(ValueError, match="timed_scope: expected one of"):
         runner.run_bench(s, ROOFLINE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v3", "kimi-k2"])
+@pytest.mark.parametrize("scenario", ["random", "balanced"])
+def test_layer_scope_on_gpu_graph_replays(name, scenario):
+    # bf16 on the GPU: route_triton inside the timed call, captured in a CUDA graph with the triton experts
+    base = MoEConfig.from_pretrained(name)
+    config = base.replace(hidden_size=max(1024, base.num_experts), intermediate_size=256)
+    s = runner.BenchSettings(
+        config=config, impls=["triton", "torch_grouped_mm"], num_tokens=[256], scenarios=[scenario],
+        device=torch.device("cuda"), dtype=torch.bfloat16, warmup=2, iters=5, rounds=1, cuda_graph=True,
+        timed_scope="layer",
+    )  # fmt: skip
+    rows = runner.run_bench(s, ROOFLINE)
+    for row in rows:
+        assert row["status"] == "OK", row["note"]
+        assert row["timed_scope"] == "layer" and row["latency_mean_ms"] > 0
+    assert rows[0]["cuda_graph"] is True, rows[0]["note"]  # triton: no host sync anywhere in the layer
