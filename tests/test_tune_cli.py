@@ -90,26 +90,36 @@ def _triton_int_key(value: int):
 @pytest.mark.parametrize("top_k", [1, 2, 6, 8])
 @pytest.mark.parametrize("num_experts", [8, 60, 128, 384])
 @pytest.mark.parametrize("block_m", [16, 64, 128])
-def test_warmup_tokens_match_triton_specialization(top_k, num_experts, block_m):
+def test_warmup_size_matches_triton_specialization(top_k, num_experts, block_m):
+    cfg = KernelConfig(block_m=block_m)
     for t in tune.TOKEN_COUNTS:
-        t_w = tune.warmup_tokens(t, top_k, num_experts, block_m)
-        assert t_w is not None and t_w <= tune.WARMUP_MAX_TOKENS
-        real = tune.launch_ints(t, top_k, num_experts, block_m)
-        warm = tune.launch_ints(t_w, top_k, 1, block_m)
-        assert [_triton_int_key(v) for v in warm] == [_triton_int_key(v) for v in real], (t, t_w, real, warm)
+        size = tune.warmup_size(t, top_k, num_experts, cfg)
+        assert size is not None, t
+        t_w, e_w = size
+        assert t_w <= tune.WARMUP_MAX_TOKENS and e_w <= min(num_experts, tune.WARMUP_MAX_EXPERTS)
+        real = tune.launch_ints(t, top_k, num_experts, cfg)
+        warm = tune.launch_ints(t_w, top_k, e_w, cfg)
+        assert len(real) == 3
+        assert [_triton_int_key(v) for v in warm] == [_triton_int_key(v) for v in real], (t, size, real, warm)
+
+
+@pytest.mark.skipif("decode" not in KernelConfig.__dataclass_fields__, reason="KernelConfig has no decode field")
+def test_warmup_size_decode_any_tokens():
+    cfg = KernelConfig(decode=True)
+    assert tune.launch_ints(4096, 8, 128, cfg) == ()
+    assert tune.warmup_size(4096, 8, 128, cfg) == (1, 1)
 
 
 def test_warmup_tasks_cover_every_candidate_once():
     groups = tune.group_shapes(["a", "d"], {"a": _config(), "d": _config(num_experts=16, top_k=4)})
     points = tune.plan_points(groups, [1, 8, 64, 4096], torch.float16)
     tasks = tune.warmup_tasks(points, torch.float16)
-    gemm = {(t.config.num_experts, t.kernel_config, t.num_tokens) for t in tasks if not t.align_only}
+    gemm = {(t.config.num_experts, t.kernel_config, (t.num_tokens, t.num_experts)) for t in tasks if not t.align_only}
     assert len(gemm) == sum(not t.align_only for t in tasks)  # no launch twice
     for p in points:
         c = p.group.config
         for cfg in p.candidates:
-            t_w = tune.warmup_tokens(p.num_tokens, c.top_k, c.num_experts, cfg.block_m)
-            assert (c.num_experts, cfg, t_w) in gemm
+            assert (c.num_experts, cfg, tune.warmup_size(p.num_tokens, c.top_k, c.num_experts, cfg)) in gemm
     aligns = [t for t in tasks if t.align_only]
     assert all(t.num_experts == t.config.num_experts for t in aligns)
     assert all(t.num_tokens * t.config.top_k <= tune.ONE_PROGRAM_MAX_SLOTS for t in aligns)
@@ -136,7 +146,7 @@ def test_partition_bad_workers():
 def _tiny_tasks(n: int) -> list:
     config = _config(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16)
-    tasks = [tune.WarmTask(config, "fp32", t, cfg) for t in range(1, n + 1)]
+    tasks = [tune.WarmTask(config, "fp32", t, cfg, num_experts=1 + t % 2) for t in range(1, n + 1)]
     return tasks + [tune.WarmTask(config, "fp32", 3, cfg, align_only=True, num_experts=4)]
 
 
@@ -244,6 +254,38 @@ def test_budget_cut_off():
     assert all(measured[p.table_key]["complete"] == (p.status == "tuned") for p in points if p.best)
 
 
+def _wall_timer(fn, num_tokens):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def test_tune_group_on_cpu_checks_every_candidate(monkeypatch):
+    """The timing loop in the interpreter (fp32: interpreter dots are exact there): every candidate's output is
+    checked against the reference; a wrong one is reported and never picked."""
+    import tilemoe.ops.fused_experts as fe
+
+    small = [KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_warps1=w) for w in (1, 2)]
+    monkeypatch.setattr(tune, "CANDIDATES", small)
+    real = fe.fused_experts
+
+    def wrong_for_two_warps(*args, kernel_config, **kwargs):
+        out = real(*args, kernel_config=kernel_config, **kwargs)
+        return out * 1.5 if kernel_config.num_warps1 == 2 else out
+
+    monkeypatch.setattr(fe, "fused_experts", wrong_for_two_warps)
+    config = _config(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
+    points = tune.plan_points(tune.group_shapes(["tiny"], {"tiny": config}), [3, 8], torch.float32)
+    lines = []
+    tune.tune_group(points, torch.float32, tune.Budget(None), 2, log=lines.append, device="cpu", timer=_wall_timer)
+    for p in points:
+        assert p.status == "tuned" and p.candidates[0] == heuristic_config(p.shape, torch.float32)
+        assert p.candidates[1:] == small and p.timed == 2
+        assert p.best.num_warps1 != 2 and p.best_s > 0 and p.heuristic_s > 0
+        assert len(p.errors) == 1 and "relative error" in p.errors[0]
+    assert len(lines) == 2 and "candidates failed" in lines[0]
+
+
 def test_point_slice_lets_late_points_borrow():
     clock = _Clock()
     budget = tune.Budget(100.0, clock)
@@ -309,16 +351,19 @@ def test_cli_errors(capsys):
 
 
 @pytest.mark.gpu
-def test_tune_end_to_end_gpu(tmp_path, capsys):
+def test_tune_end_to_end_gpu(tmp_path, capsys, monkeypatch):
+    """Warm-up in 2 spawned workers, then timing: the timed kernels come from the warm-up's cache (no first call
+    compiles), and the table file holds every point with its measurements."""
+    monkeypatch.setattr(tune, "CANDIDATES", tune.CANDIDATES[:2] + tune.CANDIDATES[8:9])  # 16- and 128-row tiles
     out = tmp_path / "table.json"
-    argv = ["tune", "--model", "olmoe-1b-7b", "mixtral-8x7b", "--num-tokens", "1", "300", "--out", str(out)]
-    assert main([*argv, "--budget-s", "120", "--workers", "4"]) == 0
+    argv = ["tune", "--model", "olmoe-1b-7b", "--num-tokens", "1", "300", "--out", str(out)]
+    assert main([*argv, "--budget-s", "150", "--workers", "2"]) == 0
     text = capsys.readouterr().out
-    assert "warm-up: " in text and "== tune summary ==" in text
+    assert "warm-up: " in text and "== tune summary ==" in text and "2 tuned" in text
     data = json.loads(out.read_text())
     assert data["device"] == torch.cuda.get_device_name()
-    assert len(data["configs"]) == 4 and set(data["measured"]) == set(data["configs"])
+    assert len(data["configs"]) == 2 and set(data["measured"]) == set(data["configs"])
     for key, cfg in data["configs"].items():
         KernelConfig.from_dict(cfg)
         assert data["measured"][key]["best_us"] <= data["measured"][key]["heuristic_us"]
-    assert "first calls compiled in the timing loop" not in text  # the warm-up compiled what was timed
+    assert "first calls compiled in the timing loop" not in text

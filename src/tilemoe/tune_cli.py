@@ -48,7 +48,8 @@ LONG_CALL_S = 2e-3  # above: a few event-timed calls instead of do_bench's 60 ms
 WARMUP_SHARE = 0.6
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 REFERENCE_MAX_TOKENS = 1024  # heuristic checked against fused_experts_torch up to here (its loop over E is slow)
-WARMUP_MAX_TOKENS = 4096  # on one expert: 16 blocks of 128 rows at K=1 need 2048
+WARMUP_MAX_TOKENS = 4096  # 16 blocks of 128 rows at K=1 need 2048
+WARMUP_MAX_EXPERTS = 16
 FIRST_CALL_MISS_S = 0.5  # a first call slower than this compiled in the main process: the warm-up missed it
 
 
@@ -263,8 +264,8 @@ def resolve_models(names: list[str], models_from: str | None = None) -> list[str
 # ------------------------------------------------------------------------------------------------ warm-up
 @dataclass(frozen=True, eq=False)
 class WarmTask:
-    """One warm-up launch: ``fused_experts`` on ``num_tokens`` tokens, every slot on the one expert of
-    ``num_experts`` (1: GEMM kernels; the real E: the align kernel, which alone sees E), with ``kernel_config``."""
+    """One warm-up launch with ``kernel_config``: ``fused_experts`` on ``num_tokens`` tokens and ``num_experts``
+    experts (few: ``warmup_size``), or with ``align_only`` just ``moe_align`` at the real T and E."""
 
     config: MoEConfig
     dtype: str
@@ -274,13 +275,16 @@ class WarmTask:
     num_experts: int = 1
 
 
-def launch_ints(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> tuple[int, int]:
-    """The integer kernel arguments of ``fused_experts`` that depend on T or E: (num_slots, num_blocks_m).
+def launch_ints(num_tokens: int, top_k: int, num_experts: int, cfg: KernelConfig) -> tuple[int, ...]:
+    """The integer kernel arguments of ``fused_experts`` with ``cfg`` that depend on T or E: num_tokens (the
+    combine), num_slots and num_blocks_m (the GEMMs); none for the decode kernels (T only sizes their grid).
 
     Mirrors ``tilemoe.ops.fused_experts._launch``; extend it when that launcher passes another such int.
     """
+    if getattr(cfg, "decode", False):
+        return ()
     num_slots = num_tokens * top_k
-    return num_slots, align_capacity(num_slots, num_experts, block_m) // block_m
+    return num_tokens, num_slots, align_capacity(num_slots, num_experts, cfg.block_m) // cfg.block_m
 
 
 def _int_class(value: int) -> tuple[bool, bool, bool, bool]:
@@ -288,18 +292,20 @@ def _int_class(value: int) -> tuple[bool, bool, bool, bool]:
     return value == 1, value % 16 == 0, value == 0, -(2**31) <= value < 2**31
 
 
-def warmup_tokens(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> int | None:
-    """Fewest tokens whose launch on ONE expert specializes the GEMM kernels as (``num_tokens``, ``num_experts``)
-    does, or None when none up to ``WARMUP_MAX_TOKENS`` does (the main process then compiles that one)."""
-    target = tuple(_int_class(v) for v in launch_ints(num_tokens, top_k, num_experts, block_m))
-    return _first_tokens_with(target, top_k, block_m)
+def warmup_size(num_tokens: int, top_k: int, num_experts: int, cfg: KernelConfig) -> tuple[int, int] | None:
+    """(tokens, experts) of a small launch that specializes the kernels of ``cfg`` as (``num_tokens``,
+    ``num_experts``) does: fewest experts first (the weights are the memory), then fewest tokens; None when
+    none up to ``WARMUP_MAX_TOKENS`` x ``WARMUP_MAX_EXPERTS`` does (the main process then compiles it)."""
+    target = tuple(_int_class(v) for v in launch_ints(num_tokens, top_k, num_experts, cfg))
+    return _first_size_with(target, top_k, min(num_experts, WARMUP_MAX_EXPERTS), cfg)
 
 
 @functools.cache
-def _first_tokens_with(target: tuple, top_k: int, block_m: int) -> int | None:
-    for t in range(1, WARMUP_MAX_TOKENS + 1):
-        if tuple(_int_class(v) for v in launch_ints(t, top_k, 1, block_m)) == target:
-            return t
+def _first_size_with(target: tuple, top_k: int, max_experts: int, cfg: KernelConfig) -> tuple[int, int] | None:
+    for e in range(1, max_experts + 1):
+        for t in range(1, WARMUP_MAX_TOKENS + 1):
+            if tuple(_int_class(v) for v in launch_ints(t, top_k, e, cfg)) == target:
+                return t, e
     return None
 
 
@@ -310,12 +316,14 @@ def warmup_tasks(points: list[TunePoint], dtype: torch.dtype) -> list[WarmTask]:
     for p in points:
         c = p.group.config
         for cfg in p.candidates:
-            t_w = warmup_tokens(p.num_tokens, c.top_k, c.num_experts, cfg.block_m)
-            if t_w is not None and (p.group.key, cfg, t_w) not in seen:
-                seen.add((p.group.key, cfg, t_w))
-                tasks.append(WarmTask(c, name, t_w, cfg))
+            size = warmup_size(p.num_tokens, c.top_k, c.num_experts, cfg)
+            if size is not None and (p.group.key, cfg, size) not in seen:
+                seen.add((p.group.key, cfg, size))
+                tasks.append(WarmTask(c, name, size[0], cfg, num_experts=size[1]))
+            if getattr(cfg, "decode", False) or p.num_tokens * c.top_k > ONE_PROGRAM_MAX_SLOTS:
+                continue  # no alignment, or the torch one (no Triton kernel)
             align = (c.top_k, c.num_experts, cfg.block_m, p.num_tokens)
-            if p.num_tokens * c.top_k <= ONE_PROGRAM_MAX_SLOTS and ("align", align) not in seen:
+            if ("align", align) not in seen:
                 seen.add(("align", align))
                 tasks.append(WarmTask(c, name, p.num_tokens, cfg, align_only=True, num_experts=c.num_experts))
     return tasks
@@ -352,6 +360,8 @@ def run_warm_task(task: WarmTask, device: str) -> None:
     ids = torch.zeros(task.num_tokens, c.top_k, dtype=torch.int32, device=device)
     if task.align_only:
         moe_align(ids, task.num_experts, task.kernel_config.block_m)
+        if device == "cuda":
+            torch.cuda.synchronize()
         return
     e, h, i = task.num_experts, c.hidden_size, c.intermediate_size
     x = torch.zeros(task.num_tokens, h, dtype=dtype, device=device)
@@ -493,9 +503,9 @@ class _Measure:
     """``measure(cfg) -> seconds`` for ``search_point`` at one point; ``misses[0]`` counts the first calls that
     compiled in this process."""
 
-    def __init__(self, args: tuple, kwargs: dict, num_tokens: int, dtype: torch.dtype, ref, misses: list[int]):
+    def __init__(self, args: tuple, kwargs: dict, num_tokens: int, dtype: torch.dtype, ref, misses: list[int], timer):
         self.args, self.kwargs, self.num_tokens, self.dtype, self.ref = args, kwargs, num_tokens, dtype, ref
-        self.misses = misses
+        self.misses, self.timer = misses, timer
 
     def __call__(self, cfg: KernelConfig) -> float:
         from tilemoe.ops.fused_experts import fused_experts
@@ -505,7 +515,8 @@ class _Measure:
 
         first = time.monotonic()
         out = call().float()
-        torch.cuda.synchronize()
+        if out.is_cuda:
+            torch.cuda.synchronize()
         if time.monotonic() - first > FIRST_CALL_MISS_S:
             self.misses[0] += 1
         if self.ref is None:  # the heuristic's output: the reference of the others above REFERENCE_MAX_TOKENS
@@ -513,7 +524,7 @@ class _Measure:
         err = _relative_error(out, self.ref)
         if not err <= REL_TOL[self.dtype]:  # also catches NaN
             raise ValueError(f"relative error {err:.2e} > {REL_TOL[self.dtype]:.0e}")
-        return time_call(call, self.num_tokens)
+        return self.timer(call, self.num_tokens)
 
 
 def search_points(points: list[TunePoint], measure_for, budget: Budget, points_left: int, log=print) -> None:
@@ -529,14 +540,18 @@ def search_points(points: list[TunePoint], measure_for, budget: Budget, points_l
         points_left -= 1
 
 
-def tune_group(points: list[TunePoint], dtype: torch.dtype, budget: Budget, points_left: int, log=print) -> int:
+def tune_group(
+    points: list[TunePoint], dtype: torch.dtype, budget: Budget, points_left: int, log=print, device="cuda",
+    timer=time_call,
+) -> int:  # fmt: skip
     """Time the points of one shape group (weights built once), ``points_left`` points to go in all.
-    Returns how many first calls compiled in this process (warm-up misses)."""
+    ``timer(fn, num_tokens) -> seconds``; ``device``: "cuda" (tests: "cpu" in the interpreter, with a wall-clock
+    timer). Returns how many first calls compiled in this process (warm-up misses)."""
     from tilemoe.bench.scenarios import make_routing_for
     from tilemoe.ops.fused_experts import fused_experts_torch
 
     config = points[0].group.config
-    device = torch.device("cuda")
+    device = torch.device(device)
     w13, w2, b13, b2 = _device_weights(config, dtype, device)
     kwargs = dict(config=config, b13=b13, b2=b2)
     gen = torch.Generator().manual_seed(0)
@@ -548,7 +563,7 @@ def tune_group(points: list[TunePoint], dtype: torch.dtype, budget: Budget, poin
         tw, ti = make_routing_for("random", t, config, generator=gen, x=x, device=device)
         args = (x, w13, w2, tw.float().contiguous(), ti.to(torch.int32).contiguous())
         ref = fused_experts_torch(*args, **kwargs).float() if t <= REFERENCE_MAX_TOKENS else None
-        return _Measure(args, kwargs, t, dtype, ref, misses)
+        return _Measure(args, kwargs, t, dtype, ref, misses, timer)
 
     search_points(points, measure_for, budget, points_left, log)
     return misses[0]
