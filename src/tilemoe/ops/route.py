@@ -131,6 +131,8 @@ def _grouped_route_op(
     if num_tokens == 0:
         return weights, ids
     per_group = num_experts // n_group
+    if per_group == 1:
+        group_score = 1  # the two best of a one-expert group are that expert alone: its best
     has_bias = correction_bias is not None
     # the tile is at least 2 x 16: size-1 block dimensions are avoided on every Triton version
     block_g, block_p = _pow2(n_group, 2), _pow2(per_group, 16)

@@ -115,8 +115,8 @@ def _grouped_route_kernel(
     if TOPK_GROUP < N_GROUP:  # keeping every group changes nothing: skip the group stage
         best = tl.max(choice, axis=1)  # [G]
         group_scores = best
-        if GROUP_SCORE == 0 and PER_GROUP > 1:
-            # second best of each group: drop one copy of the best (the lowest member holding it), take the max
+        if GROUP_SCORE == 0:  # needs PER_GROUP >= 2 (the launcher asks for the best alone otherwise)
+            # second best of each group: drop one copy of the best (its lowest member), take the max
             first = tl.min(tl.where(choice == best[:, None], members[None, :], BLOCK_P), axis=1)
             rest = tl.where(members[None, :] == first[:, None], float("-inf"), choice)
             group_scores = best + tl.max(rest, axis=1)
