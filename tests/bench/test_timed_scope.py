@@ -153,7 +153,7 @@ def test_hidden_smaller_than_experts_passes_the_ids_through(spy, scenario_log):
 
 
 def test_a_router_that_misses_the_scenario_raises(spy, monkeypatch):
-    monkeypatch.setattr(layer, "NOT_CHOSEN", 8.0)  # the other experts now outrank the chosen ones
+    monkeypatch.setattr(layer, "NOT_CHOSEN_GAP", -8.0)  # the other experts now outrank the chosen ones
     config = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
     with pytest.raises(RuntimeError, match="did not reproduce the 'balanced' scenario's ids"):
         _run(config, "balanced", "layer", tokens=6)

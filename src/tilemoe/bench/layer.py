@@ -12,12 +12,16 @@ router is built so that its logits pick exactly the scenario's ids, and the rout
 
     router_weight[:, :E] = ROUTER_GAIN * identity      router_weight[:, E:] = tiny noise (logit noise ~1e-3)
     x[t, :E] = target[t] / ROUTER_GAIN                 (the rest of x stays the scenario's random input)
-    target[t, e] = CHOSEN_TOP - j * step  for the j-th scenario id of token t,  NOT_CHOSEN for the others
+    target[t, e] = CHOSEN_TOP - j * step  for the j-th scenario id of token t   (step >= 1/16, j = 0 .. K-1)
+                 = (last chosen) - NOT_CHOSEN_GAP  for the other experts
 
-so logits[t] = target[t] + noise: the scenario's K experts lead by a wide margin, in slot order, under softmax,
-sigmoid and the correction bias alike (the bias is drawn tiny: it moves nothing here, but is read and added).
-Targets are multiples of 1/16 in [-6, 3] and ROUTER_GAIN is 4, so x and the logits hold them exactly even in
-bf16. ``check_layer_ids`` asserts once, before timing, that the routing gives the scenario's ids.
+so logits[t] = target[t] + noise: the scenario's K experts lead, in slot order, under softmax, sigmoid, group
+scores and the correction bias alike (the bias is drawn tiny: it moves nothing here, but is read and added).
+The margins are modest on purpose: for K <= 13 the chosen logits lie in [0.25, 1] and the others at 0, so the
+weights stay near what a random router gives (DeepSeek-V2's unnormalised softmax * 16 sums to about 1, not 16,
+which would make bf16 outputs too large for the correctness gate's absolute tolerance). Targets are multiples of
+1/16 and ROUTER_GAIN is 4, so x and the logits hold them exactly even in bf16, 15x above the noise (1/16 step
+vs 1e-3 * 4 sigma). ``check_layer_ids`` asserts once, before timing, that the routing gives the scenario's ids.
 
 Two cases cannot be steered, and there the scenario's ids are passed through to the experts (the router GEMM and
 the routing kernel still run on every token, the row's note says so):
@@ -38,8 +42,9 @@ from tilemoe.ops.route import route_triton
 from tilemoe.routing import route
 
 ROUTER_GAIN = 4.0
-CHOSEN_TOP = 3.0
-NOT_CHOSEN = -6.0
+CHOSEN_TOP = 1.0
+CHOSEN_SPAN = 0.75  # the K chosen logits span [CHOSEN_TOP - CHOSEN_SPAN, CHOSEN_TOP] while K - 1 <= 12
+NOT_CHOSEN_GAP = 0.25  # the other experts' logit sits this far below the last chosen one
 LOGIT_NOISE = 1e-3
 BIAS_SCALE = 1e-4  # correction bias values in [0, 1e-4): far below the 1/16 logit steps between the chosen
 
@@ -92,9 +97,10 @@ def reachable_tokens(topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
 def _targets(topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
     """[T, E] float32 logits that rank the K ids of each token first, in slot order."""
     t, k = topk_ids.shape
-    step = 1 / 16 if k == 1 else max(1 / 16, (4 * 16 // (k - 1)) / 16)  # chosen logits span [-1, 3] when K <= 65
+    step = max(1, int(CHOSEN_SPAN * 16) // max(1, k - 1)) / 16  # a multiple of 1/16: exact in bf16
     chosen = CHOSEN_TOP - step * torch.arange(k, dtype=torch.float32, device=topk_ids.device)
-    target = torch.full((t, config.num_experts), NOT_CHOSEN, dtype=torch.float32, device=topk_ids.device)
+    rest = float(chosen[-1]) - NOT_CHOSEN_GAP
+    target = torch.full((t, config.num_experts), rest, dtype=torch.float32, device=topk_ids.device)
     return target.scatter_(1, topk_ids.long(), chosen.expand(t, k).contiguous())
 
 
