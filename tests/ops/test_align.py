@@ -68,7 +68,7 @@ def _random_ids(num_tokens, top_k, num_experts, generator, dtype=torch.int32):
 
 @pytest.mark.parametrize("num_slots", [512, 513])  # last one-program size, first multi-program size
 def test_align_threshold_paths_match_reference(num_slots, monkeypatch, generator):
-    # the threshold lowered so the multi-program path runs at interpreter sizes (3 chunks of 256 at S = 513)
+    # the threshold raised so both paths run around S = 512 (the multi-program one: 5 chunks of 128 at S = 513)
     monkeypatch.setattr(align_module, "ONE_PROGRAM_MAX_SLOTS", 512)
     calls = []
     monkeypatch.setattr(

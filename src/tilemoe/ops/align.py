@@ -20,11 +20,15 @@ import torch
 
 __all__ = ["Alignment", "align_capacity", "moe_align", "moe_align_torch", "moe_align_triton"]
 
-# One-program kernel up to this many slots: below it the launches dominate; above it the multi-program path
-# (three launches) is faster than one program walking all slots twice.
-ONE_PROGRAM_MAX_SLOTS = 4096
-# Slots per program of the multi-program path: S = 131072 gives 512 programs, ~4 per H100 SM.
-ALIGN_CHUNK = 256
+# One-program kernel up to this many slots, the multi-program path (three launches) above. H100, E=128, p50 of
+# CUDA-graph replays: one program 22.4 us vs 18.8 (chunk 128) at S=256, 31.1 vs 15.6 at S=512 (the torch sort
+# path: 76-170 us); so one program only for decode-sized S, where its single launch wins.
+ONE_PROGRAM_MAX_SLOTS = 128
+# Slots per program of the multi-program path: 128 was fastest up to S = 32768 (15-22 us; 256: 20-44 us);
+# at S = 131072 512 (40 us) beat 128 (47 us).
+ALIGN_CHUNK = 128
+ALIGN_CHUNK_LARGE = 512
+ALIGN_LARGE_SLOTS = 65536
 
 
 @dataclass
@@ -102,7 +106,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignme
     if num_slots == 0 or not on_triton:
         return moe_align_torch(topk_ids, num_experts, block_m)
     if num_slots > ONE_PROGRAM_MAX_SLOTS:
-        return moe_align_triton(topk_ids, num_experts, block_m)
+        chunk = ALIGN_CHUNK_LARGE if num_slots >= ALIGN_LARGE_SLOTS else ALIGN_CHUNK
+        return moe_align_triton(topk_ids, num_experts, block_m, chunk=chunk)
     return _moe_align_one_program(topk_ids, num_experts, block_m)
 
 
