@@ -104,6 +104,7 @@ PRESETS = [
     "glm-4.5-air",  # sigmoid_grouped_topk, correction bias, one group
     "kimi-k2",  # sigmoid_grouped_topk, E=384 (not a power of two), bias, scaling 2.827
     "deepseek-v3",  # sigmoid_grouped_topk, 8 groups, 4 kept: balanced ids cross the group limit
+    "deepseek-v2",  # softmax_grouped_topk, 8 groups, 3 kept, unnormalised weights * 16
 ]
 
 
@@ -129,6 +130,20 @@ def test_layer_ids_are_the_scenario_ids(name, scenario, spy, scenario_log):
         assert bool(reachable.all()) and row["note"] == ""
     else:
         assert "passed through" in row["note"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_scope_half_precision_passes_the_gate(dtype):
+    # bf16/fp16 router GEMM and logits still pick the scenario's ids; DeepSeek-V2's weights (unnormalised,
+    # * 16) must stay small enough for the gate's absolute tolerance
+    base = MoEConfig.from_pretrained("deepseek-v2")
+    s = runner.BenchSettings(
+        config=base.replace(hidden_size=192, intermediate_size=16), impls=["grouped"], num_tokens=[16],
+        scenarios=["random", "imbalanced"], device=torch.device("cpu"), dtype=dtype, warmup=0, iters=1, rounds=1,
+        timed_scope="layer",
+    )  # fmt: skip
+    rows = runner.run_bench(s, ROOFLINE)
+    assert [r["status"] for r in rows] == ["OK", "OK"], [r["note"] for r in rows]
 
 
 def test_experts_scope_is_the_old_call(spy, scenario_log):
