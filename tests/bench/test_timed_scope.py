@@ -208,7 +208,7 @@ def test_bad_scope_is_rejected(capsys):
 def test_layer_scope_on_gpu_graph_replays(name, scenario):
     # bf16 on the GPU: route_triton inside the timed call, captured in a CUDA graph with the triton experts
     base = MoEConfig.from_pretrained(name)
-    config = base.replace(hidden_size=max(1024, base.num_experts), intermediate_size=256)
+    config = base.replace(hidden_size=max(1024, base.num_experts), intermediate_size=128)
     s = runner.BenchSettings(
         config=config, impls=["triton", "torch_grouped_mm"], num_tokens=[256], scenarios=[scenario],
         device=torch.device("cuda"), dtype=torch.bfloat16, warmup=2, iters=5, rounds=1, cuda_graph=True,
