@@ -23,7 +23,7 @@ which would make bf16 outputs too large for the correctness gate's absolute tole
 1/16 and ROUTER_GAIN is 4, so x and the logits hold them exactly even in bf16, 15x above the noise (1/16 step
 vs 1e-3 * 4 sigma). ``check_layer_ids`` asserts once, before timing, that the routing gives the scenario's ids.
 
-Two cases cannot be steered, and there the scenario's ids are passed through to the experts (the router GEMM and
+Some tokens cannot be steered; if any, the scenario's ids are passed through to the experts (the router GEMM and
 the routing kernel still run on every token, the row's note says so):
   * a group-limited routing (topk_group < n_group) and a token whose K ids span more than topk_group groups
     (balanced / imbalanced / zipf ids ignore groups; ``random`` ids come from the routing itself and never do);
@@ -99,7 +99,7 @@ def _targets(topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
     t, k = topk_ids.shape
     step = max(1, int(CHOSEN_SPAN * 16) // max(1, k - 1)) / 16  # a multiple of 1/16: exact in bf16
     chosen = CHOSEN_TOP - step * torch.arange(k, dtype=torch.float32, device=topk_ids.device)
-    rest = float(chosen[-1]) - NOT_CHOSEN_GAP
+    rest = CHOSEN_TOP - step * (k - 1) - NOT_CHOSEN_GAP
     target = torch.full((t, config.num_experts), rest, dtype=torch.float32, device=topk_ids.device)
     return target.scatter_(1, topk_ids.long(), chosen.expand(t, k).contiguous())
 
