@@ -17,11 +17,12 @@ router is built so that its logits pick exactly the scenario's ids, and the rout
 
 so logits[t] = target[t] + noise: the scenario's K experts lead, in slot order, under softmax, sigmoid, group
 scores and the correction bias alike (the bias is drawn tiny: it moves nothing here, but is read and added).
-The margins are modest on purpose: for K <= 13 the chosen logits lie in [0.25, 1] and the others at 0, so the
-weights stay near what a random router gives (DeepSeek-V2's unnormalised softmax * 16 sums to about 1, not 16,
-which would make bf16 outputs too large for the correctness gate's absolute tolerance). Targets are multiples of
-1/16 and ROUTER_GAIN is 4, so x and the logits hold them exactly even in bf16, 15x above the noise (1/16 step
-vs 1e-3 * 4 sigma). ``check_layer_ids`` asserts once, before timing, that the routing gives the scenario's ids.
+The margins are modest on purpose: for K <= 13 the chosen logits lie in [0.25, 1] and the others 1/4 below
+the last chosen one (in [0, 0.75]), so the weights stay near what a random router gives (DeepSeek-V2's
+unnormalised softmax * 16 sums to about 1, not 16, which would make bf16 outputs too large for the correctness
+gate's absolute tolerance). Targets are multiples of 1/16 and ROUTER_GAIN is 4, so x and the logits hold them
+exactly even in bf16, 15x above the noise (1/16 step vs 1e-3 * 4 sigma). ``check_layer_ids`` asserts once,
+before timing, that the routing gives the scenario's ids.
 
 Some tokens cannot be steered; if any, the scenario's ids are passed through to the experts (the router GEMM and
 the routing kernel still run on every token, the row's note says so):
