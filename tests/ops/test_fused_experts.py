@@ -145,11 +145,11 @@ def test_config_flags_are_bools():
         KernelConfig(tma=2)
 
 
-# the decode kernels: no dot, so bf16 runs in the interpreter too
+# the decode kernels: 16-row dots with row 0 the slot (bf16 on the GPU only, as every dot kernel)
 DECODE = KernelConfig(block_n1=16, block_k1=32, block_n2=16, block_k2=32, decode=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", [0, 1, 3, 9])
 def test_decode_path(num_tokens, dtype, generator):
     # H, I not multiples of the 16/32 tiles; E = 7 not a power of two
@@ -174,3 +174,9 @@ def test_decode_path_options(changes, generator):
 def test_decode_path_one_expert_takes_every_token(generator):
     config = MoEConfig(num_experts=5, top_k=1, hidden_size=32, intermediate_size=16, routing="topk_softmax")
     _run_case(config, 6, torch.float32, generator, hot_expert=4, kernel_config=DECODE)
+
+
+def test_decode_path_several_k_steps_per_pick(generator):
+    # I = 72: three 32-wide k-steps per pick in GEMM 2's flat (pick, k-step) loop; H = 100: four in GEMM 1
+    config = MoEConfig(num_experts=9, top_k=4, hidden_size=100, intermediate_size=72, expert_bias=True)
+    _run_case(config, 4, torch.float32, generator, kernel_config=DECODE)

@@ -230,9 +230,11 @@ def _launch_decode(
         GATED=gated,
         HAS_BIAS=b13 is not None,
         WEIGHTS_ON_INPUT=weights_on_input,
+        FP32_PRECISE=x.dtype == torch.float32,
         BLOCK_N=cfg.block_n1,
         BLOCK_K=cfg.block_k1,
         num_warps=cfg.num_warps1,
+        num_stages=cfg.num_stages1,
     )
     out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
@@ -257,9 +259,11 @@ def _launch_decode(
         inter=inter,
         HAS_BIAS=b2 is not None,
         WEIGHTS_ON_INPUT=weights_on_input,
+        FP32_PRECISE=x.dtype == torch.float32,
         BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2,
         num_warps=cfg.num_warps2,
+        num_stages=cfg.num_stages2,
     )
     return out
 

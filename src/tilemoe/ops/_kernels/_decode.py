@@ -1,8 +1,10 @@
-"""Triton kernels of the decode path of the fused expert MLP: no alignment, no padding, no combine launch.
+"""Triton kernels of the decode path of the fused expert MLP: no alignment, no padding rows, no combine launch.
 
-With few slots (S = T*K small) the expert weights are the bytes; these kernels read each weight row of the
-experts hit once per slot, spread over many programs, and do the arithmetic on the CUDA cores (tl.dot needs 16
-rows; here a slot is one row).
+With few slots (S = T*K small) the expert weights are the bytes. GEMM 1 runs one program per (slot, column
+block); GEMM 2 one program per (token, column block) that walks the token's K picks and sums them in its
+accumulator. Each program feeds the tensor cores a 16-row tile whose row 0 is the slot (the other rows are
+masked, so they cost no memory traffic): tl.dot keeps the weight loads software-pipelined, which plain
+multiply-and-sum loops on the CUDA cores did not (bench/NOTES.md, version 3).
 Dimension letters: T tokens, K top-k, E experts, H hidden, I expert intermediate; S = T*K slots (slot s is
 token s // K, its pick s % K).
     x            [T, H]        activations
@@ -13,15 +15,22 @@ token s // K, its pick s % K).
     topk_weights [S]           float32 routing weight of each slot
     topk_ids     [S]           int32 expert of each slot
     act          [S, I]        GEMM 1 output, one row per slot
-    out          [T, H]        the layer output: per-slot rows summed over K inside the program, in pick order
-Roundings follow the tiled kernels: gate / up rounded to the operand dtype before the activation, each slot's
-GEMM 2 row rounded to the operand dtype before the sum over K (deterministic; no atomics).
+    out          [T, H]        the layer output
+GEMM 2 scales each pick's act row by its routing weight before the dot (rounded to the operand dtype), so one
+float32 accumulator holds the sum over K, in pick order: deterministic, no atomics.
 """
 
 import triton
 import triton.language as tl
 
 from tilemoe.ops._kernels._activation import _activate, _up_factor
+from tilemoe.ops._kernels._fused_experts import _dot
+
+
+@triton.jit
+def _row0(tile, ROWS: tl.constexpr):
+    """Row 0 of a [ROWS, N] tile (16 rows: the smallest M of a tensor-core dot; row 0 carries the slot), as [N]."""
+    return tl.sum(tl.where((tl.arange(0, ROWS) == 0)[:, None], tile, 0.0), axis=0)
 
 
 @triton.jit
@@ -50,6 +59,7 @@ def _decode_gemm1_kernel(
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WEIGHTS_ON_INPUT: tl.constexpr,
+    FP32_PRECISE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -59,35 +69,38 @@ def _decode_gemm1_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
     ks = tl.arange(0, BLOCK_K)
+    first_row = (tl.arange(0, 16) == 0)[:, None]
     dtype = act_ptr.dtype.element_ty
     if WEIGHTS_ON_INPUT:
         row_weight = tl.load(topk_weights_ptr + slot)
-    g_ptrs = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn + ks[None, :] * stride_wh
+    a_ptrs = x_ptr + token * stride_xt + (ks * stride_xh)[None, :] + tl.zeros([16, 1], dtype=tl.int64)
+    g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
     u_ptrs = g_ptrs + inter * stride_wn
-    x_ptrs = x_ptr + token * stride_xt + ks * stride_xh
-    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_g = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
         k_mask = ks < hidden - k0 * BLOCK_K
-        a = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptrs, mask=first_row & k_mask[None, :], other=0.0)
         if WEIGHTS_ON_INPUT:  # scaled then rounded, as the tiled kernel feeds its dot
-            a = (a * row_weight).to(dtype).to(tl.float32)
-        w_mask = col_mask[:, None] & k_mask[None, :]
-        acc_g += tl.sum(tl.load(g_ptrs, mask=w_mask, other=0.0).to(tl.float32) * a[None, :], axis=1)
+            a = (a.to(tl.float32) * row_weight).to(dtype)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc_g = _dot(a, tl.load(g_ptrs, mask=w_mask, other=0.0), acc_g, FP32_PRECISE)
         if GATED:
-            acc_u += tl.sum(tl.load(u_ptrs, mask=w_mask, other=0.0).to(tl.float32) * a[None, :], axis=1)
-        x_ptrs += BLOCK_K * stride_xh
+            acc_u = _dot(a, tl.load(u_ptrs, mask=w_mask, other=0.0), acc_u, FP32_PRECISE)
+        a_ptrs += BLOCK_K * stride_xh
         g_ptrs += BLOCK_K * stride_wh
         u_ptrs += BLOCK_K * stride_wh
 
+    g = _row0(acc_g, 16)
     if HAS_BIAS:
         b_row = b_ptr + expert * stride_be
-        acc_g += tl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
-        if GATED:
-            acc_u += tl.load(b_row + (cols + inter) * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
-    result = _activate(acc_g.to(dtype).to(tl.float32), ACTIVATION, swiglu_alpha, swiglu_limit)
+        g += tl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
+    result = _activate(g.to(dtype).to(tl.float32), ACTIVATION, swiglu_alpha, swiglu_limit)
     if GATED:
-        result = result * _up_factor(acc_u.to(dtype).to(tl.float32), ACTIVATION, swiglu_limit)
+        u = _row0(acc_u, 16)
+        if HAS_BIAS:
+            u += tl.load(b_row + (cols + inter) * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
+        result = result * _up_factor(u.to(dtype).to(tl.float32), ACTIVATION, swiglu_limit)
     tl.store(act_ptr + slot * stride_as + cols * stride_ai, result.to(dtype), mask=col_mask)
 
 
@@ -113,6 +126,7 @@ def _decode_gemm2_kernel(
     inter,
     HAS_BIAS: tl.constexpr,
     WEIGHTS_ON_INPUT: tl.constexpr,
+    FP32_PRECISE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -120,24 +134,33 @@ def _decode_gemm2_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
     ks = tl.arange(0, BLOCK_K)
+    first_row = (tl.arange(0, 16) == 0)[:, None]
     dtype = out_ptr.dtype.element_ty
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for pick in range(0, top_k):
+    num_k = tl.cdiv(inter, BLOCK_K)
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    # one flat loop over (pick, k-step): the pipeliner keeps the weight loads of the next pick in flight
+    for step in range(0, top_k * num_k):
+        pick = step // num_k
+        k0 = (step % num_k) * BLOCK_K
         slot = token * top_k + pick
         expert = tl.load(topk_ids_ptr + slot).to(tl.int64)
-        a_ptrs = act_ptr + slot.to(tl.int64) * stride_as + ks * stride_ai
-        w_ptrs = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wh + ks[None, :] * stride_wi
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(inter, BLOCK_K)):
-            k_mask = ks < inter - k0 * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * a[None, :], axis=1)
-            a_ptrs += BLOCK_K * stride_ai
-            w_ptrs += BLOCK_K * stride_wi
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + expert * stride_be + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)
+        k_mask = ks < inter - k0
+        a = tl.load(
+            act_ptr + slot.to(tl.int64) * stride_as + ((k0 + ks) * stride_ai)[None, :] + tl.zeros([16, 1], tl.int64),
+            mask=first_row & k_mask[None, :],
+            other=0.0,
+        )
         if not WEIGHTS_ON_INPUT:
-            acc = acc * tl.load(topk_weights_ptr + slot)
-        total += acc.to(dtype).to(tl.float32)
+            a = (a.to(tl.float32) * tl.load(topk_weights_ptr + slot)).to(dtype)
+        w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wh + (k0 + ks)[:, None] * stride_wi
+        acc = _dot(a, tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0), acc, FP32_PRECISE)
+    total = _row0(acc, 16)
+    if HAS_BIAS:
+        for pick in range(0, top_k):
+            slot = token * top_k + pick
+            expert = tl.load(topk_ids_ptr + slot).to(tl.int64)
+            b = tl.load(b_ptr + expert * stride_be + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)
+            if not WEIGHTS_ON_INPUT:
+                b = b * tl.load(topk_weights_ptr + slot)
+            total += b
     tl.store(out_ptr + token.to(tl.int64) * stride_ot + cols * stride_oh, total.to(dtype), mask=col_mask)
