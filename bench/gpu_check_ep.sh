@@ -37,13 +37,14 @@ tokens=(${EP_TOKENS:-128 1024 8192})
 scenarios=(${EP_SCENARIOS:-random imbalanced})
 common=(--dtype bf16 --num-tokens "${tokens[@]}" --scenarios "${scenarios[@]}" --imbalance-factor 3.0
   --ep-size "$ep" --cuda-graph --warmup-iters 5 --benchmark-iters 30 --output-format both --verbose)
-# EP_BENCHES picks the runs (default all four), to fit what is left of a device budget.
-benches=" ${EP_BENCHES:-flashmoe qwen3-30b-a3b deepseek-v2-lite flashmoe-fused} "
+# EP_BENCHES picks the runs (default all), to fit what is left of a device budget.
+benches=" ${EP_BENCHES:-flashmoe qwen3-30b-a3b deepseek-v2-lite flashmoe-fused flashmoe-fused-nvshmem} "
+post=()  # flags after the common ones (they win): a smaller run
 bench() {  # seconds, name, then model flags
   local limit=$1 name=$2; shift 2
   [[ $benches == *" $name "* ]] || return 0
   echo "== bench $name (ep $ep) ==" | tee -a "$log"
-  timeout -k 10 "$limit" python3 -m tilemoe bench "$@" "${common[@]}" --output-file "$res/${ep}xh200-ep-$name" \
+  timeout -k 10 "$limit" python3 -m tilemoe bench "$@" "${common[@]}" "${post[@]}" --output-file "$res/${ep}xh200-ep-$name" \
     2>&1 | tee "$logs/bench-$name.log" | tail -n 16
   echo "bench $name exit: ${PIPESTATUS[0]}" | tee -a "$log"
 }
@@ -54,6 +55,11 @@ bench 95 deepseek-v2-lite --model deepseek-v2-lite --impl epmoe
 # the fused backend (symmetric-memory puts, flag-waiting GEMMs, stores back) vs epmoe vs one GPU: its own run,
 # so a failure there cannot cost the rows above
 bench "${EP_FUSED_TIMEOUT:-120}" flashmoe-fused "${flashmoe[@]}" --impl epmoe fused
+# the same on NVSHMEM symmetric memory (one host: no remote transport); EP_NVSHMEM_TOKENS / _SCENARIOS
+# shellcheck disable=SC2206
+post=(--num-tokens ${EP_NVSHMEM_TOKENS:-${tokens[*]}} --scenarios ${EP_NVSHMEM_SCENARIOS:-${scenarios[*]}})
+TILEMOE_SYMM_MEM_BACKEND=nvshmem NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo \
+  NVSHMEM_SYMMETRIC_SIZE=4G bench "${EP_NVSHMEM_TIMEOUT:-90}" flashmoe-fused-nvshmem "${flashmoe[@]}" --impl epmoe fused
 
 echo "== summary: p50 ms (slowest rank), speedup vs one GPU with all experts, dispatch+combine GB/s =="
 python3 - "$res" "$ep" <<'PY'

@@ -9,7 +9,7 @@ import torch
 from tilemoe.config import MoEConfig
 from tilemoe.distributed import ExpertPlacement, expert_shard
 from tilemoe.distributed.fused import SimulatedFusedEP, simulate_fused_forward
-from tilemoe.distributed.fused_layout import FusedGeometry, fused_layout
+from tilemoe.distributed.fused_layout import FusedGeometry, fused_layout, fused_layout_torch, layout_scratch_size
 from tilemoe.impls.reference import reference_experts_fp64
 from tilemoe.testing import assert_close, make_input, make_routing, make_weights
 
@@ -86,13 +86,22 @@ def test_fused_simulation_too_many_tokens(generator):
         sim.forward(xs, tws, tis, s["w13"], s["w2"])
 
 
-def test_fused_layout_invariants(generator):
-    """Every pair placed exactly once; blocks hold one expert each and at least one real row; offsets padded."""
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fused_layout_invariants(impl, generator):
+    """Every pair placed exactly once; blocks hold one expert each and at least one real row; nothing placed
+    past a destination's blocks; the Triton layout also advances the epoch."""
     config = MoEConfig(num_experts=7, top_k=3, hidden_size=8, intermediate_size=8)
     placement = ExpertPlacement.contiguous(7, 3)
     geom = FusedGeometry.of(placement, max_tokens=50, top_k=3, hidden_size=8, intermediate_size=8, block_m=4)
     _, ids = make_routing(50, config, generator=generator, hot_expert=2)
-    lay = fused_layout(ids, placement.owner_tensor(), placement.local_index_tensor(), geom)
+    owner, local = placement.owner_tensor(), placement.local_index_tensor()
+    if impl == "triton":
+        epoch = torch.tensor([5], dtype=torch.int64)
+        scratch = torch.full((layout_scratch_size(geom),), 7, dtype=torch.int32)  # stale: must be reset
+        lay = fused_layout(ids, owner, local, geom, scratch, epoch)
+        assert int(epoch) == 6
+    else:
+        lay = fused_layout_torch(ids, owner, local, geom)
     inv = lay.inv.view(3, geom.region_rows).long()
     flat = ids.reshape(-1)
     placed = inv[inv >= 0]
@@ -104,9 +113,8 @@ def test_fused_layout_invariants(generator):
             pairs = inv[d, b * 4 : (b + 1) * 4]
             real = pairs[pairs >= 0]
             assert real.numel() >= 1
-            experts = placement.local_index_tensor()[flat[real]]
-            assert torch.all(experts == lay.block_expert[d, b])
-            assert torch.all(placement.owner_tensor()[flat[real]] == d)
+            assert torch.all(local[flat[real]] == lay.block_expert[d, b])
+            assert torch.all(owner[flat[real]] == d)
             assert torch.all(lay.pair_block[real] == d * geom.max_blocks + b)
 
 

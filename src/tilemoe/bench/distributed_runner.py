@@ -21,10 +21,11 @@ bytes = rows this rank sends to other ranks and gets back, times H * element siz
 all_to_all_single of the same bytes, the bar to beat), compute_ms (local experts alone on the received rows),
 overlap_efficiency = (comm + compute - total) / min(comm, compute) (0: no overlap, 1: the shorter one hidden),
 rank_imbalance (max over ranks of the pairs each rank's experts got / mean).
-Fused rows: dispatch_gbps / combine_gbps (a communication-only fused forward: the same puts, flags and
-waits, no GEMM; dispatch = layout + puts until every row arrived, combine = stores back + the wait and sum;
-bytes = rows this rank sends to other ranks times H * element size, the slowest rank's), dispatch_combine_*
-of that forward, nccl_a2a_gbps copied from the epmoe row (the same bytes).
+Fused rows (symmetric memory from TILEMOE_SYMM_MEM_BACKEND: cuda, the default, or nvshmem): dispatch_gbps /
+combine_gbps (a communication-only fused forward: the same puts, flags and waits, no GEMM; dispatch = layout +
+puts until every row arrived, combine = stores back + the wait and sum; bytes = rows this rank sends to other
+ranks times H * element size, the slowest rank's), dispatch_combine_* of that forward, nccl_a2a_gbps copied
+from the epmoe row (the same bytes).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def _payload(args: argparse.Namespace, config: MoEConfig) -> dict:
         "ep_size": args.ep_size,
         "tp_size": args.tp_size or args.ep_size,  # devices in all
         "verbose": bool(args.verbose),
+        # the fused rows' symmetric memory: "cuda" (default) or "nvshmem" (set before any buffer exists)
+        "symm_mem_backend": os.environ.get("TILEMOE_SYMM_MEM_BACKEND", "cuda"),
         "argv": list(sys.argv),
     }
 
@@ -238,8 +241,9 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
     tp_actual = max(1, world // p["ep_size"])
 
     def ep_layer_for(max_tokens: int | None, backend: str = "epmoe") -> ExpertParallelMoE:
+        extra = {"symm_mem_backend": p["symm_mem_backend"]} if backend == "fused" else {}
         layer = ExpertParallelMoE(
-            config, None, backend, dtype=dtype, device=device, max_tokens=max_tokens, tp_size=tp_actual
+            config, None, backend, dtype=dtype, device=device, max_tokens=max_tokens, tp_size=tp_actual, **extra
         )
         local = layer.local_experts
         shard = tp_shard(
@@ -496,6 +500,8 @@ def _report(p: dict, rows: list[dict], device: torch.device, console: bool = Tru
             "overlap_efficiency", "rank_imbalance")  # fmt: skip
     header = environment(device)
     header["command"] = " ".join(p["argv"])
+    if any(r["implementation"].startswith("fused") for r in rows):
+        header["fused symmetric memory (TILEMOE_SYMM_MEM_BACKEND)"] = p["symm_mem_backend"]
     title = f"tilemoe bench (expert parallel): {p['model']}, ep={p['ep_size']}, {header['device']}, {p['dtype']}"
     table = [list(show)] + [[_fmt(r[k]) for k in show] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(show))]

@@ -91,9 +91,10 @@ class SimulatedFusedEP:
         for r, x in enumerate(xs):
             if x.shape[0] > self.geom.max_tokens:
                 raise ValueError(f"xs[{r}]: {x.shape[0]} tokens exceed max_tokens={self.geom.max_tokens}")
-        layouts = [fused_layout(ids, self.owner, self.local_index, self.geom) for ids in topk_ids]
-        for r in self.ranks:
-            r.epoch.add_(1)
+        layouts = [
+            fused_layout(topk_ids[r.rank], self.owner, self.local_index, self.geom, r.scratch, r.epoch)
+            for r in self.ranks
+        ]
         for r in self.ranks:  # 1. dispatch puts
             if r.rank != skip_puts_of:
                 dispatch_gemm1(r, xs[r.rank], topk_weights[r.rank], layouts[r.rank], w13[r.rank],

@@ -3,12 +3,13 @@
 1. At init every rank allocates the symmetric buffers (``fused_ops.buffer_specs``) in the same order, zeroes
    them, exchanges their addresses (``rendezvous``; the tables of peers' base addresses go to the kernels) and
    meets the others once (a process-group barrier), so no peer writes into a buffer still being zeroed.
-2. Each forward, on the current stream, no barrier, no host sync: the epoch counter is advanced on the
-   device; ``fused_layout``; one launch of dispatch puts + GEMM 1 (the GEMM programs wait for each row-block's
-   flag, own rows first); GEMM 2 storing into the sources' ``ret`` with per-tile combine flags; the combine,
-   waiting for those flags. Buffers are reused safely without barriers: a source reuses its region on a
-   destination only after that destination said it finished reading it (``done`` / combine flags, see
-   ``fused_kernels``), and every flag carries the epoch, so nothing is reset (CUDA-graph capturable).
+2. Each forward, on the current stream, no barrier, no host sync: ``fused_layout`` (one program; it also
+   advances the epoch counter on the device); one launch of dispatch puts + GEMM 1 (the GEMM programs wait
+   for each row-block's flag, own rows first); GEMM 2 storing into the sources' ``ret`` with per-tile
+   combine flags; the combine, waiting for those flags. Buffers are reused safely without barriers: a source
+   reuses its region on a destination only after that destination said it finished reading it (``done`` /
+   combine flags, see ``fused_kernels``), and every flag carries the epoch, so nothing is reset (CUDA-graph
+   capturable).
 3. Every wait is bounded (``spin_timeout_s``): a peer that stops answering ends the forward with an error
    code on the device, which ``check()`` turns into a RuntimeError (a sync point; the layer never syncs).
 
@@ -170,8 +171,7 @@ class FusedDispatcher:
             raise TypeError(f"x: expected dtype {self.state.act.dtype} (the buffers'), got {x.dtype}")
         if events:
             events[0].record()
-        layout = fused_layout(topk_ids, self.owner, self.local_index, self.geom)
-        self.state.epoch.add_(1)
+        layout = fused_layout(topk_ids, self.owner, self.local_index, self.geom, self.state.scratch, self.state.epoch)
         dispatch_gemm1(self.state, x, topk_weights, layout, w13.contiguous(), b13, self.config,
                        compute=compute, max_spin=self.max_spin)  # fmt: skip
         if events:

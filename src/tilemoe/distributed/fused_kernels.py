@@ -67,8 +67,8 @@ def _wait(ptrs, mask, epoch, err_ptr, code, max_spin, SPIN: tl.constexpr, SYS: t
             lowest = tl.min(tl.where(mask, words >> 32, epoch))
             failed = tl.load(err_ptr, volatile=True)
             spins += 1
-    if lowest < epoch:
-        tl.atomic_max(err_ptr, code)
+    if lowest < epoch:  # the first cause is kept: later waits give up because of it
+        tl.atomic_cas(err_ptr, 0, code)
     return words
 
 
@@ -183,6 +183,8 @@ def _gemm1_program(
     """One GEMM 1 tile: (row-block m, column block n of I), regions in the order own, own + 1, ...
     COMPUTE=False (the bench's communication-only forward): wait for the rows, compute nothing."""
     nt = tl.cdiv(inter, BLOCK_N)
+    if not COMPUTE:  # one program per row-block (the launcher's grid)
+        nt = 1
     m = tile // nt
     n = tile % nt
     s = (my_rank + m // MAXB) % ep
@@ -349,3 +351,57 @@ def _combine_kernel(
         acc += tl.load(ret_ptr + pair[:, None] * hidden + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + tokens[:, None].to(tl.int64) * hidden + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _layout_kernel(
+    ids_ptr, owner_ptr, local_ptr, scratch_ptr,  # scratch: int32 [2, EP_P2, L_P2] counts, then cursors
+    inv_ptr, nblocks_ptr, bexp_ptr, pair_block_ptr, epoch_ptr,
+    num_pairs, ep, num_local, region_rows,
+    MAXB: tl.constexpr, MAXB_P2: tl.constexpr, EP_P2: tl.constexpr, L_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """``fused_layout`` in one program (one launch instead of a dozen torch ops; nothing reads the host):
+    0. the epoch advances (this forward's flags carry it); 1. counters zeroed, every region row marked
+    padding; 2. counts per (destination, local expert) by atomics; 3. padded offsets by a cumsum over the
+    experts, blocks per destination, each block's expert; 4. each pair takes the next row of its
+    (destination, expert) group (atomic cursor: rows within a group in any order, which changes no result).
+    Phases are separated by CTA barriers (global stores of one program are visible to it after them)."""
+    tl.store(epoch_ptr, tl.load(epoch_ptr) + 1)
+    dl = tl.arange(0, EP_P2)[:, None] * L_P2 + tl.arange(0, L_P2)[None, :]
+    tl.store(scratch_ptr + dl, 0)
+    for r0 in range(0, ep * region_rows, BLOCK_S):
+        r = r0 + tl.arange(0, BLOCK_S)
+        tl.store(inv_ptr + r, -1, mask=r < ep * region_rows)
+    tl.debug_barrier()
+    for s0 in range(0, num_pairs, BLOCK_S):
+        p = s0 + tl.arange(0, BLOCK_S)
+        m = p < num_pairs
+        e = tl.load(ids_ptr + p, mask=m, other=0).to(tl.int64)
+        key = tl.load(owner_ptr + e, mask=m, other=0) * L_P2 + tl.load(local_ptr + e, mask=m, other=0)
+        tl.atomic_add(scratch_ptr + key, 1, mask=m)
+    tl.debug_barrier()
+    d_idx = tl.arange(0, EP_P2)
+    l_idx = tl.arange(0, L_P2)
+    live = (d_idx[:, None] < ep) & (l_idx[None, :] < num_local)
+    counts = tl.load(scratch_ptr + dl, mask=live, other=0, volatile=True)  # written by atomics (L2), not L1
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=1)
+    tl.store(scratch_ptr + EP_P2 * L_P2 + dl, ends - padded)  # cursors start at the expert's offset
+    tl.store(nblocks_ptr + d_idx, (tl.sum(padded, axis=1) // BLOCK_M).to(tl.int64), mask=d_idx < ep)
+    b_idx = tl.arange(0, MAXB_P2)
+    expert = tl.zeros([EP_P2, MAXB_P2], dtype=tl.int32)
+    for lx in range(0, num_local - 1):  # the experts whose rows end at or before the block's first row
+        end = tl.sum(tl.where(l_idx[None, :] == lx, ends, 0), axis=1)
+        expert += (end[:, None] <= b_idx[None, :] * BLOCK_M).to(tl.int32)
+    tl.store(bexp_ptr + d_idx[:, None] * MAXB + b_idx[None, :], expert,
+             mask=(d_idx[:, None] < ep) & (b_idx[None, :] < MAXB))  # fmt: skip
+    tl.debug_barrier()
+    for s0 in range(0, num_pairs, BLOCK_S):
+        p = s0 + tl.arange(0, BLOCK_S)
+        m = p < num_pairs
+        e = tl.load(ids_ptr + p, mask=m, other=0).to(tl.int64)
+        d = tl.load(owner_ptr + e, mask=m, other=0)
+        row = tl.atomic_add(scratch_ptr + EP_P2 * L_P2 + d * L_P2 + tl.load(local_ptr + e, mask=m, other=0), 1, mask=m)
+        tl.store(inv_ptr + d * region_rows + row, p.to(tl.int32), mask=m)
+        tl.store(pair_block_ptr + p, (d * MAXB + row // BLOCK_M).to(tl.int32), mask=m)

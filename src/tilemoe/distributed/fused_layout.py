@@ -71,9 +71,51 @@ class FusedLayout:
 
 
 def fused_layout(
+    topk_ids: torch.Tensor,
+    owner: torch.Tensor,
+    local_index: torch.Tensor,
+    geom: FusedGeometry,
+    scratch: torch.Tensor,
+    epoch: torch.Tensor,
+) -> FusedLayout:
+    """The padded per-destination layout of ``topk_ids`` [T, K] in one Triton launch, which also advances
+    ``epoch`` (int64 [1]) by one; scratch: int32 [>= layout_scratch_size(geom)]. Rows within one
+    (destination, expert) group come in any order (``fused_layout_torch`` keeps pair order).
+    Raises ValueError when scratch is too small.
+    """
+    from tilemoe.distributed.fused_kernels import _layout_kernel
+
+    ep_p2, l_p2 = triton.next_power_of_2(geom.ep_size), triton.next_power_of_2(geom.max_local)
+    if scratch.numel() < layout_scratch_size(geom) or scratch.dtype != torch.int32:
+        raise ValueError(
+            f"scratch: expected int32 [>= {layout_scratch_size(geom)}], got {scratch.dtype} {scratch.numel()}"
+        )
+    device, s = topk_ids.device, topk_ids.numel()
+    ep, maxb = geom.ep_size, geom.max_blocks
+    inv = torch.empty(ep * geom.region_rows, dtype=torch.int32, device=device)
+    nblocks = torch.empty(ep, dtype=torch.int64, device=device)
+    block_expert = torch.empty((ep, maxb), dtype=torch.int32, device=device)
+    pair_block = torch.empty(s, dtype=torch.int32, device=device)
+    ids = topk_ids.reshape(-1).contiguous() if s else pair_block  # T = 0: any valid address; never read
+    _layout_kernel[(1,)](
+        ids, owner, local_index, scratch, inv, nblocks, block_expert, pair_block if s else nblocks, epoch,
+        s, ep, geom.max_local, geom.region_rows,
+        MAXB=maxb, MAXB_P2=triton.next_power_of_2(maxb), EP_P2=ep_p2, L_P2=l_p2,
+        BLOCK_M=geom.block_m, BLOCK_S=1024, num_warps=8,
+    )  # fmt: skip
+    return FusedLayout(inv, nblocks, block_expert, pair_block)
+
+
+def layout_scratch_size(geom: FusedGeometry) -> int:
+    """int32 elements ``fused_layout`` needs as scratch (counts and cursors per (destination, expert))."""
+    return 2 * triton.next_power_of_2(geom.ep_size) * triton.next_power_of_2(geom.max_local)
+
+
+def fused_layout_torch(
     topk_ids: torch.Tensor, owner: torch.Tensor, local_index: torch.Tensor, geom: FusedGeometry
 ) -> FusedLayout:
-    """The padded per-destination layout of ``topk_ids`` [T, K] (see the module docstring); no host sync.
+    """The padded per-destination layout of ``topk_ids`` [T, K] in plain torch ops (the reference of
+    ``fused_layout``; rows of a group in pair order; does not touch the epoch); no host sync.
 
     owner / local_index: [E] int64 (``ExpertPlacement.owner_tensor`` / ``local_index_tensor``) on the device.
     1. counts per (destination, local expert) by scatter_add (fixed size: no sync), padded to BM;

@@ -2,7 +2,7 @@
 one-process simulation). Kernels and buffer meanings: ``fused_kernels``; layout: ``fused_layout``.
 
 One forward on every rank, in stream order (nothing waits on the host):
-1. ``fused_layout``: where each of this rank's pairs goes (torch, on the device).
+1. ``fused_layout``: where each of this rank's pairs goes (one Triton program), and the epoch advances.
 2. ``dispatch_gemm1``: one launch; its first ``num_put`` programs put rows + metadata into the destinations
    and raise one flag per row-block; the other programs are GEMM 1 tiles that wait for their block's flag
    (own region first, so local rows start at once while remote rows are in flight).
@@ -27,7 +27,7 @@ from tilemoe.distributed.fused_kernels import (
     _dispatch_gemm1_kernel,
     _gemm2_put_kernel,
 )
-from tilemoe.distributed.fused_layout import FusedGeometry, FusedLayout
+from tilemoe.distributed.fused_layout import FusedGeometry, FusedLayout, layout_scratch_size
 from tilemoe.ops.act_and_mul import ACTIVATION_CODES
 
 SYMMETRIC_BUFFERS = ("recv_x", "recv_meta", "hdr", "bflag", "ret", "cflag", "done")
@@ -112,7 +112,8 @@ class FusedRank:
         self.act = torch.empty((geom.recv_rows, geom.intermediate_size), dtype=dtype, device=device)
         self.nb_local = torch.zeros(geom.ep_size, dtype=torch.int64, device=device)
         self.bexp_local = torch.zeros(geom.ep_size * geom.max_blocks, dtype=torch.int64, device=device)
-        self.epoch = torch.zeros(1, dtype=torch.int64, device=device)  # advanced on the device per forward
+        self.epoch = torch.zeros(1, dtype=torch.int64, device=device)  # advanced by fused_layout per forward
+        self.scratch = torch.zeros(layout_scratch_size(geom), dtype=torch.int32, device=device)
         self.err = torch.zeros(1, dtype=torch.int32, device=device)
 
     def error(self) -> str | None:
