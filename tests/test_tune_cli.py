@@ -180,6 +180,19 @@ def test_warm_up_deadline_cancels_the_rest():
     assert report.cancelled > 0 and report.errors == []
 
 
+def _hanging_chunk(tasks):
+    time.sleep(300)  # a compile that never returns
+
+
+def test_warm_up_kills_a_hung_worker():
+    start = time.monotonic()
+    report = tune.warm_up(_tiny_tasks(1), num_workers=1, deadline=start + 1, grace_s=1, chunk_fn=_hanging_chunk)
+    lost = sum(int(e.split()[0]) for e in report.errors if "tasks lost" in e)
+    assert report.done == 0 and report.tasks == 2 and lost >= 1 and report.cancelled + lost == 2
+    assert "workers killed after 1 s past the deadline" in report.errors
+    assert time.monotonic() - start < 60
+
+
 # ------------------------------------------------------------------------------------------------- budget
 class _Clock:
     def __init__(self):

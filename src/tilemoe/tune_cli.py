@@ -7,12 +7,14 @@
    weights on input): each shape is tuned once and its table key (``tilemoe.tuning.shape_key``) serves every
    model that has it. Per token count (one per shape bucket) the candidates come from ``candidate_configs``.
 2. Warm-up: N spawned worker processes on the same GPU each run ``fused_experts`` once per (shape, candidate)
-   on tiny inputs (one expert, a few tokens) chosen so that the kernels get the same specialization as the
-   timed run; the compiled kernels land in the on-disk Triton cache, which the main process then reads.
+   on small inputs (1 to 16 experts, up to a few thousand tokens: ``warmup_size``) chosen so that the kernels
+   get the same specialization as the timed run; the compiled kernels land in the on-disk Triton cache, which
+   the main process then reads (a first call that still compiles there is counted and reported).
    Triton compilation is CPU-bound and serial within one process, so this is where the cores pay off.
 3. Timing, in the main process, one candidate at a time on random routing: CUDA-graph replay for T <= 256,
    ``triton.testing.do_bench`` median above, a few event-timed calls for calls over 2 ms. Every candidate is
    checked against the heuristic config's output (itself checked against ``fused_experts_torch`` up to T=1024).
+   The config in the device's table, when there is one, is timed second: a re-tune never writes a slower one.
 4. ``--budget-s``: the warm-up gets at most ``WARMUP_SHARE`` of it; each point gets a share of what is left;
    a point cut short keeps its best-so-far (the heuristic is always timed first), a point never reached is not
    written (``pick_config`` keeps the table entry or the heuristic). The summary says which.
@@ -30,7 +32,7 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +46,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKEN_COUNTS = [1, 8, 64, 256, 1024, 4096, 16384]
 GRAPH_MAX_TOKENS = 256  # CUDA-graph replay at and below: launch overhead would otherwise be timed
 LONG_CALL_S = 2e-3  # above: a few event-timed calls instead of do_bench's 60 ms of repeats
-# Of --budget-s. An estimate, not yet measured: ~920 compiles for the 17 presets at ~2.5 s each on 16 cores.
+# Of --budget-s. An estimate, not yet measured: ~1000 kernel compiles for the 17 presets (435 GEMM launches of
+# two kernels, ~115 alignments) at ~2.5 s each on 16 cores is ~160 s of the 288 this gives at --budget-s 480.
 WARMUP_SHARE = 0.6
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 REFERENCE_MAX_TOKENS = 1024  # heuristic checked against fused_experts_torch up to here (its loop over E is slow)
@@ -87,7 +90,7 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
 
     Pruned: block_m over 4x the mean rows per expert (T*K/E), floor 16: such a tile is mostly padding rows
     (the busiest expert of a random routing rarely gets 4x the mean); block_m under 1/16 of it: 128-row
-    tiles won every T >= 1024 point of the H100 runs (bench/NOTES.md, run 2), so 16 x smaller ones cannot.
+    tiles won every T >= 1024 point of the H100 runs (bench/NOTES.md, run 2), so much smaller ones are not tried.
     """
     base = heuristic_config(shape, dtype)
     rows_per_expert = shape.num_tokens * shape.top_k / shape.num_experts
@@ -398,35 +401,65 @@ class WarmupReport:
     workers: int = 0
 
 
-def warm_up(tasks: list[WarmTask], num_workers: int, deadline: float | None = None) -> WarmupReport:
+def warm_up(
+    tasks: list[WarmTask], num_workers: int, deadline: float | None = None, grace_s: float = 60.0, chunk_fn=None
+) -> WarmupReport:
     """Run ``tasks`` in ``num_workers`` spawned processes (CUDA needs spawn), until done or ``deadline``
-    (``time.monotonic``): then the chunks not started are cancelled and the running ones finish."""
+    (``time.monotonic``). Chunks are handed out one per free worker, so at the deadline the rest are simply not
+    started (cancelled); the running ones get ``grace_s`` more seconds, then the workers still busy (a hung
+    compile) are killed and their tasks count as lost. ``chunk_fn``: the worker entry (default ``warm_chunk``;
+    a module-level function, for tests)."""
     report = WarmupReport(tasks=len(tasks))
     start = time.monotonic()
-    chunks = partition(tasks, num_workers)
-    if not chunks:
+    pending = partition(tasks, num_workers)[::-1]  # popped from the end: in timing order
+    if not pending:
         return report
-    report.workers = min(num_workers, len(chunks))
+    report.workers = min(num_workers, len(pending))
     spawn = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(report.workers, mp_context=spawn, initializer=_worker_init)
-    futures = {pool.submit(warm_chunk, chunk): chunk for chunk in chunks}
-    try:
-        wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    for future, chunk in futures.items():
-        if future.cancelled():
-            report.cancelled += len(chunk)
-            continue
+    running: dict = {}
+
+    def collect(future) -> None:
+        chunk = running.pop(future)
         try:
             results = future.result()
-        except Exception as error:  # a worker died (BrokenProcessPool): its chunk is left to the main process
+        except Exception as error:  # a worker died or was killed: its chunk is left to the main process
             report.errors.append(f"{len(chunk)} tasks lost: {type(error).__name__}: {error}")
-            continue
+            return
         report.done += len(chunk)
         report.errors.extend(
             f"{t.config.name} T={t.num_tokens} {t.kernel_config}: {r}" for t, r in zip(chunk, results) if r
         )
+
+    killed = False
+    try:
+        while pending and len(running) < report.workers:
+            chunk = pending.pop()
+            running[pool.submit(chunk_fn or warm_chunk, chunk)] = chunk
+        processes = dict(getattr(pool, "_processes", None) or {})  # private; the only handle on a hung worker
+        while running:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            done, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
+            for future in done:
+                collect(future)
+                if pending and (deadline is None or time.monotonic() < deadline):
+                    chunk = pending.pop()
+                    running[pool.submit(chunk_fn or warm_chunk, chunk)] = chunk
+        report.cancelled = sum(len(chunk) for chunk in pending)
+        if running:
+            wait(running, timeout=grace_s)
+            if not all(f.done() for f in running):
+                killed = True
+                for process in processes.values():
+                    process.kill()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # joins the workers: their GPU memory is free for the timing
+    for future in list(running):
+        collect(future)
+    if killed:
+        report.errors.append(f"workers killed after {grace_s:.0f} s past the deadline")
     report.seconds = time.monotonic() - start
     return report
 
