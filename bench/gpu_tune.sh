@@ -2,7 +2,7 @@
 # One device call: `tilemoe tune` for every preset on this GPU, merged into the package table of this device,
 # which comes back under $OUT (the machine keeps nothing) with the log; a short summary is printed last.
 #   bash bench/gpu_tune.sh [extra tilemoe tune args]     BUDGET=480 (seconds of search) by default
-# The whole call stays under 9 minutes: the search stops at BUDGET, a hard limit 50 s later kills a hung run
+# The whole call stays under 9 minutes: the search stops at BUDGET, a hard limit 40 s later kills a hung run
 # (the table is written after each shape, so what was found is kept).
 set -uo pipefail
 OUT=${OUT:-/tmp/tilemoe-out}
@@ -19,7 +19,7 @@ log=$OUT/gpu_tune.log
 } 2>&1 | tee "$log"
 
 start=$(date +%s)
-timeout -k 5 $((BUDGET + 50)) python3 -m tilemoe tune --model all --write --budget-s "$BUDGET" "$@" 2>&1 | tee -a "$log"
+timeout -k 5 $((BUDGET + 40)) python3 -m tilemoe tune --model all --write --budget-s "$BUDGET" "$@" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
 wall=$(($(date +%s) - start))
 

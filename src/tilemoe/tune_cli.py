@@ -665,6 +665,10 @@ def tune_model(model: str, token_counts: list[int], dtype: torch.dtype, verbose:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("tune", help="search fused-MoE kernel configs on this GPU, write tuning tables")
     parser.add_argument("--model", nargs="+", default=[], help='preset names, config.json paths, or "all"')
@@ -674,9 +678,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--write", action="store_true", help="merge the results into this device's package table")
     parser.add_argument("--out", "--output", dest="output", default=None, help="merge into this table file instead")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock limit of the whole search")
-    parser.add_argument(
-        "--workers", type=int, default=min(16, os.cpu_count() or 1), help="compile warm-up processes (0: none)"
-    )
+    parser.add_argument("--workers", type=int, default=min(16, _usable_cpus()), help="warm-up processes (0: none)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (shapes, points, compiles) and stop")
     parser.set_defaults(run=run)
 
