@@ -741,7 +741,14 @@ def run(args) -> int:
         by_group.setdefault(id(p.group), []).append(p)
     left = len(points)
     for group_points in by_group.values():
-        misses += tune_group(group_points, dtype, budget, left)
+        try:
+            misses += tune_group(group_points, dtype, budget, left)
+        except (RuntimeError, ValueError) as error:  # e.g. out of memory for the weights: the other shapes go on
+            for p in group_points:
+                if p.status == "pending":
+                    p.status = "failed"
+                    p.errors.append(f"{type(error).__name__}: {str(error)[:300]}")
+            print(f"{'/'.join(group_points[0].group.models)}: {type(error).__name__}: {str(error)[:300]}", flush=True)
         torch.cuda.empty_cache()  # the next shape's weights (up to 34 GB for Kimi-K2) need the room
         left -= len(group_points)
         configs, measured = _results(group_points)
@@ -771,7 +778,10 @@ def _summary(points: list[TunePoint], budget: Budget, misses: int, path: Path | 
     if gains:
         print(f"best vs heuristic: median {sorted(gains)[len(gains) // 2]:.2f}x, max {max(gains):.2f}x")
     if misses:
-        print(f"{misses} first calls compiled in the timing loop (the warm-up missed their specialization)")
+        print(
+            f"{misses} first calls compiled in the timing loop (over {FIRST_CALL_MISS_S} s: the warm-up missed "
+            "their specialization)"
+        )
     for p in points:
         if p.status in ("skipped", "failed"):
             print(f"  {p.status}: {p.table_key} {'/'.join(p.group.models)} {'; '.join(p.errors)[:200]}")
