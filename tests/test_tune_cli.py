@@ -110,6 +110,67 @@ def test_warmup_size_decode_any_tokens():
     assert tune.warmup_size(4096, 8, 128, cfg) == (1, 1)
 
 
+def _record_launches(monkeypatch) -> list:
+    """Every Triton launch in the interpreter as (kernel name, {argument: value}, constexpr names)."""
+    import inspect
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches, real_run = [], InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        params = inspect.signature(self.fn).parameters.values()
+        const = {p.name for p in params if "constexpr" in str(p.annotation)}
+        launches.append((self.__name__, dict(kwargs), const))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return launches
+
+
+@pytest.mark.skipif(not tune.os.environ.get("TRITON_INTERPRET"), reason="records launches in the interpreter")
+@pytest.mark.parametrize("num_tokens", [1, 8, 64])  # 64: 16 row blocks of 16, the divisible-by-16 case
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_warm_launch_specializes_like_the_real_launch(monkeypatch, num_tokens, block_m):
+    """The launches of ``fused_experts`` itself (not launch_ints' mirror of them): every kernel of the warm-up
+    launch gets the same constexprs and the same Triton int specialization as the real one; the alignment
+    kernel (which sees E) matches through the align task. Fails when the launcher gains a T/E-dependent int
+    that ``launch_ints`` does not list."""
+    from tilemoe.ops.fused_experts import fused_experts
+    from tilemoe.testing import make_routing
+
+    config = _config(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16)
+    cfg = KernelConfig(block_m=block_m, block_n1=16, block_k1=16, block_n2=16, block_k2=16)
+    launches = _record_launches(monkeypatch)
+    tw, ti = make_routing(num_tokens, config)
+    x = torch.randn(num_tokens, 32)
+    w13, w2 = torch.randn(8, 32, 32), torch.randn(8, 32, 16)
+    fused_experts(x, w13, w2, tw, ti, config=config, kernel_config=cfg)
+    real = list(launches)
+    t_w, e_w = tune.warmup_size(num_tokens, 2, 8, cfg)
+    launches.clear()
+    tune.run_warm_task(tune.WarmTask(config, "fp32", t_w, cfg, num_experts=e_w), "cpu")
+    warm = list(launches)
+    launches.clear()
+    tune.run_warm_task(tune.WarmTask(config, "fp32", num_tokens, cfg, align_only=True, num_experts=8), "cpu")
+    align = list(launches)
+
+    def key(launch):
+        name, kwargs, const = launch
+        spec = {}
+        for arg, value in kwargs.items():
+            if arg in const or isinstance(value, (bool, float)):
+                spec[arg] = value
+            elif isinstance(value, int):
+                spec[arg] = _triton_int_key(value)
+        return name, spec
+
+    aligned = [launch for launch in real if "align" in launch[0]]
+    assert [key(launch) for launch in aligned] == [key(launch) for launch in align]
+    others = [key(launch) for launch in real if "align" not in launch[0]]
+    assert others and others == [key(launch) for launch in warm if "align" not in launch[0]]
+
+
 def test_warmup_tasks_cover_every_candidate_once():
     groups = tune.group_shapes(["a", "d"], {"a": _config(), "d": _config(num_experts=16, top_k=4)})
     points = tune.plan_points(groups, [1, 8, 64, 4096], torch.float16)
