@@ -341,6 +341,7 @@ def test_tune_group_on_cpu_checks_every_candidate(monkeypatch):
 
     small = [KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_warps1=w) for w in (1, 2)]
     monkeypatch.setattr(tune, "CANDIDATES", small)
+    monkeypatch.setattr(tune, "DECODE_CANDIDATES", [])
     real = fe.fused_experts
 
     def wrong_for_two_warps(*args, kernel_config, **kwargs):
@@ -441,3 +442,12 @@ def test_tune_end_to_end_gpu(tmp_path, capsys, monkeypatch):
         KernelConfig.from_dict(cfg)
         assert data["measured"][key]["best_us"] <= data["measured"][key]["heuristic_us"]
     assert "first calls compiled in the timing loop" not in text
+
+
+def test_candidates_add_tma_for_16_bit_and_decode_for_few_slots():
+    decode_shape = MoEShape(4, 128, 8, 2048, 768)  # S = 32
+    prefill_shape = MoEShape(4096, 128, 8, 2048, 768)
+    assert any(c.decode for c in tune.candidate_configs(decode_shape, torch.bfloat16))
+    assert not any(c.decode for c in tune.candidate_configs(prefill_shape, torch.bfloat16))
+    assert any(c.tma for c in tune.candidate_configs(prefill_shape, torch.bfloat16))
+    assert not any(c.tma for c in tune.candidate_configs(prefill_shape, torch.float32))

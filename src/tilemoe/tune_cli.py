@@ -56,10 +56,10 @@ WARMUP_MAX_EXPERTS = 16
 FIRST_CALL_MISS_S = 0.5  # a first call slower than this compiled in the main process: the warm-up missed it
 
 
-def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, g=8) -> KernelConfig:
+def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, g=8, **flags) -> KernelConfig:
     return KernelConfig(
         block_m=bm, block_n1=bn1, block_k1=bk1, group_m1=g, num_warps1=w1, num_stages1=s1,
-        block_n2=bn2, block_k2=bk2, group_m2=g, num_warps2=w2, num_stages2=s2,
+        block_n2=bn2, block_k2=bk2, group_m2=g, num_warps2=w2, num_stages2=s2, **flags,
     )  # fmt: skip
 
 
@@ -82,11 +82,29 @@ CANDIDATES = [
     _cfg(64, 128, 64, 4, 4, 256, 64, 8, 3),
     _cfg(128, 64, 64, 8, 3, 256, 64, 8, 4),
 ]
+# Weight tiles through TMA descriptors (16-bit dtypes; 64-wide k boxes = 128 bytes), deeper pipelines: on an H100
+# TMA with 4 stages gave GEMM 1 +5-10% at large T (bench/NOTES.md, version 3).
+TMA_CANDIDATES = [
+    _cfg(128, 128, 64, 8, 4, 128, 64, 4, 4, tma=True),
+    _cfg(128, 64, 64, 4, 4, 128, 64, 4, 4, tma=True),
+    _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4, tma=True),
+    _cfg(64, 64, 64, 4, 5, 128, 64, 4, 5, tma=True),
+    _cfg(32, 64, 64, 4, 5, 128, 64, 4, 5, tma=True),
+    _cfg(16, 64, 64, 4, 6, 64, 64, 4, 6, g=1, tma=True),
+]
+# The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
+# H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3).
+DECODE_CANDIDATES = [
+    _cfg(16, 64, 128, 4, 4, 32, 256, 4, 3, decode=True),
+    _cfg(16, 32, 512, 4, 2, 16, 512, 4, 2, decode=True),
+]
+DECODE_MAX_SLOTS = 64
 
 
 def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]:
     """The configs ``tilemoe tune`` times for ``shape`` in ``dtype``: the heuristic first, then ``CANDIDATES``
-    that can win, the likeliest first (block_m nearest the heuristic's), without repeats.
+    (+ ``TMA_CANDIDATES`` for 16-bit dtypes, + ``DECODE_CANDIDATES`` for S <= ``DECODE_MAX_SLOTS``) that can
+    win, the likeliest first (block_m nearest the heuristic's), without repeats.
 
     Pruned: block_m over 4x the mean rows per expert (T*K/E), floor 16: such a tile is mostly padding rows
     (the busiest expert of a random routing rarely gets 4x the mean); block_m under 1/16 of it: 128-row
@@ -96,7 +114,12 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
     rows_per_expert = shape.num_tokens * shape.top_k / shape.num_experts
     max_block_m = max(16, 4 * rows_per_expert)
     min_block_m = rows_per_expert / 16
-    rest = [c for c in dict.fromkeys(CANDIDATES) if c != base and min_block_m <= c.block_m <= max_block_m]
+    pool = list(CANDIDATES)
+    if dtype in (torch.float16, torch.bfloat16):
+        pool += TMA_CANDIDATES
+    if shape.num_tokens * shape.top_k <= DECODE_MAX_SLOTS:
+        pool += DECODE_CANDIDATES
+    rest = [c for c in dict.fromkeys(pool) if c != base and min_block_m <= c.block_m <= max_block_m]
     rest.sort(key=lambda c: abs(math.log2(c.block_m) - math.log2(base.block_m)))  # stable: list order breaks ties
     return [base, *rest]
 
