@@ -50,8 +50,8 @@ bench() {  # seconds, name, then model flags
 }
 flashmoe=(--manual-config --num-experts 32 --num-experts-per-tok 2 --hidden-size 2048 --intermediate-size 2048)
 bench 95 flashmoe "${flashmoe[@]}" --impl epmoe
-bench 95 qwen3-30b-a3b --model qwen3-30b-a3b --impl epmoe
-bench 95 deepseek-v2-lite --model deepseek-v2-lite --impl epmoe
+bench 95 qwen3-30b-a3b --model qwen3-30b-a3b --impl epmoe fused
+bench 95 deepseek-v2-lite --model deepseek-v2-lite --impl epmoe fused
 # the fused backend (symmetric-memory puts, flag-waiting GEMMs, stores back) vs epmoe vs one GPU: its own run,
 # so a failure there cannot cost the rows above
 bench "${EP_FUSED_TIMEOUT:-120}" flashmoe-fused "${flashmoe[@]}" --impl epmoe fused
