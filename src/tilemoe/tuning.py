@@ -20,7 +20,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KernelConfig", "MoEShape", "pick_config", "heuristic_config", "shape_key", "table_path", "token_bucket"]
+__all__ = [
+    "KernelConfig",
+    "MoEShape",
+    "pick_config",
+    "heuristic_config",
+    "prefers_grouped_mm",
+    "shape_key",
+    "table_path",
+    "token_bucket",
+]
 
 TABLE_DIR = Path(__file__).parent / "tuning_tables"
 MAX_BUCKET = 16384
@@ -37,7 +46,8 @@ class KernelConfig:
     where the layout does not allow it). ``persistent``: one program per SM walking the tiles.
     ``decode``: the decode kernels (``ops/_kernels/_decode.py``: one row per slot, no alignment or padding, the
     sum over K inside GEMM 2) with ``block_n*`` / ``block_k*`` / ``num_warps*`` as their tiles; ``block_m`` and the
-    stage and group fields are then unused.
+    stage and group fields are then unused. ``grouped_mm``: the two expert GEMMs through torch's grouped GEMM
+    (cuBLAS / CUTLASS), alignment, activation and combine in Triton; only ``block_m`` (the row alignment) is used.
     """
 
     block_m: int = 64
@@ -54,6 +64,7 @@ class KernelConfig:
     tma: bool = False
     persistent: bool = False
     decode: bool = False
+    grouped_mm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -64,7 +75,7 @@ class KernelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
-        for name in ("tma", "persistent", "decode"):
+        for name in ("tma", "persistent", "decode", "grouped_mm"):
             value = getattr(self, name)
             if value not in (True, False):  # 0 / 1 from a table or the custom op's int list
                 raise ValueError(f"KernelConfig.{name}: expected a bool, got {value!r}")
@@ -165,9 +176,24 @@ def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> Kern
     Pure: the same arguments give the same config. A tuned table entry when one exists for the device and
     shape bucket, else ``heuristic_config``; never missing (any device, including None for CPU/interpreter).
     """
+    if device and prefers_grouped_mm(shape, dtype):
+        return KernelConfig(block_m=16, grouped_mm=True)
     if device:
         table = _load_table(device)
         hit = table.get(shape_key(shape, dtype))
         if hit is not None:
             return hit
     return heuristic_config(shape, dtype)
+
+
+def prefers_grouped_mm(shape: MoEShape, dtype: torch.dtype) -> bool:
+    """Few, large experts with many rows each: there the expert GEMMs are plain large GEMMs and the vendor grouped
+    GEMM beats Triton's tiles (H100, mixtral-8x7b T=4096: CUTLASS 4166 us for both GEMMs in torch_grouped_mm,
+    the Triton kernels 4862 us; bench/NOTES.md, version 3)."""
+    rows_per_expert = shape.num_tokens * shape.top_k / shape.num_experts
+    return (
+        dtype in (torch.float16, torch.bfloat16)
+        and shape.num_experts <= 16
+        and shape.intermediate_size >= 8192
+        and rows_per_expert >= 256
+    )

@@ -180,3 +180,42 @@ def test_decode_path_several_k_steps_per_pick(generator):
     # I = 72: three 32-wide k-steps per pick in GEMM 2's flat (pick, k-step) loop; H = 100: four in GEMM 1
     config = MoEConfig(num_experts=9, top_k=4, hidden_size=100, intermediate_size=72, expert_bias=True)
     _run_case(config, 4, torch.float32, generator, kernel_config=DECODE)
+
+
+# expert GEMMs through torch's grouped GEMM, the rest in Triton (few large experts with many rows each)
+GROUPED_MM = KernelConfig(block_m=16, grouped_mm=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [0, 1, 37])
+def test_grouped_mm_path(num_tokens, dtype, generator):
+    config = MoEConfig(num_experts=5, top_k=2, hidden_size=48, intermediate_size=40)
+    _run_case(config, num_tokens, dtype, generator, kernel_config=GROUPED_MM)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(activation="swigluoai", expert_bias=True, routing="topk_softmax"),
+        dict(activation="gelu", gated=False, expert_bias=True),
+        dict(routing="sigmoid_top1_input_scaled", top_k=1),
+    ],
+)
+def test_grouped_mm_path_options(changes, generator):
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24).replace(**changes)
+    _run_case(config, 21, torch.float32, generator, kernel_config=GROUPED_MM)
+
+
+def test_grouped_mm_path_one_expert_takes_every_token(generator):
+    config = MoEConfig(num_experts=4, top_k=1, hidden_size=32, intermediate_size=16, routing="topk_softmax")
+    _run_case(config, 19, torch.float32, generator, hot_expert=3, kernel_config=GROUPED_MM)
+
+
+def test_pick_config_takes_grouped_mm_for_few_large_experts():
+    from tilemoe.tuning import MoEShape, pick_config
+
+    mixtral = MoEShape(4096, 8, 2, 4096, 14336)
+    assert pick_config(mixtral, torch.bfloat16, "NVIDIA H100 80GB HBM3").grouped_mm
+    assert not pick_config(MoEShape(64, 8, 2, 4096, 14336), torch.bfloat16, "NVIDIA H100 80GB HBM3").grouped_mm
+    assert not pick_config(MoEShape(4096, 128, 8, 2048, 768), torch.bfloat16, "NVIDIA H100 80GB HBM3").grouped_mm
+    assert not pick_config(mixtral, torch.float32, "NVIDIA H100 80GB HBM3").grouped_mm

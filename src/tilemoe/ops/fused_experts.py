@@ -17,6 +17,7 @@ import functools
 import torch
 
 from tilemoe.config import MoEConfig
+from tilemoe.impls.torch_grouped_mm import grouped_mm_available
 from tilemoe.ops.act_and_mul import ACTIVATION_CODES
 from tilemoe.ops.activation import act_and_mul_torch
 from tilemoe.ops.align import moe_align
@@ -90,6 +91,11 @@ def _launch(
         return x.new_empty((0, hidden))
     if cfg.decode:
         return _launch_decode(
+            x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
+            swiglu_limit, cfg,
+        )  # fmt: skip
+    if cfg.grouped_mm and grouped_mm_available():
+        return _launch_grouped_mm(
             x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
             swiglu_limit, cfg,
         )  # fmt: skip
@@ -266,6 +272,64 @@ def _launch_decode(
         num_stages=cfg.num_stages2,
     )
     return out
+
+
+def _launch_grouped_mm(
+    x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg
+) -> torch.Tensor:
+    """Both expert GEMMs as torch grouped GEMMs (cuBLAS / CUTLASS) on the aligned rows; align, activation and combine
+    as in the Triton path. Sync-free: the grouped GEMM takes the padded group ends as a device tensor."""
+    from tilemoe.impls.torch_grouped_mm import _grouped_matmul
+    from tilemoe.ops._kernels._act_and_mul import _act_and_mul_kernel
+
+    num_tokens, hidden = x.shape
+    num_experts, inter = w2.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    num_slots = num_tokens * top_k
+    block_m = cfg.block_m
+    align = moe_align(topk_ids, num_experts, block_m)
+    capacity = align.sorted_ids.numel()
+    group_ends = torch.cumsum((align.counts + block_m - 1) // block_m * block_m, 0).to(torch.int32)
+    slot = align.sorted_ids.long()
+    valid = slot < num_slots
+    weights_flat = topk_weights.reshape(-1)
+    rows = x[torch.where(valid, slot // top_k, 0)]  # padding rows: token 0, never read back
+    if weights_on_input:
+        row_weight = torch.where(valid, weights_flat[slot.clamp_max(num_slots - 1)], 0.0)
+        rows = (rows.float() * row_weight[:, None]).to(x.dtype)
+    expert_of_row = None
+    if b13 is not None or b2 is not None:
+        expert_of_row = align.expert_ids.long().repeat_interleave(block_m).clamp_max(num_experts - 1)
+    h = _grouped_matmul(rows, w13, group_ends)
+    if b13 is not None:
+        h += b13[expert_of_row]
+    act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
+    _act_and_mul_kernel[(triton_cdiv(capacity, 4), triton_cdiv(inter, 128))](
+        h_ptr=h,
+        stride_hm=h.stride(0),
+        stride_hi=h.stride(1),
+        out_ptr=act,
+        stride_om=act.stride(0),
+        stride_oi=act.stride(1),
+        num_rows=capacity,
+        inter_size=inter,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        ACTIVATION=activation,
+        GATED=gated,
+        BLOCK_M=4,
+        BLOCK_I=128,
+    )
+    y = _grouped_matmul(act, w2, group_ends)
+    if b2 is not None:
+        y += b2[expert_of_row]
+    # row of each slot: padding rows scatter into a discarded last entry
+    row_of_slot = torch.empty(num_slots + 1, dtype=torch.long, device=x.device)
+    row_of_slot.scatter_(0, slot, torch.arange(capacity, device=x.device))
+    per_slot = y[row_of_slot[:num_slots]]
+    if not weights_on_input:
+        per_slot = (per_slot.float() * weights_flat[:, None]).to(x.dtype)
+    return sum_slots(per_slot, top_k)
 
 
 def triton_cdiv(a: int, b: int) -> int:
