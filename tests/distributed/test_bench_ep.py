@@ -61,3 +61,16 @@ def test_bench_ep_bad_flags(capsys):
     assert "'epmoe', 'fused'" in capsys.readouterr().err
     assert main(["bench", *TINY, "--ep-size", "2", "--nnodes", "2", "--node-rank", "0"]) == 2
     assert "--dist-init-addr" in capsys.readouterr().err
+
+
+def test_single_baseline_is_the_faster_passing_one_gpu_row():
+    from tilemoe.bench.distributed_runner import _single_baseline
+
+    def row(ms, status="OK"):
+        return {"latency_p50_ms": ms, "status": status}
+
+    assert _single_baseline({"single": row(0.7), "single-graph": row(0.4), "epmoe": row(0.1)}) == 0.4
+    assert _single_baseline({"single": row(0.7), "single-graph": row(0.4, "FAILED")}) == 0.7
+    assert _single_baseline({"single": row(0.7)}) == 0.7
+    nan = float("nan")
+    assert _single_baseline({"single": row(nan, "FAILED")}) != _single_baseline({"single": row(nan, "FAILED")})
