@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import tilemoe.ops.fused_experts as fused_experts_module
 from tilemoe.config import MoEConfig
 from tilemoe.impls import get_impl
 from tilemoe.ops.fused_experts import fused_experts, fused_experts_torch
@@ -19,6 +20,18 @@ def _reference(x, w, topk_weights, topk_ids, config):
     ref = get_impl("reference").fn
     d = {k: None if v is None else v.double() for k, v in w.items()}
     return ref(x.double(), d["w13"], d["w2"], topk_weights.double(), topk_ids, config=config, b13=d["b13"], b2=d["b2"])
+
+
+def _spy(monkeypatch, module, name: str) -> list:
+    """Replace module.name by a wrapper that records each return value; returns the list it fills."""
+    real, seen = getattr(module, name), []
+
+    def wrapper(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(module, name, wrapper)
+    return seen
 
 
 def _run_case(config, num_tokens, dtype, generator, *, hot_expert=None, kernel_config=None, deterministic=True):
@@ -117,12 +130,15 @@ TMA = [
         (40, 24, False),  # plain MLP: one weight box per k-step
     ],
 )
-def test_tma_and_persistent(options, hidden, inter, gated, dtype, generator):
+def test_tma_and_persistent(options, hidden, inter, gated, dtype, generator, monkeypatch):
     config = MoEConfig(num_experts=7, top_k=3, hidden_size=hidden, intermediate_size=inter, gated=gated,
                        expert_bias=True)  # fmt: skip
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2,
                        num_stages2=2, **options)  # fmt: skip
+    built = _spy(monkeypatch, fused_experts_module, "_weight_descriptor")
     _run_case(config, 45, dtype, generator, kernel_config=cfg)
+    # the TMA runs really read the weights through descriptors (both GEMMs), the others never build one
+    assert [d is not None for d in built] == ([True, True] if cfg.tma else [])
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1])
@@ -132,11 +148,13 @@ def test_persistent_tma_tiny_batches(num_tokens, generator):
     _run_case(config, num_tokens, torch.float32, generator, kernel_config=cfg)
 
 
-def test_tma_falls_back_on_unaligned_rows(generator):
+def test_tma_falls_back_on_unaligned_rows(generator, monkeypatch):
     # H = 36 fp16: 72-byte rows are not 16-byte aligned, so the launcher takes the pointer loads
     config = MoEConfig(num_experts=4, top_k=2, hidden_size=36, intermediate_size=20)
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, tma=True, persistent=True)
+    built = _spy(monkeypatch, fused_experts_module, "_weight_descriptor")
     _run_case(config, 11, torch.float16, generator, kernel_config=cfg)
+    assert built == [None, None]
 
 
 def test_config_flags_are_bools():
@@ -188,9 +206,11 @@ GROUPED_MM = KernelConfig(block_m=16, grouped_mm=True)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", [0, 1, 37])
-def test_grouped_mm_path(num_tokens, dtype, generator):
+def test_grouped_mm_path(num_tokens, dtype, generator, monkeypatch):
     config = MoEConfig(num_experts=5, top_k=2, hidden_size=48, intermediate_size=40)
+    taken = _spy(monkeypatch, fused_experts_module, "_launch_grouped_mm")
     _run_case(config, num_tokens, dtype, generator, kernel_config=GROUPED_MM)
+    assert len(taken) == (num_tokens > 0)  # the path really ran (T = 0 returns before any launch)
 
 
 @pytest.mark.parametrize(

@@ -5,67 +5,19 @@ CUTLASS grouped GEMM on sm90+), driven by the per-expert row offsets on the devi
 back to the host, so the whole layer is a fixed sequence of about ten kernels: no sync, and it can be
 captured in a CUDA graph as is.
 
-``F.grouped_mm`` (torch >= 2.9 public name) or ``torch._grouped_mm`` (older). Strides must be multiples of
-16 bytes: H, I and 2I are padded with zeros when they are not (real models never need it). Available where
-a tiny probe call succeeds on the default device (CUDA when present, else CPU), cached.
+The grouped GEMM is ``tilemoe.ops.grouped_mm.grouped_matmul`` (``F.grouped_mm`` / ``torch._grouped_mm``,
+odd sizes padded to 16-byte strides). Available where a tiny probe call succeeds on the default device (CUDA
+when present, else CPU), cached.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 
 from tilemoe.impls._registry import register_impl
 from tilemoe.impls.grouped import sort_by_expert
 from tilemoe.impls.memeff import _act
-
-
-def _grouped_mm_fn():
-    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    return fn
-
-
-@functools.cache
-def _probe(device_type: str, dtype: torch.dtype) -> bool:
-    fn = _grouped_mm_fn()
-    if fn is None:
-        return False
-    try:
-        a = torch.ones(32, 16, device=device_type, dtype=dtype)
-        b = torch.ones(2, 16, 16, device=device_type, dtype=dtype).transpose(1, 2)
-        offs = torch.tensor([16, 32], device=device_type, dtype=torch.int32)
-        return bool((fn(a, b, offs=offs) == 16).all())
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return False
-
-
-def grouped_mm_available() -> bool:
-    if torch.cuda.is_available():
-        return _probe("cuda", torch.bfloat16)
-    return _probe("cpu", torch.float32)
-
-
-def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
-    extra = -t.shape[-1] % multiple
-    return F.pad(t, (0, extra)) if extra else t
-
-
-def _grouped_matmul(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [M, Kd] rows grouped by expert, w [E, N, Kd] -> [M, N] (row r uses the weight of its group)."""
-    if not _probe(a.device.type, a.dtype):
-        raise TypeError(
-            f"torch_grouped_mm: torch {torch.__version__} has no grouped_mm for {a.dtype} on {a.device.type}"
-        )
-    align = 16 // a.element_size()
-    n = w.shape[1]
-    a_p = _pad_last(a, align)
-    w_p = _pad_last(w, align)
-    if n % align:
-        w_p = F.pad(w_p, (0, 0, 0, -n % align))
-    out = _grouped_mm_fn()(a_p, w_p.transpose(1, 2), offs=offs)
-    return out[:, :n] if n % align else out
+from tilemoe.ops.grouped_mm import grouped_matmul, grouped_mm_available
 
 
 @register_impl(
@@ -83,10 +35,10 @@ def torch_grouped_mm_experts(x, w13, w2, topk_weights, topk_ids, *, config, b13=
     rows = x[token_of_row]
     if config.weights_on_input:
         rows = (rows * weight_of_row).to(x.dtype)
-    h = _grouped_matmul(rows, w13, offs)
+    h = grouped_matmul(rows, w13, offs)
     if b13 is not None:
         h += b13[expert_of_row]
-    y = _grouped_matmul(_act(x)(h, config), w2, offs)
+    y = grouped_matmul(_act(x)(h, config), w2, offs)
     if b2 is not None:
         y += b2[expert_of_row]
     y = y.float()

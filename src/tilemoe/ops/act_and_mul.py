@@ -10,6 +10,7 @@ import os
 import torch
 
 from tilemoe.config import MoEConfig
+from tilemoe.ops._launch import cdiv
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swigluoai": 4}
 
@@ -48,13 +49,24 @@ def act_and_mul(h: torch.Tensor, config: MoEConfig, out: torch.Tensor | None = N
         )
     if rows == 0:
         return out
+    launch_act_and_mul(
+        h, out, activation=ACTIVATION_CODES[config.activation], gated=config.gated,
+        swiglu_alpha=float(config.swiglu_alpha), swiglu_limit=float(config.swiglu_limit),
+    )  # fmt: skip
+    return out
 
+
+def launch_act_and_mul(
+    h: torch.Tensor, out: torch.Tensor, *, activation: int, gated: bool, swiglu_alpha: float, swiglu_limit: float
+) -> None:
+    """The kernel launch behind ``act_and_mul`` on checked tensors: h [M, 2I or I] -> out [M, I], activation as an
+    ``ACTIVATION_CODES`` value (for launchers that hold the codes, not a MoEConfig)."""
     from tilemoe.ops._kernels._act_and_mul import _act_and_mul_kernel
 
+    rows, inter = out.shape
     block_i = 128 if inter >= 128 else max(16, 1 << (inter - 1).bit_length())
     block_m = 4
-    grid = (triton_cdiv(rows, block_m), triton_cdiv(inter, block_i))
-    _act_and_mul_kernel[grid](
+    _act_and_mul_kernel[(cdiv(rows, block_m), cdiv(inter, block_i))](
         h_ptr=h,
         stride_hm=h.stride(0),
         stride_hi=h.stride(1),
@@ -63,15 +75,10 @@ def act_and_mul(h: torch.Tensor, config: MoEConfig, out: torch.Tensor | None = N
         stride_oi=out.stride(1),
         num_rows=rows,
         inter_size=inter,
-        swiglu_alpha=float(config.swiglu_alpha),
-        swiglu_limit=float(config.swiglu_limit),
-        ACTIVATION=ACTIVATION_CODES[config.activation],
-        GATED=config.gated,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        ACTIVATION=activation,
+        GATED=gated,
         BLOCK_M=block_m,
         BLOCK_I=block_i,
     )
-    return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

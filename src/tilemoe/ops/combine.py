@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from tilemoe.ops._launch import cdiv
+
 __all__ = ["sum_slots", "sum_slots_torch"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,7 +86,7 @@ def _sum_slots_into(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> No
     # 2048-byte tile rows: one 16-byte vector per thread and load (4 warps x 32 threads x 8 halves or 4 floats)
     block_h = max(16, min(1 << (hidden - 1).bit_length(), 2048 // per_slot.element_size()))
     block_t = max(1, 1024 // block_h)  # small H: several tokens per program
-    grid = (triton_cdiv(num_tokens, block_t), triton_cdiv(hidden, block_h))
+    grid = (cdiv(num_tokens, block_t), cdiv(hidden, block_h))
     _sum_slots_kernel[grid](
         per_slot_ptr=per_slot,
         stride_ps=per_slot.stride(0),
@@ -99,7 +101,3 @@ def _sum_slots_into(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> No
         BLOCK_H=block_h,
         num_warps=4,
     )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

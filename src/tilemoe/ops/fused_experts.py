@@ -17,11 +17,12 @@ import functools
 import torch
 
 from tilemoe.config import MoEConfig
-from tilemoe.impls.torch_grouped_mm import grouped_mm_available
-from tilemoe.ops.act_and_mul import ACTIVATION_CODES
+from tilemoe.ops._launch import cdiv
+from tilemoe.ops.act_and_mul import ACTIVATION_CODES, launch_act_and_mul
 from tilemoe.ops.activation import act_and_mul_torch
 from tilemoe.ops.align import moe_align
 from tilemoe.ops.combine import sum_slots
+from tilemoe.ops.grouped_mm import grouped_matmul, grouped_mm_available
 from tilemoe.tuning import KernelConfig, MoEShape, pick_config
 
 __all__ = ["fused_experts", "fused_experts_torch"]
@@ -32,6 +33,11 @@ _CONFIG_FIELDS = tuple(KernelConfig.__dataclass_fields__)
 @functools.cache
 def _device_name(index: int | None) -> str:
     return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 @functools.cache
@@ -51,7 +57,7 @@ def _persistent_grid(device: torch.device, max_tiles: int) -> int:
 def _weight_descriptor(w: torch.Tensor, block_n: int, block_k: int):
     """TMA descriptor over w [E, N, K] viewed as [E*N, K] with [block_n, block_k] boxes, or None when TMA cannot
     read it: not contiguous, rows not 16-byte aligned, a box row over 128 bytes, or a GPU before Hopper."""
-    if w.device.type == "cuda" and torch.cuda.get_device_capability(w.device)[0] < 9:
+    if w.device.type == "cuda" and _capability_major(w.device.index) < 9:
         return None
     size = w.element_size()
     if not w.is_contiguous() or (w.shape[-1] * size) % 16 or w.data_ptr() % 16 or block_k * size > 128:
@@ -94,7 +100,7 @@ def _launch(
             x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
             swiglu_limit, cfg,
         )  # fmt: skip
-    if cfg.grouped_mm and grouped_mm_available():
+    if cfg.grouped_mm and grouped_mm_available(x.device.type, x.dtype):
         return _launch_grouped_mm(
             x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
             swiglu_limit, cfg,
@@ -106,7 +112,7 @@ def _launch(
     act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
     w13_desc = _weight_descriptor(w13, cfg.block_n1, cfg.block_k1) if cfg.tma else None
-    tiles1 = num_blocks_m * triton_cdiv(inter, cfg.block_n1)
+    tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
     _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent else tiles1,)](
         x_ptr=x,
         stride_xt=x.stride(0),
@@ -155,7 +161,7 @@ def _launch(
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _weight_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
-    tiles2 = num_blocks_m * triton_cdiv(hidden, cfg.block_n2)
+    tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
     _gemm2_kernel[(_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,)](
         act_ptr=act,
         stride_am=act.stride(0),
@@ -211,7 +217,7 @@ def _launch_decode(
     weights_flat, ids_flat = topk_weights.reshape(-1), topk_ids.reshape(-1)
     act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=x.device)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
-    _decode_gemm1_kernel[(num_tokens * top_k, triton_cdiv(inter, cfg.block_n1))](
+    _decode_gemm1_kernel[(num_tokens * top_k, cdiv(inter, cfg.block_n1))](
         x_ptr=x,
         stride_xt=x.stride(0),
         stride_xh=x.stride(1),
@@ -244,7 +250,7 @@ def _launch_decode(
     )
     out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
-    _decode_gemm2_kernel[(num_tokens, triton_cdiv(hidden, cfg.block_n2))](
+    _decode_gemm2_kernel[(num_tokens, cdiv(hidden, cfg.block_n2))](
         act_ptr=act,
         stride_as=act.stride(0),
         stride_ai=act.stride(1),
@@ -279,9 +285,6 @@ def _launch_grouped_mm(
 ) -> torch.Tensor:
     """Both expert GEMMs as torch grouped GEMMs (cuBLAS / CUTLASS) on the aligned rows; align, activation and combine
     as in the Triton path. Sync-free: the grouped GEMM takes the padded group ends as a device tensor."""
-    from tilemoe.impls.torch_grouped_mm import _grouped_matmul
-    from tilemoe.ops._kernels._act_and_mul import _act_and_mul_kernel
-
     num_tokens, hidden = x.shape
     num_experts, inter = w2.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -300,27 +303,12 @@ def _launch_grouped_mm(
     expert_of_row = None
     if b13 is not None or b2 is not None:
         expert_of_row = align.expert_ids.long().repeat_interleave(block_m).clamp_max(num_experts - 1)
-    h = _grouped_matmul(rows, w13, group_ends)
+    h = grouped_matmul(rows, w13, group_ends)
     if b13 is not None:
         h += b13[expert_of_row]
     act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
-    _act_and_mul_kernel[(triton_cdiv(capacity, 4), triton_cdiv(inter, 128))](
-        h_ptr=h,
-        stride_hm=h.stride(0),
-        stride_hi=h.stride(1),
-        out_ptr=act,
-        stride_om=act.stride(0),
-        stride_oi=act.stride(1),
-        num_rows=capacity,
-        inter_size=inter,
-        swiglu_alpha=swiglu_alpha,
-        swiglu_limit=swiglu_limit,
-        ACTIVATION=activation,
-        GATED=gated,
-        BLOCK_M=4,
-        BLOCK_I=128,
-    )
-    y = _grouped_matmul(act, w2, group_ends)
+    launch_act_and_mul(h, act, activation=activation, gated=gated, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    y = grouped_matmul(act, w2, group_ends)
     if b2 is not None:
         y += b2[expert_of_row]
     # row of each slot: padding rows scatter into a discarded last entry
@@ -330,10 +318,6 @@ def _launch_grouped_mm(
     if not weights_on_input:
         per_slot = (per_slot.float() * weights_flat[:, None]).to(x.dtype)
     return sum_slots(per_slot, top_k)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 @torch.library.custom_op("tilemoe::fused_experts", mutates_args=())
