@@ -3,7 +3,7 @@
 1. At init every rank allocates the symmetric buffers (``fused_ops.buffer_specs``) in the same order, zeroes
    them, exchanges their addresses (``rendezvous``; the tables of peers' base addresses go to the kernels) and
    meets the others once (a process-group barrier), so no peer writes into a buffer still being zeroed.
-2. Each forward, on the current stream, no barrier, no host sync: ``fused_layout`` (one program; it also
+2. Each forward, on the current stream, no barrier, no host sync: ``fused_layout`` (three small kernels; it also
    advances the epoch counter on the device); one launch of dispatch puts + GEMM 1 (the GEMM programs wait
    for each row-block's flag, own rows first); GEMM 2 storing into the sources' ``ret`` with per-tile
    combine flags; the combine, waiting for those flags. Buffers are reused safely without barriers: a source
@@ -28,7 +28,15 @@ import torch.distributed as dist
 
 from tilemoe.config import MoEConfig
 from tilemoe.distributed.fused_layout import FusedGeometry, fused_layout
-from tilemoe.distributed.fused_ops import FusedRank, FusedTiles, buffer_specs, combine, dispatch_gemm1, gemm2_put
+from tilemoe.distributed.fused_ops import (
+    FusedRank,
+    FusedTiles,
+    buffer_specs,
+    combine,
+    dispatch_gemm1,
+    fused_tiles_for,
+    gemm2_put,
+)
 from tilemoe.distributed.placement import ExpertPlacement
 
 SYMM_MEM_BACKENDS = ("cuda", "nvshmem")
@@ -81,7 +89,8 @@ class FusedDispatcher:
     Args:
         placement: expert placement over ``group``; max_tokens: the most tokens a rank sends per forward
             (buffers are sized for it); config: the full layer's MoEConfig.
-        dtype / device: of activations and weights (CUDA). tiles: ``FusedTiles`` (default tile shapes).
+        dtype / device: of activations and weights (CUDA). tiles: ``FusedTiles``; default: from the tuner for
+            this layer's shape at max_tokens on this GPU (``fused_ops.fused_tiles_for``), fixed at init.
         symm_mem_backend: "cuda" or "nvshmem". spin_timeout_s: the longest a kernel waits for a peer.
     Raises:
         ValueError without CUDA / symmetric memory, on a bad option, or when a peer's buffer has no address
@@ -114,7 +123,9 @@ class FusedDispatcher:
         self.group = group if group is not None else dist.group.WORLD
         self.rank, self.ep_size = dist.get_rank(group), dist.get_world_size(group)
         self.placement, self.config, self.max_tokens = placement, config, max_tokens
-        self.tiles = tiles or FusedTiles()
+        if tiles is not None and not isinstance(tiles, FusedTiles):
+            raise TypeError(f"tiles: expected a FusedTiles or None, got {type(tiles).__name__}")
+        self.tiles = tiles or fused_tiles_for(config, max_tokens, dtype, torch.cuda.get_device_name(device))
         self.symm_mem_backend = symm_mem_backend
         self.max_spin = int(min(2**31 - 1, spin_timeout_s * SPINS_PER_SECOND))
         self.geom = FusedGeometry.of(

@@ -2,7 +2,8 @@
 one-process simulation). Kernels and buffer meanings: ``fused_kernels``; layout: ``fused_layout``.
 
 One forward on every rank, in stream order (nothing waits on the host):
-1. ``fused_layout``: where each of this rank's pairs goes (one Triton program), and the epoch advances.
+1. ``fused_layout``: where each of this rank's pairs goes (three small multi-program kernels), and the epoch
+   advances.
 2. ``dispatch_gemm1``: one launch; its first ``num_put`` programs put rows + metadata into the destinations
    and raise one flag per row-block; the other programs are GEMM 1 tiles that wait for their block's flag
    (own region first, so local rows start at once while remote rows are in flight).
@@ -13,6 +14,7 @@ One forward on every rank, in stream order (nothing waits on the host):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -39,9 +41,10 @@ ERRORS = {
 
 @dataclass(frozen=True)
 class FusedTiles:
-    """Tile shapes and program counts. Defaults: the H100 tuning table's choice for T*K = 16384 rows at
-    H = 2048 (block_m 128, GEMM 1 128 x 64, GEMM 2 256 x 64, 8 warps); num_put 32: the H200 probe moved 92%
-    of the peak put bandwidth with ~32 CTAs."""
+    """Tile shapes and program counts. ``FusedDispatcher`` derives them from the tuner (``fused_tiles_for``)
+    unless given. Defaults: the H100 tuning table's choice for T*K = 16384 rows at H = 2048 (block_m 128,
+    GEMM 1 128 x 64, GEMM 2 256 x 64, 8 warps); num_put 32: the H200 probe moved 92% of the peak put
+    bandwidth with ~32 CTAs."""
 
     block_m: int = 128
     block_n1: int = 128
@@ -63,6 +66,45 @@ class FusedTiles:
                 raise ValueError(f"FusedTiles.{name}: expected a power of two, got {value!r}")
         if self.num_put < 1:
             raise ValueError(f"FusedTiles.num_put: expected >= 1, got {self.num_put}")
+
+
+# shared memory one GEMM program may claim for its pipeline stages (bytes): H100 / H200 allow 227 KiB per CTA;
+# the rest is left to the epilogue's layout conversions
+STAGE_SMEM_BUDGET = 200 * 1024
+
+
+def fused_tiles_for(config: MoEConfig, max_tokens: int, dtype: torch.dtype, device_name: str | None) -> FusedTiles:
+    """Tiles of the fused GEMMs from the single-GPU tuner (``tilemoe.tuning.pick_config``), chosen once at init.
+
+    The shape asked for is the full layer's (E, K, H, I) at ``max_tokens`` tokens: one source's pairs for one
+    expert, T*K/E rows, are what each row-block holds (every (source, expert) group is padded to block_m on
+    its own), and that is the rows per expert the single-GPU kernel pads at T tokens. Everything is fixed
+    at init, not per call: block_m sizes the symmetric buffers, and block_n2 numbers the combine flags,
+    which the destination (GEMM 2) and the source (combine) must agree on although their T differ.
+    Decode and grouped_mm configs (other kernels) fall back to ``heuristic_config``; the fused kernels have
+    no TMA / persistent variant, so only the tile shapes, warps and stages are taken, the stages cut to
+    what ``STAGE_SMEM_BUDGET`` holds with pointer loads (and cut again at launch if Triton still finds the
+    shared memory short, see ``_launch``).
+    """
+    from tilemoe.tuning import MoEShape, heuristic_config, pick_config
+
+    shape = MoEShape(max(1, max_tokens), config.num_experts, config.top_k, config.hidden_size,
+                     config.intermediate_size)  # fmt: skip
+    kc = pick_config(shape, dtype, device_name)
+    if kc.decode or kc.grouped_mm:
+        kc = heuristic_config(shape, dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    b_tiles = 2 if config.gated else 1
+
+    def stages(wanted: int, stage_bytes: int) -> int:
+        return max(1, min(wanted, STAGE_SMEM_BUDGET // stage_bytes))
+
+    s1 = stages(kc.num_stages1, (kc.block_m * kc.block_k1 + b_tiles * kc.block_k1 * kc.block_n1) * elem)
+    s2 = stages(kc.num_stages2, (kc.block_m * kc.block_k2 + kc.block_k2 * kc.block_n2) * elem)
+    return FusedTiles(
+        block_m=kc.block_m, block_n1=kc.block_n1, block_k1=kc.block_k1, num_warps1=kc.num_warps1, num_stages1=s1,
+        block_n2=kc.block_n2, block_k2=kc.block_k2, num_warps2=kc.num_warps2, num_stages2=s2,
+    )  # fmt: skip
 
 
 # the interpreter runs every program in Python: the smallest tiles tl.dot accepts
@@ -122,6 +164,25 @@ class FusedRank:
         return None if code == 0 else ERRORS.get(code, f"error code {code}")
 
 
+def _launch(r: FusedRank, kernel, grid: tuple, stages_field: str, **kwargs) -> None:
+    """Launch ``kernel`` with ``num_stages`` from ``r.tiles.<stages_field>``, one stage fewer per shared-memory
+    failure (a compile error, raised before anything runs), remembering what fit in ``r.tiles``. Stages change
+    no flag or buffer, so ranks may end up with different ones."""
+    from triton.runtime.errors import OutOfResources
+
+    stages = getattr(r.tiles, stages_field)
+    while True:
+        try:
+            kernel[grid](**kwargs, num_stages=stages)
+            break
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+    if stages != getattr(r.tiles, stages_field):
+        r.tiles = dataclasses.replace(r.tiles, **{stages_field: stages})
+
+
 def dispatch_gemm1(
     r: FusedRank,
     x: torch.Tensor,
@@ -143,19 +204,23 @@ def dispatch_gemm1(
     nt1 = triton.cdiv(g.intermediate_size, t.block_n1) if compute else 1
     grid = (t.num_put if put else 0) + (g.ep_size * g.max_blocks * nt1 if gemm else 0)
     x = x.contiguous() if x.shape[0] else r.buf["ret"][:1]  # T = 0: any valid address; never read
-    _dispatch_gemm1_kernel[(grid,)](
-        x, topk_weights.reshape(-1).float().contiguous(), layout.inv, layout.nblocks, layout.block_expert,
-        r.tables["recv_x"], r.tables["recv_meta"], r.tables["hdr"], r.tables["bflag"],
-        r.buf["recv_x"], r.buf["recv_meta"], r.buf["hdr"], r.buf["bflag"],
-        w13, b13 if b13 is not None else w13, r.act, r.nb_local, r.bexp_local, r.epoch, r.err,
-        r.rank, g.ep_size, g.top_k, g.hidden_size, g.intermediate_size, max_spin,
-        config.swiglu_alpha, config.swiglu_limit,
+    _launch(
+        r, _dispatch_gemm1_kernel, (grid,), "num_stages1",
+        x_ptr=x, topk_w_ptr=topk_weights.reshape(-1).float().contiguous(), inv_ptr=layout.inv,
+        nblocks_ptr=layout.nblocks, bexp_ptr=layout.block_expert,
+        peer_x_ptr=r.tables["recv_x"], peer_meta_ptr=r.tables["recv_meta"], peer_hdr_ptr=r.tables["hdr"],
+        peer_bflag_ptr=r.tables["bflag"],
+        recv_x_ptr=r.buf["recv_x"], recv_meta_ptr=r.buf["recv_meta"], hdr_ptr=r.buf["hdr"], bflag_ptr=r.buf["bflag"],
+        w13_ptr=w13, b13_ptr=b13 if b13 is not None else w13, act_ptr=r.act, nb_local_ptr=r.nb_local,
+        bexp_local_ptr=r.bexp_local, epoch_ptr=r.epoch, err_ptr=r.err,
+        my_rank=r.rank, ep=g.ep_size, top_k=g.top_k, hidden=g.hidden_size, inter=g.intermediate_size,
+        max_spin=max_spin, swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit,
         MAXB=g.max_blocks, NUM_PUT=t.num_put, DO_PUT=put, DO_GEMM=gemm,
         ACTIVATION=ACTIVATION_CODES[config.activation], GATED=config.gated, HAS_BIAS=b13 is not None,
         WEIGHTS_ON_INPUT=config.weights_on_input, FP32_PRECISE=x.dtype == torch.float32,
         EVEN_K=g.hidden_size % t.block_k1 == 0, COMPUTE=compute,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n1, BLOCK_K=t.block_k1, BLOCK_H=t.block_h,
-        SPIN=spin, SYS=spin, num_warps=t.num_warps1, num_stages=t.num_stages1,
+        SPIN=spin, SYS=spin, num_warps=t.num_warps1,
     )  # fmt: skip
 
 
@@ -166,14 +231,16 @@ def gemm2_put(
     g, t = r.geom, r.tiles
     sys_scope = not interpreting()
     grid = g.ep_size * g.max_blocks * triton.cdiv(g.hidden_size, t.block_n2)
-    _gemm2_put_kernel[(grid,)](
-        r.act, r.buf["recv_meta"], w2, b2 if b2 is not None else w2, r.nb_local, r.bexp_local, r.epoch,
-        r.tables["ret"], r.tables["cflag"], r.tables["done"],
-        r.rank, g.ep_size, g.hidden_size, g.intermediate_size,
+    _launch(
+        r, _gemm2_put_kernel, (grid,), "num_stages2",
+        act_ptr=r.act, recv_meta_ptr=r.buf["recv_meta"], w2_ptr=w2, b2_ptr=b2 if b2 is not None else w2,
+        nb_local_ptr=r.nb_local, bexp_local_ptr=r.bexp_local, epoch_ptr=r.epoch,
+        peer_ret_ptr=r.tables["ret"], peer_cflag_ptr=r.tables["cflag"], peer_done_ptr=r.tables["done"],
+        my_rank=r.rank, ep=g.ep_size, hidden=g.hidden_size, inter=g.intermediate_size,
         MAXB=g.max_blocks, WEIGHTS_ON_INPUT=config.weights_on_input, HAS_BIAS=b2 is not None,
         FP32_PRECISE=r.act.dtype == torch.float32, EVEN_K=g.intermediate_size % t.block_k2 == 0,
         COMPUTE=compute, BLOCK_M=t.block_m, BLOCK_N=t.block_n2, BLOCK_K=t.block_k2, SYS=sys_scope,
-        num_warps=t.num_warps2, num_stages=t.num_stages2,
+        num_warps=t.num_warps2,
     )  # fmt: skip
 
 

@@ -54,6 +54,8 @@ class ExpertParallelMoE(nn.Module):
         symm_mem_backend: the fused backend's symmetric memory, "cuda" (default) or "nvshmem" (one host;
             NVSHMEM_REMOTE_TRANSPORT=none etc., see docs/expert_parallel.md). The fused path runs its own
             expert kernels (``fused_kernels``); ``local_impl`` is not used by it.
+        fused_tiles: the fused backend's ``fused_ops.FusedTiles`` (same on every rank); default None: from the
+            tuner for this shape at max_tokens (``fused_ops.fused_tiles_for``).
         placement: ExpertPlacement (default contiguous over the group).
         max_tokens / capacity: give either for the fixed-capacity (padded, no host sync, CUDA-graph
             capturable) dispatch; capacity defaults to max_tokens * K (dropless). Neither: dynamic, dropless.
@@ -82,6 +84,7 @@ class ExpertParallelMoE(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         symm_mem_backend: str = "cuda",
+        fused_tiles=None,
     ) -> None:
         super().__init__()
         if not isinstance(config, MoEConfig):
@@ -137,6 +140,7 @@ class ExpertParallelMoE(nn.Module):
                 "max_tokens": max_tokens,
                 "dtype": str(dtype),
                 "symm_mem_backend": symm_mem_backend if backend == "fused" else None,
+                "fused_tiles": repr(fused_tiles) if backend == "fused" else None,
             },
             group,
         )
@@ -148,6 +152,7 @@ class ExpertParallelMoE(nn.Module):
             self.fused = FusedDispatcher(
                 self.placement, ep_group, max_tokens=max_tokens, config=config,
                 dtype=dtype or torch.get_default_dtype(), device=device, symm_mem_backend=symm_mem_backend,
+                tiles=fused_tiles,
             )  # fmt: skip
 
         n = len(self.local_experts)

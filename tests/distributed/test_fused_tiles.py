@@ -1,0 +1,63 @@
+"""``fused_tiles_for``: the fused GEMM tiles follow the single-GPU tuner for the layer's shape at max_tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilemoe.config import MoEConfig
+from tilemoe.distributed.fused_ops import STAGE_SMEM_BUDGET, FusedTiles, fused_tiles_for
+from tilemoe.tuning import MoEShape, heuristic_config, pick_config
+
+QWEN3 = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768)
+
+
+@pytest.mark.parametrize(
+    ("config", "tokens", "device"),
+    [
+        (QWEN3, 1024, "NVIDIA H200"),  # a table hit (block_m 64: T*K/E = 64 rows per source and expert)
+        (QWEN3, 8192, "NVIDIA H200"),  # no table bucket: the heuristic's large tiles
+        (QWEN3, 128, None),  # no device: the heuristic (few rows per expert)
+        (MoEConfig(num_experts=32, top_k=2, hidden_size=2048, intermediate_size=2048), 8192, "NVIDIA H200"),
+    ],
+)
+def test_tiles_follow_pick_config(config, tokens, device):
+    tiles = fused_tiles_for(config, tokens, torch.bfloat16, device)
+    shape = MoEShape(tokens, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
+    kc = pick_config(shape, torch.bfloat16, device)
+    assert isinstance(tiles, FusedTiles)
+    got = (tiles.block_m, tiles.block_n1, tiles.block_k1, tiles.num_warps1, tiles.block_n2, tiles.block_k2,
+           tiles.num_warps2)  # fmt: skip
+    assert got == (kc.block_m, kc.block_n1, kc.block_k1, kc.num_warps1, kc.block_n2, kc.block_k2, kc.num_warps2)
+    stage1 = (tiles.block_m * tiles.block_k1 + 2 * tiles.block_k1 * tiles.block_n1) * 2
+    assert 1 <= tiles.num_stages1 <= kc.num_stages1 and tiles.num_stages1 * stage1 <= STAGE_SMEM_BUDGET
+
+
+def test_tiles_differ_by_tokens():
+    """qwen3 at T = 1024 gets 64-row blocks (half the padding of the fixed 128)."""
+    assert fused_tiles_for(QWEN3, 1024, torch.bfloat16, "NVIDIA H200").block_m == 64
+    assert fused_tiles_for(QWEN3, 8192, torch.bfloat16, "NVIDIA H200").block_m == 128
+
+
+def test_decode_config_falls_back_to_heuristic():
+    """The H200 table picks the decode kernels for qwen3 at T = 8; the fused path has none: the heuristic."""
+    shape = MoEShape(8, 128, 8, 2048, 768)
+    assert pick_config(shape, torch.bfloat16, "NVIDIA H200").decode
+    tiles = fused_tiles_for(QWEN3, 8, torch.bfloat16, "NVIDIA H200")
+    h = heuristic_config(shape, torch.bfloat16)
+    assert (tiles.block_m, tiles.block_n1, tiles.block_k2) == (h.block_m, h.block_n1, h.block_k2)
+
+
+def test_stages_cut_to_the_shared_memory_budget(monkeypatch):
+    """A smaller budget (100 KiB): the 128 x 128 x 64 bf16 two-accumulator stage (48 KiB) fits twice, GEMM 2's
+    128 x 256 x 64 stage (48 KiB) twice; with a budget under one stage, still one stage."""
+    from tilemoe.distributed import fused_ops
+
+    config = MoEConfig(num_experts=32, top_k=2, hidden_size=2048, intermediate_size=2048)
+    monkeypatch.setattr(fused_ops, "STAGE_SMEM_BUDGET", 100 * 1024)
+    tiles = fused_tiles_for(config, 8192, torch.bfloat16, None)
+    assert (tiles.block_m, tiles.block_n1, tiles.block_k1, tiles.block_n2) == (128, 128, 64, 256)
+    assert (tiles.num_stages1, tiles.num_stages2) == (2, 2)
+    monkeypatch.setattr(fused_ops, "STAGE_SMEM_BUDGET", 1024)
+    tiles = fused_tiles_for(config, 8192, torch.bfloat16, None)
+    assert (tiles.num_stages1, tiles.num_stages2) == (1, 1)
