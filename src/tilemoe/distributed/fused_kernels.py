@@ -354,54 +354,65 @@ def _combine_kernel(
 
 
 @triton.jit
-def _layout_kernel(
-    ids_ptr, owner_ptr, local_ptr, scratch_ptr,  # scratch: int32 [2, EP_P2, L_P2] counts, then cursors
-    inv_ptr, nblocks_ptr, bexp_ptr, pair_block_ptr, epoch_ptr,
-    num_pairs, ep, num_local, region_rows,
-    MAXB: tl.constexpr, MAXB_P2: tl.constexpr, EP_P2: tl.constexpr, L_P2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+def _layout_count_kernel(
+    ids_ptr, owner_ptr, local_ptr, counts_ptr,  # counts: int32 [EP_P2 * L_P2], zeroed before
+    num_pairs,
+    L_P2: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """``fused_layout`` in one program (one launch instead of a dozen torch ops; nothing reads the host):
-    0. the epoch advances (this forward's flags carry it); 1. counters zeroed, every region row marked
-    padding; 2. counts per (destination, local expert) by atomics; 3. padded offsets by a cumsum over the
-    experts, blocks per destination, each block's expert; 4. each pair takes the next row of its
-    (destination, expert) group (atomic cursor: rows within a group in any order, which changes no result).
-    Phases are separated by CTA barriers (global stores of one program are visible to it after them)."""
-    tl.store(epoch_ptr, tl.load(epoch_ptr) + 1)
-    dl = tl.arange(0, EP_P2)[:, None] * L_P2 + tl.arange(0, L_P2)[None, :]
-    tl.store(scratch_ptr + dl, 0)
-    for r0 in range(0, ep * region_rows, BLOCK_S):
-        r = r0 + tl.arange(0, BLOCK_S)
-        tl.store(inv_ptr + r, -1, mask=r < ep * region_rows)
-    tl.debug_barrier()
-    for s0 in range(0, num_pairs, BLOCK_S):
-        p = s0 + tl.arange(0, BLOCK_S)
-        m = p < num_pairs
-        e = tl.load(ids_ptr + p, mask=m, other=0).to(tl.int64)
-        key = tl.load(owner_ptr + e, mask=m, other=0) * L_P2 + tl.load(local_ptr + e, mask=m, other=0)
-        tl.atomic_add(scratch_ptr + key, 1, mask=m)
-    tl.debug_barrier()
+    """``fused_layout`` step 1, one program per BLOCK_S pairs: counts per (destination, local expert) by atomics."""
+    p = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    m = p < num_pairs
+    e = tl.load(ids_ptr + p, mask=m, other=0).to(tl.int64)
+    key = tl.load(owner_ptr + e, mask=m, other=0) * L_P2 + tl.load(local_ptr + e, mask=m, other=0)
+    tl.atomic_add(counts_ptr + key, 1, mask=m, sem="relaxed")
+
+
+@triton.jit
+def _layout_scan_kernel(
+    counts_ptr, cursor_ptr,  # int32 [EP_P2 * L_P2] each
+    nblocks_ptr, bexp_ptr, epoch_ptr,
+    ep, num_local,
+    MAXB: tl.constexpr, EP_P2: tl.constexpr, L_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """``fused_layout`` step 2, one program per BLOCK_B row-blocks of every destination: padded offsets by a
+    cumsum over the experts (each program recomputes the small [ep, L] table), the cursors each expert's rows
+    start from and the blocks per destination (program 0, which also advances the epoch), each block's
+    expert (the number of experts whose rows end at or before the block's first row)."""
+    pid = tl.program_id(0)
     d_idx = tl.arange(0, EP_P2)
     l_idx = tl.arange(0, L_P2)
+    dl = d_idx[:, None] * L_P2 + l_idx[None, :]
     live = (d_idx[:, None] < ep) & (l_idx[None, :] < num_local)
-    counts = tl.load(scratch_ptr + dl, mask=live, other=0, volatile=True)  # written by atomics (L2), not L1
+    counts = tl.load(counts_ptr + dl, mask=live, other=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=1)
-    tl.store(scratch_ptr + EP_P2 * L_P2 + dl, ends - padded)  # cursors start at the expert's offset
-    tl.store(nblocks_ptr + d_idx, (tl.sum(padded, axis=1) // BLOCK_M).to(tl.int64), mask=d_idx < ep)
-    b_idx = tl.arange(0, MAXB_P2)
-    expert = tl.zeros([EP_P2, MAXB_P2], dtype=tl.int32)
-    for lx in range(0, num_local - 1):  # the experts whose rows end at or before the block's first row
+    if pid == 0:
+        tl.store(epoch_ptr, tl.load(epoch_ptr) + 1)
+        tl.store(cursor_ptr + dl, ends - padded)
+        tl.store(nblocks_ptr + d_idx, (tl.sum(padded, axis=1) // BLOCK_M).to(tl.int64), mask=d_idx < ep)
+    b_idx = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    expert = tl.zeros([EP_P2, BLOCK_B], dtype=tl.int32)
+    for lx in range(0, num_local - 1):
         end = tl.sum(tl.where(l_idx[None, :] == lx, ends, 0), axis=1)
         expert += (end[:, None] <= b_idx[None, :] * BLOCK_M).to(tl.int32)
     tl.store(bexp_ptr + d_idx[:, None] * MAXB + b_idx[None, :], expert,
              mask=(d_idx[:, None] < ep) & (b_idx[None, :] < MAXB))  # fmt: skip
-    tl.debug_barrier()
-    for s0 in range(0, num_pairs, BLOCK_S):
-        p = s0 + tl.arange(0, BLOCK_S)
-        m = p < num_pairs
-        e = tl.load(ids_ptr + p, mask=m, other=0).to(tl.int64)
-        d = tl.load(owner_ptr + e, mask=m, other=0)
-        row = tl.atomic_add(scratch_ptr + EP_P2 * L_P2 + d * L_P2 + tl.load(local_ptr + e, mask=m, other=0), 1, mask=m)
-        tl.store(inv_ptr + d * region_rows + row, p.to(tl.int32), mask=m)
-        tl.store(pair_block_ptr + p, (d * MAXB + row // BLOCK_M).to(tl.int32), mask=m)
+
+
+@triton.jit
+def _layout_place_kernel(
+    ids_ptr, owner_ptr, local_ptr, cursor_ptr,  # cursor: int32 [EP_P2 * L_P2], from _layout_scan_kernel
+    inv_ptr, pair_block_ptr,
+    num_pairs, region_rows,
+    MAXB: tl.constexpr, L_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """``fused_layout`` step 3, one program per BLOCK_S pairs: each pair takes the next row of its
+    (destination, expert) group (atomic cursor: rows of a group in any order, which changes no result)."""
+    p = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    m = p < num_pairs
+    e = tl.load(ids_ptr + p, mask=m, other=0).to(tl.int64)
+    d = tl.load(owner_ptr + e, mask=m, other=0)
+    key = d * L_P2 + tl.load(local_ptr + e, mask=m, other=0)
+    row = tl.atomic_add(cursor_ptr + key, 1, mask=m, sem="relaxed")
+    tl.store(inv_ptr + d * region_rows + row, p.to(tl.int32), mask=m)
+    tl.store(pair_block_ptr + p, (d * MAXB + row // BLOCK_M).to(tl.int32), mask=m)

@@ -19,6 +19,10 @@ import triton
 
 from tilemoe.distributed.placement import ExpertPlacement
 
+# pairs per program of the count and place steps, row-blocks per program of the scan step
+LAYOUT_BLOCK_S = 1024
+LAYOUT_BLOCK_B = 256
+
 
 @dataclass(frozen=True)
 class FusedGeometry:
@@ -78,12 +82,19 @@ def fused_layout(
     scratch: torch.Tensor,
     epoch: torch.Tensor,
 ) -> FusedLayout:
-    """The padded per-destination layout of ``topk_ids`` [T, K] in one Triton launch, which also advances
-    ``epoch`` (int64 [1]) by one; scratch: int32 [>= layout_scratch_size(geom)]. Rows within one
-    (destination, expert) group come in any order (``fused_layout_torch`` keeps pair order).
+    """The padded per-destination layout of ``topk_ids`` [T, K] on the device, which also advances ``epoch``
+    (int64 [1]) by one; scratch: int32 [>= layout_scratch_size(geom)]. Rows within one (destination, expert)
+    group come in any order (``fused_layout_torch`` keeps pair order). No host sync, CUDA-graph capturable.
     Raises ValueError when scratch is too small.
+
+    Multi-program (the earlier single program walked all S pairs twice and every region row, serially):
+    0. counters zeroed and every region row marked padding (two fills);
+    1. counts per (destination, local expert): one program per ``LAYOUT_BLOCK_S`` pairs, atomics;
+    2. padded offsets, blocks per destination, each block's expert: one program per ``LAYOUT_BLOCK_B`` blocks
+       (the [ep, L] table is small: every program rescans it); the epoch advances;
+    3. every pair takes the next row of its group: one program per ``LAYOUT_BLOCK_S`` pairs, atomic cursors.
     """
-    from tilemoe.distributed.fused_kernels import _layout_kernel
+    from tilemoe.distributed.fused_kernels import _layout_count_kernel, _layout_place_kernel, _layout_scan_kernel
 
     ep_p2, l_p2 = triton.next_power_of_2(geom.ep_size), triton.next_power_of_2(geom.max_local)
     if scratch.numel() < layout_scratch_size(geom) or scratch.dtype != torch.int32:
@@ -92,17 +103,29 @@ def fused_layout(
         )
     device, s = topk_ids.device, topk_ids.numel()
     ep, maxb = geom.ep_size, geom.max_blocks
-    inv = torch.empty(ep * geom.region_rows, dtype=torch.int32, device=device)
+    counts, cursor = scratch[: ep_p2 * l_p2], scratch[ep_p2 * l_p2 : 2 * ep_p2 * l_p2]
+    counts.zero_()
+    inv = torch.full((ep * geom.region_rows,), -1, dtype=torch.int32, device=device)
     nblocks = torch.empty(ep, dtype=torch.int64, device=device)
     block_expert = torch.empty((ep, maxb), dtype=torch.int32, device=device)
     pair_block = torch.empty(s, dtype=torch.int32, device=device)
-    ids = topk_ids.reshape(-1).contiguous() if s else pair_block  # T = 0: any valid address; never read
-    _layout_kernel[(1,)](
-        ids, owner, local_index, scratch, inv, nblocks, block_expert, pair_block if s else nblocks, epoch,
-        s, ep, geom.max_local, geom.region_rows,
-        MAXB=maxb, MAXB_P2=triton.next_power_of_2(maxb), EP_P2=ep_p2, L_P2=l_p2,
-        BLOCK_M=geom.block_m, BLOCK_S=1024, num_warps=8,
+    ids = topk_ids.reshape(-1).contiguous()
+    if s:
+        _layout_count_kernel[(triton.cdiv(s, LAYOUT_BLOCK_S),)](
+            ids_ptr=ids, owner_ptr=owner, local_ptr=local_index, counts_ptr=counts, num_pairs=s,
+            L_P2=l_p2, BLOCK_S=LAYOUT_BLOCK_S, num_warps=4,
+        )  # fmt: skip
+    _layout_scan_kernel[(triton.cdiv(maxb, LAYOUT_BLOCK_B),)](
+        counts_ptr=counts, cursor_ptr=cursor, nblocks_ptr=nblocks, bexp_ptr=block_expert, epoch_ptr=epoch,
+        ep=ep, num_local=geom.max_local,
+        MAXB=maxb, EP_P2=ep_p2, L_P2=l_p2, BLOCK_M=geom.block_m, BLOCK_B=LAYOUT_BLOCK_B, num_warps=4,
     )  # fmt: skip
+    if s:
+        _layout_place_kernel[(triton.cdiv(s, LAYOUT_BLOCK_S),)](
+            ids_ptr=ids, owner_ptr=owner, local_ptr=local_index, cursor_ptr=cursor,
+            inv_ptr=inv, pair_block_ptr=pair_block, num_pairs=s, region_rows=geom.region_rows,
+            MAXB=maxb, L_P2=l_p2, BLOCK_M=geom.block_m, BLOCK_S=LAYOUT_BLOCK_S, num_warps=4,
+        )  # fmt: skip
     return FusedLayout(inv, nblocks, block_expert, pair_block)
 
 
