@@ -135,10 +135,11 @@ def test_tma_and_persistent(options, hidden, inter, gated, dtype, generator, mon
                        expert_bias=True)  # fmt: skip
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2,
                        num_stages2=2, **options)  # fmt: skip
-    built = _spy(monkeypatch, fused_experts_module, "_weight_descriptor")
+    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
     _run_case(config, 45, dtype, generator, kernel_config=cfg)
-    # the TMA runs really read the weights through descriptors (both GEMMs), the others never build one
-    assert [d is not None for d in built] == ([True, True] if cfg.tma else [])
+    # the TMA runs really read the weights (both GEMMs) and GEMM 2's input through descriptors; the others
+    # never build one
+    assert [d is not None for d in built] == ([True, True, True] if cfg.tma else [])
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1])
@@ -152,9 +153,9 @@ def test_tma_falls_back_on_unaligned_rows(generator, monkeypatch):
     # H = 36 fp16: 72-byte rows are not 16-byte aligned, so the launcher takes the pointer loads
     config = MoEConfig(num_experts=4, top_k=2, hidden_size=36, intermediate_size=20)
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, tma=True, persistent=True)
-    built = _spy(monkeypatch, fused_experts_module, "_weight_descriptor")
+    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
     _run_case(config, 11, torch.float16, generator, kernel_config=cfg)
-    assert built == [None, None]
+    assert built == [None, None, None]
 
 
 def test_config_flags_are_bools():
