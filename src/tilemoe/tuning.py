@@ -175,15 +175,16 @@ def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> Kern
     """The config for ``shape`` in ``dtype`` on the GPU named ``device`` (``torch.cuda.get_device_name``).
 
     Pure: the same arguments give the same config. A tuned table entry when one exists for the device and
-    shape bucket, else ``heuristic_config``; never missing (any device, including None for CPU/interpreter).
+    shape bucket (the tuner times torch's grouped GEMM there too), else torch's grouped GEMM where
+    ``prefers_grouped_mm``, else ``heuristic_config``; never missing (any device, including None for
+    CPU/interpreter).
     """
-    if device and prefers_grouped_mm(shape, dtype):
-        return KernelConfig(block_m=16, grouped_mm=True)
     if device:
-        table = _load_table(device)
-        hit = table.get(shape_key(shape, dtype))
+        hit = _load_table(device).get(shape_key(shape, dtype))
         if hit is not None:
             return hit
+        if prefers_grouped_mm(shape, dtype):
+            return KernelConfig(block_m=16, grouped_mm=True)
     return heuristic_config(shape, dtype)
 
 

@@ -232,11 +232,27 @@ def test_grouped_mm_path_one_expert_takes_every_token(generator):
     _run_case(config, 19, torch.float32, generator, hot_expert=3, kernel_config=GROUPED_MM)
 
 
-def test_pick_config_takes_grouped_mm_for_few_large_experts():
-    from tilemoe.tuning import MoEShape, pick_config
+def test_pick_config_takes_grouped_mm_for_few_large_experts_without_a_table_entry(tmp_path, monkeypatch):
+    import json
 
-    mixtral = MoEShape(4096, 8, 2, 4096, 14336)
-    assert pick_config(mixtral, torch.bfloat16, "NVIDIA H100 80GB HBM3").grouped_mm
-    assert not pick_config(MoEShape(64, 8, 2, 4096, 14336), torch.bfloat16, "NVIDIA H100 80GB HBM3").grouped_mm
-    assert not pick_config(MoEShape(4096, 128, 8, 2048, 768), torch.bfloat16, "NVIDIA H100 80GB HBM3").grouped_mm
-    assert not pick_config(mixtral, torch.float32, "NVIDIA H100 80GB HBM3").grouped_mm
+    from tilemoe import tuning
+    from tilemoe.tuning import KernelConfig, MoEShape, pick_config, shape_key
+
+    monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path)
+    tuning._load_table.cache_clear()
+    try:
+        gpu = "Test GPU without entries"
+        mixtral = MoEShape(4096, 8, 2, 4096, 14336)
+        assert pick_config(mixtral, torch.bfloat16, gpu).grouped_mm
+        assert not pick_config(MoEShape(64, 8, 2, 4096, 14336), torch.bfloat16, gpu).grouped_mm
+        assert not pick_config(MoEShape(4096, 128, 8, 2048, 768), torch.bfloat16, gpu).grouped_mm
+        assert not pick_config(mixtral, torch.float32, gpu).grouped_mm
+        assert not pick_config(mixtral, torch.bfloat16, None).grouped_mm  # CPU / interpreter: no grouped GEMM rule
+        # a tuned entry wins over the rule (the tuner timed the grouped GEMM for that bucket too)
+        tuned = KernelConfig(block_m=128, block_n1=128, block_n2=256, num_warps1=8, num_warps2=8, tma=True)
+        gpu = "Test GPU with an entry"
+        key = shape_key(mixtral, torch.bfloat16)
+        tuning.table_path(gpu).write_text(json.dumps({"device": gpu, "configs": {key: tuned.to_dict()}}))
+        assert pick_config(mixtral, torch.bfloat16, gpu) == tuned
+    finally:
+        tuning._load_table.cache_clear()
