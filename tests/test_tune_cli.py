@@ -71,9 +71,21 @@ def test_candidate_configs(shape):
     assert len(cands) == len(set(cands)) >= 2
     rows = shape.num_tokens * shape.top_k / shape.num_experts
     for cfg in cands[1:]:
-        assert rows / 16 <= cfg.block_m <= max(16, 4 * rows)
+        if not cfg.grouped_mm:  # the grouped GEMM's block_m is its row alignment, not a tile
+            assert rows / 16 <= cfg.block_m <= max(16, 4 * rows)
     pruned = [c for c in tune.CANDIDATES if c not in cands]
     assert all(not rows / 16 <= c.block_m <= max(16, 4 * rows) for c in pruned if c != cands[0])
+
+
+def test_grouped_mm_candidate_where_its_grouped_gemm_runs(monkeypatch):
+    monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune, "grouped_mm_available", lambda device_type, dtype: True)
+    many_rows = MoEShape(4096, 8, 2, 4096, 14336)  # 1024 rows per expert
+    assert tune.GROUPED_MM_CANDIDATE in tune.candidate_configs(many_rows, torch.bfloat16)
+    assert tune.GROUPED_MM_CANDIDATE not in tune.candidate_configs(many_rows, torch.float32)
+    assert tune.GROUPED_MM_CANDIDATE not in tune.candidate_configs(MoEShape(64, 8, 2, 4096, 14336), torch.bfloat16)
+    monkeypatch.setattr(tune, "grouped_mm_available", lambda device_type, dtype: False)
+    assert tune.GROUPED_MM_CANDIDATE not in tune.candidate_configs(many_rows, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------ warm-up

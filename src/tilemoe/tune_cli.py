@@ -40,6 +40,7 @@ import torch
 
 from tilemoe.config import MoEConfig
 from tilemoe.ops.align import ONE_PROGRAM_MAX_SLOTS, align_capacity
+from tilemoe.ops.grouped_mm import grouped_mm_available
 from tilemoe.tuning import KernelConfig, MoEShape, heuristic_config, shape_key, table_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -91,6 +92,11 @@ TMA_CANDIDATES = [
     _cfg(64, 64, 64, 4, 5, 128, 64, 4, 5, tma=True),
     _cfg(32, 64, 64, 4, 5, 128, 64, 4, 5, tma=True),
     _cfg(16, 64, 64, 4, 6, 64, 64, 4, 6, g=1, tma=True),
+    # GEMM 2 persistent (flattened tile loop): 4-10% faster GEMM 2 at T >= 4096 on four of five H100 shapes,
+    # 18% slower on gpt-oss-120b T=4096 (bench/NOTES.md, version 4): the tuner decides per shape
+    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, persistent=True),
+    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3, tma=True, persistent=True),
+    _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4, tma=True, persistent=True),
 ]
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
 # H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3).
@@ -99,12 +105,17 @@ DECODE_CANDIDATES = [
     _cfg(16, 32, 512, 4, 2, 16, 512, 4, 2, decode=True),
 ]
 DECODE_MAX_SLOTS = 64
+# torch's grouped GEMM (CUTLASS) for both GEMMs (16-bit, where torch has it), tried from this many rows per expert:
+# it won mixtral-8x7b at T >= 1024 before GEMM 2's TMA input; the Triton tiles now tie or win there (version 4)
+GROUPED_MM_CANDIDATE = KernelConfig(block_m=16, grouped_mm=True)
+GROUPED_MM_MIN_ROWS = 128
 
 
 def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]:
     """The configs ``tilemoe tune`` times for ``shape`` in ``dtype``: the heuristic first, then ``CANDIDATES``
     (+ ``TMA_CANDIDATES`` for 16-bit dtypes, + ``DECODE_CANDIDATES`` for S <= ``DECODE_MAX_SLOTS``) that can
-    win, the likeliest first (block_m nearest the heuristic's), without repeats.
+    win, the likeliest first (block_m nearest the heuristic's), without repeats; last ``GROUPED_MM_CANDIDATE``
+    (16-bit, from ``GROUPED_MM_MIN_ROWS`` rows per expert, where torch's grouped GEMM runs on this machine).
 
     Pruned: block_m over 4x the mean rows per expert (T*K/E), floor 16: such a tile is mostly padding rows
     (the busiest expert of a random routing rarely gets 4x the mean); block_m under 1/16 of it: 128-row
@@ -121,6 +132,10 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
         pool += DECODE_CANDIDATES
     rest = [c for c in dict.fromkeys(pool) if c != base and min_block_m <= c.block_m <= max_block_m]
     rest.sort(key=lambda c: abs(math.log2(c.block_m) - math.log2(base.block_m)))  # stable: list order breaks ties
+    # its block_m is only the row alignment of the grouped GEMM's groups: not pruned by the tile rule above
+    grouped = dtype in (torch.float16, torch.bfloat16) and rows_per_expert >= GROUPED_MM_MIN_ROWS
+    if grouped and torch.cuda.is_available() and grouped_mm_available("cuda", dtype) and base != GROUPED_MM_CANDIDATE:
+        rest.append(GROUPED_MM_CANDIDATE)
     return [base, *rest]
 
 

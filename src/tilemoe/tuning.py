@@ -43,7 +43,8 @@ class KernelConfig:
     GEMM 1 tiles its I gate columns (and the matching up columns) by ``block_n1``, H by ``block_k1``;
     GEMM 2 tiles H by ``block_n2``, I by ``block_k2``. All block sizes are powers of two >= 16.
     ``tma``: weight tiles through TMA tensor descriptors (Hopper+; the launcher falls back to pointer loads
-    where the layout does not allow it). ``persistent``: one program per SM walking the tiles.
+    where the layout does not allow it; GEMM 2 then reads GEMM 1's output through one too). ``persistent``: GEMM 2
+    as one program per SM walking the tiles in a flattened loop (GEMM 1 always runs one program per tile).
     ``decode``: the decode kernels (``ops/_kernels/_decode.py``: one row per slot, no alignment or padding, the
     sum over K inside GEMM 2) with ``block_n*`` / ``block_k*`` / ``num_warps*`` as their tiles; ``block_m`` and the
     stage and group fields are then unused. ``grouped_mm``: the two expert GEMMs through torch's grouped GEMM
@@ -174,15 +175,16 @@ def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> Kern
     """The config for ``shape`` in ``dtype`` on the GPU named ``device`` (``torch.cuda.get_device_name``).
 
     Pure: the same arguments give the same config. A tuned table entry when one exists for the device and
-    shape bucket, else ``heuristic_config``; never missing (any device, including None for CPU/interpreter).
+    shape bucket (the tuner times torch's grouped GEMM there too), else torch's grouped GEMM where
+    ``prefers_grouped_mm``, else ``heuristic_config``; never missing (any device, including None for
+    CPU/interpreter).
     """
-    if device and prefers_grouped_mm(shape, dtype):
-        return KernelConfig(block_m=16, grouped_mm=True)
     if device:
-        table = _load_table(device)
-        hit = table.get(shape_key(shape, dtype))
+        hit = _load_table(device).get(shape_key(shape, dtype))
         if hit is not None:
             return hit
+        if prefers_grouped_mm(shape, dtype):
+            return KernelConfig(block_m=16, grouped_mm=True)
     return heuristic_config(shape, dtype)
 
 

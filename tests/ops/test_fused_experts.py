@@ -135,10 +135,11 @@ def test_tma_and_persistent(options, hidden, inter, gated, dtype, generator, mon
                        expert_bias=True)  # fmt: skip
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2,
                        num_stages2=2, **options)  # fmt: skip
-    built = _spy(monkeypatch, fused_experts_module, "_weight_descriptor")
+    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
     _run_case(config, 45, dtype, generator, kernel_config=cfg)
-    # the TMA runs really read the weights through descriptors (both GEMMs), the others never build one
-    assert [d is not None for d in built] == ([True, True] if cfg.tma else [])
+    # the TMA runs really read the weights (both GEMMs) and GEMM 2's input through descriptors; the others
+    # never build one
+    assert [d is not None for d in built] == ([True, True, True] if cfg.tma else [])
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1])
@@ -152,9 +153,9 @@ def test_tma_falls_back_on_unaligned_rows(generator, monkeypatch):
     # H = 36 fp16: 72-byte rows are not 16-byte aligned, so the launcher takes the pointer loads
     config = MoEConfig(num_experts=4, top_k=2, hidden_size=36, intermediate_size=20)
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, tma=True, persistent=True)
-    built = _spy(monkeypatch, fused_experts_module, "_weight_descriptor")
+    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
     _run_case(config, 11, torch.float16, generator, kernel_config=cfg)
-    assert built == [None, None]
+    assert built == [None, None, None]
 
 
 def test_config_flags_are_bools():
@@ -231,11 +232,27 @@ def test_grouped_mm_path_one_expert_takes_every_token(generator):
     _run_case(config, 19, torch.float32, generator, hot_expert=3, kernel_config=GROUPED_MM)
 
 
-def test_pick_config_takes_grouped_mm_for_few_large_experts():
-    from tilemoe.tuning import MoEShape, pick_config
+def test_pick_config_takes_grouped_mm_for_few_large_experts_without_a_table_entry(tmp_path, monkeypatch):
+    import json
 
-    mixtral = MoEShape(4096, 8, 2, 4096, 14336)
-    assert pick_config(mixtral, torch.bfloat16, "NVIDIA H100 80GB HBM3").grouped_mm
-    assert not pick_config(MoEShape(64, 8, 2, 4096, 14336), torch.bfloat16, "NVIDIA H100 80GB HBM3").grouped_mm
-    assert not pick_config(MoEShape(4096, 128, 8, 2048, 768), torch.bfloat16, "NVIDIA H100 80GB HBM3").grouped_mm
-    assert not pick_config(mixtral, torch.float32, "NVIDIA H100 80GB HBM3").grouped_mm
+    from tilemoe import tuning
+    from tilemoe.tuning import KernelConfig, MoEShape, pick_config, shape_key
+
+    monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path)
+    tuning._load_table.cache_clear()
+    try:
+        gpu = "Test GPU without entries"
+        mixtral = MoEShape(4096, 8, 2, 4096, 14336)
+        assert pick_config(mixtral, torch.bfloat16, gpu).grouped_mm
+        assert not pick_config(MoEShape(64, 8, 2, 4096, 14336), torch.bfloat16, gpu).grouped_mm
+        assert not pick_config(MoEShape(4096, 128, 8, 2048, 768), torch.bfloat16, gpu).grouped_mm
+        assert not pick_config(mixtral, torch.float32, gpu).grouped_mm
+        assert not pick_config(mixtral, torch.bfloat16, None).grouped_mm  # CPU / interpreter: no grouped GEMM rule
+        # a tuned entry wins over the rule (the tuner timed the grouped GEMM for that bucket too)
+        tuned = KernelConfig(block_m=128, block_n1=128, block_n2=256, num_warps1=8, num_warps2=8, tma=True)
+        gpu = "Test GPU with an entry"
+        key = shape_key(mixtral, torch.bfloat16)
+        tuning.table_path(gpu).write_text(json.dumps({"device": gpu, "configs": {key: tuned.to_dict()}}))
+        assert pick_config(mixtral, torch.bfloat16, gpu) == tuned
+    finally:
+        tuning._load_table.cache_clear()

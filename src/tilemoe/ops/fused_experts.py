@@ -54,9 +54,10 @@ def _persistent_grid(device: torch.device, max_tiles: int) -> int:
     return max(1, min(programs, max_tiles))
 
 
-def _weight_descriptor(w: torch.Tensor, block_n: int, block_k: int):
-    """TMA descriptor over w [E, N, K] viewed as [E*N, K] with [block_n, block_k] boxes, or None when TMA cannot
-    read it: not contiguous, rows not 16-byte aligned, a box row over 128 bytes, or a GPU before Hopper."""
+def _tma_descriptor(w: torch.Tensor, block_n: int, block_k: int):
+    """TMA descriptor over w [..., K] (weights [E, N, K], or GEMM 1's output [CAP, I]) viewed as [-1, K] with
+    [block_n, block_k] boxes, or None when TMA cannot read it: not contiguous, rows not 16-byte aligned, a box row
+    over 128 bytes, or a GPU before Hopper."""
     if w.device.type == "cuda" and _capability_major(w.device.index) < 9:
         return None
     size = w.element_size()
@@ -111,9 +112,9 @@ def _launch(
     weights_flat = topk_weights.reshape(-1)
     act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
-    w13_desc = _weight_descriptor(w13, cfg.block_n1, cfg.block_k1) if cfg.tma else None
+    w13_desc = _tma_descriptor(w13, cfg.block_n1, cfg.block_k1) if cfg.tma else None
     tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
-    _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent else tiles1,)](
+    _gemm1_kernel[(tiles1,)](
         x_ptr=x,
         stride_xt=x.stride(0),
         stride_xh=x.stride(1),
@@ -144,7 +145,6 @@ def _launch(
         WEIGHTS_ON_INPUT=weights_on_input,
         FP32_PRECISE=x.dtype == torch.float32,
         W_TMA=w13_desc is not None,
-        PERSISTENT=cfg.persistent,
         EVEN_K=hidden % cfg.block_k1 == 0,
         EVEN_N=inter % cfg.block_n1 == 0,
         BLOCK_M=cfg.block_m,
@@ -160,10 +160,11 @@ def _launch(
     else:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
-    w2_desc = _weight_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
+    w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
+    act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
     tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
     _gemm2_kernel[(_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,)](
-        act_ptr=act,
+        act_ptr=act if act_desc is None else act_desc,
         stride_am=act.stride(0),
         stride_ai=act.stride(1),
         w_ptr=w2 if w2_desc is None else w2_desc,
@@ -190,6 +191,7 @@ def _launch(
         ATOMIC=atomic,
         FP32_PRECISE=x.dtype == torch.float32,
         W_TMA=w2_desc is not None,
+        A_TMA=act_desc is not None,
         PERSISTENT=cfg.persistent,
         EVEN_K=inter % cfg.block_k2 == 0,
         EVEN_N=hidden % cfg.block_n2 == 0,

@@ -19,8 +19,11 @@ Accumulation in float32; fp32 operands go through 3xTF32 (``_dot``).
 Weights come through pointers or, with W_TMA, through host-built tensor descriptors over the 2-D views
 w13 [E*N1, H] / w2 [E*H, I] (N1 = 2I gated, else I): a [BLOCK_N, BLOCK_K] box per load, zero-filled past H or I.
 A box that runs past the expert's last row reads the next rows of the view; those columns are never stored.
-PERSISTENT launches one program per SM that walks the tiles (rows in use read from ``num_padded``); otherwise one
-program per tile, and tiles past ``num_padded`` exit at once.
+With A_TMA, GEMM 2 reads act through a tensor descriptor too ([BLOCK_M, BLOCK_K] boxes, zero-filled past I).
+GEMM 1 runs one program per tile; tiles past ``num_padded`` exit at once. GEMM 2 does the same, or with PERSISTENT
+one program per SM walks the tiles (rows in use read from ``num_padded``) in a loop flattened with the k loop, so
+the next tile's loads overlap this tile's epilogue. (GEMM 1's persistent form measured 0-4% slower nested and
+~9% slower flattened on an H100: bench/NOTES.md, version 4.)
 """
 
 import triton
@@ -190,7 +193,6 @@ def _gemm1_kernel(
     WEIGHTS_ON_INPUT: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr,
     EVEN_K: tl.constexpr,  # the reduced dim is a multiple of BLOCK_K: no masks in the main loop
     EVEN_N: tl.constexpr,  # the output columns are a multiple of BLOCK_N
     BLOCK_M: tl.constexpr,
@@ -199,28 +201,16 @@ def _gemm1_kernel(
     GROUP_M: tl.constexpr,
 ):
     num_padded = tl.load(num_padded_ptr)
-    if PERSISTENT:
-        used_m = num_padded // BLOCK_M
-        num_tiles = used_m * tl.cdiv(inter, BLOCK_N)
-        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _gemm1_tile(
-                tile, used_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-            )  # fmt: skip
-    else:
-        tile = tl.program_id(0)
-        pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-        if pid_m * BLOCK_M < num_padded:
-            _gemm1_tile(
-                tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-            )  # fmt: skip
+    tile = tl.program_id(0)
+    pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M < num_padded:
+        _gemm1_tile(
+            tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+            b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -252,6 +242,7 @@ def _gemm2_tile(
     ATOMIC: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr,
+    A_TMA: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -269,7 +260,10 @@ def _gemm2_tile(
     ks = tl.arange(0, BLOCK_K)
     w_row = (expert * hidden + pid_n * BLOCK_N).to(tl.int32)
 
-    a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ai
+    if A_TMA:  # act_ptr is the descriptor; rows are contiguous in padded order, a [BLOCK_M, BLOCK_K] box per step
+        a_ptrs = act_ptr
+    else:
+        a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ai
     if W_TMA:
         w_ptrs = w_ptr
     else:
@@ -277,13 +271,16 @@ def _gemm2_tile(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, tl.cdiv(inter, BLOCK_K)):
         k_mask = ks < inter - k0 * BLOCK_K
-        if EVEN_K:
+        if A_TMA:  # zero-filled past I
+            a = act_ptr.load([pid_m * BLOCK_M, k0 * BLOCK_K])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
         w = _load_w(w_ptrs, w_ptr, w_row, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
         acc = _dot(a, w, acc, FP32_PRECISE)
-        a_ptrs += BLOCK_K * stride_ai
+        if not A_TMA:
+            a_ptrs += BLOCK_K * stride_ai
         if not W_TMA:
             w_ptrs += BLOCK_K * stride_wi
 
@@ -329,6 +326,7 @@ def _gemm2_kernel(
     ATOMIC: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr,
+    A_TMA: tl.constexpr,  # act through a TMA descriptor (act_ptr is one)
     PERSISTENT: tl.constexpr,
     EVEN_K: tl.constexpr,  # the reduced dim is a multiple of BLOCK_K: no masks in the main loop
     EVEN_N: tl.constexpr,  # the output columns are a multiple of BLOCK_N
@@ -341,12 +339,13 @@ def _gemm2_kernel(
     if PERSISTENT:
         used_m = num_padded // BLOCK_M
         num_tiles = used_m * tl.cdiv(hidden, BLOCK_N)
-        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        # flattened: the pipeliner prefetches the next tile's operands during this tile's epilogue
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             _gemm2_tile(
                 tile, used_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
                 b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                 sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
-                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
             )  # fmt: skip
     else:
@@ -357,6 +356,6 @@ def _gemm2_kernel(
                 tile, num_blocks_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
                 b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                 sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
-                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
             )  # fmt: skip
