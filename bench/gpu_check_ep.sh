@@ -5,6 +5,7 @@
 # logs in $OUT, a short table last. Budget: under 9 minutes (every step has its own timeout).
 #   bash bench/gpu_check_ep.sh [EP_SIZE]      # EP_SIZE default 2 (4 and 8 on the bigger machines, issue 6)
 #   EP_TESTS=tests/distributed/test_fused_gpu.py EP_BENCHES=flashmoe-fused EP_TOKENS="1024 8192" bash ...
+#   EP_BENCH_TIMEOUT (default 95): seconds for each of the flashmoe / qwen3 / deepseek runs
 set -uo pipefail
 ep=${1:-2}
 OUT=${OUT:-/tmp/tilemoe-ep-out}
@@ -49,12 +50,14 @@ bench() {  # seconds, name, then model flags
   echo "bench $name exit: ${PIPESTATUS[0]}" | tee -a "$log"
 }
 flashmoe=(--manual-config --num-experts 32 --num-experts-per-tok 2 --hidden-size 2048 --intermediate-size 2048)
-bench 95 flashmoe "${flashmoe[@]}" --impl epmoe
-bench 95 qwen3-30b-a3b --model qwen3-30b-a3b --impl epmoe fused
-bench 95 deepseek-v2-lite --model deepseek-v2-lite --impl epmoe fused
+bench "${EP_BENCH_TIMEOUT:-95}" flashmoe "${flashmoe[@]}" --impl epmoe
+bench "${EP_BENCH_TIMEOUT:-95}" qwen3-30b-a3b --model qwen3-30b-a3b --impl epmoe fused
+bench "${EP_BENCH_TIMEOUT:-95}" deepseek-v2-lite --model deepseek-v2-lite --impl epmoe fused
 # the fused backend (symmetric-memory puts, flag-waiting GEMMs, stores back) vs epmoe vs one GPU: its own run,
 # so a failure there cannot cost the rows above
-bench "${EP_FUSED_TIMEOUT:-120}" flashmoe-fused "${flashmoe[@]}" --impl epmoe fused
+# EP_NUM_PUT_SWEEP: put-program counts whose communication-only dispatch/combine are also printed (the log)
+TILEMOE_EP_NUM_PUT_SWEEP="${EP_NUM_PUT_SWEEP-32 64 128}" \
+  bench "${EP_FUSED_TIMEOUT:-120}" flashmoe-fused "${flashmoe[@]}" --impl epmoe fused
 # the same on NVSHMEM symmetric memory (one host: no remote transport); EP_NVSHMEM_TOKENS / _SCENARIOS
 # shellcheck disable=SC2206
 post=(--num-tokens ${EP_NVSHMEM_TOKENS:-${tokens[*]}} --scenarios ${EP_NVSHMEM_SCENARIOS:-${scenarios[*]}})
@@ -75,5 +78,6 @@ for path in sorted(glob.glob(os.path.join(res, f"{ep}xh200-ep-*.csv"))):
               f"{r['latency_p50_ms']:>9}{r['speedup_vs_single'][:6]:>10}{r['dispatch_combine_gbps'][:7]:>10}"
               f"{r['nccl_a2a_gbps'][:7]:>10}{r.get('dispatch_gbps', '')[:7]:>9}{r.get('combine_gbps', '')[:7]:>9}")
 PY
+grep -h "num_put" "$logs"/bench-*.log 2>/dev/null | head -n 40
 tar -czf "$OUT/ep_results.tar.gz" -C /tmp/tilemoe-ep results logs
 echo "elapsed $(( $(date +%s) - start )) s; results in $OUT/ep_results.tar.gz"

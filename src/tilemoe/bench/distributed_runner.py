@@ -26,7 +26,10 @@ Fused rows (symmetric memory from TILEMOE_SYMM_MEM_BACKEND: cuda, the default, o
 combine_gbps (a communication-only fused forward: the same puts, flags and waits, no GEMM; dispatch = layout +
 puts until every row arrived, combine = stores back + the wait and sum; bytes = rows this rank sends to other
 ranks times H * element size, the slowest rank's), dispatch_combine_* of that forward, nccl_a2a_gbps copied
-from the epmoe row (the same bytes).
+from the epmoe row (the same bytes); the note names the tiles the fused layer chose (``fused_tiles_for``).
+Fair comparison: every timed fused communication-only forward and every timed NCCL all_to_all_single of
+nccl_a2a_gbps starts the same way (``_aligned_start``: barrier, a one-element all_reduce the stream waits for,
+~1 ms of GPU sleep while the host enqueues), so neither counts a peer's launch skew as transfer time.
 """
 
 from __future__ import annotations
@@ -175,6 +178,42 @@ def _time_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
     return times
 
 
+# GPU cycles each rank idles after the aligning all_reduce (~1 ms at H200 clocks): longer than the host takes to
+# enqueue the timed step, so both GPUs start it from the all_reduce's end, not from their host's launch
+ALIGN_SLEEP_CYCLES = 2_000_000
+
+
+def _aligned_start(device: torch.device, token: torch.Tensor) -> None:
+    """Line up the ranks' GPUs before a timed communication step: a host barrier, a one-element all_reduce
+    (the current stream waits for it), then a GPU sleep on the current stream while the host enqueues the
+    step. Whatever is recorded next on the stream starts within a few us on every GPU, so a peer's launch
+    skew is not counted as transfer time."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.all_reduce(token)
+    if device.type == "cuda" and hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(ALIGN_SLEEP_CYCLES)
+
+
+def _time_aligned_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Per-call times in ms of a communication step, each call started after ``_aligned_start`` (CUDA events)."""
+    token = torch.zeros(1, device=device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        _aligned_start(device, token)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def _slowest(value: float, device: torch.device) -> float:
     """Max of ``value`` over all ranks (nan stays nan)."""
     import torch.distributed as dist
@@ -208,6 +247,14 @@ def _single_baseline(case_rows: dict) -> float:
         if name in case_rows and case_rows[name]["status"] == "OK" and case_rows[name]["latency_p50_ms"] > 0
     ]
     return min(times) if times else case_rows["single"]["latency_p50_ms"]
+
+
+def _tiles_note(t) -> str:
+    """A fused layer's FusedTiles in one short string: block_m, GEMM 1 / GEMM 2 tiles (n x k), warps, stages."""
+    return (
+        f"tiles bm{t.block_m} g1 {t.block_n1}x{t.block_k1} w{t.num_warps1} s{t.num_stages1} "
+        f"g2 {t.block_n2}x{t.block_k2} w{t.num_warps2} s{t.num_stages2} put{t.num_put}"
+    )
 
 
 def _raise(error: Exception):
@@ -268,6 +315,7 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
 
     ep_layer = ep_layer_for(None)
     fused_layers: dict[int, ExpertParallelMoE] = {}  # symmetric buffers sized per token count
+    fused_tiles: dict[int, str] = {}  # the tiles each T's fused layer chose (into the rows' note)
     graph_layers: dict[int, ExpertParallelMoE] = {}  # fixed capacity T * K per peer: sized per token count
     rows: list[dict] = []
     elem = torch.empty((), dtype=dtype).element_size()
@@ -312,6 +360,7 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                     fns["fused"] = lambda f=f: _raise(f)
                 else:
                     fns["fused"] = lambda x=x, tw=tw, ti=ti, f=f: f.forward_routed(x, tw, ti)
+                    fused_tiles[tokens] = _tiles_note(f.fused.tiles)
                     if p["cuda_graph"]:
                         fns["fused-graph"] = fns["fused"]
             if p["cuda_graph"] and device.type == "cuda" and tokens > 0:
@@ -364,6 +413,9 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                 row["flops"] = flops
                 row["tflops"] = flops / (ms / 1e3) / 1e12 if ms > 0 else math.nan
                 case_rows[name] = row
+            for name in ("fused", "fused-graph"):
+                if name in case_rows and tokens in fused_tiles and not case_rows[name]["note"]:
+                    case_rows[name]["note"] = fused_tiles[tokens]
             ep_layer.forward_routed(x, tw, ti)  # the stats below are this input's
             stats = ep_layer.load_stats()
             _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats)
@@ -423,8 +475,10 @@ def _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats) -> Non
     if world > 1 and busiest:
         send = torch.empty(per_peer * world, x.shape[1], dtype=x.dtype, device=device)
         recv = torch.empty_like(send)
+        # started like the fused path's dispatch and combine (_fused_comm_columns): the same bar, measured alike
+        timer = _time_aligned_ms if device.type == "cuda" else _time_ms
         dist.barrier()
-        a2a = _time_ms(lambda: dist.all_to_all_single(recv, send, group=d.group), device, p["warmup"], p["iters"])
+        a2a = timer(lambda: dist.all_to_all_single(recv, send, group=d.group), device, p["warmup"], p["iters"])
         a2a_ms = _slowest(statistics.median(a2a), device)
         nccl_gbps = per_peer * (world - 1) * x.shape[1] * elem / (a2a_ms / 1e3) / 1e9
     total = row["latency_p50_ms"]
@@ -440,25 +494,45 @@ def _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats) -> Non
 
 
 def _fused_comm_columns(p, layer, x, tw, ti, device, elem, row) -> None:
-    """Dispatch and combine of the fused path alone: communication-only forwards (no GEMM), each started
-    together on every rank (a barrier first), timed with CUDA events between the steps."""
-    import torch.distributed as dist
+    """Dispatch and combine of the fused path alone: communication-only forwards (no GEMM), each started after
+    ``_aligned_start`` on every rank (as the NCCL all_to_all of nccl_a2a_gbps is), timed with CUDA events
+    between the steps. TILEMOE_EP_NUM_PUT_SWEEP="32 64 128": the same for each number of put programs,
+    printed to stderr on rank 0 (a probe; the row keeps the layer's own num_put)."""
+    import dataclasses
 
     f = layer.fused
     owner = layer.placement.owner_tensor(device)
     remote = int((owner[ti.reshape(-1).long()] != layer.rank).sum())
     nbytes = remote * x.shape[1] * elem
-    d_ms, c_ms = [], []
-    for i in range(p["warmup"] + p["iters"]):
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-        dist.barrier()
-        f.forward(x, ti, tw, layer.w13, layer.w2, layer.b13, layer.b2, compute=False, events=events)
-        events[2].synchronize()
-        if i >= p["warmup"]:
-            d_ms.append(events[0].elapsed_time(events[1]))
-            c_ms.append(events[1].elapsed_time(events[2]))
-    f.check()
-    d, c = statistics.median(d_ms), statistics.median(c_ms)
+    token = torch.zeros(1, device=device)
+
+    def measure() -> tuple[float, float]:
+        d_ms, c_ms = [], []
+        for i in range(p["warmup"] + p["iters"]):
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            if i >= p["warmup"]:
+                _aligned_start(device, token)
+            f.forward(x, ti, tw, layer.w13, layer.w2, layer.b13, layer.b2, compute=False, events=events)
+            events[2].synchronize()
+            if i >= p["warmup"]:
+                d_ms.append(events[0].elapsed_time(events[1]))
+                c_ms.append(events[1].elapsed_time(events[2]))
+        f.check()
+        return statistics.median(d_ms), statistics.median(c_ms)
+
+    sweep = [int(n) for n in os.environ.get("TILEMOE_EP_NUM_PUT_SWEEP", "").split()]
+    if sweep:
+        own = f.state.tiles
+        for n in sweep:
+            f.state.tiles = dataclasses.replace(f.state.tiles, num_put=n)
+            d, c = measure()
+            gd = -_slowest(-(nbytes / (d / 1e3) / 1e9) if d > 0 else 0.0, device)
+            gc = -_slowest(-(nbytes / (c / 1e3) / 1e9) if c > 0 else 0.0, device)
+            if layer.rank == 0:
+                print(f"    num_put {n}: dispatch {gd:.4g} GB/s ({d * 1e3:.4g} us), combine {gc:.4g} GB/s "
+                      f"({c * 1e3:.4g} us), {nbytes / 1e6:.4g} MB", file=sys.stderr)  # fmt: skip
+        f.state.tiles = own
+    d, c = measure()
     # the slowest rank's time and the smallest rate (min = -max(-v))
     row["dispatch_combine_ms"] = _slowest(d + c, device)
     row["dispatch_gbps"] = -_slowest(-(nbytes / (d / 1e3) / 1e9) if d > 0 else 0.0, device)
@@ -540,7 +614,11 @@ def _report(p: dict, rows: list[dict], device: torch.device, console: bool = Tru
             writer.writerow({k: _fmt(r.get(k, "")) for k in columns})
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items()]
-    lines += [f"- **config**: {p['config']}", f"- **tokens per rank**: {p['tokens']}", ""]
+    lines += [f"- **config**: {p['config']}", f"- **tokens per rank**: {p['tokens']}"]
+    tiles = {
+        r["num_tokens"]: r["note"] for r in rows if r["implementation"] == "fused" and r["note"].startswith("tiles")
+    }
+    lines += [f"- **fused tiles, T={t}**: {note[6:]}" for t, note in sorted(tiles.items())] + [""]
     lines += ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in show) + " |" for r in rows]
     base.with_name(base.name + ".md").write_text("\n".join(lines) + "\n")
