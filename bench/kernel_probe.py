@@ -165,9 +165,9 @@ def main(argv=None) -> int:
         print(f"picked: {base}")
         for variant in ["base", *args.variants]:
             changes = {} if variant == "base" else dict(_parse(item) for item in variant.split(","))
-            cfg = dataclasses.replace(base, **changes)
-            fn = functools.partial(fused_experts, x, w13, w2, tw, ti, kernel_config=cfg, **kw)
             try:
+                cfg = dataclasses.replace(base, **changes)  # an invalid combination is reported, not fatal
+                fn = functools.partial(fused_experts, x, w13, w2, tw, ti, kernel_config=cfg, **kw)
                 verr = relative_error(fn(), run_tgm().float())
                 if verr > 2e-2:
                     print(f"  {variant:40s} WRONG err {verr:.1e}")
