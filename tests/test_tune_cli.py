@@ -354,7 +354,6 @@ def test_tune_group_on_cpu_checks_every_candidate(monkeypatch):
     small = [KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_warps1=w) for w in (1, 2)]
     monkeypatch.setattr(tune, "CANDIDATES", small)
     monkeypatch.setattr(tune, "DECODE_CANDIDATES", [])
-    monkeypatch.setattr(tune, "SMALL_T_CANDIDATES", [])
     real = fe.fused_experts
 
     def wrong_for_two_warps(*args, kernel_config, **kwargs):
@@ -447,7 +446,6 @@ def test_tune_end_to_end_gpu(tmp_path, capsys, monkeypatch):
     # decode launches: 20 of 1479 first calls still compiled in the timing loop of the H100 run, see bench/NOTES.md)
     monkeypatch.setattr(tune, "TMA_CANDIDATES", [])
     monkeypatch.setattr(tune, "DECODE_CANDIDATES", [])
-    monkeypatch.setattr(tune, "SMALL_T_CANDIDATES", [])
     out = tmp_path / "table.json"
     argv = ["tune", "--model", "olmoe-1b-7b", "--num-tokens", "1", "300", "--out", str(out)]
     assert main([*argv, "--budget-s", "150", "--workers", "2"]) == 0
@@ -474,11 +472,3 @@ def test_candidates_add_tma_for_16_bit_and_decode_for_few_slots():
     assert not any(c.decode for c in tune.candidate_configs(prefill_shape, torch.bfloat16))
     assert any(c.tma for c in tune.candidate_configs(prefill_shape, torch.bfloat16))
     assert not any(c.tma for c in tune.candidate_configs(prefill_shape, torch.float32))
-
-
-def test_candidates_add_fused_combine_narrow_tiles_for_few_slots():
-    few = tune.candidate_configs(MoEShape(8, 128, 8, 2048, 768), torch.bfloat16)  # S = 64
-    more = tune.candidate_configs(MoEShape(16, 128, 8, 2048, 768), torch.bfloat16)  # S = 128
-    assert all(c in few for c in tune.SMALL_T_CANDIDATES)
-    assert any(c.fused_combine and c.block_n1 == 16 for c in few)
-    assert not any(c.fused_combine for c in more)

@@ -105,18 +105,6 @@ DECODE_CANDIDATES = [
     _cfg(16, 32, 512, 4, 2, 16, 512, 4, 2, decode=True),
 ]
 DECODE_MAX_SLOTS = 64
-# Few slots (T = 1..8): GEMM 2 with the combine fused (one launch less, the sum overlapped with other tiles' GEMM
-# work) and narrow column tiles (more programs to keep the weight loads in flight; qwen3-30b-a3b T=1 ran 96 GEMM 1
-# programs with 64-wide tiles), tried where S = T*K <= SMALL_T_MAX_SLOTS (bench/NOTES.md, version 4 session 3).
-SMALL_T_CANDIDATES = [
-    _cfg(16, 64, 128, 4, 4, 64, 128, 4, 4, g=1, fused_combine=True),
-    _cfg(16, 32, 128, 4, 4, 32, 128, 4, 4, g=1, fused_combine=True),
-    _cfg(16, 32, 256, 4, 3, 32, 256, 4, 3, g=1, fused_combine=True),
-    _cfg(16, 32, 256, 4, 3, 64, 128, 4, 4, g=1, fused_combine=True),
-    _cfg(16, 16, 256, 2, 3, 16, 256, 2, 3, g=1, fused_combine=True),
-    _cfg(16, 16, 512, 4, 2, 32, 256, 4, 3, g=1, fused_combine=True),
-]
-SMALL_T_MAX_SLOTS = 64
 # torch's grouped GEMM (CUTLASS) for both GEMMs (16-bit, where torch has it), tried from this many rows per expert:
 # it won mixtral-8x7b at T >= 1024 before GEMM 2's TMA input; the Triton tiles now tie or win there (version 4)
 GROUPED_MM_CANDIDATE = KernelConfig(block_m=16, grouped_mm=True)
@@ -125,8 +113,7 @@ GROUPED_MM_MIN_ROWS = 128
 
 def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]:
     """The configs ``tilemoe tune`` times for ``shape`` in ``dtype``: the heuristic first, then ``CANDIDATES``
-    (+ ``TMA_CANDIDATES`` for 16-bit dtypes, + ``DECODE_CANDIDATES`` for S <= ``DECODE_MAX_SLOTS``,
-    + ``SMALL_T_CANDIDATES`` for S <= ``SMALL_T_MAX_SLOTS``) that can
+    (+ ``TMA_CANDIDATES`` for 16-bit dtypes, + ``DECODE_CANDIDATES`` for S <= ``DECODE_MAX_SLOTS``) that can
     win, the likeliest first (block_m nearest the heuristic's), without repeats; last ``GROUPED_MM_CANDIDATE``
     (16-bit, from ``GROUPED_MM_MIN_ROWS`` rows per expert, where torch's grouped GEMM runs on this machine).
 
@@ -143,8 +130,6 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
         pool += TMA_CANDIDATES
     if shape.num_tokens * shape.top_k <= DECODE_MAX_SLOTS:
         pool += DECODE_CANDIDATES
-    if shape.num_tokens * shape.top_k <= SMALL_T_MAX_SLOTS:
-        pool += SMALL_T_CANDIDATES
     rest = [c for c in dict.fromkeys(pool) if c != base and min_block_m <= c.block_m <= max_block_m]
     rest.sort(key=lambda c: abs(math.log2(c.block_m) - math.log2(base.block_m)))  # stable: list order breaks ties
     # its block_m is only the row alignment of the grouped GEMM's groups: not pruned by the tile rule above

@@ -49,8 +49,6 @@ class KernelConfig:
     sum over K inside GEMM 2) with ``block_n*`` / ``block_k*`` / ``num_warps*`` as their tiles; ``block_m`` and the
     stage and group fields are then unused. ``grouped_mm``: the two expert GEMMs through torch's grouped GEMM
     (cuBLAS / CUTLASS), alignment, activation and combine in Triton; only ``block_m`` (the row alignment) is used.
-    ``fused_combine``: the deterministic sum over the K slots of a token runs inside GEMM 2 (the program that stores a
-    token's last slot rows of a column block sums its K rows) instead of a separate launch; not with ``persistent``.
     """
 
     block_m: int = 64
@@ -68,7 +66,6 @@ class KernelConfig:
     persistent: bool = False
     decode: bool = False
     grouped_mm: bool = False
-    fused_combine: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -79,15 +76,11 @@ class KernelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
-        for name in ("tma", "persistent", "decode", "grouped_mm", "fused_combine"):
+        for name in ("tma", "persistent", "decode", "grouped_mm"):
             value = getattr(self, name)
             if value not in (True, False):  # 0 / 1 from a table or the custom op's int list
                 raise ValueError(f"KernelConfig.{name}: expected a bool, got {value!r}")
             object.__setattr__(self, name, bool(value))
-        if self.fused_combine and self.persistent:
-            raise ValueError(
-                "KernelConfig.fused_combine: expected False with persistent=True (not supported), got True"
-            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,7 +1,5 @@
 """fused_experts (Triton; the interpreter on CPU) against the float64 reference, every option and edge case."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -258,61 +256,3 @@ def test_pick_config_takes_grouped_mm_for_few_large_experts_without_a_table_entr
         assert pick_config(mixtral, torch.bfloat16, gpu) == tuned
     finally:
         tuning._load_table.cache_clear()
-
-
-# GEMM 2 with the combine fused (counters, the last-arriving program sums the K slot rows): bitwise the result of
-# the separate sum_slots launch (same rounded slot rows, same k order), and the counters are left zero
-FUSED_COMBINE = [
-    (0, 8, torch.float32, None),
-    (1, 8, torch.float16, None),
-    (7, 8, torch.float32, None),
-    (7, 1, torch.float16, None),
-    (64, 8, torch.float16, None),
-    (64, 1, torch.float32, None),
-    (300, 8, torch.float16, None),
-    (40, 8, torch.float32, 3),  # one expert takes every token (and every pick of one token lands in it)
-]
-
-
-@pytest.mark.parametrize("num_tokens, top_k, dtype, hot_expert", FUSED_COMBINE)
-def test_fused_combine_matches_separate_combine(num_tokens, top_k, dtype, hot_expert, generator, monkeypatch):
-    # E = 10 not a power of two; H = 40 not a multiple of the 16-wide column blocks
-    config = MoEConfig(num_experts=10, top_k=top_k, hidden_size=40, intermediate_size=24, expert_bias=True)
-    w = make_weights(config, dtype=dtype, device=DEVICE, generator=generator)
-    x = make_input(num_tokens, config, dtype=dtype, device=DEVICE, generator=generator)
-    tw, ti = make_routing(num_tokens, config, device=DEVICE, generator=generator, hot_expert=hot_expert)
-    if hot_expert is not None:
-        ti = torch.full_like(ti, hot_expert)
-    empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):  # every float buffer starts as NaN: an unwritten element fails
-        buf = empty(*args, **kwargs)
-        return buf.fill_(float("nan")) if buf.is_floating_point() else buf
-
-    def run(fused: bool) -> torch.Tensor:
-        # many rows: wider tiles, fewer programs for the interpreter (H = 40 still not a multiple of 32)
-        tiles = dict(block_m=64, block_n1=32, block_n2=32) if num_tokens >= 64 else {}
-        cfg = dataclasses.replace(SMALL, fused_combine=fused, **tiles)
-        with monkeypatch.context() as m:
-            m.setattr(fused_experts_module.torch, "empty", poisoned_empty)
-            return fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"],
-                                 kernel_config=cfg)  # fmt: skip
-
-    separate = run(False)
-    sums = _spy(monkeypatch, fused_experts_module, "sum_slots")
-    fused = run(True)
-    assert len(sums) == (top_k == 1)  # the combine really ran inside GEMM 2 (K = 1: the slot rows are the output)
-    assert fused.shape == x.shape and fused.dtype == dtype
-    assert torch.equal(fused, separate)
-    assert_close(fused, _reference(x, w, tw, ti, config), dtype)
-    counters = fused_experts_module._COUNTERS.get(x.device)
-    if num_tokens and top_k > 1:
-        assert counters is not None and not counters.any()
-    again = run(True)  # the counters left by the first call serve the second
-    assert torch.equal(again, fused)
-
-
-def test_fused_combine_not_with_persistent():
-    with pytest.raises(ValueError, match="fused_combine"):
-        KernelConfig(fused_combine=True, persistent=True)
-    assert KernelConfig.from_dict({"block_m": 16}).fused_combine is False  # tables without the key load

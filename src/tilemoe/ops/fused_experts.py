@@ -3,8 +3,7 @@
     align (sorted_ids, expert_ids; ``tilemoe.ops.align``)
     GEMM 1: gather x rows by slot, x @ w13[e]^T (gate and up column blocks), + b13, act(gate) * up -> act
     GEMM 2: act @ w2[e]^T, + b2, * routing weight -> per-slot rows (deterministic) or fp32 atomics (fast)
-    combine: sum over the K slots of each token (deterministic mode; ``tilemoe.ops.combine.sum_slots``, or inside
-             GEMM 2 with ``KernelConfig.fused_combine``: the program storing a token's last slot rows sums them)
+    combine: sum over the K slots of each token (deterministic mode; ``tilemoe.ops.combine.sum_slots``)
 
 ``fused_experts_torch`` is the plain-PyTorch reference beside it. The launcher is a ``torch.library``
 custom op (``tilemoe::fused_experts``) so torch.compile traces it as one opaque call and CUDA graphs
@@ -156,16 +155,10 @@ def _launch(
         num_stages=cfg.num_stages1,
     )
     atomic = not deterministic and top_k > 1
-    fused_combine = cfg.fused_combine and not atomic and top_k > 1
     if atomic:
         out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
     else:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
-    if fused_combine:
-        tokens = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
-        counters = _combine_counters(x.device, num_tokens * cdiv(hidden, cfg.block_n2))
-    else:  # never read
-        tokens, counters = out, align.num_padded
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
@@ -188,10 +181,6 @@ def _launch(
         sorted_ids_ptr=align.sorted_ids,
         expert_ids_ptr=align.expert_ids,
         num_padded_ptr=align.num_padded,
-        counters_ptr=counters,
-        tokens_ptr=tokens,
-        stride_tt=tokens.stride(0),
-        stride_th=tokens.stride(1),
         num_slots=num_slots,
         top_k=top_k,
         hidden=hidden,
@@ -200,7 +189,6 @@ def _launch(
         HAS_BIAS=b2 is not None,
         WEIGHTS_ON_INPUT=weights_on_input,
         ATOMIC=atomic,
-        FUSED_COMBINE=fused_combine,
         FP32_PRECISE=x.dtype == torch.float32,
         W_TMA=w2_desc is not None,
         A_TMA=act_desc is not None,
@@ -216,25 +204,7 @@ def _launch(
     )
     if atomic:
         return out.to(x.dtype)
-    if fused_combine:
-        return tokens
     return sum_slots(out, top_k)
-
-
-# GEMM 2's fused combine counters, one int32 per (token, column block), per device. Allocated zeroed and left zeroed
-# by every call (the last program of each counter resets it), so a CUDA graph can replay a call that uses them.
-# Grown (doubled) when a call needs more, which allocates: run a call of the largest T before capturing a graph.
-# One buffer per device: calls on two streams of one device at once must not both use the fused combine.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _combine_counters(device: torch.device, size: int) -> torch.Tensor:
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < size:
-        old = 0 if counters is None else counters.numel()
-        counters = torch.zeros(max(size, 2 * old, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
 
 
 def _launch_decode(

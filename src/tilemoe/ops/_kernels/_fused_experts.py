@@ -14,7 +14,6 @@ Dimension letters: T tokens, K top-k, E experts, H hidden, I expert intermediate
     act          [CAP, I]      GEMM 1 output, rows in padded sorted order (padding rows hold act(bias) * ...)
     out_slots    [S, H]        GEMM 2 output per slot (deterministic combine: summed over K afterwards)
     out_acc      [T, H] fp32   GEMM 2 output added atomically per token (fast combine)
-    tokens       [T, H]        FUSED_COMBINE: out_slots summed over K inside GEMM 2 (counters [T, H / BLOCK_N] int32)
 Accumulation in float32; fp32 operands go through 3xTF32 (``_dot``).
 
 Weights come through pointers or, with W_TMA, through host-built tensor descriptors over the 2-D views
@@ -234,10 +233,6 @@ def _gemm2_tile(
     stride_oh,
     sorted_ids_ptr,
     expert_ids_ptr,
-    counters_ptr,
-    tokens_ptr,
-    stride_tt,
-    stride_th,
     num_slots,
     top_k,
     hidden,
@@ -245,7 +240,6 @@ def _gemm2_tile(
     HAS_BIAS: tl.constexpr,
     WEIGHTS_ON_INPUT: tl.constexpr,
     ATOMIC: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr,
     A_TMA: tl.constexpr,
@@ -301,51 +295,6 @@ def _gemm2_tile(
     else:
         out_ptrs = out_ptr + tl.where(valid, slot, 0).to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_oh
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        if FUSED_COMBINE:
-            _combine_tokens(
-                valid, slot, cols, col_mask, pid_n, out_ptr, stride_om, stride_oh, counters_ptr, tokens_ptr,
-                stride_tt, stride_th, top_k, hidden, BLOCK_N,
-            )  # fmt: skip
-
-
-@triton.jit
-def _combine_tokens(
-    valid,
-    slot,
-    cols,
-    col_mask,
-    pid_n,
-    out_ptr,
-    stride_om,
-    stride_oh,
-    counters_ptr,
-    tokens_ptr,
-    stride_tt,
-    stride_th,
-    top_k,
-    hidden,
-    BLOCK_N: tl.constexpr,
-):
-    """After a tile's slot rows are stored: count them per (token, column block); the program whose row is a
-    token's K-th sums that token's K slot rows (k = 0..K-1, so the result does not depend on who came last),
-    writes tokens[t, cols] and sets the counter back to 0 for the next call."""
-    # every thread's slot stores are issued before any thread announces them (the release below covers them)
-    tl.debug_barrier()
-    token = tl.where(valid, slot // top_k, 0).to(tl.int64)
-    count_ptrs = counters_ptr + token * tl.cdiv(hidden, BLOCK_N) + pid_n
-    done = tl.atomic_add(count_ptrs, 1, mask=valid, sem="acq_rel", scope="gpu")
-    last = valid & (done == top_k - 1)
-    # the rows are read by threads other than the one whose atomic acquired them
-    tl.debug_barrier()
-    mask = last[:, None] & col_mask[None, :]
-    slot_ptrs = out_ptr + (token * top_k)[:, None] * stride_om + cols[None, :] * stride_oh
-    total = tl.zeros(mask.shape, dtype=tl.float32)
-    for k in range(0, top_k):
-        # .cg: through L2 only; another SM's rows may be stale in this SM's L1
-        total += tl.load(slot_ptrs + k * stride_om, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    token_ptrs = tokens_ptr + token[:, None] * stride_tt + cols[None, :] * stride_th
-    tl.store(token_ptrs, total.to(tokens_ptr.dtype.element_ty), mask=mask)
-    tl.store(count_ptrs, tl.zeros_like(done), mask=last)
 
 
 @triton.jit
@@ -367,10 +316,6 @@ def _gemm2_kernel(
     sorted_ids_ptr,
     expert_ids_ptr,
     num_padded_ptr,
-    counters_ptr,  # FUSED_COMBINE: int32 [T * cdiv(H, BLOCK_N)], zero on entry and on exit
-    tokens_ptr,  # FUSED_COMBINE: [T, H] the summed output (out_ptr holds the slot rows)
-    stride_tt,
-    stride_th,
     num_slots,
     top_k,
     hidden,
@@ -379,7 +324,6 @@ def _gemm2_kernel(
     HAS_BIAS: tl.constexpr,
     WEIGHTS_ON_INPUT: tl.constexpr,
     ATOMIC: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr,
     A_TMA: tl.constexpr,  # act through a TMA descriptor (act_ptr is one)
@@ -400,8 +344,8 @@ def _gemm2_kernel(
             _gemm2_tile(
                 tile, used_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
                 b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                sorted_ids_ptr, expert_ids_ptr, counters_ptr, tokens_ptr, stride_tt, stride_th, num_slots, top_k,
-                hidden, inter, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FUSED_COMBINE, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
             )  # fmt: skip
     else:
@@ -411,7 +355,7 @@ def _gemm2_kernel(
             _gemm2_tile(
                 tile, num_blocks_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
                 b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                sorted_ids_ptr, expert_ids_ptr, counters_ptr, tokens_ptr, stride_tt, stride_th, num_slots, top_k,
-                hidden, inter, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FUSED_COMBINE, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
             )  # fmt: skip
