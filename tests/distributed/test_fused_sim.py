@@ -53,6 +53,35 @@ def test_fused_simulation_matches_reference(ep, tokens, owner, hot, dtype, gener
     _check(outs, w, xs, tws, tis, config, dtype, "fused sim")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_simulation_tma(gated, dtype, generator, monkeypatch):
+    """Weights and GEMM 2's input through TMA descriptors (``FusedTiles.tma``); H, I not multiples of the 16-wide
+    boxes (zero-filled past H / I); the descriptors are really built and used."""
+    import dataclasses
+
+    from tilemoe.distributed import fused_ops
+    from tilemoe.distributed.fused_ops import INTERPRETER_TILES
+
+    built = []
+    real = fused_ops.FusedRank.descriptor
+
+    def spy(self, tensor, block_rows, block_cols):
+        desc = real(self, tensor, block_rows, block_cols)
+        built.append(desc is not None)
+        return desc
+
+    monkeypatch.setattr(fused_ops.FusedRank, "descriptor", spy)
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24, gated=gated, expert_bias=True)
+    placement = ExpertPlacement.contiguous(6, 2)
+    w, xs, tws, tis, s = _case(config, placement, [9, 20], dtype, generator)
+    tiles = dataclasses.replace(INTERPRETER_TILES, tma=True)
+    sim = SimulatedFusedEP(placement, config, max_tokens=20, dtype=dtype, tiles=tiles)
+    outs = sim.forward(xs, tws, tis, s["w13"], s["w2"], b13=s["b13"], b2=s["b2"])
+    _check(outs, w, xs, tws, tis, config, dtype, "fused sim tma")
+    assert built and all(built)  # w13 (GEMM 1), w2 and act (GEMM 2) on both ranks
+
+
 def test_fused_simulation_epochs_reuse_buffers(generator):
     """Three forwards on the same buffers, new routing each time (one with T = 0 on a rank): flags carry the
     epoch and are never reset; a bias and a plain (non-gated) MLP go through the epilogues."""
@@ -119,9 +148,10 @@ def test_fused_layout_invariants(impl, generator):
 
 
 @pytest.mark.gpu
-def test_fused_simulation_compiled_on_gpu():
+@pytest.mark.parametrize("tma", [False, True])
+def test_fused_simulation_compiled_on_gpu(tma):
     """The same kernels compiled for the GPU (system-scope flags, real spins), ranks simulated on one device,
-    phases in order so no spin ever waits; bf16 at the default tile shapes."""
+    phases in order so no spin ever waits; bf16 at the default tile shapes, with and without TMA."""
     from tilemoe.distributed.fused_ops import FusedTiles
 
     g = torch.Generator().manual_seed(0)
@@ -136,7 +166,7 @@ def test_fused_simulation_compiled_on_gpu():
         tis.append(ti)
     w13 = [expert_shard(w["w13"], placement.experts_of(r)) for r in range(2)]
     w2 = [expert_shard(w["w2"], placement.experts_of(r)) for r in range(2)]
-    outs = simulate_fused_forward(xs, tws, tis, w13, w2, placement, config, tiles=FusedTiles())
+    outs = simulate_fused_forward(xs, tws, tis, w13, w2, placement, config, tiles=FusedTiles(tma=tma))
     for r in range(2):
         ref = reference_experts_fp64(xs[r], w["w13"], w["w2"], tws[r], tis[r], config=config)
         assert_close(outs[r], ref, torch.bfloat16, name=f"fused sim on GPU rank {r}")

@@ -140,7 +140,7 @@ def _dispatch_gemm1_kernel(
     my_rank, ep, top_k, hidden, inter, max_spin, swiglu_alpha, swiglu_limit,
     MAXB: tl.constexpr, NUM_PUT: tl.constexpr, DO_PUT: tl.constexpr, DO_GEMM: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
-    FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr, COMPUTE: tl.constexpr,
+    FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr, COMPUTE: tl.constexpr, W_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     SPIN: tl.constexpr, SYS: tl.constexpr,
 ):  # fmt: skip
@@ -166,7 +166,7 @@ def _dispatch_gemm1_kernel(
                 pid - first_tile, x_ptr, recv_x_ptr, recv_meta_ptr, hdr_ptr, bflag_ptr,
                 w13_ptr, b13_ptr, act_ptr, nb_local_ptr, bexp_local_ptr, err_ptr,
                 epoch, my_rank, ep, top_k, hidden, inter, max_spin, swiglu_alpha, swiglu_limit,
-                MAXB, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, EVEN_K, COMPUTE,
+                MAXB, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, EVEN_K, COMPUTE, W_TMA,
                 BLOCK_M, BLOCK_N, BLOCK_K, SPIN, SYS,
             )  # fmt: skip
 
@@ -178,7 +178,8 @@ def _gemm1_program(
     epoch, my_rank, ep, top_k, hidden, inter, max_spin, swiglu_alpha, swiglu_limit,
     MAXB: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     WEIGHTS_ON_INPUT: tl.constexpr, FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPIN: tl.constexpr, SYS: tl.constexpr,
+    W_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPIN: tl.constexpr, SYS: tl.constexpr,
 ):  # fmt: skip
     """One GEMM 1 tile: (row-block m, column block n of I), regions in the order own, own + 1, ...
     COMPUTE=False (the bench's communication-only forward): wait for the rows, compute nothing."""
@@ -203,7 +204,7 @@ def _gemm1_program(
                 x_ptr, recv_x_ptr, recv_meta_ptr, w13_ptr, b13_ptr, act_ptr,
                 s * (MAXB * BLOCK_M) + b * BLOCK_M, n, expert, s == my_rank, top_k, hidden, inter,
                 swiglu_alpha, swiglu_limit,
-                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, EVEN_K, W_TMA, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
 
 
@@ -212,9 +213,11 @@ def _gemm1_tile(
     x_ptr, recv_x_ptr, recv_meta_ptr, w13_ptr, b13_ptr, act_ptr,
     row0, n, expert, own, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
-    FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr,
+    FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    # W_TMA: w13_ptr is a TMA descriptor over w13 viewed as [E_local * N1, H] ([BLOCK_N, BLOCK_K] boxes, zero-filled
+    # past H; a box past an expert's gate or up rows reads rows whose columns are never stored)
     rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     pair = tl.load(recv_meta_ptr + rows * 2)
     valid = pair >= 0
@@ -227,8 +230,13 @@ def _gemm1_tile(
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
     n1 = 2 * inter if GATED else inter
-    g_ptrs = w13_ptr + expert.to(tl.int64) * n1 * hidden + cols[None, :].to(tl.int64) * hidden + ks[:, None]
-    u_ptrs = g_ptrs + inter * hidden
+    gate_row = (expert * n1 + n * BLOCK_N).to(tl.int32)
+    if W_TMA:  # the pointer tiles are never formed
+        g_ptrs = w13_ptr
+        u_ptrs = w13_ptr
+    else:
+        g_ptrs = w13_ptr + expert.to(tl.int64) * n1 * hidden + cols[None, :].to(tl.int64) * hidden + ks[:, None]
+        u_ptrs = g_ptrs + inter * hidden
     if WEIGHTS_ON_INPUT:
         row_weight = tl.load(recv_meta_ptr + rows * 2 + 1).to(tl.float32, bitcast=True)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -241,14 +249,21 @@ def _gemm1_tile(
             a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         if WEIGHTS_ON_INPUT:
             a = (a.to(tl.float32) * row_weight[:, None]).to(x_ptr.dtype.element_ty)
-        wg = tl.load(g_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if W_TMA:
+            wg = w13_ptr.load([gate_row, k0 * BLOCK_K]).T
+        else:
+            wg = tl.load(g_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc_g = _dot(a, wg, acc_g, FP32_PRECISE)
         if GATED:
-            wu = tl.load(u_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if W_TMA:
+                wu = w13_ptr.load([gate_row + inter, k0 * BLOCK_K]).T
+            else:
+                wu = tl.load(u_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc_u = _dot(a, wu, acc_u, FP32_PRECISE)
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+        if not W_TMA:
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
     dtype = act_ptr.dtype.element_ty
     if HAS_BIAS:
         b_row = b13_ptr + expert.to(tl.int64) * n1
@@ -268,14 +283,16 @@ def _gemm2_put_kernel(
     peer_ret_ptr, peer_cflag_ptr, peer_done_ptr,  # [ep] int64 address tables (the sources' buffers)
     my_rank, ep, hidden, inter,
     MAXB: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_PRECISE: tl.constexpr,
-    EVEN_K: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SYS: tl.constexpr,
+    EVEN_K: tl.constexpr, COMPUTE: tl.constexpr, W_TMA: tl.constexpr, A_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, SYS: tl.constexpr,
 ):  # fmt: skip
     """GEMM 2 tiles (row-block, column block of H): y = act @ w2^T (+ b2) times the routing weight, stored
     straight into the source's ``ret`` at each row's pair index; then the tile's combine flag there. Runs
     after GEMM 1 in stream order, so it only reads what GEMM 1 recorded locally (nb_local, bexp_local);
     program (region s, block 0, column 0) first tells s that GEMM 1 is done (``done``): s may then reuse
-    the region it sent here, even when it sent nothing. COMPUTE=False: zeros stored (same bytes moved)."""
+    the region it sent here, even when it sent nothing. COMPUTE=False: zeros stored (same bytes moved).
+    W_TMA / A_TMA: w2_ptr / act_ptr are TMA descriptors (w2 as [E_local * H, I], act as [rows, I]; boxes
+    zero-filled past I); OUT_DTYPE: act's element type (act_ptr may be a descriptor)."""
     pid = tl.program_id(0)
     epoch = tl.load(epoch_ptr)
     nt = tl.cdiv(hidden, BLOCK_N)
@@ -294,25 +311,40 @@ def _gemm2_put_kernel(
         ks = tl.arange(0, BLOCK_K)
         cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < hidden
-        a_ptrs = act_ptr + rows[:, None] * inter + ks[None, :]
-        w_ptrs = w2_ptr + expert * hidden * inter + cols[None, :].to(tl.int64) * inter + ks[:, None]
+        row0 = (s * MAXB * BLOCK_M + b * BLOCK_M).to(tl.int32)
+        w_row = (expert * hidden + n * BLOCK_N).to(tl.int32)
+        if A_TMA:
+            a_ptrs = act_ptr
+        else:
+            a_ptrs = act_ptr + rows[:, None] * inter + ks[None, :]
+        if W_TMA:
+            w_ptrs = w2_ptr
+        else:
+            w_ptrs = w2_ptr + expert * hidden * inter + cols[None, :].to(tl.int64) * inter + ks[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_tiles = tl.cdiv(inter, BLOCK_K)
         if not COMPUTE:
             k_tiles = 0
         for k0 in range(0, k_tiles):
             k_mask = ks < inter - k0 * BLOCK_K
-            if EVEN_K:
+            if A_TMA:
+                a = act_ptr.load([row0, k0 * BLOCK_K])
+            elif EVEN_K:
                 a = tl.load(a_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if W_TMA:
+                w = w2_ptr.load([w_row, k0 * BLOCK_K]).T
+            else:
+                w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc = _dot(a, w, acc, FP32_PRECISE)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+            if not A_TMA:
+                a_ptrs += BLOCK_K
+            if not W_TMA:
+                w_ptrs += BLOCK_K
         if HAS_BIAS:
             acc += tl.load(b2_ptr + expert * hidden + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        dtype = act_ptr.dtype.element_ty
+        dtype = OUT_DTYPE
         if not WEIGHTS_ON_INPUT:
             weight = tl.load(recv_meta_ptr + rows * 2 + 1).to(tl.float32, bitcast=True)
             acc = acc.to(dtype).to(tl.float32) * weight[:, None]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from tilemoe.config import MoEConfig
 from tilemoe.distributed.fused_kernels import (
@@ -58,12 +59,15 @@ class FusedTiles:
     num_put: int = 32
     block_h: int = 128  # columns per put step
     block_t: int = 16  # tokens per combine program
+    tma: bool = False  # weights and GEMM 2's input through TMA descriptors where the layout allows (opt-in)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2", "block_h", "block_t"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"FusedTiles.{name}: expected a power of two, got {value!r}")
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"FusedTiles.tma: expected a bool, got {self.tma!r}")
         if self.num_put < 1:
             raise ValueError(f"FusedTiles.num_put: expected >= 1, got {self.num_put}")
 
@@ -82,7 +86,8 @@ def fused_tiles_for(config: MoEConfig, max_tokens: int, dtype: torch.dtype, devi
     at init, not per call: block_m sizes the symmetric buffers, and block_n2 numbers the combine flags,
     which the destination (GEMM 2) and the source (combine) must agree on although their T differ.
     Decode and grouped_mm configs (other kernels) fall back to ``heuristic_config``; the fused kernels have
-    no TMA / persistent variant, so only the tile shapes, warps and stages are taken, the stages cut to
+    no persistent variant, so the tile shapes, warps and stages are taken (``tma`` stays off: the fused
+    TMA path is tested but not yet timed on two GPUs; opt in with ``FusedTiles(tma=True)``), the stages cut to
     what ``STAGE_SMEM_BUDGET`` holds with pointer loads (and cut again at launch if Triton still finds the
     shared memory short, see ``_launch``).
     """
@@ -106,6 +111,8 @@ def fused_tiles_for(config: MoEConfig, max_tokens: int, dtype: torch.dtype, devi
         block_n2=kc.block_n2, block_k2=kc.block_k2, num_warps2=kc.num_warps2, num_stages2=s2,
     )  # fmt: skip
 
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 # the interpreter runs every program in Python: the smallest tiles tl.dot accepts
 INTERPRETER_TILES = FusedTiles(
@@ -157,6 +164,19 @@ class FusedRank:
         self.epoch = torch.zeros(1, dtype=torch.int64, device=device)  # advanced by fused_layout per forward
         self.scratch = torch.zeros(layout_scratch_size(geom), dtype=torch.int32, device=device)
         self.err = torch.zeros(1, dtype=torch.int32, device=device)
+        self._descriptors: dict[tuple, object] = {}
+
+    def descriptor(self, tensor: torch.Tensor, block_rows: int, block_cols: int):
+        """A TMA descriptor over ``tensor`` [..., C] viewed as [-1, C] with [block_rows, block_cols] boxes, kept
+        for the next forward (weights and ``act`` keep their storage), or None where TMA cannot read it."""
+        from tilemoe.ops.fused_experts import _tma_descriptor
+
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, block_rows, block_cols)
+        if key not in self._descriptors:
+            if len(self._descriptors) > 16:  # weights swapped many times: do not hold every old storage's key
+                self._descriptors.clear()
+            self._descriptors[key] = _tma_descriptor(tensor, block_rows, block_cols)
+        return self._descriptors[key]
 
     def error(self) -> str | None:
         """The error a bounded wait recorded (reads the device: a sync), or None."""
@@ -204,6 +224,7 @@ def dispatch_gemm1(
     nt1 = triton.cdiv(g.intermediate_size, t.block_n1) if compute else 1
     grid = (t.num_put if put else 0) + (g.ep_size * g.max_blocks * nt1 if gemm else 0)
     x = x.contiguous() if x.shape[0] else r.buf["ret"][:1]  # T = 0: any valid address; never read
+    w13_desc = r.descriptor(w13, t.block_n1, t.block_k1) if t.tma and gemm and compute else None
     _launch(
         r, _dispatch_gemm1_kernel, (grid,), "num_stages1",
         x_ptr=x, topk_w_ptr=topk_weights.reshape(-1).float().contiguous(), inv_ptr=layout.inv,
@@ -211,14 +232,15 @@ def dispatch_gemm1(
         peer_x_ptr=r.tables["recv_x"], peer_meta_ptr=r.tables["recv_meta"], peer_hdr_ptr=r.tables["hdr"],
         peer_bflag_ptr=r.tables["bflag"],
         recv_x_ptr=r.buf["recv_x"], recv_meta_ptr=r.buf["recv_meta"], hdr_ptr=r.buf["hdr"], bflag_ptr=r.buf["bflag"],
-        w13_ptr=w13, b13_ptr=b13 if b13 is not None else w13, act_ptr=r.act, nb_local_ptr=r.nb_local,
+        w13_ptr=w13 if w13_desc is None else w13_desc, b13_ptr=b13 if b13 is not None else w13, act_ptr=r.act,
+        nb_local_ptr=r.nb_local,
         bexp_local_ptr=r.bexp_local, epoch_ptr=r.epoch, err_ptr=r.err,
         my_rank=r.rank, ep=g.ep_size, top_k=g.top_k, hidden=g.hidden_size, inter=g.intermediate_size,
         max_spin=max_spin, swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit,
         MAXB=g.max_blocks, NUM_PUT=t.num_put, DO_PUT=put, DO_GEMM=gemm,
         ACTIVATION=ACTIVATION_CODES[config.activation], GATED=config.gated, HAS_BIAS=b13 is not None,
         WEIGHTS_ON_INPUT=config.weights_on_input, FP32_PRECISE=x.dtype == torch.float32,
-        EVEN_K=g.hidden_size % t.block_k1 == 0, COMPUTE=compute,
+        EVEN_K=g.hidden_size % t.block_k1 == 0, COMPUTE=compute, W_TMA=w13_desc is not None,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n1, BLOCK_K=t.block_k1, BLOCK_H=t.block_h,
         SPIN=spin, SYS=spin, num_warps=t.num_warps1,
     )  # fmt: skip
@@ -231,15 +253,19 @@ def gemm2_put(
     g, t = r.geom, r.tiles
     sys_scope = not interpreting()
     grid = g.ep_size * g.max_blocks * triton.cdiv(g.hidden_size, t.block_n2)
+    w2_desc = r.descriptor(w2, t.block_n2, t.block_k2) if t.tma and compute else None
+    act_desc = r.descriptor(r.act, t.block_m, t.block_k2) if t.tma and compute else None
     _launch(
         r, _gemm2_put_kernel, (grid,), "num_stages2",
-        act_ptr=r.act, recv_meta_ptr=r.buf["recv_meta"], w2_ptr=w2, b2_ptr=b2 if b2 is not None else w2,
+        act_ptr=r.act if act_desc is None else act_desc, recv_meta_ptr=r.buf["recv_meta"],
+        w2_ptr=w2 if w2_desc is None else w2_desc, b2_ptr=b2 if b2 is not None else w2,
         nb_local_ptr=r.nb_local, bexp_local_ptr=r.bexp_local, epoch_ptr=r.epoch,
         peer_ret_ptr=r.tables["ret"], peer_cflag_ptr=r.tables["cflag"], peer_done_ptr=r.tables["done"],
         my_rank=r.rank, ep=g.ep_size, hidden=g.hidden_size, inter=g.intermediate_size,
         MAXB=g.max_blocks, WEIGHTS_ON_INPUT=config.weights_on_input, HAS_BIAS=b2 is not None,
         FP32_PRECISE=r.act.dtype == torch.float32, EVEN_K=g.intermediate_size % t.block_k2 == 0,
-        COMPUTE=compute, BLOCK_M=t.block_m, BLOCK_N=t.block_n2, BLOCK_K=t.block_k2, SYS=sys_scope,
+        COMPUTE=compute, W_TMA=w2_desc is not None, A_TMA=act_desc is not None,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n2, BLOCK_K=t.block_k2, OUT_DTYPE=_TL_DTYPES[r.act.dtype], SYS=sys_scope,
         num_warps=t.num_warps2,
     )  # fmt: skip
 
