@@ -139,25 +139,29 @@ def probe_gemm1(m: int, n: int, k: int, bm: int, bn: int, bk: int, warps: int, s
                                          NUM_PROGRAMS=grid, GATHER=gather, GATED=gated, PERSISTENT=persistent,
                                          num_warps=warps, num_stages=stages)  # fmt: skip
 
-                try:
-                    c.fill_(float("nan"))
-                    fn()
-                    torch.cuda.synchronize()
-                    err = ((c.float() - ref).norm() / ref.norm()).item()
-                    if not err < 2e-2:
-                        out.append((name, f"wrong (rel err {err:.2e})"))
-                        continue
-                    us = bench_us(fn)
-                    out.append((name, f"{us:9.1f} us {2.0 * m * n * k / us / 1e6:6.0f} TFLOP/s"))
-                except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result here
-                    out.append(
-                        (name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:140] if str(exc) else ''}")
-                    )
+                out.append((name, checked_time(fn, c, ref, 2.0 * m * n * k)))
     return out
 
 
 def bench_us(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+
+
+def checked_time(fn, out: torch.Tensor, ref: torch.Tensor, flops: float) -> str:
+    """``fn`` run once into ``out`` (poisoned first) and checked against ``ref``, then timed: a line of text;
+    a variant that is wrong or that this Triton cannot compile says so instead."""
+    try:
+        out.fill_(float("nan"))
+        fn()
+        torch.cuda.synchronize()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        if not err < 2e-2:
+            return f"wrong (rel err {err:.2e})"
+        us = bench_us(fn)
+        return f"{us:9.1f} us {flops / us / 1e6:6.0f} TFLOP/s"
+    except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result here
+        first = str(exc).splitlines()[0][:140] if str(exc) else ""
+        return f"failed: {type(exc).__name__}: {first}"
 
 
 def probe(m: int, n: int, k: int, bm: int, bn: int, bk: int, warps: int, stages: int) -> list[tuple[str, str]]:
@@ -198,21 +202,7 @@ def probe(m: int, n: int, k: int, bm: int, bn: int, bk: int, warps: int, stages:
             expect_gather,
         ),
     }
-    out = []
-    for name, (fn, ref) in variants.items():
-        try:
-            c.fill_(float("nan"))
-            fn()
-            torch.cuda.synchronize()
-            err = ((c.float() - ref).norm() / ref.norm()).item()
-            if not err < 2e-2:
-                out.append((name, f"wrong (rel err {err:.2e})"))
-                continue
-            us = bench_us(fn)
-            out.append((name, f"{us:9.1f} us {flops / us / 1e6:6.0f} TFLOP/s"))
-        except Exception as exc:  # a variant this Triton cannot compile: say why, go on
-            out.append((name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:140] if str(exc) else ''}"))
-    return out
+    return [(name, checked_time(fn, c, ref, flops)) for name, (fn, ref) in variants.items()]
 
 
 def main(argv=None) -> int:
