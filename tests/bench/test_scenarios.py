@@ -116,3 +116,13 @@ def test_measure_and_stats():
     assert len(stats.times_ms) == 5 and calls == [1, 2, 3, 1, 2, 3, 1]  # inputs rotate
     s = TimingStats(times_ms=[1.0, 2.0, 3.0, 4.0, 100.0])
     assert s.p50 == 3.0 and s.mean == 22.0 and s.p50 <= s.p95 <= s.p99 <= 100.0
+
+
+def test_roofline_percent_against_mean_and_median():
+    from tilemoe.bench.runner import _fill_timing
+
+    row = {"roofline_ms": 1.5, "flops": 3e9, "bytes": 6e6, "note": ""}
+    _fill_timing(row, TimingStats(times_ms=[1.0, 2.0, 3.0, 4.0, 100.0]), tokens=8)  # one slow call: mean 22, p50 3
+    assert row["pct_roofline"] == pytest.approx(100.0 * 1.5 / 22.0)
+    assert row["pct_roofline_p50"] == pytest.approx(50.0)
+    assert row["throughput_tok_per_sec"] == pytest.approx(8 / 22e-3)

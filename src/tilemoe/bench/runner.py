@@ -78,6 +78,7 @@ MORE_COLUMNS = (
     "tflops",
     "gbps",
     "pct_roofline",
+    "pct_roofline_p50",
     "roofline_ms",
     "peak_memory_mb",
     "status",
@@ -199,6 +200,7 @@ def _base_row(s: BenchSettings, impl: str, scenario: str, tokens: int, loads, fl
         "tflops": math.nan,
         "gbps": math.nan,
         "pct_roofline": math.nan,
+        "pct_roofline_p50": math.nan,
         "roofline_ms": roof_s * 1e3,
         "peak_memory_mb": math.nan,
         "status": "OK",
@@ -236,6 +238,8 @@ def _fill_timing(row: dict, stats: TimingStats, tokens: int) -> None:
         row["tflops"] = row["flops"] / seconds / 1e12
         row["gbps"] = row["bytes"] / seconds / 1e9
         row["pct_roofline"] = 100.0 * row["roofline_ms"] / mean
+    if stats.p50 > 0:  # the same against the median: steadier where a few slow calls pull the mean up
+        row["pct_roofline_p50"] = 100.0 * row["roofline_ms"] / stats.p50
     if stats.note:
         row["note"] = f"{row['note']}; {stats.note}" if row["note"] else stats.note
 
