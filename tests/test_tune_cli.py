@@ -78,7 +78,6 @@ def test_candidate_configs(shape):
 
 
 def test_grouped_mm_candidate_where_its_grouped_gemm_runs(monkeypatch):
-    monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(tune, "grouped_mm_available", lambda device_type, dtype: True)
     many_rows = MoEShape(4096, 8, 2, 4096, 14336)  # 1024 rows per expert
     assert tune.GROUPED_MM_CANDIDATE in tune.candidate_configs(many_rows, torch.bfloat16)

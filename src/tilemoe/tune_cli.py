@@ -134,7 +134,7 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
     rest.sort(key=lambda c: abs(math.log2(c.block_m) - math.log2(base.block_m)))  # stable: list order breaks ties
     # its block_m is only the row alignment of the grouped GEMM's groups: not pruned by the tile rule above
     grouped = dtype in (torch.float16, torch.bfloat16) and rows_per_expert >= GROUPED_MM_MIN_ROWS
-    if grouped and torch.cuda.is_available() and grouped_mm_available("cuda", dtype) and base != GROUPED_MM_CANDIDATE:
+    if grouped and grouped_mm_available("cuda", dtype) and base != GROUPED_MM_CANDIDATE:
         rest.append(GROUPED_MM_CANDIDATE)
     return [base, *rest]
 

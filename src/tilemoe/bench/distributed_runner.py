@@ -157,13 +157,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Per-call times in ms (CUDA events on GPU, perf_counter on CPU)."""
+def _time_ms(fn, device: torch.device, warmup: int, iters: int, *, aligned: bool = False) -> list[float]:
+    """Per-call times in ms (CUDA events on GPU, perf_counter on CPU). aligned (GPU): each timed call starts after
+    ``_aligned_start``, for communication steps whose time a peer's launch skew would otherwise inflate."""
+    token = torch.zeros(1, device=device) if aligned else None
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     for _ in range(iters):
+        if aligned:
+            _aligned_start(device, token)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -194,24 +198,6 @@ def _aligned_start(device: torch.device, token: torch.Tensor) -> None:
     dist.all_reduce(token)
     if device.type == "cuda" and hasattr(torch.cuda, "_sleep"):
         torch.cuda._sleep(ALIGN_SLEEP_CYCLES)
-
-
-def _time_aligned_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Per-call times in ms of a communication step, each call started after ``_aligned_start`` (CUDA events)."""
-    token = torch.zeros(1, device=device)
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        _aligned_start(device, token)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def _slowest(value: float, device: torch.device) -> float:
@@ -476,9 +462,9 @@ def _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats) -> Non
         send = torch.empty(per_peer * world, x.shape[1], dtype=x.dtype, device=device)
         recv = torch.empty_like(send)
         # started like the fused path's dispatch and combine (_fused_comm_columns): the same bar, measured alike
-        timer = _time_aligned_ms if device.type == "cuda" else _time_ms
         dist.barrier()
-        a2a = timer(lambda: dist.all_to_all_single(recv, send, group=d.group), device, p["warmup"], p["iters"])
+        a2a = _time_ms(lambda: dist.all_to_all_single(recv, send, group=d.group), device, p["warmup"], p["iters"],
+                       aligned=device.type == "cuda")  # fmt: skip
         a2a_ms = _slowest(statistics.median(a2a), device)
         nccl_gbps = per_peer * (world - 1) * x.shape[1] * elem / (a2a_ms / 1e3) / 1e9
     total = row["latency_p50_ms"]

@@ -23,7 +23,7 @@ def _grouped_mm_fn():
 @functools.cache
 def _probe(device_type: str, dtype: torch.dtype) -> bool:
     fn = _grouped_mm_fn()
-    if fn is None:
+    if fn is None or (device_type == "cuda" and not torch.cuda.is_available()):  # a CPU-only torch asserts there
         return False
     try:
         a = torch.ones(32, 16, device=device_type, dtype=dtype)
