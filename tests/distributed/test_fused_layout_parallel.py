@@ -16,6 +16,7 @@ from tilemoe.distributed.fused_layout import (
     fused_layout,
     fused_layout_torch,
     layout_scratch_size,
+    new_layout_buffers,
 )
 from tilemoe.testing import make_routing
 
@@ -61,10 +62,17 @@ def test_fused_layout_equals_torch(tokens, top_k, owner, block_m, generator):
     owner_t, local_t = placement.owner_tensor(), placement.local_index_tensor()
     ref = fused_layout_torch(ids, owner_t, local_t, geom)
     epoch = torch.tensor([41], dtype=torch.int64)
-    scratch = torch.full((layout_scratch_size(geom),), 9, dtype=torch.int32)  # stale counters: must be reset
-    for forward in range(2):  # the same scratch twice: nothing carries over between forwards
-        lay = fused_layout(ids, owner_t, local_t, geom, scratch, epoch)
+    scratch = torch.zeros(layout_scratch_size(geom), dtype=torch.int32)
+    table = layout_scratch_size(geom) // 2
+    # stale buffers kept across forwards (as FusedRank keeps them): every element the layout owns is rewritten
+    out = new_layout_buffers(geom, "cpu")
+    for t in (out.inv, out.nblocks, out.block_expert, out.pair_block):
+        t.fill_(5)
+    for forward in range(3):  # the same scratch and buffers: nothing carries over between forwards
+        lay = fused_layout(ids, owner_t, local_t, geom, scratch, epoch, out if forward else None)
         assert int(epoch) == 42 + forward
+        # the counters are left zeroed for the next call (no zeroing launch); the cursors are not read again
+        assert torch.equal(scratch[:table], torch.zeros(table, dtype=torch.int32))
         assert torch.equal(lay.nblocks, ref.nblocks)
         assert torch.equal(lay.block_expert, ref.block_expert)
         inv, pair_block = _in_pair_order(lay, geom)

@@ -82,6 +82,31 @@ def test_fused_simulation_tma(gated, dtype, generator, monkeypatch):
     assert built and all(built)  # w13 (GEMM 1), w2 and act (GEMM 2) on both ranks
 
 
+@pytest.mark.parametrize(
+    ("put_split", "tokens"),
+    [
+        (2, [9, 20]),  # H = 40 in two slices of 32 and 8 columns (BLOCK_H = 32)
+        (4, [0, 17]),  # four slices, the last two empty (flags only); T = 0 on rank 0
+    ],
+)
+def test_fused_simulation_put_split(put_split, tokens, generator):
+    """Each block's put cut into column slices with a flag each (``FusedTiles.put_split``); two forwards on the
+    same buffers (the slice flags carry the epoch like the block flags)."""
+    import dataclasses
+
+    from tilemoe.distributed.fused_ops import INTERPRETER_TILES
+
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24)
+    placement = ExpertPlacement.contiguous(6, 2)
+    tiles = dataclasses.replace(INTERPRETER_TILES, put_split=put_split)
+    sim = SimulatedFusedEP(placement, config, max_tokens=20, dtype=torch.float16, tiles=tiles)
+    assert sim.ranks[0].buf["bflag"].numel() == 2 * sim.geom.max_blocks * put_split
+    for _ in range(2):
+        w, xs, tws, tis, s = _case(config, placement, tokens, torch.float16, generator)
+        outs = sim.forward(xs, tws, tis, s["w13"], s["w2"])
+        _check(outs, w, xs, tws, tis, config, torch.float16, f"fused sim put_split={put_split}")
+
+
 def test_fused_simulation_epochs_reuse_buffers(generator):
     """Three forwards on the same buffers, new routing each time (one with T = 0 on a rank): flags carry the
     epoch and are never reset; a bias and a plain (non-gated) MLP go through the epilogues."""
@@ -126,7 +151,7 @@ def test_fused_layout_invariants(impl, generator):
     owner, local = placement.owner_tensor(), placement.local_index_tensor()
     if impl == "triton":
         epoch = torch.tensor([5], dtype=torch.int64)
-        scratch = torch.full((layout_scratch_size(geom),), 7, dtype=torch.int32)  # stale: must be reset
+        scratch = torch.zeros(layout_scratch_size(geom), dtype=torch.int32)  # zero at first, left zeroed
         lay = fused_layout(ids, owner, local, geom, scratch, epoch)
         assert int(epoch) == 6
     else:

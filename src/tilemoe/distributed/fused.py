@@ -92,7 +92,7 @@ class SimulatedFusedEP:
             if x.shape[0] > self.geom.max_tokens:
                 raise ValueError(f"xs[{r}]: {x.shape[0]} tokens exceed max_tokens={self.geom.max_tokens}")
         layouts = [
-            fused_layout(topk_ids[r.rank], self.owner, self.local_index, self.geom, r.scratch, r.epoch)
+            fused_layout(topk_ids[r.rank], self.owner, self.local_index, self.geom, r.scratch, r.epoch, r.layout)
             for r in self.ranks
         ]
         for r in self.ranks:  # 1. dispatch puts

@@ -21,7 +21,9 @@ NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_SYMME
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,7 @@ import torch.distributed as dist
 from tilemoe.config import MoEConfig
 from tilemoe.distributed.fused_layout import FusedGeometry, fused_layout
 from tilemoe.distributed.fused_ops import (
+    BUFFER_FIELDS,
     FusedRank,
     FusedTiles,
     buffer_specs,
@@ -151,6 +154,7 @@ class FusedDispatcher:
             bufs[name], self.handles[name] = t, handle
             tables[name] = torch.tensor(ptrs, dtype=torch.int64, device=device)
         self.state = FusedRank(self.rank, self.geom, self.tiles, bufs, tables)
+        self._cut_tiles: dict[FusedTiles, FusedTiles] = {}
         self.owner = placement.owner_tensor(device)
         self.local_index = placement.local_index_tensor(device)
         torch.cuda.synchronize(device)
@@ -182,7 +186,8 @@ class FusedDispatcher:
             raise TypeError(f"x: expected dtype {self.state.act.dtype} (the buffers'), got {x.dtype}")
         if events:
             events[0].record()
-        layout = fused_layout(topk_ids, self.owner, self.local_index, self.geom, self.state.scratch, self.state.epoch)
+        st = self.state
+        layout = fused_layout(topk_ids, self.owner, self.local_index, self.geom, st.scratch, st.epoch, st.layout)
         dispatch_gemm1(self.state, x, topk_weights, layout, w13.contiguous(), b13, self.config,
                        compute=compute, max_spin=self.max_spin)  # fmt: skip
         if events:
@@ -192,6 +197,28 @@ class FusedDispatcher:
         if events:
             events[2].record()
         return out
+
+    @contextlib.contextmanager
+    def using_tiles(self, tiles: FusedTiles) -> Iterator[None]:
+        """Forwards inside run with ``tiles`` instead of the layer's (the benchmark's variants, e.g.
+        ``dataclasses.replace(layer.fused.tiles, tma=True)``); every rank must use the same. Raises ValueError
+        when ``tiles`` differs from the layer's in a field that sized the buffers (``BUFFER_FIELDS``)."""
+        if not isinstance(tiles, FusedTiles):
+            raise TypeError(f"tiles: expected a FusedTiles, got {type(tiles).__name__}")
+        own = self.state.tiles
+        differ = [f for f in BUFFER_FIELDS if getattr(tiles, f) != getattr(own, f)]
+        if differ:
+            raise ValueError(
+                f"tiles: {differ} differ from the layer's ({[getattr(own, f) for f in differ]} -> "
+                f"{[getattr(tiles, f) for f in differ]}), which sized its buffers: build a layer with these tiles"
+            )
+        # stages a launch had to cut (``fused_ops._launch``) are kept per requested tiles, not found again
+        self.state.tiles = self._cut_tiles.get(tiles, tiles)
+        try:
+            yield
+        finally:
+            self._cut_tiles[tiles] = self.state.tiles
+            self.state.tiles = own
 
     def check(self) -> None:
         """Raise RuntimeError when a wait of an earlier forward gave up (a lost or stalled peer). Syncs."""

@@ -1,14 +1,17 @@
 """Triton kernels of the ``fused`` expert-parallel path: puts, flag-waiting expert GEMMs, remote-store combine.
 
 Letters: T tokens on a rank, K top-k, pair p = t*K + k, H hidden, I expert intermediate, ep ranks,
-BM rows per row-block, MAXB row-blocks per source region, R = MAXB*BM rows per region (``fused_layout``).
+BM rows per row-block, MAXB row-blocks per source region, R = MAXB*BM rows per region (``fused_layout``),
+S = PUT_SPLIT column slices a row-block's put is cut into (each slice its own put work item and flag).
+MAXB is a runtime argument (``maxb``), not a constexpr: it changes with max_tokens, and as a constexpr every
+token count of a benchmark compiled every kernel again.
 
 Buffers of every rank (symmetric: peers write into them through tables of base addresses, int64 [ep]):
     recv_x     [ep*R, H]    rows sources put here (region s = rows s*R ...); the own region stays empty:
                             GEMM 1 reads its own rows straight from x
     recv_meta  [ep*R, 2]    int32: pair index on the source (-1: padding row), routing weight (float32 bits)
     hdr        [ep]         int64 flag word per source: (epoch << 32) | blocks it filled in its region
-    bflag      [ep*MAXB]    int64 flag word per block: (epoch << 32) | destination-local expert of the block
+    bflag      [ep*MAXB*S]  int64 flag word per (block, column slice): (epoch << 32) | destination-local expert
     ret        [T_max*K, H] expert outputs the destinations store back, at the pair's own row
     cflag      [ep*MAXB*NT2] int64 (epoch << 32) per (destination, block, GEMM 2 column tile): ret rows stored
     done       [ep]         int64 (epoch << 32) per destination: it finished GEMM 1 (read all it was sent)
@@ -91,23 +94,32 @@ def _dot(a, b, acc, FP32_PRECISE: tl.constexpr):
 def _put_blocks(
     pid, x_ptr, topk_w_ptr, inv_ptr, nblocks_ptr, bexp_ptr,
     peer_x_ptr, peer_meta_ptr, peer_hdr_ptr, peer_bflag_ptr,
-    epoch, my_rank, ep, top_k, hidden,
-    MAXB: tl.constexpr, NUM_PUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    epoch, my_rank, ep, top_k, hidden, maxb,
+    NUM_PUT: tl.constexpr, PUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
     SYS: tl.constexpr,
 ):  # fmt: skip
-    """Dispatch puts of one put program: every destination's header (program 0), then the blocks
-    j = pid, pid + NUM_PUT, ... (own destination first: its GEMM starts at once): rows (remote only),
-    metadata, then the block's flag. Never waits."""
-    region_rows = MAXB * BLOCK_M
+    """Dispatch puts of one put program: every destination's header (program 0), then the work items
+    j = pid, pid + NUM_PUT, ... over (row-block, column slice) pairs, own destination first (its GEMM starts at
+    once): the slice's rows (remote only), the block's metadata (slice 0), then the slice's flag. Never waits.
+
+    PUT_SPLIT > 1 cuts each block into column slices taken by consecutive programs: at FlashMoE's shape
+    (T = 8192, K = 2, E = 32, BM = 128) a rank sends ~72 remote blocks, which 32 put programs take 3 or 2 at a
+    time (the busiest does 3 where the mean is 2.25); 4 slices make 288 items, 9 each. The price: one
+    system-scope release (a fence that waits for the program's stores to land) per slice instead of per block."""
+    region_rows = maxb * BLOCK_M
     dtype = x_ptr.dtype.element_ty
+    # columns per slice, a multiple of BLOCK_H (PUT_SPLIT = 1: all of H)
+    width = tl.cdiv(tl.cdiv(hidden, PUT_SPLIT), BLOCK_H) * BLOCK_H
     if pid == 0:
         for d in range(ep):
             nb = tl.load(nblocks_ptr + d)
             hdr = tl.load(peer_hdr_ptr + d).to(tl.pointer_type(tl.int64), bitcast=True)
             _release(hdr + my_rank, (epoch << 32) | nb, SYS)
-    for j in range(pid, ep * MAXB, NUM_PUT):
-        d = (my_rank + j // MAXB) % ep
-        b = j % MAXB
+    for j in range(pid, ep * maxb * PUT_SPLIT, NUM_PUT):
+        jb = j // PUT_SPLIT
+        sl = j % PUT_SPLIT
+        d = (my_rank + jb // maxb) % ep
+        b = jb % maxb
         if b < tl.load(nblocks_ptr + d):
             rows = b * BLOCK_M + tl.arange(0, BLOCK_M)
             pair = tl.load(inv_ptr + d * region_rows + rows)
@@ -117,18 +129,19 @@ def _put_blocks(
                 token = tl.where(valid, pair // top_k, 0).to(tl.int64)
                 x_dst = tl.load(peer_x_ptr + d).to(tl.pointer_type(dtype), bitcast=True)
                 x_dst = tl.multiple_of(x_dst, 16)
-                for h0 in range(0, hidden, BLOCK_H):
+                for h0 in range(sl * width, tl.minimum(hidden, (sl + 1) * width), BLOCK_H):
                     cols = h0 + tl.arange(0, BLOCK_H)
                     mask = valid[:, None] & (cols[None, :] < hidden)
                     v = tl.load(x_ptr + token[:, None] * hidden + cols[None, :], mask=mask)
                     tl.store(x_dst + slot[:, None] * hidden + cols[None, :], v, mask=mask)
-            weight = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
-            m_dst = tl.load(peer_meta_ptr + d).to(tl.pointer_type(tl.int32), bitcast=True)
-            tl.store(m_dst + slot * 2, pair)
-            tl.store(m_dst + slot * 2 + 1, weight.to(tl.int32, bitcast=True))
-            expert = tl.load(bexp_ptr + d * MAXB + b).to(tl.int64)
+            if sl == 0:
+                weight = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
+                m_dst = tl.load(peer_meta_ptr + d).to(tl.pointer_type(tl.int32), bitcast=True)
+                tl.store(m_dst + slot * 2, pair)
+                tl.store(m_dst + slot * 2 + 1, weight.to(tl.int32, bitcast=True))
+            expert = tl.load(bexp_ptr + d * maxb + b).to(tl.int64)
             f_dst = tl.load(peer_bflag_ptr + d).to(tl.pointer_type(tl.int64), bitcast=True)
-            _release(f_dst + my_rank * MAXB + b, (epoch << 32) | expert, SYS)
+            _release(f_dst + (my_rank * maxb + b) * PUT_SPLIT + sl, (epoch << 32) | expert, SYS)
 
 
 @triton.jit
@@ -137,8 +150,8 @@ def _dispatch_gemm1_kernel(
     peer_x_ptr, peer_meta_ptr, peer_hdr_ptr, peer_bflag_ptr,  # [ep] int64 address tables
     recv_x_ptr, recv_meta_ptr, hdr_ptr, bflag_ptr,  # this rank's receive buffers
     w13_ptr, b13_ptr, act_ptr, nb_local_ptr, bexp_local_ptr, epoch_ptr, err_ptr,
-    my_rank, ep, top_k, hidden, inter, max_spin, swiglu_alpha, swiglu_limit,
-    MAXB: tl.constexpr, NUM_PUT: tl.constexpr, DO_PUT: tl.constexpr, DO_GEMM: tl.constexpr,
+    my_rank, ep, top_k, hidden, inter, maxb, max_spin, swiglu_alpha, swiglu_limit,
+    NUM_PUT: tl.constexpr, PUT_SPLIT: tl.constexpr, DO_PUT: tl.constexpr, DO_GEMM: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
     FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr, COMPUTE: tl.constexpr, W_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -157,16 +170,16 @@ def _dispatch_gemm1_kernel(
             _put_blocks(
                 pid, x_ptr, topk_w_ptr, inv_ptr, nblocks_ptr, bexp_ptr,
                 peer_x_ptr, peer_meta_ptr, peer_hdr_ptr, peer_bflag_ptr,
-                epoch, my_rank, ep, top_k, hidden,
-                MAXB, NUM_PUT, BLOCK_M, BLOCK_H, SYS,
+                epoch, my_rank, ep, top_k, hidden, maxb,
+                NUM_PUT, PUT_SPLIT, BLOCK_M, BLOCK_H, SYS,
             )  # fmt: skip
     if DO_GEMM:  # noqa: SIM102
         if pid >= first_tile:
             _gemm1_program(
                 pid - first_tile, x_ptr, recv_x_ptr, recv_meta_ptr, hdr_ptr, bflag_ptr,
                 w13_ptr, b13_ptr, act_ptr, nb_local_ptr, bexp_local_ptr, err_ptr,
-                epoch, my_rank, ep, top_k, hidden, inter, max_spin, swiglu_alpha, swiglu_limit,
-                MAXB, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, EVEN_K, COMPUTE, W_TMA,
+                epoch, my_rank, ep, top_k, hidden, inter, maxb, max_spin, swiglu_alpha, swiglu_limit,
+                PUT_SPLIT, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, EVEN_K, COMPUTE, W_TMA,
                 BLOCK_M, BLOCK_N, BLOCK_K, SPIN, SYS,
             )  # fmt: skip
 
@@ -175,8 +188,8 @@ def _dispatch_gemm1_kernel(
 def _gemm1_program(
     tile, x_ptr, recv_x_ptr, recv_meta_ptr, hdr_ptr, bflag_ptr,
     w13_ptr, b13_ptr, act_ptr, nb_local_ptr, bexp_local_ptr, err_ptr,
-    epoch, my_rank, ep, top_k, hidden, inter, max_spin, swiglu_alpha, swiglu_limit,
-    MAXB: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    epoch, my_rank, ep, top_k, hidden, inter, maxb, max_spin, swiglu_alpha, swiglu_limit,
+    PUT_SPLIT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     WEIGHTS_ON_INPUT: tl.constexpr, FP32_PRECISE: tl.constexpr, EVEN_K: tl.constexpr, COMPUTE: tl.constexpr,
     W_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPIN: tl.constexpr, SYS: tl.constexpr,
@@ -188,21 +201,27 @@ def _gemm1_program(
         nt = 1
     m = tile // nt
     n = tile % nt
-    s = (my_rank + m // MAXB) % ep
-    b = m % MAXB
+    s = (my_rank + m // maxb) % ep
+    b = m % maxb
     header = _wait_one(hdr_ptr + s, epoch, err_ptr, 1, max_spin, SPIN, SYS)
     nb = header - ((header >> 32) << 32)
     if (b == 0) & (n == 0):
         tl.store(nb_local_ptr + s, nb)
     if b < nb:
-        word = _wait_one(bflag_ptr + s * MAXB + b, epoch, err_ptr, 1, max_spin, SPIN, SYS)
+        if PUT_SPLIT == 1:
+            word = _wait_one(bflag_ptr + s * maxb + b, epoch, err_ptr, 1, max_spin, SPIN, SYS)
+        else:  # every slice's flag; each carries the block's expert
+            sl = tl.arange(0, PUT_SPLIT)
+            words = _wait(bflag_ptr + (s * maxb + b) * PUT_SPLIT + sl, sl < PUT_SPLIT, epoch, err_ptr, 1, max_spin,
+                          SPIN, SYS)  # fmt: skip
+            word = tl.max(words)
         expert = word - ((word >> 32) << 32)
         if n == 0:
-            tl.store(bexp_local_ptr + s * MAXB + b, expert)
+            tl.store(bexp_local_ptr + s * maxb + b, expert)
         if COMPUTE:
             _gemm1_tile(
                 x_ptr, recv_x_ptr, recv_meta_ptr, w13_ptr, b13_ptr, act_ptr,
-                s * (MAXB * BLOCK_M) + b * BLOCK_M, n, expert, s == my_rank, top_k, hidden, inter,
+                s * (maxb * BLOCK_M) + b * BLOCK_M, n, expert, s == my_rank, top_k, hidden, inter,
                 swiglu_alpha, swiglu_limit,
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, EVEN_K, W_TMA, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
@@ -281,8 +300,8 @@ def _gemm1_tile(
 def _gemm2_put_kernel(
     act_ptr, recv_meta_ptr, w2_ptr, b2_ptr, nb_local_ptr, bexp_local_ptr, epoch_ptr,
     peer_ret_ptr, peer_cflag_ptr, peer_done_ptr,  # [ep] int64 address tables (the sources' buffers)
-    my_rank, ep, hidden, inter,
-    MAXB: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_PRECISE: tl.constexpr,
+    my_rank, ep, hidden, inter, maxb,
+    WEIGHTS_ON_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_PRECISE: tl.constexpr,
     EVEN_K: tl.constexpr, COMPUTE: tl.constexpr, W_TMA: tl.constexpr, A_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, SYS: tl.constexpr,
 ):  # fmt: skip
@@ -298,20 +317,20 @@ def _gemm2_put_kernel(
     nt = tl.cdiv(hidden, BLOCK_N)
     m = pid // nt
     n = pid % nt
-    s = (my_rank + m // MAXB) % ep
-    b = m % MAXB
+    s = (my_rank + m // maxb) % ep
+    b = m % maxb
     if (b == 0) & (n == 0):
         done = tl.load(peer_done_ptr + s).to(tl.pointer_type(tl.int64), bitcast=True)
         _release(done + my_rank, epoch << 32, SYS)
     if b < tl.load(nb_local_ptr + s):
-        expert = tl.load(bexp_local_ptr + s * MAXB + b).to(tl.int64)
-        rows = (s * MAXB * BLOCK_M + b * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        expert = tl.load(bexp_local_ptr + s * maxb + b).to(tl.int64)
+        rows = (s * maxb * BLOCK_M + b * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         pair = tl.load(recv_meta_ptr + rows * 2)
         valid = pair >= 0
         ks = tl.arange(0, BLOCK_K)
         cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < hidden
-        row0 = (s * MAXB * BLOCK_M + b * BLOCK_M).to(tl.int32)
+        row0 = (s * maxb * BLOCK_M + b * BLOCK_M).to(tl.int32)
         w_row = (expert * hidden + n * BLOCK_N).to(tl.int32)
         if A_TMA:
             a_ptrs = act_ptr
@@ -353,7 +372,7 @@ def _gemm2_put_kernel(
         dst = ret + tl.where(valid, pair, 0).to(tl.int64)[:, None] * hidden + cols[None, :]
         tl.store(dst, acc.to(dtype), mask=valid[:, None] & col_mask[None, :])
         flag = tl.load(peer_cflag_ptr + s).to(tl.pointer_type(tl.int64), bitcast=True)
-        _release(flag + (my_rank * MAXB + b) * nt + n, epoch << 32, SYS)
+        _release(flag + (my_rank * maxb + b) * nt + n, epoch << 32, SYS)
 
 
 @triton.jit
@@ -402,14 +421,17 @@ def _layout_count_kernel(
 @triton.jit
 def _layout_scan_kernel(
     counts_ptr, cursor_ptr,  # int32 [EP_P2 * L_P2] each
-    nblocks_ptr, bexp_ptr, epoch_ptr,
-    ep, num_local,
-    MAXB: tl.constexpr, EP_P2: tl.constexpr, L_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    nblocks_ptr, bexp_ptr, epoch_ptr, inv_ptr,
+    ep, num_local, maxb,
+    EP_P2: tl.constexpr, L_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    FILL: tl.constexpr,
 ):  # fmt: skip
     """``fused_layout`` step 2, one program per BLOCK_B row-blocks of every destination: padded offsets by a
     cumsum over the experts (each program recomputes the small [ep, L] table), the cursors each expert's rows
     start from and the blocks per destination (program 0, which also advances the epoch), each block's
-    expert (the number of experts whose rows end at or before the block's first row)."""
+    expert (the number of experts whose rows end at or before the block's first row), and -1 (padding) into
+    ``inv`` for the rows of its blocks, which step 3 then overwrites with the real pairs (a separate fill was
+    one more launch per forward)."""
     pid = tl.program_id(0)
     d_idx = tl.arange(0, EP_P2)
     l_idx = tl.arange(0, L_P2)
@@ -427,24 +449,36 @@ def _layout_scan_kernel(
     for lx in range(0, num_local - 1):
         end = tl.sum(tl.where(l_idx[None, :] == lx, ends, 0), axis=1)
         expert += (end[:, None] <= b_idx[None, :] * BLOCK_M).to(tl.int32)
-    tl.store(bexp_ptr + d_idx[:, None] * MAXB + b_idx[None, :], expert,
-             mask=(d_idx[:, None] < ep) & (b_idx[None, :] < MAXB))  # fmt: skip
+    tl.store(bexp_ptr + d_idx[:, None] * maxb + b_idx[None, :], expert,
+             mask=(d_idx[:, None] < ep) & (b_idx[None, :] < maxb))  # fmt: skip
+    region_rows = maxb * BLOCK_M
+    row_end = tl.minimum(region_rows, (pid + 1) * BLOCK_B * BLOCK_M)
+    pad = tl.full([FILL], -1, dtype=tl.int32)
+    for d in range(ep):
+        for r0 in range(pid * BLOCK_B * BLOCK_M, row_end, FILL):
+            r = r0 + tl.arange(0, FILL)
+            tl.store(inv_ptr + d * region_rows + r, pad, mask=r < row_end)
 
 
 @triton.jit
 def _layout_place_kernel(
     ids_ptr, owner_ptr, local_ptr, cursor_ptr,  # cursor: int32 [EP_P2 * L_P2], from _layout_scan_kernel
-    inv_ptr, pair_block_ptr,
-    num_pairs, region_rows,
-    MAXB: tl.constexpr, L_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    inv_ptr, pair_block_ptr, counts_ptr,
+    num_pairs, region_rows, maxb,
+    L_P2: tl.constexpr, TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """``fused_layout`` step 3, one program per BLOCK_S pairs: each pair takes the next row of its
-    (destination, expert) group (atomic cursor: rows of a group in any order, which changes no result)."""
-    p = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    (destination, expert) group (atomic cursor: rows of a group in any order, which changes no result).
+    Program 0 also zeroes the TABLE counters of step 1 for the next forward (step 2 read them already, in
+    stream order): no zeroing launch per forward."""
+    pid = tl.program_id(0)
+    p = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     m = p < num_pairs
     e = tl.load(ids_ptr + p, mask=m, other=0).to(tl.int64)
     d = tl.load(owner_ptr + e, mask=m, other=0)
     key = d * L_P2 + tl.load(local_ptr + e, mask=m, other=0)
     row = tl.atomic_add(cursor_ptr + key, 1, mask=m, sem="relaxed")
     tl.store(inv_ptr + d * region_rows + row, p.to(tl.int32), mask=m)
-    tl.store(pair_block_ptr + p, (d * MAXB + row // BLOCK_M).to(tl.int32), mask=m)
+    tl.store(pair_block_ptr + p, (d * maxb + row // BLOCK_M).to(tl.int32), mask=m)
+    if pid == 0:
+        tl.store(counts_ptr + tl.arange(0, TABLE), tl.zeros([TABLE], dtype=tl.int32))

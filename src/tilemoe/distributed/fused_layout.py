@@ -19,9 +19,11 @@ import triton
 
 from tilemoe.distributed.placement import ExpertPlacement
 
-# pairs per program of the count and place steps, row-blocks per program of the scan step
+# pairs per program of the count and place steps, row-blocks per program of the scan step (64: qwen3-30b-a3b at
+# T = 8192 has 576 blocks per region, 9 scan programs to fill its padding rows with)
 LAYOUT_BLOCK_S = 1024
-LAYOUT_BLOCK_B = 256
+LAYOUT_BLOCK_B = 64
+LAYOUT_FILL = 1024  # inv rows one store of the scan step marks as padding
 
 
 @dataclass(frozen=True)
@@ -81,18 +83,22 @@ def fused_layout(
     geom: FusedGeometry,
     scratch: torch.Tensor,
     epoch: torch.Tensor,
+    out: FusedLayout | None = None,
 ) -> FusedLayout:
     """The padded per-destination layout of ``topk_ids`` [T, K] on the device, which also advances ``epoch``
-    (int64 [1]) by one; scratch: int32 [>= layout_scratch_size(geom)]. Rows within one (destination, expert)
-    group come in any order (``fused_layout_torch`` keeps pair order). No host sync, CUDA-graph capturable.
-    Raises ValueError when scratch is too small.
+    (int64 [1]) by one; scratch: int32 [>= layout_scratch_size(geom)], ZERO on the first call (every call leaves
+    it zeroed for the next); out: a ``new_layout_buffers(geom)`` to write into (kept across forwards: no
+    allocation per call), else new tensors. Rows within one (destination, expert) group come in any order
+    (``fused_layout_torch`` keeps pair order). No host sync, CUDA-graph capturable. Raises ValueError when
+    scratch or out is too small.
 
-    Multi-program (the earlier single program walked all S pairs twice and every region row, serially):
-    0. counters zeroed and every region row marked padding (two fills);
+    Three launches (two for T = 0), multi-program (the first version walked all S pairs twice and every region
+    row in one program, and two more launches zeroed the counters and filled ``inv``):
     1. counts per (destination, local expert): one program per ``LAYOUT_BLOCK_S`` pairs, atomics;
-    2. padded offsets, blocks per destination, each block's expert: one program per ``LAYOUT_BLOCK_B`` blocks
-       (the [ep, L] table is small: every program rescans it); the epoch advances;
-    3. every pair takes the next row of its group: one program per ``LAYOUT_BLOCK_S`` pairs, atomic cursors.
+    2. padded offsets, blocks per destination, each block's expert, and -1 into the rows of ``inv``: one program
+       per ``LAYOUT_BLOCK_B`` blocks (the [ep, L] table is small: every program rescans it); the epoch advances;
+    3. every pair takes the next row of its group: one program per ``LAYOUT_BLOCK_S`` pairs, atomic cursors;
+       the counters of step 1 are zeroed for the next call.
     """
     from tilemoe.distributed.fused_kernels import _layout_count_kernel, _layout_place_kernel, _layout_scan_kernel
 
@@ -101,14 +107,17 @@ def fused_layout(
         raise ValueError(
             f"scratch: expected int32 [>= {layout_scratch_size(geom)}], got {scratch.dtype} {scratch.numel()}"
         )
-    device, s = topk_ids.device, topk_ids.numel()
+    s = topk_ids.numel()
     ep, maxb = geom.ep_size, geom.max_blocks
+    if out is None:
+        out = new_layout_buffers(geom, topk_ids.device, max_pairs=s)
+    elif out.pair_block.numel() < s or out.inv.numel() != ep * geom.region_rows:
+        raise ValueError(
+            f"out: expected buffers for {ep * geom.region_rows} region rows and >= {s} pairs, got "
+            f"{out.inv.numel()} and {out.pair_block.numel()}"
+        )
     counts, cursor = scratch[: ep_p2 * l_p2], scratch[ep_p2 * l_p2 : 2 * ep_p2 * l_p2]
-    counts.zero_()
-    inv = torch.full((ep * geom.region_rows,), -1, dtype=torch.int32, device=device)
-    nblocks = torch.empty(ep, dtype=torch.int64, device=device)
-    block_expert = torch.empty((ep, maxb), dtype=torch.int32, device=device)
-    pair_block = torch.empty(s, dtype=torch.int32, device=device)
+    lay = FusedLayout(out.inv, out.nblocks, out.block_expert, out.pair_block[:s])
     ids = topk_ids.reshape(-1).contiguous()
     if s:
         _layout_count_kernel[(triton.cdiv(s, LAYOUT_BLOCK_S),)](
@@ -116,17 +125,31 @@ def fused_layout(
             L_P2=l_p2, BLOCK_S=LAYOUT_BLOCK_S, num_warps=4,
         )  # fmt: skip
     _layout_scan_kernel[(triton.cdiv(maxb, LAYOUT_BLOCK_B),)](
-        counts_ptr=counts, cursor_ptr=cursor, nblocks_ptr=nblocks, bexp_ptr=block_expert, epoch_ptr=epoch,
-        ep=ep, num_local=geom.max_local,
-        MAXB=maxb, EP_P2=ep_p2, L_P2=l_p2, BLOCK_M=geom.block_m, BLOCK_B=LAYOUT_BLOCK_B, num_warps=4,
+        counts_ptr=counts, cursor_ptr=cursor, nblocks_ptr=lay.nblocks, bexp_ptr=lay.block_expert, epoch_ptr=epoch,
+        inv_ptr=lay.inv, ep=ep, num_local=geom.max_local, maxb=maxb,
+        EP_P2=ep_p2, L_P2=l_p2, BLOCK_M=geom.block_m, BLOCK_B=LAYOUT_BLOCK_B, FILL=LAYOUT_FILL, num_warps=4,
     )  # fmt: skip
     if s:
         _layout_place_kernel[(triton.cdiv(s, LAYOUT_BLOCK_S),)](
             ids_ptr=ids, owner_ptr=owner, local_ptr=local_index, cursor_ptr=cursor,
-            inv_ptr=inv, pair_block_ptr=pair_block, num_pairs=s, region_rows=geom.region_rows,
-            MAXB=maxb, L_P2=l_p2, BLOCK_M=geom.block_m, BLOCK_S=LAYOUT_BLOCK_S, num_warps=4,
+            inv_ptr=lay.inv, pair_block_ptr=lay.pair_block, counts_ptr=counts,
+            num_pairs=s, region_rows=geom.region_rows, maxb=maxb,
+            L_P2=l_p2, TABLE=ep_p2 * l_p2, BLOCK_M=geom.block_m, BLOCK_S=LAYOUT_BLOCK_S, num_warps=4,
         )  # fmt: skip
-    return FusedLayout(inv, nblocks, block_expert, pair_block)
+    return lay
+
+
+def new_layout_buffers(geom: FusedGeometry, device: torch.device | str, max_pairs: int | None = None) -> FusedLayout:
+    """Uninitialised buffers for ``fused_layout(..., out=)``: inv [ep * R], nblocks [ep], block_expert
+    [ep, MAXB], pair_block [max_pairs] (default max_tokens * K)."""
+    ep, maxb = geom.ep_size, geom.max_blocks
+    pairs = geom.max_tokens * geom.top_k if max_pairs is None else max_pairs
+    return FusedLayout(
+        torch.empty(ep * geom.region_rows, dtype=torch.int32, device=device),
+        torch.empty(ep, dtype=torch.int64, device=device),
+        torch.empty((ep, maxb), dtype=torch.int32, device=device),
+        torch.empty(max(1, pairs), dtype=torch.int32, device=device),
+    )
 
 
 def layout_scratch_size(geom: FusedGeometry) -> int:

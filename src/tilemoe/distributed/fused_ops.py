@@ -30,7 +30,7 @@ from tilemoe.distributed.fused_kernels import (
     _dispatch_gemm1_kernel,
     _gemm2_put_kernel,
 )
-from tilemoe.distributed.fused_layout import FusedGeometry, FusedLayout, layout_scratch_size
+from tilemoe.distributed.fused_layout import FusedGeometry, FusedLayout, layout_scratch_size, new_layout_buffers
 from tilemoe.ops.act_and_mul import ACTIVATION_CODES
 
 SYMMETRIC_BUFFERS = ("recv_x", "recv_meta", "hdr", "bflag", "ret", "cflag", "done")
@@ -60,16 +60,63 @@ class FusedTiles:
     block_h: int = 128  # columns per put step
     block_t: int = 16  # tokens per combine program
     tma: bool = False  # weights and GEMM 2's input through TMA descriptors where the layout allows (opt-in)
+    # column slices each row-block's put is cut into, each its own put work item and flag (``_put_blocks``);
+    # 1 (default): whole blocks. Opt-in until timed on two GPUs (session 4: `--fused-variants put_split=4`)
+    put_split: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2", "block_h", "block_t"):
+        for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2", "block_h", "block_t", "put_split"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"FusedTiles.{name}: expected a power of two, got {value!r}")
         if not isinstance(self.tma, bool):
             raise ValueError(f"FusedTiles.tma: expected a bool, got {self.tma!r}")
-        if self.num_put < 1:
-            raise ValueError(f"FusedTiles.num_put: expected >= 1, got {self.num_put}")
+        for name in ("num_put", "num_warps1", "num_warps2", "num_stages1", "num_stages2"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"FusedTiles.{name}: expected an int >= 1, got {value!r}")
+
+
+# FusedTiles fields that size the symmetric buffers (block_m: the regions; block_n2: the combine flags;
+# put_split: the block flags): tiles that differ only in other fields can run on the same buffers
+BUFFER_FIELDS = ("block_m", "block_n2", "put_split")
+
+
+def parse_tiles_overrides(spec: str, flag: str = "--fused-variants") -> dict[str, int | bool]:
+    """``"tma=1,num_put=128"`` -> ``{"tma": True, "num_put": 128}``: FusedTiles fields to replace, each checked
+    (``dataclasses.replace`` on the default tiles). Raises ValueError naming ``flag``, the bad item and the
+    fields there are."""
+    fields = {f.name: f for f in dataclasses.fields(FusedTiles)}
+    out: dict[str, int | bool] = {}
+    items = [item.strip() for item in spec.split(",")]
+    if not spec.strip() or any(not item for item in items):
+        raise ValueError(f"{flag}: expected FIELD=VALUE[,FIELD=VALUE...], got {spec!r}")
+    for item in items:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in fields:
+            raise ValueError(f"{flag}: {item!r} in {spec!r} is not FIELD=VALUE with FIELD one of {sorted(fields)}")
+        if key in out:
+            raise ValueError(f"{flag}: {key!r} given twice in {spec!r}")
+        if fields[key].type in (bool, "bool"):
+            if value.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(f"{flag}: {key} expects 0/1/true/false, got {value!r} in {spec!r}")
+            out[key] = value.lower() in ("1", "true")
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise ValueError(f"{flag}: {key} expects an int, got {value!r} in {spec!r}") from None
+    try:
+        dataclasses.replace(FusedTiles(), **out)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {spec!r}: {error}") from None
+    return out
+
+
+def overrides_label(overrides: dict[str, int | bool]) -> str:
+    """The canonical ``field=value,...`` text of ``parse_tiles_overrides``' result (bools as 0 / 1): the
+    benchmark's row names, ``fused[<label>]``."""
+    return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in overrides.items())
 
 
 # shared memory one GEMM program may claim for its pipeline stages (bytes): H100 / H200 allow 227 KiB per CTA;
@@ -133,7 +180,7 @@ def buffer_specs(geom: FusedGeometry, tiles: FusedTiles, dtype: torch.dtype) -> 
         "recv_x": ((geom.recv_rows, h), dtype),
         "recv_meta": ((geom.recv_rows, 2), torch.int32),
         "hdr": ((ep,), torch.int64),
-        "bflag": ((ep * maxb,), torch.int64),
+        "bflag": ((ep * maxb * tiles.put_split,), torch.int64),
         "ret": ((max(1, geom.max_tokens * geom.top_k), h), dtype),
         "cflag": ((ep * maxb * nt2,), torch.int64),
         "done": ((ep,), torch.int64),
@@ -163,6 +210,7 @@ class FusedRank:
         self.bexp_local = torch.zeros(geom.ep_size * geom.max_blocks, dtype=torch.int64, device=device)
         self.epoch = torch.zeros(1, dtype=torch.int64, device=device)  # advanced by fused_layout per forward
         self.scratch = torch.zeros(layout_scratch_size(geom), dtype=torch.int32, device=device)
+        self.layout = new_layout_buffers(geom, device)  # fused_layout's output, reused by every forward
         self.err = torch.zeros(1, dtype=torch.int32, device=device)
         self._descriptors: dict[tuple, object] = {}
 
@@ -236,8 +284,8 @@ def dispatch_gemm1(
         nb_local_ptr=r.nb_local,
         bexp_local_ptr=r.bexp_local, epoch_ptr=r.epoch, err_ptr=r.err,
         my_rank=r.rank, ep=g.ep_size, top_k=g.top_k, hidden=g.hidden_size, inter=g.intermediate_size,
-        max_spin=max_spin, swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit,
-        MAXB=g.max_blocks, NUM_PUT=t.num_put, DO_PUT=put, DO_GEMM=gemm,
+        maxb=g.max_blocks, max_spin=max_spin, swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit,
+        NUM_PUT=t.num_put, PUT_SPLIT=t.put_split, DO_PUT=put, DO_GEMM=gemm,
         ACTIVATION=ACTIVATION_CODES[config.activation], GATED=config.gated, HAS_BIAS=b13 is not None,
         WEIGHTS_ON_INPUT=config.weights_on_input, FP32_PRECISE=x.dtype == torch.float32,
         EVEN_K=g.hidden_size % t.block_k1 == 0, COMPUTE=compute, W_TMA=w13_desc is not None,
@@ -261,8 +309,8 @@ def gemm2_put(
         w2_ptr=w2 if w2_desc is None else w2_desc, b2_ptr=b2 if b2 is not None else w2,
         nb_local_ptr=r.nb_local, bexp_local_ptr=r.bexp_local, epoch_ptr=r.epoch,
         peer_ret_ptr=r.tables["ret"], peer_cflag_ptr=r.tables["cflag"], peer_done_ptr=r.tables["done"],
-        my_rank=r.rank, ep=g.ep_size, hidden=g.hidden_size, inter=g.intermediate_size,
-        MAXB=g.max_blocks, WEIGHTS_ON_INPUT=config.weights_on_input, HAS_BIAS=b2 is not None,
+        my_rank=r.rank, ep=g.ep_size, hidden=g.hidden_size, inter=g.intermediate_size, maxb=g.max_blocks,
+        WEIGHTS_ON_INPUT=config.weights_on_input, HAS_BIAS=b2 is not None,
         FP32_PRECISE=r.act.dtype == torch.float32, EVEN_K=g.intermediate_size % t.block_k2 == 0,
         COMPUTE=compute, W_TMA=w2_desc is not None, A_TMA=act_desc is not None,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n2, BLOCK_K=t.block_k2, OUT_DTYPE=_TL_DTYPES[r.act.dtype], SYS=sys_scope,
