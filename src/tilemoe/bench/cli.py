@@ -78,6 +78,14 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--node-rank", type=int, default=0)
     d.add_argument("--dist-init-addr", default=None, help="host:port of rank 0")
     d.add_argument("--nproc-per-node", type=int, default=None)
+    d.add_argument(
+        "--fused-variants",
+        nargs="+",
+        default=None,
+        metavar="FIELD=VALUE[,...]",
+        help="with --ep-size and --impl ... fused: also time the fused path with these FusedTiles fields replaced, "
+        "e.g. tma=1 num_put=128 tma=1,put_split=4 (rows fused[...] and fused[...]-graph)",
+    )
 
 
 def validate_parallel(args: argparse.Namespace, config: MoEConfig, device: torch.device) -> None:
@@ -229,6 +237,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if distributed_requested(args):
         return run_distributed_bench(args, settings.config)
+    if getattr(args, "fused_variants", None):
+        print("tilemoe bench: error: --fused-variants: only with --ep-size N > 1 (the fused EP path)", file=sys.stderr)
+        return 2
     try:
         impls = check_impl_names(args.impl or default_impls(settings.device), settings.device)
         if args.baseline is not None:

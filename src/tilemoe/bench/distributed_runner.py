@@ -13,6 +13,10 @@ Each rank holds its own T tokens (``--num-tokens`` is per rank) and E/ep experts
     fused    (with --impl ... fused, CUDA) device-initiated puts into symmetric memory, GEMMs waiting on
              per-block flags, outputs stored straight back (fused_backend); fused-graph: the same in a CUDA graph
              (with --cuda-graph)
+    fused[F=V,...] / fused[F=V,...]-graph  (with --fused-variants F=V,...) the fused rows again with FusedTiles
+             fields replaced on top of what fused_tiles_for picked (e.g. fused[tma=1], fused[num_put=128]),
+             timed in the same run; variants that keep the buffer-sizing fields (block_m, block_n2, put_split)
+             run on the plain fused layer's buffers (``FusedDispatcher.using_tiles``), others get their own layer
 Every row is checked against the float64 reference on a sample of this rank's rows first (FAILED otherwise).
 Latency: per call, CUDA events (or wall clock on CPU), median over iterations; the reported value is the
 slowest rank's (all_reduce MAX), printed on rank 0 only.
@@ -27,6 +31,8 @@ combine_gbps (a communication-only fused forward: the same puts, flags and waits
 puts until every row arrived, combine = stores back + the wait and sum; bytes = rows this rank sends to other
 ranks times H * element size, the slowest rank's), dispatch_combine_* of that forward, nccl_a2a_gbps copied
 from the epmoe row (the same bytes); the note names the tiles the fused layer chose (``fused_tiles_for``).
+The -graph rows and variants that change only GEMM fields (``GEMM_ONLY_FIELDS``: the communication-only
+forward runs no GEMM) copy these columns from their eager / plain row instead of measuring them again.
 Fair comparison: every timed fused communication-only forward and every timed NCCL all_to_all_single of
 nccl_a2a_gbps starts the same way (``_aligned_start``: barrier, a one-element all_reduce the stream waits for,
 ~1 ms of GPU sleep while the host enqueues), so neither counts a peer's launch skew as transfer time.
@@ -58,6 +64,29 @@ EP_COLUMNS = (
 )
 SAMPLE_ROWS = 64  # rows per rank compared with the float64 reference
 SUPPORTED = ("epmoe", "fused")
+FUSED_COMM_COLUMNS = ("dispatch_combine_ms", "dispatch_combine_gbps", "dispatch_gbps", "combine_gbps", "nccl_a2a_gbps")
+# FusedTiles fields the communication-only fused forward does not use (it runs no GEMM)
+GEMM_ONLY_FIELDS = ("tma", "block_n1", "block_k1", "num_stages1", "block_k2", "num_stages2")
+
+
+def parse_fused_variants(specs: list[str] | None, impls: list[str] | None) -> list[tuple[str, dict]]:
+    """``--fused-variants`` -> [(label, FusedTiles overrides)], labels canonical (``fused_ops.overrides_label``),
+    in the order given. Raises ValueError naming the flag: a malformed or unknown field, a value FusedTiles
+    refuses, a variant given twice, or variants without ``--impl ... fused``."""
+    from tilemoe.distributed.fused_ops import overrides_label, parse_tiles_overrides
+
+    if not specs:
+        return []
+    if "fused" not in (impls or []):
+        raise ValueError(f"--fused-variants: needs --impl ... fused (got --impl {' '.join(impls or ['epmoe'])})")
+    out: list[tuple[str, dict]] = []
+    for spec in specs:
+        overrides = parse_tiles_overrides(spec, "--fused-variants")
+        label = overrides_label(overrides)
+        if label in (known for known, _ in out):
+            raise ValueError(f"--fused-variants: {label!r} given twice")
+        out.append((label, overrides))
+    return out
 
 
 def _payload(args: argparse.Namespace, config: MoEConfig) -> dict:
@@ -87,6 +116,7 @@ def _payload(args: argparse.Namespace, config: MoEConfig) -> dict:
         "verbose": bool(args.verbose),
         # the fused rows' symmetric memory: "cuda" (default) or "nvshmem" (set before any buffer exists)
         "symm_mem_backend": os.environ.get("TILEMOE_SYMM_MEM_BACKEND", "cuda"),
+        "fused_variants": parse_fused_variants(getattr(args, "fused_variants", None), args.impl),
         "argv": list(sys.argv),
     }
 
@@ -103,7 +133,11 @@ def run_distributed(args: argparse.Namespace, config: MoEConfig) -> int:
             file=sys.stderr,
         )
         return 2
-    payload = _payload(args, config)
+    try:
+        payload = _payload(args, config)
+    except ValueError as error:
+        print(f"tilemoe bench: error: {error}", file=sys.stderr)
+        return 2
     backend = "nccl" if payload["device_type"] == "cuda" else "gloo"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:  # launched by torchrun
         from tilemoe.distributed.runtime import init_distributed
@@ -236,11 +270,41 @@ def _single_baseline(case_rows: dict) -> float:
 
 
 def _tiles_note(t) -> str:
-    """A fused layer's FusedTiles in one short string: block_m, GEMM 1 / GEMM 2 tiles (n x k), warps, stages."""
+    """A fused layer's FusedTiles in one short string: block_m, GEMM 1 / GEMM 2 tiles (n x k), warps, stages,
+    put programs (then " tma" and " split<S>" where those are on)."""
     return (
         f"tiles bm{t.block_m} g1 {t.block_n1}x{t.block_k1} w{t.num_warps1} s{t.num_stages1} "
         f"g2 {t.block_n2}x{t.block_k2} w{t.num_warps2} s{t.num_stages2} put{t.num_put}"
+        + (" tma" if t.tma else "")
+        + (f" split{t.put_split}" if t.put_split > 1 else "")
     )
+
+
+def _variant_rows(base, variants: list[tuple[str, dict]], build) -> list[tuple[str, object, object]]:
+    """(row name, layer, tiles) per fused variant: tiles = the base layer's with the overrides; layer = the base
+    layer when no buffer-sizing field changes (its forwards then run under ``using_tiles``), else
+    ``build(tiles)`` (a new layer, or the exception building it raised)."""
+    import dataclasses
+
+    from tilemoe.distributed.fused_ops import BUFFER_FIELDS
+
+    own = base.fused.state.tiles
+    out = []
+    for label, overrides in variants:
+        tiles = dataclasses.replace(own, **overrides)
+        if all(getattr(tiles, f) == getattr(own, f) for f in BUFFER_FIELDS):
+            out.append((f"fused[{label}]", base, tiles))
+        else:
+            out.append((f"fused[{label}]", build(tiles), tiles))
+    return out
+
+
+def _fused_call(layer, tiles, x, tw, ti):
+    """One fused forward of ``layer``; under ``using_tiles(tiles)`` when tiles differ from the layer's own."""
+    if tiles is None or tiles == layer.fused.tiles:
+        return layer.forward_routed(x, tw, ti)
+    with layer.fused.using_tiles(tiles):
+        return layer.forward_routed(x, tw, ti)
 
 
 def _raise(error: Exception):
@@ -285,8 +349,8 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
 
     tp_actual = max(1, world // p["ep_size"])
 
-    def ep_layer_for(max_tokens: int | None, backend: str = "epmoe") -> ExpertParallelMoE:
-        extra = {"symm_mem_backend": p["symm_mem_backend"]} if backend == "fused" else {}
+    def ep_layer_for(max_tokens: int | None, backend: str = "epmoe", tiles=None) -> ExpertParallelMoE:
+        extra = {"symm_mem_backend": p["symm_mem_backend"], "fused_tiles": tiles} if backend == "fused" else {}
         layer = ExpertParallelMoE(
             config, None, backend, dtype=dtype, device=device, max_tokens=max_tokens, tp_size=tp_actual, **extra
         )
@@ -302,6 +366,9 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
     ep_layer = ep_layer_for(None)
     fused_layers: dict[int, ExpertParallelMoE] = {}  # symmetric buffers sized per token count
     fused_tiles: dict[int, str] = {}  # the tiles each T's fused layer chose (into the rows' note)
+    variant_layers: dict = {}  # FusedTiles -> a variant's own layer (buffer-sizing fields changed), per T
+    fused_row_layers: dict[str, object] = {}  # fused row name -> the layer it runs on (check(), comm columns)
+    fused_row_tiles: dict[str, object] = {}  # fused variant row name -> its FusedTiles
     graph_layers: dict[int, ExpertParallelMoE] = {}  # fixed capacity T * K per peer: sized per token count
     rows: list[dict] = []
     elem = torch.empty((), dtype=dtype).element_size()
@@ -334,9 +401,12 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                 ),
                 "epmoe": lambda x=x, tw=tw, ti=ti: ep_layer.forward_routed(x, tw, ti),
             }
+            fused_row_layers.clear()
+            fused_row_tiles.clear()
             if "fused" in p["impls"] and device.type == "cuda" and tokens > 0 and tp_actual == 1:
                 if tokens not in fused_layers:
                     fused_layers.clear()
+                    variant_layers.clear()
                     try:
                         fused_layers[tokens] = ep_layer_for(tokens, backend="fused")
                     except Exception as error:  # noqa: BLE001  (reported in the row by the gate below)
@@ -346,9 +416,29 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                     fns["fused"] = lambda f=f: _raise(f)
                 else:
                     fns["fused"] = lambda x=x, tw=tw, ti=ti, f=f: f.forward_routed(x, tw, ti)
+                    fused_row_layers["fused"] = f
                     fused_tiles[tokens] = _tiles_note(f.fused.tiles)
                     if p["cuda_graph"]:
                         fns["fused-graph"] = fns["fused"]
+                        fused_row_layers["fused-graph"] = f
+
+                    def build(tiles, tokens=tokens):
+                        if tiles not in variant_layers:
+                            try:
+                                variant_layers[tiles] = ep_layer_for(tokens, backend="fused", tiles=tiles)
+                            except Exception as error:  # noqa: BLE001  (reported in the row by the gate below)
+                                variant_layers[tiles] = error
+                        return variant_layers[tiles]
+
+                    for name, layer, tiles in _variant_rows(f, p["fused_variants"], build):
+                        if isinstance(layer, Exception):
+                            fns[name] = lambda e=layer: _raise(e)
+                            continue
+                        fns[name] = lambda x=x, tw=tw, ti=ti, v=layer, t=tiles: _fused_call(v, t, x, tw, ti)
+                        fused_row_layers[name], fused_row_tiles[name] = layer, tiles
+                        if p["cuda_graph"]:
+                            fns[f"{name}-graph"] = fns[name]
+                            fused_row_layers[f"{name}-graph"], fused_row_tiles[f"{name}-graph"] = layer, tiles
             if p["cuda_graph"] and device.type == "cuda" and tokens > 0:
                 fns["single-graph"] = fns["single"]  # eager small-T timings are host-bound: the fair baseline
             if p["cuda_graph"] and device.type == "cuda" and tokens > 0 and tp_actual == 1:
@@ -371,7 +461,7 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                     case_rows[name] = row
                     continue
                 timed = fn
-                if name in ("epmoe-graph", "fused-graph", "single-graph"):
+                if name.endswith("-graph"):
                     try:
                         timed = _graph(fn, device)
                         row["cuda_graph"] = True
@@ -381,7 +471,7 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
                 times = _time_ms(timed, device, p["warmup"], p["iters"])
                 if name.startswith("fused"):
                     try:  # a wait that gave up (lost peer) is an error, not a fast row
-                        fused_layers[tokens].fused.check()
+                        fused_row_layers[name].fused.check()
                     except RuntimeError as error:
                         row["status"], row["note"] = "FAILED", str(error)[:200]
                     if _slowest(0.0 if row["status"] == "OK" else 1.0, device) != 0.0:
@@ -402,13 +492,13 @@ def _bench_rank(rank: int, world: int, p: dict) -> int:
             for name in ("fused", "fused-graph"):
                 if name in case_rows and tokens in fused_tiles and not case_rows[name]["note"]:
                     case_rows[name]["note"] = fused_tiles[tokens]
+            for name, tiles in fused_row_tiles.items():
+                if name in case_rows and not case_rows[name]["note"]:
+                    case_rows[name]["note"] = _tiles_note(tiles)
             ep_layer.forward_routed(x, tw, ti)  # the stats below are this input's
             stats = ep_layer.load_stats()
             _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats)
-            for name in ("fused", "fused-graph"):
-                if name in case_rows and case_rows[name]["status"] == "OK":
-                    _fused_comm_columns(p, fused_layers[tokens], x, tw, ti, device, elem, case_rows[name])
-                    case_rows[name]["nccl_a2a_gbps"] = case_rows["epmoe"]["nccl_a2a_gbps"]
+            _all_fused_comm_columns(p, case_rows, fused_row_layers, fused_row_tiles, x, tw, ti, device, elem)
             single = _single_baseline(case_rows)
             for row in case_rows.values():
                 row["speedup_vs_single"] = single / row["latency_p50_ms"] if row["latency_p50_ms"] > 0 else math.nan
@@ -479,11 +569,42 @@ def _comm_columns(p, ep_layer, x, tw, ti, device, elem, case_rows, stats) -> Non
     row["gbps"] = row["dispatch_combine_gbps"]
 
 
-def _fused_comm_columns(p, layer, x, tw, ti, device, elem, row) -> None:
+def _all_fused_comm_columns(p, case_rows, row_layers, row_tiles, x, tw, ti, device, elem) -> None:
+    """The fused rows' communication columns: measured for ``fused`` and for each variant whose tiles change
+    what the communication-only forward runs; copied into the -graph rows (the same eager measurement) and into
+    variants that change GEMM fields only. Every rank takes the same branches (row statuses are agreed)."""
+    import dataclasses
+
+    measured: dict[str, str] = {}  # row name -> row whose columns it got
+    for name, row in case_rows.items():
+        if not name.startswith("fused") or row["status"] != "OK" or name not in row_layers:
+            continue
+        base = name.removesuffix("-graph")
+        source = None
+        if base != name and base in measured:
+            source = base
+        elif name != "fused" and "fused" in measured and base in row_tiles:
+            own = row_layers["fused"].fused.tiles if "fused" in row_layers else None
+            gemm_only = {f: getattr(own, f) for f in GEMM_ONLY_FIELDS} if own is not None else None
+            if own is not None and dataclasses.replace(row_tiles[base], **gemm_only) == own:
+                source = "fused"
+        if source is not None:
+            for column in FUSED_COMM_COLUMNS:
+                row[column] = case_rows[source][column]
+        else:
+            tiles = row_tiles.get(name)
+            _fused_comm_columns(p, row_layers[name], x, tw, ti, device, elem, row, tiles=tiles, sweep=name == "fused")
+            row["nccl_a2a_gbps"] = case_rows["epmoe"]["nccl_a2a_gbps"]
+        measured[name] = source or name
+
+
+def _fused_comm_columns(p, layer, x, tw, ti, device, elem, row, *, tiles=None, sweep: bool = True) -> None:
     """Dispatch and combine of the fused path alone: communication-only forwards (no GEMM), each started after
     ``_aligned_start`` on every rank (as the NCCL all_to_all of nccl_a2a_gbps is), timed with CUDA events
     between the steps. TILEMOE_EP_NUM_PUT_SWEEP="32 64 128": the same for each number of put programs,
-    printed to stderr on rank 0 (a probe; the row keeps the layer's own num_put)."""
+    printed to stderr on rank 0 (a probe; the row keeps the layer's own num_put; only with ``sweep``).
+    tiles: a variant's FusedTiles (run under ``using_tiles``), else the layer's own."""
+    import contextlib
     import dataclasses
 
     f = layer.fused
@@ -498,7 +619,9 @@ def _fused_comm_columns(p, layer, x, tw, ti, device, elem, row) -> None:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             if i >= p["warmup"]:
                 _aligned_start(device, token)
-            f.forward(x, ti, tw, layer.w13, layer.w2, layer.b13, layer.b2, compute=False, events=events)
+            use = f.using_tiles(tiles) if tiles is not None and tiles != f.tiles else contextlib.nullcontext()
+            with use:
+                f.forward(x, ti, tw, layer.w13, layer.w2, layer.b13, layer.b2, compute=False, events=events)
             events[2].synchronize()
             if i >= p["warmup"]:
                 d_ms.append(events[0].elapsed_time(events[1]))
@@ -506,10 +629,10 @@ def _fused_comm_columns(p, layer, x, tw, ti, device, elem, row) -> None:
         f.check()
         return statistics.median(d_ms), statistics.median(c_ms)
 
-    sweep = [int(n) for n in os.environ.get("TILEMOE_EP_NUM_PUT_SWEEP", "").split()]
-    if sweep:
+    counts = [int(n) for n in os.environ.get("TILEMOE_EP_NUM_PUT_SWEEP", "").split()] if sweep else []
+    if counts:
         own = f.state.tiles
-        for n in sweep:
+        for n in counts:
             f.state.tiles = dataclasses.replace(f.state.tiles, num_put=n)
             d, c = measure()
             gd = -_slowest(-(nbytes / (d / 1e3) / 1e9) if d > 0 else 0.0, device)
@@ -576,6 +699,10 @@ def _report(p: dict, rows: list[dict], device: torch.device, console: bool = Tru
     header["command"] = " ".join(p["argv"])
     if any(r["implementation"].startswith("fused") for r in rows):
         header["fused symmetric memory (TILEMOE_SYMM_MEM_BACKEND)"] = p["symm_mem_backend"]
+    if p.get("fused_variants"):
+        header["fused variants (FusedTiles fields over the tuned ones)"] = "; ".join(
+            label for label, _ in p["fused_variants"]
+        )
     title = f"tilemoe bench (expert parallel): {p['model']}, ep={p['ep_size']}, {header['device']}, {p['dtype']}"
     table = [list(show)] + [[_fmt(r[k]) for k in show] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(show))]
