@@ -173,10 +173,11 @@ def test_fused_layout_invariants(impl, generator):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma", [False, True])
-def test_fused_simulation_compiled_on_gpu(tma):
+@pytest.mark.parametrize(("tma", "put_split"), [(False, 1), (True, 1), (False, 4)])
+def test_fused_simulation_compiled_on_gpu(tma, put_split):
     """The same kernels compiled for the GPU (system-scope flags, real spins), ranks simulated on one device,
-    phases in order so no spin ever waits; bf16 at the default tile shapes, with and without TMA."""
+    phases in order so no spin ever waits; bf16 at the default tile shapes, with and without TMA, and with
+    each block's put in 4 column slices (H = 256: two 128-column slices with rows, two empty ones)."""
     from tilemoe.distributed.fused_ops import FusedTiles
 
     g = torch.Generator().manual_seed(0)
@@ -191,7 +192,8 @@ def test_fused_simulation_compiled_on_gpu(tma):
         tis.append(ti)
     w13 = [expert_shard(w["w13"], placement.experts_of(r)) for r in range(2)]
     w2 = [expert_shard(w["w2"], placement.experts_of(r)) for r in range(2)]
-    outs = simulate_fused_forward(xs, tws, tis, w13, w2, placement, config, tiles=FusedTiles(tma=tma))
+    tiles = FusedTiles(tma=tma, put_split=put_split)
+    outs = simulate_fused_forward(xs, tws, tis, w13, w2, placement, config, tiles=tiles)
     for r in range(2):
         ref = reference_experts_fp64(xs[r], w["w13"], w["w2"], tws[r], tis[r], config=config)
         assert_close(outs[r], ref, torch.bfloat16, name=f"fused sim on GPU rank {r}")
