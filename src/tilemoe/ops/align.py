@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tilemoe.ops._launch import pdl_options
+
 __all__ = ["Alignment", "align_capacity", "moe_align", "moe_align_torch", "moe_align_triton"]
 
 # One-program kernel up to this many slots, the multi-program path (three launches) above. H100, E=128, p50 of
@@ -124,6 +126,7 @@ def _moe_align_one_program(topk_ids: torch.Tensor, num_experts: int, block_m: in
     block_e = max(16, 1 << (num_experts - 1).bit_length())
     chunk = 64 if block_e <= 64 else 32
     _align_one_program_kernel[(1,)](
+        **pdl_options(device),
         topk_ids_ptr=topk_ids.reshape(-1),
         sorted_ids_ptr=sorted_ids,
         expert_ids_ptr=expert_ids,
@@ -172,6 +175,7 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, 
     hist = torch.empty((num_experts, num_chunks), dtype=torch.int32, device=device)
     block_e = max(16, 1 << (num_experts - 1).bit_length())
     _align_histogram_kernel[(num_chunks,)](
+        **pdl_options(device),
         topk_ids_ptr=flat,
         hist_ptr=hist,
         sorted_ids_ptr=sorted_ids,
@@ -186,6 +190,7 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, 
         num_warps=4,
     )
     _align_scan_kernel[(num_experts,)](
+        **pdl_options(device),
         hist_ptr=hist,
         counts_ptr=counts,
         num_chunks=num_chunks,
@@ -193,6 +198,7 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, 
         num_warps=4,
     )
     _align_scatter_kernel[(num_chunks,)](
+        **pdl_options(device),
         topk_ids_ptr=flat,
         hist_ptr=hist,
         counts_ptr=counts,

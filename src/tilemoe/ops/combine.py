@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from tilemoe.ops._launch import cdiv
+from tilemoe.ops._launch import cdiv, pdl_options
 
 __all__ = ["sum_slots", "sum_slots_torch"]
 
@@ -88,6 +88,7 @@ def _sum_slots_into(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> No
     block_t = max(1, 1024 // block_h)  # small H: several tokens per program
     grid = (cdiv(num_tokens, block_t), cdiv(hidden, block_h))
     _sum_slots_kernel[grid](
+        **pdl_options(out.device),
         per_slot_ptr=per_slot,
         stride_ps=per_slot.stride(0),
         stride_ph=per_slot.stride(1),

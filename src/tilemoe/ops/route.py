@@ -18,6 +18,7 @@ import os
 import torch
 
 from tilemoe.config import MoEConfig
+from tilemoe.ops._launch import pdl_options
 from tilemoe.routing import route
 
 __all__ = ["route_triton"]
@@ -89,6 +90,7 @@ def _route_op(
     if num_tokens == 0:
         return weights, ids
     _route_kernel[(num_tokens,)](
+        **pdl_options(logits.device),
         logits_ptr=logits,
         stride_lt=logits.stride(0),
         stride_le=logits.stride(1),
@@ -137,6 +139,7 @@ def _grouped_route_op(
     # the tile is at least 2 x 16: size-1 block dimensions are avoided on every Triton version
     block_g, block_p = _pow2(n_group, 2), _pow2(per_group, 16)
     _grouped_route_kernel[(num_tokens,)](
+        **pdl_options(logits.device),
         logits_ptr=logits,
         stride_lt=logits.stride(0),
         stride_le=logits.stride(1),

@@ -14,6 +14,8 @@ multi-program kernels below it for large S.
 import triton
 import triton.language as tl
 
+from tilemoe.ops._kernels._pdl import _pdl_prologue
+
 
 @triton.jit
 def _align_one_program_kernel(
@@ -28,7 +30,9 @@ def _align_one_program_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_prologue(PDL)
     experts = tl.arange(0, BLOCK_E)
     lanes = tl.arange(0, CHUNK)
     # pass 1: per-expert counts, one-hot sums over chunks of slots
@@ -87,8 +91,10 @@ def _align_histogram_kernel(
     CHUNK: tl.constexpr,
     NUM_BINS: tl.constexpr,
     FILL_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program c: the expert histogram of chunk c, and padding marks (S) in its share of ``sorted_ids``."""
+    _pdl_prologue(PDL)
     pid = tl.program_id(0)
     slots = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=num_experts).to(tl.int32)
@@ -110,8 +116,10 @@ def _align_scan_kernel(
     counts_ptr,
     num_chunks,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program e: exclusive scan of hist[e, :] over the chunks, in place; counts[e] = the total."""
+    _pdl_prologue(PDL)
     expert = tl.program_id(0)
     row = hist_ptr + expert * num_chunks
     carry = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), axis=0)
@@ -140,11 +148,13 @@ def _align_scatter_kernel(
     BLOCK_E: tl.constexpr,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program c: the rows of the slots of chunk c, and the expert of its share of the BLOCK_M-row blocks.
 
     Every program recomputes the padded layout from ``counts`` (E values): cheaper than one more launch.
     """
+    _pdl_prologue(PDL)
     pid = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     lanes = tl.arange(0, SUB)

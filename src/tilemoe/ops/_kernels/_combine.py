@@ -9,6 +9,8 @@ Accumulates in float32 over k = 0, 1, ..., K-1 and rounds once to out's dtype, s
 import triton
 import triton.language as tl
 
+from tilemoe.ops._kernels._pdl import _pdl_prologue
+
 
 @triton.jit
 def _sum_slots_kernel(
@@ -23,7 +25,9 @@ def _sum_slots_kernel(
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_prologue(PDL)
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)

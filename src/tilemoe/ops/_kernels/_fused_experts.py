@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from tilemoe.ops._kernels._activation import _activate, _up_factor
+from tilemoe.ops._kernels._pdl import _pdl_prologue
 
 
 @triton.jit
@@ -199,7 +200,9 @@ def _gemm1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_prologue(PDL)
     num_padded = tl.load(num_padded_ptr)
     tile = tl.program_id(0)
     pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
@@ -334,7 +337,9 @@ def _gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_prologue(PDL)
     num_padded = tl.load(num_padded_ptr)
     if PERSISTENT:
         used_m = num_padded // BLOCK_M

@@ -20,6 +20,8 @@ picked experts. Both kernels multiply the weights by ``scale`` (routed_scaling_f
 import triton
 import triton.language as tl
 
+from tilemoe.ops._kernels._pdl import _pdl_prologue
+
 
 @triton.jit
 def _route_kernel(
@@ -35,7 +37,9 @@ def _route_kernel(
     RENORMALIZE: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_prologue(PDL)
     token = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     in_range = experts < num_experts
@@ -92,7 +96,9 @@ def _grouped_route_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_prologue(PDL)
     token = tl.program_id(0).to(tl.int64)
     groups = tl.arange(0, BLOCK_G)
     members = tl.arange(0, BLOCK_P)
