@@ -99,10 +99,19 @@ TMA_CANDIDATES = [
     _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4, tma=True, persistent=True),
 ]
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
-# H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3).
+# H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3),
+# before GEMM 2 ran per slot where per token gives too few programs (``decode_gemm2_per_slot``); with it the
+# first won T=1 of qwen3-30b-a3b, deepseek-v2-lite and gpt-oss-120b on the H100. The others vary its tiles (the
+# GEMM 2 widths and depths first: GEMM 2 moved its weights at 2.1 TB/s there, GEMM 1 at 2.6).
 DECODE_CANDIDATES = [
     _cfg(16, 64, 128, 4, 4, 32, 256, 4, 3, decode=True),
     _cfg(16, 32, 512, 4, 2, 16, 512, 4, 2, decode=True),
+    _cfg(16, 64, 128, 4, 4, 64, 128, 4, 4, decode=True),
+    _cfg(16, 32, 128, 4, 4, 32, 128, 4, 4, decode=True),
+    _cfg(16, 64, 128, 4, 4, 16, 256, 4, 3, decode=True),
+    _cfg(16, 64, 128, 4, 4, 64, 256, 4, 3, decode=True),
+    _cfg(16, 64, 128, 4, 4, 32, 256, 4, 4, decode=True),
+    _cfg(16, 32, 256, 4, 3, 32, 256, 4, 3, decode=True),
 ]
 DECODE_MAX_SLOTS = 64
 # torch's grouped GEMM (CUTLASS) for both GEMMs (16-bit, where torch has it), tried from this many rows per expert:

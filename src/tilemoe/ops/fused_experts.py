@@ -17,7 +17,7 @@ import functools
 import torch
 
 from tilemoe.config import MoEConfig
-from tilemoe.ops._launch import cdiv
+from tilemoe.ops._launch import cdiv, pdl_options
 from tilemoe.ops.act_and_mul import ACTIVATION_CODES, launch_act_and_mul
 from tilemoe.ops.activation import act_and_mul_torch
 from tilemoe.ops.align import moe_align
@@ -115,6 +115,7 @@ def _launch(
     w13_desc = _tma_descriptor(w13, cfg.block_n1, cfg.block_k1) if cfg.tma else None
     tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
     _gemm1_kernel[(tiles1,)](
+        **pdl_options(x.device),
         x_ptr=x,
         stride_xt=x.stride(0),
         stride_xh=x.stride(1),
@@ -164,6 +165,7 @@ def _launch(
     act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
     tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
     _gemm2_kernel[(_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,)](
+        **pdl_options(x.device),
         act_ptr=act if act_desc is None else act_desc,
         stride_am=act.stride(0),
         stride_ai=act.stride(1),
@@ -207,10 +209,19 @@ def _launch(
     return sum_slots(out, top_k)
 
 
+def decode_gemm2_per_slot(num_tokens: int, hidden: int, block_n2: int, device: torch.device) -> bool:
+    """Whether the decode GEMM 2 runs one program per (slot, column block) and sums the slots after, rather than
+    one per (token, column block) walking its K picks: when the latter gives fewer programs than the GPU has SMs
+    (qwen3-30b-a3b T=1: 64 programs of 8 serial picks on 132 SMs)."""
+    programs = _num_sms(device.index) if device.type == "cuda" else INTERPRETER_PROGRAMS
+    return num_tokens * cdiv(hidden, block_n2) < programs
+
+
 def _launch_decode(
     x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg
 ) -> torch.Tensor:
-    """Two launches, no alignment: GEMM 1 per (slot, column block), GEMM 2 per (token, column block) summing K."""
+    """No alignment: GEMM 1 per (slot, column block), GEMM 2 per (token, column block) summing K (two launches),
+    or per (slot, column block) plus the slot sum (``decode_gemm2_per_slot``)."""
     from tilemoe.ops._kernels._decode import _decode_gemm1_kernel, _decode_gemm2_kernel
 
     num_tokens, hidden = x.shape
@@ -220,6 +231,7 @@ def _launch_decode(
     act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=x.device)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
     _decode_gemm1_kernel[(num_tokens * top_k, cdiv(inter, cfg.block_n1))](
+        **pdl_options(x.device),
         x_ptr=x,
         stride_xt=x.stride(0),
         stride_xh=x.stride(1),
@@ -250,9 +262,14 @@ def _launch_decode(
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )
-    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    # Too few (token, column block) programs to keep the weight stream busy: one per (slot, column block) instead,
+    # each writing its slot's weighted row, and the K rows summed after (as the tiled path does).
+    per_slot = top_k > 1 and decode_gemm2_per_slot(num_tokens, hidden, cfg.block_n2, x.device)
+    rows = num_tokens * top_k if per_slot else num_tokens
+    out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
-    _decode_gemm2_kernel[(num_tokens, cdiv(hidden, cfg.block_n2))](
+    _decode_gemm2_kernel[(rows, cdiv(hidden, cfg.block_n2))](
+        **pdl_options(x.device),
         act_ptr=act,
         stride_as=act.stride(0),
         stride_ai=act.stride(1),
@@ -268,7 +285,7 @@ def _launch_decode(
         out_ptr=out,
         stride_ot=out.stride(0),
         stride_oh=out.stride(1),
-        top_k=top_k,
+        top_k=1 if per_slot else top_k,  # per slot: each output row is one pick
         hidden=hidden,
         inter=inter,
         HAS_BIAS=b2 is not None,
@@ -279,7 +296,7 @@ def _launch_decode(
         num_warps=cfg.num_warps2,
         num_stages=cfg.num_stages2,
     )
-    return out
+    return sum_slots(out, top_k) if per_slot else out
 
 
 def _launch_grouped_mm(

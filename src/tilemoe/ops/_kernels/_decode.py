@@ -25,6 +25,7 @@ import triton.language as tl
 
 from tilemoe.ops._kernels._activation import _activate, _up_factor
 from tilemoe.ops._kernels._fused_experts import _dot
+from tilemoe.ops._kernels._pdl import _pdl_prologue
 
 
 @triton.jit
@@ -62,7 +63,9 @@ def _decode_gemm1_kernel(
     FP32_PRECISE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_prologue(PDL)
     slot = tl.program_id(0)
     token = (slot // top_k).to(tl.int64)
     expert = tl.load(topk_ids_ptr + slot).to(tl.int64)
@@ -129,7 +132,9 @@ def _decode_gemm2_kernel(
     FP32_PRECISE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _pdl_prologue(PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
