@@ -9,7 +9,7 @@ from torch import nn
 
 from tilemoe.config import MoEConfig
 from tilemoe.functional import moe_forward
-from tilemoe.routing import router_logits
+from tilemoe.ops.router import router_logits_fast
 
 __all__ = ["MoE", "add_moe_parameters"]
 
@@ -93,7 +93,7 @@ class MoE(nn.Module):
         """x [T, H] -> (logits fp32 [T, E], topk_weights fp32 [T, K], topk_ids int32 [T, K])."""
         from tilemoe.routing import route
 
-        logits = router_logits(x, self.router_weight, self.router_bias)
+        logits = router_logits_fast(x, self.router_weight, self.router_bias)
         weights, ids = route(logits, self.config, correction_bias=self.correction_bias)
         return logits, weights, ids
 
@@ -102,7 +102,7 @@ class MoE(nn.Module):
         if x.shape[-1] != c.hidden_size:
             raise ValueError(f"x: expected last dim hidden_size={c.hidden_size}, got shape {list(x.shape)}")
         x2 = x.reshape(-1, c.hidden_size)
-        logits = router_logits(x2, self.router_weight, self.router_bias)
+        logits = router_logits_fast(x2, self.router_weight, self.router_bias)
         out = moe_forward(
             x2,
             self.w13,

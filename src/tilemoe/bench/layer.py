@@ -2,7 +2,9 @@
 
 The timed callable, the same for every implementation::
 
-    logits = x @ router_weight^T                 [T, E] in the bench dtype (router_weight [E, H], bench dtype)
+    logits = layer_router_logits(x, router_weight)   [T, E]: on CUDA for T <= ROUTER_KERNEL_MAX_TOKENS the
+                                                   float32 router kernel (tilemoe.ops.router), else x @ router^T
+                                                   in the bench dtype (cuBLAS; router_weight [E, H], bench dtype)
     weights, ids = route(logits, correction_bias)  route_triton on CUDA (what moe_forward does), routing.route
                                                    on CPU
     out = impl.fn(x, w13, w2, weights, ids)
@@ -40,6 +42,7 @@ import torch
 
 from tilemoe.config import MoEConfig
 from tilemoe.ops.route import route_triton
+from tilemoe.ops.router import ROUTER_KERNEL_MAX_TOKENS, router_logits_triton
 from tilemoe.routing import route
 
 ROUTER_GAIN = 4.0
@@ -49,12 +52,29 @@ NOT_CHOSEN_GAP = 0.25  # the other experts' logit sits this far below the last c
 LOGIT_NOISE = 1e-3
 BIAS_SCALE = 1e-4  # correction bias values in [0, 1e-4): far below the 1/16 logit steps between the chosen
 
-__all__ = ["check_layer_ids", "layer_fn", "make_router_weights", "reachable_tokens", "route_fn", "steer_input"]
+__all__ = [
+    "check_layer_ids",
+    "layer_fn",
+    "layer_router_logits",
+    "make_router_weights",
+    "reachable_tokens",
+    "route_fn",
+    "steer_input",
+]
 
 
 def route_fn(device: torch.device) -> Callable:
     """The routing ``moe_forward`` uses on ``device``: the Triton kernel on CUDA, plain PyTorch elsewhere."""
     return route_triton if device.type == "cuda" else route
+
+
+def layer_router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """The router GEMM of the timed layer, the same for every implementation: the Triton router kernel (float32
+    logits) for a decode-sized batch on CUDA, where cuBLAS's GEMM is a 4-6 us weight stream; x @ router^T in x's
+    dtype (cuBLAS, or the CPU) otherwise."""
+    if x.is_cuda and x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS:
+        return router_logits_triton(x, router_weight)
+    return torch.nn.functional.linear(x, router_weight)
 
 
 def make_router_weights(
@@ -148,7 +168,7 @@ def layer_fn(
 
     def fn(inp):
         x, _, scenario_ids = inp
-        logits = torch.nn.functional.linear(x, router_weight)
+        logits = layer_router_logits(x, router_weight)
         topk_weights, topk_ids = routing(logits, config, correction_bias=bias)
         if pass_through:
             topk_ids = scenario_ids

@@ -35,6 +35,7 @@ import torch
 from tilemoe.bench.layer import (
     check_layer_ids,
     layer_fn,
+    layer_router_logits,
     make_router_weights,
     reachable_tokens,
     route_fn,
@@ -268,7 +269,7 @@ def _layer_inputs(
     config, device = s.config, s.device
     reachable = reachable_tokens(topk_ids, config)
     xs = [steer_input(x, topk_ids, config) for x in xs]
-    logits = torch.nn.functional.linear(xs[0], weights["router_weight"])
+    logits = layer_router_logits(xs[0], weights["router_weight"])
     bias = weights["correction_bias"]
     ref_weights, ref_ids = route(logits, config, correction_bias=bias)
     check_layer_ids(ref_ids, topk_ids, reachable, scenario)
