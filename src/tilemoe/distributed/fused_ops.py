@@ -59,7 +59,7 @@ class FusedTiles:
     num_put: int = 32
     block_h: int = 128  # columns per put step
     block_t: int = 16  # tokens per combine program
-    tma: bool = False  # weights and GEMM 2's input through TMA descriptors where the layout allows (opt-in)
+    tma: bool = False  # weights and GEMM 2's input via TMA where the layout allows (fused_tiles_for: on, 16-bit)
     # column slices each row-block's put is cut into, each its own put work item and flag (``_put_blocks``);
     # 1 (default): whole blocks. Opt-in until timed on two GPUs (session 4: `--fused-variants put_split=4`)
     put_split: int = 1
@@ -133,8 +133,9 @@ def fused_tiles_for(config: MoEConfig, max_tokens: int, dtype: torch.dtype, devi
     at init, not per call: block_m sizes the symmetric buffers, and block_n2 numbers the combine flags,
     which the destination (GEMM 2) and the source (combine) must agree on although their T differ.
     Decode and grouped_mm configs (other kernels) fall back to ``heuristic_config``; the fused kernels have
-    no persistent variant, so the tile shapes, warps and stages are taken (``tma`` stays off: the fused
-    TMA path is tested but not yet timed on two GPUs; opt in with ``FusedTiles(tma=True)``), the stages cut to
+    no persistent variant, so the tile shapes, warps and stages are taken, with ``tma`` on for 16-bit dtypes
+    (2x H200, bf16, T = 8192 per rank: fused-graph 1.025 -> 0.862 ms at FlashMoE's shape, qwen3-30b-a3b 1.909 ->
+    1.673, deepseek-v2-lite 2.091 -> 1.825; docs/expert_parallel.md, session 4), the stages cut to
     what ``STAGE_SMEM_BUDGET`` holds with pointer loads (and cut again at launch if Triton still finds the
     shared memory short, see ``_launch``).
     """
@@ -156,6 +157,7 @@ def fused_tiles_for(config: MoEConfig, max_tokens: int, dtype: torch.dtype, devi
     return FusedTiles(
         block_m=kc.block_m, block_n1=kc.block_n1, block_k1=kc.block_k1, num_warps1=kc.num_warps1, num_stages1=s1,
         block_n2=kc.block_n2, block_k2=kc.block_k2, num_warps2=kc.num_warps2, num_stages2=s2,
+        tma=dtype in (torch.float16, torch.bfloat16),
     )  # fmt: skip
 
 
