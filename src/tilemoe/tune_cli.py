@@ -100,7 +100,7 @@ TMA_CANDIDATES = [
 ]
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
 # H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3),
-# before GEMM 2 ran per slot where per token gives too few programs (``decode_gemm2_per_slot``); with it the
+# before GEMM 2 ran per slot (``tilemoe.ops.fused_experts.DECODE_GEMM2_PER_SLOT``); with it the
 # first won T=1 of qwen3-30b-a3b, deepseek-v2-lite and gpt-oss-120b on the H100. The others vary its tiles (the
 # GEMM 2 widths and depths first: GEMM 2 moved its weights at 2.1 TB/s there, GEMM 1 at 2.6).
 DECODE_CANDIDATES = [

@@ -193,19 +193,12 @@ def test_decode_path_options(changes, generator):
 @pytest.mark.parametrize("per_slot", [False, True])
 @pytest.mark.parametrize("num_tokens", [1, 4])
 def test_decode_gemm2_per_slot_or_per_token(per_slot, num_tokens, generator, monkeypatch):
-    # both forms of the decode GEMM 2, whatever the rule picks here; bias and 3 k-steps per pick (I = 72)
+    # both forms of the decode GEMM 2 (per slot + slot sum: the default); bias and 3 k-steps per pick (I = 72)
     config = MoEConfig(num_experts=9, top_k=4, hidden_size=40, intermediate_size=72, expert_bias=True)
-    monkeypatch.setattr(fused_experts_module, "decode_gemm2_per_slot", lambda *args: per_slot)
+    monkeypatch.setattr(fused_experts_module, "DECODE_GEMM2_PER_SLOT", per_slot)
     summed = _spy(monkeypatch, fused_experts_module, "sum_slots")
     _run_case(config, num_tokens, torch.float32, generator, kernel_config=DECODE)
     assert len(summed) == per_slot
-
-
-def test_decode_gemm2_per_slot_rule():
-    cpu = torch.device("cpu")  # the interpreter stands for a GPU of INTERPRETER_PROGRAMS SMs
-    few = fused_experts_module.INTERPRETER_PROGRAMS - 1
-    assert fused_experts_module.decode_gemm2_per_slot(1, 16 * few, 16, cpu)
-    assert not fused_experts_module.decode_gemm2_per_slot(1, 16 * (few + 1), 16, cpu)
 
 
 def test_decode_path_one_expert_takes_every_token(generator):

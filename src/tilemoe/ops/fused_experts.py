@@ -45,6 +45,13 @@ def _num_sms(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# The decode GEMM 2 runs one program per (slot, column block), each writing its slot's weighted row, and the K rows
+# are summed after (sum_slots), rather than one program per (token, column block) walking its K picks: per slot won
+# every point timed on an H100 (bench/decode_probe.py; fused_experts, CUDA-graph replays): qwen3-30b-a3b T=1 34.7 vs
+# 46.7-49.8 us for the per-token tiles, deepseek-v2-lite T=1 44.9 vs 56.7, gpt-oss-120b T=1 82.6 vs 102.3, qwen3
+# T=2 / 4 / 8 60.6 / 102.2 / 166.0 vs 70.7 / 106.2 / 172.9. False (probes, tests) runs the per-token form.
+DECODE_GEMM2_PER_SLOT = True
+
 # Programs of a persistent launch in the interpreter: few, so that each walks several tiles in the tests.
 INTERPRETER_PROGRAMS = 3
 
@@ -209,19 +216,11 @@ def _launch(
     return sum_slots(out, top_k)
 
 
-def decode_gemm2_per_slot(num_tokens: int, hidden: int, block_n2: int, device: torch.device) -> bool:
-    """Whether the decode GEMM 2 runs one program per (slot, column block) and sums the slots after, rather than
-    one per (token, column block) walking its K picks: when the latter gives fewer programs than the GPU has SMs
-    (qwen3-30b-a3b T=1: 64 programs of 8 serial picks on 132 SMs)."""
-    programs = _num_sms(device.index) if device.type == "cuda" else INTERPRETER_PROGRAMS
-    return num_tokens * cdiv(hidden, block_n2) < programs
-
-
 def _launch_decode(
     x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg
 ) -> torch.Tensor:
     """No alignment: GEMM 1 per (slot, column block), GEMM 2 per (token, column block) summing K (two launches),
-    or per (slot, column block) plus the slot sum (``decode_gemm2_per_slot``)."""
+    or per (slot, column block) plus the slot sum (``DECODE_GEMM2_PER_SLOT``, the default)."""
     from tilemoe.ops._kernels._decode import _decode_gemm1_kernel, _decode_gemm2_kernel
 
     num_tokens, hidden = x.shape
@@ -262,9 +261,7 @@ def _launch_decode(
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )
-    # Too few (token, column block) programs to keep the weight stream busy: one per (slot, column block) instead,
-    # each writing its slot's weighted row, and the K rows summed after (as the tiled path does).
-    per_slot = top_k > 1 and decode_gemm2_per_slot(num_tokens, hidden, cfg.block_n2, x.device)
+    per_slot = top_k > 1 and DECODE_GEMM2_PER_SLOT
     rows = num_tokens * top_k if per_slot else num_tokens
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2

@@ -1,9 +1,11 @@
-"""Triton kernels of the decode path of the fused expert MLP: no alignment, no padding rows, no combine launch.
+"""Triton kernels of the decode path of the fused expert MLP: no alignment, no padding rows.
 
 With few slots (S = T*K small) the expert weights are the bytes. GEMM 1 runs one program per (slot, column
 block); GEMM 2 one program per (token, column block) that walks the token's K picks and sums them in its
-accumulator. Each program feeds the tensor cores a 16-row tile whose row 0 is the slot (the other rows are
-masked, so they cost no memory traffic): tl.dot keeps the weight loads software-pipelined, which plain
+accumulator; the launcher runs it with top_k = 1 over the slots by default (one program per (slot, column
+block), the K rows summed after: faster at every point timed, ``fused_experts.DECODE_GEMM2_PER_SLOT``).
+Each program feeds the tensor cores a 16-row tile whose row 0 is the slot (the other rows are masked, so they
+cost no memory traffic): tl.dot keeps the weight loads software-pipelined, which plain
 multiply-and-sum loops on the CUDA cores did not (bench/NOTES.md, version 3).
 Dimension letters: T tokens, K top-k, E experts, H hidden, I expert intermediate; S = T*K slots (slot s is
 token s // K, its pick s % K).

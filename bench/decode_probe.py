@@ -1,0 +1,88 @@
+"""The decode path's GEMM 2 at small T: per (slot, column block) plus the slot sum, against per (token, column
+block) walking the K picks, for several tiles; fused_experts alone, CUDA-graph replays of 20 calls, the variants
+in turn within each round. Outputs are checked against the table config's.
+
+    PYTHONPATH=src python3 bench/decode_probe.py [--points qwen3-30b-a3b:1 ...] [--warm-only]
+
+A development tool (it backs ``tilemoe.ops.fused_experts.DECODE_GEMM2_PER_SLOT``); claims come from ``tilemoe bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import statistics
+
+import torch
+
+import tilemoe.ops.fused_experts as fe
+from tilemoe.config import MoEConfig
+from tilemoe.testing import make_input, make_routing, make_weights
+from tilemoe.tuning import MoEShape, pick_config
+
+POINTS = ["qwen3-30b-a3b:1", "deepseek-v2-lite:1", "gpt-oss-120b:1", "qwen3-30b-a3b:2", "qwen3-30b-a3b:4"]
+# (GEMM 2 per slot?, block_n2, block_k2, num_warps2, num_stages2) on top of the table's decode GEMM 1 tiles
+VARIANTS = [
+    (True, 32, 256, 4, 3),
+    (False, 16, 256, 4, 3),
+    (False, 16, 512, 4, 2),
+    (False, 16, 256, 2, 4),
+    (False, 32, 256, 4, 3),
+    (True, 16, 256, 4, 3),
+    (True, 64, 128, 4, 4),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", nargs="*", default=POINTS)
+    parser.add_argument("--warm-only", action="store_true")
+    args = parser.parse_args()
+    default = fe.DECODE_GEMM2_PER_SLOT
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
+    print("point\t" + "\t".join(f"{'slot' if s else 'tok'}{n}x{k}w{w}s{st}" for s, n, k, w, st in VARIANTS))
+    for point in args.points:
+        name, tokens = point.rsplit(":", 1)
+        t = int(tokens)
+        config = MoEConfig.from_pretrained(name)
+        gen = torch.Generator().manual_seed(t)
+        w = make_weights(config, dtype=torch.bfloat16, device="cuda")
+        x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+        tw, ti = make_routing(t, config, device="cuda", generator=gen)
+        shape = MoEShape(t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
+        base = dataclasses.replace(pick_config(shape, torch.bfloat16, torch.cuda.get_device_name()), decode=True)
+        graphs, outs = [], []
+        for per_slot, bn2, bk2, w2, s2 in VARIANTS:
+            cfg = dataclasses.replace(base, block_n2=bn2, block_k2=bk2, num_warps2=w2, num_stages2=s2)
+            fe.DECODE_GEMM2_PER_SLOT = per_slot  # read at launch: the capture below records this form
+
+            fn = functools.partial(fe.fused_experts, x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"],
+                                   b2=w["b2"], kernel_config=cfg)  # fmt: skip
+
+            outs.append(fn())
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    fn()
+            graphs.append(graph)
+        fe.DECODE_GEMM2_PER_SLOT = default
+        if args.warm_only:
+            continue
+        for out in outs[1:]:
+            torch.testing.assert_close(out.float(), outs[0].float(), atol=2e-2, rtol=2e-2)
+        times = [[] for _ in graphs]
+        for _ in range(15):
+            for i, graph in enumerate(graphs):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                stop.record()
+                torch.cuda.synchronize()
+                times[i].append(start.elapsed_time(stop) * 1e3 / 20)
+        print(point + "\t" + "\t".join(f"{statistics.median(ts):.1f}" for ts in times), flush=True)
+
+
+if __name__ == "__main__":
+    main()
