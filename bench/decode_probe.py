@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import statistics
 
 import torch
 
 import tilemoe.ops.fused_experts as fe
+from tilemoe.bench.timing import capture_graph, graph_us_in_turn
 from tilemoe.config import MoEConfig
 from tilemoe.testing import make_input, make_routing, make_weights
 from tilemoe.tuning import MoEShape, pick_config
 
+CALLS = 20  # per graph
 POINTS = ["qwen3-30b-a3b:1", "deepseek-v2-lite:1", "gpt-oss-120b:1", "qwen3-30b-a3b:2", "qwen3-30b-a3b:4"]
 # (GEMM 2 per slot?, block_n2, block_k2, num_warps2, num_stages2) on top of the table's decode GEMM 1 tiles
 VARIANTS = [
@@ -61,27 +62,14 @@ def main() -> None:
                                    b2=w["b2"], kernel_config=cfg)  # fmt: skip
 
             outs.append(fn())
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(20):
-                    fn()
-            graphs.append(graph)
+            graphs.append((capture_graph(fn, CALLS)[0], CALLS))
         fe.DECODE_GEMM2_PER_SLOT = default
         if args.warm_only:
             continue
         for out in outs[1:]:
             torch.testing.assert_close(out.float(), outs[0].float(), atol=2e-2, rtol=2e-2)
-        times = [[] for _ in graphs]
-        for _ in range(15):
-            for i, graph in enumerate(graphs):
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                stop.record()
-                torch.cuda.synchronize()
-                times[i].append(start.elapsed_time(stop) * 1e3 / 20)
-        print(point + "\t" + "\t".join(f"{statistics.median(ts):.1f}" for ts in times), flush=True)
+        times = graph_us_in_turn(graphs, 15)
+        print(point + "\t" + "\t".join(f"{us:.1f}" for us in times), flush=True)
 
 
 if __name__ == "__main__":

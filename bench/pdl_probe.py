@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 
 from tilemoe.bench.layer import layer_router_logits
+from tilemoe.bench.timing import capture_graph, graph_us_in_turn
 from tilemoe.config import MoEConfig
 from tilemoe.ops._launch import PDL_ENV, pdl_enabled
 from tilemoe.ops.fused_experts import fused_experts
@@ -52,26 +52,9 @@ def layer(config: MoEConfig, num_tokens: int):
 
 
 def capture(fn, pdl: bool, calls: int):
+    """The graph (PDL on or off: read at launch, so the capture records it) and its last output."""
     os.environ[PDL_ENV] = "1" if pdl else "0"
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [fn() for _ in range(calls)]
-    return graph, outs[-1]
-
-
-def replay_us(graph, calls: int) -> float:
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) * 1e3 / calls
+    return capture_graph(fn, calls)
 
 
 def main() -> None:
@@ -90,17 +73,14 @@ def main() -> None:
         fn = layer(config, int(tokens))
         calls = max(1, min(20, 4096 // max(1, int(tokens))))
         graphs = {pdl: capture(fn, pdl, calls) for pdl in (False, True)}
+        os.environ[PDL_ENV] = "0"  # the profile below: with PDL a kernel's time would include its wait
         if args.warm_only:
             continue
         for graph, _ in graphs.values():
             graph.replay()
         torch.cuda.synchronize()
         equal = torch.equal(graphs[False][1], graphs[True][1])
-        times = {False: [], True: []}
-        for _ in range(args.rounds):
-            for pdl in (False, True):
-                times[pdl].append(replay_us(graphs[pdl][0], calls))
-        off, on = statistics.median(times[False]), statistics.median(times[True])
+        off, on = graph_us_in_turn([(graphs[False][0], calls), (graphs[True][0], calls)], args.rounds)
         print(f"{point}\t{off:.1f}\t{on:.1f}\t{on / off:.3f}\t{equal}", flush=True)
         if args.profile:
             from kernel_probe import kernel_times  # bench/ is this script's directory

@@ -8,10 +8,9 @@ A development tool: it picks the kernel's block sizes (tilemoe/ops/router.py); c
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
+from tilemoe.bench.timing import capture_graph, graph_us_in_turn
 from tilemoe.ops._kernels._router import _router_logits_kernel
 from tilemoe.ops._launch import cdiv
 
@@ -33,16 +32,6 @@ def kernel_fn(x, w, block_e, block_h, warps):
     return fn
 
 
-def capture(fn, calls=20):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return graph, calls
-
-
 def main() -> None:
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     print("E\tH\tT\tcublas_bf16_us\t" + "\t".join(f"k{be}x{bh}w{wp}" for be, bh, wp in VARIANTS))
@@ -54,17 +43,8 @@ def main() -> None:
             ref = torch.nn.functional.linear(x.float(), w.float())
             for fn in fns[1:]:
                 torch.testing.assert_close(fn(), ref, atol=1e-3, rtol=1e-3)
-            graphs = [capture(fn) for fn in fns]
-            times = [[] for _ in fns]
-            for _ in range(11):
-                for i, (graph, calls) in enumerate(graphs):
-                    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    graph.replay()
-                    stop.record()
-                    torch.cuda.synchronize()
-                    times[i].append(start.elapsed_time(stop) * 1e3 / calls)
-            print(f"{e}\t{h}\t{t}\t" + "\t".join(f"{statistics.median(ts):.2f}" for ts in times), flush=True)
+            times = graph_us_in_turn([(capture_graph(fn, 20)[0], 20) for fn in fns], 11)
+            print(f"{e}\t{h}\t{t}\t" + "\t".join(f"{us:.2f}" for us in times), flush=True)
 
 
 if __name__ == "__main__":

@@ -151,27 +151,12 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
 # ------------------------------------------------------------------------------------------------- timers
 def graph_seconds(fn, calls: int = 10, replays: int = 10) -> float:
     """Median time of one call, from replays of a CUDA graph holding ``calls`` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    from tilemoe.bench.timing import capture_graph, graph_us_in_turn
+
+    graph, _ = capture_graph(fn, calls)
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / calls)
-    return sorted(times)[len(times) // 2] * 1e-3
+    return graph_us_in_turn([(graph, calls)], replays)[0] * 1e-6
 
 
 def bench_seconds(fn) -> float:

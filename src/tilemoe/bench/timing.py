@@ -4,6 +4,9 @@
 ``Timer`` lets the runner interleave implementations: each is prepared once, then timed a few iterations per
 round, round after round, so slow drift of the device clock (an H100 under its power cap) hits all alike.
 
+``capture_graph`` / ``graph_us_in_turn``: CUDA graphs of several calls each, replayed in turn (the tuner and the
+development probes in bench/).
+
 ``inputs`` is a list of input sets; call i uses ``inputs[i % len(inputs)]`` so that several sets rotate when
 one set would stay in L2 between calls (the runner makes 3 sets when the activations are small).
 """
@@ -179,3 +182,35 @@ def measure(
     timer = Timer(fn, inputs, device=torch.device(device), cuda_graph=cuda_graph)
     timer.warmup(warmup)
     return timer.run(iters)
+
+
+def capture_graph(fn: Callable[[], Any], calls: int = 1, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(a CUDA graph of ``calls`` calls of ``fn()``, the last call's output): ``warmup`` calls first, on a side
+    stream (as capture wants), then the capture. The graph is not replayed yet."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    out = None
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            out = fn()
+    return graph, out
+
+
+def graph_us_in_turn(graphs: Sequence[tuple[torch.cuda.CUDAGraph, int]], rounds: int) -> list[float]:
+    """Median microseconds per call of each (graph, calls it holds), replaying the graphs in turn, one replay each
+    per round, so that a drifting clock hits all of them alike."""
+    times: list[list[float]] = [[] for _ in graphs]
+    for _ in range(rounds):
+        for i, (graph, calls) in enumerate(graphs):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            stop.record()
+            torch.cuda.synchronize()
+            times[i].append(start.elapsed_time(stop) * 1e3 / calls)
+    return [statistics.median(ts) for ts in times]
