@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tilemoe.ops.router as router_module
-from tilemoe.ops.router import ROUTER_KERNEL_MAX_TOKENS, router_logits_fast, router_logits_triton
+from tilemoe.ops.router import ROUTER_KERNEL_MAX_TOKENS, router_logits_fast, router_logits_triton, uses_router_kernel
 from tilemoe.routing import router_logits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,3 +82,11 @@ def test_router_logits_bad_input(x_shape, w_shape, b_shape, dtype, match):
     b = None if b_shape is None else torch.zeros(b_shape, device=DEVICE)
     with pytest.raises((ValueError, TypeError), match=match):
         router_logits_triton(x, w, b)
+
+
+def test_uses_router_kernel_only_for_few_16_or_32_bit_tokens_on_cuda():
+    assert not uses_router_kernel(torch.zeros(1, 16))  # the CPU (interpreter or not): the reference's GEMM
+    if DEVICE == "cuda":
+        assert uses_router_kernel(torch.zeros(ROUTER_KERNEL_MAX_TOKENS, 16, device="cuda", dtype=torch.bfloat16))
+        assert not uses_router_kernel(torch.zeros(ROUTER_KERNEL_MAX_TOKENS + 1, 16, device="cuda"))
+        assert not uses_router_kernel(torch.zeros(1, 16, device="cuda", dtype=torch.float64))

@@ -2,7 +2,7 @@
 
 The timed callable, the same for every implementation::
 
-    logits = layer_router_logits(x, router_weight)   [T, E]: on CUDA for T <= ROUTER_KERNEL_MAX_TOKENS the
+    logits = layer_router_logits(x, router_weight)   [T, E]: on CUDA for T <= ROUTER_KERNEL_MAX_TOKENS (8) the
                                                    float32 router kernel (tilemoe.ops.router), else x @ router^T
                                                    in the bench dtype (cuBLAS; router_weight [E, H], bench dtype)
     weights, ids = route(logits, correction_bias)  route_triton on CUDA (what moe_forward does), routing.route
@@ -42,7 +42,7 @@ import torch
 
 from tilemoe.config import MoEConfig
 from tilemoe.ops.route import route_triton
-from tilemoe.ops.router import ROUTER_KERNEL_MAX_TOKENS, router_logits_triton
+from tilemoe.ops.router import router_logits_triton, uses_router_kernel
 from tilemoe.routing import route
 
 ROUTER_GAIN = 4.0
@@ -70,9 +70,9 @@ def route_fn(device: torch.device) -> Callable:
 
 def layer_router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     """The router GEMM of the timed layer, the same for every implementation: the Triton router kernel (float32
-    logits) for a decode-sized batch on CUDA, where cuBLAS's GEMM is a 4-6 us weight stream; x @ router^T in x's
-    dtype (cuBLAS, or the CPU) otherwise."""
-    if x.is_cuda and x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS:
+    logits) where ``tilemoe.ops.router.uses_router_kernel`` (a decode-sized batch on CUDA, where cuBLAS's GEMM is a
+    4-6 us weight stream); x @ router^T in x's dtype (cuBLAS, or the CPU) otherwise."""
+    if uses_router_kernel(x):
         return router_logits_triton(x, router_weight)
     return torch.nn.functional.linear(x, router_weight)
 

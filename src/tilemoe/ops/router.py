@@ -13,7 +13,7 @@ import torch
 from tilemoe.ops._launch import cdiv, pdl_options
 from tilemoe.routing import router_logits
 
-__all__ = ["ROUTER_KERNEL_MAX_TOKENS", "router_logits_fast", "router_logits_triton"]
+__all__ = ["ROUTER_KERNEL_MAX_TOKENS", "router_logits_fast", "router_logits_triton", "uses_router_kernel"]
 
 # Up to this many tokens the Triton kernel computes the logits; beyond, the GEMM (tensor cores) does. H100, bf16,
 # CUDA-graph replays (bench/router_probe.py): the kernel 2.0-2.7 us against cuBLAS 4.8-6.1 at T = 1 and 8 for
@@ -54,11 +54,17 @@ def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return _router_logits_op(x, weight, bias)
 
 
+def uses_router_kernel(x: torch.Tensor) -> bool:
+    """Whether the router GEMM of x [T, H] goes to the Triton kernel: CUDA, T <= ``ROUTER_KERNEL_MAX_TOKENS``, a
+    float32 / float16 / bfloat16 x. Not on the CPU under the interpreter, where the kernel would only be slower
+    (tests call ``router_logits_triton`` there)."""
+    return x.is_cuda and x.dim() == 2 and x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and x.dtype in _DTYPES
+
+
 def router_logits_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 router logits [T, E], the same math as ``tilemoe.routing.router_logits``: the Triton kernel for a
-    few tokens on CUDA, the reference's GEMM otherwise (also on the CPU under the interpreter, where the kernel
-    would only be slower; tests call ``router_logits_triton`` there)."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and x.dtype in _DTYPES:
+    """float32 router logits [T, E], the same math as ``tilemoe.routing.router_logits``: the Triton kernel where
+    ``uses_router_kernel(x)``, the reference's GEMM otherwise."""
+    if uses_router_kernel(x):
         return router_logits_triton(x, weight, bias)
     return router_logits(x, weight, bias)
 
