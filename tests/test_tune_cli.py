@@ -1,6 +1,7 @@
 """tilemoe tune: plan (dedup, candidates, pruning), warm-up (specialization match, partitioning, worker path),
 budget cut-off, table merge; one end-to-end run on the GPU."""
 
+import dataclasses
 import json
 import time
 
@@ -471,3 +472,39 @@ def test_candidates_add_tma_for_16_bit_and_decode_for_few_slots():
     assert not any(c.decode for c in tune.candidate_configs(prefill_shape, torch.bfloat16))
     assert any(c.tma for c in tune.candidate_configs(prefill_shape, torch.bfloat16))
     assert not any(c.tma for c in tune.candidate_configs(prefill_shape, torch.float32))
+
+
+def test_split_tail_twins_follow_their_configs():
+    shape = MoEShape(4096, 128, 8, 2048, 768)  # 256 rows per expert
+    cands = tune.candidate_configs(shape, torch.bfloat16)
+    assert len(cands) == len(set(cands))
+    assert cands[1] == dataclasses.replace(cands[0], split_tail=True)  # the heuristic's twin first
+    for i, cfg in enumerate(cands[2:], start=2):
+        if cfg.split_tail:
+            assert cands[i - 1] == dataclasses.replace(cfg, split_tail=False)
+        elif cfg.block_m >= 64 and not cfg.grouped_mm:
+            assert cands[i + 1] == dataclasses.replace(cfg, split_tail=True)
+    decode = tune.candidate_configs(MoEShape(1, 128, 8, 2048, 768), torch.bfloat16)
+    assert not any(c.split_tail for c in decode)  # 0.06 rows per expert: no tails worth splitting
+
+
+def test_variants_replace_the_candidates(tmp_path):
+    assert tune.parse_variant("split_tail=1,persistent=0") == {"split_tail": 1, "persistent": 0}
+    for bad in ("split_tail", "bogus=1", "split_tail=yes"):
+        with pytest.raises(ValueError, match="--variants"):
+            tune.parse_variant(bad)
+    groups = tune.group_shapes(["qwen3-30b-a3b"])
+    points = tune.plan_points(groups, [1, 4096], torch.bfloat16)
+    entry = KernelConfig(block_m=128, block_n1=128, block_k1=64, num_warps1=8, tma=True, persistent=True)
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"device": "x", "configs": {points[1].table_key: entry.to_dict()}}))
+    variants = [{"split_tail": 1}, {"split_tail": 1, "persistent": 0}]
+    tune.use_variant_candidates(points, variants, [tmp_path / "missing.json", table])
+    # T=1: no entry, the heuristic (16-row tiles) cannot take split_tail: the heuristic alone
+    assert points[0].candidates == [heuristic_config(points[0].shape, torch.bfloat16)]
+    assert points[1].candidates == [
+        heuristic_config(points[1].shape, torch.bfloat16),
+        entry,
+        dataclasses.replace(entry, split_tail=True),
+        dataclasses.replace(entry, split_tail=True, persistent=False),
+    ]

@@ -24,6 +24,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -120,12 +122,24 @@ GROUPED_MM_CANDIDATE = KernelConfig(block_m=16, grouped_mm=True)
 GROUPED_MM_MIN_ROWS = 128
 
 
+# Split-tail twins (``KernelConfig.split_tail``) of the 64- and 128-row configs, from this many rows per expert: a
+# random routing then leaves about half the experts a last block under half full.
+SPLIT_TAIL_MIN_ROWS = 32
+
+
+def _split_twin(cfg: KernelConfig) -> tuple[KernelConfig, ...]:
+    if cfg.block_m < 64 or cfg.decode or cfg.grouped_mm or cfg.split_tail:
+        return ()
+    return (dataclasses.replace(cfg, split_tail=True),)
+
+
 def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]:
     """The configs ``tilemoe tune`` times for ``shape`` in ``dtype``: the heuristic first, then ``CANDIDATES``
     (+ ``TMA_CANDIDATES`` for 16-bit dtypes, + ``DECODE_CANDIDATES`` for S <= ``DECODE_MAX_SLOTS``) that can
     win, the likeliest first (block_m nearest the heuristic's), without repeats; last ``GROUPED_MM_CANDIDATE``
     (16-bit, from ``GROUPED_MM_MIN_ROWS`` rows per expert, where torch's grouped GEMM runs on this machine).
 
+    From ``SPLIT_TAIL_MIN_ROWS`` rows per expert, each config of 64 rows or more is followed by its split-tail twin.
     Pruned: block_m over 4x the mean rows per expert (T*K/E), floor 16: such a tile is mostly padding rows
     (the busiest expert of a random routing rarely gets 4x the mean); block_m under 1/16 of it: 128-row
     tiles won every T >= 1024 point of the H100 runs (bench/NOTES.md, run 2), so much smaller ones are not tried.
@@ -141,6 +155,8 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
         pool += DECODE_CANDIDATES
     rest = [c for c in dict.fromkeys(pool) if c != base and min_block_m <= c.block_m <= max_block_m]
     rest.sort(key=lambda c: abs(math.log2(c.block_m) - math.log2(base.block_m)))  # stable: list order breaks ties
+    if rows_per_expert >= SPLIT_TAIL_MIN_ROWS:  # each 64/128-row config then its split-tail twin
+        rest = [*_split_twin(base), *(twin for c in rest for twin in (c, *_split_twin(c)))]
     # its block_m is only the row alignment of the grouped GEMM's groups: not pruned by the tile rule above
     grouped = dtype in (torch.float16, torch.bfloat16) and rows_per_expert >= GROUPED_MM_MIN_ROWS
     if grouped and grouped_mm_available("cuda", dtype) and base != GROUPED_MM_CANDIDATE:
@@ -221,6 +237,8 @@ class TunePoint:
     heuristic_s: float | None = None
     timed: int = 0
     errors: list[str] = field(default_factory=list)
+    times: list[tuple[KernelConfig, float]] = field(default_factory=list)  # (candidate, seconds) as timed
+    entry: KernelConfig | None = None  # with --variants: the config the variants change
 
     @property
     def shape(self) -> MoEShape:
@@ -540,6 +558,7 @@ def search_point(point: TunePoint, measure, budget: Budget, slice_s: float) -> N
                 return
             continue
         point.timed += 1
+        point.times.append((cfg, seconds))
         if n == 0:
             point.heuristic_s = seconds
         if point.best_s is None or seconds < point.best_s:
@@ -649,6 +668,16 @@ def _point_line(p: TunePoint) -> str:
     return line
 
 
+def _variant_lines(p: TunePoint) -> str:
+    lines = [f"variants {'/'.join(p.group.models)} T={p.num_tokens}:"]
+    entry_s = next((seconds for cfg, seconds in p.times if cfg == p.entry), None)
+    for n, (cfg, seconds) in enumerate(p.times):
+        role = "entry" if cfg == p.entry else "heuristic" if n == 0 else "variant"
+        ratio = f" ({seconds / entry_s:.3f}x entry)" if entry_s and role == "variant" else ""
+        lines.append(f"  {role} {seconds * 1e6:.1f} us{ratio} {cfg}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------- table
 def merge_table(path: Path, device: str, configs: dict[str, dict], measured: dict[str, dict] | None = None) -> dict:
     """Merge ``configs`` (shape key -> KernelConfig dict) into the table file at ``path`` (created when absent),
@@ -712,7 +741,53 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock limit of the whole search")
     parser.add_argument("--workers", type=int, default=min(16, _usable_cpus()), help="warm-up processes (0: none)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (shapes, points, compiles) and stop")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, metavar="FIELD=VALUE[,...]",
+        help="time only the heuristic, each point's table entry and these changes of it (e.g. split_tail=1 "
+        "split_tail=1,persistent=0), instead of the whole candidate list",
+    )  # fmt: skip
     parser.set_defaults(run=run)
+
+
+def parse_variant(text: str) -> dict[str, int]:
+    """'split_tail=1,persistent=0' -> {'split_tail': 1, 'persistent': 0}; KernelConfig fields, int values.
+
+    Raises ValueError naming the bad item.
+    """
+    fields = set(KernelConfig.__dataclass_fields__)
+    changes = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in fields:
+            raise ValueError(f"--variants: expected FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
+        try:
+            changes[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--variants: expected an int value in {item!r}") from None
+    return changes
+
+
+def use_variant_candidates(points: list[TunePoint], variants: list[dict[str, int]], paths: list[Path]) -> None:
+    """Each point's candidates become: the heuristic, its table entry (the first of ``paths`` that has one, else the
+    heuristic) and that entry with each of ``variants`` applied; a change the entry cannot take (KernelConfig
+    refuses it) or that leaves it unchanged is dropped."""
+    entries: dict[str, KernelConfig] = {}
+    for path in reversed(list(dict.fromkeys(paths))):  # the first path wins
+        if path.exists():
+            for key, value in json.loads(path.read_text()).get("configs", {}).items():
+                with contextlib.suppress(TypeError, ValueError):  # written by another KernelConfig version
+                    entries[key] = KernelConfig.from_dict(value)
+    for p in points:
+        heuristic = p.candidates[0]
+        entry = entries.get(p.table_key, heuristic)
+        changed = []
+        for changes in variants:
+            try:
+                changed.append(dataclasses.replace(entry, **changes))
+            except ValueError:
+                continue
+        p.candidates = list(dict.fromkeys([heuristic, entry, *changed]))
+        p.entry = entry
 
 
 def add_table_candidates(points: list[TunePoint], paths: list[Path]) -> int:
@@ -738,6 +813,7 @@ def run(args) -> int:
     budget = Budget(args.budget_s)
     dtype = DTYPES[args.dtype]
     try:
+        variants = [parse_variant(v) for v in args.variants or []]
         models = resolve_models(args.model, args.models_from)
         groups = group_shapes(models)
         points = plan_points(groups, args.num_tokens, dtype)
@@ -755,7 +831,10 @@ def run(args) -> int:
     name = torch.cuda.get_device_name()
     path = Path(args.output) if args.output else table_path(name)
     writing = args.write or args.output is not None
-    add_table_candidates(points, [table_path(name), path])
+    if variants:
+        use_variant_candidates(points, variants, [path, table_path(name)])
+    else:
+        add_table_candidates(points, [table_path(name), path])
     tasks = warmup_tasks(points, dtype)
     _print_plan(models, groups, points, tasks)
     if args.workers > 0:
@@ -784,6 +863,9 @@ def run(args) -> int:
         torch.cuda.empty_cache()  # the next shape's weights (up to 34 GB for Kimi-K2) need the room
         left -= len(group_points)
         configs, measured = _results(group_points)
+        if variants:  # what each change did, against the table entry (the second candidate)
+            for p in group_points:
+                print(_variant_lines(p), flush=True)
         if writing and configs:  # after each shape, so a run cut off from outside keeps what it found
             merge_table(path, name, configs, measured)
     _summary(points, budget, misses, path if writing else None)

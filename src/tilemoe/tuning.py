@@ -49,6 +49,9 @@ class KernelConfig:
     sum over K inside GEMM 2) with ``block_n*`` / ``block_k*`` / ``num_warps*`` as their tiles; ``block_m`` and the
     stage and group fields are then unused. ``grouped_mm``: the two expert GEMMs through torch's grouped GEMM
     (cuBLAS / CUTLASS), alignment, activation and combine in Triton; only ``block_m`` (the row alignment) is used.
+    ``split_tail``: an expert's last block holding at most block_m / 2 real rows runs block_m / 2-row tiles in both
+    GEMMs (GEMM 2 only when not ``persistent``), so random routings, which leave about half the experts such a
+    tail, pay for fewer padding rows; needs block_m >= 32.
     """
 
     block_m: int = 64
@@ -66,6 +69,7 @@ class KernelConfig:
     persistent: bool = False
     decode: bool = False
     grouped_mm: bool = False
+    split_tail: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -76,11 +80,13 @@ class KernelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
-        for name in ("tma", "persistent", "decode", "grouped_mm"):
+        for name in ("tma", "persistent", "decode", "grouped_mm", "split_tail"):
             value = getattr(self, name)
             if value not in (True, False):  # 0 / 1 from a table or the custom op's int list
                 raise ValueError(f"KernelConfig.{name}: expected a bool, got {value!r}")
             object.__setattr__(self, name, bool(value))
+        if self.split_tail and self.block_m < 32:  # a half tile under 16 rows is below tl.dot's minimum
+            raise ValueError(f"KernelConfig.split_tail: expected block_m >= 32, got block_m={self.block_m}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -117,7 +117,10 @@ def test_randomized_sweep_bf16(part):
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     # a few forced configs (each compiles once) besides pick_config's own
     forced = [None, None, KernelConfig(block_m=16, block_n1=16, block_k1=32, block_n2=32, block_k2=16),
-              KernelConfig(block_m=64, block_n1=32, block_k1=64, block_n2=64, block_k2=32)]  # fmt: skip
+              KernelConfig(block_m=64, block_n1=32, block_k1=64, block_n2=64, block_k2=32),
+              KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, split_tail=True),
+              KernelConfig(block_m=32, block_n1=32, block_k1=32, block_n2=32, block_k2=32, split_tail=True,
+                           persistent=True)]  # fmt: skip
     mismatches = []
     for case in range(50):
         e = rng.choice([1, 3, 8, 13, 64, 160])

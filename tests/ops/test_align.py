@@ -27,6 +27,9 @@ def _check_invariants(al, topk_ids, num_experts, block_m):
     used = int(al.num_padded) // block_m
     for block in range(used):
         rows = sorted_ids[block * block_m : (block + 1) * block_m]
+        # real rows first, padding after: the split-tail GEMMs read one row to tell a half-padding block
+        real_rows = int((rows < num_slots).sum())
+        assert bool((rows[:real_rows] < num_slots).all()) and bool((rows[real_rows:] == num_slots).all())
         rows = rows[rows < num_slots]
         assert bool((flat[rows] == expert_ids[block]).all())
         assert bool((rows[1:] > rows[:-1]).all())  # slot order inside an expert (stable)

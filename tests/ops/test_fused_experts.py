@@ -267,3 +267,63 @@ def test_pick_config_takes_grouped_mm_for_few_large_experts_without_a_table_entr
         assert pick_config(mixtral, torch.bfloat16, gpu) == tuned
     finally:
         tuning._load_table.cache_clear()
+
+
+class _PoisonedTorch:
+    """The launcher's ``torch`` with ``empty`` filling float tensors with NaN: a buffer row the kernels should have
+    written, or should never read, shows in the output."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        out = torch.empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+
+# per-expert loads against block_m = 32 (half blocks of 16 rows): none, a tail of 1-16 rows (half tile), 17-31
+# (full tile), exact multiples (no tail), two blocks and a tail of 1 row
+SPLIT_COUNTS = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(tma=True),
+        dict(persistent=True),  # GEMM 2 full tiles over GEMM 1's half tiles: the unwritten rows are never stored
+        dict(tma=True, persistent=True),
+    ],
+)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_split_tail(options, deterministic, dtype, generator, monkeypatch):
+    from tilemoe.bench.scenarios import _ids_from_counts
+
+    config = MoEConfig(num_experts=len(SPLIT_COUNTS), top_k=2, hidden_size=48, intermediate_size=40, expert_bias=True)
+    num_tokens = sum(SPLIT_COUNTS) // config.top_k
+    topk_ids = _ids_from_counts(SPLIT_COUNTS, num_tokens, config.top_k, generator).to(DEVICE, torch.int32)
+    topk_weights = torch.rand(num_tokens, config.top_k, generator=generator).to(DEVICE) + 0.1
+    w = make_weights(config, dtype=dtype, device=DEVICE, generator=generator)
+    x = make_input(num_tokens, config, dtype=dtype, device=DEVICE, generator=generator)
+    cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
+                       split_tail=True, **options)  # fmt: skip
+    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
+    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
+    out = fused_experts(
+        x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"],
+        kernel_config=cfg, deterministic=deterministic,
+    )  # fmt: skip
+    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), dtype)
+    # with TMA, GEMM 2's half tiles read act through their own [16, 16] boxes (not when persistent: full tiles only)
+    expected = [True, True, True, True] if cfg.tma and not cfg.persistent else [True, True, True] if cfg.tma else []
+    assert [d is not None for d in built] == expected
+    if cfg.tma and not cfg.persistent:
+        assert built[-1].block_shape == [16, 16]
+
+
+def test_split_tail_needs_block_m_32():
+    with pytest.raises(ValueError, match="split_tail"):
+        KernelConfig(block_m=16, split_tail=True)
+    assert KernelConfig(block_m=32, split_tail=1).split_tail is True

@@ -159,6 +159,7 @@ def _launch(
         BLOCK_N=cfg.block_n1,
         BLOCK_K=cfg.block_k1,
         GROUP_M=cfg.group_m1,
+        SPLIT_TAIL=cfg.split_tail,
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )
@@ -170,10 +171,17 @@ def _launch(
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
+    split_tail2 = cfg.split_tail and not cfg.persistent
+    # the half tiles' boxes; TMA reads act through both descriptors or neither (same tensor, same layout test)
+    act_arg = act if act_desc is None else act_desc
+    act_tail_arg = act_arg
+    if act_desc is not None and split_tail2:
+        act_tail_arg = _tma_descriptor(act, cfg.block_m // 2, cfg.block_k2)
     tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
     _gemm2_kernel[(_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,)](
         **pdl_options(x.device),
-        act_ptr=act if act_desc is None else act_desc,
+        act_ptr=act_arg,
+        act_tail_ptr=act_tail_arg,
         stride_am=act.stride(0),
         stride_ai=act.stride(1),
         w_ptr=w2 if w2_desc is None else w2_desc,
@@ -208,6 +216,7 @@ def _launch(
         BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2,
         GROUP_M=cfg.group_m2,
+        SPLIT_TAIL=split_tail2,
         num_warps=cfg.num_warps2,
         num_stages=cfg.num_stages2,
     )

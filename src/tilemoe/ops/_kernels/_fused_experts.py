@@ -20,7 +20,9 @@ Weights come through pointers or, with W_TMA, through host-built tensor descript
 w13 [E*N1, H] / w2 [E*H, I] (N1 = 2I gated, else I): a [BLOCK_N, BLOCK_K] box per load, zero-filled past H or I.
 A box that runs past the expert's last row reads the next rows of the view; those columns are never stored.
 With A_TMA, GEMM 2 reads act through a tensor descriptor too ([BLOCK_M, BLOCK_K] boxes, zero-filled past I).
-GEMM 1 runs one program per tile; tiles past ``num_padded`` exit at once. GEMM 2 does the same, or with PERSISTENT
+GEMM 1 runs one program per tile; tiles past ``num_padded`` exit at once. With SPLIT_TAIL a block whose second half
+is all padding (its expert's last block, at most BLOCK_M / 2 real rows) runs BLOCK_M / 2-row tiles: the padding
+rows past the half are neither computed nor written by GEMM 1, nor read by GEMM 2. GEMM 2 does the same, or with PERSISTENT
 one program per SM walks the tiles (rows in use read from ``num_padded``) in a loop flattened with the k loop, so
 the next tile's loads overlap this tile's epilogue. (GEMM 1's persistent form measured 0-4% slower nested and
 ~9% slower flattened on an H100: bench/NOTES.md, version 4.)
@@ -52,6 +54,14 @@ def _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (tile % in_group) % size_m
     pid_n = (tile % in_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
+    """True when rows [BLOCK_M / 2, BLOCK_M) of block pid_m are all padding. An expert's real rows come first in its
+    padded range, so the first row of the second half tells: the block is its expert's last, holding at most
+    BLOCK_M / 2 real rows (a random routing leaves about half the experts such a tail)."""
+    return tl.load(sorted_ids_ptr + pid_m * BLOCK_M + BLOCK_M // 2) >= num_slots
 
 
 @triton.jit
@@ -103,9 +113,10 @@ def _gemm1_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 for a block whose second half is padding
 ):
     pid_m, pid_n = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
     token = tl.where(valid, slot // top_k, 0).to(tl.int64)
@@ -125,8 +136,8 @@ def _gemm1_tile(
         u_ptrs = g_ptrs + inter * stride_wn
     if WEIGHTS_ON_INPUT:
         row_weight = tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_g = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     # padding rows read token 0 (finite, discarded by GEMM 2): the A loads need no row mask
     for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
         k_mask = ks < hidden - k0 * BLOCK_K
@@ -200,6 +211,7 @@ def _gemm1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr,  # a block whose second half is padding computes its first half only
     PDL: tl.constexpr,
 ):
     _pdl_prologue(PDL)
@@ -207,13 +219,22 @@ def _gemm1_kernel(
     tile = tl.program_id(0)
     pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M < num_padded:
-        _gemm1_tile(
-            tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-            b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-        )  # fmt: skip
+        if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+            _gemm1_tile(
+                tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
+            )  # fmt: skip
+        else:
+            _gemm1_tile(
+                tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -252,9 +273,10 @@ def _gemm2_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (act_ptr's TMA boxes are then [ROWS, BLOCK_K])
 ):
     pid_m, pid_n = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -271,7 +293,7 @@ def _gemm2_tile(
         w_ptrs = w_ptr
     else:
         w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wi
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, tl.cdiv(inter, BLOCK_K)):
         k_mask = ks < inter - k0 * BLOCK_K
         if A_TMA:  # zero-filled past I
@@ -303,6 +325,7 @@ def _gemm2_tile(
 @triton.jit
 def _gemm2_kernel(
     act_ptr,
+    act_tail_ptr,  # act again, or with A_TMA its descriptor of [BLOCK_M // 2, BLOCK_K] boxes (SPLIT_TAIL)
     stride_am,
     stride_ai,
     w_ptr,  # w2, or its tensor descriptor when W_TMA
@@ -337,6 +360,7 @@ def _gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr,  # as in GEMM 1 (not with PERSISTENT: that loop holds one tile shape)
     PDL: tl.constexpr,
 ):
     _pdl_prologue(PDL)
@@ -351,16 +375,25 @@ def _gemm2_kernel(
                 b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                 sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
                 HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
             )  # fmt: skip
     else:
         tile = tl.program_id(0)
         pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
         if pid_m * BLOCK_M < num_padded:
-            _gemm2_tile(
-                tile, num_blocks_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
-                b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
-                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-            )  # fmt: skip
+            if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+                _gemm2_tile(
+                    tile, num_blocks_m, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+                    b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                    HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
+                )  # fmt: skip
+            else:
+                _gemm2_tile(
+                    tile, num_blocks_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+                    b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                    HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+                )  # fmt: skip
