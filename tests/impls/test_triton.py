@@ -145,3 +145,29 @@ def test_randomized_sweep_bf16(part):
         except AssertionError as error:
             mismatches.append(f"case {case}: {config} T={t} {kc}: {error}")
     assert not mismatches, f"seed {seed}: {len(mismatches)} / 50 mismatches:\n" + "\n".join(mismatches[:5])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n2", [256, 128])
+def test_weights_on_input_large_tiles_bf16(block_n2):
+    """Regression (H100, Triton 3.6): with the routing weight scaling the input (Llama 4), GEMM 1 once scaled its A
+    tile in registers inside the k loop, and the 128-row TMA tiles gave wrong rows in about 4% of the runs of these
+    one-expert shapes (bench/NOTES.md, version 6). Many fresh runs, every one checked."""
+    config = MoEConfig(num_experts=1, top_k=1, hidden_size=512, intermediate_size=128, activation="gelu",
+                       routing="sigmoid_top1_input_scaled")  # fmt: skip
+    kc = KernelConfig(block_m=128, block_n1=128, block_k1=64, num_warps1=8, num_stages1=4, block_n2=block_n2,
+                      block_k2=64, num_warps2=8, num_stages2=4, tma=True)  # fmt: skip
+    failures = []
+    for run in range(12):
+        gen = torch.Generator().manual_seed(run)
+        t = (1000, 2000)[run % 2]
+        w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=gen)
+        x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+        tw, ti = make_routing(t, config, device="cuda", generator=gen)
+        tw = tw * torch.rand(tw.shape, generator=gen).to("cuda")  # weights other than 1: the scaling is seen
+        out = tilemoe.ops.fused_experts.fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=kc)
+        try:
+            assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+        except AssertionError as error:
+            failures.append(f"run {run} T={t}: {str(error).splitlines()[0][:200]}")
+    assert not failures, "\n".join(failures)

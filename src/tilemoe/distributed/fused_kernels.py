@@ -266,8 +266,6 @@ def _gemm1_tile(
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        if WEIGHTS_ON_INPUT:
-            a = (a.to(tl.float32) * row_weight[:, None]).to(x_ptr.dtype.element_ty)
         if W_TMA:
             wg = w13_ptr.load([gate_row, k0 * BLOCK_K]).T
         else:
@@ -284,6 +282,9 @@ def _gemm1_tile(
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
     dtype = act_ptr.dtype.element_ty
+    if WEIGHTS_ON_INPUT:  # on the float32 sums, as tilemoe.ops' GEMM 1 does (its module docstring says why)
+        acc_g = acc_g * row_weight[:, None]
+        acc_u = acc_u * row_weight[:, None]
     if HAS_BIAS:
         b_row = b13_ptr + expert.to(tl.int64) * n1
         acc_g += tl.load(b_row + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]

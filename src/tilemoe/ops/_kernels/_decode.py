@@ -86,8 +86,6 @@ def _decode_gemm1_kernel(
     for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
         k_mask = ks < hidden - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=first_row & k_mask[None, :], other=0.0)
-        if WEIGHTS_ON_INPUT:  # scaled then rounded, as the tiled kernel feeds its dot
-            a = (a.to(tl.float32) * row_weight).to(dtype)
         w_mask = k_mask[:, None] & col_mask[None, :]
         acc_g = _dot(a, tl.load(g_ptrs, mask=w_mask, other=0.0), acc_g, FP32_PRECISE)
         if GATED:
@@ -97,12 +95,16 @@ def _decode_gemm1_kernel(
         u_ptrs += BLOCK_K * stride_wh
 
     g = _row0(acc_g, 16)
+    if WEIGHTS_ON_INPUT:  # on the float32 sums, as the tiled kernel does
+        g = g * row_weight
     if HAS_BIAS:
         b_row = b_ptr + expert * stride_be
         g += tl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
     result = _activate(g.to(dtype).to(tl.float32), ACTIVATION, swiglu_alpha, swiglu_limit)
     if GATED:
         u = _row0(acc_u, 16)
+        if WEIGHTS_ON_INPUT:
+            u = u * row_weight
         if HAS_BIAS:
             u += tl.load(b_row + (cols + inter) * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
         result = result * _up_factor(u.to(dtype).to(tl.float32), ACTIVATION, swiglu_limit)

@@ -15,6 +15,11 @@ Dimension letters: T tokens, K top-k, E experts, H hidden, I expert intermediate
     out_slots    [S, H]        GEMM 2 output per slot (deterministic combine: summed over K afterwards)
     out_acc      [T, H] fp32   GEMM 2 output added atomically per token (fast combine)
 Accumulation in float32; fp32 operands go through 3xTF32 (``_dot``).
+WEIGHTS_ON_INPUT (the routing weight scales the layer input, Llama 4): GEMM 1 scales its float32 accumulators by the
+slot's weight, (w x) @ W = w (x @ W), rather than the x tile before the dot: on an H100 (Triton 3.6, bf16, TMA weight
+boxes) the A tile scaled in registers inside the k loop gave wrong rows now and then: 7 of 180 runs of one-expert
+shapes at T = 1000-2000 with such a routing, none of 60 with a softmax routing (bench/NOTES.md, version 6). The
+accumulator form is also nearer the float64 reference (no bf16 rounding of w x).
 
 Weights come through pointers or, with W_TMA, through host-built tensor descriptors over the 2-D views
 w13 [E*N1, H] / w2 [E*H, I] (N1 = 2I gated, else I): a [BLOCK_N, BLOCK_K] box per load, zero-filled past H or I.
@@ -145,8 +150,6 @@ def _gemm1_tile(
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        if WEIGHTS_ON_INPUT:
-            a = (a.to(tl.float32) * row_weight[:, None]).to(x_ptr.dtype.element_ty)
         wg = _load_w(g_ptrs, w_ptr, gate_row, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
         acc_g = _dot(a, wg, acc_g, FP32_PRECISE)
         if GATED:
@@ -159,6 +162,9 @@ def _gemm1_tile(
 
     # epilogue: the activated intermediate, rounded to the operand dtype like an unfused h = x @ w13^T
     dtype = act_ptr.dtype.element_ty
+    if WEIGHTS_ON_INPUT:  # (w x) @ W = w (x @ W), see the module docstring
+        acc_g = acc_g * row_weight[:, None]
+        acc_u = acc_u * row_weight[:, None]
     if HAS_BIAS:
         b_row = b_ptr + expert * stride_be
         acc_g += tl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
