@@ -3,7 +3,7 @@
     PYTHONPATH=src python3 bench/triton_dev.py [--models ...] [--tokens ...] [--out FILE.csv]
 
 Per (model, T, scenario): relative error of triton vs torch_grouped_mm (bf16), then the time of each variant
-(CUDA-graph replay for T <= 256, do_bench median above), in turn, and % of the roofline
+(CUDA-graph replays, ``tilemoe.tune_cli.time_call``), in turn, and % of the roofline
 (max(FLOPs / matmul rate, bytes / copy bandwidth); bytes = weights of the experts hit + activations).
 """
 
@@ -23,7 +23,7 @@ from tilemoe.config import MoEConfig
 from tilemoe.impls import get_impl
 from tilemoe.ops.fused_experts import fused_experts
 from tilemoe.testing import make_weights, relative_error
-from tilemoe.tune_cli import bench_seconds, graph_seconds
+from tilemoe.tune_cli import time_call
 
 
 def variants(tgm, x, w13, w2, tw, ti, config, b13, b2) -> dict:
@@ -73,8 +73,7 @@ def main(argv=None) -> int:
                 fns = variants(tgm, x, w13, w2, tw, ti, config, b13, b2)
                 ref = fns["tgm"]().float()
                 err = max(relative_error(fns["triton"](), ref), relative_error(fns["atomic"](), ref))
-                timer = graph_seconds if t <= 256 else bench_seconds
-                times = {key: timer(fn) for key, fn in fns.items()}
+                times = {key: time_call(fn, t) for key, fn in fns.items()}  # graph replays (bench/NOTES.md, version 6)
                 row = dict(
                     model=name, T=t, scenario=scenario, experts_hit=hit, roof_us=roof_s * 1e6,
                     triton_us=times["triton"] * 1e6, triton_atomic_us=times["atomic"] * 1e6, tgm_us=times["tgm"] * 1e6,

@@ -1,7 +1,7 @@
 """``tilemoe tune``: search fused-MoE kernel configs on this GPU and write the winners into the package's tables.
 
     tilemoe tune --model all | NAME... [--models-from FILE] [--num-tokens 1 8 ... 16384] [--dtype bf16]
-                 [--write | --out FILE] [--budget-s S] [--workers N] [--dry-run]
+                 [--write | --out FILE] [--budget-s S] [--workers N] [--dry-run] [--variants FIELD=VALUE[,...] ...]
 
 1. Plan: the models' MoE layers grouped by what the kernels see (E, K, H, I, activation, gated, bias,
    weights on input): each shape is tuned once and its table key (``tilemoe.tuning.shape_key``) serves every
@@ -11,10 +11,12 @@
    get the same specialization as the timed run; the compiled kernels land in the on-disk Triton cache, which
    the main process then reads (a first call that still compiles there is counted and reported).
    Triton compilation is CPU-bound and serial within one process, so this is where the cores pay off.
-3. Timing, in the main process, one candidate at a time on random routing: CUDA-graph replay for T <= 256,
-   ``triton.testing.do_bench`` median above, a few event-timed calls for calls over 2 ms. Every candidate is
-   checked against the heuristic config's output (itself checked against ``fused_experts_torch`` up to T=1024).
-   The config in the device's table, when there is one, is timed second: a re-tune never writes a slower one.
+3. Timing, in the main process, one candidate at a time on random routing, by CUDA-graph replays (a graph of 10,
+   3 or 1 calls by the call's length); then the three fastest and the heuristic again, their graphs replayed in
+   turn, and the fastest of that wins. Every candidate is checked against the heuristic config's output (itself
+   checked against ``fused_experts_torch`` up to T=1024). The config in the device's table, when there is one, is
+   timed second: a re-tune never writes a slower one. ``--variants``: only the heuristic, the table entry and the
+   given changes of that entry are timed (e.g. ``split_tail=1``), each change's time against the entry's printed.
 4. ``--budget-s``: the warm-up gets at most ``WARMUP_SHARE`` of it; each point gets a share of what is left;
    a point cut short keeps its best-so-far (the heuristic is always timed first), a point never reached is not
    written (``pick_config`` keeps the table entry or the heuristic). The summary says which.
@@ -177,12 +179,6 @@ def graph_seconds(fn, calls: int = 10, replays: int = 10) -> float:
     graph.replay()
     torch.cuda.synchronize()
     return graph_us_in_turn([(graph, calls)], replays)[0] * 1e-6
-
-
-def bench_seconds(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e-3
 
 
 def events_seconds(fn, reps: int) -> float:
