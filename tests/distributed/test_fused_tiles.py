@@ -15,7 +15,7 @@ QWEN3 = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=
 @pytest.mark.parametrize(
     ("config", "tokens", "device"),
     [
-        (QWEN3, 1024, "NVIDIA H200"),  # a table hit (block_m 64: T*K/E = 64 rows per source and expert)
+        (QWEN3, 1024, "NVIDIA H200"),  # a table hit (T*K/E = 64 rows per source and expert)
         (QWEN3, 8192, "NVIDIA H200"),  # no table bucket: the heuristic's large tiles
         (QWEN3, 128, None),  # no device: the heuristic (few rows per expert)
         (MoEConfig(num_experts=32, top_k=2, hidden_size=2048, intermediate_size=2048), 8192, "NVIDIA H200"),
@@ -28,13 +28,17 @@ def test_tiles_follow_pick_config(config, tokens, device):
     assert isinstance(tiles, FusedTiles)
     got = (tiles.block_m, tiles.block_n1, tiles.block_k1, tiles.num_warps1, tiles.block_n2, tiles.block_k2,
            tiles.num_warps2)  # fmt: skip
-    assert got == (kc.block_m, kc.block_n1, kc.block_k1, kc.num_warps1, kc.block_n2, kc.block_k2, kc.num_warps2)
+    # a split-tail entry (no such tiles in the fused kernels): half-height tiles when the average group fits one
+    half = kc.split_tail and tokens * config.top_k <= config.num_experts * kc.block_m // 2
+    block_m = kc.block_m // 2 if half else kc.block_m
+    assert got == (block_m, kc.block_n1, kc.block_k1, kc.num_warps1, kc.block_n2, kc.block_k2, kc.num_warps2)
     stage1 = (tiles.block_m * tiles.block_k1 + 2 * tiles.block_k1 * tiles.block_n1) * 2
     assert 1 <= tiles.num_stages1 <= kc.num_stages1 and tiles.num_stages1 * stage1 <= STAGE_SMEM_BUDGET
 
 
 def test_tiles_differ_by_tokens():
-    """qwen3 at T = 1024 gets 64-row blocks (half the padding of the fixed 128)."""
+    """qwen3 at T = 1024 gets 64-row blocks (half the padding of the fixed 128): since session 5 the H200 entry there
+    is a 128-row split-tail config, whose half-height tiles the fused path takes."""
     assert fused_tiles_for(QWEN3, 1024, torch.bfloat16, "NVIDIA H200").block_m == 64
     assert fused_tiles_for(QWEN3, 8192, torch.bfloat16, "NVIDIA H200").block_m == 128
 
@@ -69,3 +73,16 @@ def test_tma_on_for_16_bit_dtypes_only():
     assert fused_tiles_for(config, 8192, torch.bfloat16, None).tma
     assert fused_tiles_for(config, 8192, torch.float16, None).tma
     assert not fused_tiles_for(config, 8192, torch.float32, None).tma
+
+
+def test_split_tail_entry_halves_only_small_groups(monkeypatch):
+    """A split-tail entry: half-height fused tiles while T*K/E fits half a block, the entry's own tiles above."""
+    import tilemoe.tuning as tuning
+
+    entry = heuristic_config(MoEShape(4096, 128, 8, 2048, 768), torch.bfloat16)  # 128-row tiles
+    split = type(entry)(**{**entry.to_dict(), "split_tail": True})
+    monkeypatch.setattr(tuning, "pick_config", lambda shape, dtype, device: split)
+    assert fused_tiles_for(QWEN3, 1024, torch.bfloat16, "any").block_m == 64  # 64 rows per group
+    assert fused_tiles_for(QWEN3, 1040, torch.bfloat16, "any").block_m == 128  # 65
+    monkeypatch.setattr(tuning, "pick_config", lambda shape, dtype, device: entry)
+    assert fused_tiles_for(QWEN3, 1024, torch.bfloat16, "any").block_m == 128  # no split: the entry's tiles

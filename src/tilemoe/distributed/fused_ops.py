@@ -132,7 +132,8 @@ def fused_tiles_for(config: MoEConfig, max_tokens: int, dtype: torch.dtype, devi
     its own), and that is the rows per expert the single-GPU kernel pads at T tokens. Everything is fixed
     at init, not per call: block_m sizes the symmetric buffers, and block_n2 numbers the combine flags,
     which the destination (GEMM 2) and the source (combine) must agree on although their T differ.
-    Decode and grouped_mm configs (other kernels) fall back to ``heuristic_config``; the fused kernels have
+    Decode and grouped_mm configs (other kernels) fall back to ``heuristic_config``; a split-tail entry gives
+    half-height tiles where the average group fits one (the fused kernels have no split tails); the fused kernels have
     no persistent variant, so the tile shapes, warps and stages are taken, with ``tma`` on for 16-bit dtypes
     (2x H200, bf16, T = 8192 per rank: fused-graph 1.025 -> 0.862 ms at FlashMoE's shape, qwen3-30b-a3b 1.909 ->
     1.673, deepseek-v2-lite 2.091 -> 1.825; docs/expert_parallel.md, session 4), the stages cut to
@@ -146,16 +147,22 @@ def fused_tiles_for(config: MoEConfig, max_tokens: int, dtype: torch.dtype, devi
     kc = pick_config(shape, dtype, device_name)
     if kc.decode or kc.grouped_mm:
         kc = heuristic_config(shape, dtype)
+    block_m = kc.block_m
+    if kc.split_tail and max_tokens * config.top_k <= config.num_experts * (kc.block_m // 2):
+        # the entry relies on half-height tail tiles, which the fused kernels lack; with at most half a block of rows
+        # per (source, expert) group on average, half-height tiles are what that entry mostly ran (H200 qwen3-30b-a3b
+        # T=1024: a 128-row split entry since session 5; the 64-row entry before it ran fused EP at 0.474 ms)
+        block_m = kc.block_m // 2
     elem = torch.empty((), dtype=dtype).element_size()
     b_tiles = 2 if config.gated else 1
 
     def stages(wanted: int, stage_bytes: int) -> int:
         return max(1, min(wanted, STAGE_SMEM_BUDGET // stage_bytes))
 
-    s1 = stages(kc.num_stages1, (kc.block_m * kc.block_k1 + b_tiles * kc.block_k1 * kc.block_n1) * elem)
-    s2 = stages(kc.num_stages2, (kc.block_m * kc.block_k2 + kc.block_k2 * kc.block_n2) * elem)
+    s1 = stages(kc.num_stages1, (block_m * kc.block_k1 + b_tiles * kc.block_k1 * kc.block_n1) * elem)
+    s2 = stages(kc.num_stages2, (block_m * kc.block_k2 + kc.block_k2 * kc.block_n2) * elem)
     return FusedTiles(
-        block_m=kc.block_m, block_n1=kc.block_n1, block_k1=kc.block_k1, num_warps1=kc.num_warps1, num_stages1=s1,
+        block_m=block_m, block_n1=kc.block_n1, block_k1=kc.block_k1, num_warps1=kc.num_warps1, num_stages1=s1,
         block_n2=kc.block_n2, block_k2=kc.block_k2, num_warps2=kc.num_warps2, num_stages2=s2,
         tma=dtype in (torch.float16, torch.bfloat16),
     )  # fmt: skip
