@@ -173,8 +173,16 @@ def test_fused_layout_invariants(impl, generator):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("tma", "put_split"), [(False, 1), (True, 1), (False, 4)])
-def test_fused_simulation_compiled_on_gpu(tma, put_split):
+@pytest.mark.parametrize(
+    ("tma", "put_split", "half"),
+    [
+        (False, 1, False),
+        (True, 1, False),
+        (False, 4, False),
+        (True, 1, True),  # the half-height tiles fused_tiles_for takes from a 128-row split-tail entry
+    ],
+)
+def test_fused_simulation_compiled_on_gpu(tma, put_split, half):
     """The same kernels compiled for the GPU (system-scope flags, real spins), ranks simulated on one device,
     phases in order so no spin ever waits; bf16 at the default tile shapes, with and without TMA, and with
     each block's put in 4 column slices (H = 256: two 128-column slices with rows, two empty ones)."""
@@ -193,6 +201,9 @@ def test_fused_simulation_compiled_on_gpu(tma, put_split):
     w13 = [expert_shard(w["w13"], placement.experts_of(r)) for r in range(2)]
     w2 = [expert_shard(w["w2"], placement.experts_of(r)) for r in range(2)]
     tiles = FusedTiles(tma=tma, put_split=put_split)
+    if half:  # 64 rows, 8 warps, 256-wide GEMM 2 tiles
+        tiles = FusedTiles(block_m=64, block_n1=128, block_k1=64, num_warps1=8, num_stages1=4, block_n2=256,
+                           block_k2=64, num_warps2=8, num_stages2=4, tma=True)  # fmt: skip
     outs = simulate_fused_forward(xs, tws, tis, w13, w2, placement, config, tiles=tiles)
     for r in range(2):
         ref = reference_experts_fp64(xs[r], w["w13"], w["w2"], tws[r], tis[r], config=config)
