@@ -25,12 +25,14 @@ Weights come through pointers or, with W_TMA, through host-built tensor descript
 w13 [E*N1, H] / w2 [E*H, I] (N1 = 2I gated, else I): a [BLOCK_N, BLOCK_K] box per load, zero-filled past H or I.
 A box that runs past the expert's last row reads the next rows of the view; those columns are never stored.
 With A_TMA, GEMM 2 reads act through a tensor descriptor too ([BLOCK_M, BLOCK_K] boxes, zero-filled past I).
-GEMM 1 runs one program per tile; tiles past ``num_padded`` exit at once. With SPLIT_TAIL a block whose second half
-is all padding (its expert's last block, at most BLOCK_M / 2 real rows) runs BLOCK_M / 2-row tiles: the padding
-rows past the half are neither computed nor written by GEMM 1, nor read by GEMM 2. GEMM 2 does the same, or with PERSISTENT
+GEMM 1 runs one program per tile; tiles past ``num_padded`` exit at once. GEMM 2 does the same, or with PERSISTENT
 one program per SM walks the tiles (rows in use read from ``num_padded``) in a loop flattened with the k loop, so
 the next tile's loads overlap this tile's epilogue. (GEMM 1's persistent form measured 0-4% slower nested and
 ~9% slower flattened on an H100: bench/NOTES.md, version 4.)
+With SPLIT_TAIL a block whose second half is all padding (its expert's last block, at most BLOCK_M / 2 real rows)
+runs BLOCK_M / 2-row tiles: GEMM 1 neither computes nor writes the rows past the half, and a non-persistent GEMM 2
+never reads them; a PERSISTENT GEMM 2 runs full tiles, computing those rows from whatever act holds and storing
+nothing of them (its stores are masked to real rows).
 """
 
 import triton
