@@ -508,3 +508,12 @@ def test_variants_replace_the_candidates(tmp_path):
         dataclasses.replace(entry, split_tail=True),
         dataclasses.replace(entry, split_tail=True, persistent=False),
     ]
+
+
+def test_dry_run_with_variants_says_what_the_gpu_run_times(capsys):
+    assert main(["tune", "--model", "qwen3-30b-a3b", "--num-tokens", "1024", "--variants", "split_tail=1",
+                 "--dry-run"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "--variants: on the GPU each point times its heuristic, its table entry and 1 change" in out
+    assert main(["tune", "--model", "qwen3-30b-a3b", "--variants", "split_tail=yes", "--dry-run"]) == 2
+    assert "--variants" in capsys.readouterr().err

@@ -860,6 +860,9 @@ def run(args) -> int:
         _print_plan(models, groups, points, warmup_tasks(points, dtype))
         for p in points:
             print(f"  {p.table_key} {'/'.join(p.group.models)}: {len(p.candidates)} candidates")
+        if variants:  # the entries they change are in the GPU's table, which the run looks up on the device
+            print(f"--variants: on the GPU each point times its heuristic, its table entry and {len(variants)} "
+                  "change(s) of that entry instead of the candidates above")  # fmt: skip
         return 0
     if not torch.cuda.is_available():
         print("tilemoe tune: needs a CUDA GPU", file=sys.stderr)
