@@ -517,3 +517,11 @@ def test_dry_run_with_variants_says_what_the_gpu_run_times(capsys):
     assert "--variants: on the GPU each point times its heuristic, its table entry and 1 change" in out
     assert main(["tune", "--model", "qwen3-30b-a3b", "--variants", "split_tail=yes", "--dry-run"]) == 2
     assert "--variants" in capsys.readouterr().err
+
+
+def test_table_entries_skips_what_this_version_cannot_read(tmp_path):
+    good = KernelConfig(block_m=32)
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"configs": {"a": good.to_dict(), "b": {"bogus": 1}, "c": {"block_m": 24}}}))
+    assert tune.table_entries(table) == {"a": good}
+    assert tune.table_entries(tmp_path / "missing.json") == {}

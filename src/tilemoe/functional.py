@@ -8,8 +8,7 @@ from tilemoe.checks import FLOAT_DTYPES, check_expert_weights, check_shared_weig
 from tilemoe.config import MoEConfig
 from tilemoe.impls import resolve_impl
 from tilemoe.ops.activation import act_and_mul_torch
-from tilemoe.ops.route import route_triton
-from tilemoe.routing import route
+from tilemoe.ops.route import route_fast
 
 __all__ = ["moe_forward", "shared_experts_forward", "experts_forward"]
 
@@ -105,9 +104,8 @@ def moe_forward(
         if topk_ids is not None or topk_weights is not None:
             raise ValueError("router_logits: give either router_logits or topk_weights+topk_ids, not both")
         check_tensor("router_logits", router_logits, (x2.shape[0], config.num_experts), device=x2.device)
-        # [triton routing, issue 4] on CUDA the routing kernel (same ids as `route`); elsewhere plain torch
-        route_fn = route_triton if x2.is_cuda else route
-        topk_weights, topk_ids = route_fn(router_logits, config, correction_bias=correction_bias)
+        # on CUDA the routing kernel (same ids as `route`); elsewhere plain torch
+        topk_weights, topk_ids = route_fast(router_logits, config, correction_bias=correction_bias)
     elif topk_ids is None or topk_weights is None:
         raise ValueError("router_logits: expected router_logits, or both topk_weights and topk_ids; got neither")
     else:

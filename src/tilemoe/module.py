@@ -9,6 +9,7 @@ from torch import nn
 
 from tilemoe.config import MoEConfig
 from tilemoe.functional import moe_forward
+from tilemoe.ops.route import route_fast
 from tilemoe.ops.router import router_logits_fast
 
 __all__ = ["MoE", "add_moe_parameters"]
@@ -91,10 +92,8 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> (logits fp32 [T, E], topk_weights fp32 [T, K], topk_ids int32 [T, K])."""
-        from tilemoe.routing import route
-
         logits = router_logits_fast(x, self.router_weight, self.router_bias)
-        weights, ids = route(logits, self.config, correction_bias=self.correction_bias)
+        weights, ids = route_fast(logits, self.config, correction_bias=self.correction_bias)
         return logits, weights, ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -809,10 +809,7 @@ def use_variant_candidates(points: list[TunePoint], variants: list[dict[str, int
     refuses it) or that leaves it unchanged is dropped."""
     entries: dict[str, KernelConfig] = {}
     for path in reversed(list(dict.fromkeys(paths))):  # the first path wins
-        if path.exists():
-            for key, value in json.loads(path.read_text()).get("configs", {}).items():
-                with contextlib.suppress(TypeError, ValueError):  # written by another KernelConfig version
-                    entries[key] = KernelConfig.from_dict(value)
+        entries.update(table_entries(path))
     for p in points:
         heuristic = p.candidates[0]
         entry = entries.get(p.table_key, heuristic)
@@ -831,18 +828,25 @@ def add_table_candidates(points: list[TunePoint], paths: list[Path]) -> int:
     re-tune never writes a config slower than the one in use. Returns how many were added."""
     added = 0
     for path in dict.fromkeys(paths):
-        if not path.exists():
-            continue
-        current = json.loads(path.read_text()).get("configs", {})
+        current = table_entries(path)
         for p in points:
-            try:
-                cfg = KernelConfig.from_dict(current[p.table_key]) if p.table_key in current else None
-            except (TypeError, ValueError):
-                cfg = None  # written by another KernelConfig version
+            cfg = current.get(p.table_key)
             if cfg is not None and cfg not in p.candidates:
                 p.candidates.insert(1, cfg)
                 added += 1
     return added
+
+
+def table_entries(path: Path) -> dict[str, KernelConfig]:
+    """The configs of the table file at ``path`` by shape key ({} when it does not exist); an entry written by
+    another KernelConfig version (unknown or invalid fields) is left out."""
+    if not path.exists():
+        return {}
+    entries = {}
+    for key, value in json.loads(path.read_text()).get("configs", {}).items():
+        with contextlib.suppress(TypeError, ValueError):
+            entries[key] = KernelConfig.from_dict(value)
+    return entries
 
 
 def run(args) -> int:

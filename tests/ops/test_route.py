@@ -169,3 +169,13 @@ def test_no_host_sync_and_cuda_graph_gpu(name, generator):
     compiled = torch.compile(lambda lg: route_triton(lg, config, bias))
     c_weights, c_ids = compiled(logits)
     assert torch.equal(c_ids, ref_i) and torch.equal(c_weights, g_weights)
+
+
+def test_route_fast_is_route_off_cuda(generator):
+    """route_fast: the torch routing for CPU logits (the kernel for CUDA ones, checked by the GPU tests above)."""
+    from tilemoe.ops.route import route_fast
+
+    config = MoEConfig(num_experts=12, top_k=3, hidden_size=16, intermediate_size=8)
+    logits = torch.randn(9, 12, generator=generator)
+    got, want = route_fast(logits, config), route(logits, config)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])

@@ -41,9 +41,8 @@ from collections.abc import Callable
 import torch
 
 from tilemoe.config import MoEConfig
-from tilemoe.ops.route import route_triton
+from tilemoe.ops.route import route_fast
 from tilemoe.ops.router import router_logits_triton, uses_router_kernel
-from tilemoe.routing import route
 
 ROUTER_GAIN = 4.0
 CHOSEN_TOP = 1.0
@@ -64,8 +63,9 @@ __all__ = [
 
 
 def route_fn(device: torch.device) -> Callable:
-    """The routing ``moe_forward`` uses on ``device``: the Triton kernel on CUDA, plain PyTorch elsewhere."""
-    return route_triton if device.type == "cuda" else route
+    """The routing ``moe_forward`` uses on ``device``: ``tilemoe.ops.route.route_fast`` (the Triton kernel for CUDA
+    logits, plain PyTorch elsewhere)."""
+    return route_fast
 
 
 def layer_router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:

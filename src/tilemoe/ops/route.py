@@ -21,7 +21,7 @@ from tilemoe.config import MoEConfig
 from tilemoe.ops._launch import pdl_options
 from tilemoe.routing import route
 
-__all__ = ["route_triton"]
+__all__ = ["route_fast", "route_triton"]
 
 _SCORE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_top1_input_scaled": 2}
 # grouped routings: (score: 0 softmax / 1 sigmoid, group score: 0 sum of the best two / 1 the best)
@@ -67,6 +67,17 @@ def route_triton(
         config.renormalize,
         scale,
     )
+
+
+def route_fast(
+    logits: torch.Tensor, config: MoEConfig, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing every layer uses (``moe_forward``, ``MoE``, the EP layer, the bench's timed layer): the Triton
+    kernel for CUDA logits, ``tilemoe.routing.route`` elsewhere (the interpreter would only be slower on the CPU;
+    tests call ``route_triton`` there). Same arguments, result and errors as ``route``."""
+    if logits.is_cuda:
+        return route_triton(logits, config, correction_bias=correction_bias)
+    return route(logits, config, correction_bias=correction_bias)
 
 
 def _pow2(n: int, least: int) -> int:
