@@ -17,7 +17,7 @@ Dimension letters: T tokens, K top-k, E experts, H hidden, I expert intermediate
 Accumulation in float32; fp32 operands go through 3xTF32 (``_dot``).
 WEIGHTS_ON_INPUT (the routing weight scales the layer input, Llama 4): GEMM 1 scales its float32 accumulators by the
 slot's weight, (w x) @ W = w (x @ W), rather than the x tile before the dot: on an H100 (Triton 3.6, bf16, TMA weight
-boxes) the A tile scaled in registers inside the k loop gave wrong rows now and then: 7 of 180 runs of one-expert
+boxes) the A tile scaled in registers inside the k loop gave wrong rows now and then: 8 of 180 runs of one-expert
 shapes at T = 1000-2000 with such a routing, none of 60 with a softmax routing (bench/NOTES.md, version 6). The
 accumulator form is also nearer the float64 reference (no bf16 rounding of w x).
 
