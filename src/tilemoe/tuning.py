@@ -52,6 +52,14 @@ class KernelConfig:
     ``split_tail``: an expert's last block holding at most block_m / 2 real rows runs block_m / 2-row tiles in both
     GEMMs (GEMM 2 only when not ``persistent``), so random routings, which leave about half the experts such a
     tail, pay for fewer padding rows; needs block_m >= 32.
+    GEMM 1's input and loop: ``sorted_x`` (needs ``tma``): x copied once into padded sorted order (one more launch
+    writing the padded rows x H), read through TMA boxes instead of gathered by token; ``gate_up_dot`` (needs ``tma``):
+    one dot per k step over a [2, block_n1, block_k1] box of the gate and up rows (a [block_m, 2 block_n1]
+    accumulator) instead of two dots (gated experts only); the launcher falls back to the plain form where TMA cannot
+    read the tensor. ``persistent1``: GEMM 1 as one program per SM walking its tiles in a loop flattened with the k
+    loop (its split tails are then off, as GEMM 2's are under ``persistent``). A dense TMA GEMM ran 17-31% faster in
+    that loop on an H100, a gathered input or two accumulators lost the gain (bench/NOTES.md, version 4): the three
+    together give GEMM 1 the dense form.
     """
 
     block_m: int = 64
@@ -70,6 +78,9 @@ class KernelConfig:
     decode: bool = False
     grouped_mm: bool = False
     split_tail: bool = False
+    sorted_x: bool = False
+    gate_up_dot: bool = False
+    persistent1: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -80,13 +91,17 @@ class KernelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
-        for name in ("tma", "persistent", "decode", "grouped_mm", "split_tail"):
+        flags = ("tma", "persistent", "decode", "grouped_mm", "split_tail", "sorted_x", "gate_up_dot", "persistent1")
+        for name in flags:
             value = getattr(self, name)
             if value not in (True, False):  # 0 / 1 from a table or the custom op's int list
                 raise ValueError(f"KernelConfig.{name}: expected a bool, got {value!r}")
             object.__setattr__(self, name, bool(value))
         if self.split_tail and self.block_m < 32:  # a half tile under 16 rows is below tl.dot's minimum
             raise ValueError(f"KernelConfig.split_tail: expected block_m >= 32, got block_m={self.block_m}")
+        for name in ("sorted_x", "gate_up_dot"):
+            if getattr(self, name) and not self.tma:
+                raise ValueError(f"KernelConfig.{name}: needs tma=True (GEMM 1's TMA form), got tma=False")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -120,7 +120,11 @@ def test_randomized_sweep_bf16(part):
               KernelConfig(block_m=64, block_n1=32, block_k1=64, block_n2=64, block_k2=32),
               KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, split_tail=True),
               KernelConfig(block_m=32, block_n1=32, block_k1=32, block_n2=32, block_k2=32, split_tail=True,
-                           persistent=True)]  # fmt: skip
+                           persistent=True),
+              KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, split_tail=True,
+                           sorted_x=True, gate_up_dot=True),
+              KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, sorted_x=True,
+                           gate_up_dot=True, persistent1=True, persistent=True)]  # fmt: skip
     mismatches = []
     for case in range(50):
         e = rng.choice([1, 3, 8, 13, 64, 160])
@@ -170,4 +174,53 @@ def test_weights_on_input_large_tiles_bf16(block_n2):
             assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
         except AssertionError as error:
             failures.append(f"run {run} T={t}: {str(error).splitlines()[0][:200]}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "forms",
+    [
+        dict(sorted_x=True),
+        dict(gate_up_dot=True),
+        dict(sorted_x=True, gate_up_dot=True, persistent1=True),
+        dict(sorted_x=True, gate_up_dot=True, persistent1=True, persistent=True),
+        dict(sorted_x=True, gate_up_dot=True, split_tail=True),
+    ],
+)
+@pytest.mark.parametrize(
+    "tiles",
+    [
+        (128, 128, 64, 8, 4, 256, 64, 8, 4),  # the large-T tiles of the H100 table
+        (128, 64, 64, 4, 4, 128, 64, 4, 4),  # a [128, 128] gate/up accumulator on 4 warps
+        (64, 128, 64, 4, 4, 128, 64, 4, 4),
+    ],
+)
+def test_gemm1_dense_forms_bf16(forms, tiles):
+    """GEMM 1's TMA input, gate/up dot and persistent loop with the production tiles, in bf16 (the interpreter's dot
+    is wrong for bf16): shapes of real models with 8 experts, one not TMA-readable (H = 200: the plain fallback)."""
+    bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2 = tiles
+    kc = KernelConfig(block_m=bm, block_n1=bn1, block_k1=bk1, num_warps1=w1, num_stages1=s1, block_n2=bn2,
+                      block_k2=bk2, num_warps2=w2, num_stages2=s2, tma=True, **forms)  # fmt: skip
+    failures = []
+    for hidden, inter, top_k, activation, bias in [
+        (2048, 768, 8, "silu", False),  # qwen3-30b-a3b
+        (4096, 1408, 2, "silu", False),
+        (2880, 2880, 4, "swigluoai", True),  # gpt-oss-120b
+        (200, 96, 2, "gelu", False),
+    ]:
+        config = MoEConfig(num_experts=8, top_k=top_k, hidden_size=hidden, intermediate_size=inter,
+                           activation=activation, expert_bias=bias)  # fmt: skip
+        for t in (1, 300, 1000):
+            gen = torch.Generator().manual_seed(t + hidden)
+            w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=gen)
+            x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+            tw, ti = make_routing(t, config, device="cuda", generator=gen)
+            out = tilemoe.ops.fused_experts.fused_experts(
+                x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], kernel_config=kc
+            )
+            try:
+                assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+            except AssertionError as error:
+                failures.append(f"H={hidden} I={inter} T={t}: {str(error).splitlines()[0][:200]}")
     assert not failures, "\n".join(failures)

@@ -327,3 +327,109 @@ def test_split_tail_needs_block_m_32():
     with pytest.raises(ValueError, match="split_tail"):
         KernelConfig(block_m=16, split_tail=True)
     assert KernelConfig(block_m=32, split_tail=1).split_tail is True
+
+
+# GEMM 1's dense forms: x in padded order through TMA boxes (sorted_x), one dot over a [2, BN, BK] gate/up box
+# (gate_up_dot), a persistent flattened tile loop (persistent1; 3 programs in the interpreter), and all together
+GEMM1_FORMS = [
+    dict(tma=True, sorted_x=True),
+    dict(tma=True, gate_up_dot=True),
+    dict(persistent1=True),
+    dict(tma=True, persistent1=True),
+    dict(tma=True, sorted_x=True, gate_up_dot=True, persistent1=True),
+    dict(tma=True, sorted_x=True, gate_up_dot=True, persistent1=True, persistent=True),
+]
+
+
+def _form_id(options: dict) -> str:
+    return "+".join(name for name, on in options.items() if on)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", GEMM1_FORMS, ids=_form_id)
+@pytest.mark.parametrize(
+    "hidden, inter, gated",
+    [
+        (48, 40, True),  # H, I not multiples of the 16 tiles: zero-filled boxes past H and past I in the gate/up box
+        (64, 32, True),  # multiples: the unmasked loop
+        (40, 24, False),  # plain MLP: gate_up_dot does not apply (one dot already)
+    ],
+)
+def test_gemm1_dense_forms(options, hidden, inter, gated, dtype, generator, monkeypatch):
+    config = MoEConfig(num_experts=7, top_k=3, hidden_size=hidden, intermediate_size=inter, gated=gated,
+                       expert_bias=True)  # fmt: skip
+    cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2,
+                       num_stages2=2, **options)  # fmt: skip
+    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
+    gate_up = _spy(monkeypatch, fused_experts_module, "_gate_up_descriptor")
+    sorted_rows = _spy(monkeypatch, fused_experts_module, "_sorted_rows")
+    _run_case(config, 45, dtype, generator, kernel_config=cfg)
+    # the forms asked for really ran: the 3-D gate/up descriptor (gated only) and the sorted copy of x
+    assert [d is not None for d in gate_up] == ([True] if cfg.gate_up_dot and gated else [])
+    assert len(sorted_rows) == int(cfg.sorted_x)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 2])
+@pytest.mark.parametrize("options", GEMM1_FORMS[-2:], ids=_form_id)
+def test_gemm1_dense_forms_tiny_batches(num_tokens, options, generator):
+    # fewer rows than one block, and more programs than tiles in the persistent loop
+    config = MoEConfig(num_experts=5, top_k=2, hidden_size=32, intermediate_size=16)
+    cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, **options)
+    _run_case(config, num_tokens, torch.float32, generator, kernel_config=cfg)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(tma=True, sorted_x=True),  # GEMM 1's half tiles read x_sorted through their own [16, 16] boxes
+        dict(tma=True, sorted_x=True, gate_up_dot=True),
+        dict(tma=True, sorted_x=True, gate_up_dot=True, persistent1=True),  # full tiles only: split tails off
+    ],
+)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_split_tail_gemm1_dense_forms(options, deterministic, generator, monkeypatch):
+    from tilemoe.bench.scenarios import _ids_from_counts
+
+    config = MoEConfig(num_experts=len(SPLIT_COUNTS), top_k=2, hidden_size=48, intermediate_size=40, expert_bias=True)
+    num_tokens = sum(SPLIT_COUNTS) // config.top_k
+    topk_ids = _ids_from_counts(SPLIT_COUNTS, num_tokens, config.top_k, generator).to(DEVICE, torch.int32)
+    topk_weights = torch.rand(num_tokens, config.top_k, generator=generator).to(DEVICE) + 0.1
+    w = make_weights(config, dtype=torch.float16, device=DEVICE, generator=generator)
+    x = make_input(num_tokens, config, dtype=torch.float16, device=DEVICE, generator=generator)
+    cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
+                       split_tail=True, **options)  # fmt: skip
+    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
+    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
+    out = fused_experts(
+        x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"],
+        kernel_config=cfg, deterministic=deterministic,
+    )  # fmt: skip
+    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), torch.float16)
+    # x_sorted's boxes (the descriptors over H columns that are not w13's): [32, 16] for full tiles, then [16, 16]
+    # for the half tiles unless GEMM 1 is persistent
+    w13_rows = config.num_experts * 2 * config.intermediate_size
+    x_boxes = [d.block_shape for d in built if d is not None and d.shape[1] == 48 and d.shape[0] != w13_rows]
+    assert x_boxes == ([[32, 16]] if cfg.persistent1 else [[32, 16], [16, 16]])
+
+
+def test_sorted_rows_is_the_padded_gather(generator):
+    from tilemoe.ops.align import moe_align
+
+    num_tokens, top_k, num_experts, hidden = 37, 3, 6, 40
+    x = torch.randn(num_tokens, hidden, generator=generator).to(DEVICE, torch.float16)
+    topk_ids = torch.randint(0, num_experts, (num_tokens, top_k), generator=generator).to(DEVICE, torch.int32)
+    align = moe_align(topk_ids, num_experts, 16)
+    capacity = align.sorted_ids.numel()
+    x_sorted = fused_experts_module._sorted_rows(x, align, capacity, top_k)
+    used = int(align.num_padded)
+    slot = align.sorted_ids[:used].long()
+    valid = slot < num_tokens * top_k
+    expected = torch.where(valid[:, None], x[torch.where(valid, slot // top_k, 0)], torch.zeros_like(x[:1]))
+    assert torch.equal(x_sorted[:used], expected)
+
+
+def test_gemm1_dense_forms_need_tma():
+    for name in ("sorted_x", "gate_up_dot"):
+        with pytest.raises(ValueError, match=f"KernelConfig.{name}: needs tma=True"):
+            KernelConfig(**{name: True})
+    assert KernelConfig(persistent1=True).persistent1 is True  # the loop needs no TMA

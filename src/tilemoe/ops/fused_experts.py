@@ -61,18 +61,65 @@ def _persistent_grid(device: torch.device, max_tiles: int) -> int:
     return max(1, min(programs, max_tiles))
 
 
+def _tma_rows_ok(device: torch.device, row_elems: int, elem_size: int, block_k: int) -> bool:
+    """Whether TMA can read contiguous rows of ``row_elems`` elements in [*, block_k] boxes on ``device``: Hopper or
+    later (or the interpreter), 16-byte aligned rows, a box row of at most 128 bytes."""
+    if device.type == "cuda" and _capability_major(device.index) < 9:
+        return False
+    return (row_elems * elem_size) % 16 == 0 and block_k * elem_size <= 128
+
+
 def _tma_descriptor(w: torch.Tensor, block_n: int, block_k: int):
     """TMA descriptor over w [..., K] (weights [E, N, K], or GEMM 1's output [CAP, I]) viewed as [-1, K] with
     [block_n, block_k] boxes, or None when TMA cannot read it: not contiguous, rows not 16-byte aligned, a box row
     over 128 bytes, or a GPU before Hopper."""
-    if w.device.type == "cuda" and _capability_major(w.device.index) < 9:
-        return None
-    size = w.element_size()
-    if not w.is_contiguous() or (w.shape[-1] * size) % 16 or w.data_ptr() % 16 or block_k * size > 128:
+    if not w.is_contiguous() or w.data_ptr() % 16 or not _tma_rows_ok(w.device, w.shape[-1], w.element_size(), block_k):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [block_n, block_k])
+
+
+def _gate_up_descriptor(w13: torch.Tensor, block_n: int, block_k: int):
+    """TMA descriptor over gated w13 [E, 2I, H] viewed as [2E, I, H] with [2, block_n, block_k] boxes: the gate rows
+    and the matching up rows of one column block in one load (zero-filled past I and H); None where TMA cannot read
+    it (as ``_tma_descriptor``)."""
+    if not w13.is_contiguous() or w13.data_ptr() % 16:
+        return None
+    if not _tma_rows_ok(w13.device, w13.shape[-1], w13.element_size(), block_k):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    num_experts, rows, hidden = w13.shape
+    return TensorDescriptor.from_tensor(w13.view(2 * num_experts, rows // 2, hidden), [2, block_n, block_k])
+
+
+def _sorted_rows(x: torch.Tensor, align, capacity: int, top_k: int) -> torch.Tensor:
+    """x in padded sorted order [CAP, H]: row r holds x[sorted_ids[r] // K], padding rows zeros; rows at or past
+    num_padded are not written (no GEMM reads them)."""
+    from tilemoe.ops._kernels._fused_experts import _sorted_rows_kernel
+
+    num_tokens, hidden = x.shape
+    out = torch.empty((capacity, hidden), dtype=x.dtype, device=x.device)
+    block_r = 16
+    _sorted_rows_kernel[(cdiv(capacity, block_r),)](
+        **pdl_options(x.device),
+        x_ptr=x,
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        out_ptr=out,
+        stride_or=out.stride(0),
+        stride_oh=out.stride(1),
+        sorted_ids_ptr=align.sorted_ids,
+        num_padded_ptr=align.num_padded,
+        num_slots=num_tokens * top_k,
+        top_k=top_k,
+        hidden=hidden,
+        BLOCK_R=block_r,
+        BLOCK_H=min(512, max(16, 1 << (hidden - 1).bit_length())),
+        num_warps=4,
+    )
+    return out
 
 
 def _device_of(x: torch.Tensor) -> str | None:
@@ -119,11 +166,26 @@ def _launch(
     weights_flat = topk_weights.reshape(-1)
     act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
-    w13_desc = _tma_descriptor(w13, cfg.block_n1, cfg.block_k1) if cfg.tma else None
+    w13_desc = None
+    gate_up_dot = cfg.gate_up_dot and gated
+    if gate_up_dot:
+        w13_desc = _gate_up_descriptor(w13, cfg.block_n1, cfg.block_k1)
+        gate_up_dot = w13_desc is not None
+    if w13_desc is None and cfg.tma:
+        w13_desc = _tma_descriptor(w13, cfg.block_n1, cfg.block_k1)
+    # GEMM 1's input: x gathered by token, or x_sorted through TMA boxes (full, and half for split tails)
+    split_tail1 = cfg.split_tail and not cfg.persistent1
+    x_arg = x_tail_arg = x
+    if cfg.sorted_x and _tma_rows_ok(x.device, hidden, x.element_size(), cfg.block_k1):
+        x_sorted = _sorted_rows(x, align, capacity, top_k)
+        x_arg = x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m, cfg.block_k1)
+        if split_tail1:
+            x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m // 2, cfg.block_k1)
     tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
-    _gemm1_kernel[(tiles1,)](
+    _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,)](
         **pdl_options(x.device),
-        x_ptr=x,
+        x_ptr=x_arg,
+        x_tail_ptr=x_tail_arg,
         stride_xt=x.stride(0),
         stride_xh=x.stride(1),
         w_ptr=w13 if w13_desc is None else w13_desc,
@@ -153,13 +215,16 @@ def _launch(
         WEIGHTS_ON_INPUT=weights_on_input,
         FP32_PRECISE=x.dtype == torch.float32,
         W_TMA=w13_desc is not None,
+        A_TMA=x_arg is not x,
+        GATE_UP_DOT=gate_up_dot,
+        PERSISTENT=cfg.persistent1,
         EVEN_K=hidden % cfg.block_k1 == 0,
         EVEN_N=inter % cfg.block_n1 == 0,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n1,
         BLOCK_K=cfg.block_k1,
         GROUP_M=cfg.group_m1,
-        SPLIT_TAIL=cfg.split_tail,
+        SPLIT_TAIL=split_tail1,
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )

@@ -8,6 +8,7 @@ Dimension letters: T tokens, K top-k, E experts, H hidden, I expert intermediate
     w2           [E, H, I]
     b2           [E, H]        optional
     topk_weights [S]           float32 routing weight of each slot
+    x_sorted     [CAP, H]      x in padded sorted order (GEMM 1's A_TMA input; padding rows zero)
     sorted_ids   [CAP]         slot at each padded row (S = padding)
     expert_ids   [CAP / BM]    expert of each block of BLOCK_M rows
     num_padded   [1]           rows in use; blocks at or past it exit
@@ -24,15 +25,20 @@ accumulator form is also nearer the float64 reference (no bf16 rounding of w x).
 Weights come through pointers or, with W_TMA, through host-built tensor descriptors over the 2-D views
 w13 [E*N1, H] / w2 [E*H, I] (N1 = 2I gated, else I): a [BLOCK_N, BLOCK_K] box per load, zero-filled past H or I.
 A box that runs past the expert's last row reads the next rows of the view; those columns are never stored.
-With A_TMA, GEMM 2 reads act through a tensor descriptor too ([BLOCK_M, BLOCK_K] boxes, zero-filled past I).
-GEMM 1 runs one program per tile; tiles past ``num_padded`` exit at once. GEMM 2 does the same, or with PERSISTENT
-one program per SM walks the tiles (rows in use read from ``num_padded``) in a loop flattened with the k loop, so
-the next tile's loads overlap this tile's epilogue. (GEMM 1's persistent form measured 0-4% slower nested and
-~9% slower flattened on an H100: bench/NOTES.md, version 4.)
+With A_TMA, GEMM 2 reads act through a tensor descriptor too ([BLOCK_M, BLOCK_K] boxes, zero-filled past I), and
+GEMM 1 reads x_sorted [CAP, H] (x copied into padded order by ``_sorted_rows_kernel``, padding rows zero) through
+one instead of gathering x rows by token. With GATE_UP_DOT (gated), GEMM 1's weight descriptor is 3-D over w13
+viewed as [2E, I, H]: a [2, BLOCK_N, BLOCK_K] box at (2e, n, k) holds the gate rows and the matching up rows (zero-
+filled past I), one dot per k step fills a [ROWS, 2 BLOCK_N] accumulator, split into gate and up in the epilogue.
+Both GEMMs run one program per tile (tiles past ``num_padded`` exit at once), or with PERSISTENT one program per SM
+walks the tiles (rows in use read from ``num_padded``) in a loop flattened with the k loop, so the next tile's
+loads overlap this tile's epilogue. GEMM 1's persistent form with gathered rows and two accumulators measured 6-15%
+slower on an H100 (bench/NOTES.md, version 4); A_TMA and GATE_UP_DOT give it the dense GEMM's structure, for which
+the flattened loop was 17-31% faster.
 With SPLIT_TAIL a block whose second half is all padding (its expert's last block, at most BLOCK_M / 2 real rows)
 runs BLOCK_M / 2-row tiles: GEMM 1 neither computes nor writes the rows past the half, and a non-persistent GEMM 2
 never reads them; a PERSISTENT GEMM 2 runs full tiles, computing those rows from whatever act holds and storing
-nothing of them (its stores are masked to real rows).
+nothing of them (its stores are masked to real rows). A PERSISTENT GEMM 1 runs full tiles only (one tile shape).
 """
 
 import triton
@@ -83,6 +89,17 @@ def _load_w(w_ptrs, w_desc, row, k0, k_mask, col_mask, W_TMA: tl.constexpr, EVEN
 
 
 @triton.jit
+def _load_a(a_ptrs, a_desc, row, k0, k_mask, A_TMA: tl.constexpr, EVEN_K: tl.constexpr):
+    """[ROWS, BLOCK_K] input tile: a TMA box at (row, k0) (zero-filled past the reduced dim) or a pointer load."""
+    if A_TMA:
+        return a_desc.load([row, k0])
+    elif EVEN_K:
+        return tl.load(a_ptrs)
+    else:
+        return tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _gemm1_tile(
     tile,
     num_blocks_m,
@@ -114,13 +131,15 @@ def _gemm1_tile(
     WEIGHTS_ON_INPUT: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr,
+    A_TMA: tl.constexpr,
+    GATE_UP_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 for a block whose second half is padding
+    ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (x_ptr's TMA boxes are then [ROWS, BLOCK_K])
 ):
     pid_m, pid_n = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
@@ -134,7 +153,11 @@ def _gemm1_tile(
     n1 = 2 * inter if GATED else inter
     gate_row = (expert * n1 + pid_n * BLOCK_N).to(tl.int32)
 
-    a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh
+    row0 = pid_m * BLOCK_M
+    if A_TMA:  # x_ptr is the descriptor of x in padded order (x_sorted); the pointer tile is never formed
+        a_ptrs = x_ptr
+    else:  # rows gathered by token
+        a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh
     if W_TMA:  # w_ptr is the descriptor; the pointer tiles below are never formed
         g_ptrs = w_ptr
         u_ptrs = w_ptr
@@ -143,24 +166,33 @@ def _gemm1_tile(
         u_ptrs = g_ptrs + inter * stride_wn
     if WEIGHTS_ON_INPUT:
         row_weight = tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)
-    acc_g = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     # padding rows read token 0 (finite, discarded by GEMM 2): the A loads need no row mask
-    for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
-        k_mask = ks < hidden - k0 * BLOCK_K
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        wg = _load_w(g_ptrs, w_ptr, gate_row, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
-        acc_g = _dot(a, wg, acc_g, FP32_PRECISE)
-        if GATED:
-            wu = _load_w(u_ptrs, w_ptr, gate_row + inter, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
-            acc_u = _dot(a, wu, acc_u, FP32_PRECISE)
-        a_ptrs += BLOCK_K * stride_xh
-        if not W_TMA:
-            g_ptrs += BLOCK_K * stride_wh
-            u_ptrs += BLOCK_K * stride_wh
+    if GATE_UP_DOT:  # one [ROWS, 2 BLOCK_N] accumulator, gate columns then up columns (see the module docstring)
+        acc = tl.zeros([ROWS, 2 * BLOCK_N], dtype=tl.float32)
+        box_row = (2 * expert).to(tl.int32)
+        for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
+            a = _load_a(a_ptrs, x_ptr, row0, k0 * BLOCK_K, ks < hidden - k0 * BLOCK_K, A_TMA, EVEN_K)
+            w = w_ptr.load([box_row, pid_n * BLOCK_N, k0 * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K)
+            acc = _dot(a, w.T, acc, FP32_PRECISE)
+            if not A_TMA:
+                a_ptrs += BLOCK_K * stride_xh
+        acc_g, acc_u = acc.reshape(ROWS, 2, BLOCK_N).permute(0, 2, 1).split()
+    else:
+        acc_g = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
+            k_mask = ks < hidden - k0 * BLOCK_K
+            a = _load_a(a_ptrs, x_ptr, row0, k0 * BLOCK_K, k_mask, A_TMA, EVEN_K)
+            wg = _load_w(g_ptrs, w_ptr, gate_row, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
+            acc_g = _dot(a, wg, acc_g, FP32_PRECISE)
+            if GATED:
+                wu = _load_w(u_ptrs, w_ptr, gate_row + inter, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
+                acc_u = _dot(a, wu, acc_u, FP32_PRECISE)
+            if not A_TMA:
+                a_ptrs += BLOCK_K * stride_xh
+            if not W_TMA:
+                g_ptrs += BLOCK_K * stride_wh
+                u_ptrs += BLOCK_K * stride_wh
 
     # epilogue: the activated intermediate, rounded to the operand dtype like an unfused h = x @ w13^T
     dtype = act_ptr.dtype.element_ty
@@ -183,10 +215,11 @@ def _gemm1_tile(
 
 @triton.jit
 def _gemm1_kernel(
-    x_ptr,
+    x_ptr,  # x, or with A_TMA the descriptor of x_sorted ([BLOCK_M, BLOCK_K] boxes)
+    x_tail_ptr,  # x_ptr again, or with A_TMA a descriptor of [BLOCK_M // 2, BLOCK_K] boxes (SPLIT_TAIL)
     stride_xt,
     stride_xh,
-    w_ptr,  # w13, or its tensor descriptor when W_TMA
+    w_ptr,  # w13, or its tensor descriptor when W_TMA (3-D [2, BLOCK_N, BLOCK_K] boxes when GATE_UP_DOT)
     stride_we,
     stride_wn,
     stride_wh,
@@ -213,36 +246,90 @@ def _gemm1_kernel(
     WEIGHTS_ON_INPUT: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr,
+    A_TMA: tl.constexpr,  # the input through TMA boxes over x_sorted (x in padded order)
+    GATE_UP_DOT: tl.constexpr,  # one dot over [gate | up] (W_TMA and GATED)
+    PERSISTENT: tl.constexpr,  # one program per SM walking the tiles, loop flattened with the k loop
     EVEN_K: tl.constexpr,  # the reduced dim is a multiple of BLOCK_K: no masks in the main loop
     EVEN_N: tl.constexpr,  # the output columns are a multiple of BLOCK_N
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr,  # a block whose second half is padding computes its first half only
+    SPLIT_TAIL: tl.constexpr,  # a block whose second half is padding computes its first half only (not PERSISTENT)
     PDL: tl.constexpr,
 ):
     _pdl_prologue(PDL)
     num_padded = tl.load(num_padded_ptr)
-    tile = tl.program_id(0)
-    pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M < num_padded:
-        if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+    if PERSISTENT:
+        used_m = num_padded // BLOCK_M
+        num_tiles = used_m * tl.cdiv(inter, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             _gemm1_tile(
-                tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                tile, used_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
                 b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
                 sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
             )  # fmt: skip
-        else:
-            _gemm1_tile(
-                tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
-            )  # fmt: skip
+    else:
+        tile = tl.program_id(0)
+        pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+        if pid_m * BLOCK_M < num_padded:
+            if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+                _gemm1_tile(
+                    tile, num_blocks_m, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
+                )  # fmt: skip
+            else:
+                _gemm1_tile(
+                    tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+                )  # fmt: skip
+
+
+@triton.jit
+def _sorted_rows_kernel(
+    x_ptr,
+    stride_xt,
+    stride_xh,
+    out_ptr,
+    stride_or,
+    stride_oh,
+    sorted_ids_ptr,
+    num_padded_ptr,
+    num_slots,
+    top_k,
+    hidden,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """x_sorted[r] = x[sorted_ids[r] // K] for the padded rows r in use, zeros for padding rows (GEMM 1's A_TMA)."""
+    _pdl_prologue(PDL)
+    num_padded = tl.load(num_padded_ptr)
+    first = tl.program_id(0) * BLOCK_R
+    if first < num_padded:
+        rows = first + tl.arange(0, BLOCK_R)
+        in_use = rows < num_padded
+        slot = tl.load(sorted_ids_ptr + rows, mask=in_use, other=num_slots)
+        valid = slot < num_slots
+        token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+        for h0 in range(0, hidden, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            col_mask = cols < hidden
+            values = tl.load(
+                x_ptr + token[:, None] * stride_xt + cols[None, :] * stride_xh,
+                mask=valid[:, None] & col_mask[None, :],
+                other=0.0,
+            )
+            out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_or + cols[None, :] * stride_oh
+            tl.store(out_ptrs, values, mask=in_use[:, None] & col_mask[None, :])
 
 
 @triton.jit
