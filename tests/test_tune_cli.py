@@ -445,6 +445,7 @@ def test_tune_end_to_end_gpu(tmp_path, capsys, monkeypatch):
     # pointer-load tiled configs only: the warm-up's specialization match is checked for those (TMA descriptor and
     # decode launches: 20 of 1479 first calls still compiled in the timing loop of the H100 run, see bench/NOTES.md)
     monkeypatch.setattr(tune, "TMA_CANDIDATES", [])
+    monkeypatch.setattr(tune, "DENSE_GEMM1_CANDIDATES", [])
     monkeypatch.setattr(tune, "DECODE_CANDIDATES", [])
     out = tmp_path / "table.json"
     argv = ["tune", "--model", "olmoe-1b-7b", "--num-tokens", "1", "300", "--out", str(out)]
@@ -472,6 +473,8 @@ def test_candidates_add_tma_for_16_bit_and_decode_for_few_slots():
     assert not any(c.decode for c in tune.candidate_configs(prefill_shape, torch.bfloat16))
     assert any(c.tma for c in tune.candidate_configs(prefill_shape, torch.bfloat16))
     assert not any(c.tma for c in tune.candidate_configs(prefill_shape, torch.float32))
+    dense = [c for c in tune.candidate_configs(prefill_shape, torch.bfloat16) if c.persistent1]
+    assert set(tune.DENSE_GEMM1_CANDIDATES) <= set(dense)  # GEMM 1's dense forms are timed where TMA is
 
 
 def test_split_tail_twins_follow_their_configs():
@@ -482,6 +485,8 @@ def test_split_tail_twins_follow_their_configs():
     for i, cfg in enumerate(cands[2:], start=2):
         if cfg.split_tail:
             assert cands[i - 1] == dataclasses.replace(cfg, split_tail=False)
+        elif cfg.persistent1 and cfg.persistent:  # full tiles in both GEMMs: no twin
+            assert i + 1 == len(cands) or not cands[i + 1].split_tail
         elif cfg.block_m >= 64 and not cfg.grouped_mm:
             assert cands[i + 1] == dataclasses.replace(cfg, split_tail=True)
     decode = tune.candidate_configs(MoEShape(1, 128, 8, 2048, 768), torch.bfloat16)

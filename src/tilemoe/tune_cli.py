@@ -106,6 +106,16 @@ TMA_CANDIDATES = [
     _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3, tma=True, persistent=True),
     _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4, tma=True, persistent=True),
 ]
+# GEMM 1 in the dense GEMM's form (``KernelConfig.sorted_x`` / ``gate_up_dot`` / ``persistent1``): written in
+# session 6 without a GPU, so not yet timed (bench/NOTES.md, version 7): the tuner decides. The first is the large-T
+# entry's tiles, the second the [128, 128] accumulator on 4 warps (the fastest dense Triton tile on the H100, NOTES
+# version 3), the third keeps the gathered input (no copy of x: the rows of top-8 models are 8x the input).
+DENSE_GEMM1_CANDIDATES = [
+    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, sorted_x=True, gate_up_dot=True, persistent1=True,
+         persistent=True),
+    _cfg(128, 64, 64, 4, 4, 128, 64, 4, 4, tma=True, sorted_x=True, gate_up_dot=True, persistent1=True),
+    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, gate_up_dot=True, persistent1=True),
+]  # fmt: skip
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
 # H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3),
 # before GEMM 2 ran per slot (``tilemoe.ops.fused_experts.DECODE_GEMM2_PER_SLOT``); with it the
@@ -134,8 +144,8 @@ SPLIT_TAIL_MIN_ROWS = 32
 
 
 def _split_twin(cfg: KernelConfig) -> tuple[KernelConfig, ...]:
-    if cfg.block_m < 64 or cfg.decode or cfg.grouped_mm or cfg.split_tail:
-        return ()
+    if cfg.block_m < 64 or cfg.decode or cfg.grouped_mm or cfg.split_tail or (cfg.persistent1 and cfg.persistent):
+        return ()  # (both GEMMs persistent: full tiles only, a twin would time the same kernels)
     return (dataclasses.replace(cfg, split_tail=True),)
 
 
@@ -156,7 +166,7 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
     min_block_m = rows_per_expert / 16
     pool = list(CANDIDATES)
     if dtype in (torch.float16, torch.bfloat16):
-        pool += TMA_CANDIDATES
+        pool += TMA_CANDIDATES + DENSE_GEMM1_CANDIDATES
     if shape.num_tokens * shape.top_k <= DECODE_MAX_SLOTS:
         pool += DECODE_CANDIDATES
     rest = [c for c in dict.fromkeys(pool) if c != base and min_block_m <= c.block_m <= max_block_m]
