@@ -106,6 +106,38 @@ def _gemm1_like(a_ptr, a_desc, rows_ptr, b_desc, c_ptr, M, N, K, BM: tl.constexp
         tl.store(c_ptr + c_rows[:, None].to(tl.int64) * n_out + cols[None, :], out.to(tl.bfloat16))
 
 
+@triton.jit
+def _gemm1_one_dot(a_ptr, a_desc, rows_ptr, b3_desc, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, GATHER: tl.constexpr,
+                   PERSISTENT: tl.constexpr):  # fmt: skip
+    """GEMM 1 with one accumulator: B viewed as [2, N/2, K] (gate rows, up rows) through a 3-D descriptor whose
+    [2, BN, BK] box is one [2 BN, BK] operand, so one dot gives [gate | up]; split in the epilogue."""
+    n_out = N // 2
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(n_out, BN)
+    start = tl.program_id(0) if PERSISTENT else 0
+    step = NUM_PROGRAMS if PERSISTENT else 1
+    stop = num_m * num_n if PERSISTENT else 1
+    for it in tl.range(start, stop, step, flatten=True):
+        tile = it if PERSISTENT else tl.program_id(0)
+        pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+        rows = tl.load(rows_ptr + pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        a_ptrs = a_ptr + rows[:, None] * K + tl.arange(0, BK)[None, :]
+        acc = tl.zeros([BM, 2 * BN], dtype=tl.float32)
+        for k0 in range(tl.cdiv(K, BK)):
+            if GATHER:
+                a = tl.load(a_ptrs + k0 * BK)
+            else:
+                a = a_desc.load([pid_m * BM, k0 * BK])
+            b = b3_desc.load([0, pid_n * BN, k0 * BK]).reshape(2 * BN, BK)
+            acc = tl.dot(a, b.T, acc)
+        g, u = acc.reshape(BM, 2, BN).permute(0, 2, 1).split()
+        g = g.to(tl.bfloat16).to(tl.float32)
+        out = g * tl.sigmoid(g) * u.to(tl.bfloat16).to(tl.float32)
+        cols = pid_n * BN + tl.arange(0, BN)
+        c_rows = pid_m * BM + tl.arange(0, BM)
+        tl.store(c_ptr + c_rows[:, None].to(tl.int64) * n_out + cols[None, :], out.to(tl.bfloat16))
+
+
 def probe_gemm1(m: int, n: int, k: int, bm: int, bn: int, bk: int, warps: int, stages: int) -> list[tuple[str, str]]:
     """GEMM 1's structure at a dense shape: gathered vs TMA A, one vs two accumulators, one program per tile vs a
     flattened persistent loop. Where the flattened loop's gain goes (dense TMA: +17-31%) when A is gathered."""
@@ -140,6 +172,26 @@ def probe_gemm1(m: int, n: int, k: int, bm: int, bn: int, bk: int, warps: int, s
                                          num_warps=warps, num_stages=stages)  # fmt: skip
 
                 out.append((name, checked_time(fn, c, ref, 2.0 * m * n * k)))
+    # gated, one accumulator over [gate | up] (bn here is the gate width: a [bm, 2 bn] accumulator)
+    n_out = n // 2
+    b3_desc = TensorDescriptor.from_tensor(b.view(2, n_out, k), [2, bn, bk])
+    c = torch.empty(m, n_out, device="cuda", dtype=torch.bfloat16)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n_out, bn)
+    for gather in (False, True):
+        idx = rows if gather else identity
+        ref = a[idx.long()].float() @ b.float().t()
+        g = ref[:, :n_out].to(torch.bfloat16).float()
+        ref = g * torch.sigmoid(g) * ref[:, n_out:].to(torch.bfloat16).float()
+        for persistent in (False, True):
+            grid = min(sms, tiles) if persistent else tiles
+            name = f"one-dot {'gatherA' if gather else 'tmaA'} {'persistent' if persistent else 'grid'}"
+
+            def fn(gather=gather, persistent=persistent, grid=grid, idx=idx):
+                _gemm1_one_dot[(grid,)](a, a_desc, idx, b3_desc, c, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                                        NUM_PROGRAMS=grid, GATHER=gather, PERSISTENT=persistent,
+                                        num_warps=warps, num_stages=stages)  # fmt: skip
+
+            out.append((name, checked_time(fn, c, ref, 2.0 * m * n * k)))
     return out
 
 
