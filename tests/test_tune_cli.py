@@ -373,6 +373,53 @@ def test_tune_group_on_cpu_checks_every_candidate(monkeypatch):
     assert len(lines) == 2 and "candidates failed" in lines[0]
 
 
+def test_tune_group_sums_the_scenarios(monkeypatch):
+    """--scenarios random imbalanced: each candidate runs (checked) and is timed on both routings; its time is the sum;
+    the table's measured entry names the scenarios."""
+    import tilemoe.ops.fused_experts as fe
+
+    small = [KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16)]
+    monkeypatch.setattr(tune, "CANDIDATES", small)
+    monkeypatch.setattr(tune, "DECODE_CANDIDATES", [])
+    real, routings = fe.fused_experts, []
+
+    def recording(*args, **kwargs):
+        routings.append(args[4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fe, "fused_experts", recording)
+    config = _config(num_experts=6, top_k=2, hidden_size=32, intermediate_size=16)
+    points = tune.plan_points(tune.group_shapes(["tiny"], {"tiny": config}), [40], torch.float32)
+    timer_calls = []
+
+    def timer(fn, num_tokens):
+        timer_calls.append(fn)
+        return 1e-3 * len(timer_calls)
+
+    scenarios = ("random", "imbalanced")
+    tune.tune_group(points, torch.float32, tune.Budget(None), 1, log=lambda *a: None, device="cpu", timer=timer,
+                    scenarios=scenarios)  # fmt: skip
+    (p,) = points
+    assert p.status == "tuned" and p.timed == len(p.candidates) == 2 and not p.errors
+    assert len(timer_calls) == 4  # 2 candidates x 2 routings
+    assert p.heuristic_s == pytest.approx(1e-3 + 2e-3) and p.best_s == p.heuristic_s  # sums: 3 ms, then 7 ms
+    ids = {id(r) for r in routings}
+    assert len(ids) == 2 and not torch.equal(routings[0], routings[1])  # two routings, each reused per candidate
+    counts = torch.bincount(routings[1].flatten().long(), minlength=6)
+    assert counts.max() > 1.5 * counts.float().mean()  # the second is the imbalanced one
+    _, measured = tune._results(points, scenarios)
+    assert measured[p.table_key]["scenarios"] == ["random", "imbalanced"]
+    assert "scenarios" not in tune._results(points)[1][p.table_key]
+
+
+def test_scenarios_option(capsys):
+    argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "256", "--dry-run"]
+    assert main([*argv, "--scenarios", "random", "imbalanced"]) == 0
+    with pytest.raises(SystemExit):
+        main([*argv, "--scenarios", "zipf"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_point_slice_lets_late_points_borrow():
     clock = _Clock()
     budget = tune.Budget(100.0, clock)

@@ -63,6 +63,9 @@ REFERENCE_MAX_TOKENS = 1024  # heuristic checked against fused_experts_torch up 
 WARMUP_MAX_TOKENS = 4096  # 16 blocks of 128 rows at K=1 need 2048
 WARMUP_MAX_EXPERTS = 16
 FIRST_CALL_MISS_S = 0.5  # a first call slower than this compiled in the main process: the warm-up missed it
+# Routings the tuner may time (``--scenarios``; their times are summed): random alone picked tiles that the bench's
+# imbalanced(3.0) routing ran 13% slower at mixtral-8x7b T=256 (bench/NOTES.md, version 6)
+TUNE_SCENARIOS = ("random", "balanced", "imbalanced")
 
 
 def _cfg(bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, g=8, **flags) -> KernelConfig:
@@ -596,37 +599,47 @@ def _device_weights(config: MoEConfig, dtype: torch.dtype, device: torch.device)
 
 
 class _Measure:
-    """``measure(cfg) -> seconds`` for ``search_point`` at one point; ``misses[0]`` counts the first calls that
-    compiled in this process."""
+    """``measure(cfg) -> seconds`` for ``search_point`` at one point: the sum over its routings (``cases``: one
+    (args, reference) pair per scenario; a None reference becomes the first candidate's output, the heuristic's);
+    ``misses[0]`` counts the first calls that compiled in this process."""
 
-    def __init__(self, args: tuple, kwargs: dict, num_tokens: int, dtype: torch.dtype, ref, misses: list[int], timer):
-        self.args, self.kwargs, self.num_tokens, self.dtype, self.ref = args, kwargs, num_tokens, dtype, ref
+    def __init__(self, cases: list[list], kwargs: dict, num_tokens: int, dtype: torch.dtype, misses: list[int], timer):
+        self.cases, self.kwargs, self.num_tokens, self.dtype = cases, kwargs, num_tokens, dtype
         self.misses, self.timer = misses, timer
+
+    @property
+    def args(self) -> tuple:  # the first routing's arguments
+        return self.cases[0][0]
 
     def __call__(self, cfg: KernelConfig) -> float:
         from tilemoe.ops.fused_experts import fused_experts
 
-        def call():
-            return fused_experts(*self.args, kernel_config=cfg, **self.kwargs)
+        total = 0.0
+        for case in self.cases:
+            args, ref = case
 
-        first = time.monotonic()
-        out = call().float()
-        if out.is_cuda:
-            torch.cuda.synchronize()
-        if time.monotonic() - first > FIRST_CALL_MISS_S:
-            self.misses[0] += 1
-        if self.ref is None:  # the heuristic's output: the reference of the others above REFERENCE_MAX_TOKENS
-            self.ref = out
-        err = _relative_error(out, self.ref)
-        if not err <= REL_TOL[self.dtype]:  # also catches NaN
-            raise ValueError(f"relative error {err:.2e} > {REL_TOL[self.dtype]:.0e}")
-        return self.timer(call, self.num_tokens)
+            def call(args=args):
+                return fused_experts(*args, kernel_config=cfg, **self.kwargs)
+
+            first = time.monotonic()
+            out = call().float()
+            if out.is_cuda:
+                torch.cuda.synchronize()
+            if time.monotonic() - first > FIRST_CALL_MISS_S:
+                self.misses[0] += 1
+            if ref is None:  # the heuristic's output: the reference of the others above REFERENCE_MAX_TOKENS
+                case[1] = ref = out
+            err = _relative_error(out, ref)
+            if not err <= REL_TOL[self.dtype]:  # also catches NaN
+                raise ValueError(f"relative error {err:.2e} > {REL_TOL[self.dtype]:.0e}")
+            total += self.timer(call, self.num_tokens)
+        return total
 
     def rematch(self, point: TunePoint) -> None:
-        """Time the ``REMATCH_TOP`` fastest candidates of the screening and the heuristic again, their graphs
-        replayed in turn, and keep the fastest of that; the best and heuristic times become these. A CUDA device
-        only: the screening timed one candidate after the other, so a clock drifting under the power cap favoured
-        the early ones."""
+        """Time the ``REMATCH_TOP`` fastest candidates of the screening and the heuristic again, their graphs (one per
+        routing) replayed in turn, and keep the fastest sum of that; the best and heuristic times become these. A CUDA
+        device only: the screening timed one candidate after the other, so a clock drifting under the power cap
+        favoured the early ones."""
         from tilemoe.bench.timing import capture_graph, graph_us_in_turn
         from tilemoe.ops.fused_experts import fused_experts
 
@@ -637,13 +650,16 @@ class _Measure:
             return
         graphs = []
         for cfg, seconds in top:
-            calls = graph_calls(seconds)
-            graph, _ = capture_graph(lambda cfg=cfg: fused_experts(*self.args, kernel_config=cfg, **self.kwargs), calls)
-            graphs.append((graph, calls))
-        per_round = sum(seconds * calls for (_, seconds), (_, calls) in zip(top, graphs, strict=True))
+            calls = graph_calls(seconds / len(self.cases))
+            for args, _ in self.cases:
+                fn = functools.partial(fused_experts, *args, kernel_config=cfg, **self.kwargs)
+                graph, _ = capture_graph(fn, calls)
+                graphs.append((graph, calls))
+        per_round = sum(seconds * graph_calls(seconds / len(self.cases)) for _, seconds in top)
         rounds = max(3, min(15, int(REMATCH_SECONDS / per_round)))
         us = graph_us_in_turn(graphs, rounds)
-        point.rematch = [(cfg, t * 1e-6) for (cfg, _), t in zip(top, us, strict=True)]
+        n = len(self.cases)
+        point.rematch = [(cfg, sum(us[i * n : (i + 1) * n]) * 1e-6) for i, (cfg, _) in enumerate(top)]
         point.best, point.best_s = min(point.rematch, key=lambda item: item[1])
         point.heuristic_s = next(t for cfg, t in point.rematch if cfg == point.times[0][0])
 
@@ -666,11 +682,12 @@ def search_points(points: list[TunePoint], measure_for, budget: Budget, points_l
 
 def tune_group(
     points: list[TunePoint], dtype: torch.dtype, budget: Budget, points_left: int, log=print, device="cuda",
-    timer=time_call,
+    timer=time_call, scenarios: tuple[str, ...] = ("random",),
 ) -> int:  # fmt: skip
     """Time the points of one shape group (weights built once), ``points_left`` points to go in all.
     ``timer(fn, num_tokens) -> seconds``; ``device``: "cuda" (tests: "cpu" in the interpreter, with a wall-clock
-    timer). Returns how many first calls compiled in this process (warm-up misses)."""
+    timer); ``scenarios``: the routings (``tilemoe.bench.scenarios``, imbalanced with factor 3.0) whose times are
+    summed into a candidate's time. Returns how many first calls compiled in this process (warm-up misses)."""
     from tilemoe.bench.scenarios import make_routing_for
     from tilemoe.ops.fused_experts import fused_experts_torch
 
@@ -684,10 +701,13 @@ def tune_group(
     def measure_for(point: TunePoint) -> _Measure:
         t = point.num_tokens
         x = torch.randn(t, config.hidden_size, device=device, dtype=torch.float32).to(dtype)
-        tw, ti = make_routing_for("random", t, config, generator=gen, x=x, device=device)
-        args = (x, w13, w2, tw.float().contiguous(), ti.to(torch.int32).contiguous())
-        ref = fused_experts_torch(*args, **kwargs).float() if t <= REFERENCE_MAX_TOKENS else None
-        return _Measure(args, kwargs, t, dtype, ref, misses, timer)
+        cases = []
+        for scenario in scenarios:
+            tw, ti = make_routing_for(scenario, t, config, generator=gen, x=x, device=device)
+            args = (x, w13, w2, tw.float().contiguous(), ti.to(torch.int32).contiguous())
+            ref = fused_experts_torch(*args, **kwargs).float() if t <= REFERENCE_MAX_TOKENS else None
+            cases.append([args, ref])
+        return _Measure(cases, kwargs, t, dtype, misses, timer)
 
     search_points(points, measure_for, budget, points_left, log)
     return misses[0]
@@ -750,7 +770,9 @@ def merge_table(path: Path, device: str, configs: dict[str, dict], measured: dic
     return data
 
 
-def _results(points: list[TunePoint]) -> tuple[dict[str, dict], dict[str, dict]]:
+def _results(points: list[TunePoint], scenarios: tuple[str, ...] = ("random",)) -> tuple[dict, dict]:
+    """(configs, measured) by table key for the points that have a best config; the times are sums over
+    ``scenarios``, which the measured entry names when it is not random routing alone."""
     configs, measured = {}, {}
     for p in points:
         if p.best is None:
@@ -761,6 +783,8 @@ def _results(points: list[TunePoint]) -> tuple[dict[str, dict], dict[str, dict]]
             "heuristic_us": round(p.heuristic_s * 1e6, 2), "timed": p.timed, "candidates": len(p.candidates),
             "complete": p.status == "tuned",
         }  # fmt: skip
+        if tuple(scenarios) != ("random",):
+            measured[p.table_key]["scenarios"] = list(scenarios)
     return configs, measured
 
 
@@ -791,6 +815,11 @@ def add_parser(subparsers) -> None:
         "--variants", nargs="+", default=None, metavar="FIELD=VALUE[,...]",
         help="time only the heuristic, each point's table entry and these changes of it (e.g. split_tail=1 "
         "split_tail=1,persistent=0), instead of the whole candidate list",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scenarios", nargs="+", choices=TUNE_SCENARIOS, default=["random"],
+        help="routings whose times are summed into each candidate's time (imbalanced: factor 3.0, as the bench's "
+        "issue-4 runs); default random",
     )  # fmt: skip
     parser.set_defaults(run=run)
 
@@ -864,6 +893,7 @@ def run(args) -> int:
     dtype = DTYPES[args.dtype]
     try:
         variants = [parse_variant(v) for v in args.variants or []]
+        scenarios = tuple(dict.fromkeys(args.scenarios))
         models = resolve_models(args.model, args.models_from)
         groups = group_shapes(models)
         points = plan_points(groups, args.num_tokens, dtype)
@@ -906,7 +936,7 @@ def run(args) -> int:
     left = len(points)
     for group_points in by_group.values():
         try:
-            misses += tune_group(group_points, dtype, budget, left)
+            misses += tune_group(group_points, dtype, budget, left, scenarios=scenarios)
         except (RuntimeError, ValueError) as error:  # e.g. out of memory for the weights: the other shapes go on
             for p in group_points:
                 if p.status == "pending":
@@ -915,7 +945,7 @@ def run(args) -> int:
             print(f"{'/'.join(group_points[0].group.models)}: {type(error).__name__}: {str(error)[:300]}", flush=True)
         torch.cuda.empty_cache()  # the next shape's weights (up to 34 GB for Kimi-K2) need the room
         left -= len(group_points)
-        configs, measured = _results(group_points)
+        configs, measured = _results(group_points, scenarios)
         if variants:  # what each change did, against the table entry (the second candidate)
             for p in group_points:
                 print(_variant_lines(p), flush=True)
