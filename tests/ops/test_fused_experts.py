@@ -433,3 +433,76 @@ def test_gemm1_dense_forms_need_tma():
         with pytest.raises(ValueError, match=f"KernelConfig.{name}: needs tma=True"):
             KernelConfig(**{name: True})
     assert KernelConfig(persistent1=True).persistent1 is True  # the loop needs no TMA
+
+
+# ---------------------------------------------------------------------------------------- routing inside GEMM 1
+ROUTED_CASES = [
+    dict(),  # softmax top-k, renormalised
+    dict(renormalize=False, routed_scaling_factor=2.5),
+    dict(routing="topk_softmax", activation="swigluoai", expert_bias=True),
+    dict(routing="sigmoid_top1_input_scaled", top_k=1, activation="gelu", gated=False),  # weights on the input
+]
+
+
+@pytest.mark.parametrize("changes", ROUTED_CASES)
+@pytest.mark.parametrize("num_tokens", [0, 1, 3, 9])
+def test_from_logits_routes_inside_the_decode_gemm1(changes, num_tokens, generator, monkeypatch):
+    """The decode GEMM 1 routes its slot's token (no routing launch): ids and weights exactly the routing kernel's,
+    the output exactly the routing-first path's and close to the float64 reference."""
+    import tilemoe.ops.route as route_module
+    from tilemoe.ops.route import route_triton
+
+    config = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=24).replace(**changes)
+    w = make_weights(config, dtype=torch.float16, device=DEVICE, generator=generator)
+    x = make_input(num_tokens, config, dtype=torch.float16, device=DEVICE, generator=generator)
+    logits = torch.randn(num_tokens, config.num_experts, generator=generator).to(DEVICE)
+    logits[:, 1] = logits[:, 4]  # a tie: the lower expert wins, in both kernels
+    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
+    routed = _spy(monkeypatch, route_module, "route_fast")
+    out, weights, ids = fused_experts_module.fused_experts_from_logits(
+        x, w["w13"], w["w2"], logits, config=config, b13=w["b13"], b2=w["b2"], kernel_config=DECODE
+    )
+    assert routed == []  # no routing launch
+    ref_weights, ref_ids = route_triton(logits, config)
+    assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
+    two_step = fused_experts(x, w["w13"], w["w2"], ref_weights, ref_ids, config=config, b13=w["b13"], b2=w["b2"],
+                             kernel_config=DECODE)  # fmt: skip
+    assert torch.equal(out, two_step)
+    assert_close(out, _reference(x, w, ref_weights, ref_ids, config), torch.float16)
+
+
+@pytest.mark.parametrize(
+    "changes, kernel_config",
+    [
+        (dict(), SMALL),  # the tiled path: the routing kernel first
+        (dict(routing="softmax_grouped_topk", n_group=2, topk_group=1, top_k=2, num_experts=8), DECODE),  # grouped
+    ],
+)
+def test_from_logits_routes_first_elsewhere(changes, kernel_config, generator, monkeypatch):
+    import tilemoe.ops.route as route_module
+
+    config = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=24).replace(**changes)
+    w = make_weights(config, dtype=torch.float32, device=DEVICE, generator=generator)
+    x = make_input(5, config, dtype=torch.float32, device=DEVICE, generator=generator)
+    logits = torch.randn(5, config.num_experts, generator=generator).to(DEVICE)
+    routed = _spy(monkeypatch, route_module, "route_fast")
+    out, weights, ids = fused_experts_module.fused_experts_from_logits(
+        x, w["w13"], w["w2"], logits, config=config, kernel_config=kernel_config
+    )
+    assert len(routed) == 1 and torch.equal(ids, routed[0][1]) and torch.equal(weights, routed[0][0])
+    assert_close(out, _reference(x, w, weights, ids, config), torch.float32)
+
+
+def test_from_logits_bad_arguments(generator):
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=32, intermediate_size=16)
+    w = make_weights(config, device=DEVICE, generator=generator)
+    x = make_input(4, config, device=DEVICE, generator=generator)
+    call = fused_experts_module.fused_experts_from_logits
+    with pytest.raises(ValueError, match=r"router_logits: expected shape \[4, 6\], got \[4, 5\]"):
+        call(x, w["w13"], w["w2"], torch.zeros(4, 5, device=DEVICE), config=config)
+    with pytest.raises(TypeError, match="router_logits: expected a float tensor"):
+        call(x, w["w13"], w["w2"], torch.zeros(4, 6, dtype=torch.int32, device=DEVICE), config=config)
+    with pytest.raises(ValueError, match=r"w2: expected 6 experts \(config.num_experts\), got 5"):
+        call(x, w["w13"][:5], w["w2"][:5], torch.zeros(4, 6, device=DEVICE), config=config)
+    with pytest.raises(ValueError, match="w13: expected shape"):
+        call(x, w["w13"][:, :8], w["w2"], torch.zeros(4, 6, device=DEVICE), config=config)

@@ -25,7 +25,7 @@ from tilemoe.ops.combine import sum_slots
 from tilemoe.ops.grouped_mm import grouped_matmul, grouped_mm_available
 from tilemoe.tuning import KernelConfig, MoEShape, pick_config
 
-__all__ = ["fused_experts", "fused_experts_torch"]
+__all__ = ["fused_experts", "fused_experts_from_logits", "fused_experts_torch"]
 
 _CONFIG_FIELDS = tuple(KernelConfig.__dataclass_fields__)
 
@@ -291,16 +291,28 @@ def _launch(
 
 
 def _launch_decode(
-    x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg
-) -> torch.Tensor:
+    x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg,
+    route: tuple | None = None,
+) -> torch.Tensor:  # fmt: skip
     """No alignment: GEMM 1 per (slot, column block), GEMM 2 per (token, column block) summing K (two launches),
-    or per (slot, column block) plus the slot sum (``DECODE_GEMM2_PER_SLOT``, the default)."""
+    or per (slot, column block) plus the slot sum (``DECODE_GEMM2_PER_SLOT``, the default).
+    ``route``: (logits [T, E], score code, renormalize, scale): GEMM 1 routes the tokens itself and fills
+    topk_weights / topk_ids (then outputs, [T, K])."""
     from tilemoe.ops._kernels._decode import _decode_gemm1_kernel, _decode_gemm2_kernel
 
     num_tokens, hidden = x.shape
     inter = w2.shape[2]
     top_k = topk_ids.shape[1]
     weights_flat, ids_flat = topk_weights.reshape(-1), topk_ids.reshape(-1)
+    logits, score, renormalize, scale = route if route is not None else (x, 0, False, 1.0)  # x: never read
+    # without ROUTE the same constants every time (one compiled kernel whatever E and K, as the tuner's warm-up
+    # expects: it compiles at a smaller E)
+    route_constants = dict(ROUTE=False, ROUTE_TOP_K=1, ROUTE_SCORE=0, ROUTE_RENORMALIZE=False, ROUTE_BLOCK_E=16,
+                           ROUTE_BLOCK_K=2)  # fmt: skip
+    if route is not None:
+        route_constants = dict(ROUTE=True, ROUTE_TOP_K=top_k, ROUTE_SCORE=score, ROUTE_RENORMALIZE=renormalize,
+                               ROUTE_BLOCK_E=max(16, 1 << (w2.shape[0] - 1).bit_length()),
+                               ROUTE_BLOCK_K=max(2, 1 << (top_k - 1).bit_length()))  # fmt: skip
     act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=x.device)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
     _decode_gemm1_kernel[(num_tokens * top_k, cdiv(inter, cfg.block_n1))](
@@ -317,10 +329,15 @@ def _launch_decode(
         stride_bn=b13_arg.stride(1),
         topk_weights_ptr=weights_flat,
         topk_ids_ptr=ids_flat,
+        logits_ptr=logits,
+        stride_lt=logits.stride(0),
+        stride_le=logits.stride(1),
         act_ptr=act,
         stride_as=act.stride(0),
         stride_ai=act.stride(1),
         top_k=top_k,
+        num_experts=w2.shape[0],
+        route_scale=scale,
         hidden=hidden,
         inter=inter,
         swiglu_alpha=swiglu_alpha,
@@ -332,6 +349,7 @@ def _launch_decode(
         FP32_PRECISE=x.dtype == torch.float32,
         BLOCK_N=cfg.block_n1,
         BLOCK_K=cfg.block_k1,
+        **route_constants,
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )
@@ -488,6 +506,123 @@ def fused_experts(
     )
 
 
+# Flat routings the decode GEMM 1 runs itself (``tilemoe.ops._kernels._route._flat_topk``'s score codes, as in
+# ``tilemoe.ops.route``); grouped routings route in their own kernel first.
+DECODE_ROUTE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_top1_input_scaled": 2}
+
+
+@torch.library.custom_op("tilemoe::fused_experts_routed", mutates_args=())
+def _fused_experts_routed_op(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    activation: int,
+    gated: bool,
+    weights_on_input: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    top_k: int,
+    score: int,
+    renormalize: bool,
+    scale: float,
+    kernel_config: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cfg = KernelConfig(**dict(zip(_CONFIG_FIELDS, kernel_config, strict=True)))
+    num_tokens = x.shape[0]
+    topk_weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=x.device)
+    topk_ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=x.device)
+    if num_tokens == 0:
+        return x.new_empty(x.shape), topk_weights, topk_ids
+    out = _launch_decode(
+        x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
+        swiglu_limit, cfg, route=(router_logits, score, renormalize, scale),
+    )  # fmt: skip
+    return out, topk_weights, topk_ids
+
+
+@_fused_experts_routed_op.register_fake
+def _(x, w13, w2, router_logits, b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, top_k,
+      score, renormalize, scale, kernel_config):  # fmt: skip
+    shape = (x.shape[0], top_k)
+    return x.new_empty(x.shape), x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int32)
+
+
+def fused_experts_from_logits(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    *,
+    config: MoEConfig,
+    correction_bias: torch.Tensor | None = None,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    kernel_config: KernelConfig | None = None,
+    deterministic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing and routed experts of one layer: (out [T, H] in x.dtype, topk_weights [T, K] float32, topk_ids [T, K]
+    int32), the routing exactly ``tilemoe.ops.route.route_fast``'s.
+
+    Where the config is the decode path (``KernelConfig.decode``, from ``pick_config`` when None) and the routing is
+    flat (``DECODE_ROUTE_CODES``), the decode GEMM 1 routes each slot's token itself: one launch less than the
+    routing kernel then ``fused_experts``, which is what runs otherwise. Arguments as ``fused_experts``, with
+    router_logits [T, E] (any float dtype) and correction_bias [E] (grouped routings) instead of the routing.
+    Raises:
+        ValueError / TypeError naming the argument on a shape, dtype or device mismatch.
+    """
+    from tilemoe.ops.route import route_fast
+
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    if not isinstance(router_logits, torch.Tensor) or not router_logits.is_floating_point():
+        raise TypeError(f"router_logits: expected a float tensor, got {getattr(router_logits, 'dtype', router_logits)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [T, H], got {getattr(x, 'shape', type(x).__name__)}")
+    if tuple(router_logits.shape) != (x.shape[0], config.num_experts):
+        raise ValueError(
+            f"router_logits: expected shape [{x.shape[0]}, {config.num_experts}], got {list(router_logits.shape)}"
+        )
+    if router_logits.device != x.device:
+        raise ValueError(f"router_logits: expected device {x.device}, got {router_logits.device}")
+    _check(x, w13, w2, None, None, config, b13, b2)
+    num_experts, hidden, inter = w2.shape
+    if num_experts != config.num_experts:  # the routing picks among config.num_experts
+        raise ValueError(f"w2: expected {config.num_experts} experts (config.num_experts), got {num_experts}")
+    if kernel_config is None:
+        shape = MoEShape(x.shape[0], num_experts, config.top_k, hidden, inter)
+        kernel_config = pick_config(shape, x.dtype, _device_of(x))
+    elif not isinstance(kernel_config, KernelConfig):
+        raise TypeError(f"kernel_config: expected a KernelConfig or None, got {type(kernel_config).__name__}")
+    if not kernel_config.decode or config.routing not in DECODE_ROUTE_CODES or router_logits.dtype == torch.float64:
+        topk_weights, topk_ids = route_fast(router_logits, config, correction_bias=correction_bias)
+        out = fused_experts(
+            x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2, kernel_config=kernel_config,
+            deterministic=deterministic,
+        )  # fmt: skip
+        return out, topk_weights, topk_ids
+    return _fused_experts_routed_op(
+        x,
+        w13,
+        w2,
+        router_logits,
+        b13,
+        b2,
+        ACTIVATION_CODES[config.activation],
+        config.gated,
+        config.weights_on_input,
+        float(config.swiglu_alpha),
+        float(config.swiglu_limit),
+        config.top_k,
+        DECODE_ROUTE_CODES[config.routing],
+        config.renormalize,
+        float(config.routed_scaling_factor),
+        [int(getattr(kernel_config, name)) for name in _CONFIG_FIELDS],
+    )
+
+
 def _check(x, w13, w2, topk_weights, topk_ids, config, b13, b2) -> None:
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -517,9 +652,9 @@ def _check(x, w13, w2, topk_weights, topk_ids, config, b13, b2) -> None:
     for name, tensor in (("w13", w13), ("w2", w2), ("b13", b13), ("b2", b2)):
         if tensor is not None and tensor.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {tensor.dtype}")
-    if topk_weights.dtype != torch.float32:
+    if topk_weights is not None and topk_weights.dtype != torch.float32:
         raise TypeError(f"topk_weights: expected dtype float32, got {topk_weights.dtype}")
-    if topk_ids.dtype != torch.int32:
+    if topk_ids is not None and topk_ids.dtype != torch.int32:
         raise TypeError(f"topk_ids: expected dtype int32, got {topk_ids.dtype}")
     if w2.device != x.device:
         raise ValueError(f"w2: expected device {x.device}, got {w2.device}")

@@ -18,6 +18,9 @@ token s // K, its pick s % K).
     topk_ids     [S]           int32 expert of each slot
     act          [S, I]        GEMM 1 output, one row per slot
     out          [T, H]        the layer output
+    logits       [T, E]        router logits: with ROUTE, GEMM 1 routes each slot's token itself (a flat routing,
+                               ``_route._flat_topk``, the routing kernel's own function) and writes topk_weights /
+                               topk_ids for GEMM 2 and the caller: one launch less than routing first
 GEMM 2 scales each pick's act row by its routing weight before the dot (rounded to the operand dtype), so one
 float32 accumulator holds the sum over K, in pick order: deterministic, no atomics.
 """
@@ -28,6 +31,7 @@ import triton.language as tl
 from tilemoe.ops._kernels._activation import _activate, _up_factor
 from tilemoe.ops._kernels._fused_experts import _dot
 from tilemoe.ops._kernels._pdl import _pdl_prologue
+from tilemoe.ops._kernels._route import _flat_topk
 
 
 @triton.jit
@@ -48,12 +52,17 @@ def _decode_gemm1_kernel(
     b_ptr,
     stride_be,
     stride_bn,
-    topk_weights_ptr,
-    topk_ids_ptr,
+    topk_weights_ptr,  # with ROUTE: written here (the weight of each slot, for GEMM 2 and the caller)
+    topk_ids_ptr,  # with ROUTE: written here
+    logits_ptr,  # [T, E] router logits (ROUTE only)
+    stride_lt,
+    stride_le,
     act_ptr,
     stride_as,
     stride_ai,
     top_k,
+    num_experts,
+    route_scale,
     hidden,
     inter,
     swiglu_alpha,
@@ -65,19 +74,40 @@ def _decode_gemm1_kernel(
     FP32_PRECISE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROUTE: tl.constexpr,  # route the slot's token from its logits here (a flat routing; no routing launch)
+    ROUTE_TOP_K: tl.constexpr,  # top_k again, as a constexpr (ROUTE only)
+    ROUTE_SCORE: tl.constexpr,  # _flat_topk's SCORE
+    ROUTE_RENORMALIZE: tl.constexpr,
+    ROUTE_BLOCK_E: tl.constexpr,
+    ROUTE_BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_prologue(PDL)
     slot = tl.program_id(0)
     token = (slot // top_k).to(tl.int64)
-    expert = tl.load(topk_ids_ptr + slot).to(tl.int64)
+    if ROUTE:  # every program of the slot routes its token (E logits from L2); the first column block stores it
+        weights, ids = _flat_topk(
+            logits_ptr + token * stride_lt, stride_le, num_experts, ROUTE_TOP_K, ROUTE_SCORE, ROUTE_RENORMALIZE,
+            ROUTE_BLOCK_E, ROUTE_BLOCK_K,
+        )  # fmt: skip
+        mine = tl.arange(0, ROUTE_BLOCK_K) == slot % top_k
+        expert = tl.sum(tl.where(mine, ids, 0), axis=0).to(tl.int64)
+        slot_weight = tl.sum(tl.where(mine, weights, 0.0), axis=0) * route_scale
+        if tl.program_id(1) == 0:
+            tl.store(topk_ids_ptr + slot, expert.to(tl.int32))
+            tl.store(topk_weights_ptr + slot, slot_weight)
+    else:
+        expert = tl.load(topk_ids_ptr + slot).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
     ks = tl.arange(0, BLOCK_K)
     first_row = (tl.arange(0, 16) == 0)[:, None]
     dtype = act_ptr.dtype.element_ty
     if WEIGHTS_ON_INPUT:
-        row_weight = tl.load(topk_weights_ptr + slot)
+        if ROUTE:
+            row_weight = slot_weight
+        else:
+            row_weight = tl.load(topk_weights_ptr + slot)
     a_ptrs = x_ptr + token * stride_xt + (ks * stride_xh)[None, :] + tl.zeros([16, 1], dtype=tl.int64)
     g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
     u_ptrs = g_ptrs + inter * stride_wn

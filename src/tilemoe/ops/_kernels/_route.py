@@ -24,27 +24,22 @@ from tilemoe.ops._kernels._pdl import _pdl_prologue
 
 
 @triton.jit
-def _route_kernel(
+def _flat_topk(
     logits_ptr,
-    stride_lt,
     stride_le,
-    weights_ptr,
-    ids_ptr,
     num_experts,
-    scale,
     TOP_K: tl.constexpr,
     SCORE: tl.constexpr,
     RENORMALIZE: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    _pdl_prologue(PDL)
-    token = tl.program_id(0).to(tl.int64)
+    """One token's flat routing from its logits row (``logits_ptr`` points at it): ([BLOCK_K] float32 weights before
+    the scale, [BLOCK_K] int32 ids), entries past TOP_K unused. Shared by ``_route_kernel`` and the decode GEMM 1
+    that routes its own slot (``tilemoe.ops._kernels._decode``), so both give the same ids and weights."""
     experts = tl.arange(0, BLOCK_E)
     in_range = experts < num_experts
-    logits = tl.load(logits_ptr + token * stride_lt + experts * stride_le, mask=in_range, other=float("-inf"))
-    logits = logits.to(tl.float32)
+    logits = tl.load(logits_ptr + experts * stride_le, mask=in_range, other=float("-inf")).to(tl.float32)
     if SCORE == 0:
         shifted = tl.exp(logits - tl.max(logits, axis=0))
         scores = shifted / tl.sum(shifted, axis=0)
@@ -71,8 +66,34 @@ def _route_kernel(
         weights = shifted / tl.sum(shifted, axis=0)
     else:
         weights = 1.0 / (1.0 + tl.exp(-picked))
+    return weights, picked_ids
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr,
+    stride_lt,
+    stride_le,
+    weights_ptr,
+    ids_ptr,
+    num_experts,
+    scale,
+    TOP_K: tl.constexpr,
+    SCORE: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    _pdl_prologue(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    weights, ids = _flat_topk(
+        logits_ptr + token * stride_lt, stride_le, num_experts, TOP_K, SCORE, RENORMALIZE, BLOCK_E, BLOCK_K
+    )
+    slots = tl.arange(0, BLOCK_K)
+    valid = slots < TOP_K
     tl.store(weights_ptr + token * TOP_K + slots, weights * scale, mask=valid)
-    tl.store(ids_ptr + token * TOP_K + slots, picked_ids, mask=valid)
+    tl.store(ids_ptr + token * TOP_K + slots, ids, mask=valid)
 
 
 @triton.jit
