@@ -104,14 +104,20 @@ def moe_forward(
         if topk_ids is not None or topk_weights is not None:
             raise ValueError("router_logits: give either router_logits or topk_weights+topk_ids, not both")
         check_tensor("router_logits", router_logits, (x2.shape[0], config.num_experts), device=x2.device)
-        # on CUDA the routing kernel (same ids as `route`); elsewhere plain torch
-        topk_weights, topk_ids = route_fast(router_logits, config, correction_bias=correction_bias)
+        implementation = resolve_impl(impl, x2.device)
+        if implementation.from_logits is not None and x2.shape[0] > 0:  # routes inside its kernels
+            out = implementation.from_logits(
+                x2, w13, w2, router_logits, config=config, correction_bias=correction_bias, b13=b13, b2=b2
+            )
+        else:
+            # on CUDA the routing kernel (same ids as `route`); elsewhere plain torch
+            topk_weights, topk_ids = route_fast(router_logits, config, correction_bias=correction_bias)
+            out = experts_forward(x2, w13, w2, topk_weights, topk_ids, config=config, impl=impl, b13=b13, b2=b2)
     elif topk_ids is None or topk_weights is None:
         raise ValueError("router_logits: expected router_logits, or both topk_weights and topk_ids; got neither")
     else:
         check_topk(config, x2, topk_weights, topk_ids, check_ids_range=check_ids)
-
-    out = experts_forward(x2, w13, w2, topk_weights, topk_ids, config=config, impl=impl, b13=b13, b2=b2)
+        out = experts_forward(x2, w13, w2, topk_weights, topk_ids, config=config, impl=impl, b13=b13, b2=b2)
     if shared_w13 is not None:
         out = out + shared_experts_forward(x2, shared_w13, shared_w2, config, shared_gate)
     return out.reshape(*leading, config.hidden_size)

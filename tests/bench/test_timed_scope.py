@@ -63,6 +63,42 @@ def scenario_log(monkeypatch):
     return made
 
 
+def test_layer_scope_calls_from_logits(scenario_log):
+    """An implementation that routes inside its kernels (``from_logits``) is timed through it in the layer scope:
+    given the router logits, whose routing gives the scenario's ids; its routed-input ``fn`` only in the experts
+    scope."""
+    calls = {"from_logits": [], "fn": []}
+
+    def from_logits(x, w13, w2, router_logits, *, config, correction_bias=None, b13=None, b2=None):
+        calls["from_logits"].append(router_logits.clone())
+        weights, ids = route(router_logits, config, correction_bias=correction_bias)
+        return grouped_forward(x, w13, w2, weights, ids, config=config, b13=b13, b2=b2)
+
+    @register_impl("routes_itself_for_test", description="routes from the logits", from_logits=from_logits)
+    def _fn(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
+        calls["fn"].append(topk_ids.clone())
+        return grouped_forward(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2)
+
+    try:
+        config = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8)
+        for scope in ("layer", "experts"):
+            s = runner.BenchSettings(
+                config=config, impls=["routes_itself_for_test"], num_tokens=[24], scenarios=["imbalanced"],
+                device=torch.device("cpu"), warmup=0, iters=1, rounds=1, timed_scope=scope,
+            )  # fmt: skip
+            (row,) = runner.run_case(s, "imbalanced", 24, runner.make_bench_weights(s), ROOFLINE)
+            assert row["status"] == "OK", row
+            used, unused = ("from_logits", "fn") if scope == "layer" else ("fn", "from_logits")
+            assert calls[used] and not calls[unused], scope
+            if scope == "layer":
+                scenario_ids = scenario_log[-1][2]
+                assert calls["from_logits"][0].shape == (24, 6)
+                assert torch.equal(route(calls["from_logits"][0], config)[1].long(), scenario_ids.long())
+            calls = {"from_logits": [], "fn": []}
+    finally:
+        unregister_impl("routes_itself_for_test")
+
+
 def _run(config, scenario, scope, tokens=24):
     s = runner.BenchSettings(
         config=config, impls=["spy_for_test"], num_tokens=[tokens], scenarios=[scenario], device=torch.device("cpu"),

@@ -45,6 +45,33 @@ def test_moe_forward_through_registry(generator):
     assert_close(out, ref, torch.float32)
 
 
+def test_moe_forward_routes_inside_the_decode_kernel(generator, monkeypatch):
+    """moe_forward with router logits goes through the impl's from_logits; with a decode config the routing kernel
+    never runs (GEMM 1 routes), and the result is the reference's."""
+    import tilemoe.ops.fused_experts as fe
+    import tilemoe.ops.route as route_module
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not get_impl("triton").available(device):
+        pytest.skip("no CUDA and no Triton interpreter")
+    assert get_impl("triton").from_logits is not None and get_impl("reference").from_logits is None
+    decode = KernelConfig(block_n1=16, block_k1=32, block_n2=16, block_k2=32, decode=True)
+    monkeypatch.setattr(fe, "pick_config", lambda shape, dtype, device_name: decode)
+    routed = []
+    real_route = route_module.route_fast
+    monkeypatch.setattr(route_module, "route_fast", lambda *a, **k: routed.append(1) or real_route(*a, **k))
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=32, intermediate_size=24)
+    w = make_weights(config, device=device, generator=generator)
+    x = make_input(3, config, device=device, generator=generator)
+    logits = torch.randn(3, 6, generator=generator).to(device)
+    out = moe_forward(x, w["w13"], w["w2"], router_logits=logits, config=config, impl="triton")
+    assert routed == []
+    ref = moe_forward(x, w["w13"], w["w2"], router_logits=logits, config=config, impl="reference")
+    assert_close(out, ref, torch.float32)
+    empty = moe_forward(x[:0], w["w13"], w["w2"], router_logits=logits[:0], config=config, impl="triton")
+    assert empty.shape == (0, 32)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite", "gpt-oss-120b"])
@@ -224,3 +251,49 @@ def test_gemm1_dense_forms_bf16(forms, tiles):
             except AssertionError as error:
                 failures.append(f"H={hidden} I={inter} T={t}: {str(error).splitlines()[0][:200]}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-120b", "llama4-scout"])
+def test_from_logits_decode_bf16_and_graph(preset):
+    """Routing inside the decode GEMM 1 on the GPU, with a decode entry's tiles: ids exactly the routing kernel's, the
+    output the reference's, and the same under CUDA-graph replay with new inputs copied in."""
+    from tilemoe.ops.fused_experts import fused_experts_from_logits
+    from tilemoe.ops.route import route_triton
+
+    full = MoEConfig.from_pretrained(preset)
+    config = full.replace(num_experts=16, top_k=min(full.top_k, 4), n_group=1, topk_group=1, num_shared_experts=0,
+                          shared_intermediate_size=0)  # fmt: skip
+    kc = KernelConfig(block_m=16, block_n1=64, block_k1=128, num_stages1=4, block_n2=32, block_k2=256,
+                      num_stages2=4, decode=True)  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=gen)
+    for t in (1, 2, 8):
+        x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+        logits = torch.randn(t, config.num_experts, generator=gen).to("cuda")
+
+        def call(x=x, logits=logits):
+            return fused_experts_from_logits(
+                x, w["w13"], w["w2"], logits, config=config, b13=w["b13"], b2=w["b2"], kernel_config=kc
+            )
+
+        out, weights, ids = call()
+        ref_w, ref_i = route_triton(logits, config)
+        assert torch.equal(ids, ref_i) and torch.equal(weights, ref_w)
+        assert_close(out, _reference(x, w, ref_w, ref_i, config), torch.bfloat16)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_out, g_weights, g_ids = call()
+        x.copy_(make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen))
+        logits.copy_(torch.randn(t, config.num_experts, generator=gen))
+        g_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_w, ref_i = route_triton(logits, config)
+        assert torch.equal(g_ids, ref_i)
+        assert_close(g_out, _reference(x, w, ref_w, ref_i, config), torch.bfloat16)

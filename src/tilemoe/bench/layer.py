@@ -8,6 +8,9 @@ The timed callable, the same for every implementation::
     weights, ids = route(logits, correction_bias)  route_triton on CUDA (what moe_forward does), routing.route
                                                    on CPU
     out = impl.fn(x, w13, w2, weights, ids)
+                                                   or, for an implementation that routes inside its kernels
+                                                   (``Implementation.from_logits``, e.g. triton's decode path),
+    out = impl.from_logits(x, w13, w2, logits, correction_bias)     as moe_forward does
 
 A scenario (random / balanced / imbalanced / zipf / trace) still decides which experts each token goes to: the
 router is built so that its logits pick exactly the scenario's ids, and the routing kernel really runs on them.
@@ -157,10 +160,14 @@ def layer_fn(
     device: torch.device,
     *,
     pass_through: bool,
+    from_logits: Callable | None = None,
 ) -> Callable:
     """The timed callable of one implementation: ``fn((x, _, scenario_ids)) -> out [T, H]``.
 
     ``pass_through``: give the experts the scenario's ids instead of the routed ones (routing still runs).
+    ``from_logits``: the implementation's routing-and-experts call (``Implementation.from_logits``), used in place
+    of the routing then ``experts_fn`` unless ``pass_through`` (it routes as ``route_fn`` does, so the scenario's
+    ids are the ones it computes; ``check_layer_ids`` checks that routing once before timing).
     """
     w13, w2, b13, b2 = weights["w13"], weights["w2"], weights["b13"], weights["b2"]
     router_weight, bias = weights["router_weight"], weights["correction_bias"]
@@ -169,6 +176,8 @@ def layer_fn(
     def fn(inp):
         x, _, scenario_ids = inp
         logits = layer_router_logits(x, router_weight)
+        if from_logits is not None and not pass_through:
+            return from_logits(x, w13, w2, logits, config=config, correction_bias=bias, b13=b13, b2=b2)
         topk_weights, topk_ids = routing(logits, config, correction_bias=bias)
         if pass_through:
             topk_ids = scenario_ids

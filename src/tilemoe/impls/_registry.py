@@ -37,6 +37,10 @@ class Implementation:
     auto_priority: int = 0  # impl="auto" takes the highest priority available on the device
     is_available: Callable[[], bool] | None = None
     distributed: bool = False  # needs a process group (expert parallelism); never picked by "auto"
+    # routing and experts in one: from_logits(x, w13, w2, router_logits, *, config, correction_bias=None, b13=None,
+    # b2=None) -> out, the routing exactly tilemoe.ops.route.route_fast's (moe_forward and the bench's timed layer
+    # call it when given router logits); None: route first, then fn
+    from_logits: Callable[..., torch.Tensor] | None = None
 
     def available(self, device: str | torch.device | None = None) -> bool:
         if device is not None and torch.device(device).type not in self.devices:
@@ -56,6 +60,7 @@ def register_impl(
     auto_priority: int = 0,
     is_available: Callable[[], bool] | None = None,
     distributed: bool = False,
+    from_logits: Callable[..., torch.Tensor] | None = None,
     replace: bool = False,
 ) -> Callable[[ExpertsFn], ExpertsFn]:
     """Decorator adding ``fn`` to the registry under ``name``.
@@ -75,6 +80,7 @@ def register_impl(
             auto_priority=auto_priority,
             is_available=is_available,
             distributed=distributed,
+            from_logits=from_logits,
         )
         return fn
 
