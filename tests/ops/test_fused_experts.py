@@ -341,6 +341,25 @@ GEMM1_FORMS = [
 ]
 
 
+ALL_DENSE = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages1=2, num_stages2=2,
+                         tma=True, sorted_x=True, gate_up_dot=True, persistent1=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "num_experts, top_k, num_tokens, hot_expert, changes",
+    [
+        (10, 8, 300, None, {}),  # K = 8, more rows than the 3 programs' first tiles
+        (9, 1, 64, None, dict(routing="topk_softmax")),  # K = 1, E not a power of two
+        (5, 2, 7, 3, {}),  # one expert takes every token, the others none
+        (6, 1, 40, None, dict(routing="sigmoid_top1_input_scaled", activation="gelu")),  # weights on the input
+        (6, 2, 33, None, dict(activation="swigluoai", expert_bias=True)),  # gpt-oss's clamps and biases
+    ],
+)
+def test_gemm1_dense_forms_edges(num_experts, top_k, num_tokens, hot_expert, changes, generator):
+    config = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_size=40, intermediate_size=24).replace(**changes)
+    _run_case(config, num_tokens, torch.float16, generator, hot_expert=hot_expert, kernel_config=ALL_DENSE)
+
+
 def _form_id(options: dict) -> str:
     return "+".join(name for name, on in options.items() if on)
 
@@ -438,6 +457,7 @@ def test_gemm1_dense_forms_need_tma():
 # ---------------------------------------------------------------------------------------- routing inside GEMM 1
 ROUTED_CASES = [
     dict(),  # softmax top-k, renormalised
+    dict(num_experts=10, top_k=8),  # K = 8 of 10: the top-k loop runs deep, E not a power of two
     dict(renormalize=False, routed_scaling_factor=2.5),
     dict(routing="topk_softmax", activation="swigluoai", expert_bias=True),
     dict(routing="sigmoid_top1_input_scaled", top_k=1, activation="gelu", gated=False),  # weights on the input
