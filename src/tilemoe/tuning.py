@@ -60,6 +60,9 @@ class KernelConfig:
     loop (its split tails are then off, as GEMM 2's are under ``persistent``). A dense TMA GEMM ran 17-31% faster in
     that loop on an H100, a gathered input or two accumulators lost the gain (bench/NOTES.md, version 4): the three
     together give GEMM 1 the dense form.
+    ``one_launch``: both GEMMs in one persistent launch (``ops/_kernels/_one_launch.py``), GEMM 2 tiles waiting on
+    per-block ready words instead of a kernel boundary; needs num_warps1 == num_warps2, runs num_stages1 for both
+    (one kernel), not with ``persistent`` / ``persistent1`` (its own loop); GEMM 2 then reads act by pointers.
     """
 
     block_m: int = 64
@@ -81,6 +84,7 @@ class KernelConfig:
     sorted_x: bool = False
     gate_up_dot: bool = False
     persistent1: bool = False
+    one_launch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -91,7 +95,8 @@ class KernelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
-        flags = ("tma", "persistent", "decode", "grouped_mm", "split_tail", "sorted_x", "gate_up_dot", "persistent1")
+        flags = ("tma", "persistent", "decode", "grouped_mm", "split_tail", "sorted_x", "gate_up_dot", "persistent1",
+                 "one_launch")  # fmt: skip
         for name in flags:
             value = getattr(self, name)
             if value not in (True, False):  # 0 / 1 from a table or the custom op's int list
@@ -102,6 +107,14 @@ class KernelConfig:
         for name in ("sorted_x", "gate_up_dot"):
             if getattr(self, name) and not self.tma:
                 raise ValueError(f"KernelConfig.{name}: needs tma=True (GEMM 1's TMA form), got tma=False")
+        if self.one_launch:
+            if self.num_warps1 != self.num_warps2:
+                raise ValueError(
+                    f"KernelConfig.one_launch: needs num_warps1 == num_warps2 (one kernel), got {self.num_warps1} "
+                    f"and {self.num_warps2}"
+                )
+            if self.persistent or self.persistent1:
+                raise ValueError("KernelConfig.one_launch: not with persistent or persistent1 (it has its own loop)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -526,3 +526,93 @@ def test_from_logits_bad_arguments(generator):
         call(x, w["w13"][:5], w["w2"][:5], torch.zeros(4, 6, device=DEVICE), config=config)
     with pytest.raises(ValueError, match="w13: expected shape"):
         call(x, w["w13"][:, :8], w["w2"], torch.zeros(4, 6, device=DEVICE), config=config)
+
+
+# ------------------------------------------------------------------------------------ both GEMMs in one launch
+ONE_LAUNCH_FORMS = [
+    dict(),
+    dict(tma=True),  # weights through TMA, act by pointers
+    dict(tma=True, sorted_x=True, gate_up_dot=True),
+]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("options", ONE_LAUNCH_FORMS, ids=lambda o: _form_id(o) or "plain")
+@pytest.mark.parametrize(
+    "hidden, inter, gated",
+    [
+        (48, 40, True),  # H, I not multiples of the tiles
+        (40, 24, False),  # plain MLP
+    ],
+)
+def test_one_launch(options, hidden, inter, gated, deterministic, generator, monkeypatch):
+    config = MoEConfig(num_experts=7, top_k=3, hidden_size=hidden, intermediate_size=inter, gated=gated,
+                       expert_bias=True)  # fmt: skip
+    cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2,
+                       num_stages2=2, one_launch=True, **options)  # fmt: skip
+    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
+    launched = _spy(monkeypatch, fused_experts_module, "_launch_one")
+    _run_case(config, 45, torch.float16, generator, kernel_config=cfg, deterministic=deterministic)
+    ((_, ready),) = launched
+    assert int(ready[-1]) == 0  # no GEMM 2 tile found its rows missing
+    used = int(ready[:-1].sum())
+    assert used > 0 and used % -(-inter // 16) == 0  # every GEMM 1 tile of the used blocks marked its rows ready
+
+
+def test_one_launch_ready_check_fails_out_of_order(generator, monkeypatch):
+    # 3 programs in the interpreter run one after the other: program 0's GEMM 2 tiles come before programs 1 and 2
+    # ran their GEMM 1 tiles, so the ready check must fail (the error word is set, the output is wrong)
+    monkeypatch.setattr(fused_experts_module, "ONE_LAUNCH_INTERPRETER_PROGRAMS", 3)
+    launched = _spy(monkeypatch, fused_experts_module, "_launch_one")
+    config = MoEConfig(num_experts=4, top_k=2, hidden_size=32, intermediate_size=32)
+    cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, one_launch=True)
+    w = make_weights(config, device=DEVICE, generator=generator)
+    x = make_input(40, config, device=DEVICE, generator=generator)
+    topk_weights, topk_ids = make_routing(40, config, device=DEVICE, generator=generator)
+    fused_experts(x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, kernel_config=cfg)
+    ((_, ready),) = launched
+    assert int(ready[-1]) == 1
+
+
+@pytest.mark.parametrize(
+    "num_experts, top_k, num_tokens, hot_expert",
+    [
+        (10, 8, 300, None),  # K = 8, many blocks
+        (5, 2, 7, 3),  # one expert takes every token
+        (6, 2, 0, None),
+        (6, 2, 1, None),
+    ],
+)
+def test_one_launch_edges(num_experts, top_k, num_tokens, hot_expert, generator):
+    config = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_size=40, intermediate_size=24)
+    cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, one_launch=True)
+    _run_case(config, num_tokens, torch.float32, generator, hot_expert=hot_expert, kernel_config=cfg)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_one_launch_split_tail(deterministic, generator, monkeypatch):
+    from tilemoe.bench.scenarios import _ids_from_counts
+
+    config = MoEConfig(num_experts=len(SPLIT_COUNTS), top_k=2, hidden_size=48, intermediate_size=40, expert_bias=True)
+    num_tokens = sum(SPLIT_COUNTS) // config.top_k
+    topk_ids = _ids_from_counts(SPLIT_COUNTS, num_tokens, config.top_k, generator).to(DEVICE, torch.int32)
+    topk_weights = torch.rand(num_tokens, config.top_k, generator=generator).to(DEVICE) + 0.1
+    w = make_weights(config, dtype=torch.float16, device=DEVICE, generator=generator)
+    x = make_input(num_tokens, config, dtype=torch.float16, device=DEVICE, generator=generator)
+    cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
+                       split_tail=True, tma=True, sorted_x=True, one_launch=True)  # fmt: skip
+    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
+    out = fused_experts(
+        x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"],
+        kernel_config=cfg, deterministic=deterministic,
+    )  # fmt: skip
+    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), torch.float16)
+
+
+def test_one_launch_config_rules():
+    with pytest.raises(ValueError, match="one_launch: needs num_warps1 == num_warps2"):
+        KernelConfig(one_launch=True, num_warps1=8, num_warps2=4)
+    with pytest.raises(ValueError, match="one_launch: not with persistent"):
+        KernelConfig(one_launch=True, tma=True, persistent=True)
+    with pytest.raises(ValueError, match="one_launch: not with persistent"):
+        KernelConfig(one_launch=True, persistent1=True)

@@ -5,6 +5,9 @@
     GEMM 2: act @ w2[e]^T, + b2, * routing weight -> per-slot rows (deterministic) or fp32 atomics (fast)
     combine: sum over the K slots of each token (deterministic mode; ``tilemoe.ops.combine.sum_slots``)
 
+Other forms, chosen by the ``KernelConfig``: the decode kernels (no alignment, T*K small), torch's grouped GEMM for
+both GEMMs, and both GEMMs in one persistent launch (``one_launch``). ``fused_experts_from_logits`` takes router
+logits instead of the routing: on the decode path its GEMM 1 routes too (one launch less).
 ``fused_experts_torch`` is the plain-PyTorch reference beside it. The launcher is a ``torch.library``
 custom op (``tilemoe::fused_experts``) so torch.compile traces it as one opaque call and CUDA graphs
 capture it (nothing reads the device from the host).
@@ -181,6 +184,13 @@ def _launch(
         x_arg = x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m, cfg.block_k1)
         if split_tail1:
             x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m // 2, cfg.block_k1)
+    atomic = not deterministic and top_k > 1
+    if cfg.one_launch:
+        out, _ = _launch_one(
+            x_arg, x_tail_arg, x, w13, w13_desc, gate_up_dot, w2, b13, b2, weights_flat, act, align, atomic,
+            activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg, top_k,
+        )  # fmt: skip
+        return out.to(x.dtype) if atomic else sum_slots(out, top_k)
     tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
     _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,)](
         **pdl_options(x.device),
@@ -228,7 +238,6 @@ def _launch(
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )
-    atomic = not deterministic and top_k > 1
     if atomic:
         out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
     else:
@@ -288,6 +297,109 @@ def _launch(
     if atomic:
         return out.to(x.dtype)
     return sum_slots(out, top_k)
+
+
+# Polls of a one-launch GEMM 2 tile waiting for its rows before it gives up (sets the error word): ~1 s and more on
+# an H100 (an acquire load of the ready words is ~0.5-1 us); the wait is a few tile times when all is well.
+ONE_LAUNCH_MAX_SPIN = 1 << 21
+# Programs of a one-launch kernel in the interpreter, which runs them one after the other without waiting: one, so
+# every GEMM 1 tile comes before the GEMM 2 tiles that need it (tests raise it to see the ready check fail).
+ONE_LAUNCH_INTERPRETER_PROGRAMS = 1
+
+
+def _launch_one(
+    x_arg, x_tail_arg, x, w13, w13_desc, gate_up_dot, w2, b13, b2, weights_flat, act, align, atomic, activation,
+    gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg, top_k,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Both GEMMs in one persistent launch (``KernelConfig.one_launch``): (GEMM 2's output, as the two-launch path
+    leaves it: per-slot rows, or the float32 [T, H] sums when ``atomic``; the ready words, the last one the error
+    word: 1 when a GEMM 2 tile gave up waiting)."""
+    from tilemoe.ops._kernels._one_launch import _one_launch_kernel
+
+    num_tokens, hidden = x.shape
+    inter = w2.shape[2]
+    num_slots = num_tokens * top_k
+    capacity = align.sorted_ids.numel()
+    nt1 = cdiv(inter, cfg.block_n1)
+    ready = torch.zeros(capacity // cfg.block_m * nt1 + 1, dtype=torch.int32, device=x.device)
+    if atomic:
+        out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
+    b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
+    b2_arg = b2 if b2 is not None else w2
+    w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
+    on_gpu = x.device.type == "cuda"
+    tiles = capacity // cfg.block_m * (nt1 + cdiv(hidden, cfg.block_n2))
+    programs = _persistent_grid(x.device, tiles) if on_gpu else ONE_LAUNCH_INTERPRETER_PROGRAMS
+    _one_launch_kernel[(programs,)](
+        **pdl_options(x.device),
+        x_ptr=x_arg,
+        x_tail_ptr=x_tail_arg,
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        w13_ptr=w13 if w13_desc is None else w13_desc,
+        stride_w13e=w13.stride(0),
+        stride_w13n=w13.stride(1),
+        stride_w13h=w13.stride(2),
+        b13_ptr=b13_arg,
+        stride_b13e=b13_arg.stride(0),
+        stride_b13n=b13_arg.stride(1),
+        act_ptr=act,
+        stride_am=act.stride(0),
+        stride_ai=act.stride(1),
+        w2_ptr=w2 if w2_desc is None else w2_desc,
+        stride_w2e=w2.stride(0),
+        stride_w2h=w2.stride(1),
+        stride_w2i=w2.stride(2),
+        b2_ptr=b2_arg,
+        stride_b2e=b2_arg.stride(0),
+        stride_b2h=b2_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        out_ptr=out,
+        stride_om=out.stride(0),
+        stride_oh=out.stride(1),
+        sorted_ids_ptr=align.sorted_ids,
+        expert_ids_ptr=align.expert_ids,
+        num_padded_ptr=align.num_padded,
+        ready_ptr=ready,
+        err_ptr=ready[-1:],
+        num_slots=num_slots,
+        top_k=top_k,
+        hidden=hidden,
+        inter=inter,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        max_spin=ONE_LAUNCH_MAX_SPIN,
+        ACTIVATION=activation,
+        GATED=gated,
+        HAS_BIAS1=b13 is not None,
+        HAS_BIAS2=b2 is not None,
+        WEIGHTS_ON_INPUT=weights_on_input,
+        ATOMIC=atomic,
+        FP32_PRECISE=x.dtype == torch.float32,
+        W13_TMA=w13_desc is not None,
+        W2_TMA=w2_desc is not None,
+        A_TMA1=x_arg is not x,
+        GATE_UP_DOT=gate_up_dot,
+        EVEN_K1=hidden % cfg.block_k1 == 0,
+        EVEN_N1=inter % cfg.block_n1 == 0,
+        EVEN_K2=inter % cfg.block_k2 == 0,
+        EVEN_N2=hidden % cfg.block_n2 == 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N1=cfg.block_n1,
+        BLOCK_K1=cfg.block_k1,
+        GROUP_M1=cfg.group_m1,
+        BLOCK_N2=cfg.block_n2,
+        BLOCK_K2=cfg.block_k2,
+        GROUP_M2=cfg.group_m2,
+        NT1_P2=max(2, 1 << (nt1 - 1).bit_length()),
+        SPLIT_TAIL=cfg.split_tail,
+        SPIN=on_gpu,
+        num_warps=cfg.num_warps1,
+        num_stages=cfg.num_stages1,
+    )
+    return out, ready
 
 
 def _launch_decode(
