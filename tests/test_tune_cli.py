@@ -493,6 +493,7 @@ def test_tune_end_to_end_gpu(tmp_path, capsys, monkeypatch):
     # decode launches: 20 of 1479 first calls still compiled in the timing loop of the H100 run, see bench/NOTES.md)
     monkeypatch.setattr(tune, "TMA_CANDIDATES", [])
     monkeypatch.setattr(tune, "DENSE_GEMM1_CANDIDATES", [])
+    monkeypatch.setattr(tune, "ONE_LAUNCH_CANDIDATES", [])
     monkeypatch.setattr(tune, "DECODE_CANDIDATES", [])
     out = tmp_path / "table.json"
     argv = ["tune", "--model", "olmoe-1b-7b", "--num-tokens", "1", "300", "--out", str(out)]
@@ -522,6 +523,7 @@ def test_candidates_add_tma_for_16_bit_and_decode_for_few_slots():
     assert not any(c.tma for c in tune.candidate_configs(prefill_shape, torch.float32))
     dense = [c for c in tune.candidate_configs(prefill_shape, torch.bfloat16) if c.persistent1]
     assert set(tune.DENSE_GEMM1_CANDIDATES) <= set(dense)  # GEMM 1's dense forms are timed where TMA is
+    assert set(tune.ONE_LAUNCH_CANDIDATES) <= set(tune.candidate_configs(prefill_shape, torch.bfloat16))
 
 
 def test_split_tail_twins_follow_their_configs():

@@ -119,6 +119,14 @@ DENSE_GEMM1_CANDIDATES = [
     _cfg(128, 64, 64, 4, 4, 128, 64, 4, 4, tma=True, sorted_x=True, gate_up_dot=True, persistent1=True),
     _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, gate_up_dot=True, persistent1=True),
 ]  # fmt: skip
+# Both GEMMs in one persistent launch (``KernelConfig.one_launch``; session 6, not yet timed on a GPU): no kernel
+# boundary between GEMM 1's last wave and GEMM 2 (NOTES version 7). The first two are table tiles of T = 1024-4096.
+ONE_LAUNCH_CANDIDATES = [
+    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, one_launch=True),
+    _cfg(128, 128, 64, 8, 3, 256, 64, 8, 3, tma=True, one_launch=True),
+    _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4, tma=True, one_launch=True),
+    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, sorted_x=True, gate_up_dot=True, one_launch=True),
+]
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
 # H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3),
 # before GEMM 2 ran per slot (``tilemoe.ops.fused_experts.DECODE_GEMM2_PER_SLOT``); with it the
@@ -169,7 +177,7 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
     min_block_m = rows_per_expert / 16
     pool = list(CANDIDATES)
     if dtype in (torch.float16, torch.bfloat16):
-        pool += TMA_CANDIDATES + DENSE_GEMM1_CANDIDATES
+        pool += TMA_CANDIDATES + DENSE_GEMM1_CANDIDATES + ONE_LAUNCH_CANDIDATES
     if shape.num_tokens * shape.top_k <= DECODE_MAX_SLOTS:
         pool += DECODE_CANDIDATES
     rest = [c for c in dict.fromkeys(pool) if c != base and min_block_m <= c.block_m <= max_block_m]
