@@ -22,6 +22,42 @@ def _reference(x, w, topk_weights, topk_ids, config):
     )
 
 
+def _mismatch(out, x, w, topk_weights, topk_ids, config) -> str | None:
+    """The first line of assert_close's message against the float64 reference (bf16 tolerances), or None."""
+    try:
+        assert_close(out, _reference(x, w, topk_weights, topk_ids, config), torch.bfloat16)
+    except AssertionError as error:
+        return str(error).splitlines()[0][:200]
+    return None
+
+
+def _capture(call):
+    """(CUDA graph of ``call()``, the output it holds), ``call`` run once on a side stream first (warm-up)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
+def _replays_follow_new_inputs(graph, out, x, w, tw, ti, config, generator, replays):
+    """New inputs and routing copied in place before each replay of ``graph``; its output ``out`` (poisoned first)
+    must match the float64 reference every time."""
+    for _ in range(replays):
+        x.copy_(make_input(x.shape[0], config, dtype=x.dtype, device="cuda", generator=generator))
+        new_w, new_i = make_routing(x.shape[0], config, device="cuda", generator=generator)
+        tw.copy_(new_w)
+        ti.copy_(new_i)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+
+
 def test_registered_with_auto_priority():
     impl = get_impl("triton")
     assert impl.auto_priority == 100 and "cuda" in impl.devices
@@ -100,23 +136,9 @@ def test_cuda_graph_capture_and_replay(generator):
     x = make_input(33, config, dtype=torch.bfloat16, device="cuda", generator=generator)
     tw, ti = make_routing(33, config, device="cuda", generator=generator)
     fn = get_impl("triton").fn
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(x, w["w13"], w["w2"], tw, ti, config=config)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(x, w["w13"], w["w2"], tw, ti, config=config)
-    for _ in range(2):  # new inputs copied in place: the replay must follow them (new routing too)
-        x.copy_(make_input(33, config, dtype=torch.bfloat16, device="cuda", generator=generator))
-        new_w, new_i = make_routing(33, config, device="cuda", generator=generator)
-        tw.copy_(new_w)
-        ti.copy_(new_i)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+    graph, out = _capture(lambda: fn(x, w["w13"], w["w2"], tw, ti, config=config))
+    # new inputs copied in place: the replay must follow them (new routing too)
+    _replays_follow_new_inputs(graph, out, x, w, tw, ti, config, generator, replays=2)
 
 
 @pytest.mark.gpu
@@ -197,10 +219,8 @@ def test_weights_on_input_large_tiles_bf16(block_n2):
         tw, ti = make_routing(t, config, device="cuda", generator=gen)
         tw = tw * torch.rand(tw.shape, generator=gen).to("cuda")  # weights other than 1: the scaling is seen
         out = tilemoe.ops.fused_experts.fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=kc)
-        try:
-            assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
-        except AssertionError as error:
-            failures.append(f"run {run} T={t}: {str(error).splitlines()[0][:200]}")
+        if error := _mismatch(out, x, w, tw, ti, config):
+            failures.append(f"run {run} T={t}: {error}")
     assert not failures, "\n".join(failures)
 
 
@@ -246,10 +266,8 @@ def test_gemm1_dense_forms_bf16(forms, tiles):
             out = tilemoe.ops.fused_experts.fused_experts(
                 x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], kernel_config=kc
             )
-            try:
-                assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
-            except AssertionError as error:
-                failures.append(f"H={hidden} I={inter} T={t}: {str(error).splitlines()[0][:200]}")
+            if error := _mismatch(out, x, w, tw, ti, config):
+                failures.append(f"H={hidden} I={inter} T={t}: {error}")
     assert not failures, "\n".join(failures)
 
 
@@ -281,14 +299,7 @@ def test_from_logits_decode_bf16_and_graph(preset):
         ref_w, ref_i = route_triton(logits, config)
         assert torch.equal(ids, ref_i) and torch.equal(weights, ref_w)
         assert_close(out, _reference(x, w, ref_w, ref_i, config), torch.bfloat16)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            call()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            g_out, g_weights, g_ids = call()
+        graph, (g_out, _, g_ids) = _capture(call)
         x.copy_(make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen))
         logits.copy_(torch.randn(t, config.num_experts, generator=gen))
         g_out.fill_(float("nan"))
@@ -339,11 +350,9 @@ def test_one_launch_bf16_many_runs(kc, monkeypatch):
             x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], kernel_config=kc,
             deterministic=run % 2 == 0,
         )  # fmt: skip
-        try:
-            assert int(launched[-1][1][-1]) == 0, "a GEMM 2 tile gave up waiting"
-            assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
-        except AssertionError as error:
-            failures.append(f"run {run} H={hidden} I={inter} T={t}: {str(error).splitlines()[0][:200]}")
+        gave_up = int(launched[-1][1][-1]) != 0
+        if error := ("a GEMM 2 tile gave up waiting" if gave_up else _mismatch(out, x, w, tw, ti, config)):
+            failures.append(f"run {run} H={hidden} I={inter} T={t}: {error}")
     assert not failures, "\n".join(failures)
     # graph replay with new inputs
     config = MoEConfig(num_experts=8, top_k=8, hidden_size=2048, intermediate_size=768)
@@ -352,23 +361,7 @@ def test_one_launch_bf16_many_runs(kc, monkeypatch):
     x = make_input(512, config, dtype=torch.bfloat16, device="cuda", generator=gen)
     tw, ti = make_routing(512, config, device="cuda", generator=gen)
 
-    def call():
-        return tilemoe.ops.fused_experts.fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=kc)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
-    for _ in range(3):
-        x.copy_(make_input(512, config, dtype=torch.bfloat16, device="cuda", generator=gen))
-        new_w, new_i = make_routing(512, config, device="cuda", generator=gen)
-        tw.copy_(new_w)
-        ti.copy_(new_i)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+    graph, out = _capture(
+        lambda: tilemoe.ops.fused_experts.fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=kc)
+    )
+    _replays_follow_new_inputs(graph, out, x, w, tw, ti, config, gen, replays=3)

@@ -287,6 +287,24 @@ class _PoisonedTorch:
 SPLIT_COUNTS = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26]
 
 
+def _run_split_counts(cfg, dtype, generator, deterministic=True):
+    """fused_experts with ``cfg`` on a routing that gives the experts SPLIT_COUNTS rows (every kind of tail), biases
+    on, checked against the float64 reference."""
+    from tilemoe.bench.scenarios import _ids_from_counts
+
+    config = MoEConfig(num_experts=len(SPLIT_COUNTS), top_k=2, hidden_size=48, intermediate_size=40, expert_bias=True)
+    num_tokens = sum(SPLIT_COUNTS) // config.top_k
+    topk_ids = _ids_from_counts(SPLIT_COUNTS, num_tokens, config.top_k, generator).to(DEVICE, torch.int32)
+    topk_weights = torch.rand(num_tokens, config.top_k, generator=generator).to(DEVICE) + 0.1
+    w = make_weights(config, dtype=dtype, device=DEVICE, generator=generator)
+    x = make_input(num_tokens, config, dtype=dtype, device=DEVICE, generator=generator)
+    out = fused_experts(
+        x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"],
+        kernel_config=cfg, deterministic=deterministic,
+    )  # fmt: skip
+    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "options",
@@ -299,23 +317,11 @@ SPLIT_COUNTS = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26]
 )
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_split_tail(options, deterministic, dtype, generator, monkeypatch):
-    from tilemoe.bench.scenarios import _ids_from_counts
-
-    config = MoEConfig(num_experts=len(SPLIT_COUNTS), top_k=2, hidden_size=48, intermediate_size=40, expert_bias=True)
-    num_tokens = sum(SPLIT_COUNTS) // config.top_k
-    topk_ids = _ids_from_counts(SPLIT_COUNTS, num_tokens, config.top_k, generator).to(DEVICE, torch.int32)
-    topk_weights = torch.rand(num_tokens, config.top_k, generator=generator).to(DEVICE) + 0.1
-    w = make_weights(config, dtype=dtype, device=DEVICE, generator=generator)
-    x = make_input(num_tokens, config, dtype=dtype, device=DEVICE, generator=generator)
     cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
                        split_tail=True, **options)  # fmt: skip
     monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
     built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
-    out = fused_experts(
-        x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"],
-        kernel_config=cfg, deterministic=deterministic,
-    )  # fmt: skip
-    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), dtype)
+    _run_split_counts(cfg, dtype, generator, deterministic)
     # with TMA, GEMM 2's half tiles read act through their own [16, 16] boxes (not when persistent: full tiles only)
     expected = [True, True, True, True] if cfg.tma and not cfg.persistent else [True, True, True] if cfg.tma else []
     assert [d is not None for d in built] == expected
@@ -407,26 +413,14 @@ def test_gemm1_dense_forms_tiny_batches(num_tokens, options, generator):
 )
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_split_tail_gemm1_dense_forms(options, deterministic, generator, monkeypatch):
-    from tilemoe.bench.scenarios import _ids_from_counts
-
-    config = MoEConfig(num_experts=len(SPLIT_COUNTS), top_k=2, hidden_size=48, intermediate_size=40, expert_bias=True)
-    num_tokens = sum(SPLIT_COUNTS) // config.top_k
-    topk_ids = _ids_from_counts(SPLIT_COUNTS, num_tokens, config.top_k, generator).to(DEVICE, torch.int32)
-    topk_weights = torch.rand(num_tokens, config.top_k, generator=generator).to(DEVICE) + 0.1
-    w = make_weights(config, dtype=torch.float16, device=DEVICE, generator=generator)
-    x = make_input(num_tokens, config, dtype=torch.float16, device=DEVICE, generator=generator)
     cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
                        split_tail=True, **options)  # fmt: skip
     monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
     built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
-    out = fused_experts(
-        x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"],
-        kernel_config=cfg, deterministic=deterministic,
-    )  # fmt: skip
-    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), torch.float16)
+    _run_split_counts(cfg, torch.float16, generator, deterministic)
     # x_sorted's boxes (the descriptors over H columns that are not w13's): [32, 16] for full tiles, then [16, 16]
     # for the half tiles unless GEMM 1 is persistent
-    w13_rows = config.num_experts * 2 * config.intermediate_size
+    w13_rows = len(SPLIT_COUNTS) * 2 * 40
     x_boxes = [d.block_shape for d in built if d is not None and d.shape[1] == 48 and d.shape[0] != w13_rows]
     assert x_boxes == ([[32, 16]] if cfg.persistent1 else [[32, 16], [16, 16]])
 
@@ -591,22 +585,10 @@ def test_one_launch_edges(num_experts, top_k, num_tokens, hot_expert, generator)
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_one_launch_split_tail(deterministic, generator, monkeypatch):
-    from tilemoe.bench.scenarios import _ids_from_counts
-
-    config = MoEConfig(num_experts=len(SPLIT_COUNTS), top_k=2, hidden_size=48, intermediate_size=40, expert_bias=True)
-    num_tokens = sum(SPLIT_COUNTS) // config.top_k
-    topk_ids = _ids_from_counts(SPLIT_COUNTS, num_tokens, config.top_k, generator).to(DEVICE, torch.int32)
-    topk_weights = torch.rand(num_tokens, config.top_k, generator=generator).to(DEVICE) + 0.1
-    w = make_weights(config, dtype=torch.float16, device=DEVICE, generator=generator)
-    x = make_input(num_tokens, config, dtype=torch.float16, device=DEVICE, generator=generator)
     cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
                        split_tail=True, tma=True, sorted_x=True, one_launch=True)  # fmt: skip
     monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
-    out = fused_experts(
-        x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"],
-        kernel_config=cfg, deterministic=deterministic,
-    )  # fmt: skip
-    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), torch.float16)
+    _run_split_counts(cfg, torch.float16, generator, deterministic)
 
 
 def test_one_launch_config_rules():
