@@ -184,16 +184,8 @@ def _launch(
         x_arg = x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m, cfg.block_k1)
         if split_tail1:
             x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m // 2, cfg.block_k1)
-    atomic = not deterministic and top_k > 1
-    if cfg.one_launch:
-        out, _ = _launch_one(
-            x_arg, x_tail_arg, x, w13, w13_desc, gate_up_dot, w2, b13, b2, weights_flat, act, align, atomic,
-            activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg, top_k,
-        )  # fmt: skip
-        return out.to(x.dtype) if atomic else sum_slots(out, top_k)
-    tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
-    _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,)](
-        **pdl_options(x.device),
+    # GEMM 1's arguments, the same in the two-launch and the one-launch kernel
+    gemm1_args = dict(
         x_ptr=x_arg,
         x_tail_ptr=x_tail_arg,
         stride_xt=x.stride(0),
@@ -216,7 +208,6 @@ def _launch(
         top_k=top_k,
         hidden=hidden,
         inter=inter,
-        num_blocks_m=num_blocks_m,
         swiglu_alpha=swiglu_alpha,
         swiglu_limit=swiglu_limit,
         ACTIVATION=activation,
@@ -227,7 +218,6 @@ def _launch(
         W_TMA=w13_desc is not None,
         A_TMA=x_arg is not x,
         GATE_UP_DOT=gate_up_dot,
-        PERSISTENT=cfg.persistent1,
         EVEN_K=hidden % cfg.block_k1 == 0,
         EVEN_N=inter % cfg.block_n1 == 0,
         BLOCK_M=cfg.block_m,
@@ -235,6 +225,17 @@ def _launch(
         BLOCK_K=cfg.block_k1,
         GROUP_M=cfg.group_m1,
         SPLIT_TAIL=split_tail1,
+    )
+    atomic = not deterministic and top_k > 1
+    if cfg.one_launch:
+        out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
+        return out.to(x.dtype) if atomic else sum_slots(out, top_k)
+    tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
+    _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,)](
+        **pdl_options(x.device),
+        **gemm1_args,
+        num_blocks_m=num_blocks_m,
+        PERSISTENT=cfg.persistent1,
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )
@@ -308,25 +309,22 @@ ONE_LAUNCH_INTERPRETER_PROGRAMS = 1
 
 
 def _launch_one(
-    x_arg, x_tail_arg, x, w13, w13_desc, gate_up_dot, w2, b13, b2, weights_flat, act, align, atomic, activation,
-    gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg, top_k,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Both GEMMs in one persistent launch (``KernelConfig.one_launch``): (GEMM 2's output, as the two-launch path
-    leaves it: per-slot rows, or the float32 [T, H] sums when ``atomic``; the ready words, the last one the error
-    word: 1 when a GEMM 2 tile gave up waiting)."""
+    gemm1_args: dict, x, w2, b2, weights_flat, act, align, atomic: bool, cfg: KernelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both GEMMs in one persistent launch (``KernelConfig.one_launch``), GEMM 1's arguments as ``_gemm1_kernel``
+    takes them: (GEMM 2's output, as the two-launch path leaves it: per-slot rows, or the float32 [T, H] sums when
+    ``atomic``; the ready words, the last one the error word: 1 when a GEMM 2 tile gave up waiting)."""
     from tilemoe.ops._kernels._one_launch import _one_launch_kernel
 
     num_tokens, hidden = x.shape
     inter = w2.shape[2]
-    num_slots = num_tokens * top_k
     capacity = align.sorted_ids.numel()
     nt1 = cdiv(inter, cfg.block_n1)
     ready = torch.zeros(capacity // cfg.block_m * nt1 + 1, dtype=torch.int32, device=x.device)
     if atomic:
         out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
     else:
-        out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
-    b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
+        out = torch.empty((gemm1_args["num_slots"], hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     on_gpu = x.device.type == "cuda"
@@ -334,20 +332,7 @@ def _launch_one(
     programs = _persistent_grid(x.device, tiles) if on_gpu else ONE_LAUNCH_INTERPRETER_PROGRAMS
     _one_launch_kernel[(programs,)](
         **pdl_options(x.device),
-        x_ptr=x_arg,
-        x_tail_ptr=x_tail_arg,
-        stride_xt=x.stride(0),
-        stride_xh=x.stride(1),
-        w13_ptr=w13 if w13_desc is None else w13_desc,
-        stride_w13e=w13.stride(0),
-        stride_w13n=w13.stride(1),
-        stride_w13h=w13.stride(2),
-        b13_ptr=b13_arg,
-        stride_b13e=b13_arg.stride(0),
-        stride_b13n=b13_arg.stride(1),
-        act_ptr=act,
-        stride_am=act.stride(0),
-        stride_ai=act.stride(1),
+        **gemm1_args,
         w2_ptr=w2 if w2_desc is None else w2_desc,
         stride_w2e=w2.stride(0),
         stride_w2h=w2.stride(1),
@@ -355,46 +340,21 @@ def _launch_one(
         b2_ptr=b2_arg,
         stride_b2e=b2_arg.stride(0),
         stride_b2h=b2_arg.stride(1),
-        topk_weights_ptr=weights_flat,
         out_ptr=out,
         stride_om=out.stride(0),
         stride_oh=out.stride(1),
-        sorted_ids_ptr=align.sorted_ids,
-        expert_ids_ptr=align.expert_ids,
-        num_padded_ptr=align.num_padded,
         ready_ptr=ready,
         err_ptr=ready[-1:],
-        num_slots=num_slots,
-        top_k=top_k,
-        hidden=hidden,
-        inter=inter,
-        swiglu_alpha=swiglu_alpha,
-        swiglu_limit=swiglu_limit,
         max_spin=ONE_LAUNCH_MAX_SPIN,
-        ACTIVATION=activation,
-        GATED=gated,
-        HAS_BIAS1=b13 is not None,
         HAS_BIAS2=b2 is not None,
-        WEIGHTS_ON_INPUT=weights_on_input,
         ATOMIC=atomic,
-        FP32_PRECISE=x.dtype == torch.float32,
-        W13_TMA=w13_desc is not None,
         W2_TMA=w2_desc is not None,
-        A_TMA1=x_arg is not x,
-        GATE_UP_DOT=gate_up_dot,
-        EVEN_K1=hidden % cfg.block_k1 == 0,
-        EVEN_N1=inter % cfg.block_n1 == 0,
         EVEN_K2=inter % cfg.block_k2 == 0,
         EVEN_N2=hidden % cfg.block_n2 == 0,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N1=cfg.block_n1,
-        BLOCK_K1=cfg.block_k1,
-        GROUP_M1=cfg.group_m1,
         BLOCK_N2=cfg.block_n2,
         BLOCK_K2=cfg.block_k2,
         GROUP_M2=cfg.group_m2,
         NT1_P2=max(2, 1 << (nt1 - 1).bit_length()),
-        SPLIT_TAIL=cfg.split_tail,
         SPIN=on_gpu,
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,

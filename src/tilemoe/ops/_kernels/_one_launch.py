@@ -51,94 +51,96 @@ def _wait_ready(ready_ptr, err_ptr, count, max_spin, NT1_P2: tl.constexpr, SPIN:
 
 @triton.jit
 def _one_launch_kernel(
-    x_ptr,  # as _gemm1_kernel's x_ptr (x, or the descriptor of x_sorted with A_TMA1)
+    # GEMM 1: as _gemm1_kernel (same names: the launcher passes one set of arguments to either)
+    x_ptr,
     x_tail_ptr,
     stride_xt,
     stride_xh,
-    w13_ptr,  # as _gemm1_kernel's w_ptr
-    stride_w13e,
-    stride_w13n,
-    stride_w13h,
-    b13_ptr,
-    stride_b13e,
-    stride_b13n,
+    w_ptr,
+    stride_we,
+    stride_wn,
+    stride_wh,
+    b_ptr,
+    stride_be,
+    stride_bn,
+    topk_weights_ptr,
     act_ptr,
     stride_am,
     stride_ai,
-    w2_ptr,  # as _gemm2_kernel's w_ptr
-    stride_w2e,
-    stride_w2h,
-    stride_w2i,
-    b2_ptr,
-    stride_b2e,
-    stride_b2h,
-    topk_weights_ptr,
-    out_ptr,
-    stride_om,
-    stride_oh,
     sorted_ids_ptr,
     expert_ids_ptr,
     num_padded_ptr,
-    ready_ptr,
-    err_ptr,  # int32 [1] (the ready buffer's last word)
     num_slots,
     top_k,
     hidden,
     inter,
     swiglu_alpha,
     swiglu_limit,
+    # GEMM 2: its weights, bias and output (act, the routing and the sizes are GEMM 1's)
+    w2_ptr,  # w2, or its tensor descriptor when W2_TMA
+    stride_w2e,
+    stride_w2h,
+    stride_w2i,
+    b2_ptr,
+    stride_b2e,
+    stride_b2h,
+    out_ptr,
+    stride_om,
+    stride_oh,
+    ready_ptr,
+    err_ptr,  # int32 [1] (the ready buffer's last word)
     max_spin,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
-    HAS_BIAS1: tl.constexpr,
-    HAS_BIAS2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     WEIGHTS_ON_INPUT: tl.constexpr,
-    ATOMIC: tl.constexpr,
     FP32_PRECISE: tl.constexpr,
-    W13_TMA: tl.constexpr,
-    W2_TMA: tl.constexpr,
-    A_TMA1: tl.constexpr,
+    W_TMA: tl.constexpr,
+    A_TMA: tl.constexpr,
     GATE_UP_DOT: tl.constexpr,
-    EVEN_K1: tl.constexpr,
-    EVEN_N1: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    W2_TMA: tl.constexpr,
     EVEN_K2: tl.constexpr,
     EVEN_N2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N1: tl.constexpr,
-    BLOCK_K1: tl.constexpr,
-    GROUP_M1: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     BLOCK_K2: tl.constexpr,
     GROUP_M2: tl.constexpr,
-    NT1_P2: tl.constexpr,  # power of two >= cdiv(I, BLOCK_N1)
-    SPLIT_TAIL: tl.constexpr,
+    NT1_P2: tl.constexpr,  # power of two >= cdiv(I, BLOCK_N)
     SPIN: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _pdl_prologue(PDL)
     num_padded = tl.load(num_padded_ptr)
     used_m = num_padded // BLOCK_M
-    nt1 = tl.cdiv(inter, BLOCK_N1)
+    nt1 = tl.cdiv(inter, BLOCK_N)
     tiles1 = used_m * nt1
     tiles = tiles1 + used_m * tl.cdiv(hidden, BLOCK_N2)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         if tile < tiles1:
-            pid_m, pid_n = _tile_ids(tile, used_m, nt1, GROUP_M1)
+            pid_m, pid_n = _tile_ids(tile, used_m, nt1, GROUP_M)
             if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
                 _gemm1_tile(
-                    tile, used_m, x_tail_ptr, stride_xt, stride_xh, w13_ptr, stride_w13e, stride_w13n, stride_w13h,
-                    b13_ptr, stride_b13e, stride_b13n, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                    tile, used_m, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
                     sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                    ACTIVATION, GATED, HAS_BIAS1, WEIGHTS_ON_INPUT, FP32_PRECISE, W13_TMA, A_TMA1, GATE_UP_DOT,
-                    EVEN_K1, EVEN_N1, BLOCK_M, BLOCK_N1, BLOCK_K1, GROUP_M1, BLOCK_M // 2,
+                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
                 )  # fmt: skip
             else:
                 _gemm1_tile(
-                    tile, used_m, x_ptr, stride_xt, stride_xh, w13_ptr, stride_w13e, stride_w13n, stride_w13h,
-                    b13_ptr, stride_b13e, stride_b13n, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                    tile, used_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
                     sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                    ACTIVATION, GATED, HAS_BIAS1, WEIGHTS_ON_INPUT, FP32_PRECISE, W13_TMA, A_TMA1, GATE_UP_DOT,
-                    EVEN_K1, EVEN_N1, BLOCK_M, BLOCK_N1, BLOCK_K1, GROUP_M1, BLOCK_M,
+                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
                 )  # fmt: skip
             _mark_ready(ready_ptr + pid_m * nt1 + pid_n)
         else:
