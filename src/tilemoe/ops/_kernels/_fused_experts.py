@@ -214,6 +214,37 @@ def _gemm1_tile(
 
 
 @triton.jit
+def _gemm1_block(
+    tile, num_blocks_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
+    FP32_PRECISE: tl.constexpr, W_TMA: tl.constexpr, A_TMA: tl.constexpr, GATE_UP_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+):  # fmt: skip
+    """GEMM 1 tile ``tile``: its block's first half only (x_tail_ptr's boxes) when SPLIT_TAIL and the second half is
+    padding, else the whole block (Triton needs the row count as a constexpr: one call per height)."""
+    pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+        _gemm1_tile(
+            tile, num_blocks_m, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+            b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
+        )  # fmt: skip
+    else:
+        _gemm1_tile(
+            tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+            b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+        )  # fmt: skip
+
+
+@triton.jit
 def _gemm1_kernel(
     x_ptr,  # x, or with A_TMA the descriptor of x_sorted ([BLOCK_M, BLOCK_K] boxes)
     x_tail_ptr,  # x_ptr again, or with A_TMA a descriptor of [BLOCK_M // 2, BLOCK_K] boxes (SPLIT_TAIL)
@@ -264,33 +295,24 @@ def _gemm1_kernel(
         used_m = num_padded // BLOCK_M
         num_tiles = used_m * tl.cdiv(inter, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _gemm1_tile(
-                tile, used_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+            _gemm1_block(
+                tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
                 b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
                 sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, False,
             )  # fmt: skip
     else:
         tile = tl.program_id(0)
         pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
         if pid_m * BLOCK_M < num_padded:
-            if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
-                _gemm1_tile(
-                    tile, num_blocks_m, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
-                )  # fmt: skip
-            else:
-                _gemm1_tile(
-                    tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
-                )  # fmt: skip
+            _gemm1_block(
+                tile, num_blocks_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_TAIL,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -418,6 +440,36 @@ def _gemm2_tile(
 
 
 @triton.jit
+def _gemm2_block(
+    tile, num_blocks_m, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+    b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+    HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr, ATOMIC: tl.constexpr, FP32_PRECISE: tl.constexpr,
+    W_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+):  # fmt: skip
+    """GEMM 2 tile ``tile``: its block's first half only (act_tail_ptr's boxes) when SPLIT_TAIL and the second half is
+    padding, else the whole block (as ``_gemm1_block``)."""
+    pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+        _gemm2_tile(
+            tile, num_blocks_m, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+            b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+            HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
+        )  # fmt: skip
+    else:
+        _gemm2_tile(
+            tile, num_blocks_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+            b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+            HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+        )  # fmt: skip
+
+
+@triton.jit
 def _gemm2_kernel(
     act_ptr,
     act_tail_ptr,  # act again, or with A_TMA its descriptor of [BLOCK_M // 2, BLOCK_K] boxes (SPLIT_TAIL)
@@ -476,19 +528,10 @@ def _gemm2_kernel(
         tile = tl.program_id(0)
         pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
         if pid_m * BLOCK_M < num_padded:
-            if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
-                _gemm2_tile(
-                    tile, num_blocks_m, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
-                    b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
-                    HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
-                )  # fmt: skip
-            else:
-                _gemm2_tile(
-                    tile, num_blocks_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
-                    b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
-                    HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
-                )  # fmt: skip
+            _gemm2_block(
+                tile, num_blocks_m, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
+                stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_TAIL,
+            )  # fmt: skip

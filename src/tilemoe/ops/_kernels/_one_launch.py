@@ -23,7 +23,7 @@ runs one program, which meets every GEMM 1 tile before the GEMM 2 tiles that nee
 import triton
 import triton.language as tl
 
-from tilemoe.ops._kernels._fused_experts import _gemm1_tile, _gemm2_tile, _second_half_empty, _tile_ids
+from tilemoe.ops._kernels._fused_experts import _gemm1_block, _gemm2_block, _tile_ids
 from tilemoe.ops._kernels._pdl import _pdl_prologue
 
 
@@ -125,41 +125,23 @@ def _one_launch_kernel(
     tiles = tiles1 + used_m * tl.cdiv(hidden, BLOCK_N2)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         if tile < tiles1:
+            _gemm1_block(
+                tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_TAIL,
+            )  # fmt: skip
             pid_m, pid_n = _tile_ids(tile, used_m, nt1, GROUP_M)
-            if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
-                _gemm1_tile(
-                    tile, used_m, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
-                )  # fmt: skip
-            else:
-                _gemm1_tile(
-                    tile, used_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
-                )  # fmt: skip
             _mark_ready(ready_ptr + pid_m * nt1 + pid_n)
         else:
             tile2 = tile - tiles1
             pid_m, _ = _tile_ids(tile2, used_m, tl.cdiv(hidden, BLOCK_N2), GROUP_M2)
             _wait_ready(ready_ptr + pid_m * nt1, err_ptr, nt1, max_spin, NT1_P2, SPIN)
-            if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
-                _gemm2_tile(
-                    tile2, used_m, act_ptr, stride_am, stride_ai, w2_ptr, stride_w2e, stride_w2h, stride_w2i,
-                    b2_ptr, stride_b2e, stride_b2h, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
-                    HAS_BIAS2, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W2_TMA, False, EVEN_K2, EVEN_N2,
-                    BLOCK_M, BLOCK_N2, BLOCK_K2, GROUP_M2, BLOCK_M // 2,
-                )  # fmt: skip
-            else:
-                _gemm2_tile(
-                    tile2, used_m, act_ptr, stride_am, stride_ai, w2_ptr, stride_w2e, stride_w2h, stride_w2i,
-                    b2_ptr, stride_b2e, stride_b2h, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
-                    HAS_BIAS2, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W2_TMA, False, EVEN_K2, EVEN_N2,
-                    BLOCK_M, BLOCK_N2, BLOCK_K2, GROUP_M2, BLOCK_M,
-                )  # fmt: skip
+            _gemm2_block(
+                tile2, used_m, act_ptr, act_ptr, stride_am, stride_ai, w2_ptr, stride_w2e, stride_w2h, stride_w2i,
+                b2_ptr, stride_b2e, stride_b2h, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                HAS_BIAS2, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W2_TMA, False, EVEN_K2, EVEN_N2,
+                BLOCK_M, BLOCK_N2, BLOCK_K2, GROUP_M2, SPLIT_TAIL,
+            )  # fmt: skip
