@@ -28,10 +28,10 @@ if has tests; then
 fi
 
 if [[ $modes == *" forms "* ]]; then
-  timeout -k 5 "${T_FORMS_TESTS:-280}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_fused_experts.py \
+  timeout -k 5 "${T_FORMS_TESTS:-330}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_fused_experts.py \
     tests/impls/test_triton.py -k "dense_forms or randomized_sweep or from_logits or one_launch" 2>&1 | tee -a "$log" | tail -n 30
   # qwen3 T=4096-like GEMM 1 (M=S, N=2I, K=H) and mixtral T=1024-like; tiles as in the H100 table
-  timeout -k 5 "${T_PROBE:-240}" python3 bench/ws_probe.py --gemm1 --shapes 32768,1536,2048 2048,28672,4096 \
+  timeout -k 5 "${T_PROBE:-220}" python3 bench/ws_probe.py --gemm1 --shapes 32768,1536,2048 2048,28672,4096 \
     --configs 128,128,64,8,4 128,64,64,4,4 2>&1 | grep -v Warning | tee -a "$log"
 fi
 
