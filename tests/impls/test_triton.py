@@ -101,7 +101,7 @@ def test_moe_forward_routes_inside_the_decode_kernel(generator, monkeypatch):
     x = make_input(3, config, device=device, generator=generator)
     logits = torch.randn(3, 6, generator=generator).to(device)
     out = moe_forward(x, w["w13"], w["w2"], router_logits=logits, config=config, impl="triton")
-    assert routed == []
+    assert routed == [] and fe.decode_route_error is None  # routed in GEMM 1: no routing launch, no fallback
     ref = moe_forward(x, w["w13"], w["w2"], router_logits=logits, config=config, impl="reference")
     assert_close(out, ref, torch.float32)
     empty = moe_forward(x[:0], w["w13"], w["w2"], router_logits=logits[:0], config=config, impl="triton")
@@ -296,6 +296,7 @@ def test_from_logits_decode_bf16_and_graph(preset):
             )
 
         out, weights, ids = call()
+        assert tilemoe.ops.fused_experts.decode_route_error is None  # the routing GEMM 1 built and ran
         ref_w, ref_i = route_triton(logits, config)
         assert torch.equal(ids, ref_i) and torch.equal(weights, ref_w)
         assert_close(out, _reference(x, w, ref_w, ref_i, config), torch.bfloat16)

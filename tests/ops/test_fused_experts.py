@@ -476,7 +476,7 @@ def test_from_logits_routes_inside_the_decode_gemm1(changes, num_tokens, generat
     out, weights, ids = fused_experts_module.fused_experts_from_logits(
         x, w["w13"], w["w2"], logits, config=config, b13=w["b13"], b2=w["b2"], kernel_config=DECODE
     )
-    assert routed == []  # no routing launch
+    assert routed == [] and fused_experts_module.decode_route_error is None  # no routing launch, no fallback
     ref_weights, ref_ids = route_triton(logits, config)
     assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
     two_step = fused_experts(x, w["w13"], w["w2"], ref_weights, ref_ids, config=config, b13=w["b13"], b2=w["b2"],
@@ -598,3 +598,32 @@ def test_one_launch_config_rules():
         KernelConfig(one_launch=True, tma=True, persistent=True)
     with pytest.raises(ValueError, match="one_launch: not with persistent"):
         KernelConfig(one_launch=True, persistent1=True)
+
+
+def test_from_logits_falls_back_when_the_routing_gemm1_does_not_build(generator, monkeypatch):
+    """A Triton that cannot build the routing decode GEMM 1: one warning, then the routing kernel first, same
+    results (ids exactly the routing kernel's)."""
+    from tilemoe.ops.route import route_triton
+
+    real = fused_experts_module._launch_decode
+
+    def no_routing_build(*args, route=None, **kwargs):
+        if route is not None:  # what a backend pass failure raises
+            raise RuntimeError("PassManager::run failed (simulated: this Triton cannot build it)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_experts_module, "_launch_decode", no_routing_build)
+    monkeypatch.setattr(fused_experts_module, "decode_route_error", None)
+    config = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=24)
+    w = make_weights(config, dtype=torch.float16, device=DEVICE, generator=generator)
+    x = make_input(4, config, dtype=torch.float16, device=DEVICE, generator=generator)
+    logits = torch.randn(4, config.num_experts, generator=generator).to(DEVICE)
+    call = fused_experts_module.fused_experts_from_logits
+    with pytest.warns(RuntimeWarning, match="did not build here"):
+        out, weights, ids = call(x, w["w13"], w["w2"], logits, config=config, kernel_config=DECODE)
+    assert fused_experts_module.decode_route_error is not None
+    ref_weights, ref_ids = route_triton(logits, config)
+    assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
+    assert_close(out, _reference(x, w, ref_weights, ref_ids, config), torch.float16)
+    out2, _, _ = call(x, w["w13"], w["w2"], logits, config=config, kernel_config=DECODE)  # no second warning
+    assert torch.equal(out2, out)

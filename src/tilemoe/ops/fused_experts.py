@@ -16,6 +16,7 @@ capture it (nothing reads the device from the host).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -581,6 +582,10 @@ def fused_experts(
 # Flat routings the decode GEMM 1 runs itself (``tilemoe.ops._kernels._route._flat_topk``'s score codes, as in
 # ``tilemoe.ops.route``); grouped routings route in their own kernel first.
 DECODE_ROUTE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_top1_input_scaled": 2}
+# Why the routing GEMM 1 of the decode path failed to build in this process, if it did: the layer then routes in the
+# routing kernel first (the same ids and weights; one launch more), after one warning. Written in session 6 without a
+# GPU, that kernel is the default at T <= 8, and a Triton that cannot build it should cost a launch, not the layer.
+decode_route_error: str | None = None
 
 
 @torch.library.custom_op("tilemoe::fused_experts_routed", mutates_args=())
@@ -608,11 +613,29 @@ def _fused_experts_routed_op(
     topk_ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=x.device)
     if num_tokens == 0:
         return x.new_empty(x.shape), topk_weights, topk_ids
-    out = _launch_decode(
-        x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
-        swiglu_limit, cfg, route=(router_logits, score, renormalize, scale),
-    )  # fmt: skip
-    return out, topk_weights, topk_ids
+    args = (x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
+            swiglu_limit, cfg)  # fmt: skip
+    global decode_route_error
+    if decode_route_error is None:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+
+        try:
+            return _launch_decode(*args, route=(router_logits, score, renormalize, scale)), topk_weights, topk_ids
+        except (CompilationError, OutOfResources, RuntimeError) as error:  # failed to build, before anything ran
+            decode_route_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            warnings.warn(
+                f"tilemoe: the decode GEMM 1 that routes its own slots did not build here ({decode_route_error}); "
+                "routing in the routing kernel first from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    from tilemoe.ops.route import _route_op
+
+    weights, ids = _route_op(router_logits, top_k, score, renormalize, scale)
+    topk_weights.copy_(weights)
+    topk_ids.copy_(ids)
+    return _launch_decode(*args), topk_weights, topk_ids
 
 
 @_fused_experts_routed_op.register_fake
