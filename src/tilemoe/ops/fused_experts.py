@@ -73,11 +73,18 @@ def _tma_rows_ok(device: torch.device, row_elems: int, elem_size: int, block_k: 
     return (row_elems * elem_size) % 16 == 0 and block_k * elem_size <= 128
 
 
+def _tma_readable(w: torch.Tensor, block_k: int) -> bool:
+    """Whether TMA can read ``w`` in boxes of ``block_k`` columns: contiguous, 16-byte aligned, ``_tma_rows_ok``."""
+    if not w.is_contiguous() or w.data_ptr() % 16:
+        return False
+    return _tma_rows_ok(w.device, w.shape[-1], w.element_size(), block_k)
+
+
 def _tma_descriptor(w: torch.Tensor, block_n: int, block_k: int):
     """TMA descriptor over w [..., K] (weights [E, N, K], or GEMM 1's output [CAP, I]) viewed as [-1, K] with
     [block_n, block_k] boxes, or None when TMA cannot read it: not contiguous, rows not 16-byte aligned, a box row
     over 128 bytes, or a GPU before Hopper."""
-    if not w.is_contiguous() or w.data_ptr() % 16 or not _tma_rows_ok(w.device, w.shape[-1], w.element_size(), block_k):
+    if not _tma_readable(w, block_k):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -88,9 +95,7 @@ def _gate_up_descriptor(w13: torch.Tensor, block_n: int, block_k: int):
     """TMA descriptor over gated w13 [E, 2I, H] viewed as [2E, I, H] with [2, block_n, block_k] boxes: the gate rows
     and the matching up rows of one column block in one load (zero-filled past I and H); None where TMA cannot read
     it (as ``_tma_descriptor``)."""
-    if not w13.is_contiguous() or w13.data_ptr() % 16:
-        return None
-    if not _tma_rows_ok(w13.device, w13.shape[-1], w13.element_size(), block_k):
+    if not _tma_readable(w13, block_k):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -531,6 +536,26 @@ def _(x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on
     return x.new_empty(x.shape)
 
 
+def _kernel_config_for(x: torch.Tensor, w2: torch.Tensor, top_k: int, kernel_config) -> KernelConfig:
+    """``kernel_config``, or ``pick_config``'s for this shape when None; TypeError for anything else."""
+    if kernel_config is None:
+        num_experts, hidden, inter = w2.shape
+        return pick_config(MoEShape(x.shape[0], num_experts, top_k, hidden, inter), x.dtype, _device_of(x))
+    if not isinstance(kernel_config, KernelConfig):
+        raise TypeError(f"kernel_config: expected a KernelConfig or None, got {type(kernel_config).__name__}")
+    return kernel_config
+
+
+def _expert_args(config: MoEConfig) -> tuple:
+    """The custom ops' description of the experts: (activation code, gated, weights on input, alpha, limit)."""
+    return (ACTIVATION_CODES[config.activation], config.gated, config.weights_on_input, float(config.swiglu_alpha),
+            float(config.swiglu_limit))  # fmt: skip
+
+
+def _config_ints(kernel_config: KernelConfig) -> list[int]:
+    return [int(getattr(kernel_config, name)) for name in _CONFIG_FIELDS]
+
+
 def fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -555,27 +580,9 @@ def fused_experts(
         ValueError / TypeError naming the argument on a shape, dtype or device mismatch.
     """
     _check(x, w13, w2, topk_weights, topk_ids, config, b13, b2)
-    num_experts, hidden, inter = w2.shape
-    if kernel_config is None:
-        shape = MoEShape(x.shape[0], num_experts, topk_ids.shape[1], hidden, inter)
-        kernel_config = pick_config(shape, x.dtype, _device_of(x))
-    elif not isinstance(kernel_config, KernelConfig):
-        raise TypeError(f"kernel_config: expected a KernelConfig or None, got {type(kernel_config).__name__}")
+    kernel_config = _kernel_config_for(x, w2, topk_ids.shape[1], kernel_config)
     return _fused_experts_op(
-        x,
-        w13,
-        w2,
-        topk_weights,
-        topk_ids,
-        b13,
-        b2,
-        ACTIVATION_CODES[config.activation],
-        config.gated,
-        config.weights_on_input,
-        float(config.swiglu_alpha),
-        float(config.swiglu_limit),
-        [int(getattr(kernel_config, name)) for name in _CONFIG_FIELDS],
-        deterministic,
+        x, w13, w2, topk_weights, topk_ids, b13, b2, *_expert_args(config), _config_ints(kernel_config), deterministic
     )
 
 
@@ -613,15 +620,15 @@ def _fused_experts_routed_op(
     topk_ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=x.device)
     if num_tokens == 0:
         return x.new_empty(x.shape), topk_weights, topk_ids
-    args = (x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
-            swiglu_limit, cfg)  # fmt: skip
+    experts = (b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg)
     global decode_route_error
     if decode_route_error is None:
         from triton.compiler.errors import CompilationError
         from triton.runtime.errors import OutOfResources
 
         try:
-            return _launch_decode(*args, route=(router_logits, score, renormalize, scale)), topk_weights, topk_ids
+            route = (router_logits, score, renormalize, scale)
+            return _launch_decode(x, w13, w2, topk_weights, topk_ids, *experts, route=route), topk_weights, topk_ids
         except (CompilationError, OutOfResources, RuntimeError) as error:  # failed to build, before anything ran
             decode_route_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
             warnings.warn(
@@ -632,10 +639,8 @@ def _fused_experts_routed_op(
             )
     from tilemoe.ops.route import _route_op
 
-    weights, ids = _route_op(router_logits, top_k, score, renormalize, scale)
-    topk_weights.copy_(weights)
-    topk_ids.copy_(ids)
-    return _launch_decode(*args), topk_weights, topk_ids
+    topk_weights, topk_ids = _route_op(router_logits, top_k, score, renormalize, scale)
+    return _launch_decode(x, w13, w2, topk_weights, topk_ids, *experts), topk_weights, topk_ids
 
 
 @_fused_experts_routed_op.register_fake
@@ -670,27 +675,18 @@ def fused_experts_from_logits(
     """
     from tilemoe.ops.route import route_fast
 
-    if not isinstance(config, MoEConfig):
-        raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    _check(x, w13, w2, None, None, config, b13, b2)
     if not isinstance(router_logits, torch.Tensor) or not router_logits.is_floating_point():
         raise TypeError(f"router_logits: expected a float tensor, got {getattr(router_logits, 'dtype', router_logits)}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D tensor [T, H], got {getattr(x, 'shape', type(x).__name__)}")
     if tuple(router_logits.shape) != (x.shape[0], config.num_experts):
         raise ValueError(
             f"router_logits: expected shape [{x.shape[0]}, {config.num_experts}], got {list(router_logits.shape)}"
         )
     if router_logits.device != x.device:
         raise ValueError(f"router_logits: expected device {x.device}, got {router_logits.device}")
-    _check(x, w13, w2, None, None, config, b13, b2)
-    num_experts, hidden, inter = w2.shape
-    if num_experts != config.num_experts:  # the routing picks among config.num_experts
-        raise ValueError(f"w2: expected {config.num_experts} experts (config.num_experts), got {num_experts}")
-    if kernel_config is None:
-        shape = MoEShape(x.shape[0], num_experts, config.top_k, hidden, inter)
-        kernel_config = pick_config(shape, x.dtype, _device_of(x))
-    elif not isinstance(kernel_config, KernelConfig):
-        raise TypeError(f"kernel_config: expected a KernelConfig or None, got {type(kernel_config).__name__}")
+    if w2.shape[0] != config.num_experts:  # the routing picks among config.num_experts
+        raise ValueError(f"w2: expected {config.num_experts} experts (config.num_experts), got {w2.shape[0]}")
+    kernel_config = _kernel_config_for(x, w2, config.top_k, kernel_config)
     if not kernel_config.decode or config.routing not in DECODE_ROUTE_CODES or router_logits.dtype == torch.float64:
         topk_weights, topk_ids = route_fast(router_logits, config, correction_bias=correction_bias)
         out = fused_experts(
@@ -699,23 +695,9 @@ def fused_experts_from_logits(
         )  # fmt: skip
         return out, topk_weights, topk_ids
     return _fused_experts_routed_op(
-        x,
-        w13,
-        w2,
-        router_logits,
-        b13,
-        b2,
-        ACTIVATION_CODES[config.activation],
-        config.gated,
-        config.weights_on_input,
-        float(config.swiglu_alpha),
-        float(config.swiglu_limit),
-        config.top_k,
-        DECODE_ROUTE_CODES[config.routing],
-        config.renormalize,
-        float(config.routed_scaling_factor),
-        [int(getattr(kernel_config, name)) for name in _CONFIG_FIELDS],
-    )
+        x, w13, w2, router_logits, b13, b2, *_expert_args(config), config.top_k, DECODE_ROUTE_CODES[config.routing],
+        config.renormalize, float(config.routed_scaling_factor), _config_ints(kernel_config),
+    )  # fmt: skip
 
 
 def _check(x, w13, w2, topk_weights, topk_ids, config, b13, b2) -> None:
