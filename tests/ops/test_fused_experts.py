@@ -555,14 +555,19 @@ def test_one_launch(options, hidden, inter, gated, deterministic, generator, mon
 
 def test_one_launch_ready_check_fails_out_of_order(generator, monkeypatch):
     # 3 programs in the interpreter run one after the other: program 0's GEMM 2 tiles come before programs 1 and 2
-    # ran their GEMM 1 tiles, so the ready check must fail (the error word is set, the output is wrong)
+    # ran their GEMM 1 tiles, so the ready check must fail (the error word is set, the output is wrong). Fixed loads
+    # make that certain: 4 blocks of 16 rows x 3 GEMM 1 column tiles; tile t is (block t % 4, column t // 4), so
+    # program 0 (tiles 0, 3, 6, ...) never runs all three tiles of a block, and its tiles 12, 15, 18 are GEMM 2's.
+    from tilemoe.bench.scenarios import _ids_from_counts
+
     monkeypatch.setattr(fused_experts_module, "ONE_LAUNCH_INTERPRETER_PROGRAMS", 3)
     launched = _spy(monkeypatch, fused_experts_module, "_launch_one")
-    config = MoEConfig(num_experts=4, top_k=2, hidden_size=32, intermediate_size=32)
+    config = MoEConfig(num_experts=4, top_k=1, hidden_size=32, intermediate_size=48)
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, one_launch=True)
     w = make_weights(config, device=DEVICE, generator=generator)
-    x = make_input(40, config, device=DEVICE, generator=generator)
-    topk_weights, topk_ids = make_routing(40, config, device=DEVICE, generator=generator)
+    x = make_input(64, config, device=DEVICE, generator=generator)
+    topk_ids = _ids_from_counts([16, 16, 16, 16], 64, 1, generator).to(DEVICE, torch.int32)
+    topk_weights = torch.ones(64, 1, device=DEVICE)
     fused_experts(x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, kernel_config=cfg)
     ((_, ready),) = launched
     assert int(ready[-1]) == 1
