@@ -553,6 +553,8 @@ def test_one_launch(options, hidden, inter, gated, deterministic, generator, mon
     assert used > 0 and used % -(-inter // 16) == 0  # every GEMM 1 tile of the used blocks marked its rows ready
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's sequential programs make the order certain; "
+                    "on a GPU the programs run side by side and the check passes")
 def test_one_launch_ready_check_fails_out_of_order(generator, monkeypatch):
     # 3 programs in the interpreter run one after the other: program 0's GEMM 2 tiles come before programs 1 and 2
     # ran their GEMM 1 tiles, so the ready check must fail (the error word is set, the output is wrong). Fixed loads
