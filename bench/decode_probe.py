@@ -3,6 +3,11 @@ block) walking the K picks, for several tiles; fused_experts alone, CUDA-graph r
 in turn within each round. Outputs are checked against the table config's.
 
     PYTHONPATH=src python3 bench/decode_probe.py [--points qwen3-30b-a3b:1 ...] [--warm-only]
+    PYTHONPATH=src python3 bench/decode_probe.py --routing [--points ...]
+
+``--routing``: the layer after the router GEMM three ways, in turn: the routing kernel then ``fused_experts``; the
+decode GEMM 1 routing its own slots (``fused_experts_from_logits``); ``fused_experts`` alone on a given routing (the
+floor the routing costs over).
 
 A development tool (it backs ``tilemoe.ops.fused_experts.DECODE_GEMM2_PER_SLOT``); claims come from ``tilemoe bench``.
 """
@@ -39,7 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", nargs="*", default=POINTS)
     parser.add_argument("--warm-only", action="store_true")
+    parser.add_argument("--routing", action="store_true", help="time where the routing runs (see the docstring)")
     args = parser.parse_args()
+    if args.routing:
+        return routing_probe(args.points)
     default = fe.DECODE_GEMM2_PER_SLOT
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     print("point\t" + "\t".join(f"{'slot' if s else 'tok'}{n}x{k}w{w}s{st}" for s, n, k, w, st in VARIANTS))
@@ -70,6 +78,43 @@ def main() -> None:
             torch.testing.assert_close(out.float(), outs[0].float(), atol=2e-2, rtol=2e-2)
         times = graph_us_in_turn(graphs, 15)
         print(point + "\t" + "\t".join(f"{us:.1f}" for us in times), flush=True)
+
+
+def routing_probe(points: list[str]) -> None:
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; us per layer without the router GEMM")
+    print("point\troute+experts\tfrom_logits\texperts alone")
+    for point in points:
+        fns = _routing_forms(point)
+        outs = [fn() for fn in fns]
+        for out in outs[1:]:
+            torch.testing.assert_close(out.float(), outs[0].float(), atol=2e-2, rtol=2e-2)
+        times = graph_us_in_turn([(capture_graph(fn, CALLS)[0], CALLS) for fn in fns], 25)
+        print(point + "\t" + "\t".join(f"{us:.1f}" for us in times), flush=True)
+
+
+def _routing_forms(point: str) -> list:
+    from tilemoe.ops.route import route_fast
+
+    name, tokens = point.rsplit(":", 1)
+    t = int(tokens)
+    config = MoEConfig.from_pretrained(name)
+    gen = torch.Generator().manual_seed(t)
+    w = make_weights(config, dtype=torch.bfloat16, device="cuda")
+    x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+    logits = torch.randn(t, config.num_experts, generator=gen).to("cuda", torch.bfloat16)
+    given_weights, given_ids = route_fast(logits, config)
+    args = (x, w["w13"], w["w2"])
+    kwargs = dict(config=config, b13=w["b13"], b2=w["b2"])
+
+    def route_then_experts():
+        weights, ids = route_fast(logits, config)
+        return fe.fused_experts(*args, weights, ids, **kwargs)
+
+    return [
+        route_then_experts,
+        lambda: fe.fused_experts_from_logits(*args, logits, **kwargs)[0],
+        lambda: fe.fused_experts(*args, given_weights, given_ids, **kwargs),
+    ]
 
 
 if __name__ == "__main__":
