@@ -93,6 +93,7 @@ def test_moe_forward_routes_inside_the_decode_kernel(generator, monkeypatch):
     assert get_impl("triton").from_logits is not None and get_impl("reference").from_logits is None
     decode = KernelConfig(block_n1=16, block_k1=32, block_n2=16, block_k2=32, decode=True)
     monkeypatch.setattr(fe, "pick_config", lambda shape, dtype, device_name: decode)
+    monkeypatch.setattr(fe, "DECODE_ROUTE_MAX_TOKENS", 3)
     routed = []
     real_route = route_module.route_fast
     monkeypatch.setattr(route_module, "route_fast", lambda *a, **k: routed.append(1) or real_route(*a, **k))
@@ -273,11 +274,15 @@ def test_gemm1_dense_forms_bf16(forms, tiles):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-120b", "llama4-scout"])
-def test_from_logits_decode_bf16_and_graph(preset):
+def test_from_logits_decode_bf16_and_graph(preset, monkeypatch):
     """Routing inside the decode GEMM 1 on the GPU, with a decode entry's tiles: ids exactly the routing kernel's, the
-    output the reference's, and the same under CUDA-graph replay with new inputs copied in."""
+    output the reference's, and the same under CUDA-graph replay with new inputs copied in (at T = 2 and 8 too: the
+    kernel's limit raised, as a user may)."""
+    import tilemoe.ops.fused_experts as fe
     from tilemoe.ops.fused_experts import fused_experts_from_logits
     from tilemoe.ops.route import route_triton
+
+    monkeypatch.setattr(fe, "DECODE_ROUTE_MAX_TOKENS", 8)
 
     full = MoEConfig.from_pretrained(preset)
     config = full.replace(num_experts=16, top_k=min(full.top_k, 4), n_group=1, topk_group=1, num_shared_experts=0,

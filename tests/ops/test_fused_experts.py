@@ -472,6 +472,7 @@ def test_from_logits_routes_inside_the_decode_gemm1(changes, num_tokens, generat
     logits = torch.randn(num_tokens, config.num_experts, generator=generator).to(DEVICE)
     logits[:, 1] = logits[:, 4]  # a tie: the lower expert wins, in both kernels
     monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
+    monkeypatch.setattr(fused_experts_module, "DECODE_ROUTE_MAX_TOKENS", 64)  # the kernel at every T, not just T=1
     routed = _spy(monkeypatch, route_module, "route_fast")
     out, weights, ids = fused_experts_module.fused_experts_from_logits(
         x, w["w13"], w["w2"], logits, config=config, b13=w["b13"], b2=w["b2"], kernel_config=DECODE
@@ -486,19 +487,20 @@ def test_from_logits_routes_inside_the_decode_gemm1(changes, num_tokens, generat
 
 
 @pytest.mark.parametrize(
-    "changes, kernel_config",
+    "changes, kernel_config, num_tokens",
     [
-        (dict(), SMALL),  # the tiled path: the routing kernel first
-        (dict(routing="softmax_grouped_topk", n_group=2, topk_group=1, top_k=2, num_experts=8), DECODE),  # grouped
+        (dict(), SMALL, 1),  # the tiled path: the routing kernel first
+        (dict(routing="softmax_grouped_topk", n_group=2, topk_group=1, top_k=2, num_experts=8), DECODE, 1),  # grouped
+        (dict(), DECODE, 2),  # more tokens than DECODE_ROUTE_MAX_TOKENS (measured slower inside from T=4 on)
     ],
 )
-def test_from_logits_routes_first_elsewhere(changes, kernel_config, generator, monkeypatch):
+def test_from_logits_routes_first_elsewhere(changes, kernel_config, num_tokens, generator, monkeypatch):
     import tilemoe.ops.route as route_module
 
     config = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=24).replace(**changes)
     w = make_weights(config, dtype=torch.float32, device=DEVICE, generator=generator)
-    x = make_input(5, config, dtype=torch.float32, device=DEVICE, generator=generator)
-    logits = torch.randn(5, config.num_experts, generator=generator).to(DEVICE)
+    x = make_input(num_tokens, config, dtype=torch.float32, device=DEVICE, generator=generator)
+    logits = torch.randn(num_tokens, config.num_experts, generator=generator).to(DEVICE)
     routed = _spy(monkeypatch, route_module, "route_fast")
     out, weights, ids = fused_experts_module.fused_experts_from_logits(
         x, w["w13"], w["w2"], logits, config=config, kernel_config=kernel_config
@@ -553,8 +555,11 @@ def test_one_launch(options, hidden, inter, gated, deterministic, generator, mon
     assert used > 0 and used % -(-inter // 16) == 0  # every GEMM 1 tile of the used blocks marked its rows ready
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's sequential programs make the order certain; "
-                    "on a GPU the programs run side by side and the check passes")
+@pytest.mark.skipif(
+    DEVICE == "cuda",
+    reason="the interpreter's sequential programs make the order certain; "
+    "on a GPU the programs run side by side and the check passes",
+)
 def test_one_launch_ready_check_fails_out_of_order(generator, monkeypatch):
     # 3 programs in the interpreter run one after the other: program 0's GEMM 2 tiles come before programs 1 and 2
     # ran their GEMM 1 tiles, so the ready check must fail (the error word is set, the output is wrong). Fixed loads
@@ -621,6 +626,7 @@ def test_from_logits_falls_back_when_the_routing_gemm1_does_not_build(generator,
 
     monkeypatch.setattr(fused_experts_module, "_launch_decode", no_routing_build)
     monkeypatch.setattr(fused_experts_module, "decode_route_error", None)
+    monkeypatch.setattr(fused_experts_module, "DECODE_ROUTE_MAX_TOKENS", 4)
     config = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=24)
     w = make_weights(config, dtype=torch.float16, device=DEVICE, generator=generator)
     x = make_input(4, config, dtype=torch.float16, device=DEVICE, generator=generator)

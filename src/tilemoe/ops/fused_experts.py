@@ -589,9 +589,16 @@ def fused_experts(
 # Flat routings the decode GEMM 1 runs itself (``tilemoe.ops._kernels._route._flat_topk``'s score codes, as in
 # ``tilemoe.ops.route``); grouped routings route in their own kernel first.
 DECODE_ROUTE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_top1_input_scaled": 2}
+# Up to how many tokens the decode GEMM 1 routes them itself. Measured on the H100 (bench/decode_probe.py --routing,
+# graph replays in turn, us per layer without the router GEMM; routing kernel then fused_experts vs routing inside):
+# T=1 qwen3 37.3 vs 37.2, deepseek 47.4 vs 46.8, gpt-oss 85.3 vs 85.0; T=2 qwen3 61.8 vs 61.8; T=4 qwen3 105.1 vs
+# 107.9; T=8 qwen3 181.2 vs 184.1, deepseek 219.1 vs 221.9, gpt-oss 523.1 vs 523.7. The launch it saves is not on the
+# critical path (the weights cannot be fetched before the routing either way), and at T >= 4 the per-slot routing in
+# every column block costs more than it saves.
+DECODE_ROUTE_MAX_TOKENS = 1
 # Why the routing GEMM 1 of the decode path failed to build in this process, if it did: the layer then routes in the
 # routing kernel first (the same ids and weights; one launch more), after one warning. Written in session 6 without a
-# GPU, that kernel is the default at T <= 8, and a Triton that cannot build it should cost a launch, not the layer.
+# GPU, that kernel is the default at T = 1, and a Triton that cannot build it should cost a launch, not the layer.
 decode_route_error: str | None = None
 
 
@@ -666,10 +673,11 @@ def fused_experts_from_logits(
     """Routing and routed experts of one layer: (out [T, H] in x.dtype, topk_weights [T, K] float32, topk_ids [T, K]
     int32), the routing exactly ``tilemoe.ops.route.route_fast``'s.
 
-    Where the config is the decode path (``KernelConfig.decode``, from ``pick_config`` when None) and the routing is
-    flat (``DECODE_ROUTE_CODES``), the decode GEMM 1 routes each slot's token itself: one launch less than the
-    routing kernel then ``fused_experts``, which is what runs otherwise. Arguments as ``fused_experts``, with
-    router_logits [T, E] (any float dtype) and correction_bias [E] (grouped routings) instead of the routing.
+    Where the config is the decode path (``KernelConfig.decode``, from ``pick_config`` when None), T is at most
+    ``DECODE_ROUTE_MAX_TOKENS`` and the routing is flat (``DECODE_ROUTE_CODES``), the decode GEMM 1 routes each slot's
+    token itself: one launch less than the routing kernel then ``fused_experts``, which is what runs otherwise.
+    Arguments as ``fused_experts``, with router_logits [T, E] (any float dtype) and correction_bias [E] (grouped
+    routings) instead of the routing.
     Raises:
         ValueError / TypeError naming the argument on a shape, dtype or device mismatch.
     """
@@ -687,7 +695,12 @@ def fused_experts_from_logits(
     if w2.shape[0] != config.num_experts:  # the routing picks among config.num_experts
         raise ValueError(f"w2: expected {config.num_experts} experts (config.num_experts), got {w2.shape[0]}")
     kernel_config = _kernel_config_for(x, w2, config.top_k, kernel_config)
-    if not kernel_config.decode or config.routing not in DECODE_ROUTE_CODES or router_logits.dtype == torch.float64:
+    if (
+        not kernel_config.decode
+        or x.shape[0] > DECODE_ROUTE_MAX_TOKENS
+        or config.routing not in DECODE_ROUTE_CODES
+        or router_logits.dtype == torch.float64
+    ):
         topk_weights, topk_ids = route_fast(router_logits, config, correction_bias=correction_bias)
         out = fused_experts(
             x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2, kernel_config=kernel_config,
