@@ -52,12 +52,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     print("point\t" + "\t".join(f"{'slot' if s else 'tok'}{n}x{k}w{w}s{st}" for s, n, k, w, st in VARIANTS))
     for point in args.points:
-        name, tokens = point.rsplit(":", 1)
-        t = int(tokens)
-        config = MoEConfig.from_pretrained(name)
-        gen = torch.Generator().manual_seed(t)
-        w = make_weights(config, dtype=torch.bfloat16, device="cuda")
-        x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+        t, config, gen, w, x = _point_inputs(point)
         tw, ti = make_routing(t, config, device="cuda", generator=gen)
         shape = MoEShape(t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
         base = dataclasses.replace(pick_config(shape, torch.bfloat16, torch.cuda.get_device_name()), decode=True)
@@ -80,6 +75,17 @@ def main() -> None:
         print(point + "\t" + "\t".join(f"{us:.1f}" for us in times), flush=True)
 
 
+def _point_inputs(point: str):
+    """(T, config, generator, bf16 weights, bf16 input) on the GPU for a point 'model:T'."""
+    name, tokens = point.rsplit(":", 1)
+    t = int(tokens)
+    config = MoEConfig.from_pretrained(name)
+    gen = torch.Generator().manual_seed(t)
+    w = make_weights(config, dtype=torch.bfloat16, device="cuda")
+    x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+    return t, config, gen, w, x
+
+
 def routing_probe(points: list[str]) -> None:
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; us per layer without the router GEMM")
     print("point\troute+experts\tfrom_logits\texperts alone")
@@ -95,12 +101,7 @@ def routing_probe(points: list[str]) -> None:
 def _routing_forms(point: str) -> list:
     from tilemoe.ops.route import route_fast
 
-    name, tokens = point.rsplit(":", 1)
-    t = int(tokens)
-    config = MoEConfig.from_pretrained(name)
-    gen = torch.Generator().manual_seed(t)
-    w = make_weights(config, dtype=torch.bfloat16, device="cuda")
-    x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+    t, config, gen, w, x = _point_inputs(point)
     logits = torch.randn(t, config.num_experts, generator=gen).to("cuda", torch.bfloat16)
     given_weights, given_ids = route_fast(logits, config)
     args = (x, w["w13"], w["w2"])
