@@ -109,23 +109,21 @@ TMA_CANDIDATES = [
     _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3, tma=True, persistent=True),
     _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4, tma=True, persistent=True),
 ]
-# GEMM 1 in the dense GEMM's form (``KernelConfig.sorted_x`` / ``gate_up_dot`` / ``persistent1``): written in
-# session 6 without a GPU, so not yet timed (bench/NOTES.md, version 7): the tuner decides. The first is the large-T
-# entry's tiles, the second the [128, 128] accumulator on 4 warps (the fastest dense Triton tile on the H100, NOTES
-# version 3), the third keeps the gathered input (no copy of x: the rows of top-8 models are 8x the input).
+# GEMM 1 in the dense GEMM's form (``KernelConfig.sorted_x`` / ``gate_up_dot`` / ``persistent1``). Timed on the H100
+# in session 7 (bench/NOTES.md, "Version 7 measured"): with the large-T tiles they won T = 16384 of the four bench
+# models (-5 to -12%), mixtral T = 1024 / 4096 and deepseek T = 4096; without the copy of x (the second) where the
+# rows are many (top-8 models). The [128, 128] accumulator on 4 warps lost at 11 of the 12 points (1.05-1.20x) and
+# is no longer a candidate.
 DENSE_GEMM1_CANDIDATES = [
     _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, sorted_x=True, gate_up_dot=True, persistent1=True,
          persistent=True),
-    _cfg(128, 64, 64, 4, 4, 128, 64, 4, 4, tma=True, sorted_x=True, gate_up_dot=True, persistent1=True),
     _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, gate_up_dot=True, persistent1=True),
 ]  # fmt: skip
-# Both GEMMs in one persistent launch (``KernelConfig.one_launch``; session 6, not yet timed on a GPU): no kernel
-# boundary between GEMM 1's last wave and GEMM 2 (NOTES version 7). The first two are table tiles of T = 1024-4096.
+# Both GEMMs in one persistent launch (``KernelConfig.one_launch``): slower at all 12 points it was timed on the H100
+# (1.03x at qwen3 T = 1024, the closest, to 1.36x at mixtral T = 1024; NOTES "Version 7 measured"). One candidate,
+# that closest one's tiles, keeps it in the search for other GPUs and shapes at the cost of one compile per point.
 ONE_LAUNCH_CANDIDATES = [
     _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, one_launch=True),
-    _cfg(128, 128, 64, 8, 3, 256, 64, 8, 3, tma=True, one_launch=True),
-    _cfg(64, 128, 64, 4, 4, 128, 64, 4, 4, tma=True, one_launch=True),
-    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, sorted_x=True, gate_up_dot=True, one_launch=True),
 ]
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
 # H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3),

@@ -597,8 +597,8 @@ DECODE_ROUTE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_top1_input_
 # every column block costs more than it saves.
 DECODE_ROUTE_MAX_TOKENS = 1
 # Why the routing GEMM 1 of the decode path failed to build in this process, if it did: the layer then routes in the
-# routing kernel first (the same ids and weights; one launch more), after one warning. Written in session 6 without a
-# GPU, that kernel is the default at T = 1, and a Triton that cannot build it should cost a launch, not the layer.
+# routing kernel first (the same ids and weights; one launch more), after one warning. It built and ran on the H100
+# with Triton 3.6; a Triton that cannot build it should cost a launch, not the layer.
 decode_route_error: str | None = None
 
 
