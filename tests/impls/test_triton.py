@@ -131,6 +131,28 @@ def test_presets_bf16(preset, num_tokens, generator):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("pairs", "fp32_sums"), [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("hidden", [256, 200, 131])  # 131: an odd row stride, every other row's pairs unaligned
+def test_atomic_combine(dtype, pairs, fp32_sums, hidden, monkeypatch, generator):
+    # deterministic=False: GEMM 2 adds into the token rows (two columns per reduction with ATOMIC_PAIRS)
+    monkeypatch.setattr(tilemoe.ops.fused_experts, "ATOMIC_PAIRS", pairs)
+    monkeypatch.setattr(tilemoe.ops.fused_experts, "ATOMIC_FP32_SUMS", fp32_sums)
+    config = MoEConfig(num_experts=10, top_k=4, hidden_size=hidden, intermediate_size=96, expert_bias=True)
+    w = make_weights(config, dtype=dtype, device="cuda", generator=generator)
+    tiles = KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64)
+    for num_tokens, hot_expert in ((300, None), (77, 3), (1, None)):
+        x = make_input(num_tokens, config, dtype=dtype, device="cuda", generator=generator)
+        tw, ti = make_routing(num_tokens, config, device="cuda", generator=generator, hot_expert=hot_expert)
+        for kernel_config in (tiles, None):
+            out = tilemoe.ops.fused_experts.fused_experts(
+                x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], kernel_config=kernel_config,
+                deterministic=False,
+            )  # fmt: skip
+            assert_close(out, _reference(x, w, tw, ti, config), dtype)
+
+
+@pytest.mark.gpu
 def test_cuda_graph_capture_and_replay(generator):
     config = MoEConfig(num_experts=12, top_k=4, hidden_size=256, intermediate_size=192)
     w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=generator)

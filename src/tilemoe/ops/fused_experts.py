@@ -2,7 +2,7 @@
 
     align (sorted_ids, expert_ids; ``tilemoe.ops.align``)
     GEMM 1: gather x rows by slot, x @ w13[e]^T (gate and up column blocks), + b13, act(gate) * up -> act
-    GEMM 2: act @ w2[e]^T, + b2, * routing weight -> per-slot rows (deterministic) or fp32 atomics (fast)
+    GEMM 2: act @ w2[e]^T, + b2, * routing weight -> per-slot rows (deterministic) or atomic sums per token
     combine: sum over the K slots of each token (deterministic mode; ``tilemoe.ops.combine.sum_slots``)
 
 Other forms, chosen by the ``KernelConfig``: the decode kernels (no alignment, T*K small), torch's grouped GEMM for
@@ -232,7 +232,7 @@ def _launch(
         GROUP_M=cfg.group_m1,
         SPLIT_TAIL=split_tail1,
     )
-    atomic = not deterministic and top_k > 1
+    atomic = _atomic_mode(x) if not deterministic and top_k > 1 else 0
     if cfg.one_launch:
         out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
         return out.to(x.dtype) if atomic else sum_slots(out, top_k)
@@ -246,7 +246,7 @@ def _launch(
         num_stages=cfg.num_stages1,
     )
     if atomic:
-        out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
+        out = torch.zeros((num_tokens, hidden), dtype=_atomic_dtype(x), device=x.device)
     else:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
@@ -306,6 +306,23 @@ def _launch(
     return sum_slots(out, top_k)
 
 
+# The atomic combine (deterministic=False): GEMM 2 adds each slot's weighted row into its token's row. With
+# ATOMIC_PAIRS (CUDA) two neighbouring columns per reduction (``_add_pairs``), else tl.atomic_add's one per element;
+# with ATOMIC_FP32_SUMS the sums run in a float32 [T, H] buffer cast afterwards, else in the output dtype itself
+# (16-bit sums: each of the K additions rounds).
+ATOMIC_PAIRS = True
+ATOMIC_FP32_SUMS = False
+
+
+def _atomic_mode(x: torch.Tensor) -> int:
+    """GEMM 2's ATOMIC code: 2 pairs of columns per reduction (PTX: CUDA only), 1 one element per reduction."""
+    return 2 if ATOMIC_PAIRS and x.device.type == "cuda" else 1
+
+
+def _atomic_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if ATOMIC_FP32_SUMS else x.dtype
+
+
 # Polls of a one-launch GEMM 2 tile waiting for its rows before it gives up (sets the error word): ~1 s and more on
 # an H100 (an acquire load of the ready words is ~0.5-1 us); the wait is a few tile times when all is well.
 ONE_LAUNCH_MAX_SPIN = 1 << 21
@@ -315,11 +332,12 @@ ONE_LAUNCH_INTERPRETER_PROGRAMS = 1
 
 
 def _launch_one(
-    gemm1_args: dict, x, w2, b2, weights_flat, act, align, atomic: bool, cfg: KernelConfig
+    gemm1_args: dict, x, w2, b2, weights_flat, act, align, atomic: int, cfg: KernelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both GEMMs in one persistent launch (``KernelConfig.one_launch``), GEMM 1's arguments as ``_gemm1_kernel``
-    takes them: (GEMM 2's output, as the two-launch path leaves it: per-slot rows, or the float32 [T, H] sums when
-    ``atomic``; the ready words, the last one the error word: 1 when a GEMM 2 tile gave up waiting)."""
+    takes them: (GEMM 2's output, as the two-launch path leaves it: per-slot rows, or the [T, H] sums when
+    ``atomic`` (``_atomic_dtype``); the ready words, the last one the error word: 1 when a GEMM 2 tile gave up
+    waiting)."""
     from tilemoe.ops._kernels._one_launch import _one_launch_kernel
 
     num_tokens, hidden = x.shape
@@ -328,7 +346,7 @@ def _launch_one(
     nt1 = cdiv(inter, cfg.block_n1)
     ready = torch.zeros(capacity // cfg.block_m * nt1 + 1, dtype=torch.int32, device=x.device)
     if atomic:
-        out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
+        out = torch.zeros((num_tokens, hidden), dtype=_atomic_dtype(x), device=x.device)
     else:
         out = torch.empty((gemm1_args["num_slots"], hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
@@ -575,7 +593,8 @@ def fused_experts(
         x [T, H] fp32/fp16/bf16; w13 [E, 2I, H] (gate rows, then up rows; [E, I, H] plain); w2 [E, H, I];
         topk_weights [T, K] float32; topk_ids [T, K] int32 in [0, E); b13 [E, 2I] / b2 [E, H] or None.
         kernel_config: tile shapes; ``tilemoe.tuning.pick_config`` when None.
-        deterministic: per-slot rows summed over K (bitwise repeatable); False adds them with fp32 atomics.
+        deterministic: per-slot rows summed over K (bitwise repeatable); False adds them into the token rows
+            with atomic reductions in GEMM 2's epilogue (``ATOMIC_PAIRS``, ``ATOMIC_FP32_SUMS``).
     Raises:
         ValueError / TypeError naming the argument on a shape, dtype or device mismatch.
     """

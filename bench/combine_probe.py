@@ -1,0 +1,90 @@
+"""The combine of ``fused_experts`` at large T: per-slot rows summed over K afterwards (deterministic) against atomic
+sums in GEMM 2's epilogue (one element or two per reduction; in a float32 buffer or in the output dtype);
+fused_experts alone on the table's config, CUDA-graph replays, the variants in turn within each round; each time
+with the relative error of its output against the deterministic one's.
+
+    PYTHONPATH=src python3 bench/combine_probe.py [--points qwen3-30b-a3b:4096 ...] [--warm-only]
+    PYTHONPATH=src python3 bench/combine_probe.py --routing imbalanced ...
+
+A development tool (it backs the choice of ``tilemoe.ops.fused_experts.ATOMIC_PAIRS`` / ``ATOMIC_FP32_SUMS``);
+claims come from ``tilemoe bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+import tilemoe.ops.fused_experts as fe
+from tilemoe.bench.scenarios import make_routing_for
+from tilemoe.bench.timing import capture_graph, graph_us_in_turn
+from tilemoe.config import MoEConfig
+from tilemoe.testing import make_input, make_weights
+
+POINTS = [
+    "qwen3-30b-a3b:1024",
+    "qwen3-30b-a3b:4096",
+    "qwen3-30b-a3b:16384",
+    "deepseek-v2-lite:4096",
+    "deepseek-v2-lite:16384",
+    "gpt-oss-120b:16384",
+    "mixtral-8x7b:4096",
+]
+# (name, deterministic, ATOMIC_PAIRS, ATOMIC_FP32_SUMS)
+VARIANTS = [
+    ("slots+sum", True, False, False),
+    ("atomic fp32 x1", False, False, True),
+    ("atomic fp32 x2", False, True, True),
+    ("atomic out x1", False, False, False),
+    ("atomic out x2", False, True, False),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", nargs="*", default=POINTS)
+    parser.add_argument("--routing", default="random", help="tilemoe.bench.scenarios name (random, imbalanced)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warm-only", action="store_true")
+    args = parser.parse_args()
+    defaults = fe.ATOMIC_PAIRS, fe.ATOMIC_FP32_SUMS
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; us per fused_experts call, {args.routing}")
+    print("point\t" + "\t".join(name for name, *_ in VARIANTS))
+    for point in args.points:
+        name, tokens = point.rsplit(":", 1)
+        t = int(tokens)
+        config = MoEConfig.from_pretrained(name)
+        gen = torch.Generator().manual_seed(t)
+        w = make_weights(config, dtype=torch.bfloat16, device="cuda")
+        x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+        tw, ti = make_routing_for(args.routing, t, config, generator=gen, device="cuda")
+        calls = max(1, min(20, 20_000 // t))
+        graphs, outs, ran = [], [], []
+        for _, deterministic, pairs, fp32 in VARIANTS:
+            fe.ATOMIC_PAIRS, fe.ATOMIC_FP32_SUMS = pairs, fp32  # read at launch: the capture records this form
+            fn = functools.partial(fe.fused_experts, x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"],
+                                   b2=w["b2"], deterministic=deterministic)  # fmt: skip
+            try:
+                outs.append(fn())
+            except OutOfResources as error:  # the table's tiles with this epilogue need more shared memory
+                print(f"# {point} {VARIANTS[len(ran)][0]}: {str(error)[:90]}", flush=True)
+                ran.append(False)
+                continue
+            ran.append(True)
+            graphs.append((capture_graph(fn, calls)[0], calls))
+        fe.ATOMIC_PAIRS, fe.ATOMIC_FP32_SUMS = defaults
+        if args.warm_only:
+            continue
+        ref = outs[0].float()
+        errors = iter(float((out.float() - ref).norm() / ref.norm()) for out in outs)
+        times = iter(graph_us_in_turn(graphs, args.rounds))
+        cells = [f"{next(times):.1f} ({next(errors):.0e})" if ok else "-" for ok in ran]
+        print(point + "\t" + "\t".join(cells), flush=True)
+        del graphs, outs, w
+
+
+if __name__ == "__main__":
+    main()
