@@ -1,13 +1,13 @@
-"""The combine of ``fused_experts`` at large T: per-slot rows summed over K afterwards (deterministic) against atomic
-sums in GEMM 2's epilogue (one element or two per reduction; in a float32 buffer or in the output dtype);
-fused_experts alone on the table's config, CUDA-graph replays, the variants in turn within each round; each time
-with the relative error of its output against the deterministic one's.
+"""The combine of ``fused_experts`` at large T: per-slot rows summed over K afterwards (deterministic=True) against
+the atomic sums in GEMM 2's epilogue (deterministic=False); fused_experts alone on the table's config, CUDA-graph
+replays, the two in turn within each round; each time with the relative error of its output against the
+deterministic one's.
 
     PYTHONPATH=src python3 bench/combine_probe.py [--points qwen3-30b-a3b:4096 ...] [--warm-only]
     PYTHONPATH=src python3 bench/combine_probe.py --routing imbalanced ...
 
-A development tool (it backs the choice of ``tilemoe.ops.fused_experts.ATOMIC_PAIRS`` / ``ATOMIC_FP32_SUMS``);
-claims come from ``tilemoe bench``.
+At commit 3a27bec it also timed two columns per reduction (inline PTX) and sums in a float32 buffer: both lost at
+every point (bench/NOTES.md, version 8) and are gone. A development tool; claims come from ``tilemoe bench``.
 """
 
 from __future__ import annotations
@@ -33,14 +33,7 @@ POINTS = [
     "gpt-oss-120b:16384",
     "mixtral-8x7b:4096",
 ]
-# (name, deterministic, ATOMIC_PAIRS, ATOMIC_FP32_SUMS)
-VARIANTS = [
-    ("slots+sum", True, False, False),
-    ("atomic fp32 x1", False, False, True),
-    ("atomic fp32 x2", False, True, True),
-    ("atomic out x1", False, False, False),
-    ("atomic out x2", False, True, False),
-]
+VARIANTS = [("slots+sum", True), ("atomic", False)]  # (name, deterministic)
 
 
 def main() -> None:
@@ -50,7 +43,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warm-only", action="store_true")
     args = parser.parse_args()
-    defaults = fe.ATOMIC_PAIRS, fe.ATOMIC_FP32_SUMS
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; us per fused_experts call, {args.routing}")
     print("point\t" + "\t".join(name for name, *_ in VARIANTS))
     for point in args.points:
@@ -63,8 +55,7 @@ def main() -> None:
         tw, ti = make_routing_for(args.routing, t, config, generator=gen, device="cuda")
         calls = max(1, min(20, 20_000 // t))
         graphs, outs, ran = [], [], []
-        for _, deterministic, pairs, fp32 in VARIANTS:
-            fe.ATOMIC_PAIRS, fe.ATOMIC_FP32_SUMS = pairs, fp32  # read at launch: the capture records this form
+        for _, deterministic in VARIANTS:
             fn = functools.partial(fe.fused_experts, x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"],
                                    b2=w["b2"], deterministic=deterministic)  # fmt: skip
             try:
@@ -75,7 +66,6 @@ def main() -> None:
                 continue
             ran.append(True)
             graphs.append((capture_graph(fn, calls)[0], calls))
-        fe.ATOMIC_PAIRS, fe.ATOMIC_FP32_SUMS = defaults
         if args.warm_only:
             continue
         ref = outs[0].float()

@@ -1,5 +1,7 @@
 """fused_experts (Triton; the interpreter on CPU) against the float64 reference, every option and edge case."""
 
+import functools
+
 import pytest
 import torch
 
@@ -77,6 +79,32 @@ def test_one_expert_takes_every_token(deterministic, generator):
 def test_activations_biases_input_scaling(changes, generator):
     config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24).replace(**changes)
     _run_case(config, 9, torch.float16, generator, kernel_config=SMALL, deterministic=False)
+
+
+def test_deterministic_follows_torch_switch(monkeypatch, generator):
+    # None (the default): the atomic combine, unless torch.use_deterministic_algorithms(True) asks for the
+    # per-slot rows summed in order (sum_slots)
+    config = MoEConfig(num_experts=5, top_k=3, hidden_size=32, intermediate_size=16)
+    w = make_weights(config, dtype=torch.float16, device=DEVICE, generator=generator)
+    x = make_input(11, config, dtype=torch.float16, device=DEVICE, generator=generator)
+    tw, ti = make_routing(11, config, device=DEVICE, generator=generator)
+    summed = _spy(monkeypatch, fused_experts_module, "sum_slots")
+    call = functools.partial(fused_experts, x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=SMALL)
+    ref = _reference(x, w, tw, ti, config)
+    assert_close(call(), ref, torch.float16)
+    assert summed == []
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        out = call()
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+    assert len(summed) == 1
+    assert_close(out, ref, torch.float16)
+    assert torch.equal(call(deterministic=True), out)
+    with pytest.raises(TypeError, match="deterministic"):
+        call(deterministic="yes")
 
 
 def test_torch_reference_matches(generator):

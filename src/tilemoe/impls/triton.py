@@ -1,9 +1,11 @@
 """tilemoe's fused Triton MoE (``tilemoe.ops.fused_experts``): two fused expert GEMMs, no host sync.
 
-Gather fused into GEMM 1's loads, the gated activation into its epilogue; routing weight and per-slot
-output in GEMM 2's epilogue; a sync-free alignment, so the layer captures in a CUDA graph. Tile shapes from
-``tilemoe.tuning.pick_config``. Runs on CUDA, and on the CPU under the Triton interpreter
-(``TRITON_INTERPRET=1``, for tests); "auto" takes it on CUDA, on the CPU only in the interpreter.
+Gather fused into GEMM 1's loads, the gated activation into its epilogue; routing weight and the combine in
+GEMM 2's epilogue (atomic sums per token; ``triton_deterministic``, or ``triton`` under
+torch.use_deterministic_algorithms(True): per-slot rows summed in order, bitwise repeatable); a sync-free
+alignment, so the layer captures in a CUDA graph. Tile shapes from ``tilemoe.tuning.pick_config``. Runs on CUDA,
+and on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``, for tests); "auto" takes it on CUDA, on the
+CPU only in the interpreter.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def triton_experts_from_logits(x, w13, w2, router_logits, *, config, correction_
 
 @register_impl(
     "triton",
-    description="fused Triton MoE: gather+GEMM1+activation, GEMM2+weight, sync-free alignment",
+    description="fused Triton MoE: gather+GEMM1+activation, GEMM2+weight+combine, sync-free alignment",
     devices=_DEVICES,
     auto_priority=100,
     is_available=triton_kernels_available,
@@ -35,3 +37,24 @@ def triton_experts_from_logits(x, w13, w2, router_logits, *, config, correction_
 )
 def triton_experts(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
     return fused_experts(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2)
+
+
+def triton_deterministic_experts_from_logits(
+    x, w13, w2, router_logits, *, config, correction_bias=None, b13=None, b2=None
+):
+    out, _, _ = fused_experts_from_logits(
+        x, w13, w2, router_logits, config=config, correction_bias=correction_bias, b13=b13, b2=b2, deterministic=True
+    )
+    return out
+
+
+@register_impl(
+    "triton_deterministic",
+    description="the fused Triton MoE with the deterministic combine: per-slot rows summed over K in order",
+    devices=_DEVICES,
+    auto_priority=0,
+    is_available=triton_kernels_available,
+    from_logits=triton_deterministic_experts_from_logits,
+)
+def triton_deterministic_experts(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
+    return fused_experts(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2, deterministic=True)

@@ -2,8 +2,9 @@
 
     align (sorted_ids, expert_ids; ``tilemoe.ops.align``)
     GEMM 1: gather x rows by slot, x @ w13[e]^T (gate and up column blocks), + b13, act(gate) * up -> act
-    GEMM 2: act @ w2[e]^T, + b2, * routing weight -> per-slot rows (deterministic) or atomic sums per token
-    combine: sum over the K slots of each token (deterministic mode; ``tilemoe.ops.combine.sum_slots``)
+    GEMM 2: act @ w2[e]^T, + b2, * routing weight -> added atomically into the token's row (the combine fused), or
+            per-slot rows (deterministic mode)
+    combine (deterministic mode): sum over the K slots of each token, in order (``tilemoe.ops.combine.sum_slots``)
 
 Other forms, chosen by the ``KernelConfig``: the decode kernels (no alignment, T*K small), torch's grouped GEMM for
 both GEMMs, and both GEMMs in one persistent launch (``one_launch``). ``fused_experts_from_logits`` takes router
@@ -232,10 +233,10 @@ def _launch(
         GROUP_M=cfg.group_m1,
         SPLIT_TAIL=split_tail1,
     )
-    atomic = _atomic_mode(x) if not deterministic and top_k > 1 else 0
+    atomic = not deterministic and top_k > 1
     if cfg.one_launch:
         out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
-        return out.to(x.dtype) if atomic else sum_slots(out, top_k)
+        return out if atomic else sum_slots(out, top_k)
     tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
     _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,)](
         **pdl_options(x.device),
@@ -246,7 +247,7 @@ def _launch(
         num_stages=cfg.num_stages1,
     )
     if atomic:
-        out = torch.zeros((num_tokens, hidden), dtype=_atomic_dtype(x), device=x.device)
+        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
     else:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
@@ -301,26 +302,7 @@ def _launch(
         num_warps=cfg.num_warps2,
         num_stages=cfg.num_stages2,
     )
-    if atomic:
-        return out.to(x.dtype)
-    return sum_slots(out, top_k)
-
-
-# The atomic combine (deterministic=False): GEMM 2 adds each slot's weighted row into its token's row. With
-# ATOMIC_PAIRS (CUDA) two neighbouring columns per reduction (``_add_pairs``), else tl.atomic_add's one per element;
-# with ATOMIC_FP32_SUMS the sums run in a float32 [T, H] buffer cast afterwards, else in the output dtype itself
-# (16-bit sums: each of the K additions rounds).
-ATOMIC_PAIRS = True
-ATOMIC_FP32_SUMS = False
-
-
-def _atomic_mode(x: torch.Tensor) -> int:
-    """GEMM 2's ATOMIC code: 2 pairs of columns per reduction (PTX: CUDA only), 1 one element per reduction."""
-    return 2 if ATOMIC_PAIRS and x.device.type == "cuda" else 1
-
-
-def _atomic_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if ATOMIC_FP32_SUMS else x.dtype
+    return out if atomic else sum_slots(out, top_k)
 
 
 # Polls of a one-launch GEMM 2 tile waiting for its rows before it gives up (sets the error word): ~1 s and more on
@@ -332,11 +314,11 @@ ONE_LAUNCH_INTERPRETER_PROGRAMS = 1
 
 
 def _launch_one(
-    gemm1_args: dict, x, w2, b2, weights_flat, act, align, atomic: int, cfg: KernelConfig
+    gemm1_args: dict, x, w2, b2, weights_flat, act, align, atomic: bool, cfg: KernelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both GEMMs in one persistent launch (``KernelConfig.one_launch``), GEMM 1's arguments as ``_gemm1_kernel``
     takes them: (GEMM 2's output, as the two-launch path leaves it: per-slot rows, or the [T, H] sums when
-    ``atomic`` (``_atomic_dtype``); the ready words, the last one the error word: 1 when a GEMM 2 tile gave up
+    ``atomic``; the ready words, the last one the error word: 1 when a GEMM 2 tile gave up
     waiting)."""
     from tilemoe.ops._kernels._one_launch import _one_launch_kernel
 
@@ -346,7 +328,7 @@ def _launch_one(
     nt1 = cdiv(inter, cfg.block_n1)
     ready = torch.zeros(capacity // cfg.block_m * nt1 + 1, dtype=torch.int32, device=x.device)
     if atomic:
-        out = torch.zeros((num_tokens, hidden), dtype=_atomic_dtype(x), device=x.device)
+        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
     else:
         out = torch.empty((gemm1_args["num_slots"], hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
@@ -585,7 +567,7 @@ def fused_experts(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     kernel_config: KernelConfig | None = None,
-    deterministic: bool = True,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Routed experts of one layer: [T, H] -> [T, H] in x.dtype (see ``tilemoe.impls._registry``).
 
@@ -593,16 +575,29 @@ def fused_experts(
         x [T, H] fp32/fp16/bf16; w13 [E, 2I, H] (gate rows, then up rows; [E, I, H] plain); w2 [E, H, I];
         topk_weights [T, K] float32; topk_ids [T, K] int32 in [0, E); b13 [E, 2I] / b2 [E, H] or None.
         kernel_config: tile shapes; ``tilemoe.tuning.pick_config`` when None.
-        deterministic: per-slot rows summed over K (bitwise repeatable); False adds them into the token rows
-            with atomic reductions in GEMM 2's epilogue (``ATOMIC_PAIRS``, ``ATOMIC_FP32_SUMS``).
+        deterministic: True: GEMM 2 stores each slot's row and a second kernel sums a token's K rows in order
+            (bitwise repeatable); False: GEMM 2 adds the rows into the token rows with atomics in x.dtype (the
+            combine fused, no [T*K, H] round trip; the order of the additions varies from run to run); None (the
+            default): ``torch.are_deterministic_algorithms_enabled()``. The decode path is deterministic either way.
     Raises:
         ValueError / TypeError naming the argument on a shape, dtype or device mismatch.
     """
     _check(x, w13, w2, topk_weights, topk_ids, config, b13, b2)
     kernel_config = _kernel_config_for(x, w2, topk_ids.shape[1], kernel_config)
     return _fused_experts_op(
-        x, w13, w2, topk_weights, topk_ids, b13, b2, *_expert_args(config), _config_ints(kernel_config), deterministic
-    )
+        x, w13, w2, topk_weights, topk_ids, b13, b2, *_expert_args(config), _config_ints(kernel_config),
+        _deterministic(deterministic),
+    )  # fmt: skip
+
+
+def _deterministic(deterministic: bool | None) -> bool:
+    """The combine asked for: ``deterministic``, or torch's global switch when None (read when the call is traced or
+    captured; torch.use_deterministic_algorithms(True) makes every later call repeatable bit for bit)."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected True, False or None, got {deterministic!r}")
+    return deterministic
 
 
 # Flat routings the decode GEMM 1 runs itself (``tilemoe.ops._kernels._route._flat_topk``'s score codes, as in
@@ -687,7 +682,7 @@ def fused_experts_from_logits(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     kernel_config: KernelConfig | None = None,
-    deterministic: bool = True,
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing and routed experts of one layer: (out [T, H] in x.dtype, topk_weights [T, K] float32, topk_ids [T, K]
     int32), the routing exactly ``tilemoe.ops.route.route_fast``'s.

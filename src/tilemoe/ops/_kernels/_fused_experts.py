@@ -14,7 +14,7 @@ Dimension letters: T tokens, K top-k, E experts, H hidden, I expert intermediate
     num_padded   [1]           rows in use; blocks at or past it exit
     act          [CAP, I]      GEMM 1 output, rows in padded sorted order (padding rows hold act(bias) * ...)
     out_slots    [S, H]        GEMM 2 output per slot (deterministic combine: summed over K afterwards)
-    out_acc      [T, H]        GEMM 2 output added atomically per token (deterministic=False), fp32 or x.dtype
+    out_acc      [T, H]        GEMM 2 output added atomically per token, in x.dtype (the atomic combine)
 Accumulation in float32; fp32 operands go through 3xTF32 (``_dot``).
 WEIGHTS_ON_INPUT (the routing weight scales the layer input, Llama 4): GEMM 1 scales its float32 accumulators by the
 slot's weight, (w x) @ W = w (x @ W), rather than the x tile before the dot: on an H100 (Triton 3.6, bf16, TMA weight
@@ -55,114 +55,6 @@ def _dot(a, b, acc, FP32_PRECISE: tl.constexpr):
     if FP32_PRECISE:
         return tl.dot(a, b, acc, input_precision="tf32x3")
     return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _add_pairs(ptrs, values, mask):
-    """``*ptrs += values`` where ``mask``, two neighbouring elements per reduction (``red.global.add``: bf16x2,
-    f16x2 or v2.f32, sm_90) where a thread holds them side by side, the first at an address aligned to the pair's
-    size and both in the mask; one by one otherwise (an odd row stride leaves every other row unaligned).
-    tl.atomic_add issues one reduction per element (Triton 3.6-3.9, even for bf16); a dot's accumulator holds
-    column pairs per thread, so the pairs halve the reductions. PTX: CUDA only (the interpreter takes ATOMIC=1)."""
-    addresses = ptrs.to(tl.int64, bitcast=True)
-    flags = mask.to(tl.int32)
-    if values.dtype == tl.float32:
-        return tl.inline_asm_elementwise(
-            """{
-        .reg .pred both, lo_ok, hi_ok, apart;
-        .reg .b64 next;
-        setp.ne.b32 lo_ok, $6, 0;
-        setp.ne.b32 hi_ok, $7, 0;
-        .reg .b64 offset;
-        .reg .pred aligned;
-        add.s64 next, $2, 4;
-        setp.eq.s64 both, next, $3;
-        and.b64 offset, $2, 7;
-        setp.eq.s64 aligned, offset, 0;
-        and.pred both, both, aligned;
-        and.pred both, both, lo_ok;
-        and.pred both, both, hi_ok;
-        not.pred apart, both;
-        and.pred lo_ok, lo_ok, apart;
-        and.pred hi_ok, hi_ok, apart;
-        @both red.global.gpu.relaxed.add.v2.f32 [$2], {$4, $5};
-        @lo_ok red.global.gpu.relaxed.add.f32 [$2], $4;
-        @hi_ok red.global.gpu.relaxed.add.f32 [$3], $5;
-        mov.b32 $0, 0;
-        mov.b32 $1, 0;
-        }""",
-            "=r,=r,l,l,r,r,r,r",
-            [addresses, values, flags],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=2,
-        )
-    elif values.dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            """{
-        .reg .pred both, lo_ok, hi_ok, apart;
-        .reg .b64 next;
-        .reg .b16 lo, hi;
-        setp.ne.b32 lo_ok, $5, 0;
-        setp.ne.b32 hi_ok, $6, 0;
-        .reg .b64 offset;
-        .reg .pred aligned;
-        add.s64 next, $2, 2;
-        setp.eq.s64 both, next, $3;
-        and.b64 offset, $2, 3;
-        setp.eq.s64 aligned, offset, 0;
-        and.pred both, both, aligned;
-        and.pred both, both, lo_ok;
-        and.pred both, both, hi_ok;
-        not.pred apart, both;
-        and.pred lo_ok, lo_ok, apart;
-        and.pred hi_ok, hi_ok, apart;
-        mov.b32 {lo, hi}, $4;
-        @both red.global.gpu.relaxed.add.noftz.bf16x2 [$2], $4;
-        @lo_ok red.global.gpu.relaxed.add.noftz.bf16 [$2], lo;
-        @hi_ok red.global.gpu.relaxed.add.noftz.bf16 [$3], hi;
-        mov.b32 $0, 0;
-        mov.b32 $1, 0;
-        }""",
-            "=r,=r,l,l,r,r,r",
-            [addresses, values, flags],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=2,
-        )
-    else:
-        return tl.inline_asm_elementwise(
-            """{
-        .reg .pred both, lo_ok, hi_ok, apart;
-        .reg .b64 next;
-        .reg .b16 lo, hi;
-        setp.ne.b32 lo_ok, $5, 0;
-        setp.ne.b32 hi_ok, $6, 0;
-        .reg .b64 offset;
-        .reg .pred aligned;
-        add.s64 next, $2, 2;
-        setp.eq.s64 both, next, $3;
-        and.b64 offset, $2, 3;
-        setp.eq.s64 aligned, offset, 0;
-        and.pred both, both, aligned;
-        and.pred both, both, lo_ok;
-        and.pred both, both, hi_ok;
-        not.pred apart, both;
-        and.pred lo_ok, lo_ok, apart;
-        and.pred hi_ok, hi_ok, apart;
-        mov.b32 {lo, hi}, $4;
-        @both red.global.gpu.relaxed.add.noftz.f16x2 [$2], $4;
-        @lo_ok red.global.gpu.relaxed.add.noftz.f16 [$2], lo;
-        @hi_ok red.global.gpu.relaxed.add.noftz.f16 [$3], hi;
-        mov.b32 $0, 0;
-        mov.b32 $1, 0;
-        }""",
-            "=r,=r,l,l,r,r,r",
-            [addresses, values, flags],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=2,
-        )
 
 
 @triton.jit
@@ -542,11 +434,7 @@ def _gemm2_tile(
     if ATOMIC:
         token = tl.where(valid, slot // top_k, 0).to(tl.int64)
         out_ptrs = out_ptr + token[:, None] * stride_om + cols[None, :] * stride_oh
-        values = acc.to(out_ptr.dtype.element_ty)
-        if ATOMIC == 2:
-            _add_pairs(out_ptrs, values, mask)
-        else:
-            tl.atomic_add(out_ptrs, values, mask=mask, sem="relaxed")
+        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
     else:
         out_ptrs = out_ptr + tl.where(valid, slot, 0).to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_oh
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
