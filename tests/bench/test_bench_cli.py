@@ -213,6 +213,13 @@ def test_cuda_graph_flag_on_cpu_times_eagerly(tmp_path):
     assert row["status"] == "OK" and row["cuda_graph"] == "False" and "CUDA device" in row["note"]
 
 
+def test_graph_calls_flag(tmp_path, capsys):
+    (row,) = _read_csv(_run(tmp_path, ["--impl", "grouped", "--num-tokens", "3", "--cuda-graph", "--graph-calls", "4"]))
+    assert row["status"] == "OK" and row["cuda_graph"] == "False" and row["graph_calls"] == "0"  # CPU: eager
+    assert main(["bench", *TINY, "--num-tokens", "3", "--graph-calls", "0"]) == 2
+    assert "--graph-calls: expected a count >= 1, got 0" in capsys.readouterr().err
+
+
 def test_ep_size_goes_to_the_distributed_runner(monkeypatch, capsys):
     import importlib.util
 

@@ -25,3 +25,28 @@ def test_capture_graph_holds_the_calls_and_replays_them():
     assert len(times) == 2 and all(t > 0 for t in times)
     torch.cuda.synchronize()
     assert counter.tolist() == [5.0 + 3 * 2 * 3] * 4  # 3 rounds x 2 entries, each replay adds 3
+
+
+@pytest.mark.gpu
+def test_timer_graph_calls_cycle_the_inputs_and_divide_the_time():
+    from tilemoe.bench.timing import Timer
+
+    counters = [torch.zeros(1, device="cuda") for _ in range(2)]
+
+    def bump(counter):
+        torch.cuda._sleep(200_000)  # ~0.1 ms of GPU time per call: the replay time is the calls', not the launch
+        counter.add_(1.0)
+
+    one = Timer(bump, counters, device="cuda", cuda_graph=True)
+    four = Timer(bump, counters, device="cuda", cuda_graph=True, graph_calls=4)
+    torch.cuda.synchronize()
+    assert [c.item() for c in counters] == [2.0, 2.0]  # each timer's warm-up call per input set
+    stats = four.run(3)  # graphs 0, 1, 0: four calls each, starting at their own input set, two per set
+    torch.cuda.synchronize()
+    assert [c.item() for c in counters] == [2.0 + 6, 2.0 + 6]
+    assert stats.cuda_graph and stats.graph_calls == 4 and len(stats.times_ms) == 3
+    per_call_one = sorted(one.run(9).times_ms)[4]
+    per_call_four = sorted(four.run(9).times_ms)[4]
+    assert 0.5 < per_call_four / per_call_one < 1.2  # per call, not per replay
+    with pytest.raises(ValueError, match="graph_calls"):
+        Timer(bump, counters, device="cuda", cuda_graph=True, graph_calls=0)

@@ -195,6 +195,9 @@ def build_settings(args: argparse.Namespace, command: str = "bench"):  # noqa: A
     timed_scope = getattr(args, "timed_scope", "experts")  # commands without the flag (journey) time the experts
     if "trace" in scenarios and trace is None:
         raise ValueError("--scenarios: 'trace' needs --routing-trace FILE")
+    graph_calls = getattr(args, "graph_calls", 1)
+    if graph_calls < 1:
+        raise ValueError(f"--graph-calls: expected a count >= 1, got {graph_calls}")
     settings = BenchSettings(
         config=config,
         impls=[],
@@ -211,6 +214,7 @@ def build_settings(args: argparse.Namespace, command: str = "bench"):  # noqa: A
         iters=iters,
         rounds=args.rounds,
         cuda_graph=args.cuda_graph,
+        graph_calls=graph_calls,
         ep_size=args.ep_size,
         tp_size=args.tp_size,
         timed_scope=timed_scope,
@@ -220,6 +224,8 @@ def build_settings(args: argparse.Namespace, command: str = "bench"):  # noqa: A
         header["note"] = note
     header["config"] = config_summary(config)
     header["timing"] = {"warmup": warmup, "iters": iters, "rounds": args.rounds, "cuda_graph": args.cuda_graph}
+    if args.cuda_graph:
+        header["timing"]["graph_calls"] = graph_calls
     if hasattr(args, "timed_scope"):
         header["timing"]["timed_scope"] = timed_scope
     return settings, header

@@ -48,6 +48,13 @@ def add_model_device_flags(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--benchmark-iters", type=int, default=None, help="default 100 on GPU, 10 on CPU")
     d.add_argument("--rounds", type=int, default=5, help="timing rounds; implementations take turns within each")
     d.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays of the forward")
+    d.add_argument(
+        "--graph-calls",
+        type=int,
+        default=1,
+        help="with --cuda-graph, layer calls per graph at T <= 256 (input sets in turn); a sample is a replay's "
+        "time / calls: the layer inside a model's graph, not a graph launch per layer",
+    )
     d.add_argument("--verbose", action="store_true")
 
 

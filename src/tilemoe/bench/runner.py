@@ -87,6 +87,7 @@ MORE_COLUMNS = (
     "baseline",
     "level",
     "cuda_graph",
+    "graph_calls",
     "timed_scope",
     "device",
     "dtype",
@@ -100,6 +101,9 @@ MORE_COLUMNS = (
     "note",
 )
 COLUMNS = LEADING_COLUMNS + MORE_COLUMNS
+# Up to this many tokens a CUDA graph holds BenchSettings.graph_calls layer calls (--graph-calls); above, one: a call
+# takes >= 0.3 ms there, and the ~2-5 us launch of a graph is lost in it.
+GRAPH_CALLS_MAX_TOKENS = 256
 
 
 @dataclass
@@ -120,6 +124,7 @@ class BenchSettings:
     iters: int = 10
     rounds: int = 5
     cuda_graph: bool = False
+    graph_calls: int = 1  # layer calls per CUDA graph at T <= GRAPH_CALLS_MAX_TOKENS (Timer)
     profile_dir: str | None = None
     ep_size: int = 1
     tp_size: int = 1
@@ -209,6 +214,7 @@ def _base_row(s: BenchSettings, impl: str, scenario: str, tokens: int, loads, fl
         "baseline": s.baseline or "",
         "level": "" if impl_obj.level is None else impl_obj.level,
         "cuda_graph": False,
+        "graph_calls": 0,
         "timed_scope": s.timed_scope,
         "device": str(s.device),
         "dtype": str(s.dtype).replace("torch.", ""),
@@ -232,6 +238,7 @@ def _fill_timing(row: dict, stats: TimingStats, tokens: int) -> None:
         latency_p95_ms=stats.p95,
         latency_p99_ms=stats.p99,
         cuda_graph=stats.cuda_graph,
+        graph_calls=stats.graph_calls if stats.cuda_graph else 0,
     )
     if mean > 0:
         seconds = mean / 1e3
@@ -357,7 +364,8 @@ def run_case(
             got = out if subset is None else out[subset]
             assert_close(got, reference, dtype=s.dtype, name=name)
             del out, got
-            timer = Timer(fn, inputs, device=device, cuda_graph=s.cuda_graph)
+            graph_calls = s.graph_calls if tokens <= GRAPH_CALLS_MAX_TOKENS else 1
+            timer = Timer(fn, inputs, device=device, cuda_graph=s.cuda_graph, graph_calls=graph_calls)
             timer.warmup(s.warmup)
             timers[name] = timer
             stats[name] = TimingStats(note=timer.note)
@@ -389,6 +397,7 @@ def run_case(
         done += chunk
     for name, timer in timers.items():
         stats[name].cuda_graph = timer.graphs is not None
+        stats[name].graph_calls = timer.graph_calls
         _fill_timing(rows[name], stats[name], tokens)
         if s.profile_dir:
             path = Path(s.profile_dir) / f"{scenario}_T{tokens}_{name}.json"

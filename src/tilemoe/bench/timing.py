@@ -29,6 +29,7 @@ class TimingStats:
 
     times_ms: list[float] = field(default_factory=list)
     cuda_graph: bool = False  # True when the times are CUDA-graph replays
+    graph_calls: int = 1  # calls per replayed graph: each time is a replay's time divided by it
     note: str = ""  # e.g. why a requested CUDA graph was not used
 
     def extend(self, other: TimingStats) -> None:
@@ -71,16 +72,28 @@ def _synchronize(device: torch.device) -> None:
 class Timer:
     """Times ``fn(inputs[i])``; with ``cuda_graph`` one graph per input set is captured and replayed.
 
+    With ``graph_calls`` > 1 each graph holds that many calls back to back, the input sets taken in turn from its
+    own: a sample is a replay's time divided by the calls, the layer's time inside a larger graph (a model's
+    decode step), without the launch of a graph of its own each time.
     A forward that cannot be captured (it reads values back to the host, as levels 3 and 4 do) is timed
     eagerly instead and ``stats.note`` says so.
     """
 
     def __init__(
-        self, fn: Callable[[Any], Any], inputs: Sequence[Any], *, device: torch.device, cuda_graph: bool = False
+        self,
+        fn: Callable[[Any], Any],
+        inputs: Sequence[Any],
+        *,
+        device: torch.device,
+        cuda_graph: bool = False,
+        graph_calls: int = 1,
     ):
         if not inputs:
             raise ValueError("inputs: expected at least one input set, got none")
+        if not isinstance(graph_calls, int) or graph_calls < 1:
+            raise ValueError(f"graph_calls: expected an int >= 1, got {graph_calls!r}")
         self.fn, self.inputs, self.device = fn, list(inputs), torch.device(device)
+        self.graph_calls = graph_calls
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.note = ""
         self._calls = 0
@@ -118,10 +131,12 @@ class Timer:
                 for inp in self.inputs:  # warm-up off the capture (allocator, lazy init, autotuning)
                     self.fn(inp)
             torch.cuda.current_stream().wait_stream(stream)
-            for inp in self.inputs:
+            n = len(self.inputs)
+            for first in range(n):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    self.fn(inp)
+                    for call in range(self.graph_calls):
+                        self.fn(self.inputs[(first + call) % n])
                 graphs.append(graph)
             self.graphs = graphs
         except (RuntimeError, torch.OutOfMemoryError) as error:
@@ -156,14 +171,18 @@ class Timer:
                 end.record()
                 self._calls += 1
             torch.cuda.synchronize(self.device)
-            times = [start.elapsed_time(end) for start, end in events]
+            calls = self.graph_calls if self.graphs is not None else 1
+            times = [start.elapsed_time(end) / calls for start, end in events]
         else:
             for _ in range(iters):
                 t0 = time.perf_counter()
                 self._call(self._calls)
                 times.append((time.perf_counter() - t0) * 1e3)
                 self._calls += 1
-        return TimingStats(times_ms=times, cuda_graph=self.graphs is not None, note=self.note)
+        graphs = self.graphs is not None
+        return TimingStats(
+            times_ms=times, cuda_graph=graphs, graph_calls=self.graph_calls if graphs else 1, note=self.note
+        )
 
 
 def measure(
