@@ -40,10 +40,11 @@ def test_timer_graph_calls_cycle_the_inputs_and_divide_the_time():
     one = Timer(bump, counters, device="cuda", cuda_graph=True)
     four = Timer(bump, counters, device="cuda", cuda_graph=True, graph_calls=4)
     torch.cuda.synchronize()
-    assert [c.item() for c in counters] == [2.0, 2.0]  # each timer's warm-up call per input set
+    # per timer: the host-sync check's call on set 0, then a warm-up call per input set
+    assert [c.item() for c in counters] == [4.0, 2.0]
     stats = four.run(3)  # graphs 0, 1, 0: four calls each, starting at their own input set, two per set
     torch.cuda.synchronize()
-    assert [c.item() for c in counters] == [2.0 + 6, 2.0 + 6]
+    assert [c.item() for c in counters] == [4.0 + 6, 2.0 + 6]
     assert stats.cuda_graph and stats.graph_calls == 4 and len(stats.times_ms) == 3
     per_call_one = sorted(one.run(9).times_ms)[4]
     per_call_four = sorted(four.run(9).times_ms)[4]
