@@ -63,9 +63,6 @@ class KernelConfig:
     ``one_launch``: both GEMMs in one persistent launch (``ops/_kernels/_one_launch.py``), GEMM 2 tiles waiting on
     per-block ready words instead of a kernel boundary; needs num_warps1 == num_warps2, runs num_stages1 for both
     (one kernel), not with ``persistent`` / ``persistent1`` (its own loop); GEMM 2 then reads act by pointers.
-    ``prefetch2``: GEMM 2 is launched as GEMM 1's programmatic dependent (PDL, Hopper): its programs start in GEMM 1's
-    last wave, ask L2 for the w2 rows of their first tile (the routing is known before GEMM 1 starts), then wait for
-    GEMM 1's act. The two-launch tiled path only, on a GPU with PDL (elsewhere the flag does nothing).
     """
 
     block_m: int = 64
@@ -88,7 +85,6 @@ class KernelConfig:
     gate_up_dot: bool = False
     persistent1: bool = False
     one_launch: bool = False
-    prefetch2: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -100,7 +96,7 @@ class KernelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
         flags = ("tma", "persistent", "decode", "grouped_mm", "split_tail", "sorted_x", "gate_up_dot", "persistent1",
-                 "one_launch", "prefetch2")  # fmt: skip
+                 "one_launch")  # fmt: skip
         for name in flags:
             value = getattr(self, name)
             if value not in (True, False):  # 0 / 1 from a table or the custom op's int list

@@ -107,12 +107,6 @@ def test_deterministic_follows_torch_switch(monkeypatch, generator):
         call(deterministic="yes")
 
 
-def test_prefetch2_is_harmless_without_pdl(generator):
-    # KernelConfig.prefetch2 needs PDL (a Hopper GPU); elsewhere (the interpreter) the launch is the plain one
-    config = MoEConfig(num_experts=6, top_k=2, hidden_size=40, intermediate_size=24)
-    _run_case(config, 9, torch.float16, generator, kernel_config=KernelConfig(**{**SMALL.to_dict(), "prefetch2": True}))
-
-
 def test_torch_reference_matches(generator):
     config = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, expert_bias=True)
     w = make_weights(config, generator=generator)

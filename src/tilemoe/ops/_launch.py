@@ -37,13 +37,6 @@ def pdl_enabled(device: torch.device) -> bool:
     return _pdl_device(device.index)
 
 
-def pdl_supported(device: torch.device) -> bool:
-    """Whether ``device`` can launch a kernel as a programmatic dependent (CUDA, Hopper or later, a Triton with
-    PDL), whatever ``TILEMOE_PDL`` says: for kernels that use it for more than the launch
-    (``KernelConfig.prefetch2``)."""
-    return device.type == "cuda" and _pdl_device(device.index)
-
-
 def pdl_options(device: torch.device) -> dict:
     """Keyword arguments for a kernel launch whose kernel starts with ``_pdl_prologue(PDL)``:
     ``{"PDL": True, "launch_pdl": True}`` where ``pdl_enabled``, else ``{"PDL": False}``."""

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from tilemoe.config import MoEConfig
-from tilemoe.ops._launch import cdiv, pdl_options, pdl_supported
+from tilemoe.ops._launch import cdiv, pdl_options
 from tilemoe.ops.act_and_mul import ACTIVATION_CODES, launch_act_and_mul
 from tilemoe.ops.activation import act_and_mul_torch
 from tilemoe.ops.align import moe_align
@@ -237,28 +237,19 @@ def _launch(
     if cfg.one_launch:
         out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
         return out if atomic else sum_slots(out, top_k)
-    # GEMM 2's output first: the zeros of the atomic sums are a launch, which must not sit between the GEMMs
-    if atomic:
-        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
-    row_bytes = inter * w2.element_size()
-    prefetch2 = cfg.prefetch2 and pdl_supported(x.device) and w2.stride(2) == 1 and row_bytes % 16 == 0
-    pdl1 = pdl_options(x.device)
-    if prefetch2:  # GEMM 1 lets GEMM 2 launch early (launch_dependents); GEMM 2 is launched as its dependent
-        pdl1 = {**pdl1, "PDL": True}
-        pdl2 = dict(PDL=True, launch_pdl=True, PREFETCH=True, w2_rows_ptr=w2, row_bytes=row_bytes)
-    else:
-        pdl2 = pdl_options(x.device)
     tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
     _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,)](
-        **pdl1,
+        **pdl_options(x.device),
         **gemm1_args,
         num_blocks_m=num_blocks_m,
         PERSISTENT=cfg.persistent1,
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )
+    if atomic:
+        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
@@ -270,7 +261,7 @@ def _launch(
         act_tail_arg = _tma_descriptor(act, cfg.block_m // 2, cfg.block_k2)
     tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
     _gemm2_kernel[(_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,)](
-        **pdl2,
+        **pdl_options(x.device),
         act_ptr=act_arg,
         act_tail_ptr=act_tail_arg,
         stride_am=act.stride(0),

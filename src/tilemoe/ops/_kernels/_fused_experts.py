@@ -58,28 +58,6 @@ def _dot(a, b, acc, FP32_PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_w2_tile(
-    w2_ptr, expert_ids_ptr, num_padded, tile, blocks_m, hidden, stride_we, stride_wh, row_bytes,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """Ask L2 for the w2 rows GEMM 2 tile ``tile`` will read (``KernelConfig.prefetch2``): one bulk prefetch per row
-    (``cp.async.bulk.prefetch.L2``, sm_90), nothing waits for it. Run before the PDL wait, in GEMM 1's last wave."""
-    pid_m, pid_n = _tile_ids(tile, blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M < num_padded:
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        addresses = (w2_ptr + expert * stride_we + rows.to(tl.int64) * stride_wh).to(tl.int64, bitcast=True)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-            "=r,l,r,r",
-            [addresses, (rows < hidden).to(tl.int32), row_bytes + tl.zeros([BLOCK_N], dtype=tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
-@triton.jit
 def _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
     """Tile index -> (block of rows, block of columns), GROUP_M row blocks at a time (weights stay in L2)."""
     in_group = GROUP_M * num_blocks_n
@@ -532,17 +510,7 @@ def _gemm2_kernel(
     GROUP_M: tl.constexpr,
     SPLIT_TAIL: tl.constexpr,  # as in GEMM 1 (not with PERSISTENT: that loop holds one tile shape)
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr = False,  # launched as GEMM 1's PDL dependent: L2 prefetch of the first tile's w2 rows
-    w2_rows_ptr=None,  # w2 itself (w_ptr may be its descriptor), [E, H, I] with unit stride along I
-    row_bytes=0,  # I * element size, a multiple of 16
 ):
-    if PREFETCH:  # before the wait: the alignment (expert_ids, num_padded) was final before GEMM 1 started
-        num_padded = tl.load(num_padded_ptr)
-        _prefetch_w2_tile(
-            w2_rows_ptr, expert_ids_ptr, num_padded, tl.program_id(0),
-            num_padded // BLOCK_M if PERSISTENT else num_blocks_m, hidden, stride_we, stride_wh, row_bytes,
-            BLOCK_M, BLOCK_N, GROUP_M,
-        )  # fmt: skip
     _pdl_prologue(PDL)
     num_padded = tl.load(num_padded_ptr)
     if PERSISTENT:
