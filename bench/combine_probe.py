@@ -16,13 +16,12 @@ import argparse
 import functools
 
 import torch
+from decode_probe import _point_inputs  # bench/ is on sys.path when this script runs
 from triton.runtime.errors import OutOfResources
 
 import tilemoe.ops.fused_experts as fe
 from tilemoe.bench.scenarios import make_routing_for
 from tilemoe.bench.timing import capture_graph, graph_us_in_turn
-from tilemoe.config import MoEConfig
-from tilemoe.testing import make_input, make_weights
 
 POINTS = [
     "qwen3-30b-a3b:1024",
@@ -46,12 +45,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; us per fused_experts call, {args.routing}")
     print("point\t" + "\t".join(name for name, *_ in VARIANTS))
     for point in args.points:
-        name, tokens = point.rsplit(":", 1)
-        t = int(tokens)
-        config = MoEConfig.from_pretrained(name)
-        gen = torch.Generator().manual_seed(t)
-        w = make_weights(config, dtype=torch.bfloat16, device="cuda")
-        x = make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+        t, config, gen, w, x = _point_inputs(point)
         tw, ti = make_routing_for(args.routing, t, config, generator=gen, device="cuda")
         calls = max(1, min(20, 20_000 // t))
         graphs, outs, ran = [], [], []

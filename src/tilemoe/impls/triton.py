@@ -19,42 +19,41 @@ from tilemoe.ops.fused_experts import fused_experts, fused_experts_from_logits
 _DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
 
-def triton_experts_from_logits(x, w13, w2, router_logits, *, config, correction_bias=None, b13=None, b2=None):
-    """Routing and experts: on the decode path with a flat routing, GEMM 1 routes (one launch less)."""
-    out, _, _ = fused_experts_from_logits(
-        x, w13, w2, router_logits, config=config, correction_bias=correction_bias, b13=b13, b2=b2
-    )
-    return out
+def _register(name: str, description: str, auto_priority: int, deterministic: bool | None) -> None:
+    """Register ``fused_experts`` (and, from router logits, ``fused_experts_from_logits``: on the decode path with a
+    flat routing GEMM 1 routes, one launch less) as ``name`` with this combine (``fused_experts``' deterministic)."""
+
+    def experts(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
+        return fused_experts(
+            x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2, deterministic=deterministic
+        )
+
+    def experts_from_logits(x, w13, w2, router_logits, *, config, correction_bias=None, b13=None, b2=None):
+        out, _, _ = fused_experts_from_logits(
+            x, w13, w2, router_logits, config=config, correction_bias=correction_bias, b13=b13, b2=b2,
+            deterministic=deterministic,
+        )  # fmt: skip
+        return out
+
+    register_impl(
+        name,
+        description=description,
+        devices=_DEVICES,
+        auto_priority=auto_priority,
+        is_available=triton_kernels_available,
+        from_logits=experts_from_logits,
+    )(experts)
 
 
-@register_impl(
+_register(
     "triton",
-    description="fused Triton MoE: gather+GEMM1+activation, GEMM2+weight+combine, sync-free alignment",
-    devices=_DEVICES,
+    "fused Triton MoE: gather+GEMM1+activation, GEMM2+weight+combine, sync-free alignment",
     auto_priority=100,
-    is_available=triton_kernels_available,
-    from_logits=triton_experts_from_logits,
+    deterministic=None,  # torch.use_deterministic_algorithms decides
 )
-def triton_experts(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
-    return fused_experts(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2)
-
-
-def triton_deterministic_experts_from_logits(
-    x, w13, w2, router_logits, *, config, correction_bias=None, b13=None, b2=None
-):
-    out, _, _ = fused_experts_from_logits(
-        x, w13, w2, router_logits, config=config, correction_bias=correction_bias, b13=b13, b2=b2, deterministic=True
-    )
-    return out
-
-
-@register_impl(
+_register(
     "triton_deterministic",
-    description="the fused Triton MoE with the deterministic combine: per-slot rows summed over K in order",
-    devices=_DEVICES,
+    "the fused Triton MoE with the deterministic combine: per-slot rows summed over K in order",
     auto_priority=0,
-    is_available=triton_kernels_available,
-    from_logits=triton_deterministic_experts_from_logits,
+    deterministic=True,
 )
-def triton_deterministic_experts(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
-    return fused_experts(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2, deterministic=True)

@@ -318,8 +318,7 @@ def _launch_one(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both GEMMs in one persistent launch (``KernelConfig.one_launch``), GEMM 1's arguments as ``_gemm1_kernel``
     takes them: (GEMM 2's output, as the two-launch path leaves it: per-slot rows, or the [T, H] sums when
-    ``atomic``; the ready words, the last one the error word: 1 when a GEMM 2 tile gave up
-    waiting)."""
+    ``atomic``; the ready words, the last one the error word: 1 when a GEMM 2 tile gave up waiting)."""
     from tilemoe.ops._kernels._one_launch import _one_launch_kernel
 
     num_tokens, hidden = x.shape
