@@ -49,7 +49,7 @@ if has triton; then
   for model in ${TRITON_MODELS:-qwen3-30b-a3b mixtral-8x7b deepseek-v2-lite gpt-oss-120b}; do
     tm "$T_TRITON" bench --model $model --dtype bf16 --impl triton triton_deterministic torch_grouped_mm grouped \
       --baseline torch_grouped_mm --num-tokens 1 8 64 256 1024 4096 16384 --scenarios random imbalanced \
-      --imbalance-factor 3.0 --cuda-graph --graph-calls "${GRAPH_CALLS:-10}" \
+      --imbalance-factor 3.0 --cuda-graph --graph-calls "${GRAPH_CALLS:-10}" --bmm-ceiling \
       --output-format all --output-file /tmp/res/h100-triton-$model 2>&1 | tee -a "$log"
   done
 fi

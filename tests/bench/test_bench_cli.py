@@ -259,3 +259,54 @@ def test_roofline_is_measured_once_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(roofline, "measure_roofline", no_measure)
     assert roofline.get_roofline(torch.device("cpu"), torch.float32) == first
+
+
+def test_bmm_ceiling_columns_and_markdown(tmp_path, monkeypatch):
+    # the ceiling is timed in the same rounds as the implementations: count its calls
+    import tilemoe.bench.ceiling as ceiling_mod
+
+    calls = []
+    real = ceiling_mod.bmm_ceiling
+
+    class Counting(ceiling_mod.BmmCeiling):
+        def fn(self, _inputs=None):
+            calls.append(1)
+            return super().fn(_inputs)
+
+    def counting(*args, **kwargs):
+        ceiling = real(*args, **kwargs)
+        return None if ceiling is None else Counting(**vars(ceiling))
+
+    monkeypatch.setattr("tilemoe.bench.runner.bmm_ceiling", counting)
+    base = tmp_path / "ceil"
+    rc = main(["bench", *TINY, "--impl", "grouped", "naive", "--num-tokens", "0", "7", "--scenarios", "random"]
+              + ["--bmm-ceiling", "--output-file", str(base), "--output-format", "all"])  # fmt: skip
+    assert rc == 0
+    rows = _read_csv(tmp_path / "ceil.csv")
+    zero = [r for r in rows if r["num_tokens"] == "0"]
+    assert all(r["ceiling_bmm_ms"] == "" and r["pct_ceiling_bmm"] == "" for r in zero)  # T = 0: no work, no ceiling
+    seven = [r for r in rows if r["num_tokens"] == "7"]
+    ceiling = {r["ceiling_bmm_ms"] for r in seven}
+    assert len(ceiling) == 1 and float(ceiling.pop()) > 0  # one ceiling per case, on every row
+    for r in seven:
+        expected = 100 * float(r["ceiling_bmm_ms"]) / float(r["latency_mean_ms"])
+        assert float(r["pct_ceiling_bmm"]) == pytest.approx(expected, rel=1e-4)
+    assert len(calls) == 1 + 3  # one warm-up call, then the 3 timed calls (TINY: --warmup-iters 1 --benchmark-iters 3)
+    md = (tmp_path / "ceil.md").read_text()
+    assert "cuBLAS bmm ceiling" in md and "% bmm ceiling" in md
+    assert json.loads((tmp_path / "ceil.json").read_text())["header"]["timing"]["bmm_ceiling"] is True
+
+
+def test_no_bmm_ceiling_by_default(tmp_path):
+    (row,) = _read_csv(_run(tmp_path, ["--impl", "grouped", "--num-tokens", "3"]))
+    assert row["ceiling_bmm_ms"] == "" and row["pct_ceiling_bmm"] == ""
+
+
+def test_bmm_ceiling_failure_is_a_note_not_a_stop(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (forced by the test)")
+
+    monkeypatch.setattr("tilemoe.bench.runner.bmm_ceiling", fail)
+    (row,) = _read_csv(_run(tmp_path, ["--impl", "grouped", "--num-tokens", "3", "--bmm-ceiling"]))
+    assert row["status"] == "OK" and row["ceiling_bmm_ms"] == ""
+    assert "bmm ceiling not timed (out of memory)" in row["note"]

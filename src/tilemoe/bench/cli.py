@@ -59,6 +59,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="layer: router GEMM + routing + experts in each timed call (default); experts: the routed experts "
         "only, routing done before timing (single-device runs; the expert-parallel bench keeps its own timing)",
     )
+    g.add_argument(
+        "--bmm-ceiling",
+        action="store_true",
+        help="also time cuBLAS batched GEMMs of the layer's two expert GEMMs (balanced rows; no routing, gather, "
+        "activation or combine) in turn with the implementations: columns ceiling_bmm_ms, pct_ceiling_bmm",
+    )
     add_distributed_flags(parser)
     o = parser.add_argument_group("output")
     o.add_argument("--output-format", choices=OUTPUT_FORMATS, default="both")
@@ -218,6 +224,7 @@ def build_settings(args: argparse.Namespace, command: str = "bench"):  # noqa: A
         ep_size=args.ep_size,
         tp_size=args.tp_size,
         timed_scope=timed_scope,
+        bmm_ceiling=getattr(args, "bmm_ceiling", False),
     )
     header = {**environment(device), "model": model, "dtype": str(dtype).replace("torch.", "")}
     if note:
@@ -228,6 +235,8 @@ def build_settings(args: argparse.Namespace, command: str = "bench"):  # noqa: A
         header["timing"]["graph_calls"] = graph_calls
     if hasattr(args, "timed_scope"):
         header["timing"]["timed_scope"] = timed_scope
+    if settings.bmm_ceiling:
+        header["timing"]["bmm_ceiling"] = True
     return settings, header
 
 

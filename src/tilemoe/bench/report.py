@@ -83,22 +83,33 @@ def to_markdown(rows: list[dict], header: dict, title: str = "tilemoe bench") ->
         cases.setdefault((row["scenario"], row["num_tokens"]), []).append(row)
     for (scenario, tokens), case in cases.items():
         first = case[0]
+        ceiling = first.get("ceiling_bmm_ms", math.nan)
+        has_ceiling = isinstance(ceiling, float) and not math.isnan(ceiling)
+        ceiling_line = ""
+        if has_ceiling:
+            pct = 100.0 * first["roofline_ms"] / ceiling if ceiling > 0 else math.nan
+            ceiling_line = f"; cuBLAS bmm ceiling {_fmt(ceiling)} ms ({_fmt(pct, 3)}% of the roofline)"
         lines += [
             f"## {scenario}, {tokens} tokens",
             "",
             f"loads: max {first['max_load']}, min {first['min_load']}, avg {_fmt(first['avg_load'])}, "
-            f"max_imbalance {_fmt(first['max_imbalance'])}; roofline {_fmt(first['roofline_ms'])} ms",
+            f"max_imbalance {_fmt(first['max_imbalance'])}; roofline {_fmt(first['roofline_ms'])} ms{ceiling_line}",
             "",
-            "| implementation | status | mean ms | p95 ms | tok/s | TFLOP/s | GB/s | % roofline | imbalance "
-            "| speedup vs " + (first["baseline"] or "-") + " | note |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| implementation | status | mean ms | p95 ms | tok/s | TFLOP/s | GB/s | % roofline | "
+            + ("% bmm ceiling | " if has_ceiling else "")
+            + "imbalance | speedup vs "
+            + (first["baseline"] or "-")
+            + " | note |",
+            "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_ceiling else "") + "---:|---:|---|",
         ]
         for r in case:
             note = str(r["note"]).replace("|", "/").replace("\n", " ")[:120]
+            ceiling_cell = f" {_fmt(r.get('pct_ceiling_bmm', math.nan), 3)} |" if has_ceiling else ""
             lines.append(
                 f"| {r['implementation']} | {r['status']} | {_fmt(r['latency_mean_ms'])} | {_fmt(r['latency_p95_ms'])} "
                 f"| {_fmt(r['throughput_tok_per_sec'])} | {_fmt(r['tflops'])} | {_fmt(r['gbps'])} "
-                f"| {_fmt(r['pct_roofline'], 3)} | {_fmt(r['max_imbalance'], 3)} | {_fmt(r['speedup'], 3)} | {note} |"
+                f"| {_fmt(r['pct_roofline'], 3)} |{ceiling_cell} {_fmt(r['max_imbalance'], 3)} "
+                f"| {_fmt(r['speedup'], 3)} | {note} |"
             )
         lines.append("")
     return "\n".join(lines)

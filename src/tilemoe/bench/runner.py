@@ -20,6 +20,10 @@ memory") anywhere in an implementation's gate or timing marks its row OOM; memor
 
 peak_memory_mb: ``torch.cuda.max_memory_allocated`` over the gate call (weights and inputs included); empty on
 CPU, where PyTorch does not track it.
+
+ceiling_bmm_ms / pct_ceiling_bmm (``BenchSettings.bmm_ceiling``): cuBLAS's time for the layer's two GEMMs with
+balanced rows (``tilemoe.bench.ceiling``), timed in turn with the implementations; the same on every row of a case,
+and 100 * that time / the row's mean time.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from tilemoe.bench.ceiling import bmm_ceiling
 from tilemoe.bench.layer import (
     check_layer_ids,
     layer_fn,
@@ -99,6 +104,8 @@ MORE_COLUMNS = (
     "flops",
     "bytes",
     "note",
+    "ceiling_bmm_ms",
+    "pct_ceiling_bmm",
 )
 COLUMNS = LEADING_COLUMNS + MORE_COLUMNS
 # Up to this many tokens a CUDA graph holds BenchSettings.graph_calls layer calls (--graph-calls); above, one: a call
@@ -125,6 +132,7 @@ class BenchSettings:
     rounds: int = 5
     cuda_graph: bool = False
     graph_calls: int = 1  # layer calls per CUDA graph at T <= GRAPH_CALLS_MAX_TOKENS (Timer)
+    bmm_ceiling: bool = False  # time tilemoe.bench.ceiling's cuBLAS ceiling in turn with the implementations
     profile_dir: str | None = None
     ep_size: int = 1
     tp_size: int = 1
@@ -226,6 +234,8 @@ def _base_row(s: BenchSettings, impl: str, scenario: str, tokens: int, loads, fl
         "flops": flops,
         "bytes": nbytes,
         "note": "",
+        "ceiling_bmm_ms": math.nan,
+        "pct_ceiling_bmm": math.nan,
     }
 
 
@@ -381,7 +391,10 @@ def run_case(
 
     del reference
     _free_memory(device)
-    # timed in turn within each round, so clock drift spreads over every implementation alike
+    ceiling_timer, ceiling_stats = None, TimingStats()
+    if s.bmm_ceiling and timers:
+        ceiling_timer = _ceiling_timer(s, tokens, loads.experts_hit, weights, rows)
+    # timed in turn within each round, so clock drift spreads over every implementation (and the ceiling) alike
     per_round = max(1, math.ceil(s.iters / max(1, s.rounds)))
     done = 0
     while done < s.iters and timers:
@@ -394,7 +407,16 @@ def run_case(
                 rows[name].update(status=status, note=f"during timing: {str(error).splitlines()[0][:200]}")
                 del timers[name]
                 _free_memory(device)
+        if ceiling_timer is not None:
+            try:
+                ceiling_stats.extend(ceiling_timer.run(chunk))
+            except Exception as error:  # noqa: BLE001 - extra information: drop it, keep timing the implementations
+                for row in rows.values():
+                    row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling failed: {type(error).__name__}"]))
+                ceiling_timer, ceiling_stats = None, TimingStats()
+                _free_memory(device)
         done += chunk
+    del ceiling_timer
     for name, timer in timers.items():
         stats[name].cuda_graph = timer.graphs is not None
         stats[name].graph_calls = timer.graph_calls
@@ -402,6 +424,11 @@ def run_case(
         if s.profile_dir:
             path = Path(s.profile_dir) / f"{scenario}_T{tokens}_{name}.json"
             _profile(timer.fn, inputs[0], path, device)
+    if ceiling_stats.times_ms:
+        for row in rows.values():
+            row["ceiling_bmm_ms"] = ceiling_stats.mean
+            if row["status"] == "OK" and row["latency_mean_ms"] > 0:
+                row["pct_ceiling_bmm"] = 100.0 * ceiling_stats.mean / row["latency_mean_ms"]
     del timers
     _free_memory(device)
 
@@ -413,6 +440,28 @@ def run_case(
     if progress:
         progress(f"{scenario} T={tokens}")
     return [rows[name] for name in s.impls]
+
+
+def _ceiling_timer(s: BenchSettings, tokens: int, experts_hit: int, weights: dict, rows: dict) -> Timer | None:
+    """A warmed-up Timer of the cuBLAS ceiling (``tilemoe.bench.ceiling``), or None (T = 0, or it failed: every
+    row's note says why, the implementations' timing goes on)."""
+    graph_calls = s.graph_calls if tokens <= GRAPH_CALLS_MAX_TOKENS else 1
+    try:
+        ceiling = bmm_ceiling(s.config, tokens, experts_hit, weights, dtype=s.dtype, device=s.device)
+        if ceiling is None:
+            return None
+        timer = Timer(ceiling.fn, [None], device=s.device, cuda_graph=s.cuda_graph, graph_calls=graph_calls)
+        timer.warmup(s.warmup)
+        if timer.note and s.device.type == "cuda":  # e.g. not capturable: its times would not be like the others'
+            for row in rows.values():
+                row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling: {timer.note}"]))
+        return timer
+    except Exception as error:  # noqa: BLE001 - the ceiling is extra information, never a reason to stop
+        why = "out of memory" if is_oom(error) else f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        for row in rows.values():
+            row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling not timed ({why})"]))
+        _free_memory(s.device)
+        return None
 
 
 def make_bench_weights(s: BenchSettings) -> dict:
