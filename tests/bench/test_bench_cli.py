@@ -310,3 +310,40 @@ def test_bmm_ceiling_failure_is_a_note_not_a_stop(tmp_path, monkeypatch):
     (row,) = _read_csv(_run(tmp_path, ["--impl", "grouped", "--num-tokens", "3", "--bmm-ceiling"]))
     assert row["status"] == "OK" and row["ceiling_bmm_ms"] == ""
     assert "bmm ceiling not timed (out of memory)" in row["note"]
+
+
+def test_timing_order_rotates_each_round(tmp_path):
+    # under a power cap a call runs slower right after a power-hungry one: no implementation may always follow
+    # the same one. Each impl below logs its calls; the last 3 rounds x 3 items (2 impls + the ceiling) are timed.
+    seen = []
+
+    def logging_impl(name):
+        def forward(x, w13, w2, topk_weights, topk_ids, *, config, b13=None, b2=None):
+            from tilemoe.impls.grouped import grouped_forward
+
+            seen.append(name)
+            return grouped_forward(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2)
+
+        register_impl(name, description="logs its calls (test)")(forward)
+
+    import tilemoe.bench.ceiling as ceiling_mod
+
+    class LoggedCeiling(ceiling_mod.BmmCeiling):
+        def fn(self, _inputs=None):
+            seen.append("ceiling")
+            return super().fn(_inputs)
+
+    real = ceiling_mod.bmm_ceiling
+    try:
+        logging_impl("first_for_test")
+        logging_impl("second_for_test")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("tilemoe.bench.runner.bmm_ceiling", lambda *a, **k: LoggedCeiling(**vars(real(*a, **k))))
+            args = ["--impl", "first_for_test", "second_for_test", "--num-tokens", "4", "--bmm-ceiling"]
+            args += ["--warmup-iters", "0", "--benchmark-iters", "3", "--rounds", "3"]
+            _run(tmp_path, args)
+    finally:
+        unregister_impl("first_for_test")
+        unregister_impl("second_for_test")
+    a, b, c = "first_for_test", "second_for_test", "ceiling"
+    assert seen[-9:] == [a, b, c, b, c, a, c, a, b]

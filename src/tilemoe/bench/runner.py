@@ -394,28 +394,28 @@ def run_case(
     ceiling_timer, ceiling_stats = None, TimingStats()
     if s.bmm_ceiling and timers:
         ceiling_timer = _ceiling_timer(s, tokens, loads.experts_hit, weights, rows)
-    # timed in turn within each round, so clock drift spreads over every implementation (and the ceiling) alike
+    # Timed in turn within each round, so clock drift spreads over every implementation (and the ceiling) alike, the
+    # order rotated by one each round: under its power cap an H100 runs a call slower right after a power-hungry one
+    # (with the ceiling timed last, the next round's first implementation, triton, ran 7-11% slower at T=16384).
+    order = [*timers, _CEILING] if ceiling_timer is not None else list(timers)
     per_round = max(1, math.ceil(s.iters / max(1, s.rounds)))
-    done = 0
+    done, round_index = 0, 0
     while done < s.iters and timers:
         chunk = min(per_round, s.iters - done)
-        for name in list(timers):
-            try:
-                stats[name].extend(timers[name].run(chunk))
-            except Exception as error:  # noqa: BLE001
-                status = "OOM" if is_oom(error) else "FAILED"
-                rows[name].update(status=status, note=f"during timing: {str(error).splitlines()[0][:200]}")
-                del timers[name]
-                _free_memory(device)
-        if ceiling_timer is not None:
-            try:
-                ceiling_stats.extend(ceiling_timer.run(chunk))
-            except Exception as error:  # noqa: BLE001 - extra information: drop it, keep timing the implementations
-                for row in rows.values():
-                    row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling failed: {type(error).__name__}"]))
-                ceiling_timer, ceiling_stats = None, TimingStats()
-                _free_memory(device)
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            if name is _CEILING:
+                ceiling_timer, ceiling_stats = _time_ceiling(ceiling_timer, ceiling_stats, chunk, rows, device)
+            elif name in timers:
+                try:
+                    stats[name].extend(timers[name].run(chunk))
+                except Exception as error:  # noqa: BLE001
+                    status = "OOM" if is_oom(error) else "FAILED"
+                    rows[name].update(status=status, note=f"during timing: {str(error).splitlines()[0][:200]}")
+                    del timers[name]
+                    _free_memory(device)
         done += chunk
+        round_index += 1
     del ceiling_timer
     for name, timer in timers.items():
         stats[name].cuda_graph = timer.graphs is not None
@@ -440,6 +440,25 @@ def run_case(
     if progress:
         progress(f"{scenario} T={tokens}")
     return [rows[name] for name in s.impls]
+
+
+_CEILING = object()  # the ceiling's place in the timing order
+
+
+def _time_ceiling(
+    timer: Timer | None, stats: TimingStats, chunk: int, rows: dict, device: torch.device
+) -> tuple[Timer | None, TimingStats]:
+    """``chunk`` more calls of the ceiling; on an error every row's note says so and the ceiling is dropped."""
+    if timer is None:
+        return None, stats
+    try:
+        stats.extend(timer.run(chunk))
+        return timer, stats
+    except Exception as error:  # noqa: BLE001 - extra information: drop it, keep timing the implementations
+        for row in rows.values():
+            row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling failed: {type(error).__name__}"]))
+        _free_memory(device)
+        return None, TimingStats()
 
 
 def _ceiling_timer(s: BenchSettings, tokens: int, experts_hit: int, weights: dict, rows: dict) -> Timer | None:
