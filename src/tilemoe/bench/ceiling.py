@@ -1,14 +1,16 @@
-"""A cuBLAS ceiling timed in turn with the implementations (``tilemoe bench --bmm-ceiling``).
+"""A cuBLAS ceiling for the bench (``tilemoe bench --bmm-ceiling``).
 
 The layer's two expert GEMMs as batched GEMMs (``torch.bmm``) over as many experts as the scenario hits, each
 expert given the same number of rows, ceil(T*K / experts hit): the same weights and (up to that rounding) the same
 FLOPs as the layer, without its routing, gather, activation, combine or load imbalance. It is what the vendor's GEMM
 does with the work no MoE kernel can avoid.
 
-Why: the roofline's matmul rate is a burst (best of ten 8192^3 matmuls), while an H100 under its 700 W power cap
-sustains ~15% less on long compute-bound runs. Timed in the same rounds (and CUDA graphs) as the implementations, the
-ceiling is slowed alike, so ``pct_ceiling_bmm`` (ceiling time / implementation time) compares like with like, and the
-ceiling's own time against ``roofline_ms`` shows how much of the roofline a GEMM reaches at that shape.
+Why: the roofline's matmul rate is a burst (best of ten 8192^3 matmuls), and at some shapes no GEMM reaches it;
+the ceiling's time against ``roofline_ms`` shows how much of the roofline a vendor GEMM reaches at that shape, and
+``pct_ceiling_bmm`` (ceiling time / implementation time) how near an implementation comes to it.
+It is timed after the implementations, in a pass of its own (as many calls, the same CUDA-graph settings), not in
+their rounds: on an H100 at its 700 W cap this power-hungry GEMM pulled the clock down for everything timed beside
+it (triton 5-8% slower at qwen3-30b-a3b T=16384, bench/NOTES.md, session 9).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--bmm-ceiling",
         action="store_true",
         help="also time cuBLAS batched GEMMs of the layer's two expert GEMMs (balanced rows; no routing, gather, "
-        "activation or combine) in turn with the implementations: columns ceiling_bmm_ms, pct_ceiling_bmm",
+        "activation or combine) after the implementations: columns ceiling_bmm_ms, pct_ceiling_bmm",
     )
     add_distributed_flags(parser)
     o = parser.add_argument_group("output")

@@ -22,8 +22,8 @@ peak_memory_mb: ``torch.cuda.max_memory_allocated`` over the gate call (weights 
 CPU, where PyTorch does not track it.
 
 ceiling_bmm_ms / pct_ceiling_bmm (``BenchSettings.bmm_ceiling``): cuBLAS's time for the layer's two GEMMs with
-balanced rows (``tilemoe.bench.ceiling``), timed in turn with the implementations; the same on every row of a case,
-and 100 * that time / the row's mean time.
+balanced rows (``tilemoe.bench.ceiling``), timed after the implementations; the same on every row of a case, and
+100 * that time / the row's mean time.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class BenchSettings:
     rounds: int = 5
     cuda_graph: bool = False
     graph_calls: int = 1  # layer calls per CUDA graph at T <= GRAPH_CALLS_MAX_TOKENS (Timer)
-    bmm_ceiling: bool = False  # time tilemoe.bench.ceiling's cuBLAS ceiling in turn with the implementations
+    bmm_ceiling: bool = False  # time tilemoe.bench.ceiling's cuBLAS ceiling after the implementations
     profile_dir: str | None = None
     ep_size: int = 1
     tp_size: int = 1
@@ -391,32 +391,31 @@ def run_case(
 
     del reference
     _free_memory(device)
-    ceiling_timer, ceiling_stats = None, TimingStats()
-    if s.bmm_ceiling and timers:
-        ceiling_timer = _ceiling_timer(s, tokens, loads.experts_hit, weights, rows)
-    # Timed in turn within each round, so clock drift spreads over every implementation (and the ceiling) alike, the
-    # order rotated by one each round: under its power cap an H100 runs a call slower right after a power-hungry one
-    # (with the ceiling timed last, the next round's first implementation, triton, ran 7-11% slower at T=16384).
-    order = [*timers, _CEILING] if ceiling_timer is not None else list(timers)
+    ceiling_stats = TimingStats()
+    # Timed in turn within each round, so clock drift spreads over every implementation alike, the order rotated by
+    # one each round, so that none always runs right after the same one.
+    order = list(timers)
     per_round = max(1, math.ceil(s.iters / max(1, s.rounds)))
     done, round_index = 0, 0
     while done < s.iters and timers:
         chunk = min(per_round, s.iters - done)
         shift = round_index % len(order)
         for name in order[shift:] + order[:shift]:
-            if name is _CEILING:
-                ceiling_timer, ceiling_stats = _time_ceiling(ceiling_timer, ceiling_stats, chunk, rows, device)
-            elif name in timers:
-                try:
-                    stats[name].extend(timers[name].run(chunk))
-                except Exception as error:  # noqa: BLE001
-                    status = "OOM" if is_oom(error) else "FAILED"
-                    rows[name].update(status=status, note=f"during timing: {str(error).splitlines()[0][:200]}")
-                    del timers[name]
-                    _free_memory(device)
+            if name not in timers:
+                continue
+            try:
+                stats[name].extend(timers[name].run(chunk))
+            except Exception as error:  # noqa: BLE001
+                status = "OOM" if is_oom(error) else "FAILED"
+                rows[name].update(status=status, note=f"during timing: {str(error).splitlines()[0][:200]}")
+                del timers[name]
+                _free_memory(device)
         done += chunk
         round_index += 1
-    del ceiling_timer
+    # The ceiling after them, in a pass of its own: timed in the rounds, this power-hungry GEMM pulled the H100's
+    # clock down (mean 1905 -> 1868 MHz, SW power cap) and made triton 5-8% slower at qwen3 T=16384, 2% at T=4096.
+    if s.bmm_ceiling and timers:
+        ceiling_stats = _time_ceiling(s, tokens, loads.experts_hit, weights, rows)
     for name, timer in timers.items():
         stats[name].cuda_graph = timer.graphs is not None
         stats[name].graph_calls = timer.graph_calls
@@ -442,45 +441,27 @@ def run_case(
     return [rows[name] for name in s.impls]
 
 
-_CEILING = object()  # the ceiling's place in the timing order
-
-
-def _time_ceiling(
-    timer: Timer | None, stats: TimingStats, chunk: int, rows: dict, device: torch.device
-) -> tuple[Timer | None, TimingStats]:
-    """``chunk`` more calls of the ceiling; on an error every row's note says so and the ceiling is dropped."""
-    if timer is None:
-        return None, stats
-    try:
-        stats.extend(timer.run(chunk))
-        return timer, stats
-    except Exception as error:  # noqa: BLE001 - extra information: drop it, keep timing the implementations
-        for row in rows.values():
-            row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling failed: {type(error).__name__}"]))
-        _free_memory(device)
-        return None, TimingStats()
-
-
-def _ceiling_timer(s: BenchSettings, tokens: int, experts_hit: int, weights: dict, rows: dict) -> Timer | None:
-    """A warmed-up Timer of the cuBLAS ceiling (``tilemoe.bench.ceiling``), or None (T = 0, or it failed: every
-    row's note says why, the implementations' timing goes on)."""
+def _time_ceiling(s: BenchSettings, tokens: int, experts_hit: int, weights: dict, rows: dict) -> TimingStats:
+    """``s.iters`` timed calls of the cuBLAS ceiling (``tilemoe.bench.ceiling``) after ``s.warmup`` others; no times
+    at T = 0, or when it fails: every row's note then says why, and the implementations' rows stand."""
     graph_calls = s.graph_calls if tokens <= GRAPH_CALLS_MAX_TOKENS else 1
     try:
         ceiling = bmm_ceiling(s.config, tokens, experts_hit, weights, dtype=s.dtype, device=s.device)
         if ceiling is None:
-            return None
+            return TimingStats()
         timer = Timer(ceiling.fn, [None], device=s.device, cuda_graph=s.cuda_graph, graph_calls=graph_calls)
         timer.warmup(s.warmup)
         if timer.note and s.device.type == "cuda":  # e.g. not capturable: its times would not be like the others'
             for row in rows.values():
                 row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling: {timer.note}"]))
-        return timer
+        return timer.run(s.iters)
     except Exception as error:  # noqa: BLE001 - the ceiling is extra information, never a reason to stop
         why = "out of memory" if is_oom(error) else f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
         for row in rows.values():
             row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling not timed ({why})"]))
+        return TimingStats()
+    finally:
         _free_memory(s.device)
-        return None
 
 
 def make_bench_weights(s: BenchSettings) -> dict:
