@@ -64,6 +64,7 @@ def test_resolve_models(tmp_path):
         MoEShape(1, 128, 8, 2048, 768),  # decode, many experts: only 16-row tiles survive
         MoEShape(64, 8, 2, 4096, 14336),  # few large experts, 16 rows each
         MoEShape(16384, 128, 8, 2048, 768),  # 1024 rows per expert: no small tiles
+        MoEShape(16384, 8, 2, 4096, 14336),  # 4096 rows per expert: 128-row tiles still tried (the cap)
     ],
 )
 def test_candidate_configs(shape):
@@ -71,11 +72,14 @@ def test_candidate_configs(shape):
     assert cands[0] == heuristic_config(shape, torch.bfloat16)
     assert len(cands) == len(set(cands)) >= 2
     rows = shape.num_tokens * shape.top_k / shape.num_experts
+    smallest = min(rows / 16, tune.MIN_BLOCK_M_CAP)
     for cfg in cands[1:]:
         if not cfg.grouped_mm:  # the grouped GEMM's block_m is its row alignment, not a tile
-            assert rows / 16 <= cfg.block_m <= max(16, 4 * rows)
+            assert smallest <= cfg.block_m <= max(16, 4 * rows)
     pruned = [c for c in tune.CANDIDATES if c not in cands]
-    assert all(not rows / 16 <= c.block_m <= max(16, 4 * rows) for c in pruned if c != cands[0])
+    assert all(not smallest <= c.block_m <= max(16, 4 * rows) for c in pruned if c != cands[0])
+    if rows >= 1024:  # the 128-row dense GEMM 1 forms (the H100's mixtral T=16384 winner among them) are timed
+        assert all(c in cands for c in tune.DENSE_GEMM1_CANDIDATES if c.block_m == 128)
 
 
 def test_grouped_mm_candidate_where_its_grouped_gemm_runs(monkeypatch):
@@ -465,6 +469,19 @@ def test_add_table_candidates(tmp_path):
     assert tune.add_table_candidates(points, [path, tmp_path / "missing.json", path]) == 1
     assert points[0].candidates[1] == current and len(points[0].candidates) == 4
     assert len(points[1].candidates) == 3  # an entry of another KernelConfig version is ignored
+
+
+def test_sibling_tables_seed_the_candidates(tmp_path):
+    for name in ("nvidia_h100_80gb_hbm3.json", "nvidia_h200.json", "test_gpu_7.json"):
+        (tmp_path / name).write_text("{}")
+    siblings = tune.sibling_tables("Test GPU 7", tmp_path)
+    assert [p.name for p in siblings] == ["nvidia_h100_80gb_hbm3.json", "nvidia_h200.json"]  # not its own table
+    points = _points(1, 2)
+    other = KernelConfig(block_m=128, block_n1=128, gate_up_dot=True, persistent1=True, tma=True)
+    siblings[0].write_text(json.dumps({"configs": {"key0": other.to_dict()}}))
+    assert tune.add_table_candidates(points, siblings) == 1 and points[0].candidates[1] == other
+    shipped = tune.sibling_tables("NVIDIA H200")  # the package's own: the H100's table seeds an H200 run
+    assert [p.name for p in shipped] == ["nvidia_h100_80gb_hbm3.json"]
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -45,7 +45,7 @@ import torch
 from tilemoe.config import MoEConfig
 from tilemoe.ops.align import ONE_PROGRAM_MAX_SLOTS, align_capacity
 from tilemoe.ops.grouped_mm import grouped_mm_available
-from tilemoe.tuning import KernelConfig, MoEShape, heuristic_config, shape_key, table_path
+from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, heuristic_config, shape_key, table_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKEN_COUNTS = [1, 8, 64, 256, 1024, 4096, 16384]
@@ -150,6 +150,8 @@ GROUPED_MM_MIN_ROWS = 128
 # Split-tail twins (``KernelConfig.split_tail``) of the 64- and 128-row configs, from this many rows per expert: a
 # random routing then leaves about half the experts a last block under half full.
 SPLIT_TAIL_MIN_ROWS = 32
+# candidate_configs never prunes tiles of this many rows or more for being small against the rows per expert
+MIN_BLOCK_M_CAP = 128
 
 
 def _split_twin(cfg: KernelConfig) -> tuple[KernelConfig, ...]:
@@ -166,13 +168,15 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
 
     From ``SPLIT_TAIL_MIN_ROWS`` rows per expert, each config of 64 rows or more is followed by its split-tail twin.
     Pruned: block_m over 4x the mean rows per expert (T*K/E), floor 16: such a tile is mostly padding rows
-    (the busiest expert of a random routing rarely gets 4x the mean); block_m under 1/16 of it: 128-row
-    tiles won every T >= 1024 point of the H100 runs (bench/NOTES.md, run 2), so much smaller ones are not tried.
+    (the busiest expert of a random routing rarely gets 4x the mean); block_m under 1/16 of it, capped at
+    ``MIN_BLOCK_M_CAP``: 128-row tiles won every T >= 1024 point of the H100 runs (bench/NOTES.md, run 2), so much
+    smaller ones are not tried, but 128 rows always are (uncapped, mixtral T=16384's 4096 rows per expert left only
+    the 256-row tiles, the heuristic and the grouped GEMM: on the H200 the grouped GEMM won there, session 9).
     """
     base = heuristic_config(shape, dtype)
     rows_per_expert = shape.num_tokens * shape.top_k / shape.num_experts
     max_block_m = max(16, 4 * rows_per_expert)
-    min_block_m = rows_per_expert / 16
+    min_block_m = min(rows_per_expert / 16, MIN_BLOCK_M_CAP)
     pool = list(CANDIDATES)
     if dtype in (torch.float16, torch.bfloat16):
         pool += TMA_CANDIDATES + DENSE_GEMM1_CANDIDATES + ONE_LAUNCH_CANDIDATES
@@ -882,6 +886,13 @@ def add_table_candidates(points: list[TunePoint], paths: list[Path]) -> int:
     return added
 
 
+def sibling_tables(device_name: str, table_dir: Path | None = None) -> list[Path]:
+    """The package's tables of the other GPUs (sorted by name): their entry for a shape is a candidate worth timing
+    here too (a config the tuner found on an H100 but could not reach on the H200 at mixtral T=16384, session 9)."""
+    own = table_path(device_name)
+    return [p for p in sorted((table_dir or TABLE_DIR).glob("*.json")) if p.name != own.name]
+
+
 def table_entries(path: Path) -> dict[str, KernelConfig]:
     """The configs of the table file at ``path`` by shape key ({} when it does not exist); an entry written by
     another KernelConfig version (unknown or invalid fields) is left out."""
@@ -923,7 +934,7 @@ def run(args) -> int:
     if variants:
         use_variant_candidates(points, variants, [path, table_path(name)])
     else:
-        add_table_candidates(points, [table_path(name), path])
+        add_table_candidates(points, [*sibling_tables(name), table_path(name), path])  # the last added comes first
     tasks = warmup_tasks(points, dtype)
     _print_plan(models, groups, points, tasks)
     if args.workers > 0:
