@@ -9,7 +9,8 @@ in turn within each round. Outputs are checked against the table config's.
 decode GEMM 1 routing its own slots (``fused_experts_from_logits``); ``fused_experts`` alone on a given routing (the
 floor the routing costs over).
 
-A development tool (it backs ``tilemoe.ops.fused_experts.DECODE_GEMM2_PER_SLOT``); claims come from ``tilemoe bench``.
+A development tool (it backs ``tilemoe.ops._fused_experts_launch.DECODE_GEMM2_PER_SLOT``); claims come from
+``tilemoe bench``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 
 import torch
 
+import tilemoe.ops._fused_experts_launch as launch
 import tilemoe.ops.fused_experts as fe
 from tilemoe.bench.timing import capture_graph, graph_us_in_turn
 from tilemoe.config import MoEConfig
@@ -48,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.routing:
         return routing_probe(args.points)
-    default = fe.DECODE_GEMM2_PER_SLOT
+    default = launch.DECODE_GEMM2_PER_SLOT
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     print("point\t" + "\t".join(f"{'slot' if s else 'tok'}{n}x{k}w{w}s{st}" for s, n, k, w, st in VARIANTS))
     for point in args.points:
@@ -59,14 +61,14 @@ def main() -> None:
         graphs, outs = [], []
         for per_slot, bn2, bk2, w2, s2 in VARIANTS:
             cfg = dataclasses.replace(base, block_n2=bn2, block_k2=bk2, num_warps2=w2, num_stages2=s2)
-            fe.DECODE_GEMM2_PER_SLOT = per_slot  # read at launch: the capture below records this form
+            launch.DECODE_GEMM2_PER_SLOT = per_slot  # read at launch: the capture below records this form
 
             fn = functools.partial(fe.fused_experts, x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"],
                                    b2=w["b2"], kernel_config=cfg)  # fmt: skip
 
             outs.append(fn())
             graphs.append((capture_graph(fn, CALLS)[0], CALLS))
-        fe.DECODE_GEMM2_PER_SLOT = default
+        launch.DECODE_GEMM2_PER_SLOT = default
         if args.warm_only:
             continue
         for out in outs[1:]:

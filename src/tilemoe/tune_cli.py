@@ -127,7 +127,7 @@ ONE_LAUNCH_CANDIDATES = [
 ]
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
 # H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3),
-# before GEMM 2 ran per slot (``tilemoe.ops.fused_experts.DECODE_GEMM2_PER_SLOT``); with it the
+# before GEMM 2 ran per slot (``tilemoe.ops._fused_experts_launch.DECODE_GEMM2_PER_SLOT``); with it the
 # first won T=1 of qwen3-30b-a3b, deepseek-v2-lite and gpt-oss-120b on the H100. The others vary its tiles (the
 # GEMM 2 widths and depths first: GEMM 2 moved its weights at 2.1 TB/s there, GEMM 1 at 2.6).
 DECODE_CANDIDATES = [
@@ -357,7 +357,7 @@ def launch_ints(num_tokens: int, top_k: int, num_experts: int, cfg: KernelConfig
     """The integer kernel arguments of ``fused_experts`` with ``cfg`` that depend on T or E: num_tokens (the
     combine), num_slots and num_blocks_m (the GEMMs); none for the decode kernels (T only sizes their grid).
 
-    Mirrors ``tilemoe.ops.fused_experts._launch``; extend it when that launcher passes another such int.
+    Mirrors ``tilemoe.ops._fused_experts_launch._launch``; extend it when that launcher passes another such int.
     """
     if getattr(cfg, "decode", False):
         return ()

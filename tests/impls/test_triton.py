@@ -355,11 +355,11 @@ def test_one_launch_bf16_many_runs(kc, monkeypatch):
     """Both GEMMs in one persistent launch on the GPU, where GEMM 2 tiles really wait for GEMM 1 tiles run by other
     SMs: fresh inputs each run, every run against the reference, no ready wait given up, and the same under graph
     replay (the ready words are zeroed inside the graph)."""
-    import tilemoe.ops.fused_experts as fe
+    import tilemoe.ops._fused_experts_launch as launch_module
 
     launched = []
-    real = fe._launch_one
-    monkeypatch.setattr(fe, "_launch_one", lambda *a, **k: launched.append(real(*a, **k)) or launched[-1])
+    real = launch_module._launch_one
+    monkeypatch.setattr(launch_module, "_launch_one", lambda *a, **k: launched.append(real(*a, **k)) or launched[-1])
     failures = []
     for run, (hidden, inter, top_k, t) in enumerate(
         [(2048, 768, 8, 1000), (2048, 768, 8, 300), (4096, 1408, 2, 1000), (2880, 2880, 4, 700), (200, 96, 2, 1000)] * 2

@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 
+import tilemoe.ops._fused_experts_launch as launch_module
 import tilemoe.ops.fused_experts as fused_experts_module
 from tilemoe.config import MoEConfig
 from tilemoe.impls import get_impl
@@ -88,7 +89,7 @@ def test_deterministic_follows_torch_switch(monkeypatch, generator):
     w = make_weights(config, dtype=torch.float16, device=DEVICE, generator=generator)
     x = make_input(11, config, dtype=torch.float16, device=DEVICE, generator=generator)
     tw, ti = make_routing(11, config, device=DEVICE, generator=generator)
-    summed = _spy(monkeypatch, fused_experts_module, "sum_slots")
+    summed = _spy(monkeypatch, launch_module, "sum_slots")
     call = functools.partial(fused_experts, x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=SMALL)
     ref = _reference(x, w, tw, ti, config)
     assert_close(call(), ref, torch.float16)
@@ -163,7 +164,7 @@ def test_tma_and_persistent(options, hidden, inter, gated, dtype, generator, mon
                        expert_bias=True)  # fmt: skip
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2,
                        num_stages2=2, **options)  # fmt: skip
-    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
+    built = _spy(monkeypatch, launch_module, "_tma_descriptor")
     _run_case(config, 45, dtype, generator, kernel_config=cfg)
     # the TMA runs really read the weights (both GEMMs) and GEMM 2's input through descriptors; the others
     # never build one
@@ -181,7 +182,7 @@ def test_tma_falls_back_on_unaligned_rows(generator, monkeypatch):
     # H = 36 fp16: 72-byte rows are not 16-byte aligned, so the launcher takes the pointer loads
     config = MoEConfig(num_experts=4, top_k=2, hidden_size=36, intermediate_size=20)
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, tma=True, persistent=True)
-    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
+    built = _spy(monkeypatch, launch_module, "_tma_descriptor")
     _run_case(config, 11, torch.float16, generator, kernel_config=cfg)
     assert built == [None, None, None]
 
@@ -223,8 +224,8 @@ def test_decode_path_options(changes, generator):
 def test_decode_gemm2_per_slot_or_per_token(per_slot, num_tokens, generator, monkeypatch):
     # both forms of the decode GEMM 2 (per slot + slot sum: the default); bias and 3 k-steps per pick (I = 72)
     config = MoEConfig(num_experts=9, top_k=4, hidden_size=40, intermediate_size=72, expert_bias=True)
-    monkeypatch.setattr(fused_experts_module, "DECODE_GEMM2_PER_SLOT", per_slot)
-    summed = _spy(monkeypatch, fused_experts_module, "sum_slots")
+    monkeypatch.setattr(launch_module, "DECODE_GEMM2_PER_SLOT", per_slot)
+    summed = _spy(monkeypatch, launch_module, "sum_slots")
     _run_case(config, num_tokens, torch.float32, generator, kernel_config=DECODE)
     assert len(summed) == per_slot
 
@@ -248,7 +249,7 @@ GROUPED_MM = KernelConfig(block_m=16, grouped_mm=True)
 @pytest.mark.parametrize("num_tokens", [0, 1, 37])
 def test_grouped_mm_path(num_tokens, dtype, generator, monkeypatch):
     config = MoEConfig(num_experts=5, top_k=2, hidden_size=48, intermediate_size=40)
-    taken = _spy(monkeypatch, fused_experts_module, "_launch_grouped_mm")
+    taken = _spy(monkeypatch, launch_module, "_launch_grouped_mm")
     _run_case(config, num_tokens, dtype, generator, kernel_config=GROUPED_MM)
     assert len(taken) == (num_tokens > 0)  # the path really ran (T = 0 returns before any launch)
 
@@ -310,6 +311,12 @@ class _PoisonedTorch:
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
 
+def _poison(monkeypatch) -> None:
+    """Every buffer the launchers allocate starts as NaN (``_PoisonedTorch``)."""
+    for module in (launch_module, fused_experts_module):
+        monkeypatch.setattr(module, "torch", _PoisonedTorch())
+
+
 # per-expert loads against block_m = 32 (half blocks of 16 rows): none, a tail of 1-16 rows (half tile), 17-31
 # (full tile), exact multiples (no tail), two blocks and a tail of 1 row
 SPLIT_COUNTS = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26]
@@ -347,8 +354,8 @@ def _run_split_counts(cfg, dtype, generator, deterministic=True):
 def test_split_tail(options, deterministic, dtype, generator, monkeypatch):
     cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
                        split_tail=True, **options)  # fmt: skip
-    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
-    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
+    _poison(monkeypatch)
+    built = _spy(monkeypatch, launch_module, "_tma_descriptor")
     _run_split_counts(cfg, dtype, generator, deterministic)
     # with TMA, GEMM 2's half tiles read act through their own [16, 16] boxes (not when persistent: full tiles only)
     expected = [True, True, True, True] if cfg.tma and not cfg.persistent else [True, True, True] if cfg.tma else []
@@ -413,9 +420,9 @@ def test_gemm1_dense_forms(options, hidden, inter, gated, dtype, generator, monk
                        expert_bias=True)  # fmt: skip
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2,
                        num_stages2=2, **options)  # fmt: skip
-    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
-    gate_up = _spy(monkeypatch, fused_experts_module, "_gate_up_descriptor")
-    sorted_rows = _spy(monkeypatch, fused_experts_module, "_sorted_rows")
+    _poison(monkeypatch)
+    gate_up = _spy(monkeypatch, launch_module, "_gate_up_descriptor")
+    sorted_rows = _spy(monkeypatch, launch_module, "_sorted_rows")
     _run_case(config, 45, dtype, generator, kernel_config=cfg)
     # the forms asked for really ran: the 3-D gate/up descriptor (gated only) and the sorted copy of x
     assert [d is not None for d in gate_up] == ([True] if cfg.gate_up_dot and gated else [])
@@ -443,8 +450,8 @@ def test_gemm1_dense_forms_tiny_batches(num_tokens, options, generator):
 def test_split_tail_gemm1_dense_forms(options, deterministic, generator, monkeypatch):
     cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
                        split_tail=True, **options)  # fmt: skip
-    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
-    built = _spy(monkeypatch, fused_experts_module, "_tma_descriptor")
+    _poison(monkeypatch)
+    built = _spy(monkeypatch, launch_module, "_tma_descriptor")
     _run_split_counts(cfg, torch.float16, generator, deterministic)
     # x_sorted's boxes (the descriptors over H columns that are not w13's): [32, 16] for full tiles, then [16, 16]
     # for the half tiles unless GEMM 1 is persistent
@@ -461,7 +468,7 @@ def test_sorted_rows_is_the_padded_gather(generator):
     topk_ids = torch.randint(0, num_experts, (num_tokens, top_k), generator=generator).to(DEVICE, torch.int32)
     align = moe_align(topk_ids, num_experts, 16)
     capacity = align.sorted_ids.numel()
-    x_sorted = fused_experts_module._sorted_rows(x, align, capacity, top_k)
+    x_sorted = launch_module._sorted_rows(x, align, capacity, top_k)
     used = int(align.num_padded)
     slot = align.sorted_ids[:used].long()
     valid = slot < num_tokens * top_k
@@ -499,7 +506,7 @@ def test_from_logits_routes_inside_the_decode_gemm1(changes, num_tokens, generat
     x = make_input(num_tokens, config, dtype=torch.float16, device=DEVICE, generator=generator)
     logits = torch.randn(num_tokens, config.num_experts, generator=generator).to(DEVICE)
     logits[:, 1] = logits[:, 4]  # a tie: the lower expert wins, in both kernels
-    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
+    _poison(monkeypatch)
     monkeypatch.setattr(fused_experts_module, "DECODE_ROUTE_MAX_TOKENS", 64)  # the kernel at every T, not just T=1
     routed = _spy(monkeypatch, route_module, "route_fast")
     out, weights, ids = fused_experts_module.fused_experts_from_logits(
@@ -574,8 +581,8 @@ def test_one_launch(options, hidden, inter, gated, deterministic, generator, mon
                        expert_bias=True)  # fmt: skip
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2,
                        num_stages2=2, one_launch=True, **options)  # fmt: skip
-    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
-    launched = _spy(monkeypatch, fused_experts_module, "_launch_one")
+    _poison(monkeypatch)
+    launched = _spy(monkeypatch, launch_module, "_launch_one")
     _run_case(config, 45, torch.float16, generator, kernel_config=cfg, deterministic=deterministic)
     ((_, ready),) = launched
     assert int(ready[-1]) == 0  # no GEMM 2 tile found its rows missing
@@ -595,8 +602,8 @@ def test_one_launch_ready_check_fails_out_of_order(generator, monkeypatch):
     # program 0 (tiles 0, 3, 6, ...) never runs all three tiles of a block, and its tiles 12, 15, 18 are GEMM 2's.
     from tilemoe.bench.scenarios import _ids_from_counts
 
-    monkeypatch.setattr(fused_experts_module, "ONE_LAUNCH_INTERPRETER_PROGRAMS", 3)
-    launched = _spy(monkeypatch, fused_experts_module, "_launch_one")
+    monkeypatch.setattr(launch_module, "ONE_LAUNCH_INTERPRETER_PROGRAMS", 3)
+    launched = _spy(monkeypatch, launch_module, "_launch_one")
     config = MoEConfig(num_experts=4, top_k=1, hidden_size=32, intermediate_size=48)
     cfg = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, one_launch=True)
     w = make_weights(config, device=DEVICE, generator=generator)
@@ -627,7 +634,7 @@ def test_one_launch_edges(num_experts, top_k, num_tokens, hot_expert, generator)
 def test_one_launch_split_tail(deterministic, generator, monkeypatch):
     cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
                        split_tail=True, tma=True, sorted_x=True, one_launch=True)  # fmt: skip
-    monkeypatch.setattr(fused_experts_module, "torch", _PoisonedTorch())
+    _poison(monkeypatch)
     _run_split_counts(cfg, torch.float16, generator, deterministic)
 
 

@@ -391,7 +391,6 @@ def run_case(
 
     del reference
     _free_memory(device)
-    ceiling_stats = TimingStats()
     # Timed in turn within each round, so clock drift spreads over every implementation alike, the order rotated by
     # one each round, so that none always runs right after the same one.
     order = list(timers)
@@ -414,8 +413,7 @@ def run_case(
         round_index += 1
     # The ceiling after them, in a pass of its own: timed in the rounds, this power-hungry GEMM pulled the H100's
     # clock down (mean 1905 -> 1868 MHz, SW power cap) and made triton 5-8% slower at qwen3 T=16384, 2% at T=4096.
-    if s.bmm_ceiling and timers:
-        ceiling_stats = _time_ceiling(s, tokens, loads.experts_hit, weights, rows)
+    ceiling_stats = _time_ceiling(s, tokens, loads.experts_hit, weights, rows) if s.bmm_ceiling and timers else None
     for name, timer in timers.items():
         stats[name].cuda_graph = timer.graphs is not None
         stats[name].graph_calls = timer.graph_calls
@@ -423,7 +421,7 @@ def run_case(
         if s.profile_dir:
             path = Path(s.profile_dir) / f"{scenario}_T{tokens}_{name}.json"
             _profile(timer.fn, inputs[0], path, device)
-    if ceiling_stats.times_ms:
+    if ceiling_stats is not None and ceiling_stats.times_ms:
         for row in rows.values():
             row["ceiling_bmm_ms"] = ceiling_stats.mean
             if row["status"] == "OK" and row["latency_mean_ms"] > 0:
@@ -452,16 +450,19 @@ def _time_ceiling(s: BenchSettings, tokens: int, experts_hit: int, weights: dict
         timer = Timer(ceiling.fn, [None], device=s.device, cuda_graph=s.cuda_graph, graph_calls=graph_calls)
         timer.warmup(s.warmup)
         if timer.note and s.device.type == "cuda":  # e.g. not capturable: its times would not be like the others'
-            for row in rows.values():
-                row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling: {timer.note}"]))
+            _note_all(rows, f"bmm ceiling: {timer.note}")
         return timer.run(s.iters)
     except Exception as error:  # noqa: BLE001 - the ceiling is extra information, never a reason to stop
         why = "out of memory" if is_oom(error) else f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-        for row in rows.values():
-            row["note"] = "; ".join(filter(None, [row["note"], f"bmm ceiling not timed ({why})"]))
+        _note_all(rows, f"bmm ceiling not timed ({why})")
         return TimingStats()
     finally:
         _free_memory(s.device)
+
+
+def _note_all(rows: dict, text: str) -> None:
+    for row in rows.values():
+        row["note"] = f"{row['note']}; {text}" if row["note"] else text
 
 
 def make_bench_weights(s: BenchSettings) -> dict:

@@ -226,7 +226,7 @@ class FusedRank:
     def descriptor(self, tensor: torch.Tensor, block_rows: int, block_cols: int):
         """A TMA descriptor over ``tensor`` [..., C] viewed as [-1, C] with [block_rows, block_cols] boxes, kept
         for the next forward (weights and ``act`` keep their storage), or None where TMA cannot read it."""
-        from tilemoe.ops.fused_experts import _tma_descriptor
+        from tilemoe.ops._fused_experts_launch import _tma_descriptor
 
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, block_rows, block_cols)
         if key not in self._descriptors:

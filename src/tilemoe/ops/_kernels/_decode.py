@@ -3,7 +3,7 @@
 With few slots (S = T*K small) the expert weights are the bytes. GEMM 1 runs one program per (slot, column
 block); GEMM 2 one program per (token, column block) that walks the token's K picks and sums them in its
 accumulator; the launcher runs it with top_k = 1 over the slots by default (one program per (slot, column
-block), the K rows summed after: faster at every point timed, ``fused_experts.DECODE_GEMM2_PER_SLOT``).
+block), the K rows summed after: faster at every point timed, ``_fused_experts_launch.DECODE_GEMM2_PER_SLOT``).
 Each program feeds the tensor cores a 16-row tile whose row 0 is the slot (the other rows are masked, so they
 cost no memory traffic): tl.dot keeps the weight loads software-pipelined, which plain
 multiply-and-sum loops on the CUDA cores did not (bench/NOTES.md, version 3).

@@ -1,0 +1,490 @@
+"""The launchers behind ``tilemoe.ops.fused_experts``: align, then the expert kernels in the form the ``KernelConfig``
+picks (the two tiled GEMMs, both in one persistent launch, the decode kernels, or torch's grouped GEMM), with the
+device facts and TMA descriptors they need. ``fused_experts``' custom ops call ``_launch``; nothing here checks its
+arguments (``fused_experts._check`` did).
+
+Dimension letters and index arrays as in ``tilemoe.ops._kernels._fused_experts``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from tilemoe.ops._launch import cdiv, pdl_options
+from tilemoe.ops.act_and_mul import launch_act_and_mul
+from tilemoe.ops.align import moe_align
+from tilemoe.ops.combine import sum_slots
+from tilemoe.ops.grouped_mm import grouped_matmul, grouped_mm_available
+from tilemoe.tuning import KernelConfig
+
+
+@functools.cache
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
+def _num_sms(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# The decode GEMM 2 runs one program per (slot, column block), each writing its slot's weighted row, and the K rows
+# are summed after (sum_slots), rather than one program per (token, column block) walking its K picks: per slot won
+# every point timed on an H100 (bench/decode_probe.py; fused_experts, CUDA-graph replays): qwen3-30b-a3b T=1 34.7 vs
+# 46.7-49.8 us for the per-token tiles, deepseek-v2-lite T=1 44.9 vs 56.7, gpt-oss-120b T=1 82.6 vs 102.3, qwen3
+# T=2 / 4 / 8 60.6 / 102.2 / 166.0 vs 70.7 / 106.2 / 172.9. False (probes, tests) runs the per-token form.
+DECODE_GEMM2_PER_SLOT = True
+
+# Programs of a persistent launch in the interpreter: few, so that each walks several tiles in the tests.
+INTERPRETER_PROGRAMS = 3
+
+
+def _persistent_grid(device: torch.device, max_tiles: int) -> int:
+    programs = _num_sms(device.index) if device.type == "cuda" else INTERPRETER_PROGRAMS
+    return max(1, min(programs, max_tiles))
+
+
+def _tma_rows_ok(device: torch.device, row_elems: int, elem_size: int, block_k: int) -> bool:
+    """Whether TMA can read contiguous rows of ``row_elems`` elements in [*, block_k] boxes on ``device``: Hopper or
+    later (or the interpreter), 16-byte aligned rows, a box row of at most 128 bytes."""
+    if device.type == "cuda" and _capability_major(device.index) < 9:
+        return False
+    return (row_elems * elem_size) % 16 == 0 and block_k * elem_size <= 128
+
+
+def _tma_readable(w: torch.Tensor, block_k: int) -> bool:
+    """Whether TMA can read ``w`` in boxes of ``block_k`` columns: contiguous, 16-byte aligned, ``_tma_rows_ok``."""
+    if not w.is_contiguous() or w.data_ptr() % 16:
+        return False
+    return _tma_rows_ok(w.device, w.shape[-1], w.element_size(), block_k)
+
+
+def _tma_descriptor(w: torch.Tensor, block_n: int, block_k: int):
+    """TMA descriptor over w [..., K] (weights [E, N, K], or GEMM 1's output [CAP, I]) viewed as [-1, K] with
+    [block_n, block_k] boxes, or None when TMA cannot read it: not contiguous, rows not 16-byte aligned, a box row
+    over 128 bytes, or a GPU before Hopper."""
+    if not _tma_readable(w, block_k):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [block_n, block_k])
+
+
+def _gate_up_descriptor(w13: torch.Tensor, block_n: int, block_k: int):
+    """TMA descriptor over gated w13 [E, 2I, H] viewed as [2E, I, H] with [2, block_n, block_k] boxes: the gate rows
+    and the matching up rows of one column block in one load (zero-filled past I and H); None where TMA cannot read
+    it (as ``_tma_descriptor``)."""
+    if not _tma_readable(w13, block_k):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    num_experts, rows, hidden = w13.shape
+    return TensorDescriptor.from_tensor(w13.view(2 * num_experts, rows // 2, hidden), [2, block_n, block_k])
+
+
+def _sorted_rows(x: torch.Tensor, align, capacity: int, top_k: int) -> torch.Tensor:
+    """x in padded sorted order [CAP, H]: row r holds x[sorted_ids[r] // K], padding rows zeros; rows at or past
+    num_padded are not written (no GEMM reads them)."""
+    from tilemoe.ops._kernels._fused_experts import _sorted_rows_kernel
+
+    num_tokens, hidden = x.shape
+    out = torch.empty((capacity, hidden), dtype=x.dtype, device=x.device)
+    block_r = 16
+    _sorted_rows_kernel[(cdiv(capacity, block_r),)](
+        **pdl_options(x.device),
+        x_ptr=x,
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        out_ptr=out,
+        stride_or=out.stride(0),
+        stride_oh=out.stride(1),
+        sorted_ids_ptr=align.sorted_ids,
+        num_padded_ptr=align.num_padded,
+        num_slots=num_tokens * top_k,
+        top_k=top_k,
+        hidden=hidden,
+        BLOCK_R=block_r,
+        BLOCK_H=min(512, max(16, 1 << (hidden - 1).bit_length())),
+        num_warps=4,
+    )
+    return out
+
+
+def _device_of(x: torch.Tensor) -> str | None:
+    return _device_name(x.device.index) if x.is_cuda else None
+
+
+def _launch(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    activation: int,
+    gated: bool,
+    weights_on_input: bool,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    cfg: KernelConfig,
+    deterministic: bool,
+) -> torch.Tensor:
+    from tilemoe.ops._kernels._fused_experts import _gemm1_kernel, _gemm2_kernel
+
+    num_tokens, hidden = x.shape
+    num_experts, inter = w2.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    num_slots = num_tokens * top_k
+    if num_tokens == 0:
+        return x.new_empty((0, hidden))
+    if cfg.decode:
+        return _launch_decode(
+            x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
+            swiglu_limit, cfg,
+        )  # fmt: skip
+    if cfg.grouped_mm and grouped_mm_available(x.device.type, x.dtype):
+        return _launch_grouped_mm(
+            x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
+            swiglu_limit, cfg,
+        )  # fmt: skip
+    align = moe_align(topk_ids, num_experts, cfg.block_m)
+    capacity = align.sorted_ids.numel()
+    num_blocks_m = capacity // cfg.block_m
+    weights_flat = topk_weights.reshape(-1)
+    act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
+    b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
+    w13_desc = None
+    gate_up_dot = cfg.gate_up_dot and gated
+    if gate_up_dot:
+        w13_desc = _gate_up_descriptor(w13, cfg.block_n1, cfg.block_k1)
+        gate_up_dot = w13_desc is not None
+    if w13_desc is None and cfg.tma:
+        w13_desc = _tma_descriptor(w13, cfg.block_n1, cfg.block_k1)
+    # GEMM 1's input: x gathered by token, or x_sorted through TMA boxes (full, and half for split tails)
+    split_tail1 = cfg.split_tail and not cfg.persistent1
+    x_arg = x_tail_arg = x
+    if cfg.sorted_x and _tma_rows_ok(x.device, hidden, x.element_size(), cfg.block_k1):
+        x_sorted = _sorted_rows(x, align, capacity, top_k)
+        x_arg = x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m, cfg.block_k1)
+        if split_tail1:
+            x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m // 2, cfg.block_k1)
+    # GEMM 1's arguments, the same in the two-launch and the one-launch kernel
+    gemm1_args = dict(
+        x_ptr=x_arg,
+        x_tail_ptr=x_tail_arg,
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        w_ptr=w13 if w13_desc is None else w13_desc,
+        stride_we=w13.stride(0),
+        stride_wn=w13.stride(1),
+        stride_wh=w13.stride(2),
+        b_ptr=b13_arg,
+        stride_be=b13_arg.stride(0),
+        stride_bn=b13_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        act_ptr=act,
+        stride_am=act.stride(0),
+        stride_ai=act.stride(1),
+        sorted_ids_ptr=align.sorted_ids,
+        expert_ids_ptr=align.expert_ids,
+        num_padded_ptr=align.num_padded,
+        num_slots=num_slots,
+        top_k=top_k,
+        hidden=hidden,
+        inter=inter,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        ACTIVATION=activation,
+        GATED=gated,
+        HAS_BIAS=b13 is not None,
+        WEIGHTS_ON_INPUT=weights_on_input,
+        FP32_PRECISE=x.dtype == torch.float32,
+        W_TMA=w13_desc is not None,
+        A_TMA=x_arg is not x,
+        GATE_UP_DOT=gate_up_dot,
+        EVEN_K=hidden % cfg.block_k1 == 0,
+        EVEN_N=inter % cfg.block_n1 == 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n1,
+        BLOCK_K=cfg.block_k1,
+        GROUP_M=cfg.group_m1,
+        SPLIT_TAIL=split_tail1,
+    )
+    atomic = not deterministic and top_k > 1
+    if cfg.one_launch:
+        out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
+        return out if atomic else sum_slots(out, top_k)
+    tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
+    _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,)](
+        **pdl_options(x.device),
+        **gemm1_args,
+        num_blocks_m=num_blocks_m,
+        PERSISTENT=cfg.persistent1,
+        num_warps=cfg.num_warps1,
+        num_stages=cfg.num_stages1,
+    )
+    if atomic:
+        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
+    b2_arg = b2 if b2 is not None else w2
+    w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
+    act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
+    split_tail2 = cfg.split_tail and not cfg.persistent
+    # the half tiles' boxes; TMA reads act through both descriptors or neither (same tensor, same layout test)
+    act_arg = act if act_desc is None else act_desc
+    act_tail_arg = act_arg
+    if act_desc is not None and split_tail2:
+        act_tail_arg = _tma_descriptor(act, cfg.block_m // 2, cfg.block_k2)
+    tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
+    _gemm2_kernel[(_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,)](
+        **pdl_options(x.device),
+        act_ptr=act_arg,
+        act_tail_ptr=act_tail_arg,
+        stride_am=act.stride(0),
+        stride_ai=act.stride(1),
+        w_ptr=w2 if w2_desc is None else w2_desc,
+        stride_we=w2.stride(0),
+        stride_wh=w2.stride(1),
+        stride_wi=w2.stride(2),
+        b_ptr=b2_arg,
+        stride_be=b2_arg.stride(0),
+        stride_bh=b2_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        out_ptr=out,
+        stride_om=out.stride(0),
+        stride_oh=out.stride(1),
+        sorted_ids_ptr=align.sorted_ids,
+        expert_ids_ptr=align.expert_ids,
+        num_padded_ptr=align.num_padded,
+        num_slots=num_slots,
+        top_k=top_k,
+        hidden=hidden,
+        inter=inter,
+        num_blocks_m=num_blocks_m,
+        HAS_BIAS=b2 is not None,
+        WEIGHTS_ON_INPUT=weights_on_input,
+        ATOMIC=atomic,
+        FP32_PRECISE=x.dtype == torch.float32,
+        W_TMA=w2_desc is not None,
+        A_TMA=act_desc is not None,
+        PERSISTENT=cfg.persistent,
+        EVEN_K=inter % cfg.block_k2 == 0,
+        EVEN_N=hidden % cfg.block_n2 == 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n2,
+        BLOCK_K=cfg.block_k2,
+        GROUP_M=cfg.group_m2,
+        SPLIT_TAIL=split_tail2,
+        num_warps=cfg.num_warps2,
+        num_stages=cfg.num_stages2,
+    )
+    return out if atomic else sum_slots(out, top_k)
+
+
+# Polls of a one-launch GEMM 2 tile waiting for its rows before it gives up (sets the error word): ~1 s and more on
+# an H100 (an acquire load of the ready words is ~0.5-1 us); the wait is a few tile times when all is well.
+ONE_LAUNCH_MAX_SPIN = 1 << 21
+# Programs of a one-launch kernel in the interpreter, which runs them one after the other without waiting: one, so
+# every GEMM 1 tile comes before the GEMM 2 tiles that need it (tests raise it to see the ready check fail).
+ONE_LAUNCH_INTERPRETER_PROGRAMS = 1
+
+
+def _launch_one(
+    gemm1_args: dict, x, w2, b2, weights_flat, act, align, atomic: bool, cfg: KernelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both GEMMs in one persistent launch (``KernelConfig.one_launch``), GEMM 1's arguments as ``_gemm1_kernel``
+    takes them: (GEMM 2's output, as the two-launch path leaves it: per-slot rows, or the [T, H] sums when
+    ``atomic``; the ready words, the last one the error word: 1 when a GEMM 2 tile gave up waiting)."""
+    from tilemoe.ops._kernels._one_launch import _one_launch_kernel
+
+    num_tokens, hidden = x.shape
+    inter = w2.shape[2]
+    capacity = align.sorted_ids.numel()
+    nt1 = cdiv(inter, cfg.block_n1)
+    ready = torch.zeros(capacity // cfg.block_m * nt1 + 1, dtype=torch.int32, device=x.device)
+    if atomic:
+        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((gemm1_args["num_slots"], hidden), dtype=x.dtype, device=x.device)
+    b2_arg = b2 if b2 is not None else w2
+    w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
+    on_gpu = x.device.type == "cuda"
+    tiles = capacity // cfg.block_m * (nt1 + cdiv(hidden, cfg.block_n2))
+    programs = _persistent_grid(x.device, tiles) if on_gpu else ONE_LAUNCH_INTERPRETER_PROGRAMS
+    _one_launch_kernel[(programs,)](
+        **pdl_options(x.device),
+        **gemm1_args,
+        w2_ptr=w2 if w2_desc is None else w2_desc,
+        stride_w2e=w2.stride(0),
+        stride_w2h=w2.stride(1),
+        stride_w2i=w2.stride(2),
+        b2_ptr=b2_arg,
+        stride_b2e=b2_arg.stride(0),
+        stride_b2h=b2_arg.stride(1),
+        out_ptr=out,
+        stride_om=out.stride(0),
+        stride_oh=out.stride(1),
+        ready_ptr=ready,
+        err_ptr=ready[-1:],
+        max_spin=ONE_LAUNCH_MAX_SPIN,
+        HAS_BIAS2=b2 is not None,
+        ATOMIC=atomic,
+        W2_TMA=w2_desc is not None,
+        EVEN_K2=inter % cfg.block_k2 == 0,
+        EVEN_N2=hidden % cfg.block_n2 == 0,
+        BLOCK_N2=cfg.block_n2,
+        BLOCK_K2=cfg.block_k2,
+        GROUP_M2=cfg.group_m2,
+        NT1_P2=max(2, 1 << (nt1 - 1).bit_length()),
+        SPIN=on_gpu,
+        num_warps=cfg.num_warps1,
+        num_stages=cfg.num_stages1,
+    )
+    return out, ready
+
+
+def _launch_decode(
+    x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg,
+    route: tuple | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """No alignment: GEMM 1 per (slot, column block), GEMM 2 per (token, column block) summing K (two launches),
+    or per (slot, column block) plus the slot sum (``DECODE_GEMM2_PER_SLOT``, the default).
+    ``route``: (logits [T, E], score code, renormalize, scale): GEMM 1 routes the tokens itself and fills
+    topk_weights / topk_ids (then outputs, [T, K])."""
+    from tilemoe.ops._kernels._decode import _decode_gemm1_kernel, _decode_gemm2_kernel
+
+    num_tokens, hidden = x.shape
+    inter = w2.shape[2]
+    top_k = topk_ids.shape[1]
+    weights_flat, ids_flat = topk_weights.reshape(-1), topk_ids.reshape(-1)
+    logits, score, renormalize, scale = route if route is not None else (x, 0, False, 1.0)  # x: never read
+    # without ROUTE the same constants every time (one compiled kernel whatever E and K, as the tuner's warm-up
+    # expects: it compiles at a smaller E)
+    route_constants = dict(ROUTE=False, ROUTE_TOP_K=1, ROUTE_SCORE=0, ROUTE_RENORMALIZE=False, ROUTE_BLOCK_E=16,
+                           ROUTE_BLOCK_K=2)  # fmt: skip
+    if route is not None:
+        route_constants = dict(ROUTE=True, ROUTE_TOP_K=top_k, ROUTE_SCORE=score, ROUTE_RENORMALIZE=renormalize,
+                               ROUTE_BLOCK_E=max(16, 1 << (w2.shape[0] - 1).bit_length()),
+                               ROUTE_BLOCK_K=max(2, 1 << (top_k - 1).bit_length()))  # fmt: skip
+    act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=x.device)
+    b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
+    _decode_gemm1_kernel[(num_tokens * top_k, cdiv(inter, cfg.block_n1))](
+        **pdl_options(x.device),
+        x_ptr=x,
+        stride_xt=x.stride(0),
+        stride_xh=x.stride(1),
+        w_ptr=w13,
+        stride_we=w13.stride(0),
+        stride_wn=w13.stride(1),
+        stride_wh=w13.stride(2),
+        b_ptr=b13_arg,
+        stride_be=b13_arg.stride(0),
+        stride_bn=b13_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        topk_ids_ptr=ids_flat,
+        logits_ptr=logits,
+        stride_lt=logits.stride(0),
+        stride_le=logits.stride(1),
+        act_ptr=act,
+        stride_as=act.stride(0),
+        stride_ai=act.stride(1),
+        top_k=top_k,
+        num_experts=w2.shape[0],
+        route_scale=scale,
+        hidden=hidden,
+        inter=inter,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        ACTIVATION=activation,
+        GATED=gated,
+        HAS_BIAS=b13 is not None,
+        WEIGHTS_ON_INPUT=weights_on_input,
+        FP32_PRECISE=x.dtype == torch.float32,
+        BLOCK_N=cfg.block_n1,
+        BLOCK_K=cfg.block_k1,
+        **route_constants,
+        num_warps=cfg.num_warps1,
+        num_stages=cfg.num_stages1,
+    )
+    per_slot = top_k > 1 and DECODE_GEMM2_PER_SLOT
+    rows = num_tokens * top_k if per_slot else num_tokens
+    out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+    b2_arg = b2 if b2 is not None else w2
+    _decode_gemm2_kernel[(rows, cdiv(hidden, cfg.block_n2))](
+        **pdl_options(x.device),
+        act_ptr=act,
+        stride_as=act.stride(0),
+        stride_ai=act.stride(1),
+        w_ptr=w2,
+        stride_we=w2.stride(0),
+        stride_wh=w2.stride(1),
+        stride_wi=w2.stride(2),
+        b_ptr=b2_arg,
+        stride_be=b2_arg.stride(0),
+        stride_bh=b2_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        topk_ids_ptr=ids_flat,
+        out_ptr=out,
+        stride_ot=out.stride(0),
+        stride_oh=out.stride(1),
+        top_k=1 if per_slot else top_k,  # per slot: each output row is one pick
+        hidden=hidden,
+        inter=inter,
+        HAS_BIAS=b2 is not None,
+        WEIGHTS_ON_INPUT=weights_on_input,
+        FP32_PRECISE=x.dtype == torch.float32,
+        BLOCK_N=cfg.block_n2,
+        BLOCK_K=cfg.block_k2,
+        num_warps=cfg.num_warps2,
+        num_stages=cfg.num_stages2,
+    )
+    return sum_slots(out, top_k) if per_slot else out
+
+
+def _launch_grouped_mm(
+    x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha, swiglu_limit, cfg
+) -> torch.Tensor:
+    """Both expert GEMMs as torch grouped GEMMs (cuBLAS / CUTLASS) on the aligned rows; align, activation and combine
+    as in the Triton path. Sync-free: the grouped GEMM takes the padded group ends as a device tensor."""
+    num_tokens, hidden = x.shape
+    num_experts, inter = w2.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    num_slots = num_tokens * top_k
+    block_m = cfg.block_m
+    align = moe_align(topk_ids, num_experts, block_m)
+    capacity = align.sorted_ids.numel()
+    group_ends = torch.cumsum((align.counts + block_m - 1) // block_m * block_m, 0).to(torch.int32)
+    slot = align.sorted_ids.long()
+    valid = slot < num_slots
+    weights_flat = topk_weights.reshape(-1)
+    rows = x[torch.where(valid, slot // top_k, 0)]  # padding rows: token 0, never read back
+    if weights_on_input:
+        row_weight = torch.where(valid, weights_flat[slot.clamp_max(num_slots - 1)], 0.0)
+        rows = (rows.float() * row_weight[:, None]).to(x.dtype)
+    expert_of_row = None
+    if b13 is not None or b2 is not None:
+        expert_of_row = align.expert_ids.long().repeat_interleave(block_m).clamp_max(num_experts - 1)
+    h = grouped_matmul(rows, w13, group_ends)
+    if b13 is not None:
+        h += b13[expert_of_row]
+    act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
+    launch_act_and_mul(h, act, activation=activation, gated=gated, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    y = grouped_matmul(act, w2, group_ends)
+    if b2 is not None:
+        y += b2[expert_of_row]
+    # row of each slot: padding rows scatter into a discarded last entry
+    row_of_slot = torch.empty(num_slots + 1, dtype=torch.long, device=x.device)
+    row_of_slot.scatter_(0, slot, torch.arange(capacity, device=x.device))
+    per_slot = y[row_of_slot[:num_slots]]
+    if not weights_on_input:
+        per_slot = (per_slot.float() * weights_flat[:, None]).to(x.dtype)
+    return sum_slots(per_slot, top_k)
