@@ -51,6 +51,7 @@ if has triton; then
       --baseline torch_grouped_mm --num-tokens 1 8 64 256 1024 4096 16384 --scenarios random imbalanced \
       --imbalance-factor 3.0 --cuda-graph --graph-calls "${GRAPH_CALLS:-10}" --bmm-ceiling \
       --output-format all --output-file /tmp/res/h100-triton-$model 2>&1 | tee -a "$log"
+    tar -czf "$OUT/results.tar.gz" -C /tmp/res . 2>/dev/null  # after each model: a call cut short keeps the finished
   done
 fi
 tar -czf "$OUT/results.tar.gz" -C /tmp/res . 2>/dev/null
