@@ -261,7 +261,7 @@ def test_roofline_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert roofline.get_roofline(torch.device("cpu"), torch.float32) == first
 
 
-def test_bmm_ceiling_columns_and_markdown(tmp_path, monkeypatch):
+def test_bmm_ceiling_columns_and_markdown(tmp_path, monkeypatch, capsys):
     # the ceiling is timed after the implementations, as many calls: count them
     import tilemoe.bench.ceiling as ceiling_mod
 
@@ -295,6 +295,7 @@ def test_bmm_ceiling_columns_and_markdown(tmp_path, monkeypatch):
     md = (tmp_path / "ceil.md").read_text()
     assert "cuBLAS bmm ceiling" in md and "% bmm ceiling" in md
     assert json.loads((tmp_path / "ceil.json").read_text())["header"]["timing"]["bmm_ceiling"] is True
+    assert "%ceil" in capsys.readouterr().out  # the console table has the column too
 
 
 def test_no_bmm_ceiling_by_default(tmp_path):

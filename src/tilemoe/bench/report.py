@@ -71,6 +71,10 @@ def _cell_latency(row: dict) -> str:
     return _fmt(row["latency_mean_ms"]) if row["status"] == "OK" else row["status"]
 
 
+def _has_ceiling(rows: list[dict]) -> bool:
+    return any(isinstance(r.get("ceiling_bmm_ms"), float) and not math.isnan(r["ceiling_bmm_ms"]) for r in rows)
+
+
 def to_markdown(rows: list[dict], header: dict, title: str = "tilemoe bench") -> str:
     lines = [f"# {title}", ""]
     for key, value in header.items():
@@ -83,10 +87,10 @@ def to_markdown(rows: list[dict], header: dict, title: str = "tilemoe bench") ->
         cases.setdefault((row["scenario"], row["num_tokens"]), []).append(row)
     for (scenario, tokens), case in cases.items():
         first = case[0]
-        ceiling = first.get("ceiling_bmm_ms", math.nan)
-        has_ceiling = isinstance(ceiling, float) and not math.isnan(ceiling)
+        has_ceiling = _has_ceiling(case)
         ceiling_line = ""
         if has_ceiling:
+            ceiling = first["ceiling_bmm_ms"]
             pct = 100.0 * first["roofline_ms"] / ceiling if ceiling > 0 else math.nan
             ceiling_line = f"; cuBLAS bmm ceiling {_fmt(ceiling)} ms ({_fmt(pct, 3)}% of the roofline)"
         lines += [
@@ -132,8 +136,10 @@ CONSOLE_COLUMNS = (
 
 
 def print_console(rows: list[dict], title: str = "tilemoe bench", file=None) -> None:
-    """The result table on the console (rich when installed, plain text otherwise)."""
-    cells = [[_fmt(r.get(key, ""), 4) for _, key in CONSOLE_COLUMNS] for r in rows]
+    """The result table on the console (rich when installed, plain text otherwise); with ``--bmm-ceiling`` one more
+    column, each row's % of the cuBLAS ceiling."""
+    columns = CONSOLE_COLUMNS + ((("%ceil", "pct_ceiling_bmm"),) if _has_ceiling(rows) else ())
+    cells = [[_fmt(r.get(key, ""), 4) for _, key in columns] for r in rows]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -141,16 +147,16 @@ def print_console(rows: list[dict], title: str = "tilemoe bench", file=None) -> 
         Console = None
     if Console is not None:
         table = Table(title=title)
-        for label, _ in CONSOLE_COLUMNS:
+        for label, _ in columns:
             table.add_column(label, justify="left" if label in ("impl", "scenario", "status") else "right")
         for c in cells:
             table.add_row(*c)
         Console(file=file or sys.stdout, width=160).print(table)
         return
-    widths = [max(len(label), *(len(c[i]) for c in cells)) for i, (label, _) in enumerate(CONSOLE_COLUMNS)]
+    widths = [max(len(label), *(len(c[i]) for c in cells)) for i, (label, _) in enumerate(columns)]
     out = file or sys.stdout
     print(title, file=out)
-    print("  ".join(label.ljust(w) for (label, _), w in zip(CONSOLE_COLUMNS, widths)), file=out)
+    print("  ".join(label.ljust(w) for (label, _), w in zip(columns, widths)), file=out)
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)), file=out)
 
