@@ -50,19 +50,24 @@ class KernelConfig:
     stage and group fields are then unused. ``grouped_mm``: the two expert GEMMs through torch's grouped GEMM
     (cuBLAS / CUTLASS), alignment, activation and combine in Triton; only ``block_m`` (the row alignment) is used.
     ``split_tail``: an expert's last block holding at most block_m / 2 real rows runs block_m / 2-row tiles in both
-    GEMMs (GEMM 2 only when not ``persistent``), so random routings, which leave about half the experts such a
-    tail, pay for fewer padding rows; needs block_m >= 32.
+    GEMMs (a persistent GEMM only with ``persistent_tails``), so random routings, which leave about half the experts
+    such a tail, pay for fewer padding rows; needs block_m >= 32.
     GEMM 1's input and loop: ``sorted_x`` (needs ``tma``): x copied once into padded sorted order (one more launch
     writing the padded rows x H), read through TMA boxes instead of gathered by token; ``gate_up_dot`` (needs ``tma``):
     one dot per k step over a [2, block_n1, block_k1] box of the gate and up rows (a [block_m, 2 block_n1]
     accumulator) instead of two dots (gated experts only); the launcher falls back to the plain form where TMA cannot
     read the tensor. ``persistent1``: GEMM 1 as one program per SM walking its tiles in a loop flattened with the k
-    loop (its split tails are then off, as GEMM 2's are under ``persistent``). A dense TMA GEMM ran 17-31% faster in
-    that loop on an H100, a gathered input or two accumulators lost the gain (bench/NOTES.md, version 4): the three
-    together give GEMM 1 the dense form.
+    loop (its split tails are then off, as GEMM 2's are under ``persistent``, unless ``persistent_tails``). A dense
+    TMA GEMM ran 17-31% faster in that loop on an H100, a gathered input or two accumulators lost the gain
+    (bench/NOTES.md, version 4): the three together give GEMM 1 the dense form.
     ``one_launch``: both GEMMs in one persistent launch (``ops/_kernels/_one_launch.py``), GEMM 2 tiles waiting on
     per-block ready words instead of a kernel boundary; needs num_warps1 == num_warps2, runs num_stages1 for both
     (one kernel), not with ``persistent`` / ``persistent1`` (its own loop); GEMM 2 then reads act by pointers.
+    ``persistent_tails`` (needs ``split_tail`` and ``persistent`` or ``persistent1``): the persistent loops keep the
+    split tails, each tile picking its height, so those loops are not flattened with the k loop (the next tile's
+    loads no longer overlap this tile's epilogue). Why: with full tiles only, a random routing's padding costs the
+    persistent GEMMs 11-20% of their rows at qwen3 T=4096, gpt-oss T=16384 and mixtral T=1024 (bench/NOTES.md,
+    version 10).
     """
 
     block_m: int = 64
@@ -85,6 +90,7 @@ class KernelConfig:
     gate_up_dot: bool = False
     persistent1: bool = False
     one_launch: bool = False
+    persistent_tails: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -96,7 +102,7 @@ class KernelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
         flags = ("tma", "persistent", "decode", "grouped_mm", "split_tail", "sorted_x", "gate_up_dot", "persistent1",
-                 "one_launch")  # fmt: skip
+                 "one_launch", "persistent_tails")  # fmt: skip
         for name in flags:
             value = getattr(self, name)
             if value not in (True, False):  # 0 / 1 from a table or the custom op's int list
@@ -104,6 +110,11 @@ class KernelConfig:
             object.__setattr__(self, name, bool(value))
         if self.split_tail and self.block_m < 32:  # a half tile under 16 rows is below tl.dot's minimum
             raise ValueError(f"KernelConfig.split_tail: expected block_m >= 32, got block_m={self.block_m}")
+        if self.persistent_tails and not (self.split_tail and (self.persistent or self.persistent1)):
+            raise ValueError(
+                "KernelConfig.persistent_tails: needs split_tail and persistent or persistent1, got "
+                f"split_tail={self.split_tail}, persistent={self.persistent}, persistent1={self.persistent1}"
+            )
         for name in ("sorted_x", "gate_up_dot"):
             if getattr(self, name) and not self.tma:
                 raise ValueError(f"KernelConfig.{name}: needs tma=True (GEMM 1's TMA form), got tma=False")

@@ -193,7 +193,9 @@ def test_randomized_sweep_bf16(part):
               KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, split_tail=True,
                            sorted_x=True, gate_up_dot=True),
               KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, sorted_x=True,
-                           gate_up_dot=True, persistent1=True, persistent=True)]  # fmt: skip
+                           gate_up_dot=True, persistent1=True, persistent=True),
+              KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, split_tail=True,
+                           gate_up_dot=True, persistent1=True, persistent=True, persistent_tails=True)]  # fmt: skip
     mismatches = []
     for case in range(50):
         e = rng.choice([1, 3, 8, 13, 64, 160])
@@ -253,6 +255,11 @@ def test_weights_on_input_large_tiles_bf16(block_n2):
         dict(sorted_x=True, gate_up_dot=True, persistent1=True),
         dict(sorted_x=True, gate_up_dot=True, persistent1=True, persistent=True),
         dict(sorted_x=True, gate_up_dot=True, split_tail=True),
+        # the persistent loops with half tiles (not flattened): production tiles must still fit shared memory
+        dict(
+            sorted_x=True, gate_up_dot=True, split_tail=True, persistent1=True, persistent=True, persistent_tails=True
+        ),
+        dict(gate_up_dot=True, split_tail=True, persistent=True, persistent_tails=True),
     ],
 )
 @pytest.mark.parametrize(

@@ -37,6 +37,25 @@ def _spy(monkeypatch, module, name: str) -> list:
     return seen
 
 
+def _spy_launches(monkeypatch, name: str) -> list:
+    """Record the keyword arguments of each launch (``kernel[grid](**kwargs)``) of the Triton kernel ``name`` in
+    ``tilemoe.ops._kernels._fused_experts``; returns the list it fills."""
+    import tilemoe.ops._kernels._fused_experts as kernels
+
+    kernel, seen = getattr(kernels, name), []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, name, Spy())
+    return seen
+
+
 def _run_case(config, num_tokens, dtype, generator, *, hot_expert=None, kernel_config=None, deterministic=True):
     w = make_weights(config, dtype=dtype, device=DEVICE, generator=generator)
     x = make_input(num_tokens, config, dtype=dtype, device=DEVICE, generator=generator)
@@ -348,6 +367,10 @@ def _run_split_counts(cfg, dtype, generator, deterministic=True):
         dict(tma=True),
         dict(persistent=True),  # GEMM 2 full tiles over GEMM 1's half tiles: the unwritten rows are never stored
         dict(tma=True, persistent=True),
+        dict(persistent=True, persistent_tails=True),  # the persistent GEMM 2 runs half tiles too
+        dict(tma=True, persistent=True, persistent_tails=True),
+        dict(persistent1=True, persistent_tails=True),  # the persistent GEMM 1 runs half tiles, GEMM 2 one per tile
+        dict(tma=True, persistent1=True, persistent=True, persistent_tails=True),  # both persistent, both split
     ],
 )
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -356,11 +379,21 @@ def test_split_tail(options, deterministic, dtype, generator, monkeypatch):
                        split_tail=True, **options)  # fmt: skip
     _poison(monkeypatch)
     built = _spy(monkeypatch, launch_module, "_tma_descriptor")
+    gemm1 = _spy_launches(monkeypatch, "_gemm1_kernel")
+    gemm2 = _spy_launches(monkeypatch, "_gemm2_kernel")
     _run_split_counts(cfg, dtype, generator, deterministic)
-    # with TMA, GEMM 2's half tiles read act through their own [16, 16] boxes (not when persistent: full tiles only)
-    expected = [True, True, True, True] if cfg.tma and not cfg.persistent else [True, True, True] if cfg.tma else []
+    # a persistent GEMM keeps the half tiles only with persistent_tails
+    split1 = not cfg.persistent1 or cfg.persistent_tails
+    split2 = not cfg.persistent or cfg.persistent_tails
+    assert [k["SPLIT_TAIL"] for k in gemm1] == [split1] and [k["SPLIT_TAIL"] for k in gemm2] == [split2]
+    # GEMM 1's half tiles leave their blocks' second halves unwritten (NaN from the poisoned buffer); full tiles write
+    # every row (padding rows from token 0), the persistent loop's included
+    act, used = gemm1[0]["act_ptr"], int(gemm1[0]["num_padded_ptr"])
+    assert bool(act[:used].isnan().any()) == split1
+    # with TMA, GEMM 2's half tiles read act through their own [16, 16] boxes
+    expected = [True, True, True, True] if cfg.tma and split2 else [True, True, True] if cfg.tma else []
     assert [d is not None for d in built] == expected
-    if cfg.tma and not cfg.persistent:
+    if cfg.tma and split2:
         assert built[-1].block_shape == [16, 16]
 
 
@@ -368,6 +401,13 @@ def test_split_tail_needs_block_m_32():
     with pytest.raises(ValueError, match="split_tail"):
         KernelConfig(block_m=16, split_tail=True)
     assert KernelConfig(block_m=32, split_tail=1).split_tail is True
+
+
+def test_persistent_tails_needs_split_tail_and_a_persistent_gemm():
+    for bad in (dict(persistent=True), dict(split_tail=True), dict(split_tail=True, one_launch=True)):
+        with pytest.raises(ValueError, match="persistent_tails: needs split_tail and persistent or persistent1"):
+            KernelConfig(block_m=32, persistent_tails=True, **bad)
+    assert KernelConfig(block_m=32, split_tail=True, persistent1=True, persistent_tails=1).persistent_tails is True
 
 
 # GEMM 1's dense forms: x in padded order through TMA boxes (sorted_x), one dot over a [2, BN, BK] gate/up box

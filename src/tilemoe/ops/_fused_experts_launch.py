@@ -169,7 +169,7 @@ def _launch(
     if w13_desc is None and cfg.tma:
         w13_desc = _tma_descriptor(w13, cfg.block_n1, cfg.block_k1)
     # GEMM 1's input: x gathered by token, or x_sorted through TMA boxes (full, and half for split tails)
-    split_tail1 = cfg.split_tail and not cfg.persistent1
+    split_tail1 = cfg.split_tail and (not cfg.persistent1 or cfg.persistent_tails)
     x_arg = x_tail_arg = x
     if cfg.sorted_x and _tma_rows_ok(x.device, hidden, x.element_size(), cfg.block_k1):
         x_sorted = _sorted_rows(x, align, capacity, top_k)
@@ -238,7 +238,7 @@ def _launch(
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
-    split_tail2 = cfg.split_tail and not cfg.persistent
+    split_tail2 = cfg.split_tail and (not cfg.persistent or cfg.persistent_tails)
     # the half tiles' boxes; TMA reads act through both descriptors or neither (same tensor, same layout test)
     act_arg = act if act_desc is None else act_desc
     act_tail_arg = act_arg

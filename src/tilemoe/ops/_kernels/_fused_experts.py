@@ -36,9 +36,10 @@ loads overlap this tile's epilogue. GEMM 1's persistent form with gathered rows 
 slower on an H100 (bench/NOTES.md, version 4); A_TMA and GATE_UP_DOT give it the dense GEMM's structure, for which
 the flattened loop was 17-31% faster.
 With SPLIT_TAIL a block whose second half is all padding (its expert's last block, at most BLOCK_M / 2 real rows)
-runs BLOCK_M / 2-row tiles: GEMM 1 neither computes nor writes the rows past the half, and a non-persistent GEMM 2
-never reads them; a PERSISTENT GEMM 2 runs full tiles, computing those rows from whatever act holds and storing
-nothing of them (its stores are masked to real rows). A PERSISTENT GEMM 1 runs full tiles only (one tile shape).
+runs BLOCK_M / 2-row tiles: GEMM 1 neither computes nor writes the rows past the half, and a GEMM 2 with SPLIT_TAIL
+never reads them; a GEMM 2 without it runs full tiles, computing those rows from whatever act holds and storing
+nothing of them (its stores are masked to real rows). A PERSISTENT loop with SPLIT_TAIL (``KernelConfig``'s
+persistent_tails) is not flattened: a flattened loop holds one tile shape.
 """
 
 import triton
@@ -286,7 +287,7 @@ def _gemm1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr,  # a block whose second half is padding computes its first half only (not PERSISTENT)
+    SPLIT_TAIL: tl.constexpr,  # a block whose second half is padding computes its first half only
     PDL: tl.constexpr,
 ):
     _pdl_prologue(PDL)
@@ -294,14 +295,24 @@ def _gemm1_kernel(
     if PERSISTENT:
         used_m = num_padded // BLOCK_M
         num_tiles = used_m * tl.cdiv(inter, BLOCK_N)
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _gemm1_block(
-                tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, False,
-            )  # fmt: skip
+        if SPLIT_TAIL:  # each tile picks its height: two tile shapes, so the loop is not flattened
+            for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+                _gemm1_block(
+                    tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True,
+                )  # fmt: skip
+        else:
+            for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+                _gemm1_block(
+                    tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, False,
+                )  # fmt: skip
     else:
         tile = tl.program_id(0)
         pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
@@ -508,7 +519,7 @@ def _gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr,  # as in GEMM 1 (not with PERSISTENT: that loop holds one tile shape)
+    SPLIT_TAIL: tl.constexpr,  # as in GEMM 1
     PDL: tl.constexpr,
 ):
     _pdl_prologue(PDL)
@@ -516,15 +527,25 @@ def _gemm2_kernel(
     if PERSISTENT:
         used_m = num_padded // BLOCK_M
         num_tiles = used_m * tl.cdiv(hidden, BLOCK_N)
-        # flattened: the pipeliner prefetches the next tile's operands during this tile's epilogue
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _gemm2_tile(
-                tile, used_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
-                b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
-                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
-            )  # fmt: skip
+        if SPLIT_TAIL:  # each tile picks its height: two tile shapes, so the loop is not flattened
+            for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+                _gemm2_block(
+                    tile, used_m, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
+                    stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                    HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True,
+                )  # fmt: skip
+        else:
+            # flattened: the pipeliner prefetches the next tile's operands during this tile's epilogue
+            for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+                _gemm2_tile(
+                    tile, used_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+                    b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                    HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+                )  # fmt: skip
     else:
         tile = tl.program_id(0)
         pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
