@@ -584,6 +584,30 @@ def test_from_logits_routes_first_elsewhere(changes, kernel_config, num_tokens, 
     assert_close(out, _reference(x, w, weights, ids, config), torch.float32)
 
 
+@pytest.mark.parametrize("kernel_config", [DECODE, SMALL], ids=["routed_in_gemm1", "routing_kernel_first"])
+def test_from_logits_non_finite_logits_stay_in_their_row(kernel_config, generator, monkeypatch):
+    """A token whose router logits hold NaN gets a NaN output row and valid ids; the other tokens' rows are what
+    they are without it (before the routing kernel ranked NaN, its id was E: a read past the expert weights)."""
+    config = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=24)
+    w = make_weights(config, dtype=torch.float32, device=DEVICE, generator=generator)
+    x = make_input(5, config, dtype=torch.float32, device=DEVICE, generator=generator)
+    logits = torch.randn(5, config.num_experts, generator=generator)
+    logits[2, 4] = float("nan")
+    logits[3] = float("nan")
+    monkeypatch.setattr(fused_experts_module, "DECODE_ROUTE_MAX_TOKENS", 64)  # the decode GEMM 1 routes at T = 5
+    call = fused_experts_module.fused_experts_from_logits
+    out, weights, ids = call(x, w["w13"], w["w2"], logits.to(DEVICE), config=config, kernel_config=kernel_config)
+    assert int(ids.min()) >= 0 and int(ids.max()) < config.num_experts
+    assert all(len(set(row)) == config.top_k for row in ids.tolist())
+    assert out[2:4].isnan().all()
+    clean = [0, 1, 4]
+    assert torch.isfinite(out[clean]).all()
+    _, ref_weights, ref_ids = call(x[clean], w["w13"], w["w2"], logits[clean].to(DEVICE), config=config,
+                                   kernel_config=kernel_config)  # fmt: skip
+    assert torch.equal(ids[clean], ref_ids) and torch.equal(weights[clean], ref_weights)
+    assert_close(out[clean], _reference(x[clean], w, ref_weights, ref_ids, config), torch.float32)
+
+
 def test_from_logits_bad_arguments(generator):
     config = MoEConfig(num_experts=6, top_k=2, hidden_size=32, intermediate_size=16)
     w = make_weights(config, device=DEVICE, generator=generator)

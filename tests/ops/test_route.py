@@ -119,6 +119,68 @@ def test_bf16_logits_and_bad_shape(generator):
         route_triton(torch.randn(5, 8, device=DEVICE), grouped, torch.zeros(7))
 
 
+NON_FINITE_ROUTINGS = [
+    ("softmax_topk", 10, 3, 1, 1, {}),  # E not a power of two: padding lanes in the block
+    ("topk_softmax", 8, 4, 1, 1, {}),
+    ("sigmoid_top1_input_scaled", 5, 1, 1, 1, {}),
+    ("softmax_topk", 6, 6, 1, 1, {}),  # K = E: every expert picked, whatever the logits
+    ("sigmoid_grouped_topk", 24, 4, 4, 2, {}),
+    ("softmax_grouped_topk", 20, 3, 4, 2, {"renormalize": False}),
+    ("sigmoid_grouped_topk", 12, 2, 12, 5, {}),  # one expert per group
+]
+
+
+def _poison_rows(logits: torch.Tensor) -> list[int]:
+    """Writes non-finite logits into rows 1..7 of ``logits`` [>= 9, E] (row 0 and rows from 8 stay clean):
+    one NaN, all NaN, one +inf, all -inf, one -inf, NaN beside +inf, and NaN in more experts than K."""
+    logits[1, 3] = float("nan")
+    logits[2] = float("nan")
+    logits[3, 2] = float("inf")
+    logits[4] = float("-inf")
+    logits[5, 0] = float("-inf")
+    logits[6, 1], logits[6, 4] = float("inf"), float("nan")
+    logits[7, ::2] = float("nan")
+    return list(range(1, 8))
+
+
+def _check_non_finite(config: MoEConfig, generator) -> None:
+    """Whatever a token's logits hold, its K ids are distinct experts in [0, E) (an id out of range would read past
+    the weights in the expert GEMMs) and the reference's, in its order (NaN, +inf, numbers, -inf); a NaN logit makes
+    the token's weights NaN as in the reference (so its output row is NaN, not a silent result); the other tokens'
+    routing is untouched."""
+    experts = config.num_experts
+    clean = torch.randn(12, experts, generator=generator)
+    logits = clean.clone()
+    poisoned = _poison_rows(logits)
+    bias = torch.randn(experts, generator=generator) * 0.1 if config.routing.endswith("grouped_topk") else None
+    weights, ids = (t.cpu() for t in route_triton(logits.to(DEVICE), config, bias))
+    ref_w, ref_i = route(logits, config, correction_bias=bias)
+    assert ids.min() >= 0 and ids.max() < experts, ids
+    assert all(len(set(row.tolist())) == config.top_k for row in ids), ids
+    assert torch.equal(ids, ref_i)
+    scale = config.routed_scaling_factor
+    torch.testing.assert_close(weights, ref_w, rtol=1e-5, atol=1e-6 * scale, equal_nan=True)
+    clean_rows = [r for r in range(logits.shape[0]) if r not in poisoned]
+    # the clean rows route as they do in a batch with no poisoned row
+    assert torch.equal(ids[clean_rows], route_triton(clean.to(DEVICE), config, bias)[1].cpu()[clean_rows])
+    has_nan = logits.isnan().any(dim=1)
+    assert not torch.isfinite(weights[has_nan]).all(dim=1).any()
+
+
+@pytest.mark.parametrize(("routing", "experts", "top_k", "n_group", "topk_group", "extra"), NON_FINITE_ROUTINGS)
+def test_non_finite_logits(routing, experts, top_k, n_group, topk_group, extra, generator):
+    config = MoEConfig(num_experts=experts, top_k=top_k, hidden_size=8, intermediate_size=8, routing=routing,
+                       n_group=n_group, topk_group=topk_group, **extra)  # fmt: skip
+    _check_non_finite(config, generator)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS)
+def test_non_finite_logits_every_preset_gpu(name, generator):
+    """The compiled kernels (the interpreter's max and min may treat NaN otherwise than the GPU's)."""
+    _check_non_finite(MoEConfig.from_pretrained(name), generator)
+
+
 @pytest.mark.parametrize("routing", ["softmax_topk", "sigmoid_grouped_topk"])
 def test_cpu_without_interpreter_is_torch(routing, monkeypatch, generator):
     def no_kernel(*args, **kwargs):

@@ -6,6 +6,12 @@ Dimension letters: T tokens, E experts, K top-k, G expert groups (E = G * P, P e
     weights [T, K]  float32
     ids     [T, K]  int32; equal scores go to the lower expert index (like ``tilemoe.routing.topk_stable``)
 
+Non-finite logits: a token's K ids are always distinct experts in [0, E), whatever its logits hold, in the order
+``torch.sort`` gives (``_rank``: NaN, +inf, the numbers, -inf; ties to the lower index), so the kernels pick what
+the reference picks; a NaN picked makes the token's weights, hence its output row, NaN. A token's logits never move
+another token's routing. (Before, a NaN made ``score == max`` false everywhere and the id the index past the block,
+expert E: a read past the expert weights in the GEMMs.)
+
 ``_route_kernel`` (flat routings), SCORE: 0 softmax then top-k (renormalised when RENORMALIZE); 1 top-k on
 the logits then softmax over the K; 2 top-k on the logits then sigmoid.
 
@@ -21,6 +27,31 @@ import triton
 import triton.language as tl
 
 from tilemoe.ops._kernels._pdl import _pdl_prologue
+
+# The largest float32. Ranks (``_rank``) are finite for every score but NaN (+inf): +inf ranks as this, -inf as its
+# negative, so -inf itself is free to mark a padding lane or a picked expert, below every real choice.
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _rank(scores):
+    """The order the top-k follows, as ``torch.sort`` orders: NaN first, then +inf, the numbers, -inf; always above
+    -inf (a real score ties with an infinity only at exactly +-_FLOAT32_MAX)."""
+    ranked = tl.where(scores == float("inf"), _FLOAT32_MAX, tl.where(scores == float("-inf"), -_FLOAT32_MAX, scores))
+    return tl.where(scores != scores, float("inf"), ranked)
+
+
+@triton.jit
+def _score_of(rank):
+    """The score behind a rank (``_rank`` undone)."""
+    score = tl.where(rank == _FLOAT32_MAX, float("inf"), tl.where(rank == -_FLOAT32_MAX, float("-inf"), rank))
+    return tl.where(rank == float("inf"), float("nan"), score)
+
+
+@triton.jit
+def _clamp_min_sum(total):
+    """The renormalisation's divisor, at least 1e-20, NaN kept (as torch's clamp_min; tl.maximum may drop it)."""
+    return tl.where(total < 1e-20, 1e-20, total)
 
 
 @triton.jit
@@ -45,22 +76,23 @@ def _flat_topk(
         scores = shifted / tl.sum(shifted, axis=0)
     else:
         scores = logits
-    scores = tl.where(in_range, scores, float("-inf"))
+    order = tl.where(in_range, _rank(scores), float("-inf"))  # padding lanes and picked experts: -inf
     slots = tl.arange(0, BLOCK_K)
     picked = tl.zeros([BLOCK_K], dtype=tl.float32)
     picked_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k in tl.static_range(TOP_K):
-        best = tl.max(scores, axis=0)
-        # lowest index holding the best score: ties go to the lower expert
-        best_id = tl.min(tl.where(scores == best, experts, BLOCK_E), axis=0)
+        best = tl.max(order, axis=0)  # above -inf: an expert is left (K <= E)
+        # lowest index holding the best rank: ties go to the lower expert
+        best_id = tl.min(tl.where(order == best, experts, BLOCK_E), axis=0)
         picked = tl.where(slots == k, best, picked)
         picked_ids = tl.where(slots == k, best_id, picked_ids)
-        scores = tl.where(experts == best_id, float("-inf"), scores)
+        order = tl.where(experts == best_id, float("-inf"), order)
+    picked = _score_of(picked)
     valid = slots < TOP_K
     if SCORE == 0:
         weights = picked
         if RENORMALIZE:
-            weights = weights / tl.maximum(tl.sum(tl.where(valid, weights, 0.0), axis=0), 1e-20)
+            weights = weights / _clamp_min_sum(tl.sum(tl.where(valid, weights, 0.0), axis=0))
     elif SCORE == 1:
         shifted = tl.where(valid, tl.exp(picked - tl.max(tl.where(valid, picked, float("-inf")), axis=0)), 0.0)
         weights = shifted / tl.sum(shifted, axis=0)
@@ -137,7 +169,7 @@ def _grouped_route_kernel(
     choice = scores
     if HAS_BIAS:
         choice = scores + tl.load(bias_ptr + experts * stride_be, mask=in_range, other=0.0).to(tl.float32)
-    choice = tl.where(in_range, choice, float("-inf"))
+    choice = tl.where(in_range, _rank(choice), float("-inf"))  # padding lanes and picked experts: -inf
 
     if TOPK_GROUP < N_GROUP:  # keeping every group changes nothing: skip the group stage
         best = tl.max(choice, axis=1)  # [G]
@@ -147,29 +179,31 @@ def _grouped_route_kernel(
             first = tl.min(tl.where(choice == best[:, None], members[None, :], BLOCK_P), axis=1)
             rest = tl.where(members[None, :] == first[:, None], float("-inf"), choice)
             group_scores = best + tl.max(rest, axis=1)
-        group_scores = tl.where(groups < N_GROUP, group_scores, float("-inf"))
+        # ranked again (a sum can overflow to -inf), padding groups and kept ones at -inf below every real group
+        group_scores = tl.where(groups < N_GROUP, _rank(group_scores), float("-inf"))
         kept = groups < 0  # all False
         for _ in tl.static_range(TOPK_GROUP):
             top = tl.max(group_scores, axis=0)
             top_group = tl.min(tl.where(group_scores == top, groups, BLOCK_G), axis=0)
             kept = kept | (groups == top_group)
             group_scores = tl.where(groups == top_group, float("-inf"), group_scores)
-        choice = tl.where(kept[:, None], choice, float("-inf"))
+        # the other groups' experts rank with the kept -inf choices (the reference masks both to -inf), above -inf
+        choice = tl.where(in_range & ~kept[:, None], -_FLOAT32_MAX, choice)
 
     slots = tl.arange(0, BLOCK_K)
     picked = tl.zeros([BLOCK_K], dtype=tl.float32)
     picked_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k in tl.static_range(TOP_K):
-        top = tl.max(tl.max(choice, axis=1), axis=0)
+        top = tl.max(tl.max(choice, axis=1), axis=0)  # above -inf: an expert is left (K <= E)
         top_id = tl.min(tl.min(tl.where(choice == top, experts, BLOCK_G * BLOCK_P), axis=1), axis=0)
-        hit = experts == top_id
-        weight = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=0)
+        hit = experts == top_id  # the expert's lane, and a padding lane aliasing it (its choice -inf, its score 0)
+        weight = tl.sum(tl.sum(tl.where(hit & in_range, scores, 0.0), axis=1), axis=0)
         picked = tl.where(slots == k, weight, picked)
         picked_ids = tl.where(slots == k, top_id, picked_ids)
         choice = tl.where(hit, float("-inf"), choice)
     valid = slots < TOP_K
     weights = picked
     if RENORMALIZE:
-        weights = weights / tl.maximum(tl.sum(tl.where(valid, weights, 0.0), axis=0), 1e-20)
+        weights = weights / _clamp_min_sum(tl.sum(tl.where(valid, weights, 0.0), axis=0))
     tl.store(weights_ptr + token * TOP_K + slots, weights * scale, mask=valid)
     tl.store(ids_ptr + token * TOP_K + slots, picked_ids, mask=valid)
