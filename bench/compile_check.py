@@ -1,0 +1,245 @@
+"""Compile the fused experts' Triton kernels for a Hopper GPU on a machine without one (CPU only, no launch).
+
+    python3 bench/compile_check.py [--table nvidia_h100_80gb_hbm3] [--models qwen3-30b-a3b ...]
+        [--num-tokens 1024 4096 16384] [--variants split_tail=1,persistent_tails=1 ...] [--arch 90]
+
+For each (model, T): the table entry (``pick_config`` as on that GPU) and that entry with each ``--variants`` change
+applied (the tuner's syntax; a change the entry cannot take is skipped). ``fused_experts`` runs its real launcher on
+CPU tensors of the layer's shape, with Triton's active driver replaced by one that reports an sm_``arch`` target and
+every launch turned into a compile (``warmup``): so every kernel the launchers would start on the GPU (routing, align,
+GEMM 1, GEMM 2, the slot sum) goes through this machine's Triton, ptxas included. Printed per kernel: registers, spill
+stores, shared memory (over the device's 227 KiB is flagged: Triton only finds that out when it loads the kernel on
+the GPU), and the compile time here.
+
+Why: the device machine has Triton 3.6 and CPU time is cheaper than device time. A kernel change that does not build
+with the device's Triton, or that spills, is found here; install that version beside this one
+(``python -m venv v36 && v36/bin/pip install torch==2.13.0 && v36/bin/pip install --no-deps triton==3.6.0``,
+then ``PYTHONPATH=src v36/bin/python bench/compile_check.py``). A development tool: it measures no speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+# Every kernel module is imported before TRITON_INTERPRET is set below, so that @triton.jit makes JIT functions.
+import tilemoe.ops._kernels._act_and_mul  # noqa: E402, F401
+import tilemoe.ops._kernels._align  # noqa: E402, F401
+import tilemoe.ops._kernels._combine  # noqa: E402, F401
+import tilemoe.ops._kernels._decode  # noqa: E402, F401
+import tilemoe.ops._kernels._fused_experts  # noqa: E402, F401
+import tilemoe.ops._kernels._one_launch  # noqa: E402, F401
+from tilemoe.config import MoEConfig  # noqa: E402
+from tilemoe.ops.fused_experts import fused_experts, fused_experts_from_logits  # noqa: E402
+from tilemoe.ops.route import route_triton  # noqa: E402
+from tilemoe.tune_cli import parse_variant  # noqa: E402
+from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, heuristic_config, shape_key  # noqa: E402
+
+# An H100's / H200's shared memory per block (opt-in maximum), bytes.
+HOPPER_SHARED_BYTES = 232448
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class _CompileOnlyDriver:
+    """Triton's active driver as the JIT asks it before a launch: device 0, a null stream, the target."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+
+@dataclasses.dataclass
+class Compiled:
+    kernel: str
+    seconds: float
+    num_warps: int = 0
+    num_stages: int = 0
+    shared: int = 0
+    registers: int | None = None
+    spills: int | None = None
+    mma: str = ""
+    error: str = ""
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers, local-memory bytes) of the cubin's one kernel, by the cuobjdump that Triton ships."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    local = re.search(r"LOCAL:(\d+)", text)
+    return (int(regs.group(1)) if regs else None, int(local.group(1)) if local else None)
+
+
+def _mma_kind(ptx: str) -> str:
+    """The matrix instructions in the PTX: 'wgmma' (Hopper's warpgroup MMA), 'mma' (the older warp MMA) or '-'."""
+    return "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
+
+
+class CompileRecorder:
+    """Turns every JIT launch into a compile for ``target`` and records what came out."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+        self.records: list[Compiled] = []
+
+    def __enter__(self) -> CompileRecorder:
+        driver.set_active(_CompileOnlyDriver(self.target))
+        self._run = JITFunction.run
+        self._interpret = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"  # the launchers' Triton paths on CPU tensors; the kernels stay compiled
+        recorder = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            start = time.perf_counter()
+            try:
+                kernel = recorder._run(fn, *args, grid=grid, warmup=True, **kwargs)
+            except Exception as exc:  # a compile error: recorded (its first cause), the launcher goes on
+                while exc.__cause__ is not None:
+                    exc = exc.__cause__
+                error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                recorder.records.append(Compiled(fn.__name__, time.perf_counter() - start, error=error[:200]))
+                return None
+            meta = kernel.metadata
+            regs, spills = _resource_usage(kernel.asm["cubin"])
+            recorder.records.append(
+                Compiled(
+                    fn.__name__,
+                    time.perf_counter() - start,
+                    meta.num_warps,
+                    meta.num_stages,
+                    meta.shared,
+                    regs,
+                    spills,
+                    _mma_kind(kernel.asm["ptx"]),
+                )  # fmt: skip
+            )
+            return kernel
+
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc) -> None:
+        JITFunction.run = self._run  # the driver stays: this machine has no other to go back to
+        if self._interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = self._interpret
+
+
+def _empty_layer(config: MoEConfig, num_tokens: int, dtype: torch.dtype):
+    """The layer's tensors on the CPU, never read (nothing runs); the routing real, for the host-side checks."""
+    gen = torch.Generator().manual_seed(0)
+    e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+    x = torch.empty(num_tokens, h, dtype=dtype)
+    w13 = torch.empty(e, 2 * i if config.gated else i, h, dtype=dtype)
+    w2 = torch.empty(e, h, i, dtype=dtype)
+    ids = torch.stack([torch.randperm(e, generator=gen)[: config.top_k] for _ in range(num_tokens)]).to(torch.int32)
+    weights = torch.full((num_tokens, config.top_k), 1.0 / config.top_k)
+    b13 = torch.empty(e, w13.shape[1], dtype=dtype) if config.expert_bias else None
+    b2 = torch.empty(e, h, dtype=dtype) if config.expert_bias else None
+    return x, w13, w2, weights, ids, b13, b2
+
+
+def table_configs(table: str, config: MoEConfig, num_tokens: int, dtype: torch.dtype) -> KernelConfig:
+    import json
+
+    shape = MoEShape(num_tokens, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
+    path = TABLE_DIR / f"{table}.json"
+    entry = json.loads(path.read_text())["configs"].get(shape_key(shape, dtype)) if path.exists() else None
+    return KernelConfig.from_dict(entry) if entry else heuristic_config(shape, dtype)
+
+
+def _label(cfg: KernelConfig, base: KernelConfig) -> str:
+    changed = [f"{f.name}={int(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
+               if getattr(cfg, f.name) != getattr(base, f.name)]  # fmt: skip
+    return ",".join(changed) or "entry"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", default="nvidia_h100_80gb_hbm3")
+    parser.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-120b",
+                                                        "mixtral-8x7b"])  # fmt: skip
+    parser.add_argument("--num-tokens", nargs="+", type=int, default=[1024, 4096, 16384])
+    parser.add_argument("--variants", nargs="*", default=[], metavar="FIELD=VALUE[,...]")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--deterministic", action="store_true", help="the per-slot combine instead of the atomic one")
+    args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    variants = [parse_variant(v) for v in args.variants]
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target cuda sm_{args.arch}, table {args.table}")
+    header = f"{'model':<18} {'T':>6} {'config':<34} {'kernel':<18} {'warps':>5} {'stg':>3} {'regs':>4} " \
+             f"{'local':>5} {'shared':>7} {'mma':>5} {'s':>5}  status"  # fmt: skip
+    print(header)
+    failures = 0
+    for model in args.models:
+        config = MoEConfig.from_pretrained(model)
+        for num_tokens in args.num_tokens:
+            entry = table_configs(args.table, config, num_tokens, dtype)
+            configs = [entry]
+            for changes in variants:
+                try:
+                    configs.append(dataclasses.replace(entry, **changes))
+                except ValueError as exc:
+                    print(f"{model:<18} {num_tokens:>6} {'+' + ','.join(changes):<34} skipped: {exc}")
+            for index, cfg in enumerate(dict.fromkeys(configs)):
+                layer = _empty_layer(config, num_tokens, dtype)
+                x, w13, w2, weights, ids, b13, b2 = layer
+                with CompileRecorder(GPUTarget("cuda", args.arch, 32)) as rec:
+                    if index == 0:  # the routing kernel, once per point
+                        bias = torch.empty(config.num_experts) if config.score_correction_bias else None
+                        route_triton(torch.empty(num_tokens, config.num_experts), config, bias)
+                    fused_experts(x, w13, w2, weights, ids, config=config, b13=b13, b2=b2, kernel_config=cfg,
+                                  deterministic=args.deterministic)  # fmt: skip
+                    if cfg.decode:  # at T = 1 the decode GEMM 1 routes its slot's token itself
+                        logits = torch.empty(num_tokens, config.num_experts)
+                        fused_experts_from_logits(x, w13, w2, logits, config=config, b13=b13, b2=b2,
+                                                  kernel_config=cfg)  # fmt: skip
+                for r in rec.records:
+                    status = "FAIL " + r.error if r.error else "ok"
+                    if not r.error and r.shared > HOPPER_SHARED_BYTES:
+                        status = f"FAIL shared memory {r.shared} > {HOPPER_SHARED_BYTES}"
+                    if not r.error and r.spills:
+                        status = "spills"
+                    failures += status.startswith("FAIL")
+                    regs = "" if r.registers is None else r.registers
+                    local = "" if r.spills is None else r.spills
+                    print(f"{model:<18} {num_tokens:>6} {_label(cfg, entry):<34.34} {r.kernel:<18.18} "
+                          f"{r.num_warps:>5} {r.num_stages:>3} {regs:>4} {local:>5} {r.shared:>7} {r.mma:>5} "
+                          f"{r.seconds:>5.1f}  {status}")  # fmt: skip
+    print(f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

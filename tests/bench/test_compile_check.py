@@ -1,0 +1,38 @@
+"""bench/compile_check.py: the kernels compiled for sm_90 by this machine's Triton, no GPU (a subprocess, since the
+tool needs the kernels compiled, not interpreted as the rest of the CPU suite runs them)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[2] / "bench" / "compile_check.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when it is unset
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=240)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
+def test_compiles_every_kernel_of_a_table_entry_for_sm90():
+    # T=1: the decode kernels and the GEMM 1 that routes; T=4096: the tiled GEMMs with TMA and a persistent GEMM 2,
+    # and one variant (persistent_tails, the newest kernel form)
+    done = _run("--models", "qwen3-30b-a3b", "--num-tokens", "1", "4096", "--variants", "persistent_tails=1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "0 failed"
+    kernels = {line.split()[3] for line in lines if line.startswith("qwen3-30b-a3b") and line.endswith("ok")}
+    assert {"_route_kernel", "_decode_gemm1_kern", "_decode_gemm2_kern", "_gemm1_kernel", "_gemm2_kernel"} <= kernels
+    gemm_4096 = [line for line in lines if " 4096 " in line and "_gemm" in line]
+    assert len(gemm_4096) == 4 and all(" wgmma " in line for line in gemm_4096)  # the entry and its variant
+    assert any("persistent_tails=1" in line for line in gemm_4096)
+
+
+def test_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, str(TOOL)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode != 0 and "unset TRITON_INTERPRET" in done.stderr
