@@ -2,7 +2,9 @@
 # One call on a GPU machine: GPU tests, then the benchmarks, results under $OUT, a short table last.
 #   bash bench/gpu_check.sh MODE...   MODE: tests, ladder (journey + issue-3 benches), triton (issue-4 benches), all;
 #   forms (not in all): the session-6 kernels (GEMM 1 dense forms, routing in the decode GEMM 1, one launch): GPU tests
-#   and the structure probe of bench/ws_probe.py --gemm1 (dense shapes, each form against the plain one)
+#   and the structure probe of bench/ws_probe.py --gemm1 (dense shapes, each form against the plain one);
+#   unrun (not in all): the GPU tests of what sessions 9-10 wrote without a device (persistent tails in the dense-form
+#   test and the randomized sweep, split tails, the routing kernels' non-finite logits over every preset)
 # Each mode fits one 10-minute device call on an H100; give several to run them in one call.
 # Results come back as $OUT/results.tar.gz (bench/results/ layout) plus logs; the machine keeps nothing.
 set -uo pipefail
@@ -33,6 +35,12 @@ if [[ $modes == *" forms "* ]]; then
   # qwen3 T=4096-like GEMM 1 (M=S, N=2I, K=H) and mixtral T=1024-like; tiles as in the H100 table
   timeout -k 5 "${T_PROBE:-220}" python3 bench/ws_probe.py --gemm1 --shapes 32768,1536,2048 2048,28672,4096 \
     --configs 128,128,64,8,4 128,64,64,4,4 2>&1 | grep -v Warning | tee -a "$log"
+fi
+
+if [[ $modes == *" unrun "* ]]; then
+  timeout -k 5 "${T_UNRUN_TESTS:-330}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_fused_experts.py \
+    tests/impls/test_triton.py tests/ops/test_route.py -k "dense_forms or randomized_sweep or split_tail or non_finite" \
+    2>&1 | tee -a "$log" | tail -n 30
 fi
 
 if has ladder; then
