@@ -2,6 +2,7 @@
 
     python3 bench/compile_check.py [--table nvidia_h100_80gb_hbm3] [--models qwen3-30b-a3b ...]
         [--num-tokens 1024 4096 16384] [--variants split_tail=1,persistent_tails=1 ...] [--arch 90]
+    python3 bench/compile_check.py --ep 2 --table nvidia_h200 --models flashmoe qwen3-30b-a3b --num-tokens 1024 8192
 
 For each (model, T): the table entry (``pick_config`` as on that GPU) and that entry with each ``--variants`` change
 applied (the tuner's syntax; a change the entry cannot take is skipped). ``fused_experts`` runs its real launcher on
@@ -9,7 +10,8 @@ CPU tensors of the layer's shape, with Triton's active driver replaced by one th
 every launch turned into a compile (``warmup``): so every kernel the launchers would start on the GPU (routing, align,
 GEMM 1, GEMM 2, the slot sum) goes through this machine's Triton, ptxas included. Printed per kernel: registers, spill
 stores, shared memory (over the device's 227 KiB is flagged: Triton only finds that out when it loads the kernel on
-the GPU), and the compile time here.
+the GPU), and the compile time here. ``--ep N``: the fused expert-parallel path's kernels instead (layout, dispatch +
+GEMM 1, GEMM 2 + put, combine), in the form the GPU runs (flag spins at system scope), N ranks simulated.
 
 Why: the device machine has Triton 3.6 and CPU time is cheaper than device time. A kernel change that does not build
 with the device's Triton, or that spills, is found here; install that version beside this one
@@ -184,26 +186,35 @@ def _label(cfg: KernelConfig, base: KernelConfig) -> str:
     return ",".join(changed) or "entry"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", default="nvidia_h100_80gb_hbm3")
-    parser.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-120b",
-                                                        "mixtral-8x7b"])  # fmt: skip
-    parser.add_argument("--num-tokens", nargs="+", type=int, default=[1024, 4096, 16384])
-    parser.add_argument("--variants", nargs="*", default=[], metavar="FIELD=VALUE[,...]")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--deterministic", action="store_true", help="the per-slot combine instead of the atomic one")
-    args = parser.parse_args(argv)
-    dtype = DTYPES[args.dtype]
+def _print_records(model: str, num_tokens: int, label: str, records: list[Compiled]) -> int:
+    """One line per compiled kernel; returns how many failed."""
+    failures = 0
+    for r in records:
+        status = "FAIL " + r.error if r.error else "ok"
+        if not r.error and r.shared > HOPPER_SHARED_BYTES:
+            status = f"FAIL shared memory {r.shared} > {HOPPER_SHARED_BYTES}"
+        if not r.error and r.spills:
+            status = "spills"
+        failures += status.startswith("FAIL")
+        regs = "" if r.registers is None else r.registers
+        local = "" if r.spills is None else r.spills
+        print(f"{model:<18} {num_tokens:>6} {label:<34.34} {r.kernel:<18.18} {r.num_warps:>5} {r.num_stages:>3} "
+              f"{regs:>4} {local:>5} {r.shared:>7} {r.mma:>5} {r.seconds:>5.1f}  {status}")  # fmt: skip
+    return failures
+
+
+def _model_config(name: str) -> MoEConfig:
+    if name == "flashmoe":  # the FlashMoE paper's layer, as the expert-parallel bench runs it
+        return MoEConfig(num_experts=32, top_k=2, hidden_size=2048, intermediate_size=2048, name="flashmoe")
+    return MoEConfig.from_pretrained(name)
+
+
+def check_single_gpu(args, target: GPUTarget, dtype: torch.dtype) -> int:
+    """The one-GPU layer: routing, then fused_experts with the table entry and each variant of it."""
     variants = [parse_variant(v) for v in args.variants]
-    print(f"triton {triton.__version__}, torch {torch.__version__}, target cuda sm_{args.arch}, table {args.table}")
-    header = f"{'model':<18} {'T':>6} {'config':<34} {'kernel':<18} {'warps':>5} {'stg':>3} {'regs':>4} " \
-             f"{'local':>5} {'shared':>7} {'mma':>5} {'s':>5}  status"  # fmt: skip
-    print(header)
     failures = 0
     for model in args.models:
-        config = MoEConfig.from_pretrained(model)
+        config = _model_config(model)
         for num_tokens in args.num_tokens:
             entry = table_configs(args.table, config, num_tokens, dtype)
             configs = [entry]
@@ -213,9 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                 except ValueError as exc:
                     print(f"{model:<18} {num_tokens:>6} {'+' + ','.join(changes):<34} skipped: {exc}")
             for index, cfg in enumerate(dict.fromkeys(configs)):
-                layer = _empty_layer(config, num_tokens, dtype)
-                x, w13, w2, weights, ids, b13, b2 = layer
-                with CompileRecorder(GPUTarget("cuda", args.arch, 32)) as rec:
+                x, w13, w2, weights, ids, b13, b2 = _empty_layer(config, num_tokens, dtype)
+                with CompileRecorder(target) as rec:
                     if index == 0:  # the routing kernel, once per point
                         bias = torch.empty(config.num_experts) if config.score_correction_bias else None
                         route_triton(torch.empty(num_tokens, config.num_experts), config, bias)
@@ -225,18 +235,73 @@ def main(argv: list[str] | None = None) -> int:
                         logits = torch.empty(num_tokens, config.num_experts)
                         fused_experts_from_logits(x, w13, w2, logits, config=config, b13=b13, b2=b2,
                                                   kernel_config=cfg)  # fmt: skip
-                for r in rec.records:
-                    status = "FAIL " + r.error if r.error else "ok"
-                    if not r.error and r.shared > HOPPER_SHARED_BYTES:
-                        status = f"FAIL shared memory {r.shared} > {HOPPER_SHARED_BYTES}"
-                    if not r.error and r.spills:
-                        status = "spills"
-                    failures += status.startswith("FAIL")
-                    regs = "" if r.registers is None else r.registers
-                    local = "" if r.spills is None else r.spills
-                    print(f"{model:<18} {num_tokens:>6} {_label(cfg, entry):<34.34} {r.kernel:<18.18} "
-                          f"{r.num_warps:>5} {r.num_stages:>3} {regs:>4} {local:>5} {r.shared:>7} {r.mma:>5} "
-                          f"{r.seconds:>5.1f}  {status}")  # fmt: skip
+                failures += _print_records(model, num_tokens, _label(cfg, entry), rec.records)
+    return failures
+
+
+def check_expert_parallel(args, target: GPUTarget, dtype: torch.dtype) -> int:
+    """The fused expert-parallel path (``backend="fused"``): its kernels as the GPU runs them (spinning on flags,
+    system scope), with the tiles ``fused_tiles_for`` picks from the table at T per rank, ranks simulated in one
+    process (``SimulatedFusedEP``; nothing runs, so nothing waits)."""
+    import json
+
+    from tilemoe.distributed import fused_ops
+    from tilemoe.distributed.fused import simulate_fused_forward
+    from tilemoe.distributed.placement import ExpertPlacement
+
+    device_name = json.loads((TABLE_DIR / f"{args.table}.json").read_text())["device"]
+    interpreting, fused_ops.interpreting = fused_ops.interpreting, lambda: False  # the GPU's kernels: SPIN, SYS
+    failures = 0
+    try:
+        for model in args.models:
+            config = _model_config(model)
+            placement = ExpertPlacement.contiguous(config.num_experts, args.ep)
+            for num_tokens in args.num_tokens:
+                tiles = fused_ops.fused_tiles_for(config, num_tokens, dtype, device_name)
+                shards = [_empty_layer(config, num_tokens, dtype) for _ in range(args.ep)]
+                experts = [placement.experts_of(r) for r in range(args.ep)]
+                with CompileRecorder(target) as rec:
+                    simulate_fused_forward(
+                        [s[0] for s in shards], [s[3] for s in shards], [s[4] for s in shards],
+                        [s[1][e] for s, e in zip(shards, experts)], [s[2][e] for s, e in zip(shards, experts)],
+                        placement, config, tiles=tiles,
+                    )  # fmt: skip
+                label = (
+                    f"ep{args.ep} bm{tiles.block_m} {tiles.block_n1}x{tiles.block_k1} {tiles.block_n2}x{tiles.block_k2}"
+                )
+                failures += _print_records(model, num_tokens, label + (" tma" if tiles.tma else ""), rec.records)
+    finally:
+        fused_ops.interpreting = interpreting
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", default="nvidia_h100_80gb_hbm3")
+    parser.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-120b",
+                                                        "mixtral-8x7b"], help="presets, or flashmoe")  # fmt: skip
+    parser.add_argument("--num-tokens", nargs="+", type=int, default=[1024, 4096, 16384], help="per rank with --ep")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="FIELD=VALUE[,...]")
+    parser.add_argument(
+        "--ep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the fused expert-parallel path over N simulated ranks instead of the one-GPU layer",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--deterministic", action="store_true", help="the per-slot combine instead of the atomic one")
+    args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    target = GPUTarget("cuda", args.arch, 32)
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target cuda sm_{args.arch}, table {args.table}")
+    print(f"{'model':<18} {'T':>6} {'config':<34} {'kernel':<18} {'warps':>5} {'stg':>3} {'regs':>4} "
+          f"{'local':>5} {'shared':>7} {'mma':>5} {'s':>5}  status")  # fmt: skip
+    if args.ep:
+        failures = check_expert_parallel(args, target, dtype)
+    else:
+        failures = check_single_gpu(args, target, dtype)
     print(f"{failures} failed")
     return 1 if failures else 0
 

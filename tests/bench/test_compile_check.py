@@ -32,6 +32,16 @@ def test_compiles_every_kernel_of_a_table_entry_for_sm90():
     assert any("persistent_tails=1" in line for line in gemm_4096)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
+def test_compiles_the_fused_expert_parallel_kernels_for_sm90():
+    done = _run("--ep", "2", "--table", "nvidia_h200", "--models", "flashmoe", "--num-tokens", "128")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "0 failed"
+    kernels = {line.split()[-9] for line in lines if line.startswith("flashmoe") and line.endswith("ok")}
+    assert {"_layout_count_kern", "_dispatch_gemm1_ke", "_gemm2_put_kernel", "_combine_kernel"} <= kernels, kernels
+
+
 def test_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, str(TOOL)], capture_output=True, text=True, env=env, timeout=60)
