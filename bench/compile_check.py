@@ -40,18 +40,21 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-# Every kernel module is imported before TRITON_INTERPRET is set below, so that @triton.jit makes JIT functions.
+# Every kernel module is imported before TRITON_INTERPRET is set below, so that @triton.jit makes JIT functions
+# (the expert-parallel ones in check_expert_parallel, also before).
 import tilemoe.ops._kernels._act_and_mul  # noqa: E402, F401
 import tilemoe.ops._kernels._align  # noqa: E402, F401
 import tilemoe.ops._kernels._combine  # noqa: E402, F401
 import tilemoe.ops._kernels._decode  # noqa: E402, F401
 import tilemoe.ops._kernels._fused_experts  # noqa: E402, F401
 import tilemoe.ops._kernels._one_launch  # noqa: E402, F401
+import tilemoe.ops._kernels._route  # noqa: E402, F401
+import tilemoe.ops._kernels._router  # noqa: E402, F401
 from tilemoe.config import MoEConfig  # noqa: E402
 from tilemoe.ops.fused_experts import fused_experts, fused_experts_from_logits  # noqa: E402
 from tilemoe.ops.route import route_triton  # noqa: E402
 from tilemoe.tune_cli import parse_variant  # noqa: E402
-from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, heuristic_config, shape_key  # noqa: E402
+from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, pick_config  # noqa: E402
 
 # An H100's / H200's shared memory per block (opt-in maximum), bytes.
 HOPPER_SHARED_BYTES = 232448
@@ -171,13 +174,17 @@ def _empty_layer(config: MoEConfig, num_tokens: int, dtype: torch.dtype):
     return x, w13, w2, weights, ids, b13, b2
 
 
-def table_configs(table: str, config: MoEConfig, num_tokens: int, dtype: torch.dtype) -> KernelConfig:
+def table_device(table: str) -> str:
+    """The GPU name a package table is for (its ``device`` field), as ``pick_config`` takes it."""
     import json
 
+    return json.loads((TABLE_DIR / f"{table}.json").read_text())["device"]
+
+
+def table_configs(table: str, config: MoEConfig, num_tokens: int, dtype: torch.dtype) -> KernelConfig:
+    """What ``pick_config`` gives on the table's GPU: its entry, else the grouped-GEMM or heuristic fallback."""
     shape = MoEShape(num_tokens, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
-    path = TABLE_DIR / f"{table}.json"
-    entry = json.loads(path.read_text())["configs"].get(shape_key(shape, dtype)) if path.exists() else None
-    return KernelConfig.from_dict(entry) if entry else heuristic_config(shape, dtype)
+    return pick_config(shape, dtype, table_device(table))
 
 
 def _label(cfg: KernelConfig, base: KernelConfig) -> str:
@@ -243,13 +250,12 @@ def check_expert_parallel(args, target: GPUTarget, dtype: torch.dtype) -> int:
     """The fused expert-parallel path (``backend="fused"``): its kernels as the GPU runs them (spinning on flags,
     system scope), with the tiles ``fused_tiles_for`` picks from the table at T per rank, ranks simulated in one
     process (``SimulatedFusedEP``; nothing runs, so nothing waits)."""
-    import json
-
+    import tilemoe.distributed.fused_kernels  # noqa: F401  (JIT functions: imported before TRITON_INTERPRET is set)
     from tilemoe.distributed import fused_ops
     from tilemoe.distributed.fused import simulate_fused_forward
     from tilemoe.distributed.placement import ExpertPlacement
 
-    device_name = json.loads((TABLE_DIR / f"{args.table}.json").read_text())["device"]
+    device_name = table_device(args.table)
     interpreting, fused_ops.interpreting = fused_ops.interpreting, lambda: False  # the GPU's kernels: SPIN, SYS
     failures = 0
     try:
