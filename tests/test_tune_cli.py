@@ -12,7 +12,7 @@ import tilemoe.tune_cli as tune
 import tilemoe.tuning as tuning
 from tilemoe.cli import main
 from tilemoe.config import MoEConfig
-from tilemoe.tuning import KernelConfig, MoEShape, heuristic_config, pick_config
+from tilemoe.tuning import KernelConfig, MoEShape, heuristic_config, pick_config, shape_key
 
 
 def _config(**changes) -> MoEConfig:
@@ -469,6 +469,25 @@ def test_add_table_candidates(tmp_path):
     assert tune.add_table_candidates(points, [path, tmp_path / "missing.json", path]) == 1
     assert points[0].candidates[1] == current and len(points[0].candidates) == 4
     assert len(points[1].candidates) == 3  # an entry of another KernelConfig version is ignored
+
+
+def test_table_candidates_at_an_untuned_bucket_are_the_entry_in_use(tmp_path):
+    """Tuning T = 8192 where the table has only 4096 and 16384: pick_config runs the 4096 entry there (the nearest,
+    ties to the smaller), so that is the incumbent a re-tune must beat, and what --variants changes."""
+    groups = tune.group_shapes(["qwen3-30b-a3b"])
+    (point,) = tune.plan_points(groups, [8192], torch.bfloat16, log=lambda *_: None)
+    c = groups[0].config
+    used = KernelConfig(block_m=128, block_n1=128, split_tail=True)
+    other = KernelConfig(block_m=128, block_n1=256, gate_up_dot=True, tma=True)
+    key = {t: shape_key(MoEShape(t, c.num_experts, c.top_k, c.hidden_size, c.intermediate_size), torch.bfloat16)
+           for t in (4096, 16384)}  # fmt: skip
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"configs": {key[4096]: used.to_dict(), key[16384]: other.to_dict()}}))
+    heuristic = point.candidates[0]
+    assert tune.add_table_candidates([point], [path]) == 1 and point.candidates[1] == used
+    tune.use_variant_candidates([point], [{"persistent": 1}], [path])
+    assert point.entry == used
+    assert point.candidates == [heuristic, used, dataclasses.replace(used, persistent=True)]
 
 
 def test_sibling_tables_seed_the_candidates(tmp_path):

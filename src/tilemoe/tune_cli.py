@@ -45,7 +45,7 @@ import torch
 from tilemoe.config import MoEConfig
 from tilemoe.ops.align import ONE_PROGRAM_MAX_SLOTS, align_capacity
 from tilemoe.ops.grouped_mm import grouped_mm_available
-from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, heuristic_config, shape_key, table_path
+from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, heuristic_config, shape_key, table_entry, table_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKEN_COUNTS = [1, 8, 64, 256, 1024, 4096, 16384]
@@ -853,15 +853,16 @@ def parse_variant(text: str) -> dict[str, int]:
 
 
 def use_variant_candidates(points: list[TunePoint], variants: list[dict[str, int]], paths: list[Path]) -> None:
-    """Each point's candidates become: the heuristic, its table entry (the first of ``paths`` that has one, else the
-    heuristic) and that entry with each of ``variants`` applied; a change the entry cannot take (KernelConfig
-    refuses it) or that leaves it unchanged is dropped."""
+    """Each point's candidates become: the heuristic, its table entry (the first of ``paths`` that has one, or the
+    entry tuned nearest to its T as ``pick_config`` takes it, else the heuristic) and that entry with each of
+    ``variants`` applied; a change the entry cannot take (KernelConfig refuses it) or that leaves it unchanged is
+    dropped."""
     entries: dict[str, KernelConfig] = {}
     for path in reversed(list(dict.fromkeys(paths))):  # the first path wins
         entries.update(table_entries(path))
     for p in points:
         heuristic = p.candidates[0]
-        entry = entries.get(p.table_key, heuristic)
+        entry = table_entry(entries, p.table_key, p.num_tokens) or heuristic
         changed = []
         for changes in variants:
             try:
@@ -874,12 +875,14 @@ def use_variant_candidates(points: list[TunePoint], variants: list[dict[str, int
 
 def add_table_candidates(points: list[TunePoint], paths: list[Path]) -> int:
     """Put each point's entry in the table files ``paths`` (those that exist) second in its candidates, so a
-    re-tune never writes a config slower than the one in use. Returns how many were added."""
+    re-tune never writes a config slower than the one in use: the entry of its bucket, or the one tuned nearest to
+    its T that ``pick_config`` uses while its bucket has none (``tilemoe.tuning.table_entry``). Returns how many were
+    added."""
     added = 0
     for path in dict.fromkeys(paths):
         current = table_entries(path)
         for p in points:
-            cfg = current.get(p.table_key)
+            cfg = table_entry(current, p.table_key, p.num_tokens)  # the entry pick_config would use
             if cfg is not None and cfg not in p.candidates:
                 p.candidates.insert(1, cfg)
                 added += 1

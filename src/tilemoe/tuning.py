@@ -6,7 +6,9 @@ lower case, non-alphanumerics as '_'), mapping a shape key to a KernelConfig dic
     {"device": "NVIDIA H100 80GB HBM3", "configs": {"E128_K8_H2048_I768_bf16_T64": {...}, ...}}
 
 Shape key: E, K, H, I, dtype and the token bucket (the power of two at or above T, 1..16384; larger T share
-the 16384 bucket). ``tilemoe tune`` (``tilemoe.tune_cli``) writes these tables.
+the 16384 bucket). ``tilemoe tune`` (``tilemoe.tune_cli``) writes these tables; it tunes T = 1, 8, 64, ..., 16384 by
+default, so a T between those (prefill chunks of 2048 or 8192 tokens, say) finds no entry of its own bucket and takes
+the entry tuned nearest to it (``table_entry``) before the heuristic.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ __all__ = [
     "heuristic_config",
     "prefers_grouped_mm",
     "shape_key",
+    "table_entry",
     "table_path",
     "token_bucket",
 ]
@@ -162,6 +166,42 @@ def shape_key(shape: MoEShape, dtype: torch.dtype) -> str:
     )
 
 
+# How far (in factors of two of T) a tuned entry may be from T to stand in for its missing bucket. The default tuned
+# counts are 4-8x apart (1, 8, 64, ..., 16384), so every T has one within this; an entry 6 octaves away (a decode
+# entry at T = 5000) is a worse guess than the heuristic, whose rules follow the rows per expert.
+NEAREST_ENTRY_OCTAVES = 2.0
+
+
+def table_entry(table: dict[str, KernelConfig], key: str, num_tokens: int) -> KernelConfig | None:
+    """The config ``table`` (shape key -> KernelConfig) holds for the shape key ``key`` (``shape_key``) at
+    ``num_tokens`` tokens: the entry of ``key``, else the entry of the same layer (E, K, H, I, dtype) tuned at the
+    token count nearest to ``num_tokens`` in factors of two (a tie goes to the smaller count, whose tiles are no
+    larger; a decode entry only for fewer tokens than it was tuned at), if within ``NEAREST_ENTRY_OCTAVES``; None
+    otherwise.
+
+    Why: a tuned entry carries the device's measured choices for the layer (forms, tiles, stages, split tails), which
+    the heuristic cannot know; the tuner times each entry against the heuristic at its own T (1.07-1.16x faster at the
+    H200 re-tune's points, bench/results/session9-probes.md). Not timed at the T between the tuned ones yet."""
+    hit = table.get(key)
+    if hit is not None:
+        return hit
+    head, sep, _ = key.rpartition("_T")
+    prefix = head + sep
+    if not sep:
+        return None
+    tokens = max(1, num_tokens)
+    tuned = [int(k[len(prefix) :]) for k in table if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+    # the decode path only where it was measured to win, at or below its token count (per-slot programs re-read
+    # the weights per slot: the more slots, the worse)
+    tuned = [t for t in tuned if not (table[prefix + str(t)].decode and tokens > t)]
+    if not tuned:
+        return None
+    nearest = min(tuned, key=lambda t: (abs(math.log2(tokens / t)), t))
+    if abs(math.log2(tokens / nearest)) > NEAREST_ENTRY_OCTAVES:
+        return None
+    return table[prefix + str(nearest)]
+
+
 def table_path(device_name: str) -> Path:
     return TABLE_DIR / (re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_") + ".json")
 
@@ -220,12 +260,12 @@ def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> Kern
     """The config for ``shape`` in ``dtype`` on the GPU named ``device`` (``torch.cuda.get_device_name``).
 
     Pure: the same arguments give the same config. A tuned table entry when one exists for the device and
-    shape bucket (the tuner times torch's grouped GEMM there too), else torch's grouped GEMM where
-    ``prefers_grouped_mm``, else ``heuristic_config``; never missing (any device, including None for
-    CPU/interpreter).
+    shape bucket (the tuner times torch's grouped GEMM there too), or for the same layer at a token count near T
+    (``table_entry``), else torch's grouped GEMM where ``prefers_grouped_mm``, else ``heuristic_config``; never
+    missing (any device, including None for CPU/interpreter).
     """
     if device:
-        hit = _load_table(device).get(shape_key(shape, dtype))
+        hit = table_entry(_load_table(device), shape_key(shape, dtype), shape.num_tokens)
         if hit is not None:
             return hit
         if prefers_grouped_mm(shape, dtype):

@@ -42,6 +42,87 @@ def test_table_entry_wins(tmp_path, monkeypatch):
         tuning._load_table.cache_clear()
 
 
+def _write_table(tmp_path, monkeypatch, device: str, entries: dict) -> None:
+    monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path)
+    tuning._load_table.cache_clear()
+    configs = {key: cfg.to_dict() for key, cfg in entries.items()}
+    tuning.table_path(device).write_text(json.dumps({"device": device, "configs": configs}))
+
+
+@pytest.fixture
+def _fresh_tables():
+    yield
+    tuning._load_table.cache_clear()
+
+
+@pytest.mark.usefixtures("_fresh_tables")
+def test_nearest_tuned_token_count_stands_in_for_a_missing_bucket(tmp_path, monkeypatch):
+    """Only T = 8, 64, 1024 and 4096 tuned for the layer (the tuner's default skips 16, 32, 128, ..., 8192): a T whose
+    bucket has no entry takes the entry tuned nearest to it in factors of two, ties to the smaller; beyond two
+    octaves of every entry, or for another layer or dtype, the heuristic."""
+    layer = (8, 2, 4096, 14336)
+    tuned = {t: KernelConfig(block_m=16 << i, block_n1=32 << i) for i, t in enumerate((8, 64, 1024, 4096))}
+    entries = {shape_key(MoEShape(t, *layer), torch.bfloat16): cfg for t, cfg in tuned.items()}
+    _write_table(tmp_path, monkeypatch, "Test GPU 2", entries)
+
+    def picked(num_tokens, dtype=torch.bfloat16, experts=8):
+        return pick_config(MoEShape(num_tokens, experts, *layer[1:]), dtype, "Test GPU 2")
+
+    expected = {
+        2: 8, 8: 8, 12: 8, 16: 8,  # 2 is 2 octaves from 8; bucket 16: 8 is 1 octave away, 64 is 2
+        20: 8, 22: 8, 23: 64, 32: 64,  # bucket 32: the nearer of 8 and 64 in log2(T) (22.6 is the middle)
+        100: 64, 128: 64,  # bucket 128: 64 and 256 (untuned) ... 1024 is 3 octaves from 128
+        512: 1024, 700: 1024,  # bucket 512 / 1024: 64 is 3 octaves from 512, 1024 is 1
+        2048: 1024, 3000: 4096, 5000: 4096, 8192: 4096,  # bucket 2048: a tie goes to the smaller; 8192: 4096
+        16384: 4096,  # 16384 is 2 octaves from 4096
+    }  # fmt: skip
+    for num_tokens, source in expected.items():
+        assert picked(num_tokens) == tuned[source], num_tokens
+
+    def untuned(num_tokens, dtype=torch.bfloat16, experts=8):  # what a GPU without a table gets
+        return pick_config(MoEShape(num_tokens, experts, *layer[1:]), dtype, "Test GPU without a table")
+
+    for num_tokens in (1, 20000):  # more than two octaves from 8 / 4096: the heuristic / the grouped-GEMM rule
+        assert picked(num_tokens) == untuned(num_tokens), num_tokens
+    assert picked(2048, torch.float16) == untuned(2048, torch.float16)  # another dtype
+    assert picked(2048, experts=16) == untuned(2048, experts=16)  # another layer
+
+
+@pytest.mark.usefixtures("_fresh_tables")
+def test_a_decode_entry_stands_in_only_below_its_token_count(tmp_path, monkeypatch):
+    layer = (128, 8, 2048, 768)
+    decode = KernelConfig(block_m=16, decode=True)
+    tiled = KernelConfig(block_m=32)
+    keys = {t: shape_key(MoEShape(t, *layer), torch.bfloat16) for t in (8, 64)}
+    _write_table(tmp_path, monkeypatch, "Test GPU 3", {keys[8]: decode, keys[64]: tiled})
+
+    def picked(num_tokens):
+        return pick_config(MoEShape(num_tokens, *layer), torch.bfloat16, "Test GPU 3")
+
+    assert picked(2) == picked(8) == decode
+    heuristic = tuning.heuristic_config(MoEShape(12, *layer), torch.bfloat16)
+    assert picked(12) == heuristic  # 8's decode entry not above T = 8; 64 is 2.4 octaves away
+    assert picked(20) == tiled  # 64 is 1.7 octaves from 20
+
+
+def test_table_entry_on_keys_without_a_bucket():
+    cfg = KernelConfig()
+    assert tuning.table_entry({"key0": cfg}, "key0", 10) == cfg
+    assert tuning.table_entry({"key0": cfg}, "key1", 10) is None
+
+
+def test_every_shipped_table_serves_every_power_of_two(monkeypatch):
+    """The shipped tables tune T = 1, 2, 4, 8, 64, ..., 16384: with the nearest-entry rule every other power of two of
+    the bench's models finds an entry too (before, 16 ... 8192 fell to the heuristic)."""
+    tuning._load_table.cache_clear()
+    for device in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        table = tuning._load_table(device)
+        for layer in ((128, 8, 2048, 768), (64, 6, 2048, 1408), (128, 4, 2880, 2880), (8, 2, 4096, 14336)):
+            for num_tokens in (1 << i for i in range(15)):
+                key = shape_key(MoEShape(num_tokens, *layer), torch.bfloat16)
+                assert tuning.table_entry(table, key, num_tokens) is not None, (device, layer, num_tokens)
+
+
 def test_bad_config_values():
     with pytest.raises(ValueError, match="block_n1"):
         KernelConfig(block_n1=8)
