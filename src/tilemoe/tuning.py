@@ -172,47 +172,78 @@ def shape_key(shape: MoEShape, dtype: torch.dtype) -> str:
 NEAREST_ENTRY_OCTAVES = 2.0
 
 
+# A dtype whose tables may be empty -> the dtype whose entries stand in for it: fp16 and bf16 operands are the same
+# bytes at the same tensor-core rate, through the same kernels (the shipped tables are tuned in bf16 only).
+STAND_IN_DTYPE_NAMES = {"fp16": "bf16"}
+
+
 def table_entry(table: dict[str, KernelConfig], key: str, num_tokens: int) -> KernelConfig | None:
     """The config ``table`` (shape key -> KernelConfig) holds for the shape key ``key`` (``shape_key``) at
-    ``num_tokens`` tokens: the entry of ``key``, else the entry of the same layer (E, K, H, I, dtype) tuned at the
-    token count nearest to ``num_tokens`` in factors of two (a tie goes to the smaller count, whose tiles are no
-    larger; a decode entry only for fewer tokens than it was tuned at), if within ``NEAREST_ENTRY_OCTAVES``; None
-    otherwise.
+    ``num_tokens`` tokens: the entry of ``key``, else the entry of the same layer (E, K, H, I) tuned at the token
+    count nearest to ``num_tokens`` in factors of two, within ``NEAREST_ENTRY_OCTAVES``, in the key's dtype or its
+    stand-in (``STAND_IN_DTYPE_NAMES``: fp16 takes bf16 entries); on a tie the key's own dtype, then the smaller
+    count (whose tiles are no larger). A decode entry stands in only for fewer tokens than it was tuned at. None when
+    nothing is that near.
 
     Why: a tuned entry carries the device's measured choices for the layer (forms, tiles, stages, split tails), which
     the heuristic cannot know; the tuner times each entry against the heuristic at its own T (1.07-1.16x faster at the
-    H200 re-tune's points, bench/results/session9-probes.md). Not timed at the T between the tuned ones yet."""
+    H200 re-tune's points, bench/results/session9-probes.md). Not timed at the T between the tuned ones, nor in fp16,
+    yet."""
     hit = table.get(key)
-    if hit is not None:
-        return hit
     head, sep, _ = key.rpartition("_T")
-    prefix = head + sep
-    if not sep:
-        return None
+    if hit is not None or not sep:
+        return hit
+    layer, _, dtype_name = head.rpartition("_")
+    prefixes = [head + sep]
+    if dtype_name in STAND_IN_DTYPE_NAMES:
+        prefixes.append(f"{layer}_{STAND_IN_DTYPE_NAMES[dtype_name]}_T")
     tokens = max(1, num_tokens)
-    tuned = [int(k[len(prefix) :]) for k in table if k.startswith(prefix) and k[len(prefix) :].isdigit()]
-    # the decode path only where it was measured to win, at or below its token count (per-slot programs re-read
-    # the weights per slot: the more slots, the worse)
-    tuned = [t for t in tuned if not (table[prefix + str(t)].decode and tokens > t)]
-    if not tuned:
-        return None
-    nearest = min(tuned, key=lambda t: (abs(math.log2(tokens / t)), t))
-    if abs(math.log2(tokens / nearest)) > NEAREST_ENTRY_OCTAVES:
-        return None
-    return table[prefix + str(nearest)]
+    best = None  # (octaves away, stand-in rank, tuned count), key
+    for rank, prefix in enumerate(prefixes):
+        for k in table:
+            count = k[len(prefix) :]
+            if not (k.startswith(prefix) and count.isdigit()):
+                continue
+            # the decode path only where it was measured to win, at or below its token count (its per-slot programs
+            # re-read the weights per slot: the more slots, the worse)
+            if table[k].decode and tokens > int(count):
+                continue
+            order = (abs(math.log2(tokens / int(count))), rank, int(count))
+            if order[0] <= NEAREST_ENTRY_OCTAVES and (best is None or order < best[0]):
+                best = (order, k)
+    return None if best is None else table[best[1]]
 
 
 def table_path(device_name: str) -> Path:
     return TABLE_DIR / (re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_") + ".json")
 
 
+class _DeviceTable(dict):
+    """A device's table (shape key -> KernelConfig) that remembers its ``table_entry`` look-ups: ``pick_config`` runs
+    on every layer call, and a T between the tuned ones would scan the table each time (20-40 us on the host)."""
+
+    MAX_REMEMBERED = 1 << 16
+
+    def __init__(self, entries: dict[str, KernelConfig]) -> None:
+        super().__init__(entries)
+        self._entries: dict[tuple[str, int], KernelConfig | None] = {}
+
+    def entry(self, key: str, num_tokens: int) -> KernelConfig | None:
+        found = self._entries.get((key, num_tokens), self)  # self: not looked up yet
+        if found is self:
+            if len(self._entries) >= self.MAX_REMEMBERED:
+                self._entries.clear()
+            found = self._entries[(key, num_tokens)] = table_entry(self, key, num_tokens)
+        return found
+
+
 @functools.cache
-def _load_table(device_name: str) -> dict[str, KernelConfig]:
+def _load_table(device_name: str) -> _DeviceTable:
     path = table_path(device_name)
     if not path.exists():
-        return {}
+        return _DeviceTable({})
     data = json.loads(path.read_text())
-    return {key: KernelConfig.from_dict(value) for key, value in data.get("configs", {}).items()}
+    return _DeviceTable({key: KernelConfig.from_dict(value) for key, value in data.get("configs", {}).items()})
 
 
 def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
@@ -260,12 +291,12 @@ def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> Kern
     """The config for ``shape`` in ``dtype`` on the GPU named ``device`` (``torch.cuda.get_device_name``).
 
     Pure: the same arguments give the same config. A tuned table entry when one exists for the device and
-    shape bucket (the tuner times torch's grouped GEMM there too), or for the same layer at a token count near T
-    (``table_entry``), else torch's grouped GEMM where ``prefers_grouped_mm``, else ``heuristic_config``; never
-    missing (any device, including None for CPU/interpreter).
+    shape bucket (the tuner times torch's grouped GEMM there too), or for the same layer at a token count near T, or
+    in bf16 for an fp16 layer (``table_entry``), else torch's grouped GEMM where ``prefers_grouped_mm``, else
+    ``heuristic_config``; never missing (any device, including None for CPU/interpreter).
     """
     if device:
-        hit = table_entry(_load_table(device), shape_key(shape, dtype), shape.num_tokens)
+        hit = _load_table(device).entry(shape_key(shape, dtype), shape.num_tokens)
         if hit is not None:
             return hit
         if prefers_grouped_mm(shape, dtype):

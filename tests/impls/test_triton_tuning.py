@@ -34,9 +34,8 @@ def test_table_entry_wins(tmp_path, monkeypatch):
     )
     try:
         assert pick_config(shape, torch.bfloat16, "Test GPU 1") == forced
-        assert pick_config(shape, torch.float16, "Test GPU 1") != forced or forced == tuning.heuristic_config(
-            shape, torch.float16
-        )
+        assert pick_config(shape, torch.float16, "Test GPU 1") == forced  # fp16 takes the bf16 entries
+        assert pick_config(shape, torch.float32, "Test GPU 1") == tuning.heuristic_config(shape, torch.float32)
         assert pick_config(MoEShape(5000, 8, 2, 4096, 14336), torch.bfloat16, "Test GPU 1") != forced
     finally:
         tuning._load_table.cache_clear()
@@ -84,7 +83,8 @@ def test_nearest_tuned_token_count_stands_in_for_a_missing_bucket(tmp_path, monk
 
     for num_tokens in (1, 20000):  # more than two octaves from 8 / 4096: the heuristic / the grouped-GEMM rule
         assert picked(num_tokens) == untuned(num_tokens), num_tokens
-    assert picked(2048, torch.float16) == untuned(2048, torch.float16)  # another dtype
+    assert picked(2048, torch.float32) == untuned(2048, torch.float32)  # another dtype
+    assert picked(2048, torch.float16) == tuned[1024]  # fp16: the bf16 entries stand in
     assert picked(2048, experts=16) == untuned(2048, experts=16)  # another layer
 
 
@@ -103,6 +103,35 @@ def test_a_decode_entry_stands_in_only_below_its_token_count(tmp_path, monkeypat
     heuristic = tuning.heuristic_config(MoEShape(12, *layer), torch.bfloat16)
     assert picked(12) == heuristic  # 8's decode entry not above T = 8; 64 is 2.4 octaves away
     assert picked(20) == tiled  # 64 is 1.7 octaves from 20
+
+
+def test_fp16_takes_the_nearest_of_its_own_and_the_bf16_entries():
+    def key(num_tokens, dtype):
+        return shape_key(MoEShape(num_tokens, 8, 2, 4096, 14336), dtype)
+
+    bf16, fp16 = KernelConfig(block_m=64), KernelConfig(block_m=128)
+    table = {key(1024, torch.bfloat16): bf16}
+    assert tuning.table_entry(table, key(1024, torch.float16), 1024) == bf16
+    table[key(4096, torch.float16)] = fp16  # fp16's own, 2 octaves away: the bf16 entry at T is nearer
+    assert tuning.table_entry(table, key(1024, torch.float16), 1024) == bf16
+    assert tuning.table_entry(table, key(4096, torch.float16), 4096) == fp16
+    table[key(1024, torch.float16)] = fp16  # at the same T, its own dtype
+    assert tuning.table_entry(table, key(1024, torch.float16), 1024) == fp16
+    assert tuning.table_entry(table, key(1024, torch.bfloat16), 1024) == bf16  # bf16 never takes fp16's
+    assert tuning.table_entry(table, key(1024, torch.float32), 1024) is None
+
+
+def test_device_table_remembers_its_look_ups_within_a_bound():
+    layer = (8, 2, 4096, 14336)
+    entries = {shape_key(MoEShape(t, *layer), torch.bfloat16): KernelConfig(block_m=16 << i) for i, t in
+               enumerate((8, 64, 1024))}  # fmt: skip
+    table = tuning._DeviceTable(entries)
+    table.MAX_REMEMBERED = 2
+    for num_tokens in (10, 2000, 10, 100000, 700):
+        key = shape_key(MoEShape(num_tokens, *layer), torch.bfloat16)
+        assert table.entry(key, num_tokens) == tuning.table_entry(entries, key, num_tokens)
+        assert len(table._entries) <= 2
+    assert table.entry(shape_key(MoEShape(100000, *layer), torch.bfloat16), 100000) is None
 
 
 def test_table_entry_on_keys_without_a_bucket():
