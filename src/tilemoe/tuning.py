@@ -26,11 +26,13 @@ import torch
 __all__ = [
     "KernelConfig",
     "MoEShape",
+    "config_source",
     "pick_config",
     "heuristic_config",
     "prefers_grouped_mm",
     "shape_key",
     "table_entry",
+    "table_entry_key",
     "table_path",
     "token_bucket",
 ]
@@ -178,8 +180,14 @@ STAND_IN_DTYPE_NAMES = {"fp16": "bf16"}
 
 
 def table_entry(table: dict[str, KernelConfig], key: str, num_tokens: int) -> KernelConfig | None:
-    """The config ``table`` (shape key -> KernelConfig) holds for the shape key ``key`` (``shape_key``) at
-    ``num_tokens`` tokens: the entry of ``key``, else the entry of the same layer (E, K, H, I) tuned at the token
+    """The config ``table`` holds for ``key`` at ``num_tokens`` tokens (``table_entry_key``'s entry), or None."""
+    found = table_entry_key(table, key, num_tokens)
+    return None if found is None else table[found]
+
+
+def table_entry_key(table: dict[str, KernelConfig], key: str, num_tokens: int) -> str | None:
+    """The key of the entry ``table`` (shape key -> KernelConfig) holds for the shape key ``key`` (``shape_key``) at
+    ``num_tokens`` tokens: ``key`` itself, else the entry of the same layer (E, K, H, I) tuned at the token
     count nearest to ``num_tokens`` in factors of two, within ``NEAREST_ENTRY_OCTAVES``, in the key's dtype or its
     stand-in (``STAND_IN_DTYPE_NAMES``: fp16 takes bf16 entries); on a tie the key's own dtype, then the smaller
     count (whose tiles are no larger). A decode entry stands in only for fewer tokens than it was tuned at. None when
@@ -189,10 +197,9 @@ def table_entry(table: dict[str, KernelConfig], key: str, num_tokens: int) -> Ke
     the heuristic cannot know; the tuner times each entry against the heuristic at its own T (1.07-1.16x faster at the
     H200 re-tune's points, bench/results/session9-probes.md). Not timed at the T between the tuned ones, nor in fp16,
     yet."""
-    hit = table.get(key)
     head, sep, _ = key.rpartition("_T")
-    if hit is not None or not sep:
-        return hit
+    if key in table or not sep:
+        return key if key in table else None
     layer, _, dtype_name = head.rpartition("_")
     prefixes = [head + sep]
     if dtype_name in STAND_IN_DTYPE_NAMES:
@@ -211,7 +218,7 @@ def table_entry(table: dict[str, KernelConfig], key: str, num_tokens: int) -> Ke
             order = (abs(math.log2(tokens / int(count))), rank, int(count))
             if order[0] <= NEAREST_ENTRY_OCTAVES and (best is None or order < best[0]):
                 best = (order, k)
-    return None if best is None else table[best[1]]
+    return None if best is None else best[1]
 
 
 def table_path(device_name: str) -> Path:
@@ -226,15 +233,19 @@ class _DeviceTable(dict):
 
     def __init__(self, entries: dict[str, KernelConfig]) -> None:
         super().__init__(entries)
-        self._entries: dict[tuple[str, int], KernelConfig | None] = {}
+        self._entries: dict[tuple[str, int], str | None] = {}
 
-    def entry(self, key: str, num_tokens: int) -> KernelConfig | None:
+    def entry_key(self, key: str, num_tokens: int) -> str | None:
         found = self._entries.get((key, num_tokens), self)  # self: not looked up yet
         if found is self:
             if len(self._entries) >= self.MAX_REMEMBERED:
                 self._entries.clear()
-            found = self._entries[(key, num_tokens)] = table_entry(self, key, num_tokens)
+            found = self._entries[(key, num_tokens)] = table_entry_key(self, key, num_tokens)
         return found
+
+    def entry(self, key: str, num_tokens: int) -> KernelConfig | None:
+        found = self.entry_key(key, num_tokens)
+        return None if found is None else self[found]
 
 
 @functools.cache
@@ -302,6 +313,18 @@ def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> Kern
         if prefers_grouped_mm(shape, dtype):
             return KernelConfig(block_m=16, grouped_mm=True)
     return heuristic_config(shape, dtype)
+
+
+def config_source(shape: MoEShape, dtype: torch.dtype, device: str | None) -> str:
+    """Where ``pick_config(shape, dtype, device)`` takes its config from: the table key (``table_entry_key``; another
+    bucket's or dtype's when it stands in), "grouped_mm rule" or "heuristic". For the bench's CSV."""
+    if device:
+        key = _load_table(device).entry_key(shape_key(shape, dtype), shape.num_tokens)
+        if key is not None:
+            return key
+        if prefers_grouped_mm(shape, dtype):
+            return "grouped_mm rule"
+    return "heuristic"
 
 
 def prefers_grouped_mm(shape: MoEShape, dtype: torch.dtype) -> bool:

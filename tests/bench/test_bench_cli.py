@@ -75,6 +75,17 @@ def test_bench_outputs_csv_markdown_json(tmp_path, capsys):
     assert "grouped" in out and "wrote" in out
 
 
+def test_kernel_config_column_names_what_the_tuned_kernels_ran(tmp_path):
+    # on the CPU (the interpreter) no device table: the heuristic; implementations without tuned kernels: empty
+    base = tmp_path / "cfg"
+    rc = main(["bench", *TINY, "--impl", "triton", "grouped", "--num-tokens", "5", "--scenarios", "random"]
+              + ["--output-file", str(base), "--output-format", "csv"])  # fmt: skip
+    assert rc == 0
+    rows = {r["implementation"]: r for r in _read_csv(tmp_path / "cfg.csv")}
+    assert rows["triton"]["status"] == "OK" and rows["triton"]["kernel_config"] == "heuristic"
+    assert rows["grouped"]["kernel_config"] == ""
+
+
 def test_oom_row_and_run_goes_on(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 190.00 GiB (forced by the test)")

@@ -134,6 +134,17 @@ def test_device_table_remembers_its_look_ups_within_a_bound():
     assert table.entry(shape_key(MoEShape(100000, *layer), torch.bfloat16), 100000) is None
 
 
+@pytest.mark.usefixtures("_fresh_tables")
+def test_config_source_names_the_entry_or_the_rule(tmp_path, monkeypatch):
+    layer = (8, 2, 4096, 14336)
+    key = shape_key(MoEShape(1024, *layer), torch.bfloat16)
+    _write_table(tmp_path, monkeypatch, "Test GPU 4", {key: KernelConfig(block_m=64)})
+    assert tuning.config_source(MoEShape(1024, *layer), torch.bfloat16, "Test GPU 4") == key
+    assert tuning.config_source(MoEShape(1500, *layer), torch.float16, "Test GPU 4") == key  # stands in
+    assert tuning.config_source(MoEShape(20000, *layer), torch.bfloat16, "Test GPU 4") == "grouped_mm rule"
+    assert tuning.config_source(MoEShape(20000, *layer), torch.bfloat16, None) == "heuristic"
+
+
 def test_table_entry_on_keys_without_a_bucket():
     cfg = KernelConfig()
     assert tuning.table_entry({"key0": cfg}, "key0", 10) == cfg

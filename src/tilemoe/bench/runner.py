@@ -55,6 +55,7 @@ from tilemoe.impls import get_impl
 from tilemoe.impls.reference import reference_experts_fp64
 from tilemoe.routing import route
 from tilemoe.testing import assert_close, make_weights
+from tilemoe.tuning import MoEShape, config_source
 
 # float64 FLOPs the reference may spend per input: about a second on CPU / on an H100's fp64 units
 REF_FLOP_BUDGET = {"cpu": 2e9, "cuda": 2e12}
@@ -106,6 +107,7 @@ MORE_COLUMNS = (
     "note",
     "ceiling_bmm_ms",
     "pct_ceiling_bmm",
+    "kernel_config",
 )
 COLUMNS = LEADING_COLUMNS + MORE_COLUMNS
 # Up to this many tokens a CUDA graph holds BenchSettings.graph_calls layer calls (--graph-calls); above, one: a call
@@ -191,6 +193,14 @@ def _peak_mb(device: torch.device) -> float:
     return math.nan  # not tracked on CPU
 
 
+def _kernel_config_source(s: BenchSettings, tokens: int) -> str:
+    """The table entry (or rule) ``pick_config`` gives the tuned kernels at this point, as ``fused_experts`` asks it."""
+    c = s.config
+    shape = MoEShape(tokens, c.num_experts, c.top_k, c.hidden_size, c.intermediate_size)
+    device_name = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None
+    return config_source(shape, s.dtype, device_name)
+
+
 def _base_row(s: BenchSettings, impl: str, scenario: str, tokens: int, loads, flops, nbytes, roof_s) -> dict:
     impl_obj = get_impl(impl)
     return {
@@ -236,6 +246,7 @@ def _base_row(s: BenchSettings, impl: str, scenario: str, tokens: int, loads, fl
         "note": "",
         "ceiling_bmm_ms": math.nan,
         "pct_ceiling_bmm": math.nan,
+        "kernel_config": _kernel_config_source(s, tokens) if impl_obj.tuned else "",
     }
 
 

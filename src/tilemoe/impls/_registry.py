@@ -41,6 +41,7 @@ class Implementation:
     # b2=None) -> out, the routing exactly tilemoe.ops.route.route_fast's (moe_forward and the bench's timed layer
     # call it when given router logits); None: route first, then fn
     from_logits: Callable[..., torch.Tensor] | None = None
+    tuned: bool = False  # its kernels take their config from tilemoe.tuning.pick_config (bench column kernel_config)
 
     def available(self, device: str | torch.device | None = None) -> bool:
         if device is not None and torch.device(device).type not in self.devices:
@@ -61,6 +62,7 @@ def register_impl(
     is_available: Callable[[], bool] | None = None,
     distributed: bool = False,
     from_logits: Callable[..., torch.Tensor] | None = None,
+    tuned: bool = False,
     replace: bool = False,
 ) -> Callable[[ExpertsFn], ExpertsFn]:
     """Decorator adding ``fn`` to the registry under ``name``.
@@ -81,6 +83,7 @@ def register_impl(
             is_available=is_available,
             distributed=distributed,
             from_logits=from_logits,
+            tuned=tuned,
         )
         return fn
 

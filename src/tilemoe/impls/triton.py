@@ -42,6 +42,7 @@ def _register(name: str, description: str, auto_priority: int, deterministic: bo
         auto_priority=auto_priority,
         is_available=triton_kernels_available,
         from_logits=experts_from_logits,
+        tuned=True,
     )(experts)
 
 
