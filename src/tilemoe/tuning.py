@@ -8,7 +8,8 @@ lower case, non-alphanumerics as '_'), mapping a shape key to a KernelConfig dic
 Shape key: E, K, H, I, dtype and the token bucket (the power of two at or above T, 1..16384; larger T share
 the 16384 bucket). ``tilemoe tune`` (``tilemoe.tune_cli``) writes these tables; it tunes T = 1, 8, 64, ..., 16384 by
 default, so a T between those (prefill chunks of 2048 or 8192 tokens, say) finds no entry of its own bucket and takes
-the entry tuned nearest to it (``table_entry``) before the heuristic.
+the entry tuned nearest to it (``table_entry``) before the heuristic; an fp16 layer takes the bf16 entries (the
+shipped tables are tuned in bf16).
 """
 
 from __future__ import annotations
