@@ -9,9 +9,13 @@ applied (the tuner's syntax; a change the entry cannot take is skipped). ``fused
 CPU tensors of the layer's shape, with Triton's active driver replaced by one that reports an sm_``arch`` target and
 every launch turned into a compile (``warmup``): so every kernel the launchers would start on the GPU (routing, align,
 GEMM 1, GEMM 2, the slot sum) goes through this machine's Triton, ptxas included. Printed per kernel: registers, spill
-stores, shared memory (over the device's 227 KiB is flagged: Triton only finds that out when it loads the kernel on
-the GPU), and the compile time here. ``--ep N``: the fused expert-parallel path's kernels instead (layout, dispatch +
-GEMM 1, GEMM 2 + put, combine), in the form the GPU runs (flag spins at system scope), N ranks simulated.
+stores, shared memory (over the device's limit, 227 KiB on sm_90, is flagged: Triton only finds that out when it
+loads the kernel on the GPU), and the compile time here. A kernel over the limit is refused here as Triton refuses
+it there (``OutOfResources`` before anything runs), so the launchers' fitting (``launch_fitting``: fewer stages) runs
+as on such a GPU: its refused compiles are shown as "refused", and only what still fails counts as failed.
+``--arch 80 / 86 / 89`` checks GPUs before Hopper (no TMA, 163 / 99 / 99 KiB); ``--table none`` is a GPU without a
+table (the heuristic). ``--ep N``: the fused expert-parallel path's kernels instead (layout, dispatch + GEMM 1,
+GEMM 2 + put, combine), in the form the GPU runs (flag spins at system scope), N ranks simulated.
 
 Why: the device machine has Triton 3.6 and CPU time is cheaper than device time. A kernel change that does not build
 with the device's Triton, or that spills, is found here; install that version beside this one
@@ -56,8 +60,9 @@ from tilemoe.ops.route import route_triton  # noqa: E402
 from tilemoe.tune_cli import parse_variant  # noqa: E402
 from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, pick_config  # noqa: E402
 
-# An H100's / H200's shared memory per block (opt-in maximum), bytes.
-HOPPER_SHARED_BYTES = 232448
+# Shared memory per block (opt-in maximum), bytes, by compute capability: sm_80 (A100) 163 KiB, sm_86 / sm_89 99 KiB,
+# sm_90 (H100 / H200) 227 KiB.
+SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -88,6 +93,7 @@ class Compiled:
     spills: int | None = None
     mma: str = ""
     error: str = ""
+    refused: bool = False  # over the shared memory: refused, as Triton does when it loads the kernel
 
 
 def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
@@ -110,10 +116,12 @@ def _mma_kind(ptx: str) -> str:
 
 
 class CompileRecorder:
-    """Turns every JIT launch into a compile for ``target`` and records what came out."""
+    """Turns every JIT launch into a compile for ``target`` and records what came out; a kernel over ``shared_limit``
+    bytes of shared memory is refused as Triton refuses it when it loads one (``OutOfResources``)."""
 
-    def __init__(self, target: GPUTarget) -> None:
+    def __init__(self, target: GPUTarget, shared_limit: int | None = None) -> None:
         self.target = target
+        self.shared_limit = shared_limit
         self.records: list[Compiled] = []
 
     def __enter__(self) -> CompileRecorder:
@@ -135,6 +143,23 @@ class CompileRecorder:
                 return None
             meta = kernel.metadata
             regs, spills = _resource_usage(kernel.asm["cubin"])
+            if recorder.shared_limit is not None and meta.shared > recorder.shared_limit:
+                from triton.runtime.errors import OutOfResources
+
+                recorder.records.append(
+                    Compiled(
+                        fn.__name__,
+                        time.perf_counter() - start,
+                        meta.num_warps,
+                        meta.num_stages,
+                        meta.shared,
+                        regs,
+                        spills,
+                        _mma_kind(kernel.asm["ptx"]),
+                        refused=True,
+                    )  # fmt: skip
+                )
+                raise OutOfResources(meta.shared, recorder.shared_limit, "shared memory")
             recorder.records.append(
                 Compiled(
                     fn.__name__,
@@ -174,10 +199,13 @@ def _empty_layer(config: MoEConfig, num_tokens: int, dtype: torch.dtype):
     return x, w13, w2, weights, ids, b13, b2
 
 
-def table_device(table: str) -> str:
-    """The GPU name a package table is for (its ``device`` field), as ``pick_config`` takes it."""
+def table_device(table: str) -> str | None:
+    """The GPU name a package table is for (its ``device`` field), as ``pick_config`` takes it; None for "none"
+    (a GPU without a table: the heuristic)."""
     import json
 
+    if table == "none":
+        return None
     return json.loads((TABLE_DIR / f"{table}.json").read_text())["device"]
 
 
@@ -193,13 +221,15 @@ def _label(cfg: KernelConfig, base: KernelConfig) -> str:
     return ",".join(changed) or "entry"
 
 
-def _print_records(model: str, num_tokens: int, label: str, records: list[Compiled]) -> int:
+def _print_records(model: str, num_tokens: int, label: str, records: list[Compiled], shared_limit: int) -> int:
     """One line per compiled kernel; returns how many failed."""
     failures = 0
     for r in records:
         status = "FAIL " + r.error if r.error else "ok"
-        if not r.error and r.shared > HOPPER_SHARED_BYTES:
-            status = f"FAIL shared memory {r.shared} > {HOPPER_SHARED_BYTES}"
+        if r.refused:
+            status = f"refused: shared memory {r.shared} > {shared_limit}"
+        elif not r.error and r.shared > shared_limit:
+            status = f"FAIL shared memory {r.shared} > {shared_limit}"
         if not r.error and r.spills:
             status = "spills"
         failures += status.startswith("FAIL")
@@ -232,17 +262,22 @@ def check_single_gpu(args, target: GPUTarget, dtype: torch.dtype) -> int:
                     print(f"{model:<18} {num_tokens:>6} {'+' + ','.join(changes):<34} skipped: {exc}")
             for index, cfg in enumerate(dict.fromkeys(configs)):
                 x, w13, w2, weights, ids, b13, b2 = _empty_layer(config, num_tokens, dtype)
-                with CompileRecorder(target) as rec:
-                    if index == 0:  # the routing kernel, once per point
-                        bias = torch.empty(config.num_experts) if config.score_correction_bias else None
-                        route_triton(torch.empty(num_tokens, config.num_experts), config, bias)
-                    fused_experts(x, w13, w2, weights, ids, config=config, b13=b13, b2=b2, kernel_config=cfg,
-                                  deterministic=args.deterministic)  # fmt: skip
-                    if cfg.decode:  # at T = 1 the decode GEMM 1 routes its slot's token itself
-                        logits = torch.empty(num_tokens, config.num_experts)
-                        fused_experts_from_logits(x, w13, w2, logits, config=config, b13=b13, b2=b2,
-                                                  kernel_config=cfg)  # fmt: skip
-                failures += _print_records(model, num_tokens, _label(cfg, entry), rec.records)
+                with CompileRecorder(target, SHARED_BYTES[target.arch]) as rec:
+                    try:
+                        if index == 0:  # the routing kernel, once per point
+                            bias = torch.empty(config.num_experts) if config.score_correction_bias else None
+                            route_triton(torch.empty(num_tokens, config.num_experts), config, bias)
+                        fused_experts(x, w13, w2, weights, ids, config=config, b13=b13, b2=b2, kernel_config=cfg,
+                                      deterministic=args.deterministic)  # fmt: skip
+                        if cfg.decode:  # at T = 1 the decode GEMM 1 routes its slot's token itself
+                            logits = torch.empty(num_tokens, config.num_experts)
+                            fused_experts_from_logits(x, w13, w2, logits, config=config, b13=b13, b2=b2,
+                                                      kernel_config=cfg)  # fmt: skip
+                    except RuntimeError as exc:  # a launch that does not fit even at 1 stage
+                        rec.records.append(Compiled("(launch)", 0.0, error=str(exc).splitlines()[0][:200]))
+                failures += _print_records(
+                    model, num_tokens, _label(cfg, entry), rec.records, SHARED_BYTES[target.arch]
+                )
     return failures
 
 
@@ -266,7 +301,7 @@ def check_expert_parallel(args, target: GPUTarget, dtype: torch.dtype) -> int:
                 tiles = fused_ops.fused_tiles_for(config, num_tokens, dtype, device_name)
                 shards = [_empty_layer(config, num_tokens, dtype) for _ in range(args.ep)]
                 experts = [placement.experts_of(r) for r in range(args.ep)]
-                with CompileRecorder(target) as rec:
+                with CompileRecorder(target, SHARED_BYTES[target.arch]) as rec:
                     simulate_fused_forward(
                         [s[0] for s in shards], [s[3] for s in shards], [s[4] for s in shards],
                         [s[1][e] for s, e in zip(shards, experts)], [s[2][e] for s, e in zip(shards, experts)],
@@ -275,7 +310,9 @@ def check_expert_parallel(args, target: GPUTarget, dtype: torch.dtype) -> int:
                 label = (
                     f"ep{args.ep} bm{tiles.block_m} {tiles.block_n1}x{tiles.block_k1} {tiles.block_n2}x{tiles.block_k2}"
                 )
-                failures += _print_records(model, num_tokens, label + (" tma" if tiles.tma else ""), rec.records)
+                failures += _print_records(
+                    model, num_tokens, label + (" tma" if tiles.tma else ""), rec.records, SHARED_BYTES[target.arch]
+                )
     finally:
         fused_ops.interpreting = interpreting
     return failures
@@ -283,7 +320,7 @@ def check_expert_parallel(args, target: GPUTarget, dtype: torch.dtype) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", default="nvidia_h100_80gb_hbm3")
+    parser.add_argument("--table", default="nvidia_h100_80gb_hbm3", help='a package table\'s name, or "none"')
     parser.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-120b",
                                                         "mixtral-8x7b"], help="presets, or flashmoe")  # fmt: skip
     parser.add_argument("--num-tokens", nargs="+", type=int, default=[1024, 4096, 16384], help="per rank with --ep")
@@ -296,11 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the fused expert-parallel path over N simulated ranks instead of the one-GPU layer",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--arch", type=int, choices=sorted(SHARED_BYTES), default=90)
     parser.add_argument("--deterministic", action="store_true", help="the per-slot combine instead of the atomic one")
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
     target = GPUTarget("cuda", args.arch, 32)
+    if args.arch < 90:  # before Hopper the launchers read through pointers (no TMA), as they decide on such a GPU
+        import tilemoe.ops._fused_experts_launch as launch
+
+        launch._tma_rows_ok = lambda *args, **kwargs: False
     print(f"triton {triton.__version__}, torch {torch.__version__}, target cuda sm_{args.arch}, table {args.table}")
     print(f"{'model':<18} {'T':>6} {'config':<34} {'kernel':<18} {'warps':>5} {'stg':>3} {'regs':>4} "
           f"{'local':>5} {'shared':>7} {'mma':>5} {'s':>5}  status")  # fmt: skip

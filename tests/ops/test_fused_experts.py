@@ -739,3 +739,93 @@ def test_from_logits_falls_back_when_the_routing_gemm1_does_not_build(generator,
     assert_close(out, _reference(x, w, ref_weights, ref_ids, config), torch.float16)
     out2, _, _ = call(x, w["w13"], w["w2"], logits, config=config, kernel_config=DECODE)  # no second warning
     assert torch.equal(out2, out)
+
+
+# ---------------------------------------------------------------------------------------- shared memory fitting
+class _SharedMemoryLimitedKernel:
+    """A stand-in for a Triton kernel on a GPU with little shared memory: refuses num_stages above ``fits`` as
+    Triton does (OutOfResources, before anything runs) and records every launch's stages."""
+
+    def __init__(self, fits: int):
+        self.fits, self.launched, self.refused = fits, [], []
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            from triton.runtime.errors import OutOfResources
+
+            if kwargs["num_stages"] > self.fits:
+                self.refused.append(kwargs["num_stages"])
+                raise OutOfResources(49152 * kwargs["num_stages"], 101376, "shared memory")
+            self.launched.append(kwargs["num_stages"])
+
+        return launch
+
+
+def test_launch_fitting_lowers_the_stages_until_the_kernel_fits(monkeypatch):
+    from tilemoe.ops import _launch
+
+    monkeypatch.setattr(_launch, "_FITTED_STAGES", {})
+    device = torch.device("cuda", 0)  # only named: nothing runs on it
+    kernel = _SharedMemoryLimitedKernel(fits=2)
+    _launch.launch_fitting(kernel, (4,), device, BLOCK_M=128, num_warps=8, num_stages=4, x=torch.zeros(2))
+    assert kernel.refused == [4, 3] and kernel.launched == [2]
+    # remembered: the next launch with the same constants goes straight to 2 stages; other constants try their own
+    _launch.launch_fitting(kernel, (4,), device, BLOCK_M=128, num_warps=8, num_stages=4, x=torch.zeros(3))
+    assert kernel.refused == [4, 3] and kernel.launched == [2, 2]
+    _launch.launch_fitting(kernel, (4,), device, BLOCK_M=64, num_warps=8, num_stages=3, x=torch.zeros(3))
+    assert kernel.refused == [4, 3, 3] and kernel.launched == [2, 2, 2]
+
+
+def test_launch_fitting_names_the_kernel_when_nothing_fits(monkeypatch):
+    from tilemoe.ops import _launch
+
+    monkeypatch.setattr(_launch, "_FITTED_STAGES", {})
+    kernel = _SharedMemoryLimitedKernel(fits=0)
+    with pytest.raises(
+        RuntimeError, match=r"even at 1 stage \(BLOCK_M=256, BLOCK_N=256, .*kernel_config with smaller tiles"
+    ):
+        _launch.launch_fitting(kernel, (1,), torch.device("cuda", 0), BLOCK_M=256, BLOCK_N=256, num_stages=3)
+    assert kernel.refused == [3, 2, 1]
+
+
+def test_launch_fitting_lets_other_errors_through(monkeypatch):
+    from tilemoe.ops import _launch
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                raise ValueError("not a resource problem")
+
+            return launch
+
+    with pytest.raises(ValueError, match="not a resource problem"):
+        _launch.launch_fitting(Broken(), (1,), torch.device("cuda", 0), num_stages=3)
+
+
+def test_fused_experts_fits_its_gemms_to_the_shared_memory(monkeypatch, generator):
+    """Both GEMMs launched through launch_fitting: refused at 3 stages (as on a 99 KiB GPU), run at 2, right."""
+    import tilemoe.ops._kernels._fused_experts as kernels
+    from tilemoe.ops import _launch
+
+    monkeypatch.setattr(_launch, "_FITTED_STAGES", {})
+    refused = []
+    for name in ("_gemm1_kernel", "_gemm2_kernel"):
+        real = getattr(kernels, name)
+
+        class Limited:
+            def __getitem__(self, grid, _real=real, _name=name):
+                def launch(**kwargs):
+                    from triton.runtime.errors import OutOfResources
+
+                    if kwargs["num_stages"] > 2:
+                        refused.append((_name, kwargs["num_stages"]))
+                        raise OutOfResources(147456, 101376, "shared memory")
+                    return _real[grid](**kwargs)
+
+                return launch
+
+        monkeypatch.setattr(kernels, name, Limited())
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=64, intermediate_size=48)
+    cfg = KernelConfig(block_m=16, block_n1=32, block_k1=32, num_stages1=3, block_n2=32, block_k2=32, num_stages2=3)
+    _run_case(config, 20, torch.float32, generator, kernel_config=cfg)
+    assert refused == [("_gemm1_kernel", 3), ("_gemm2_kernel", 3)]

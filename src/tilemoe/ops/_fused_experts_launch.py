@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from tilemoe.ops._launch import cdiv, pdl_options
+from tilemoe.ops._launch import cdiv, launch_fitting, pdl_options
 from tilemoe.ops.act_and_mul import launch_act_and_mul
 from tilemoe.ops.align import moe_align
 from tilemoe.ops.combine import sum_slots
@@ -223,7 +223,10 @@ def _launch(
         out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
         return out if atomic else sum_slots(out, top_k)
     tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
-    _gemm1_kernel[(_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,)](
+    launch_fitting(
+        _gemm1_kernel,
+        (_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,),
+        x.device,
         **pdl_options(x.device),
         **gemm1_args,
         num_blocks_m=num_blocks_m,
@@ -245,7 +248,10 @@ def _launch(
     if act_desc is not None and split_tail2:
         act_tail_arg = _tma_descriptor(act, cfg.block_m // 2, cfg.block_k2)
     tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
-    _gemm2_kernel[(_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,)](
+    launch_fitting(
+        _gemm2_kernel,
+        (_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,),
+        x.device,
         **pdl_options(x.device),
         act_ptr=act_arg,
         act_tail_ptr=act_tail_arg,
@@ -320,7 +326,10 @@ def _launch_one(
     on_gpu = x.device.type == "cuda"
     tiles = capacity // cfg.block_m * (nt1 + cdiv(hidden, cfg.block_n2))
     programs = _persistent_grid(x.device, tiles) if on_gpu else ONE_LAUNCH_INTERPRETER_PROGRAMS
-    _one_launch_kernel[(programs,)](
+    launch_fitting(
+        _one_launch_kernel,
+        (programs,),
+        x.device,
         **pdl_options(x.device),
         **gemm1_args,
         w2_ptr=w2 if w2_desc is None else w2_desc,
@@ -377,7 +386,10 @@ def _launch_decode(
                                ROUTE_BLOCK_K=max(2, 1 << (top_k - 1).bit_length()))  # fmt: skip
     act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=x.device)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
-    _decode_gemm1_kernel[(num_tokens * top_k, cdiv(inter, cfg.block_n1))](
+    launch_fitting(
+        _decode_gemm1_kernel,
+        (num_tokens * top_k, cdiv(inter, cfg.block_n1)),
+        x.device,
         **pdl_options(x.device),
         x_ptr=x,
         stride_xt=x.stride(0),
@@ -419,7 +431,10 @@ def _launch_decode(
     rows = num_tokens * top_k if per_slot else num_tokens
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     b2_arg = b2 if b2 is not None else w2
-    _decode_gemm2_kernel[(rows, cdiv(hidden, cfg.block_n2))](
+    launch_fitting(
+        _decode_gemm2_kernel,
+        (rows, cdiv(hidden, cfg.block_n2)),
+        x.device,
         **pdl_options(x.device),
         act_ptr=act,
         stride_as=act.stride(0),

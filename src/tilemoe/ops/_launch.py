@@ -43,3 +43,57 @@ def pdl_options(device: torch.device) -> dict:
     if pdl_enabled(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
+
+
+# num_stages that fit, found by ``launch_fitting`` on a GPU with less shared memory per block than a config asks for;
+# keyed by the kernel, the device and the launch's constants (upper-case keywords, warps, stages asked, dtypes).
+_FITTED_STAGES: dict[tuple, int] = {}
+
+
+def _fit_key(kernel, device: torch.device, kwargs: dict) -> tuple:
+    constants = tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")))
+    dtypes = tuple(sorted((k, str(v.dtype)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)))
+    return (kernel, device.index, constants, dtypes)
+
+
+def _out_of_resources(error: Exception) -> bool:
+    from triton.runtime.errors import OutOfResources
+
+    return isinstance(error, OutOfResources)
+
+
+def launch_fitting(kernel, grid: tuple, device: torch.device, **kwargs) -> None:
+    """``kernel[grid](**kwargs)``, with ``num_stages`` lowered one at a time while Triton refuses the kernel for its
+    shared memory (``OutOfResources``, raised when the compiled kernel is loaded, before anything is enqueued, so a
+    CUDA graph being captured is untouched); the stages that fit are remembered for the next launch with the same
+    constants. Why: the tuned tables and the heuristic's large tiles are sized for Hopper's 227 KiB per block; an
+    sm_86 / sm_89 GPU (A10, L4, L40S, RTX 4090) has 99 KiB, where the heuristic's 128 x 128 x 64 tiles need 120-144
+    KiB at their 3-4 stages (``bench/compile_check.py --table none --arch 89``). Raises RuntimeError naming the kernel
+    and its tiles when one stage does not fit either."""
+    if _FITTED_STAGES and device.type == "cuda":
+        kwargs["num_stages"] = _FITTED_STAGES.get(_fit_key(kernel, device, kwargs), kwargs["num_stages"])
+    try:
+        kernel[grid](**kwargs)
+        return
+    except Exception as error:
+        if not _out_of_resources(error):
+            raise
+        first_error = error
+    key = _fit_key(kernel, device, kwargs)
+    while kwargs["num_stages"] > 1:
+        kwargs["num_stages"] -= 1
+        try:
+            kernel[grid](**kwargs)
+        except Exception as error:
+            if not _out_of_resources(error):
+                raise
+            continue
+        _FITTED_STAGES[key] = kwargs["num_stages"]
+        return
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+    tiles = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k.startswith("BLOCK"))
+    raise RuntimeError(
+        f"{name}: needs more shared memory than this GPU has, even at 1 stage ({tiles}, "
+        f"num_warps={kwargs.get('num_warps')}). Triton: {first_error} Give fused_experts a kernel_config with smaller "
+        "tiles, or run `tilemoe tune` on this GPU."
+    ) from first_error
