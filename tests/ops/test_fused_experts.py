@@ -788,18 +788,29 @@ def test_launch_fitting_names_the_kernel_when_nothing_fits(monkeypatch):
     assert kernel.refused == [3, 2, 1]
 
 
-def test_launch_fitting_lets_other_errors_through(monkeypatch):
+@pytest.mark.parametrize("error", ["ValueError", "threads"])
+def test_launch_fitting_lets_other_errors_through(error, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
     from tilemoe.ops import _launch
 
     class Broken:
+        def __init__(self):
+            self.tries = 0
+
         def __getitem__(self, grid):
             def launch(**kwargs):
+                self.tries += 1
+                if error == "threads":  # fewer stages would not help
+                    raise OutOfResources(2048, 1024, "threads")
                 raise ValueError("not a resource problem")
 
             return launch
 
-    with pytest.raises(ValueError, match="not a resource problem"):
-        _launch.launch_fitting(Broken(), (1,), torch.device("cuda", 0), num_stages=3)
+    kernel = Broken()
+    with pytest.raises(OutOfResources if error == "threads" else ValueError):
+        _launch.launch_fitting(kernel, (1,), torch.device("cuda", 0), num_stages=3)
+    assert kernel.tries == 1
 
 
 def test_fused_experts_fits_its_gemms_to_the_shared_memory(monkeypatch, generator):

@@ -56,10 +56,10 @@ def _fit_key(kernel, device: torch.device, kwargs: dict) -> tuple:
     return (kernel, device.index, constants, dtypes)
 
 
-def _out_of_resources(error: Exception) -> bool:
+def _out_of_shared_memory(error: Exception) -> bool:
     from triton.runtime.errors import OutOfResources
 
-    return isinstance(error, OutOfResources)
+    return isinstance(error, OutOfResources) and error.name == "shared memory"
 
 
 def launch_fitting(kernel, grid: tuple, device: torch.device, **kwargs) -> None:
@@ -76,7 +76,7 @@ def launch_fitting(kernel, grid: tuple, device: torch.device, **kwargs) -> None:
         kernel[grid](**kwargs)
         return
     except Exception as error:
-        if not _out_of_resources(error):
+        if not _out_of_shared_memory(error):
             raise
         first_error = error
     key = _fit_key(kernel, device, kwargs)
@@ -85,7 +85,7 @@ def launch_fitting(kernel, grid: tuple, device: torch.device, **kwargs) -> None:
         try:
             kernel[grid](**kwargs)
         except Exception as error:
-            if not _out_of_resources(error):
+            if not _out_of_shared_memory(error):
                 raise
             continue
         _FITTED_STAGES[key] = kwargs["num_stages"]
