@@ -31,6 +31,7 @@ __all__ = [
     "pick_config",
     "heuristic_config",
     "prefers_grouped_mm",
+    "same_model_table_path",
     "shape_key",
     "table_entry",
     "table_entry_key",
@@ -232,8 +233,9 @@ class _DeviceTable(dict):
 
     MAX_REMEMBERED = 1 << 16
 
-    def __init__(self, entries: dict[str, KernelConfig]) -> None:
+    def __init__(self, entries: dict[str, KernelConfig], device: str = "") -> None:
         super().__init__(entries)
+        self.device = device  # the GPU the table was tuned on (``same_model_table_path`` may lend it to another)
         self._entries: dict[tuple[str, int], str | None] = {}
 
     def entry_key(self, key: str, num_tokens: int) -> str | None:
@@ -249,13 +251,35 @@ class _DeviceTable(dict):
         return None if found is None else self[found]
 
 
+def same_model_table_path(device_name: str, table_dir: Path | None = None) -> Path | None:
+    """A package table of the same GPU model in another form (the first two words of the names agree: "NVIDIA H100
+    PCIe" or "NVIDIA H100 NVL" -> the "NVIDIA H100 80GB HBM3" table, "NVIDIA H200 NVL" -> "NVIDIA H200"), or None.
+    Why: the same chip has the same shared memory and instruction set, so the entries run there, and they carry the
+    measured choices (forms, tiles) that the heuristic cannot; fewer SMs or lower clocks may move the best tiles, which
+    ``tilemoe tune`` on that GPU settles (its own table then wins). Not timed on such a GPU."""
+    words = device_name.split()[:2]
+    if len(words) < 2:
+        return None
+    for path in sorted((table_dir or TABLE_DIR).glob("*.json")):
+        try:
+            other = json.loads(path.read_text()).get("device", "")
+        except (OSError, ValueError):
+            continue
+        if isinstance(other, str) and other.split()[:2] == words:
+            return path
+    return None
+
+
 @functools.cache
 def _load_table(device_name: str) -> _DeviceTable:
     path = table_path(device_name)
     if not path.exists():
-        return _DeviceTable({})
+        path = same_model_table_path(device_name)
+        if path is None:
+            return _DeviceTable({})
     data = json.loads(path.read_text())
-    return _DeviceTable({key: KernelConfig.from_dict(value) for key, value in data.get("configs", {}).items()})
+    configs = {key: KernelConfig.from_dict(value) for key, value in data.get("configs", {}).items()}
+    return _DeviceTable(configs, device=data.get("device", device_name))
 
 
 def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
@@ -302,10 +326,11 @@ def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
 def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> KernelConfig:
     """The config for ``shape`` in ``dtype`` on the GPU named ``device`` (``torch.cuda.get_device_name``).
 
-    Pure: the same arguments give the same config. A tuned table entry when one exists for the device and
-    shape bucket (the tuner times torch's grouped GEMM there too), or for the same layer at a token count near T, or
-    in bf16 for an fp16 layer (``table_entry``), else torch's grouped GEMM where ``prefers_grouped_mm``, else
-    ``heuristic_config``; never missing (any device, including None for CPU/interpreter).
+    Pure: the same arguments give the same config. A tuned table entry when one exists for the device (or the same
+    GPU model in another form, ``same_model_table_path``) and shape bucket (the tuner times torch's grouped GEMM there
+    too), or for the same layer at a token count near T, or in bf16 for an fp16 layer (``table_entry``), else torch's
+    grouped GEMM where ``prefers_grouped_mm``, else ``heuristic_config``; never missing (any device, including None
+    for CPU/interpreter).
     """
     if device:
         hit = _load_table(device).entry(shape_key(shape, dtype), shape.num_tokens)
@@ -318,11 +343,13 @@ def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> Kern
 
 def config_source(shape: MoEShape, dtype: torch.dtype, device: str | None) -> str:
     """Where ``pick_config(shape, dtype, device)`` takes its config from: the table key (``table_entry_key``; another
-    bucket's or dtype's when it stands in), "grouped_mm rule" or "heuristic". For the bench's CSV."""
+    bucket's or dtype's when it stands in; "in <GPU>'s table" when another form's table stands in, see
+    ``same_model_table_path``), "grouped_mm rule" or "heuristic". For the bench's CSV."""
     if device:
-        key = _load_table(device).entry_key(shape_key(shape, dtype), shape.num_tokens)
+        table = _load_table(device)
+        key = table.entry_key(shape_key(shape, dtype), shape.num_tokens)
         if key is not None:
-            return key
+            return key if table.device == device else f"{key} in {table.device}'s table"
         if prefers_grouped_mm(shape, dtype):
             return "grouped_mm rule"
     return "heuristic"

@@ -79,7 +79,7 @@ def test_nearest_tuned_token_count_stands_in_for_a_missing_bucket(tmp_path, monk
         assert picked(num_tokens) == tuned[source], num_tokens
 
     def untuned(num_tokens, dtype=torch.bfloat16, experts=8):  # what a GPU without a table gets
-        return pick_config(MoEShape(num_tokens, experts, *layer[1:]), dtype, "Test GPU without a table")
+        return pick_config(MoEShape(num_tokens, experts, *layer[1:]), dtype, "Tableless GPU")
 
     for num_tokens in (1, 20000):  # more than two octaves from 8 / 4096: the heuristic / the grouped-GEMM rule
         assert picked(num_tokens) == untuned(num_tokens), num_tokens
@@ -143,6 +143,27 @@ def test_config_source_names_the_entry_or_the_rule(tmp_path, monkeypatch):
     assert tuning.config_source(MoEShape(1500, *layer), torch.float16, "Test GPU 4") == key  # stands in
     assert tuning.config_source(MoEShape(20000, *layer), torch.bfloat16, "Test GPU 4") == "grouped_mm rule"
     assert tuning.config_source(MoEShape(20000, *layer), torch.bfloat16, None) == "heuristic"
+
+
+@pytest.mark.usefixtures("_fresh_tables")
+def test_another_form_of_the_same_gpu_takes_its_table(tmp_path, monkeypatch):
+    """An "NVIDIA H100 PCIe" has no table of its own: the "NVIDIA H100 80GB HBM3" one (same first two words) stands in;
+    its own table, once tuned, wins; another model's name does not match."""
+    shape = MoEShape(1024, 8, 2, 4096, 14336)
+    sxm, pcie = KernelConfig(block_m=64), KernelConfig(block_m=128)
+    _write_table(tmp_path, monkeypatch, "NVIDIA H100 80GB HBM3", {shape_key(shape, torch.bfloat16): sxm})
+    assert tuning.same_model_table_path("NVIDIA H100 PCIe") == tuning.table_path("NVIDIA H100 80GB HBM3")
+    assert tuning.same_model_table_path("NVIDIA H200") is None and tuning.same_model_table_path("H100") is None
+    assert pick_config(shape, torch.bfloat16, "NVIDIA H100 PCIe") == sxm
+    key = shape_key(shape, torch.bfloat16)
+    assert tuning.config_source(shape, torch.bfloat16, "NVIDIA H100 PCIe") == f"{key} in NVIDIA H100 80GB HBM3's table"
+    assert tuning.config_source(shape, torch.bfloat16, "NVIDIA H100 80GB HBM3") == key
+    assert pick_config(shape, torch.bfloat16, "NVIDIA H800") == pick_config(shape, torch.bfloat16, "Tableless GPU")
+    tuning.table_path("NVIDIA H100 PCIe").write_text(
+        json.dumps({"device": "NVIDIA H100 PCIe", "configs": {key: pcie.to_dict()}})
+    )
+    tuning._load_table.cache_clear()
+    assert pick_config(shape, torch.bfloat16, "NVIDIA H100 PCIe") == pcie
 
 
 def test_table_entry_on_keys_without_a_bucket():
