@@ -19,7 +19,7 @@
    given changes of that entry are timed (e.g. ``split_tail=1``), each change's time against the entry's printed.
 4. ``--budget-s``: the warm-up gets at most ``WARMUP_SHARE`` of it; each point gets a share of what is left;
    a point cut short keeps its best-so-far (the heuristic is always timed first), a point never reached is not
-   written (``pick_config`` keeps the table entry or the heuristic). The summary says which.
+   written (``pick_config`` keeps the table entry, the one nearest in T, or the heuristic). The summary says which.
 5. ``--write`` merges the winners into this device's table (``tilemoe.tuning.table_path``), ``--out FILE``
    into FILE, after each shape, keeping the other keys; the file records the device, torch/triton and date.
 """
