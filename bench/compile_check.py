@@ -57,13 +57,13 @@ import tilemoe.ops._kernels._router  # noqa: E402, F401
 from tilemoe.config import MoEConfig  # noqa: E402
 from tilemoe.ops.fused_experts import fused_experts, fused_experts_from_logits  # noqa: E402
 from tilemoe.ops.route import route_triton  # noqa: E402
-from tilemoe.tune_cli import parse_variant  # noqa: E402
+from tilemoe.testing import make_routing  # noqa: E402
+from tilemoe.tune_cli import DTYPES, parse_variant  # noqa: E402
 from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, pick_config  # noqa: E402
 
 # Shared memory per block (opt-in maximum), bytes, by compute capability: sm_80 (A100) 163 KiB, sm_86 / sm_89 99 KiB,
 # sm_90 (H100 / H200) 227 KiB.
 SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class _CompileOnlyDriver:
@@ -93,7 +93,7 @@ class Compiled:
     spills: int | None = None
     mma: str = ""
     error: str = ""
-    refused: bool = False  # over the shared memory: refused, as Triton does when it loads the kernel
+    refused: str = ""  # over the shared memory: refused, as Triton does when it loads the kernel (why)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
@@ -119,7 +119,7 @@ class CompileRecorder:
     """Turns every JIT launch into a compile for ``target`` and records what came out; a kernel over ``shared_limit``
     bytes of shared memory is refused as Triton refuses it when it loads one (``OutOfResources``)."""
 
-    def __init__(self, target: GPUTarget, shared_limit: int | None = None) -> None:
+    def __init__(self, target: GPUTarget, shared_limit: int) -> None:
         self.target = target
         self.shared_limit = shared_limit
         self.records: list[Compiled] = []
@@ -142,36 +142,14 @@ class CompileRecorder:
                 recorder.records.append(Compiled(fn.__name__, time.perf_counter() - start, error=error[:200]))
                 return None
             meta = kernel.metadata
-            regs, spills = _resource_usage(kernel.asm["cubin"])
-            if recorder.shared_limit is not None and meta.shared > recorder.shared_limit:
+            record = Compiled(fn.__name__, time.perf_counter() - start, meta.num_warps, meta.num_stages, meta.shared,
+                              *_resource_usage(kernel.asm["cubin"]), _mma_kind(kernel.asm["ptx"]))  # fmt: skip
+            recorder.records.append(record)
+            if meta.shared > recorder.shared_limit:
                 from triton.runtime.errors import OutOfResources
 
-                recorder.records.append(
-                    Compiled(
-                        fn.__name__,
-                        time.perf_counter() - start,
-                        meta.num_warps,
-                        meta.num_stages,
-                        meta.shared,
-                        regs,
-                        spills,
-                        _mma_kind(kernel.asm["ptx"]),
-                        refused=True,
-                    )  # fmt: skip
-                )
+                record.refused = f"refused: shared memory {meta.shared} > {recorder.shared_limit}"
                 raise OutOfResources(meta.shared, recorder.shared_limit, "shared memory")
-            recorder.records.append(
-                Compiled(
-                    fn.__name__,
-                    time.perf_counter() - start,
-                    meta.num_warps,
-                    meta.num_stages,
-                    meta.shared,
-                    regs,
-                    spills,
-                    _mma_kind(kernel.asm["ptx"]),
-                )  # fmt: skip
-            )
             return kernel
 
         JITFunction.run = run
@@ -187,13 +165,11 @@ class CompileRecorder:
 
 def _empty_layer(config: MoEConfig, num_tokens: int, dtype: torch.dtype):
     """The layer's tensors on the CPU, never read (nothing runs); the routing real, for the host-side checks."""
-    gen = torch.Generator().manual_seed(0)
     e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
     x = torch.empty(num_tokens, h, dtype=dtype)
     w13 = torch.empty(e, 2 * i if config.gated else i, h, dtype=dtype)
     w2 = torch.empty(e, h, i, dtype=dtype)
-    ids = torch.stack([torch.randperm(e, generator=gen)[: config.top_k] for _ in range(num_tokens)]).to(torch.int32)
-    weights = torch.full((num_tokens, config.top_k), 1.0 / config.top_k)
+    weights, ids = make_routing(num_tokens, config, generator=torch.Generator().manual_seed(0))
     b13 = torch.empty(e, w13.shape[1], dtype=dtype) if config.expert_bias else None
     b2 = torch.empty(e, h, dtype=dtype) if config.expert_bias else None
     return x, w13, w2, weights, ids, b13, b2
@@ -221,17 +197,11 @@ def _label(cfg: KernelConfig, base: KernelConfig) -> str:
     return ",".join(changed) or "entry"
 
 
-def _print_records(model: str, num_tokens: int, label: str, records: list[Compiled], shared_limit: int) -> int:
-    """One line per compiled kernel; returns how many failed."""
+def _print_records(model: str, num_tokens: int, label: str, records: list[Compiled]) -> int:
+    """One line per compiled kernel; returns how many failed (a compile error, or a launch that fit nowhere)."""
     failures = 0
     for r in records:
-        status = "FAIL " + r.error if r.error else "ok"
-        if r.refused:
-            status = f"refused: shared memory {r.shared} > {shared_limit}"
-        elif not r.error and r.shared > shared_limit:
-            status = f"FAIL shared memory {r.shared} > {shared_limit}"
-        if not r.error and r.spills:
-            status = "spills"
+        status = r.refused or ("FAIL " + r.error if r.error else "spills" if r.spills else "ok")
         failures += status.startswith("FAIL")
         regs = "" if r.registers is None else r.registers
         local = "" if r.spills is None else r.spills
@@ -275,9 +245,7 @@ def check_single_gpu(args, target: GPUTarget, dtype: torch.dtype) -> int:
                                                       kernel_config=cfg)  # fmt: skip
                     except RuntimeError as exc:  # a launch that does not fit even at 1 stage
                         rec.records.append(Compiled("(launch)", 0.0, error=str(exc).splitlines()[0][:200]))
-                failures += _print_records(
-                    model, num_tokens, _label(cfg, entry), rec.records, SHARED_BYTES[target.arch]
-                )
+                failures += _print_records(model, num_tokens, _label(cfg, entry), rec.records)
     return failures
 
 
@@ -310,9 +278,7 @@ def check_expert_parallel(args, target: GPUTarget, dtype: torch.dtype) -> int:
                 label = (
                     f"ep{args.ep} bm{tiles.block_m} {tiles.block_n1}x{tiles.block_k1} {tiles.block_n2}x{tiles.block_k2}"
                 )
-                failures += _print_records(
-                    model, num_tokens, label + (" tma" if tiles.tma else ""), rec.records, SHARED_BYTES[target.arch]
-                )
+                failures += _print_records(model, num_tokens, label + (" tma" if tiles.tma else ""), rec.records)
     finally:
         fused_ops.interpreting = interpreting
     return failures

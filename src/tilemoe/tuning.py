@@ -199,9 +199,11 @@ def table_entry_key(table: dict[str, KernelConfig], key: str, num_tokens: int) -
     the heuristic cannot know; the tuner times each entry against the heuristic at its own T (1.07-1.16x faster at the
     H200 re-tune's points, bench/results/session9-probes.md). Not timed at the T between the tuned ones, nor in fp16,
     yet."""
+    if key in table:
+        return key
     head, sep, _ = key.rpartition("_T")
-    if key in table or not sep:
-        return key if key in table else None
+    if not sep:
+        return None
     layer, _, dtype_name = head.rpartition("_")
     prefixes = [head + sep]
     if dtype_name in STAND_IN_DTYPE_NAMES:
@@ -229,7 +231,8 @@ def table_path(device_name: str) -> Path:
 
 class _DeviceTable(dict):
     """A device's table (shape key -> KernelConfig) that remembers its ``table_entry`` look-ups: ``pick_config`` runs
-    on every layer call, and a T between the tuned ones would scan the table each time (20-40 us on the host)."""
+    on every layer call, and a T between the tuned ones would scan the table each time (19-35 us on the host:
+    bench/results/session10-compile-check.md)."""
 
     MAX_REMEMBERED = 1 << 16
 
@@ -245,10 +248,6 @@ class _DeviceTable(dict):
                 self._entries.clear()
             found = self._entries[(key, num_tokens)] = table_entry_key(self, key, num_tokens)
         return found
-
-    def entry(self, key: str, num_tokens: int) -> KernelConfig | None:
-        found = self.entry_key(key, num_tokens)
-        return None if found is None else self[found]
 
 
 def same_model_table_path(device_name: str, table_dir: Path | None = None) -> Path | None:
@@ -332,27 +331,29 @@ def pick_config(shape: MoEShape, dtype: torch.dtype, device: str | None) -> Kern
     grouped GEMM where ``prefers_grouped_mm``, else ``heuristic_config``; never missing (any device, including None
     for CPU/interpreter).
     """
-    if device:
-        hit = _load_table(device).entry(shape_key(shape, dtype), shape.num_tokens)
-        if hit is not None:
-            return hit
-        if prefers_grouped_mm(shape, dtype):
-            return KernelConfig(block_m=16, grouped_mm=True)
-    return heuristic_config(shape, dtype)
+    return _pick(shape, dtype, device)[0]
 
 
 def config_source(shape: MoEShape, dtype: torch.dtype, device: str | None) -> str:
     """Where ``pick_config(shape, dtype, device)`` takes its config from: the table key (``table_entry_key``; another
     bucket's or dtype's when it stands in; "in <GPU>'s table" when another form's table stands in, see
     ``same_model_table_path``), "grouped_mm rule" or "heuristic". For the bench's CSV."""
+    source = _pick(shape, dtype, device)[1]
+    if source in ("grouped_mm rule", "heuristic") or _load_table(device).device == device:
+        return source
+    return f"{source} in {_load_table(device).device}'s table"  # a table key: device is a GPU name
+
+
+def _pick(shape: MoEShape, dtype: torch.dtype, device: str | None) -> tuple[KernelConfig, str]:
+    """``pick_config``'s decision: (the config, where it came from: a table key, "grouped_mm rule" or "heuristic")."""
     if device:
         table = _load_table(device)
         key = table.entry_key(shape_key(shape, dtype), shape.num_tokens)
         if key is not None:
-            return key if table.device == device else f"{key} in {table.device}'s table"
+            return table[key], key
         if prefers_grouped_mm(shape, dtype):
-            return "grouped_mm rule"
-    return "heuristic"
+            return KernelConfig(block_m=16, grouped_mm=True), "grouped_mm rule"
+    return heuristic_config(shape, dtype), "heuristic"
 
 
 def prefers_grouped_mm(shape: MoEShape, dtype: torch.dtype) -> bool:

@@ -48,6 +48,12 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
+def _bench_rows(tmp_path, name: str, *args: str) -> dict[str, dict]:
+    """``tilemoe bench`` at the tiny size with ``args``, exited 0; its CSV rows by implementation."""
+    assert main(["bench", *TINY, *args, "--output-file", str(tmp_path / name), "--output-format", "csv"]) == 0
+    return {r["implementation"]: r for r in _read_csv(tmp_path / f"{name}.csv")}
+
+
 def test_bench_outputs_csv_markdown_json(tmp_path, capsys):
     base = tmp_path / "out" / "bench"
     rc = main(
@@ -77,11 +83,7 @@ def test_bench_outputs_csv_markdown_json(tmp_path, capsys):
 
 def test_kernel_config_column_names_what_the_tuned_kernels_ran(tmp_path):
     # on the CPU (the interpreter) no device table: the heuristic; implementations without tuned kernels: empty
-    base = tmp_path / "cfg"
-    rc = main(["bench", *TINY, "--impl", "triton", "grouped", "--num-tokens", "5", "--scenarios", "random"]
-              + ["--output-file", str(base), "--output-format", "csv"])  # fmt: skip
-    assert rc == 0
-    rows = {r["implementation"]: r for r in _read_csv(tmp_path / "cfg.csv")}
+    rows = _bench_rows(tmp_path, "cfg", "--impl", "triton", "grouped", "--num-tokens", "5", "--scenarios", "random")
     assert rows["triton"]["status"] == "OK" and rows["triton"]["kernel_config"] == "heuristic"
     assert rows["grouped"]["kernel_config"] == ""
 
@@ -91,11 +93,7 @@ def test_oom_row_and_run_goes_on(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 190.00 GiB (forced by the test)")
 
     monkeypatch.setattr("tilemoe.impls.batched.torch.einsum", fail)
-    base = tmp_path / "oom"
-    rc = main(["bench", *TINY, "--impl", "batched", "grouped", "--num-tokens", "4", "--scenarios", "random"]
-              + ["--output-file", str(base), "--output-format", "csv"])  # fmt: skip
-    assert rc == 0
-    rows = {r["implementation"]: r for r in _read_csv(tmp_path / "oom.csv")}
+    rows = _bench_rows(tmp_path, "oom", "--impl", "batched", "grouped", "--num-tokens", "4", "--scenarios", "random")
     assert rows["batched"]["status"] == "OOM" and rows["batched"]["latency_mean_ms"] == ""
     assert "out of memory" in rows["batched"]["note"]
     assert rows["grouped"]["status"] == "OK"

@@ -11,20 +11,22 @@ import pytest
 TOOL = Path(__file__).resolve().parents[2] / "bench" / "compile_check.py"
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run_ok(*args: str) -> list[str]:
+    """The tool's output lines, once it has exited 0 with nothing failed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when it is unset
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=240)
+    done = subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "0 failed"
+    return lines
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
 def test_compiles_every_kernel_of_a_table_entry_for_sm90():
     # T=1: the decode kernels and the GEMM 1 that routes; T=4096: the tiled GEMMs with TMA and a persistent GEMM 2,
     # and one variant (persistent_tails, the newest kernel form)
-    done = _run("--models", "qwen3-30b-a3b", "--num-tokens", "1", "4096", "--variants", "persistent_tails=1")
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[-1] == "0 failed"
+    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "1", "4096", "--variants", "persistent_tails=1")
     kernels = {line.split()[3] for line in lines if line.startswith("qwen3-30b-a3b") and line.endswith("ok")}
     assert {"_route_kernel", "_decode_gemm1_kern", "_decode_gemm2_kern", "_gemm1_kernel", "_gemm2_kernel"} <= kernels
     gemm_4096 = [line for line in lines if " 4096 " in line and "_gemm" in line]
@@ -34,10 +36,7 @@ def test_compiles_every_kernel_of_a_table_entry_for_sm90():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
 def test_compiles_the_fused_expert_parallel_kernels_for_sm90():
-    done = _run("--ep", "2", "--table", "nvidia_h200", "--models", "flashmoe", "--num-tokens", "128")
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[-1] == "0 failed"
+    lines = _run_ok("--ep", "2", "--table", "nvidia_h200", "--models", "flashmoe", "--num-tokens", "128")
     kernels = {line.split()[-9] for line in lines if line.startswith("flashmoe") and line.endswith("ok")}
     assert {"_layout_count_kern", "_dispatch_gemm1_ke", "_gemm2_put_kernel", "_combine_kernel"} <= kernels, kernels
 
@@ -46,10 +45,7 @@ def test_compiles_the_fused_expert_parallel_kernels_for_sm90():
 def test_the_heuristic_fits_a_99_kib_gpu_by_fewer_stages():
     # sm_89 (L40S, RTX 4090): the heuristic's 128 x 128 x 64 tiles need 144 KiB at 4 stages; Triton refuses them when
     # it loads the kernel (emulated here), launch_fitting takes 3 stages (96 KiB), nothing fails
-    done = _run("--table", "none", "--arch", "89", "--models", "qwen3-30b-a3b", "--num-tokens", "1024")
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[-1] == "0 failed"
+    lines = _run_ok("--table", "none", "--arch", "89", "--models", "qwen3-30b-a3b", "--num-tokens", "1024")
     gemm1 = [line.split() for line in lines if "_gemm1_kernel" in line]
     assert "refused:" in gemm1[0] and gemm1[0][5] == "4"  # 4 stages refused
     assert gemm1[-1][-1] == "ok" and gemm1[-1][5] == "3" and int(gemm1[-1][8]) <= 101376

@@ -743,11 +743,11 @@ def test_from_logits_falls_back_when_the_routing_gemm1_does_not_build(generator,
 
 # ---------------------------------------------------------------------------------------- shared memory fitting
 class _SharedMemoryLimitedKernel:
-    """A stand-in for a Triton kernel on a GPU with little shared memory: refuses num_stages above ``fits`` as
-    Triton does (OutOfResources, before anything runs) and records every launch's stages."""
+    """A Triton kernel as a GPU with little shared memory sees it: num_stages above ``fits`` refused as Triton does
+    (OutOfResources, before anything runs), every launch's stages recorded; the others launch ``real`` when given."""
 
-    def __init__(self, fits: int):
-        self.fits, self.launched, self.refused = fits, [], []
+    def __init__(self, fits: int, real=None):
+        self.fits, self.real, self.launched, self.refused = fits, real, [], []
 
     def __getitem__(self, grid):
         def launch(**kwargs):
@@ -757,6 +757,8 @@ class _SharedMemoryLimitedKernel:
                 self.refused.append(kwargs["num_stages"])
                 raise OutOfResources(49152 * kwargs["num_stages"], 101376, "shared memory")
             self.launched.append(kwargs["num_stages"])
+            if self.real is not None:
+                self.real[grid](**kwargs)
 
         return launch
 
@@ -767,7 +769,7 @@ def test_launch_fitting_lowers_the_stages_until_the_kernel_fits(monkeypatch):
     monkeypatch.setattr(_launch, "_FITTED_STAGES", {})
     device = torch.device("cuda", 0)  # only named: nothing runs on it
     kernel = _SharedMemoryLimitedKernel(fits=2)
-    _launch.launch_fitting(kernel, (4,), device, BLOCK_M=128, num_warps=8, num_stages=4, x=torch.zeros(2))
+    assert _launch.launch_fitting(kernel, (4,), device, BLOCK_M=128, num_warps=8, num_stages=4, x=torch.zeros(2)) == 2
     assert kernel.refused == [4, 3] and kernel.launched == [2]
     # remembered: the next launch with the same constants goes straight to 2 stages; other constants try their own
     _launch.launch_fitting(kernel, (4,), device, BLOCK_M=128, num_warps=8, num_stages=4, x=torch.zeros(3))
@@ -819,24 +821,13 @@ def test_fused_experts_fits_its_gemms_to_the_shared_memory(monkeypatch, generato
     from tilemoe.ops import _launch
 
     monkeypatch.setattr(_launch, "_FITTED_STAGES", {})
-    refused = []
-    for name in ("_gemm1_kernel", "_gemm2_kernel"):
-        real = getattr(kernels, name)
-
-        class Limited:
-            def __getitem__(self, grid, _real=real, _name=name):
-                def launch(**kwargs):
-                    from triton.runtime.errors import OutOfResources
-
-                    if kwargs["num_stages"] > 2:
-                        refused.append((_name, kwargs["num_stages"]))
-                        raise OutOfResources(147456, 101376, "shared memory")
-                    return _real[grid](**kwargs)
-
-                return launch
-
-        monkeypatch.setattr(kernels, name, Limited())
+    limited = {
+        name: _SharedMemoryLimitedKernel(2, getattr(kernels, name)) for name in ("_gemm1_kernel", "_gemm2_kernel")
+    }
+    for name, kernel in limited.items():
+        monkeypatch.setattr(kernels, name, kernel)
     config = MoEConfig(num_experts=6, top_k=2, hidden_size=64, intermediate_size=48)
     cfg = KernelConfig(block_m=16, block_n1=32, block_k1=32, num_stages1=3, block_n2=32, block_k2=32, num_stages2=3)
     _run_case(config, 20, torch.float32, generator, kernel_config=cfg)
+    refused = [(name, stages) for name, kernel in limited.items() for stages in kernel.refused]
     assert refused == [("_gemm1_kernel", 3), ("_gemm2_kernel", 3)]

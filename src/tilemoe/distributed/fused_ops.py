@@ -31,6 +31,7 @@ from tilemoe.distributed.fused_kernels import (
     _gemm2_put_kernel,
 )
 from tilemoe.distributed.fused_layout import FusedGeometry, FusedLayout, layout_scratch_size, new_layout_buffers
+from tilemoe.ops._launch import launch_fitting
 from tilemoe.ops.act_and_mul import ACTIVATION_CODES
 
 SYMMETRIC_BUFFERS = ("recv_x", "recv_meta", "hdr", "bflag", "ret", "cflag", "done")
@@ -243,19 +244,9 @@ class FusedRank:
 
 def _launch(r: FusedRank, kernel, grid: tuple, stages_field: str, **kwargs) -> None:
     """Launch ``kernel`` with ``num_stages`` from ``r.tiles.<stages_field>``, one stage fewer per shared-memory
-    failure (a compile error, raised before anything runs), remembering what fit in ``r.tiles``. Stages change
-    no flag or buffer, so ranks may end up with different ones."""
-    from triton.runtime.errors import OutOfResources
-
-    stages = getattr(r.tiles, stages_field)
-    while True:
-        try:
-            kernel[grid](**kwargs, num_stages=stages)
-            break
-        except OutOfResources:
-            if stages <= 1:
-                raise
-            stages -= 1
+    refusal (``tilemoe.ops._launch.launch_fitting``), remembering what fit in ``r.tiles``. Stages change no flag or
+    buffer, so ranks may end up with different ones."""
+    stages = launch_fitting(kernel, grid, r.act.device, **kwargs, num_stages=getattr(r.tiles, stages_field))
     if stages != getattr(r.tiles, stages_field):
         r.tiles = dataclasses.replace(r.tiles, **{stages_field: stages})
 

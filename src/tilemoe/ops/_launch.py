@@ -46,14 +46,14 @@ def pdl_options(device: torch.device) -> dict:
 
 
 # num_stages that fit, found by ``launch_fitting`` on a GPU with less shared memory per block than a config asks for;
-# keyed by the kernel, the device and the launch's constants (upper-case keywords, warps, stages asked, dtypes).
+# keyed by the kernel, the device and the launch's constants (its upper-case keywords, warps and stages asked; the
+# element size follows from FP32_PRECISE, which every GEMM kernel takes).
 _FITTED_STAGES: dict[tuple, int] = {}
 
 
 def _fit_key(kernel, device: torch.device, kwargs: dict) -> tuple:
-    constants = tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")))
-    dtypes = tuple(sorted((k, str(v.dtype)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)))
-    return (kernel, device.index, constants, dtypes)
+    constants = tuple((k, v) for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages"))
+    return (kernel, device.index, constants)
 
 
 def _out_of_shared_memory(error: Exception) -> bool:
@@ -62,34 +62,33 @@ def _out_of_shared_memory(error: Exception) -> bool:
     return isinstance(error, OutOfResources) and error.name == "shared memory"
 
 
-def launch_fitting(kernel, grid: tuple, device: torch.device, **kwargs) -> None:
+def launch_fitting(kernel, grid: tuple, device: torch.device, **kwargs) -> int:
     """``kernel[grid](**kwargs)``, with ``num_stages`` lowered one at a time while Triton refuses the kernel for its
     shared memory (``OutOfResources``, raised when the compiled kernel is loaded, before anything is enqueued, so a
     CUDA graph being captured is untouched); the stages that fit are remembered for the next launch with the same
-    constants. Why: the tuned tables and the heuristic's large tiles are sized for Hopper's 227 KiB per block; an
-    sm_86 / sm_89 GPU (A10, L4, L40S, RTX 4090) has 99 KiB, where the heuristic's 128 x 128 x 64 tiles need 120-144
-    KiB at their 3-4 stages (``bench/compile_check.py --table none --arch 89``). Raises RuntimeError naming the kernel
-    and its tiles when one stage does not fit either."""
+    constants. Returns the stages it launched with. Why: the tuned tables and the heuristic's large tiles are sized
+    for Hopper's 227 KiB per block; an sm_86 / sm_89 GPU (A10, L4, L40S, RTX 4090) has 99 KiB, where the heuristic's
+    128 x 128 x 64 tiles need 120-144 KiB at their 3-4 stages (``bench/compile_check.py --table none --arch 89``,
+    bench/results/session10-compile-check.md). Raises RuntimeError naming the kernel and its tiles when one stage
+    does not fit either."""
     if _FITTED_STAGES and device.type == "cuda":
         kwargs["num_stages"] = _FITTED_STAGES.get(_fit_key(kernel, device, kwargs), kwargs["num_stages"])
-    try:
-        kernel[grid](**kwargs)
-        return
-    except Exception as error:
-        if not _out_of_shared_memory(error):
-            raise
-        first_error = error
-    key = _fit_key(kernel, device, kwargs)
-    while kwargs["num_stages"] > 1:
-        kwargs["num_stages"] -= 1
+    key = None
+    while True:
         try:
             kernel[grid](**kwargs)
         except Exception as error:
             if not _out_of_shared_memory(error):
                 raise
+            if key is None:  # the first refusal: the stages asked, as the next launch will ask them
+                key, first_error = _fit_key(kernel, device, kwargs), error
+            if kwargs["num_stages"] <= 1:
+                break
+            kwargs["num_stages"] -= 1
             continue
-        _FITTED_STAGES[key] = kwargs["num_stages"]
-        return
+        if key is not None:
+            _FITTED_STAGES[key] = kwargs["num_stages"]
+        return kwargs["num_stages"]
     name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
     tiles = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k.startswith("BLOCK"))
     raise RuntimeError(
