@@ -490,6 +490,39 @@ def test_table_candidates_at_an_untuned_bucket_are_the_entry_in_use(tmp_path):
     assert point.candidates == [heuristic, used, dataclasses.replace(used, persistent=True)]
 
 
+def test_config_in_use_is_timed_and_reported(tmp_path, monkeypatch):
+    """The run records what pick_config ran at each point before it (here the T=4096 entry standing in at T=8192),
+    times it, and says what the new best gains on it; where the table has nothing, the heuristic is the one in use."""
+    monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path)
+    tuning._load_table.cache_clear()
+    try:
+        groups = tune.group_shapes(["qwen3-30b-a3b"])
+        points = tune.plan_points(groups, [8192, 64], torch.bfloat16, log=lambda *_: None)
+        c = groups[0].config
+        used = KernelConfig(block_m=128, block_n1=128, block_n2=64, split_tail=True)
+        key = shape_key(MoEShape(4096, c.num_experts, c.top_k, c.hidden_size, c.intermediate_size), torch.bfloat16)
+        table = {"device": "Test GPU 7", "configs": {key: used.to_dict()}}
+        tuning.table_path("Test GPU 7").write_text(json.dumps(table))
+        assert tune.add_configs_in_use(points, torch.bfloat16, "Test GPU 7") == 1
+        at_8192, at_64 = sorted(points, key=lambda p: -p.num_tokens)
+        assert at_8192.in_use == used and at_8192.candidates[1] == used
+        assert at_64.in_use == at_64.candidates[0]  # the heuristic, already first: nothing added
+    finally:
+        tuning._load_table.cache_clear()
+    heuristic, best = at_8192.candidates[0], at_8192.candidates[2]
+    secs = {heuristic: 3.0, used: 2.5, best: 2.0}
+    tune.search_point(at_8192, lambda cfg: secs.get(cfg, 4.0), tune.Budget(None), float("inf"))
+    assert at_8192.best == best
+    assert "[the config in use: 2500000.0 us, 1.25x]" in tune._point_line(at_8192)
+    at_8192.rematch = [(best, 1.9), (used, 2.66)]  # the rematch's time wins over the screening's
+    at_8192.best_s = 1.9  # as Measure.rematch sets it
+    assert "1.40x" in tune._point_line(at_8192)
+    configs, measured = tune._results([at_8192])
+    assert measured[at_8192.table_key]["in_use_us"] == 2.66e6
+    tune.search_point(at_64, lambda cfg: 1.0 if cfg == at_64.in_use else 2.0, tune.Budget(None), float("inf"))
+    assert "[the config in use: kept]" in tune._point_line(at_64)
+
+
 def test_sibling_tables_seed_the_candidates(tmp_path):
     for name in ("nvidia_h100_80gb_hbm3.json", "nvidia_h200.json", "test_gpu_7.json"):
         (tmp_path / name).write_text("{}")

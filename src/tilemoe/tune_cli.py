@@ -15,8 +15,11 @@
    3 or 1 calls by the call's length); then the three fastest and the heuristic again, their graphs replayed in
    turn, and the fastest of that wins. Every candidate is checked against the heuristic config's output (itself
    checked against ``fused_experts_torch`` up to T=1024). The config in the device's table, when there is one, is
-   timed second: a re-tune never writes a slower one. ``--variants``: only the heuristic, the table entry and the
-   given changes of that entry are timed (e.g. ``split_tail=1``), each change's time against the entry's printed.
+   timed second: a re-tune never writes a slower one; so is the config ``pick_config`` ran there before the run
+   (``add_configs_in_use``: the nearest entry at an untuned bucket), whose time against the winner each point's
+   line gives ("the config in use") and the table records (``in_use_us``). ``--variants``: only the heuristic,
+   the table entry and the given changes of that entry are timed (e.g. ``split_tail=1``), each change's time
+   against the entry's printed.
 4. ``--budget-s``: the warm-up gets at most ``WARMUP_SHARE`` of it; each point gets a share of what is left;
    a point cut short keeps its best-so-far (the heuristic is always timed first), a point never reached is not
    written (``pick_config`` keeps the table entry, the one nearest in T, or the heuristic). The summary says which.
@@ -45,7 +48,16 @@ import torch
 from tilemoe.config import MoEConfig
 from tilemoe.ops.align import ONE_PROGRAM_MAX_SLOTS, align_capacity
 from tilemoe.ops.grouped_mm import grouped_mm_available
-from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, heuristic_config, shape_key, table_entry, table_path
+from tilemoe.tuning import (
+    TABLE_DIR,
+    KernelConfig,
+    MoEShape,
+    heuristic_config,
+    pick_config,
+    shape_key,
+    table_entry,
+    table_path,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKEN_COUNTS = [1, 8, 64, 256, 1024, 4096, 16384]
@@ -263,6 +275,7 @@ class TunePoint:
     errors: list[str] = field(default_factory=list)
     times: list[tuple[KernelConfig, float]] = field(default_factory=list)  # (candidate, seconds) as timed
     entry: KernelConfig | None = None  # with --variants: the config the variants change
+    in_use: KernelConfig | None = None  # what ``pick_config`` ran here before this run (``add_configs_in_use``)
     rematch: list[tuple[KernelConfig, float]] = field(default_factory=list)  # the best few timed again, in turn
 
     @property
@@ -731,6 +744,11 @@ def _point_line(p: TunePoint) -> str:
         f"{models} T={p.num_tokens}: best {p.best_s * 1e6:.1f} us (heuristic {p.heuristic_s * 1e6:.1f} us, "
         f"{p.heuristic_s / p.best_s:.2f}x; {p.timed}/{len(p.candidates)} timed) {p.best}"
     )
+    in_use_s = _time_of(p, p.in_use)
+    if p.in_use is not None and p.in_use == p.best:
+        line += " [the config in use: kept]"
+    elif in_use_s is not None:
+        line += f" [the config in use: {in_use_s * 1e6:.1f} us, {in_use_s / p.best_s:.2f}x]"
     if p.status == "cut":
         line += " [budget: best so far]"
     if p.errors:
@@ -795,6 +813,9 @@ def _results(points: list[TunePoint], scenarios: tuple[str, ...] = ("random",)) 
         }  # fmt: skip
         if tuple(scenarios) != ("random",):
             measured[p.table_key]["scenarios"] = list(scenarios)
+        in_use_s = _time_of(p, p.in_use)
+        if in_use_s is not None:
+            measured[p.table_key]["in_use_us"] = round(in_use_s * 1e6, 2)
     return configs, measured
 
 
@@ -889,6 +910,27 @@ def add_table_candidates(points: list[TunePoint], paths: list[Path]) -> int:
     return added
 
 
+def add_configs_in_use(points: list[TunePoint], dtype: torch.dtype, device_name: str) -> int:
+    """Record in each point the config ``pick_config`` gives it on ``device_name`` before this run (the package
+    table's entry for its bucket, or the one nearest to its T, or the grouped-GEMM rule, or the heuristic) and put it
+    second among its candidates when it is not there yet, so the run measures what it replaces and never writes a
+    slower config. Returns how many were added."""
+    added = 0
+    for p in points:
+        p.in_use = pick_config(p.shape, dtype, device_name)
+        if p.in_use not in p.candidates:
+            p.candidates.insert(1, p.in_use)
+            added += 1
+    return added
+
+
+def _time_of(p: TunePoint, cfg: KernelConfig | None) -> float | None:
+    """Seconds of ``cfg`` at ``p``: from the rematch when it was in it (the fairer time), else from the screening."""
+    for _, seconds in (item for item in (*p.rematch, *p.times) if item[0] == cfg):
+        return seconds
+    return None
+
+
 def sibling_tables(device_name: str, table_dir: Path | None = None) -> list[Path]:
     """The package's tables of the other GPUs (sorted by name): their entry for a shape is a candidate worth timing
     here too (a config the tuner found on an H100 but could not reach on the H200 at mixtral T=16384, session 9)."""
@@ -938,6 +980,7 @@ def run(args) -> int:
         use_variant_candidates(points, variants, [path, table_path(name)])
     else:
         add_table_candidates(points, [*sibling_tables(name), table_path(name), path])  # the last added comes first
+        add_configs_in_use(points, dtype, name)
     tasks = warmup_tasks(points, dtype)
     _print_plan(models, groups, points, tasks)
     if args.workers > 0:
