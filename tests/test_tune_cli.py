@@ -416,6 +416,48 @@ def test_tune_group_sums_the_scenarios(monkeypatch):
     assert "scenarios" not in tune._results(points)[1][p.table_key]
 
 
+def test_a_candidate_triton_lowered_is_written_as_it_ran(monkeypatch):
+    """A candidate asking for more stages than the GPU's shared memory holds runs, through launch_fitting, at fewer:
+    the table gets the stages it ran at (what was timed), the point's line says so, and against the config in use
+    that config counts as kept when that is what it ran as (session 11: five 5-stage entries that ran at 4)."""
+    import tilemoe.ops._kernels._fused_experts as kernels
+    from tilemoe.ops import _launch
+
+    class TwoStagesFit:  # as the GEMM 2 kernel on a GPU that holds 2 of its stages
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                from triton.runtime.errors import OutOfResources
+
+                if kwargs["num_stages"] > 2:
+                    raise OutOfResources(3 * 65536, 2 * 65536, "shared memory")
+                self.real[grid](**kwargs)
+
+            return launch
+
+    monkeypatch.setattr(_launch, "_FITTED_STAGES", {})
+    monkeypatch.setattr(kernels, "_gemm2_kernel", TwoStagesFit(kernels._gemm2_kernel))
+    base = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages2=2)
+    deep = dataclasses.replace(base, num_stages2=4)
+    monkeypatch.setattr(tune, "CANDIDATES", [deep])
+    monkeypatch.setattr(tune, "DECODE_CANDIDATES", [])
+    config = _config(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
+    (point,) = tune.plan_points(tune.group_shapes(["tiny"], {"tiny": config}), [8], torch.float32)
+    point.in_use = base
+    times = iter([2e-3, 1e-3])  # the heuristic, then the deep candidate wins
+    tune.tune_group([point], torch.float32, tune.Budget(None), 1, log=lambda *a: None, device="cpu",
+                    timer=lambda fn, t: next(times))  # fmt: skip
+    assert point.best == deep and point.runs_as(deep) == base
+    heuristic = point.candidates[0]
+    assert heuristic.num_stages2 > 2 and point.runs_as(heuristic) == dataclasses.replace(heuristic, num_stages2=2)
+    configs, _ = tune._results([point])
+    assert configs[point.table_key] == base.to_dict()
+    line = tune._point_line(point)
+    assert "[ran as num_stages1=3, num_stages2=2]" in line and "[the config in use: kept]" in line
+
+
 def test_scenarios_option(capsys):
     argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "256", "--dry-run"]
     assert main([*argv, "--scenarios", "random", "imbalanced"]) == 0

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from tilemoe.config import MoEConfig
+from tilemoe.ops._launch import recording_stages
 from tilemoe.ops.align import ONE_PROGRAM_MAX_SLOTS, align_capacity
 from tilemoe.ops.grouped_mm import grouped_mm_available
 from tilemoe.tuning import (
@@ -276,12 +277,19 @@ class TunePoint:
     times: list[tuple[KernelConfig, float]] = field(default_factory=list)  # (candidate, seconds) as timed
     entry: KernelConfig | None = None  # with --variants: the config the variants change
     in_use: KernelConfig | None = None  # what ``pick_config`` ran here before this run (``add_configs_in_use``)
+    # a candidate whose stage counts Triton refused (too much shared memory) -> the config it ran as
+    # (``tilemoe.ops._launch.launch_fitting`` lowered them): what the table gets and what the lines compare
+    ran_as: dict[KernelConfig, KernelConfig] = field(default_factory=dict)
     rematch: list[tuple[KernelConfig, float]] = field(default_factory=list)  # the best few timed again, in turn
 
     @property
     def shape(self) -> MoEShape:
         c = self.group.config
         return MoEShape(self.num_tokens, c.num_experts, c.top_k, c.hidden_size, c.intermediate_size)
+
+    def runs_as(self, cfg: KernelConfig | None) -> KernelConfig | None:
+        """``cfg`` with the stage counts its timed launches ran at."""
+        return self.ran_as.get(cfg, cfg)
 
 
 def kernel_shape_key(config: MoEConfig) -> tuple:
@@ -626,9 +634,13 @@ class _Measure:
     (args, reference) pair per scenario; a None reference becomes the first candidate's output, the heuristic's);
     ``misses[0]`` counts the first calls that compiled in this process."""
 
-    def __init__(self, cases: list[list], kwargs: dict, num_tokens: int, dtype: torch.dtype, misses: list[int], timer):
+    def __init__(
+        self, cases: list[list], kwargs: dict, num_tokens: int, dtype: torch.dtype, misses: list[int], timer,
+        ran_as: dict | None = None,
+    ):  # fmt: skip
         self.cases, self.kwargs, self.num_tokens, self.dtype = cases, kwargs, num_tokens, dtype
         self.misses, self.timer = misses, timer
+        self.ran_as = {} if ran_as is None else ran_as  # (TunePoint.ran_as)
 
     @property
     def args(self) -> tuple:  # the first routing's arguments
@@ -645,9 +657,13 @@ class _Measure:
                 return fused_experts(*args, kernel_config=cfg, **self.kwargs)
 
             first = time.monotonic()
-            out = call().float()
+            with recording_stages() as stages:
+                out = call().float()
             if out.is_cuda:
                 torch.cuda.synchronize()
+            lowered = {name: n for name, n in stages.items() if n < getattr(cfg, name)}
+            if lowered:
+                self.ran_as[cfg] = dataclasses.replace(cfg, **lowered)
             if time.monotonic() - first > FIRST_CALL_MISS_S:
                 self.misses[0] += 1
             if ref is None:  # the heuristic's output: the reference of the others above REFERENCE_MAX_TOKENS
@@ -730,7 +746,7 @@ def tune_group(
             args = (x, w13, w2, tw.float().contiguous(), ti.to(torch.int32).contiguous())
             ref = fused_experts_torch(*args, **kwargs).float() if t <= REFERENCE_MAX_TOKENS else None
             cases.append([args, ref])
-        return _Measure(cases, kwargs, t, dtype, misses, timer)
+        return _Measure(cases, kwargs, t, dtype, misses, timer, point.ran_as)
 
     search_points(points, measure_for, budget, points_left, log)
     return misses[0]
@@ -744,8 +760,10 @@ def _point_line(p: TunePoint) -> str:
         f"{models} T={p.num_tokens}: best {p.best_s * 1e6:.1f} us (heuristic {p.heuristic_s * 1e6:.1f} us, "
         f"{p.heuristic_s / p.best_s:.2f}x; {p.timed}/{len(p.candidates)} timed) {p.best}"
     )
+    if p.best in p.ran_as:
+        line += f" [ran as num_stages1={p.runs_as(p.best).num_stages1}, num_stages2={p.runs_as(p.best).num_stages2}]"
     in_use_s = _time_of(p, p.in_use)
-    if p.in_use is not None and p.in_use == p.best:
+    if p.in_use is not None and p.runs_as(p.in_use) == p.runs_as(p.best):
         line += " [the config in use: kept]"
     elif in_use_s is not None:
         line += f" [the config in use: {in_use_s * 1e6:.1f} us, {in_use_s / p.best_s:.2f}x]"
@@ -805,7 +823,7 @@ def _results(points: list[TunePoint], scenarios: tuple[str, ...] = ("random",)) 
     for p in points:
         if p.best is None:
             continue
-        configs[p.table_key] = p.best.to_dict()
+        configs[p.table_key] = p.runs_as(p.best).to_dict()  # as it ran: the stage counts Triton took
         measured[p.table_key] = {
             "models": p.group.models, "tokens": p.num_tokens, "best_us": round(p.best_s * 1e6, 2),
             "heuristic_us": round(p.heuristic_s * 1e6, 2), "timed": p.timed, "candidates": len(p.candidates),

@@ -828,6 +828,10 @@ def test_fused_experts_fits_its_gemms_to_the_shared_memory(monkeypatch, generato
         monkeypatch.setattr(kernels, name, kernel)
     config = MoEConfig(num_experts=6, top_k=2, hidden_size=64, intermediate_size=48)
     cfg = KernelConfig(block_m=16, block_n1=32, block_k1=32, num_stages1=3, block_n2=32, block_k2=32, num_stages2=3)
-    _run_case(config, 20, torch.float32, generator, kernel_config=cfg)
+    with _launch.recording_stages() as stages:  # what the tuner reads to write the config as it ran
+        _run_case(config, 20, torch.float32, generator, kernel_config=cfg)
     refused = [(name, stages) for name, kernel in limited.items() for stages in kernel.refused]
     assert refused == [("_gemm1_kernel", 3), ("_gemm2_kernel", 3)]
+    assert stages == {"num_stages1": 2, "num_stages2": 2}
+    _run_case(config, 20, torch.float32, generator, kernel_config=cfg)  # outside the block: not recorded
+    assert stages == {"num_stages1": 2, "num_stages2": 2} and not _launch._STAGE_RECORDS

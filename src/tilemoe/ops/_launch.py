@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -51,6 +52,23 @@ def pdl_options(device: torch.device) -> dict:
 _FITTED_STAGES: dict[tuple, int] = {}
 
 
+# Open ``recording_stages`` records: each successful ``launch_fitting`` with ``record_as`` writes its stages there.
+_STAGE_RECORDS: list[dict[str, int]] = []
+
+
+@contextlib.contextmanager
+def recording_stages():
+    """Yields a dict that collects, for the ``launch_fitting`` calls made inside the block with ``record_as`` set,
+    {record_as: stages launched} (the fewest when a field launches more than once). The tuner reads it to write a
+    config as it ran when Triton refused its stage count (``tilemoe tune``, bench/NOTES.md version 13)."""
+    record: dict[str, int] = {}
+    _STAGE_RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _STAGE_RECORDS.remove(record)
+
+
 def _fit_key(kernel, device: torch.device, kwargs: dict) -> tuple:
     constants = tuple((k, v) for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages"))
     return (kernel, device.index, constants)
@@ -62,7 +80,7 @@ def _out_of_shared_memory(error: Exception) -> bool:
     return isinstance(error, OutOfResources) and error.name == "shared memory"
 
 
-def launch_fitting(kernel, grid: tuple, device: torch.device, **kwargs) -> int:
+def launch_fitting(kernel, grid: tuple, device: torch.device, *, record_as: str | None = None, **kwargs) -> int:
     """``kernel[grid](**kwargs)``, with ``num_stages`` lowered one at a time while Triton refuses the kernel for its
     shared memory (``OutOfResources``, raised when the compiled kernel is loaded, before anything is enqueued, so a
     CUDA graph being captured is untouched); the stages that fit are remembered for the next launch with the same
@@ -70,7 +88,8 @@ def launch_fitting(kernel, grid: tuple, device: torch.device, **kwargs) -> int:
     for Hopper's 227 KiB per block; an sm_86 / sm_89 GPU (A10, L4, L40S, RTX 4090) has 99 KiB, where the heuristic's
     128 x 128 x 64 tiles need 120-144 KiB at their 3-4 stages (``bench/compile_check.py --table none --arch 89``,
     bench/results/session10-compile-check.md). Raises RuntimeError naming the kernel and its tiles when one stage
-    does not fit either."""
+    does not fit either. ``record_as``: the KernelConfig field of these stages (e.g. "num_stages1"), for
+    ``recording_stages``."""
     if _FITTED_STAGES and device.type == "cuda":
         kwargs["num_stages"] = _FITTED_STAGES.get(_fit_key(kernel, device, kwargs), kwargs["num_stages"])
     key = None
@@ -88,6 +107,9 @@ def launch_fitting(kernel, grid: tuple, device: torch.device, **kwargs) -> int:
             continue
         if key is not None:
             _FITTED_STAGES[key] = kwargs["num_stages"]
+        if record_as is not None:
+            for record in _STAGE_RECORDS:
+                record[record_as] = min(record.get(record_as, kwargs["num_stages"]), kwargs["num_stages"])
         return kwargs["num_stages"]
     name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
     tiles = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k.startswith("BLOCK"))
