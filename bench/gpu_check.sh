@@ -3,8 +3,9 @@
 #   bash bench/gpu_check.sh MODE...   MODE: tests, ladder (journey + issue-3 benches), triton (issue-4 benches), all;
 #   forms (not in all): the session-6 kernels (GEMM 1 dense forms, routing in the decode GEMM 1, one launch): GPU tests
 #   and the structure probe of bench/ws_probe.py --gemm1 (dense shapes, each form against the plain one);
-#   unrun (not in all): the GPU tests of what sessions 9-10 wrote without a device (persistent tails in the dense-form
-#   test and the randomized sweep, split tails, the routing kernels' non-finite logits over every preset)
+#   unrun (not in all): the GPU tests of what sessions 9-11 wrote without a device (persistent tails in the dense-form
+#   test and the randomized sweep, split tails, the routing kernels' non-finite logits over every preset, GEMM 1
+#   clearing the combine's output; sessions 9-10's passed on an H100 in session 11)
 # Each mode fits one 10-minute device call on an H100; give several to run them in one call.
 # Results come back as $OUT/results.tar.gz (bench/results/ layout) plus logs; the machine keeps nothing.
 set -uo pipefail
@@ -39,7 +40,7 @@ fi
 
 if [[ $modes == *" unrun "* ]]; then
   timeout -k 5 "${T_UNRUN_TESTS:-330}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_fused_experts.py \
-    tests/impls/test_triton.py tests/ops/test_route.py -k "dense_forms or randomized_sweep or split_tail or non_finite" \
+    tests/impls/test_triton.py tests/ops/test_route.py -k "dense_forms or randomized_sweep or split_tail or non_finite or clears" \
     2>&1 | tee -a "$log" | tail -n 30
 fi
 

@@ -75,7 +75,11 @@ class KernelConfig:
     split tails, each tile picking its height, so those loops are not flattened with the k loop (the next tile's
     loads no longer overlap this tile's epilogue). Why: with full tiles only, a random routing's padding costs the
     persistent GEMMs 11-20% of their rows at qwen3 T=4096, gpt-oss T=16384 and mixtral T=1024 (bench/NOTES.md,
-    version 10).
+    version 10); measured on an H100, they lost 1-15% wherever they apply (version 12).
+    ``gemm1_clears_out`` (the two-launch tiled GEMMs only): the atomic combine's output [T, H] is cleared by GEMM 1's
+    programs, a share each before their tiles, instead of by a fill kernel of its own between the GEMMs: one launch
+    fewer, the stores draining under GEMM 1's loads (the fill took 2.3 us at qwen3 T=1024 and 29 us at gpt-oss
+    T=16384 on an H100, plus a kernel boundary; version 13).
     """
 
     block_m: int = 64
@@ -99,6 +103,7 @@ class KernelConfig:
     persistent1: bool = False
     one_launch: bool = False
     persistent_tails: bool = False
+    gemm1_clears_out: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -110,7 +115,7 @@ class KernelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
         flags = ("tma", "persistent", "decode", "grouped_mm", "split_tail", "sorted_x", "gate_up_dot", "persistent1",
-                 "one_launch", "persistent_tails")  # fmt: skip
+                 "one_launch", "persistent_tails", "gemm1_clears_out")  # fmt: skip
         for name in flags:
             value = getattr(self, name)
             if value not in (True, False):  # 0 / 1 from a table or the custom op's int list
@@ -134,6 +139,11 @@ class KernelConfig:
                 )
             if self.persistent or self.persistent1:
                 raise ValueError("KernelConfig.one_launch: not with persistent or persistent1 (it has its own loop)")
+        if self.gemm1_clears_out and (self.decode or self.grouped_mm or self.one_launch):
+            raise ValueError(
+                "KernelConfig.gemm1_clears_out: only with the two-launch tiled GEMMs, got "
+                f"decode={self.decode}, grouped_mm={self.grouped_mm}, one_launch={self.one_launch}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

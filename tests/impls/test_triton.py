@@ -195,7 +195,11 @@ def test_randomized_sweep_bf16(part):
               KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, sorted_x=True,
                            gate_up_dot=True, persistent1=True, persistent=True),
               KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, split_tail=True,
-                           gate_up_dot=True, persistent1=True, persistent=True, persistent_tails=True)]  # fmt: skip
+                           gate_up_dot=True, persistent1=True, persistent=True, persistent_tails=True),
+              KernelConfig(block_m=32, block_n1=32, block_k1=32, block_n2=32, block_k2=32, tma=True, persistent1=True,
+                           gemm1_clears_out=True),
+              KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, split_tail=True,
+                           gemm1_clears_out=True)]  # fmt: skip
     mismatches = []
     for case in range(50):
         e = rng.choice([1, 3, 8, 13, 64, 160])

@@ -397,6 +397,42 @@ def test_split_tail(options, deterministic, dtype, generator, monkeypatch):
         assert built[-1].block_shape == [16, 16]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(split_tail=True),
+        dict(tma=True, persistent1=True, persistent=True),  # one program per SM: bigger shares
+        dict(tma=True, sorted_x=True, gate_up_dot=True, persistent1=True),
+    ],
+)
+@pytest.mark.parametrize("num_tokens", [1, 7, 301])
+def test_gemm1_clears_the_combine_output(options, num_tokens, dtype, generator, monkeypatch):
+    """gemm1_clears_out: no fill launch, GEMM 1's programs clear the atomic combine's output, a share each, every
+    element once (the buffer starts as NaN: a share left out shows). T x H (H = 50) is never a multiple of the
+    programs (3 column tiles x the row blocks, or 3 persistent programs in the interpreter); the persistent shares of
+    T = 301 span several store blocks, the last one partial."""
+    cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
+                       gemm1_clears_out=True, **options)  # fmt: skip
+    _poison(monkeypatch)
+    gemm1 = _spy_launches(monkeypatch, "_gemm1_kernel")
+    config = MoEConfig(num_experts=6, top_k=2, hidden_size=50, intermediate_size=40, expert_bias=True)
+    _run_case(config, num_tokens, dtype, generator, kernel_config=cfg, deterministic=False)
+    (launch,) = gemm1
+    assert launch["ZERO_OUT"] and launch["zero_numel"] == num_tokens * config.hidden_size
+    # the deterministic combine writes every slot row itself: nothing to clear
+    _run_case(config, num_tokens, dtype, generator, kernel_config=cfg, deterministic=True)
+    assert not gemm1[1]["ZERO_OUT"] and gemm1[1]["zero_ptr"] is None
+
+
+def test_gemm1_clears_out_only_with_the_tiled_gemms():
+    for other in (dict(decode=True), dict(grouped_mm=True), dict(one_launch=True)):
+        with pytest.raises(ValueError, match="gemm1_clears_out: only with the two-launch tiled GEMMs"):
+            KernelConfig(gemm1_clears_out=True, **other)
+    assert KernelConfig(gemm1_clears_out=1).gemm1_clears_out is True
+
+
 def test_split_tail_needs_block_m_32():
     with pytest.raises(ValueError, match="split_tail"):
         KernelConfig(block_m=16, split_tail=True)

@@ -223,6 +223,8 @@ def _launch(
         out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
         return out if atomic else sum_slots(out, top_k)
     tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
+    # the atomic combine's output, cleared by GEMM 1's programs (a share each) or by a fill after it
+    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device) if atomic and cfg.gemm1_clears_out else None
     launch_fitting(
         _gemm1_kernel,
         (_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,),
@@ -232,13 +234,18 @@ def _launch(
         **gemm1_args,
         num_blocks_m=num_blocks_m,
         PERSISTENT=cfg.persistent1,
+        zero_ptr=out,
+        zero_numel=0 if out is None else out.numel(),
+        ZERO_OUT=out is not None,
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )
-    if atomic:
-        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = (
+            torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
+            if atomic
+            else torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
+        )
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None

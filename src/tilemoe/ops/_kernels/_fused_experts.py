@@ -59,6 +59,20 @@ def _dot(a, b, acc, FP32_PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _zero_share(ptr, numel, BLOCK: tl.constexpr):
+    """This program's contiguous share of ``numel`` elements at ``ptr`` set to zero (the shares of all programs of
+    the grid cover [0, numel) once). GEMM 1 clears the atomic combine's output this way (``ZERO_OUT``): the stores
+    drain under its loads instead of taking a launch of their own."""
+    share = tl.cdiv(numel, tl.num_programs(0))
+    start = tl.program_id(0).to(tl.int64) * share
+    lanes = tl.arange(0, BLOCK)
+    zeros = tl.zeros([BLOCK], dtype=ptr.dtype.element_ty)
+    for offset in range(0, share, BLOCK):
+        index = start + offset + lanes
+        tl.store(ptr + index, zeros, mask=(offset + lanes < share) & (index < numel))
+
+
+@triton.jit
 def _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
     """Tile index -> (block of rows, block of columns), GROUP_M row blocks at a time (weights stay in L2)."""
     in_group = GROUP_M * num_blocks_n
@@ -289,8 +303,14 @@ def _gemm1_kernel(
     GROUP_M: tl.constexpr,
     SPLIT_TAIL: tl.constexpr,  # a block whose second half is padding computes its first half only
     PDL: tl.constexpr,
+    zero_ptr=None,  # with ZERO_OUT: a contiguous buffer of zero_numel elements that every program clears a share of
+    zero_numel=0,
+    ZERO_OUT: tl.constexpr = False,
+    ZERO_BLOCK: tl.constexpr = 1024,
 ):
     _pdl_prologue(PDL)
+    if ZERO_OUT:  # before any early exit: every program of the grid owns a share
+        _zero_share(zero_ptr, zero_numel, ZERO_BLOCK)
     num_padded = tl.load(num_padded_ptr)
     if PERSISTENT:
         used_m = num_padded // BLOCK_M
