@@ -760,10 +760,11 @@ def _point_line(p: TunePoint) -> str:
         f"{models} T={p.num_tokens}: best {p.best_s * 1e6:.1f} us (heuristic {p.heuristic_s * 1e6:.1f} us, "
         f"{p.heuristic_s / p.best_s:.2f}x; {p.timed}/{len(p.candidates)} timed) {p.best}"
     )
-    if p.best in p.ran_as:
-        line += f" [ran as num_stages1={p.runs_as(p.best).num_stages1}, num_stages2={p.runs_as(p.best).num_stages2}]"
+    ran = p.runs_as(p.best)
+    if ran != p.best:
+        line += f" [ran as num_stages1={ran.num_stages1}, num_stages2={ran.num_stages2}]"
     in_use_s = _time_of(p, p.in_use)
-    if p.in_use is not None and p.runs_as(p.in_use) == p.runs_as(p.best):
+    if p.in_use is not None and p.runs_as(p.in_use) == ran:
         line += " [the config in use: kept]"
     elif in_use_s is not None:
         line += f" [the config in use: {in_use_s * 1e6:.1f} us, {in_use_s / p.best_s:.2f}x]"
@@ -944,9 +945,7 @@ def add_configs_in_use(points: list[TunePoint], dtype: torch.dtype, device_name:
 
 def _time_of(p: TunePoint, cfg: KernelConfig | None) -> float | None:
     """Seconds of ``cfg`` at ``p``: from the rematch when it was in it (the fairer time), else from the screening."""
-    for _, seconds in (item for item in (*p.rematch, *p.times) if item[0] == cfg):
-        return seconds
-    return None
+    return next((seconds for timed, seconds in (*p.rematch, *p.times) if timed == cfg), None)
 
 
 def sibling_tables(device_name: str, table_dir: Path | None = None) -> list[Path]:

@@ -114,8 +114,7 @@ class KernelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive int, got {value!r}")
-        flags = ("tma", "persistent", "decode", "grouped_mm", "split_tail", "sorted_x", "gate_up_dot", "persistent1",
-                 "one_launch", "persistent_tails", "gemm1_clears_out")  # fmt: skip
+        flags = [f.name for f in dataclasses.fields(self) if f.type == "bool"]  # (annotations are strings here)
         for name in flags:
             value = getattr(self, name)
             if value not in (True, False):  # 0 / 1 from a table or the custom op's int list

@@ -22,23 +22,21 @@ def _write(directory: Path, model: str, rows: list[dict]) -> None:
             writer.writerow({"status": "OK", "roofline_ms": 1.0, "ceiling_bmm_ms": 1.25, "pct_ceiling_bmm": 90, **row})
 
 
+def _row(scenario: str, num_tokens: int, pct: float, speedup: float, ms: float, implementation="triton") -> dict:
+    return dict(implementation=implementation, scenario=scenario, num_tokens=num_tokens, pct_roofline=pct,
+                speedup=speedup, latency_mean_ms=ms)  # fmt: skip
+
+
 def test_the_rules_of_a_cell(tmp_path):
     # qwen3 T=1024 (target 80): met; T=4096 (65): 66% but slower than torch_grouped_mm; mixtral T=1024 (75):
     # no file: no cell; deepseek T=4096: 66% at 1.2x: over the target, but under 70% it needs 1.3x
     _write(tmp_path, "qwen3-30b-a3b", [
-        dict(implementation="triton", scenario="random", num_tokens=1024, pct_roofline=81, speedup=1.7,
-             latency_mean_ms=1.2),
-        dict(implementation="triton_deterministic", scenario="random", num_tokens=1024, pct_roofline=80, speedup=1.6,
-             latency_mean_ms=1.26),
-        dict(implementation="triton", scenario="random", num_tokens=4096, pct_roofline=66, speedup=0.99,
-             latency_mean_ms=2.0),
-        dict(implementation="triton", scenario="imbalanced", num_tokens=1024, pct_roofline=90, speedup=1.9,
-             latency_mean_ms=1.5),
+        _row("random", 1024, 81, 1.7, 1.2),
+        _row("random", 1024, 80, 1.6, 1.26, implementation="triton_deterministic"),
+        _row("random", 4096, 66, 0.99, 2.0),
+        _row("imbalanced", 1024, 90, 1.9, 1.5),
     ])  # fmt: skip
-    _write(tmp_path, "deepseek-v2-lite", [
-        dict(implementation="triton", scenario="random", num_tokens=4096, pct_roofline=66, speedup=1.2,
-             latency_mean_ms=1.0),
-    ])  # fmt: skip
+    _write(tmp_path, "deepseek-v2-lite", [_row("random", 4096, 66, 1.2, 1.0)])
     rows = cells.load(tmp_path)
     text, met = cells.cell(rows, "qwen3-30b-a3b", "random", 1024, None)
     assert met and text == "81.0% (80) 1.70x d1.05 90% [80] met"
@@ -55,12 +53,7 @@ def test_the_rules_of_a_cell(tmp_path):
 
 
 def test_mixtral_has_its_own_targets(tmp_path):
-    _write(tmp_path, "mixtral-8x7b", [
-        dict(implementation="triton", scenario="imbalanced", num_tokens=4096, pct_roofline=86, speedup=1.1,
-             latency_mean_ms=1.0),
-        dict(implementation="triton", scenario="imbalanced", num_tokens=64, pct_roofline=96, speedup=1.0,
-             latency_mean_ms=1.0),
-    ])  # fmt: skip
+    _write(tmp_path, "mixtral-8x7b", [_row("imbalanced", 4096, 86, 1.1, 1.0), _row("imbalanced", 64, 96, 1.0, 1.0)])
     rows = cells.load(tmp_path)
     assert cells.cell(rows, "mixtral-8x7b", "imbalanced", 4096, None)[1]
     assert cells.cell(rows, "mixtral-8x7b", "imbalanced", 64, None)[1]
@@ -72,4 +65,5 @@ def test_the_committed_run_reads():
     """The CSVs in bench/results give all 56 cells, each with its ceiling."""
     report = cells.report(cells.load(ROOT / "bench" / "results"))
     assert report.count(" | ") >= 14 * 4 and " - |" not in report
+    assert report.count("% [") == 56  # every cell's ceiling
     assert "/28 met" in report

@@ -303,9 +303,9 @@ def _gemm1_kernel(
     GROUP_M: tl.constexpr,
     SPLIT_TAIL: tl.constexpr,  # a block whose second half is padding computes its first half only
     PDL: tl.constexpr,
-    zero_ptr=None,  # with ZERO_OUT: a contiguous buffer of zero_numel elements that every program clears a share of
-    zero_numel=0,
-    ZERO_OUT: tl.constexpr = False,
+    zero_ptr,  # with ZERO_OUT: a contiguous buffer of zero_numel elements that every program clears a share of
+    zero_numel,
+    ZERO_OUT: tl.constexpr,
     ZERO_BLOCK: tl.constexpr = 1024,
 ):
     _pdl_prologue(PDL)
