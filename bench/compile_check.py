@@ -51,6 +51,7 @@ import tilemoe.ops._kernels._align  # noqa: E402, F401
 import tilemoe.ops._kernels._combine  # noqa: E402, F401
 import tilemoe.ops._kernels._decode  # noqa: E402, F401
 import tilemoe.ops._kernels._fused_experts  # noqa: E402, F401
+import tilemoe.ops._kernels._gluon_experts  # noqa: E402, F401
 import tilemoe.ops._kernels._one_launch  # noqa: E402, F401
 import tilemoe.ops._kernels._route  # noqa: E402, F401
 import tilemoe.ops._kernels._router  # noqa: E402, F401
@@ -307,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
     target = GPUTarget("cuda", args.arch, 32)
-    if args.arch < 90:  # before Hopper the launchers read through pointers (no TMA), as they decide on such a GPU
-        import tilemoe.ops._fused_experts_launch as launch
+    import tilemoe.ops._fused_experts_launch as launch
 
+    launch.GLUON_COMPILE_ONLY = args.arch == 90  # the Gluon kernels are Hopper's
+    if args.arch < 90:  # before Hopper the launchers read through pointers (no TMA), as they decide on such a GPU
         launch._tma_rows_ok = lambda *args, **kwargs: False
     print(f"triton {triton.__version__}, torch {torch.__version__}, target cuda sm_{args.arch}, table {args.table}")
     print(f"{'model':<18} {'T':>6} {'config':<34} {'kernel':<18} {'warps':>5} {'stg':>3} {'regs':>4} "

@@ -5,7 +5,8 @@
 #   and the structure probe of bench/ws_probe.py --gemm1 (dense shapes, each form against the plain one);
 #   unrun (not in all): the GPU tests of what sessions 9-11 wrote without a device (persistent tails in the dense-form
 #   test and the randomized sweep, split tails, the routing kernels' non-finite logits over every preset, GEMM 1
-#   clearing the combine's output; sessions 9-10's passed on an H100 in session 11)
+#   clearing the combine's output; sessions 9-10's passed on an H100 in session 11);
+#   gluon (not in all): the Gluon GEMMs' GPU tests and the randomized sweep (which forces two Gluon configs)
 # Each mode fits one 10-minute device call on an H100; give several to run them in one call.
 # Results come back as $OUT/results.tar.gz (bench/results/ layout) plus logs; the machine keeps nothing.
 set -uo pipefail
@@ -42,6 +43,11 @@ if [[ $modes == *" unrun "* ]]; then
   timeout -k 5 "${T_UNRUN_TESTS:-330}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_fused_experts.py \
     tests/impls/test_triton.py tests/ops/test_route.py -k "dense_forms or randomized_sweep or split_tail or non_finite or clears" \
     2>&1 | tee -a "$log" | tail -n 30
+fi
+
+if [[ $modes == *" gluon "* ]]; then
+  timeout -k 5 "${T_GLUON_TESTS:-300}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_gluon_experts.py \
+    tests/impls/test_triton.py -k "gluon or randomized_sweep" 2>&1 | tee -a "$log" | tail -n 30
 fi
 
 if has ladder; then

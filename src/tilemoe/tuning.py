@@ -80,6 +80,14 @@ class KernelConfig:
     programs, a share each before their tiles, instead of by a fill kernel of its own between the GEMMs: one launch
     fewer, the stores draining under GEMM 1's loads (the fill took 2.3 us at qwen3 T=1024 and 29 us at gpt-oss
     T=16384 on an H100, plus a kernel boundary; version 13).
+    ``gluon`` (needs ``tma``): the two tiled GEMMs as the Gluon kernels (``ops/_kernels/_gluon_experts.py``: explicit
+    TMA rings and async wgmma) on GEMM 1's dense form (x in padded sorted order, as ``sorted_x``) and GEMM 2 reading
+    act through TMA; ``block_*``, ``group_m*``, ``num_warps*`` and ``num_stages*`` are their tiles, ``persistent1``
+    / ``persistent`` their grids (one program per SM walking tiles, the next tile's boxes loading under this tile's
+    epilogue; else one program per tile); ``split_tail`` and ``gate_up_dot`` unused; block_m >= 64 (a warpgroup
+    MMA's rows). The launcher runs the Triton kernels instead where Gluon cannot: fp32, a GPU other than Hopper,
+    TMA unable to read a tensor, the interpreter. Measured on an H100: 1.05-1.43x slower than the Triton entries at
+    T = 1024-16384 (bench/NOTES.md, version 14); in no table entry.
     """
 
     block_m: int = 64
@@ -104,6 +112,7 @@ class KernelConfig:
     one_launch: bool = False
     persistent_tails: bool = False
     gemm1_clears_out: bool = False
+    gluon: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -127,7 +136,7 @@ class KernelConfig:
                 "KernelConfig.persistent_tails: needs split_tail and persistent or persistent1, got "
                 f"split_tail={self.split_tail}, persistent={self.persistent}, persistent1={self.persistent1}"
             )
-        for name in ("sorted_x", "gate_up_dot"):
+        for name in ("sorted_x", "gate_up_dot", "gluon"):
             if getattr(self, name) and not self.tma:
                 raise ValueError(f"KernelConfig.{name}: needs tma=True (GEMM 1's TMA form), got tma=False")
         if self.one_launch:
@@ -143,6 +152,21 @@ class KernelConfig:
                 "KernelConfig.gemm1_clears_out: only with the two-launch tiled GEMMs, got "
                 f"decode={self.decode}, grouped_mm={self.grouped_mm}, one_launch={self.one_launch}"
             )
+
+        if self.gluon:
+            if self.block_m < 64:
+                raise ValueError(f"KernelConfig.gluon: expected block_m >= 64 (a warpgroup MMA), got {self.block_m}")
+            if self.one_launch or self.gemm1_clears_out:
+                raise ValueError(
+                    "KernelConfig.gluon: not with one_launch or gemm1_clears_out (the Triton kernels' forms), got "
+                    f"one_launch={self.one_launch}, gemm1_clears_out={self.gemm1_clears_out}"
+                )
+            for name in ("num_warps1", "num_warps2"):
+                if getattr(self, name) not in (4, 8):
+                    raise ValueError(f"KernelConfig.gluon: expected {name} 4 or 8, got {getattr(self, name)}")
+            for name in ("num_stages1", "num_stages2"):
+                if getattr(self, name) < 2:
+                    raise ValueError(f"KernelConfig.gluon: expected {name} >= 2 (a ring), got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -35,6 +35,16 @@ def test_compiles_every_kernel_of_a_table_entry_for_sm90():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
+def test_compiles_the_gluon_gemms_for_sm90():
+    # the Gluon kernels run on no CPU: built here for sm_90, with wgmma, in the tiles the GPU tests run
+    lines = _run_ok("--models", "gpt-oss-120b", "--num-tokens", "1024", "--variants",
+                    "tma=1,gluon=1,block_m=128,block_n1=128,block_k1=64,num_warps1=8,num_stages1=4,block_n2=256,"
+                    "block_k2=64,num_warps2=8,num_stages2=3")  # fmt: skip
+    gluon = [line for line in lines if "_gluon_gemm" in line]
+    assert len(gluon) == 2 and all(line.endswith("ok") and " wgmma " in line for line in gluon), gluon
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
 def test_a_grouped_gemm_entry_is_skipped_not_failed():
     """The H200 table runs torch's grouped GEMM at mixtral T=16384 (session 9): no Triton GEMM to build, and its torch
     ops would index with buffers that nothing wrote on the CPU (this failed as an out-of-bounds index before)."""

@@ -199,7 +199,11 @@ def test_randomized_sweep_bf16(part):
               KernelConfig(block_m=32, block_n1=32, block_k1=32, block_n2=32, block_k2=32, tma=True, persistent1=True,
                            gemm1_clears_out=True),
               KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, split_tail=True,
-                           gemm1_clears_out=True)]  # fmt: skip
+                           gemm1_clears_out=True),
+              KernelConfig(block_m=128, block_n1=128, block_k1=64, num_warps1=8, num_stages1=4, block_n2=128,
+                           block_k2=64, num_warps2=8, num_stages2=4, tma=True, gluon=True),
+              KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True,
+                           gluon=True)]  # fmt: skip
     mismatches = []
     for case in range(50):
         e = rng.choice([1, 3, 8, 13, 64, 160])

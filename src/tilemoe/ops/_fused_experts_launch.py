@@ -219,6 +219,8 @@ def _launch(
         SPLIT_TAIL=split_tail1,
     )
     atomic = not deterministic and top_k > 1
+    if cfg.gluon and _gluon_ready(x, w13, w2, cfg):
+        return _launch_gluon(x, w13, w2, b13, b2, weights_flat, align, gemm1_args, atomic, cfg)
     if cfg.one_launch:
         out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
         return out if atomic else sum_slots(out, top_k)
@@ -301,6 +303,128 @@ def _launch(
         SPLIT_TAIL=split_tail2,
         num_warps=cfg.num_warps2,
         num_stages=cfg.num_stages2,
+    )
+    return out if atomic else sum_slots(out, top_k)
+
+
+# Set by bench/compile_check.py, whose CPU tensors stand for a Hopper GPU's: the Gluon kernels are then compiled (for
+# sm_90) where the interpreter, which cannot run them, would otherwise take the Triton kernels.
+GLUON_COMPILE_ONLY = False
+
+
+def _gluon_ready(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: KernelConfig) -> bool:
+    """Whether ``cfg.gluon`` can run here: 16-bit operands on a Hopper GPU (or compile_check's stand-in), and TMA
+    able to read x (sorted), w13, w2 and act in the config's boxes."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if x.is_cuda:
+        if _capability_major(x.device.index) != 9:
+            return False
+    elif not GLUON_COMPILE_ONLY:
+        return False
+    hidden, inter = x.shape[1], w2.shape[2]
+    size = x.element_size()
+    return (
+        _tma_rows_ok(x.device, hidden, size, cfg.block_k1)
+        and _tma_rows_ok(x.device, inter, size, cfg.block_k2)
+        and _tma_readable(w13, cfg.block_k1)
+        and _tma_readable(w2, cfg.block_k2)
+    )
+
+
+def _gluon_descriptor(t: torch.Tensor, block: list[int]):
+    """Gluon's TMA descriptor over 2-D ``t`` with ``block`` boxes and the default NVMMA swizzle for them."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def _launch_gluon(x, w13, w2, b13, b2, weights_flat, align, gemm1_args, atomic, cfg) -> torch.Tensor:
+    """The two GEMMs as the Gluon kernels (``_gluon_experts``): x copied into padded sorted order, GEMM 1 writes act
+    through TMA, GEMM 2 adds into the combine's output (atomic) or stores per slot."""
+    from tilemoe.ops._kernels._gluon_experts import _gluon_gemm1_kernel, _gluon_gemm2_kernel
+
+    num_tokens, hidden = x.shape
+    inter = w2.shape[2]
+    top_k = gemm1_args["top_k"]
+    capacity = align.sorted_ids.numel()
+    num_blocks_m = capacity // cfg.block_m
+    act = gemm1_args["act_ptr"]
+    x_sorted = _sorted_rows(x, align, capacity, top_k)
+    b13_arg, b2_arg = gemm1_args["b_ptr"], b2 if b2 is not None else w2
+    tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
+    launch_fitting(
+        _gluon_gemm1_kernel,
+        (_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,),
+        x.device,
+        record_as="num_stages1",
+        stage_arg="NUM_STAGES",
+        min_stages=2,
+        x_desc=_gluon_descriptor(x_sorted, [cfg.block_m, cfg.block_k1]),
+        w_desc=_gluon_descriptor(w13.view(-1, hidden), [cfg.block_n1, cfg.block_k1]),
+        act_desc=_gluon_descriptor(act, [cfg.block_m, cfg.block_n1]),
+        b_ptr=b13_arg,
+        stride_be=b13_arg.stride(0),
+        stride_bn=b13_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        sorted_ids_ptr=align.sorted_ids,
+        expert_ids_ptr=align.expert_ids,
+        num_padded_ptr=align.num_padded,
+        num_slots=num_tokens * top_k,
+        hidden=hidden,
+        inter=inter,
+        swiglu_alpha=gemm1_args["swiglu_alpha"],
+        swiglu_limit=gemm1_args["swiglu_limit"],
+        ACTIVATION=gemm1_args["ACTIVATION"],
+        GATED=gemm1_args["GATED"],
+        HAS_BIAS=b13 is not None,
+        WEIGHTS_ON_INPUT=gemm1_args["WEIGHTS_ON_INPUT"],
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n1,
+        BLOCK_K=cfg.block_k1,
+        GROUP_M=cfg.group_m1,
+        NUM_STAGES=cfg.num_stages1,
+        num_warps=cfg.num_warps1,
+    )
+    if atomic:
+        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((num_tokens * top_k, hidden), dtype=x.dtype, device=x.device)
+    tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
+    launch_fitting(
+        _gluon_gemm2_kernel,
+        (_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,),
+        x.device,
+        record_as="num_stages2",
+        stage_arg="NUM_STAGES",
+        min_stages=2,
+        act_desc=_gluon_descriptor(act, [cfg.block_m, cfg.block_k2]),
+        w_desc=_gluon_descriptor(w2.view(-1, inter), [cfg.block_n2, cfg.block_k2]),
+        b_ptr=b2_arg,
+        stride_be=b2_arg.stride(0),
+        stride_bh=b2_arg.stride(1),
+        topk_weights_ptr=weights_flat,
+        out_ptr=out,
+        stride_om=out.stride(0),
+        stride_oh=out.stride(1),
+        sorted_ids_ptr=align.sorted_ids,
+        expert_ids_ptr=align.expert_ids,
+        num_padded_ptr=align.num_padded,
+        num_slots=num_tokens * top_k,
+        top_k=top_k,
+        hidden=hidden,
+        inter=inter,
+        HAS_BIAS=b2 is not None,
+        WEIGHTS_ON_INPUT=gemm1_args["WEIGHTS_ON_INPUT"],
+        ATOMIC=atomic,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n2,
+        BLOCK_K=cfg.block_k2,
+        GROUP_M=cfg.group_m2,
+        NUM_STAGES=cfg.num_stages2,
+        num_warps=cfg.num_warps2,
     )
     return out if atomic else sum_slots(out, top_k)
 

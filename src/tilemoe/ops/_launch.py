@@ -80,7 +80,16 @@ def _out_of_shared_memory(error: Exception) -> bool:
     return isinstance(error, OutOfResources) and error.name == "shared memory"
 
 
-def launch_fitting(kernel, grid: tuple, device: torch.device, *, record_as: str | None = None, **kwargs) -> int:
+def launch_fitting(
+    kernel,
+    grid: tuple,
+    device: torch.device,
+    *,
+    record_as: str | None = None,
+    stage_arg: str = "num_stages",
+    min_stages: int = 1,
+    **kwargs,
+) -> int:
     """``kernel[grid](**kwargs)``, with ``num_stages`` lowered one at a time while Triton refuses the kernel for its
     shared memory (``OutOfResources``, raised when the compiled kernel is loaded, before anything is enqueued, so a
     CUDA graph being captured is untouched); the stages that fit are remembered for the next launch with the same
@@ -89,9 +98,10 @@ def launch_fitting(kernel, grid: tuple, device: torch.device, *, record_as: str 
     128 x 128 x 64 tiles need 120-144 KiB at their 3-4 stages (``bench/compile_check.py --table none --arch 89``,
     bench/results/session10-compile-check.md). Raises RuntimeError naming the kernel and its tiles when one stage
     does not fit either. ``record_as``: the KernelConfig field of these stages (e.g. "num_stages1"), for
-    ``recording_stages``."""
+    ``recording_stages``. ``stage_arg``: the keyword that holds the stage count (a Gluon kernel's own ring depth,
+    ``NUM_STAGES``), lowered no further than ``min_stages``."""
     if _FITTED_STAGES and device.type == "cuda":
-        kwargs["num_stages"] = _FITTED_STAGES.get(_fit_key(kernel, device, kwargs), kwargs["num_stages"])
+        kwargs[stage_arg] = _FITTED_STAGES.get(_fit_key(kernel, device, kwargs), kwargs[stage_arg])
     key = None
     while True:
         try:
@@ -101,20 +111,22 @@ def launch_fitting(kernel, grid: tuple, device: torch.device, *, record_as: str 
                 raise
             if key is None:  # the first refusal: the stages asked, as the next launch will ask them
                 key, first_error = _fit_key(kernel, device, kwargs), error
-            if kwargs["num_stages"] <= 1:
+            if kwargs[stage_arg] <= min_stages:
                 break
-            kwargs["num_stages"] -= 1
+            kwargs[stage_arg] -= 1
             continue
+        stages = kwargs[stage_arg]
         if key is not None:
-            _FITTED_STAGES[key] = kwargs["num_stages"]
+            _FITTED_STAGES[key] = stages
         if record_as is not None:
             for record in _STAGE_RECORDS:
-                record[record_as] = min(record.get(record_as, kwargs["num_stages"]), kwargs["num_stages"])
-        return kwargs["num_stages"]
+                record[record_as] = min(record.get(record_as, stages), stages)
+        return stages
     name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
     tiles = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k.startswith("BLOCK"))
     raise RuntimeError(
-        f"{name}: needs more shared memory than this GPU has, even at 1 stage ({tiles}, "
+        f"{name}: needs more shared memory than this GPU has, even at {min_stages} stage{'s' * (min_stages > 1)} "
+        f"({tiles}, "
         f"num_warps={kwargs.get('num_warps')}). Triton: {first_error} Give fused_experts a kernel_config with smaller "
         "tiles, or run `tilemoe tune` on this GPU."
     ) from first_error

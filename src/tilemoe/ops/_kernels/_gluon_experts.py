@@ -1,0 +1,363 @@
+"""Gluon (Triton's tile-level dialect) kernels of the two expert GEMMs for Hopper: TMA rings, mbarriers, async wgmma.
+
+The same GEMMs as ``_fused_experts``' dense TMA form (``KernelConfig.sorted_x`` with ``tma``), written one level
+lower and warp-specialized: a producer warp walks the program's (tile, k) steps and copies each step's A and B boxes
+into a ring of NUM_STAGES shared buffers once the stage is released ("empty" mbarrier), and the num_warps MMA warps
+wait for each stage ("ready"), keep one step of wgmma in flight, release the stage before it and run each tile's
+epilogue; a program walks one tile, or several (a persistent grid), in one flat loop, so the producer loads the next
+tile's boxes under this tile's epilogue. Why: Triton's ``tl.dot`` pipeline reached 75-86% of cuBLAS's batched GEMM at
+the cells issue 4 still misses (bench/NOTES.md, run 17), and the Gluon tutorials' Hopper matmuls matched cuBLAS.
+Measured on an H100 (NOTES version 14): 1.05-1.43x slower than the Triton entries; no table entry takes them.
+
+Dimension letters and index arrays as in ``tilemoe.ops._kernels._fused_experts``:
+    x_sorted     [CAP, H]      x in padded sorted order (padding rows zero), read through [BLOCK_M, BLOCK_K] boxes
+    w13          [E*N1, H]     2-D view of [E, N1, H], N1 = 2I gated (gate rows, then up rows) else I; [BLOCK_N, BLOCK_K]
+    act          [CAP, I]      GEMM 1's output, written through [BLOCK_M, BLOCK_N] boxes (columns past I clipped)
+    w2           [E*H, I]      2-D view of [E, H, I]; [BLOCK_N, BLOCK_K] boxes
+    sorted_ids   [CAP]         slot at each padded row (S = padding)
+    expert_ids   [CAP / BM]    expert of each block of BLOCK_M rows
+    num_padded   [1]           rows in use; blocks at or past it exit
+A weight box that runs past its expert's rows reads the next expert's (or TMA's zero fill); those columns are never
+stored. Boxes past H or I are zero-filled, so the k loops need no masks. 16-bit operands only (wgmma's bf16 / fp16
+path); the launcher keeps fp32 on ``tl.dot``'s 3xTF32.
+
+These kernels cannot run in Triton's interpreter: they are compiled for sm_90 on the CPU (tests/ops/
+test_gluon_experts.py) and run against the float64 reference on the GPU (the ``gpu`` tests).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from tilemoe.ops._kernels._activation import _activate, _up_factor
+
+# TMA box copies: Triton 3.6 (the device's) names them async_copy_global_to_shared / async_copy_shared_to_global,
+# later releases async_load / async_store (the old names left to raise).
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+# Registers of the producer warp (setmaxnreg hands the rest to the MMA warps): it computes tile coordinates and
+# issues TMA copies, nothing more.
+LOADER_REGS = gl.constexpr(40)
+
+
+@gluon.constexpr_function
+def _mma_layout(block_m, block_n, num_warps):
+    """The wgmma accumulator layout of a [block_m, block_n] tile: warps stacked along M first (16 rows each), the
+    widest instruction N (a multiple of 8 up to 256) that divides what each warp column holds."""
+    warps = [4, 1]
+    while warps[0] * warps[1] < num_warps:
+        if block_m > 16 * warps[0]:
+            warps[0] *= 2
+        else:
+            warps[1] *= 2
+    per_warp_n = block_n // warps[1]
+    n = min(256, per_warp_n)
+    while per_warp_n % n:
+        n -= 8
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M: gl.constexpr):
+    """(pid_m, pid_n) of ``tile``: GROUP_M row blocks walk the column blocks together (L2 reuse of the weights)."""
+    per_group = GROUP_M * num_blocks_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = gl.minimum(num_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_rows
+    pid_n = (tile % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@gluon.jit
+def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M: gl.constexpr):
+    """Where this program's ``step``-th k step falls: (pid_m, pid_n, expert, k index). Its tiles are program_id,
+    program_id + programs, ... (the ``num_tiles`` tiles of the row blocks in use), each ``num_k`` steps."""
+    tile = gl.program_id(0) + (step // num_k) * gl.num_programs(0)
+    # past the last step (its loads predicated off) or with no tile at all: tile 0's coordinates, never garbage
+    used_m = gl.maximum(num_tiles // num_blocks_n, 1)
+    pid_m, pid_n = _tile_ids(gl.maximum(gl.minimum(tile, num_tiles - 1), 0), used_m, num_blocks_n, GROUP_M)
+    expert = gl.load(expert_ids_ptr + pid_m)
+    return pid_m, pid_n, expert, step % num_k
+
+
+@gluon.jit
+def _issue_loads(step, num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, b2_offset,
+                 a_desc, b_desc, bars, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, TWO_B: gl.constexpr):  # fmt: skip
+    """Step ``step``'s boxes into its ring buffer: A at (the tile's rows, k) and B at (the expert's rows of the tile's
+    columns, k) (and those rows + b2_offset when TWO_B); nothing past the program's last step."""
+    pid_m, pid_n, expert, kk = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+    b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
+    s = step % NUM_STAGES
+    pred = step < num_steps
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + (2 if TWO_B else 1) * b_desc.block_type.nbytes
+    bar = bars.index(s)
+    mbarrier.expect(bar, nbytes, pred=pred)
+    k = kk * BLOCK_K
+    _tma_load(a_desc, [pid_m * BLOCK_M, k], bar, a_bufs.index(s), pred)
+    _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s), pred)
+    if TWO_B:
+        _tma_load(b_desc, [b_row + b2_offset, k], bar, b2_bufs.index(s), pred)
+
+
+@gluon.jit
+def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                    sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, layout: gl.constexpr,
+                    ACTIVATION: gl.constexpr, GATED: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """As _fused_experts' GEMM 1 epilogue: the activated intermediate, rounded like an unfused x @ w13^T, stored
+    through a TMA box (clipped past I); the store is left in flight (the next epilogue waits for it)."""
+    dtype: gl.constexpr = act_desc.dtype
+    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    col_mask = cols < inter
+    if WEIGHTS_ON_INPUT:  # (w x) @ W = w (x @ W), see _fused_experts
+        rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        slot = gl.load(sorted_ids_ptr + rows)
+        row_weight = gl.load(topk_weights_ptr + slot, mask=slot < num_slots, other=0.0)
+        acc_g = acc_g * row_weight[:, None]
+        acc_u = acc_u * row_weight[:, None]
+    if HAS_BIAS:
+        b_row = b_ptr + expert.to(gl.int64) * stride_be
+        acc_g += gl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(gl.float32)[None, :]
+        if GATED:
+            acc_u += gl.load(b_row + (cols + inter) * stride_bn, mask=col_mask, other=0.0).to(gl.float32)[None, :]
+    result = _activate(acc_g.to(dtype).to(gl.float32), ACTIVATION, swiglu_alpha, swiglu_limit)
+    if GATED:
+        result = result * _up_factor(acc_u.to(dtype).to(gl.float32), ACTIVATION, swiglu_limit)
+    out = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], act_desc.layout)
+    tma.store_wait(pendings=0)  # the previous tile's store has left the buffer
+    out.store(result.to(dtype))
+    fence_async_shared()
+    _tma_store(act_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out)
+
+
+@gluon.jit
+def _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
+                    stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """As _fused_experts' GEMM 2 epilogue: bias, the routing weight, the per-token add or the per-slot store."""
+    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    col_mask = cols < hidden
+    slot = gl.load(sorted_ids_ptr + rows)
+    valid = slot < num_slots
+    if HAS_BIAS:
+        acc += gl.load(b_ptr + expert.to(gl.int64) * stride_be + cols * stride_bh, mask=col_mask,
+                       other=0.0).to(gl.float32)[None, :]  # fmt: skip
+    if not WEIGHTS_ON_INPUT:
+        acc = acc * gl.load(topk_weights_ptr + slot, mask=valid, other=0.0)[:, None]
+    mask = valid[:, None] & col_mask[None, :]
+    if ATOMIC:
+        row = gl.where(valid, slot // top_k, 0).to(gl.int64)
+    else:
+        row = gl.where(valid, slot, 0).to(gl.int64)
+    out_ptrs = out_ptr + row[:, None] * stride_om + cols[None, :] * stride_oh
+    if ATOMIC:
+        gl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _ring(a_desc, b_desc, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          BLOCK_K: gl.constexpr, TWO_B: gl.constexpr):  # fmt: skip
+    """The shared buffers of the A / B box ring, a "ready" mbarrier per stage (its boxes have landed) and an "empty"
+    one (the MMAs that read it have retired)."""
+    dtype: gl.constexpr = a_desc.dtype
+    a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    if TWO_B:
+        b2_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    else:
+        b2_bufs = b_bufs
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    return a_bufs, b_bufs, b2_bufs, ready, empty
+
+
+@gluon.jit
+def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, b2_offset,
+                    a_desc, b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                    TWO_B: gl.constexpr):  # fmt: skip
+    """The producer warp: each step's boxes into its stage once the MMAs of NUM_STAGES steps before have released it
+    (the first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done)."""
+    for step in range(num_steps):
+        mbarrier.wait(empty.index(step % NUM_STAGES), ((step // NUM_STAGES) & 1) ^ 1)
+        _issue_loads(step, num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, b2_offset,
+                     a_desc, b_desc, ready, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
+                     GROUP_M, TWO_B)  # fmt: skip
+
+
+@gluon.jit
+def _consume(step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
+             TWO_B: gl.constexpr):  # fmt: skip
+    """Step ``step``'s MMAs (acc2 with the second B box when TWO_B), one step left in flight: the previous step's
+    stage is released once its MMAs retire, and at a tile's last step everything retires and its stage too."""
+    s = step % NUM_STAGES
+    mbarrier.wait(ready.index(s), (step // NUM_STAGES) & 1)
+    kk = step % num_k
+    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
+    if TWO_B:
+        acc2 = warpgroup_mma(a_bufs.index(s), b2_bufs.index(s).permute((1, 0)), acc2, use_acc=kk > 0, is_async=True)
+        acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+    else:
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES), pred=kk > 0)
+    if kk == num_k - 1:
+        if TWO_B:
+            acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s))
+    return acc, acc2
+
+
+@gluon.jit
+def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs, b_bufs,
+                         b2_bufs, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr, num_slots,
+                         inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr, GATED: gl.constexpr,
+                         HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         num_warps: gl.constexpr):  # fmt: skip
+    layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
+    acc_g = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
+    acc_u = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
+    for step in range(num_steps):
+        acc_g, acc_u = _consume(step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, GATED)
+        if step % num_k == num_k - 1:
+            pid_m, pid_n, expert, _ = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+            _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn,
+                            topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, layout,
+                            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs, b_bufs,
+                         b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                         sorted_ids_ptr, num_slots, top_k, hidden, HAS_BIAS: gl.constexpr,
+                         WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         num_warps: gl.constexpr):  # fmt: skip
+    layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
+    for step in range(num_steps):
+        acc, unused = _consume(step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs, NUM_STAGES, False)
+        if step % num_k == num_k - 1:
+            pid_m, pid_n, expert, _ = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+            _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr,
+                            stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout, HAS_BIAS,
+                            WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N)  # fmt: skip
+
+
+@gluon.jit
+def _gluon_gemm1_kernel(
+    x_desc,  # x_sorted [CAP, H], [BLOCK_M, BLOCK_K] boxes
+    w_desc,  # w13 as [E*N1, H], [BLOCK_N, BLOCK_K] boxes
+    act_desc,  # act [CAP, I], [BLOCK_M, BLOCK_N] boxes
+    b_ptr,
+    stride_be,
+    stride_bn,
+    topk_weights_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    num_slots,
+    hidden,
+    inter,
+    swiglu_alpha,
+    swiglu_limit,
+    ACTIVATION: gl.constexpr,
+    GATED: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
+    WEIGHTS_ON_INPUT: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    GROUP_M: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """One program per tile, or fewer programs each walking tiles (a persistent grid); within a program one flat
+    run of (tile, k) steps: a producer warp keeps the ring NUM_STAGES steps ahead, across tiles, while the num_warps
+    MMA warps consume it and run each tile's epilogue."""
+    num_blocks_n = gl.cdiv(inter, BLOCK_N)
+    num_tiles = (gl.load(num_padded_ptr) // BLOCK_M) * num_blocks_n
+    num_k = gl.cdiv(hidden, BLOCK_K)
+    num_steps = gl.maximum(gl.cdiv(num_tiles - gl.program_id(0), gl.num_programs(0)), 0) * num_k
+    b_rows_per_expert = 2 * inter if GATED else inter
+    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(x_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GATED)
+    gl.warp_specialize(
+        [
+            (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs,
+                                    b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                                    sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED,
+                                    HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, num_warps)),
+            (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, inter,
+                               x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N,
+                               BLOCK_K, GROUP_M, GATED)),
+        ],
+        [1],
+        [LOADER_REGS],
+    )  # fmt: skip
+
+
+@gluon.jit
+def _gluon_gemm2_kernel(
+    act_desc,  # act [CAP, I], [BLOCK_M, BLOCK_K] boxes
+    w_desc,  # w2 as [E*H, I], [BLOCK_N, BLOCK_K] boxes
+    b_ptr,
+    stride_be,
+    stride_bh,
+    topk_weights_ptr,
+    out_ptr,  # [T, H] added atomically per token (ATOMIC), else [S, H] per slot
+    stride_om,
+    stride_oh,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    num_slots,
+    top_k,
+    hidden,
+    inter,
+    HAS_BIAS: gl.constexpr,
+    WEIGHTS_ON_INPUT: gl.constexpr,
+    ATOMIC: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    GROUP_M: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """GEMM 2 in GEMM 1's structure (one accumulator, the combine's epilogue)."""
+    num_blocks_n = gl.cdiv(hidden, BLOCK_N)
+    num_tiles = (gl.load(num_padded_ptr) // BLOCK_M) * num_blocks_n
+    num_k = gl.cdiv(inter, BLOCK_K)
+    num_steps = gl.maximum(gl.cdiv(num_tiles - gl.program_id(0), gl.num_programs(0)), 0) * num_k
+    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(act_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, False)
+    gl.warp_specialize(
+        [
+            (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs,
+                                    b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
+                                    stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, HAS_BIAS, WEIGHTS_ON_INPUT,
+                                    ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, num_warps)),
+            (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, hidden, 0, act_desc, w_desc,
+                               ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                               False)),
+        ],
+        [1],
+        [LOADER_REGS],
+    )  # fmt: skip

@@ -1,0 +1,149 @@
+"""The Gluon expert GEMMs (``KernelConfig.gluon``): against the float64 reference in bf16 / fp16 on a Hopper GPU, and
+on the CPU the fallback to the Triton kernels (the interpreter cannot run Gluon). That they compile for sm_90 with
+this machine's Triton is tests/bench/test_compile_check.py's."""
+
+import os
+
+import pytest
+import torch
+
+import tilemoe.ops.fused_experts
+from tilemoe.config import MoEConfig
+from tilemoe.impls import get_impl
+from tilemoe.testing import assert_close, make_input, make_routing, make_weights
+from tilemoe.tuning import KernelConfig
+
+# (block_m, block_n1, block_k1, warps1, stages1, block_n2, block_k2, warps2, stages2, persistent1, persistent)
+GLUON_TILES = [
+    (128, 128, 64, 8, 4, 128, 64, 8, 4, False, False),  # two 128 x 128 accumulators on two warpgroups
+    (128, 128, 64, 8, 4, 256, 64, 8, 3, True, True),  # GEMM 2's widest wgmma (N = 256); persistent grids
+    (64, 128, 64, 4, 4, 128, 64, 4, 4, True, False),  # one warpgroup, 64 rows
+    (64, 64, 64, 8, 3, 64, 64, 8, 2, False, True),  # 8 warps on 64 rows (side by side along N), the 2-stage ring
+]
+
+
+def gluon_config(tiles) -> KernelConfig:
+    bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, p1, p2 = tiles
+    return KernelConfig(block_m=bm, block_n1=bn1, block_k1=bk1, num_warps1=w1, num_stages1=s1, block_n2=bn2,
+                        block_k2=bk2, num_warps2=w2, num_stages2=s2, tma=True, gluon=True, persistent1=p1,
+                        persistent=p2)  # fmt: skip
+
+
+def _reference(x, w, topk_weights, topk_ids, config):
+    d = {k: None if v is None else v.double() for k, v in w.items()}
+    return get_impl("reference").fn(
+        x.double(), d["w13"], d["w2"], topk_weights.double(), topk_ids, config=config, b13=d["b13"], b2=d["b2"]
+    )
+
+
+def _run(config, num_tokens, kc, dtype, device, seed, deterministic=False, hot_expert=None):
+    gen = torch.Generator().manual_seed(seed)
+    w = make_weights(config, dtype=dtype, device=device, generator=gen)
+    x = make_input(num_tokens, config, dtype=dtype, device=device, generator=gen)
+    tw, ti = make_routing(num_tokens, config, device=device, generator=gen, hot_expert=hot_expert)
+    if config.weights_on_input:  # weights other than 1: the scaling is seen
+        tw = tw * torch.rand(tw.shape, generator=gen).to(device)
+    out = tilemoe.ops.fused_experts.fused_experts(
+        x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], kernel_config=kc,
+        deterministic=deterministic,
+    )  # fmt: skip
+    return out, _reference(x, w, tw, ti, config)
+
+
+def test_gluon_config_checks():
+    with pytest.raises(ValueError, match="gluon: needs tma=True"):
+        KernelConfig(block_m=64, gluon=True)
+    with pytest.raises(ValueError, match="block_m >= 64"):
+        KernelConfig(block_m=32, tma=True, gluon=True)
+    with pytest.raises(ValueError, match="num_warps1 4 or 8, got 2"):
+        KernelConfig(block_m=64, tma=True, gluon=True, num_warps1=2)
+    with pytest.raises(ValueError, match="num_stages2 >= 2"):
+        KernelConfig(block_m=64, tma=True, gluon=True, num_stages2=1)
+    with pytest.raises(ValueError, match="not with one_launch or gemm1_clears_out"):
+        KernelConfig(block_m=64, tma=True, gluon=True, gemm1_clears_out=True)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's fallback (CPU suite)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_falls_back_to_the_triton_kernels_in_the_interpreter(dtype):
+    config = MoEConfig(num_experts=5, top_k=2, hidden_size=64, intermediate_size=48)
+    out, ref = _run(config, 7, gluon_config(GLUON_TILES[2]), dtype, "cpu", seed=1)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.gpu
+def test_falls_back_to_the_triton_kernels_for_fp32():
+    config = MoEConfig(num_experts=5, top_k=2, hidden_size=256, intermediate_size=128)
+    out, ref = _run(config, 300, gluon_config(GLUON_TILES[2]), torch.float32, "cuda", seed=1)
+    assert_close(out, ref, torch.float32)
+
+
+# Shapes: real models' H / I with 8 experts (qwen3-30b-a3b, deepseek-like I = 1408 not a multiple of 128, gpt-oss's
+# bias and swigluoai with H = I = 2880 not a multiple of 64), a plain MLP (not gated), Llama 4's weights on the input.
+GPU_SHAPES = [
+    dict(hidden_size=2048, intermediate_size=768, top_k=8),
+    dict(hidden_size=4096, intermediate_size=1408, top_k=2),
+    dict(hidden_size=2880, intermediate_size=2880, top_k=4, activation="swigluoai", expert_bias=True),
+    dict(hidden_size=512, intermediate_size=256, top_k=2, activation="gelu", gated=False),
+    dict(hidden_size=512, intermediate_size=128, top_k=1, activation="gelu", routing="sigmoid_top1_input_scaled"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", GLUON_TILES)
+def test_gluon_gemms_bf16(tiles):
+    """T = 1 (one tile), 300 (tails), 1000, and a hot expert (one expert takes most rows: many tiles of one
+    expert); the atomic combine and the deterministic per-slot one."""
+    kc = gluon_config(tiles)
+    failures = []
+    for i, shape in enumerate(GPU_SHAPES):
+        config = MoEConfig(num_experts=8, **shape)
+        for t in (1, 300, 1000):
+            for deterministic in (False, True):
+                out, ref = _run(config, t, kc, torch.bfloat16, "cuda", seed=t + i, deterministic=deterministic,
+                                hot_expert=0 if t == 1000 else None)  # fmt: skip
+                try:
+                    assert_close(out, ref, torch.bfloat16)
+                except AssertionError as error:
+                    failures.append(f"{shape} T={t} det={deterministic}: {str(error).splitlines()[0][:160]}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+def test_gluon_gemms_fp16_and_many_experts():
+    # fp16 descriptors; E = 128 (qwen3's) with some experts taking no rows, T past one tile per expert
+    config = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768)
+    for t in (64, 2048):
+        out, ref = _run(config, t, gluon_config(GLUON_TILES[0]), torch.float16, "cuda", seed=t)
+        assert_close(out, ref, torch.float16)
+
+
+@pytest.mark.gpu
+def test_gluon_gemms_under_cuda_graph_replay():
+    config = MoEConfig(num_experts=8, top_k=2, hidden_size=1024, intermediate_size=512)
+    kc = gluon_config(GLUON_TILES[0])
+    gen = torch.Generator().manual_seed(0)
+    w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=gen)
+    x = make_input(256, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+    tw, ti = make_routing(256, config, device="cuda", generator=gen)
+
+    def call():
+        return tilemoe.ops.fused_experts.fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=kc)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(3):  # new inputs and routing in place, the output poisoned before each replay
+        x.copy_(make_input(256, config, dtype=torch.bfloat16, device="cuda", generator=gen))
+        new_w, new_i = make_routing(256, config, device="cuda", generator=gen)
+        tw.copy_(new_w)
+        ti.copy_(new_i)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
