@@ -285,6 +285,20 @@ def _points(n_points: int, n_cands: int) -> list:
     return [tune.TunePoint(group, t + 1, f"key{t}", list(cands)) for t in range(n_points)]
 
 
+def test_rematch_times_the_heuristic_and_the_config_in_use_again():
+    # the screening's fastest three, plus the heuristic (slowest here) and the config in use (fifth), once each
+    (point,) = _points(1, 6)
+    point.times = [(cfg, 1.0 - 0.1 * i) for i, cfg in enumerate(point.candidates)]  # candidate 5 fastest
+    point.in_use = point.candidates[1]
+    top = [cfg for cfg, _ in tune.rematch_candidates(point)]
+    assert top == [point.candidates[5], point.candidates[4], point.candidates[3], point.candidates[0],
+                   point.candidates[1]]  # fmt: skip
+    point.in_use = point.candidates[4]  # already among the fastest: not twice
+    assert len(tune.rematch_candidates(point)) == 4
+    point.in_use = KernelConfig(block_m=128)  # never timed (it failed, or the budget ran out): not rematched
+    assert len(tune.rematch_candidates(point)) == 4
+
+
 def test_search_point_keeps_best_and_errors():
     clock = _Clock()
     (point,) = _points(1, 4)

@@ -84,10 +84,11 @@ class KernelConfig:
     TMA rings and async wgmma) on GEMM 1's dense form (x in padded sorted order, as ``sorted_x``) and GEMM 2 reading
     act through TMA; ``block_*``, ``group_m*``, ``num_warps*`` and ``num_stages*`` are their tiles, ``persistent1``
     / ``persistent`` their grids (one program per SM walking tiles, the next tile's boxes loading under this tile's
-    epilogue; else one program per tile); ``split_tail`` and ``gate_up_dot`` unused; block_m >= 64 (a warpgroup
-    MMA's rows). The launcher runs the Triton kernels instead where Gluon cannot: fp32, a GPU other than Hopper,
-    TMA unable to read a tensor, the interpreter. Measured on an H100: 1.05-1.43x slower than the Triton entries at
-    T = 1024-16384 (bench/NOTES.md, version 14); in no table entry.
+    epilogue; else one program per tile), ``gate_up_dot`` one wgmma of N = 2 block_n1 over the gate and up boxes
+    (else two accumulators); ``split_tail`` unused; block_m >= 64 (a warpgroup MMA's rows). The launcher runs the
+    Triton kernels instead where Gluon cannot: fp32, a GPU other than Hopper, TMA unable to read a tensor, the
+    interpreter. Measured on an H100: 1.07-1.31x slower than the Triton entries at T = 1024-16384 (bench/NOTES.md,
+    version 14); in no table entry.
     """
 
     block_m: int = 64

@@ -202,8 +202,8 @@ def test_randomized_sweep_bf16(part):
                            gemm1_clears_out=True),
               KernelConfig(block_m=128, block_n1=128, block_k1=64, num_warps1=8, num_stages1=4, block_n2=128,
                            block_k2=64, num_warps2=8, num_stages2=4, tma=True, gluon=True),
-              KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True,
-                           gluon=True)]  # fmt: skip
+              KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, gluon=True,
+                           gate_up_dot=True, persistent1=True)]  # fmt: skip
     mismatches = []
     for case in range(50):
         e = rng.choice([1, 3, 8, 13, 64, 160])

@@ -386,6 +386,7 @@ def _launch_gluon(x, w13, w2, b13, b2, weights_flat, align, gemm1_args, atomic, 
         BLOCK_K=cfg.block_k1,
         GROUP_M=cfg.group_m1,
         NUM_STAGES=cfg.num_stages1,
+        GATE_UP_DOT=cfg.gate_up_dot,
         num_warps=cfg.num_warps1,
     )
     if atomic:

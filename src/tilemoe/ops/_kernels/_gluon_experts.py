@@ -7,7 +7,7 @@ wait for each stage ("ready"), keep one step of wgmma in flight, release the sta
 epilogue; a program walks one tile, or several (a persistent grid), in one flat loop, so the producer loads the next
 tile's boxes under this tile's epilogue. Why: Triton's ``tl.dot`` pipeline reached 75-86% of cuBLAS's batched GEMM at
 the cells issue 4 still misses (bench/NOTES.md, run 17), and the Gluon tutorials' Hopper matmuls matched cuBLAS.
-Measured on an H100 (NOTES version 14): 1.05-1.43x slower than the Triton entries; no table entry takes them.
+Measured on an H100 (NOTES version 14): 1.07-1.31x slower than the Triton entries; no table entry takes them.
 
 Dimension letters and index arrays as in ``tilemoe.ops._kernels._fused_experts``:
     x_sorted     [CAP, H]      x in padded sorted order (padding rows zero), read through [BLOCK_M, BLOCK_K] boxes
@@ -90,31 +90,37 @@ def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M: 
 @gluon.jit
 def _issue_loads(step, num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, b2_offset,
                  a_desc, b_desc, bars, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, TWO_B: gl.constexpr):  # fmt: skip
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, GATE_UP: gl.constexpr):  # fmt: skip
     """Step ``step``'s boxes into its ring buffer: A at (the tile's rows, k) and B at (the expert's rows of the tile's
-    columns, k) (and those rows + b2_offset when TWO_B); nothing past the program's last step."""
+    columns, k), and with GATE_UP (see ``_ring``) the up rows too, b2_offset further; nothing past the program's last
+    step."""
     pid_m, pid_n, expert, kk = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
     b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
     s = step % NUM_STAGES
     pred = step < num_steps
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + (2 if TWO_B else 1) * b_desc.block_type.nbytes
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + (1 if GATE_UP == 0 else 2) * b_desc.block_type.nbytes
     bar = bars.index(s)
     mbarrier.expect(bar, nbytes, pred=pred)
     k = kk * BLOCK_K
     _tma_load(a_desc, [pid_m * BLOCK_M, k], bar, a_bufs.index(s), pred)
-    _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s), pred)
-    if TWO_B:
-        _tma_load(b_desc, [b_row + b2_offset, k], bar, b2_bufs.index(s), pred)
+    if GATE_UP == 2:  # the gate rows, then the up rows, in the two halves of one [2 BLOCK_N, BLOCK_K] buffer
+        _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s).slice(0, BLOCK_N), pred)
+        _tma_load(b_desc, [b_row + b2_offset, k], bar, b_bufs.index(s).slice(BLOCK_N, BLOCK_N), pred)
+    else:
+        _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s), pred)
+        if GATE_UP == 1:
+            _tma_load(b_desc, [b_row + b2_offset, k], bar, b2_bufs.index(s), pred)
 
 
 @gluon.jit
 def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
-                    sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, layout: gl.constexpr,
-                    ACTIVATION: gl.constexpr, GATED: gl.constexpr, HAS_BIAS: gl.constexpr,
-                    WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+                    sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr,
+                    GATED: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
     """As _fused_experts' GEMM 1 epilogue: the activated intermediate, rounded like an unfused x @ w13^T, stored
     through a TMA box (clipped past I); the store is left in flight (the next epilogue waits for it)."""
     dtype: gl.constexpr = act_desc.dtype
+    layout: gl.constexpr = acc_g.type.layout
     cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
     col_mask = cols < inter
     if WEIGHTS_ON_INPUT:  # (w x) @ W = w (x @ W), see _fused_experts
@@ -138,43 +144,61 @@ def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, b_ptr, stride_
     _tma_store(act_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out)
 
 
+@gluon.constexpr_function
+def _row_vector_layout(block_n, num_warps):
+    """A blocked layout of 8 consecutive columns per thread (16 bytes of a 16-bit row): GEMM 2's atomic adds (or
+    stores) go out as 8-wide vector atomics, as Triton's ``tl.atomic_add`` lowers them, not the wgmma layout's pairs
+    (4x the atomic instructions; qwen3-30b-a3b T=4096's GEMM 2 went from 335.8 to 313.8 us on an H100, bench/NOTES.md
+    version 14)."""
+    lanes_n = max(1, min(32, block_n // 8))
+    return gl.BlockedLayout([1, 8], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
+
+
 @gluon.jit
 def _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
                     stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout: gl.constexpr,
                     HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """As _fused_experts' GEMM 2 epilogue: bias, the routing weight, the per-token add or the per-slot store."""
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """As _fused_experts' GEMM 2 epilogue: bias and the routing weight in the accumulator's layout, then the rows in
+    16-byte pieces per thread for the per-token add or the per-slot store."""
     rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-    col_mask = cols < hidden
     slot = gl.load(sorted_ids_ptr + rows)
-    valid = slot < num_slots
     if HAS_BIAS:
-        acc += gl.load(b_ptr + expert.to(gl.int64) * stride_be + cols * stride_bh, mask=col_mask,
+        acc += gl.load(b_ptr + expert.to(gl.int64) * stride_be + cols * stride_bh, mask=cols < hidden,
                        other=0.0).to(gl.float32)[None, :]  # fmt: skip
     if not WEIGHTS_ON_INPUT:
-        acc = acc * gl.load(topk_weights_ptr + slot, mask=valid, other=0.0)[:, None]
-    mask = valid[:, None] & col_mask[None, :]
+        acc = acc * gl.load(topk_weights_ptr + slot, mask=slot < num_slots, other=0.0)[:, None]
+    out_layout: gl.constexpr = _row_vector_layout(BLOCK_N, num_warps)
+    values = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), out_layout)
+    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+    slot = gl.load(sorted_ids_ptr + rows)
+    valid = slot < num_slots
+    mask = valid[:, None] & (cols < hidden)[None, :]
     if ATOMIC:
         row = gl.where(valid, slot // top_k, 0).to(gl.int64)
     else:
         row = gl.where(valid, slot, 0).to(gl.int64)
     out_ptrs = out_ptr + row[:, None] * stride_om + cols[None, :] * stride_oh
     if ATOMIC:
-        gl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+        gl.atomic_add(out_ptrs, values, mask=mask, sem="relaxed")
     else:
-        gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        gl.store(out_ptrs, values, mask=mask)
 
 
 @gluon.jit
 def _ring(a_desc, b_desc, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-          BLOCK_K: gl.constexpr, TWO_B: gl.constexpr):  # fmt: skip
+          BLOCK_K: gl.constexpr, GATE_UP: gl.constexpr):  # fmt: skip
     """The shared buffers of the A / B box ring, a "ready" mbarrier per stage (its boxes have landed) and an "empty"
-    one (the MMAs that read it have retired)."""
+    one (the MMAs that read it have retired). GATE_UP: 0 one B box per step (GEMM 2, a plain GEMM 1); 1 the gate and
+    the up box in two buffers, for two accumulators; 2 both in one [2 BLOCK_N, BLOCK_K] buffer, for one N = 2 BLOCK_N
+    wgmma (as ``_fused_experts``' GATE_UP_DOT: one instruction of twice the width reads the A box once, not twice)."""
     dtype: gl.constexpr = a_desc.dtype
     a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-    if TWO_B:
+    b_rows: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
+    b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, b_rows, BLOCK_K], b_desc.layout)
+    if GATE_UP == 1:
         b2_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
     else:
         b2_bufs = b_bufs
@@ -190,21 +214,22 @@ def _ring(a_desc, b_desc, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK
 def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, b2_offset,
                     a_desc, b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                    TWO_B: gl.constexpr):  # fmt: skip
+                    GATE_UP: gl.constexpr):  # fmt: skip
     """The producer warp: each step's boxes into its stage once the MMAs of NUM_STAGES steps before have released it
     (the first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done)."""
     for step in range(num_steps):
         mbarrier.wait(empty.index(step % NUM_STAGES), ((step // NUM_STAGES) & 1) ^ 1)
         _issue_loads(step, num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, b2_offset,
                      a_desc, b_desc, ready, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
-                     GROUP_M, TWO_B)  # fmt: skip
+                     GROUP_M, GATE_UP)  # fmt: skip
 
 
 @gluon.jit
 def _consume(step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
              TWO_B: gl.constexpr):  # fmt: skip
-    """Step ``step``'s MMAs (acc2 with the second B box when TWO_B), one step left in flight: the previous step's
-    stage is released once its MMAs retire, and at a tile's last step everything retires and its stage too."""
+    """Step ``step``'s MMAs (acc2 with the second B buffer when TWO_B: ``_ring``'s GATE_UP 1), one step in flight:
+    the previous step's stage is released once its MMAs retire, and at a tile's last step everything retires and its
+    stage too."""
     s = step % NUM_STAGES
     mbarrier.wait(ready.index(s), (step // NUM_STAGES) & 1)
     kk = step % num_k
@@ -230,16 +255,22 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr, GATED: gl.constexpr,
                          HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
-                         num_warps: gl.constexpr):  # fmt: skip
-    layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
-    acc_g = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
-    acc_u = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
+                         GATE_UP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
+    layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
+    acc_g = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
+    acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
     for step in range(num_steps):
-        acc_g, acc_u = _consume(step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, GATED)
+        acc_g, acc_u = _consume(step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES,
+                                GATE_UP == 1)  # fmt: skip
         if step % num_k == num_k - 1:
             pid_m, pid_n, expert, _ = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
-            _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn,
-                            topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, layout,
+            if GATE_UP == 2:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
+                gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
+            else:
+                gate, up = acc_g, acc_u
+            _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn,
+                            topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit,
                             ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
     tma.store_wait(pendings=0)
 
@@ -259,7 +290,7 @@ def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
             pid_m, pid_n, expert, _ = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
             _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr,
                             stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout, HAS_BIAS,
-                            WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N)  # fmt: skip
+                            WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, num_warps)  # fmt: skip
 
 
 @gluon.jit
@@ -288,6 +319,7 @@ def _gluon_gemm1_kernel(
     BLOCK_K: gl.constexpr,
     GROUP_M: gl.constexpr,
     NUM_STAGES: gl.constexpr,
+    GATE_UP_DOT: gl.constexpr,  # gated: one N = 2 BLOCK_N wgmma over the gate and up boxes, not two (``_ring``)
     num_warps: gl.constexpr,
 ):
     """One program per tile, or fewer programs each walking tiles (a persistent grid); within a program one flat
@@ -298,16 +330,18 @@ def _gluon_gemm1_kernel(
     num_k = gl.cdiv(hidden, BLOCK_K)
     num_steps = gl.maximum(gl.cdiv(num_tiles - gl.program_id(0), gl.num_programs(0)), 0) * num_k
     b_rows_per_expert = 2 * inter if GATED else inter
-    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(x_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GATED)
+    gate_up: gl.constexpr = (2 if GATE_UP_DOT else 1) if GATED else 0
+    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(x_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, gate_up)
     gl.warp_specialize(
         [
             (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs,
                                     b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
                                     sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED,
-                                    HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, num_warps)),
+                                    HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, gate_up,
+                                    num_warps)),
             (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, inter,
                                x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N,
-                               BLOCK_K, GROUP_M, GATED)),
+                               BLOCK_K, GROUP_M, gate_up)),
         ],
         [1],
         [LOADER_REGS],
@@ -347,7 +381,7 @@ def _gluon_gemm2_kernel(
     num_tiles = (gl.load(num_padded_ptr) // BLOCK_M) * num_blocks_n
     num_k = gl.cdiv(inter, BLOCK_K)
     num_steps = gl.maximum(gl.cdiv(num_tiles - gl.program_id(0), gl.num_programs(0)), 0) * num_k
-    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(act_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, False)
+    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(act_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, 0)
     gl.warp_specialize(
         [
             (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs,
@@ -356,7 +390,7 @@ def _gluon_gemm2_kernel(
                                     ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, num_warps)),
             (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, hidden, 0, act_desc, w_desc,
                                ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                               False)),
+                               0)),
         ],
         [1],
         [LOADER_REGS],
