@@ -87,8 +87,8 @@ class KernelConfig:
     epilogue; else one program per tile), ``gate_up_dot`` one wgmma of N = 2 block_n1 over the gate and up boxes
     (else two accumulators); ``split_tail`` unused; block_m >= 64 (a warpgroup MMA's rows). The launcher runs the
     Triton kernels instead where Gluon cannot: fp32, a GPU other than Hopper, TMA unable to read a tensor, the
-    interpreter. Measured on an H100: 1.07-1.31x slower than the Triton entries at T = 1024-16384 (bench/NOTES.md,
-    version 14); in no table entry.
+    interpreter. Measured on an H100 (bench/NOTES.md, version 14): the layer 1.07-1.31x slower than with the Triton
+    entries at T = 1024-16384, the committed kernels' time 1.15-1.17x at qwen3 / mixtral T=4096; in no table entry.
     """
 
     block_m: int = 64

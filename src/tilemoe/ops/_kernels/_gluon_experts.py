@@ -7,7 +7,8 @@ wait for each stage ("ready"), keep one step of wgmma in flight, release the sta
 epilogue; a program walks one tile, or several (a persistent grid), in one flat loop, so the producer loads the next
 tile's boxes under this tile's epilogue. Why: Triton's ``tl.dot`` pipeline reached 75-86% of cuBLAS's batched GEMM at
 the cells issue 4 still misses (bench/NOTES.md, run 17), and the Gluon tutorials' Hopper matmuls matched cuBLAS.
-Measured on an H100 (NOTES version 14): 1.07-1.31x slower than the Triton entries; no table entry takes them.
+Measured on an H100 (NOTES version 14): the layer 1.07-1.31x slower than with the Triton entries; no table entry
+takes them.
 
 Dimension letters and index arrays as in ``tilemoe.ops._kernels._fused_experts``:
     x_sorted     [CAP, H]      x in padded sorted order (padding rows zero), read through [BLOCK_M, BLOCK_K] boxes
@@ -88,28 +89,20 @@ def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M: 
 
 
 @gluon.jit
-def _issue_loads(step, num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, b2_offset,
-                 a_desc, b_desc, bars, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, GATE_UP: gl.constexpr):  # fmt: skip
-    """Step ``step``'s boxes into its ring buffer: A at (the tile's rows, k) and B at (the expert's rows of the tile's
-    columns, k), and with GATE_UP (see ``_ring``) the up rows too, b2_offset further; nothing past the program's last
-    step."""
-    pid_m, pid_n, expert, kk = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
-    b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
-    s = step % NUM_STAGES
-    pred = step < num_steps
+def _issue_loads(bar, s, k, a_row, b_row, b2_row, a_desc, b_desc, a_bufs, b_bufs, b2_bufs, BLOCK_N: gl.constexpr,
+                 GATE_UP: gl.constexpr):  # fmt: skip
+    """One step's boxes into stage ``s`` (arriving on ``bar``): A at (a_row, k), B at (b_row, k), and with GATE_UP
+    (see ``_ring``) the up rows at (b2_row, k) too."""
     nbytes: gl.constexpr = a_desc.block_type.nbytes + (1 if GATE_UP == 0 else 2) * b_desc.block_type.nbytes
-    bar = bars.index(s)
-    mbarrier.expect(bar, nbytes, pred=pred)
-    k = kk * BLOCK_K
-    _tma_load(a_desc, [pid_m * BLOCK_M, k], bar, a_bufs.index(s), pred)
+    mbarrier.expect(bar, nbytes)
+    _tma_load(a_desc, [a_row, k], bar, a_bufs.index(s))
     if GATE_UP == 2:  # the gate rows, then the up rows, in the two halves of one [2 BLOCK_N, BLOCK_K] buffer
-        _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s).slice(0, BLOCK_N), pred)
-        _tma_load(b_desc, [b_row + b2_offset, k], bar, b_bufs.index(s).slice(BLOCK_N, BLOCK_N), pred)
+        _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s).slice(0, BLOCK_N))
+        _tma_load(b_desc, [b2_row, k], bar, b_bufs.index(s).slice(BLOCK_N, BLOCK_N))
     else:
-        _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s), pred)
+        _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s))
         if GATE_UP == 1:
-            _tma_load(b_desc, [b_row + b2_offset, k], bar, b2_bufs.index(s), pred)
+            _tma_load(b_desc, [b2_row, k], bar, b2_bufs.index(s))
 
 
 @gluon.jit
@@ -216,12 +209,29 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
                     GATE_UP: gl.constexpr):  # fmt: skip
     """The producer warp: each step's boxes into its stage once the MMAs of NUM_STAGES steps before have released it
-    (the first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done)."""
+    (the first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done). A tile's
+    coordinates (its expert id a global load) are worked out at its first step, before that step's wait, and carried:
+    not a division and a load per step in front of the copies (v3's producer; bench/NOTES.md, version 14)."""
+    a_row = 0
+    b_row = 0
+    kk = 0
+    s = 0
+    phase = 1
     for step in range(num_steps):
-        mbarrier.wait(empty.index(step % NUM_STAGES), ((step // NUM_STAGES) & 1) ^ 1)
-        _issue_loads(step, num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, b2_offset,
-                     a_desc, b_desc, ready, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
-                     GROUP_M, GATE_UP)  # fmt: skip
+        if kk == 0:
+            pid_m, pid_n, expert, _ = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+            a_row = pid_m * BLOCK_M
+            b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
+        mbarrier.wait(empty.index(s), phase)
+        _issue_loads(ready.index(s), s, kk * BLOCK_K, a_row, b_row, b_row + b2_offset, a_desc, b_desc, a_bufs, b_bufs,
+                     b2_bufs, BLOCK_N, GATE_UP)  # fmt: skip
+        kk += 1
+        if kk == num_k:
+            kk = 0
+        s += 1
+        if s == NUM_STAGES:
+            s = 0
+            phase ^= 1
 
 
 @gluon.jit
