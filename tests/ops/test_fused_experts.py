@@ -782,17 +782,18 @@ class _SharedMemoryLimitedKernel:
     """A Triton kernel as a GPU with little shared memory sees it: num_stages above ``fits`` refused as Triton does
     (OutOfResources, before anything runs), every launch's stages recorded; the others launch ``real`` when given."""
 
-    def __init__(self, fits: int, real=None):
-        self.fits, self.real, self.launched, self.refused = fits, real, [], []
+    def __init__(self, fits: int, real=None, stage_arg: str = "num_stages"):
+        self.fits, self.real, self.launched, self.refused, self.stage_arg = fits, real, [], [], stage_arg
 
     def __getitem__(self, grid):
         def launch(**kwargs):
             from triton.runtime.errors import OutOfResources
 
-            if kwargs["num_stages"] > self.fits:
-                self.refused.append(kwargs["num_stages"])
-                raise OutOfResources(49152 * kwargs["num_stages"], 101376, "shared memory")
-            self.launched.append(kwargs["num_stages"])
+            stages = kwargs[self.stage_arg]
+            if stages > self.fits:
+                self.refused.append(stages)
+                raise OutOfResources(49152 * stages, 101376, "shared memory")
+            self.launched.append(stages)
             if self.real is not None:
                 self.real[grid](**kwargs)
 
@@ -824,6 +825,22 @@ def test_launch_fitting_names_the_kernel_when_nothing_fits(monkeypatch):
     ):
         _launch.launch_fitting(kernel, (1,), torch.device("cuda", 0), BLOCK_M=256, BLOCK_N=256, num_stages=3)
     assert kernel.refused == [3, 2, 1]
+
+
+def test_launch_fitting_lowers_a_gluon_ring_no_further_than_its_minimum(monkeypatch):
+    # a Gluon kernel's ring depth is its own keyword (NUM_STAGES), and a ring needs two stages: one would never fill
+    from tilemoe.ops import _launch
+
+    monkeypatch.setattr(_launch, "_FITTED_STAGES", {})
+    kernel = _SharedMemoryLimitedKernel(fits=3, stage_arg="NUM_STAGES")
+    stages = _launch.launch_fitting(kernel, (1,), torch.device("cuda", 0), stage_arg="NUM_STAGES", min_stages=2,
+                                    NUM_STAGES=5, num_warps=8)  # fmt: skip
+    assert stages == 3 and kernel.refused == [5, 4] and kernel.launched == [3]
+    kernel = _SharedMemoryLimitedKernel(fits=1, stage_arg="NUM_STAGES")
+    with pytest.raises(RuntimeError, match=r"even at 2 stages \("):
+        _launch.launch_fitting(kernel, (1,), torch.device("cuda", 0), stage_arg="NUM_STAGES", min_stages=2,
+                               NUM_STAGES=3, num_warps=8)  # fmt: skip
+    assert kernel.refused == [3, 2] and kernel.launched == []
 
 
 @pytest.mark.parametrize("error", ["ValueError", "threads"])

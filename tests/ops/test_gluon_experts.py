@@ -64,6 +64,22 @@ def test_gluon_config_checks():
         KernelConfig(block_m=64, tma=True, gluon=True, gemm1_clears_out=True)
 
 
+def test_gluon_runs_only_where_it_can(monkeypatch):
+    """``_gluon_ready``: 16-bit operands, a Hopper GPU (on the CPU only compile_check's stand-in), TMA-readable rows."""
+    import tilemoe.ops._fused_experts_launch as launch
+
+    kc = gluon_config(GLUON_TILES[0])
+    x = torch.zeros(4, 256, dtype=torch.bfloat16)
+    w13, w2 = torch.zeros(3, 256, 256, dtype=torch.bfloat16), torch.zeros(3, 256, 128, dtype=torch.bfloat16)
+    assert not launch._gluon_ready(x, w13, w2, kc)  # a CPU tensor: the interpreter takes the Triton kernels
+    monkeypatch.setattr(launch, "GLUON_COMPILE_ONLY", True)
+    assert launch._gluon_ready(x, w13, w2, kc)
+    assert not launch._gluon_ready(x.float(), w13.float(), w2.float(), kc)  # fp32: 3xTF32 in the Triton kernels
+    odd = torch.zeros(3, 256, 100, dtype=torch.bfloat16)  # rows of 200 bytes: not 16-byte aligned for TMA
+    assert not launch._gluon_ready(x, torch.zeros(3, 200, 256, dtype=torch.bfloat16), odd, kc)
+    assert not launch._gluon_ready(x, w13.transpose(1, 2), w2, kc)  # not contiguous
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's fallback (CPU suite)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_falls_back_to_the_triton_kernels_in_the_interpreter(dtype):
