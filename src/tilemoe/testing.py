@@ -123,3 +123,30 @@ def make_input(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     return torch.randn(num_tokens, config.hidden_size, generator=generator).to(device, dtype)
+
+
+def reference_experts(
+    x: torch.Tensor, weights: dict, topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig
+) -> torch.Tensor:
+    """The routed experts in float64 (the "reference" implementation) for ``make_weights``' dict: the oracle of
+    every fast path's tests."""
+    from tilemoe.impls import get_impl
+
+    w = {k: None if v is None else v.double() for k, v in weights.items()}
+    return get_impl("reference").fn(
+        x.double(), w["w13"], w["w2"], topk_weights.double(), topk_ids, config=config, b13=w["b13"], b2=w["b2"]
+    )
+
+
+def assert_replays_follow_new_inputs(graph, out, x, weights, topk_weights, topk_ids, config, generator, replays):
+    """New inputs and routing copied in place (CUDA) before each replay of ``graph``; its output ``out``, poisoned
+    first, must match ``reference_experts`` every time (bf16 tolerances)."""
+    for _ in range(replays):
+        x.copy_(make_input(x.shape[0], config, dtype=x.dtype, device="cuda", generator=generator))
+        new_weights, new_ids = make_routing(x.shape[0], config, device="cuda", generator=generator)
+        topk_weights.copy_(new_weights)
+        topk_ids.copy_(new_ids)
+        out.fill_(POISON)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, reference_experts(x, weights, topk_weights, topk_ids, config), torch.bfloat16)

@@ -8,54 +8,28 @@ import pytest
 import torch
 
 import tilemoe.impls
+from tilemoe.bench.timing import capture_graph
 from tilemoe.config import MoEConfig
 from tilemoe.functional import moe_forward
 from tilemoe.impls import get_impl, resolve_impl
-from tilemoe.testing import assert_close, make_input, make_routing, make_weights
+from tilemoe.testing import (
+    assert_close,
+    assert_replays_follow_new_inputs,
+    make_input,
+    make_routing,
+    make_weights,
+    reference_experts,
+)
 from tilemoe.tuning import KernelConfig
-
-
-def _reference(x, w, topk_weights, topk_ids, config):
-    d = {k: None if v is None else v.double() for k, v in w.items()}
-    return get_impl("reference").fn(
-        x.double(), d["w13"], d["w2"], topk_weights.double(), topk_ids, config=config, b13=d["b13"], b2=d["b2"]
-    )
 
 
 def _mismatch(out, x, w, topk_weights, topk_ids, config) -> str | None:
     """The first line of assert_close's message against the float64 reference (bf16 tolerances), or None."""
     try:
-        assert_close(out, _reference(x, w, topk_weights, topk_ids, config), torch.bfloat16)
+        assert_close(out, reference_experts(x, w, topk_weights, topk_ids, config), torch.bfloat16)
     except AssertionError as error:
         return str(error).splitlines()[0][:200]
     return None
-
-
-def _capture(call):
-    """(CUDA graph of ``call()``, the output it holds), ``call`` run once on a side stream first (warm-up)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
-    return graph, out
-
-
-def _replays_follow_new_inputs(graph, out, x, w, tw, ti, config, generator, replays):
-    """New inputs and routing copied in place before each replay of ``graph``; its output ``out`` (poisoned first)
-    must match the float64 reference every time."""
-    for _ in range(replays):
-        x.copy_(make_input(x.shape[0], config, dtype=x.dtype, device="cuda", generator=generator))
-        new_w, new_i = make_routing(x.shape[0], config, device="cuda", generator=generator)
-        tw.copy_(new_w)
-        ti.copy_(new_i)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
 
 
 def test_registered_with_auto_priority():
@@ -127,7 +101,7 @@ def test_presets_bf16(preset, num_tokens, generator):
         out = tilemoe.ops.fused_experts.fused_experts(
             x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], deterministic=deterministic
         )
-        assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+        assert_close(out, reference_experts(x, w, tw, ti, config), torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -146,7 +120,7 @@ def test_atomic_combine(dtype, hidden, generator):
                 x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], kernel_config=kernel_config,
                 deterministic=False,
             )  # fmt: skip
-            assert_close(out, _reference(x, w, tw, ti, config), dtype)
+            assert_close(out, reference_experts(x, w, tw, ti, config), dtype)
 
 
 @pytest.mark.gpu
@@ -156,9 +130,9 @@ def test_cuda_graph_capture_and_replay(generator):
     x = make_input(33, config, dtype=torch.bfloat16, device="cuda", generator=generator)
     tw, ti = make_routing(33, config, device="cuda", generator=generator)
     fn = get_impl("triton").fn
-    graph, out = _capture(lambda: fn(x, w["w13"], w["w2"], tw, ti, config=config))
+    graph, out = capture_graph(lambda: fn(x, w["w13"], w["w2"], tw, ti, config=config))
     # new inputs copied in place: the replay must follow them (new routing too)
-    _replays_follow_new_inputs(graph, out, x, w, tw, ti, config, generator, replays=2)
+    assert_replays_follow_new_inputs(graph, out, x, w, tw, ti, config, generator, replays=2)
 
 
 @pytest.mark.gpu
@@ -224,7 +198,7 @@ def test_randomized_sweep_bf16(part):
             deterministic=rng.random() < 0.5,
         )  # fmt: skip
         try:
-            assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+            assert_close(out, reference_experts(x, w, tw, ti, config), torch.bfloat16)
         except AssertionError as error:
             mismatches.append(f"case {case}: {config} T={t} {kc}: {error}")
     assert not mismatches, f"seed {seed}: {len(mismatches)} / 50 mismatches:\n" + "\n".join(mismatches[:5])
@@ -338,8 +312,8 @@ def test_from_logits_decode_bf16_and_graph(preset, monkeypatch):
         assert tilemoe.ops.fused_experts.decode_route_error is None  # the routing GEMM 1 built and ran
         ref_w, ref_i = route_triton(logits, config)
         assert torch.equal(ids, ref_i) and torch.equal(weights, ref_w)
-        assert_close(out, _reference(x, w, ref_w, ref_i, config), torch.bfloat16)
-        graph, (g_out, _, g_ids) = _capture(call)
+        assert_close(out, reference_experts(x, w, ref_w, ref_i, config), torch.bfloat16)
+        graph, (g_out, _, g_ids) = capture_graph(call)
         x.copy_(make_input(t, config, dtype=torch.bfloat16, device="cuda", generator=gen))
         logits.copy_(torch.randn(t, config.num_experts, generator=gen))
         g_out.fill_(float("nan"))
@@ -347,7 +321,7 @@ def test_from_logits_decode_bf16_and_graph(preset, monkeypatch):
         torch.cuda.synchronize()
         ref_w, ref_i = route_triton(logits, config)
         assert torch.equal(g_ids, ref_i)
-        assert_close(g_out, _reference(x, w, ref_w, ref_i, config), torch.bfloat16)
+        assert_close(g_out, reference_experts(x, w, ref_w, ref_i, config), torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -401,7 +375,7 @@ def test_one_launch_bf16_many_runs(kc, monkeypatch):
     x = make_input(512, config, dtype=torch.bfloat16, device="cuda", generator=gen)
     tw, ti = make_routing(512, config, device="cuda", generator=gen)
 
-    graph, out = _capture(
+    graph, out = capture_graph(
         lambda: tilemoe.ops.fused_experts.fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=kc)
     )
-    _replays_follow_new_inputs(graph, out, x, w, tw, ti, config, gen, replays=3)
+    assert_replays_follow_new_inputs(graph, out, x, w, tw, ti, config, gen, replays=3)

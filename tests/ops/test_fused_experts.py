@@ -8,21 +8,14 @@ import torch
 import tilemoe.ops._fused_experts_launch as launch_module
 import tilemoe.ops.fused_experts as fused_experts_module
 from tilemoe.config import MoEConfig
-from tilemoe.impls import get_impl
 from tilemoe.ops.fused_experts import fused_experts, fused_experts_torch
-from tilemoe.testing import assert_close, make_input, make_routing, make_weights
+from tilemoe.testing import assert_close, make_input, make_routing, make_weights, reference_experts
 from tilemoe.tuning import KernelConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter's tl.dot is wrong for bf16: bf16 on the GPU only
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SMALL = KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages1=2, num_stages2=2)
-
-
-def _reference(x, w, topk_weights, topk_ids, config):
-    ref = get_impl("reference").fn
-    d = {k: None if v is None else v.double() for k, v in w.items()}
-    return ref(x.double(), d["w13"], d["w2"], topk_weights.double(), topk_ids, config=config, b13=d["b13"], b2=d["b2"])
 
 
 def _spy(monkeypatch, module, name: str) -> list:
@@ -65,7 +58,7 @@ def _run_case(config, num_tokens, dtype, generator, *, hot_expert=None, kernel_c
         kernel_config=kernel_config, deterministic=deterministic,
     )  # fmt: skip
     assert out.shape == x.shape and out.dtype == dtype
-    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), dtype)
+    assert_close(out, reference_experts(x, w, topk_weights, topk_ids, config), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,7 +103,7 @@ def test_deterministic_follows_torch_switch(monkeypatch, generator):
     tw, ti = make_routing(11, config, device=DEVICE, generator=generator)
     summed = _spy(monkeypatch, launch_module, "sum_slots")
     call = functools.partial(fused_experts, x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=SMALL)
-    ref = _reference(x, w, tw, ti, config)
+    ref = reference_experts(x, w, tw, ti, config)
     assert_close(call(), ref, torch.float16)
     assert summed == []
     previous = torch.are_deterministic_algorithms_enabled()
@@ -133,7 +126,7 @@ def test_torch_reference_matches(generator):
     x = make_input(5, config, generator=generator)
     topk_weights, topk_ids = make_routing(5, config, generator=generator)
     out = fused_experts_torch(x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"])
-    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), torch.float32)
+    assert_close(out, reference_experts(x, w, topk_weights, topk_ids, config), torch.float32)
 
 
 def test_bad_arguments(generator):
@@ -356,7 +349,7 @@ def _run_split_counts(cfg, dtype, generator, deterministic=True):
         x, w["w13"], w["w2"], topk_weights, topk_ids, config=config, b13=w["b13"], b2=w["b2"],
         kernel_config=cfg, deterministic=deterministic,
     )  # fmt: skip
-    assert_close(out, _reference(x, w, topk_weights, topk_ids, config), dtype)
+    assert_close(out, reference_experts(x, w, topk_weights, topk_ids, config), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -594,7 +587,7 @@ def test_from_logits_routes_inside_the_decode_gemm1(changes, num_tokens, generat
     two_step = fused_experts(x, w["w13"], w["w2"], ref_weights, ref_ids, config=config, b13=w["b13"], b2=w["b2"],
                              kernel_config=DECODE)  # fmt: skip
     assert torch.equal(out, two_step)
-    assert_close(out, _reference(x, w, ref_weights, ref_ids, config), torch.float16)
+    assert_close(out, reference_experts(x, w, ref_weights, ref_ids, config), torch.float16)
 
 
 @pytest.mark.parametrize(
@@ -617,7 +610,7 @@ def test_from_logits_routes_first_elsewhere(changes, kernel_config, num_tokens, 
         x, w["w13"], w["w2"], logits, config=config, kernel_config=kernel_config
     )
     assert len(routed) == 1 and torch.equal(ids, routed[0][1]) and torch.equal(weights, routed[0][0])
-    assert_close(out, _reference(x, w, weights, ids, config), torch.float32)
+    assert_close(out, reference_experts(x, w, weights, ids, config), torch.float32)
 
 
 @pytest.mark.parametrize("kernel_config", [DECODE, SMALL], ids=["routed_in_gemm1", "routing_kernel_first"])
@@ -641,7 +634,7 @@ def test_from_logits_non_finite_logits_stay_in_their_row(kernel_config, generato
     _, ref_weights, ref_ids = call(x[clean], w["w13"], w["w2"], logits[clean].to(DEVICE), config=config,
                                    kernel_config=kernel_config)  # fmt: skip
     assert torch.equal(ids[clean], ref_ids) and torch.equal(weights[clean], ref_weights)
-    assert_close(out[clean], _reference(x[clean], w, ref_weights, ref_ids, config), torch.float32)
+    assert_close(out[clean], reference_experts(x[clean], w, ref_weights, ref_ids, config), torch.float32)
 
 
 def test_from_logits_bad_arguments(generator):
@@ -772,7 +765,7 @@ def test_from_logits_falls_back_when_the_routing_gemm1_does_not_build(generator,
     assert fused_experts_module.decode_route_error is not None
     ref_weights, ref_ids = route_triton(logits, config)
     assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
-    assert_close(out, _reference(x, w, ref_weights, ref_ids, config), torch.float16)
+    assert_close(out, reference_experts(x, w, ref_weights, ref_ids, config), torch.float16)
     out2, _, _ = call(x, w["w13"], w["w2"], logits, config=config, kernel_config=DECODE)  # no second warning
     assert torch.equal(out2, out)
 

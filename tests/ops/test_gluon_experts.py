@@ -8,9 +8,16 @@ import pytest
 import torch
 
 import tilemoe.ops.fused_experts
+from tilemoe.bench.timing import capture_graph
 from tilemoe.config import MoEConfig
-from tilemoe.impls import get_impl
-from tilemoe.testing import assert_close, make_input, make_routing, make_weights
+from tilemoe.testing import (
+    assert_close,
+    assert_replays_follow_new_inputs,
+    make_input,
+    make_routing,
+    make_weights,
+    reference_experts,
+)
 from tilemoe.tuning import KernelConfig
 
 # (block_m, block_n1, block_k1, warps1, stages1, block_n2, block_k2, warps2, stages2, persistent1, persistent,
@@ -30,13 +37,6 @@ def gluon_config(tiles) -> KernelConfig:
                         persistent=p2, gate_up_dot=gate_up)  # fmt: skip
 
 
-def _reference(x, w, topk_weights, topk_ids, config):
-    d = {k: None if v is None else v.double() for k, v in w.items()}
-    return get_impl("reference").fn(
-        x.double(), d["w13"], d["w2"], topk_weights.double(), topk_ids, config=config, b13=d["b13"], b2=d["b2"]
-    )
-
-
 def _run(config, num_tokens, kc, dtype, device, seed, deterministic=False, hot_expert=None):
     gen = torch.Generator().manual_seed(seed)
     w = make_weights(config, dtype=dtype, device=device, generator=gen)
@@ -48,7 +48,7 @@ def _run(config, num_tokens, kc, dtype, device, seed, deterministic=False, hot_e
         x, w["w13"], w["w2"], tw, ti, config=config, b13=w["b13"], b2=w["b2"], kernel_config=kc,
         deterministic=deterministic,
     )  # fmt: skip
-    return out, _reference(x, w, tw, ti, config)
+    return out, reference_experts(x, w, tw, ti, config)
 
 
 def test_gluon_config_checks():
@@ -144,23 +144,7 @@ def test_gluon_gemms_under_cuda_graph_replay():
     x = make_input(256, config, dtype=torch.bfloat16, device="cuda", generator=gen)
     tw, ti = make_routing(256, config, device="cuda", generator=gen)
 
-    def call():
-        return tilemoe.ops.fused_experts.fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=kc)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
-    for _ in range(3):  # new inputs and routing in place, the output poisoned before each replay
-        x.copy_(make_input(256, config, dtype=torch.bfloat16, device="cuda", generator=gen))
-        new_w, new_i = make_routing(256, config, device="cuda", generator=gen)
-        tw.copy_(new_w)
-        ti.copy_(new_i)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_close(out, _reference(x, w, tw, ti, config), torch.bfloat16)
+    graph, out = capture_graph(
+        lambda: tilemoe.ops.fused_experts.fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=kc)
+    )
+    assert_replays_follow_new_inputs(graph, out, x, w, tw, ti, config, gen, replays=3)

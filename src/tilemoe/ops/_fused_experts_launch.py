@@ -51,6 +51,18 @@ def _persistent_grid(device: torch.device, max_tiles: int) -> int:
     return max(1, min(programs, max_tiles))
 
 
+def _grid(device: torch.device, tiles: int, persistent: bool) -> tuple[int]:
+    """A GEMM's grid: one program per tile, or ``_persistent_grid``'s programs walking them."""
+    return (_persistent_grid(device, tiles) if persistent else tiles,)
+
+
+def _combine_output(x: torch.Tensor, num_slots: int, atomic: bool) -> torch.Tensor:
+    """GEMM 2's output: the [T, H] zeros the atomic combine adds each slot's row into, else [S, H] per-slot rows
+    (every one written; summed over K afterwards)."""
+    rows = x.shape[0] if atomic else num_slots
+    return (torch.zeros if atomic else torch.empty)((rows, x.shape[1]), dtype=x.dtype, device=x.device)
+
+
 def _tma_rows_ok(device: torch.device, row_elems: int, elem_size: int, block_k: int) -> bool:
     """Whether TMA can read contiguous rows of ``row_elems`` elements in [*, block_k] boxes on ``device``: Hopper or
     later (or the interpreter), 16-byte aligned rows, a box row of at most 128 bytes."""
@@ -160,6 +172,12 @@ def _launch(
     num_blocks_m = capacity // cfg.block_m
     weights_flat = topk_weights.reshape(-1)
     act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
+    atomic = not deterministic and top_k > 1
+    if cfg.gluon and _gluon_ready(x, w13, w2, cfg):  # before the Triton kernels' descriptors and x copy
+        return _launch_gluon(
+            x, w13, w2, b13, b2, weights_flat, top_k, align, act, activation, gated, weights_on_input, swiglu_alpha,
+            swiglu_limit, atomic, cfg,
+        )  # fmt: skip
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
     w13_desc = None
     gate_up_dot = cfg.gate_up_dot and gated
@@ -218,9 +236,6 @@ def _launch(
         GROUP_M=cfg.group_m1,
         SPLIT_TAIL=split_tail1,
     )
-    atomic = not deterministic and top_k > 1
-    if cfg.gluon and _gluon_ready(x, w13, w2, cfg):
-        return _launch_gluon(x, w13, w2, b13, b2, weights_flat, align, gemm1_args, atomic, cfg)
     if cfg.one_launch:
         out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
         return out if atomic else sum_slots(out, top_k)
@@ -229,7 +244,7 @@ def _launch(
     out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device) if atomic and cfg.gemm1_clears_out else None
     launch_fitting(
         _gemm1_kernel,
-        (_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,),
+        _grid(x.device, tiles1, cfg.persistent1),
         x.device,
         record_as="num_stages1",
         **pdl_options(x.device),
@@ -243,11 +258,7 @@ def _launch(
         num_stages=cfg.num_stages1,
     )
     if out is None:
-        out = (
-            torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
-            if atomic
-            else torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
-        )
+        out = _combine_output(x, num_slots, atomic)
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
@@ -260,7 +271,7 @@ def _launch(
     tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
     launch_fitting(
         _gemm2_kernel,
-        (_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,),
+        _grid(x.device, tiles2, cfg.persistent),
         x.device,
         record_as="num_stages2",
         **pdl_options(x.device),
@@ -341,47 +352,42 @@ def _gluon_descriptor(t: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
-def _launch_gluon(x, w13, w2, b13, b2, weights_flat, align, gemm1_args, atomic, cfg) -> torch.Tensor:
+def _launch_gluon(
+    x, w13, w2, b13, b2, weights_flat, top_k: int, align, act, activation, gated, weights_on_input, swiglu_alpha,
+    swiglu_limit, atomic: bool, cfg: KernelConfig,
+) -> torch.Tensor:  # fmt: skip
     """The two GEMMs as the Gluon kernels (``_gluon_experts``): x copied into padded sorted order, GEMM 1 writes act
     through TMA, GEMM 2 adds into the combine's output (atomic) or stores per slot."""
     from tilemoe.ops._kernels._gluon_experts import _gluon_gemm1_kernel, _gluon_gemm2_kernel
 
     num_tokens, hidden = x.shape
     inter = w2.shape[2]
-    top_k = gemm1_args["top_k"]
+    num_slots = num_tokens * top_k
     capacity = align.sorted_ids.numel()
     num_blocks_m = capacity // cfg.block_m
-    act = gemm1_args["act_ptr"]
-    x_sorted = _sorted_rows(x, align, capacity, top_k)
-    b13_arg, b2_arg = gemm1_args["b_ptr"], b2 if b2 is not None else w2
-    tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
+    b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
+    b2_arg = b2 if b2 is not None else w2
+    # the ring's depth is the kernel's own NUM_STAGES, and a ring needs two
+    ring = dict(stage_arg="NUM_STAGES", min_stages=2, sorted_ids_ptr=align.sorted_ids, expert_ids_ptr=align.expert_ids,
+                num_padded_ptr=align.num_padded, topk_weights_ptr=weights_flat, num_slots=num_slots, hidden=hidden,
+                inter=inter, WEIGHTS_ON_INPUT=weights_on_input, BLOCK_M=cfg.block_m)  # fmt: skip
     launch_fitting(
         _gluon_gemm1_kernel,
-        (_persistent_grid(x.device, tiles1) if cfg.persistent1 else tiles1,),
+        _grid(x.device, num_blocks_m * cdiv(inter, cfg.block_n1), cfg.persistent1),
         x.device,
         record_as="num_stages1",
-        stage_arg="NUM_STAGES",
-        min_stages=2,
-        x_desc=_gluon_descriptor(x_sorted, [cfg.block_m, cfg.block_k1]),
+        **ring,
+        x_desc=_gluon_descriptor(_sorted_rows(x, align, capacity, top_k), [cfg.block_m, cfg.block_k1]),
         w_desc=_gluon_descriptor(w13.view(-1, hidden), [cfg.block_n1, cfg.block_k1]),
         act_desc=_gluon_descriptor(act, [cfg.block_m, cfg.block_n1]),
         b_ptr=b13_arg,
         stride_be=b13_arg.stride(0),
         stride_bn=b13_arg.stride(1),
-        topk_weights_ptr=weights_flat,
-        sorted_ids_ptr=align.sorted_ids,
-        expert_ids_ptr=align.expert_ids,
-        num_padded_ptr=align.num_padded,
-        num_slots=num_tokens * top_k,
-        hidden=hidden,
-        inter=inter,
-        swiglu_alpha=gemm1_args["swiglu_alpha"],
-        swiglu_limit=gemm1_args["swiglu_limit"],
-        ACTIVATION=gemm1_args["ACTIVATION"],
-        GATED=gemm1_args["GATED"],
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        ACTIVATION=activation,
+        GATED=gated,
         HAS_BIAS=b13 is not None,
-        WEIGHTS_ON_INPUT=gemm1_args["WEIGHTS_ON_INPUT"],
-        BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n1,
         BLOCK_K=cfg.block_k1,
         GROUP_M=cfg.group_m1,
@@ -389,38 +395,24 @@ def _launch_gluon(x, w13, w2, b13, b2, weights_flat, align, gemm1_args, atomic, 
         GATE_UP_DOT=cfg.gate_up_dot,
         num_warps=cfg.num_warps1,
     )
-    if atomic:
-        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((num_tokens * top_k, hidden), dtype=x.dtype, device=x.device)
-    tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
+    out = _combine_output(x, num_slots, atomic)
     launch_fitting(
         _gluon_gemm2_kernel,
-        (_persistent_grid(x.device, tiles2) if cfg.persistent else tiles2,),
+        _grid(x.device, num_blocks_m * cdiv(hidden, cfg.block_n2), cfg.persistent),
         x.device,
         record_as="num_stages2",
-        stage_arg="NUM_STAGES",
-        min_stages=2,
+        **ring,
         act_desc=_gluon_descriptor(act, [cfg.block_m, cfg.block_k2]),
         w_desc=_gluon_descriptor(w2.view(-1, inter), [cfg.block_n2, cfg.block_k2]),
         b_ptr=b2_arg,
         stride_be=b2_arg.stride(0),
         stride_bh=b2_arg.stride(1),
-        topk_weights_ptr=weights_flat,
         out_ptr=out,
         stride_om=out.stride(0),
         stride_oh=out.stride(1),
-        sorted_ids_ptr=align.sorted_ids,
-        expert_ids_ptr=align.expert_ids,
-        num_padded_ptr=align.num_padded,
-        num_slots=num_tokens * top_k,
         top_k=top_k,
-        hidden=hidden,
-        inter=inter,
         HAS_BIAS=b2 is not None,
-        WEIGHTS_ON_INPUT=gemm1_args["WEIGHTS_ON_INPUT"],
         ATOMIC=atomic,
-        BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2,
         GROUP_M=cfg.group_m2,
@@ -451,10 +443,7 @@ def _launch_one(
     capacity = align.sorted_ids.numel()
     nt1 = cdiv(inter, cfg.block_n1)
     ready = torch.zeros(capacity // cfg.block_m * nt1 + 1, dtype=torch.int32, device=x.device)
-    if atomic:
-        out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((gemm1_args["num_slots"], hidden), dtype=x.dtype, device=x.device)
+    out = _combine_output(x, gemm1_args["num_slots"], atomic)
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     on_gpu = x.device.type == "cuda"

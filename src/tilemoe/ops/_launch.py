@@ -96,8 +96,8 @@ def launch_fitting(
     constants. Returns the stages it launched with. Why: the tuned tables and the heuristic's large tiles are sized
     for Hopper's 227 KiB per block; an sm_86 / sm_89 GPU (A10, L4, L40S, RTX 4090) has 99 KiB, where the heuristic's
     128 x 128 x 64 tiles need 120-144 KiB at their 3-4 stages (``bench/compile_check.py --table none --arch 89``,
-    bench/results/session10-compile-check.md). Raises RuntimeError naming the kernel and its tiles when one stage
-    does not fit either. ``record_as``: the KernelConfig field of these stages (e.g. "num_stages1"), for
+    bench/results/session10-compile-check.md). Raises RuntimeError naming the kernel and its tiles when ``min_stages``
+    do not fit either. ``record_as``: the KernelConfig field of these stages (e.g. "num_stages1"), for
     ``recording_stages``. ``stage_arg``: the keyword that holds the stage count (a Gluon kernel's own ring depth,
     ``NUM_STAGES``), lowered no further than ``min_stages``."""
     if _FITTED_STAGES and device.type == "cuda":

@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from tilemoe.ops._kernels._activation import _activate, _up_factor
+from tilemoe.ops._kernels._fused_experts import _tile_ids
 
 # TMA box copies: Triton 3.6 (the device's) names them async_copy_global_to_shared / async_copy_shared_to_global,
 # later releases async_load / async_store (the old names left to raise).
@@ -66,26 +67,15 @@ def _mma_layout(block_m, block_n, num_warps):
 
 
 @gluon.jit
-def _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M: gl.constexpr):
-    """(pid_m, pid_n) of ``tile``: GROUP_M row blocks walk the column blocks together (L2 reuse of the weights)."""
-    per_group = GROUP_M * num_blocks_n
-    first_m = (tile // per_group) * GROUP_M
-    group_rows = gl.minimum(num_blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % per_group) % group_rows
-    pid_n = (tile % per_group) // group_rows
-    return pid_m, pid_n
-
-
-@gluon.jit
 def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M: gl.constexpr):
-    """Where this program's ``step``-th k step falls: (pid_m, pid_n, expert, k index). Its tiles are program_id,
+    """The tile of this program's ``step``-th k step: (pid_m, pid_n, expert). Its tiles are program_id,
     program_id + programs, ... (the ``num_tiles`` tiles of the row blocks in use), each ``num_k`` steps."""
     tile = gl.program_id(0) + (step // num_k) * gl.num_programs(0)
     # past the last step (its loads predicated off) or with no tile at all: tile 0's coordinates, never garbage
     used_m = gl.maximum(num_tiles // num_blocks_n, 1)
     pid_m, pid_n = _tile_ids(gl.maximum(gl.minimum(tile, num_tiles - 1), 0), used_m, num_blocks_n, GROUP_M)
     expert = gl.load(expert_ids_ptr + pid_m)
-    return pid_m, pid_n, expert, step % num_k
+    return pid_m, pid_n, expert
 
 
 @gluon.jit
@@ -186,7 +176,8 @@ def _ring(a_desc, b_desc, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK
     """The shared buffers of the A / B box ring, a "ready" mbarrier per stage (its boxes have landed) and an "empty"
     one (the MMAs that read it have retired). GATE_UP: 0 one B box per step (GEMM 2, a plain GEMM 1); 1 the gate and
     the up box in two buffers, for two accumulators; 2 both in one [2 BLOCK_N, BLOCK_K] buffer, for one N = 2 BLOCK_N
-    wgmma (as ``_fused_experts``' GATE_UP_DOT: one instruction of twice the width reads the A box once, not twice)."""
+    wgmma (as ``_fused_experts``' GATE_UP_DOT: one instruction of twice the width reads the A box once, not twice;
+    measured on an H100 within 1% of two accumulators, bench/NOTES.md version 14)."""
     dtype: gl.constexpr = a_desc.dtype
     a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     b_rows: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
@@ -210,8 +201,8 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b
                     GATE_UP: gl.constexpr):  # fmt: skip
     """The producer warp: each step's boxes into its stage once the MMAs of NUM_STAGES steps before have released it
     (the first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done). A tile's
-    coordinates (its expert id a global load) are worked out at its first step, before that step's wait, and carried:
-    not a division and a load per step in front of the copies (v3's producer; bench/NOTES.md, version 14)."""
+    coordinates (its expert id a global load) are worked out at its first step, before that step's wait, and carried,
+    not recomputed per step in front of the copies (measured against that: no change, bench/NOTES.md version 14)."""
     a_row = 0
     b_row = 0
     kk = 0
@@ -219,7 +210,7 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b
     phase = 1
     for step in range(num_steps):
         if kk == 0:
-            pid_m, pid_n, expert, _ = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+            pid_m, pid_n, expert = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
             a_row = pid_m * BLOCK_M
             b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
         mbarrier.wait(empty.index(s), phase)
@@ -235,14 +226,13 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b
 
 
 @gluon.jit
-def _consume(step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
+def _consume(step, kk, last, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
              TWO_B: gl.constexpr):  # fmt: skip
-    """Step ``step``'s MMAs (acc2 with the second B buffer when TWO_B: ``_ring``'s GATE_UP 1), one step in flight:
-    the previous step's stage is released once its MMAs retire, and at a tile's last step everything retires and its
-    stage too."""
+    """Step ``step`` (k step ``kk`` of its tile, ``last`` the tile's last) MMAs (acc2 with the second B buffer when
+    TWO_B: ``_ring``'s GATE_UP 1), one step in flight: the previous step's stage is released once its MMAs retire,
+    and at a tile's last step everything retires and its stage too."""
     s = step % NUM_STAGES
     mbarrier.wait(ready.index(s), (step // NUM_STAGES) & 1)
-    kk = step % num_k
     acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
     if TWO_B:
         acc2 = warpgroup_mma(a_bufs.index(s), b2_bufs.index(s).permute((1, 0)), acc2, use_acc=kk > 0, is_async=True)
@@ -250,7 +240,7 @@ def _consume(step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_
     else:
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
     mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES), pred=kk > 0)
-    if kk == num_k - 1:
+    if last:
         if TWO_B:
             acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
         else:
@@ -271,10 +261,11 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
     acc_g = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
     acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
     for step in range(num_steps):
-        acc_g, acc_u = _consume(step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES,
-                                GATE_UP == 1)  # fmt: skip
-        if step % num_k == num_k - 1:
-            pid_m, pid_n, expert, _ = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+        kk = step % num_k
+        acc_g, acc_u = _consume(step, kk, kk == num_k - 1, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs,
+                                NUM_STAGES, GATE_UP == 1)  # fmt: skip
+        if kk == num_k - 1:
+            pid_m, pid_n, expert = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
             if GATE_UP == 2:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
                 gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
             else:
@@ -295,9 +286,11 @@ def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
     layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
     acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
     for step in range(num_steps):
-        acc, unused = _consume(step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs, NUM_STAGES, False)
-        if step % num_k == num_k - 1:
-            pid_m, pid_n, expert, _ = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+        kk = step % num_k
+        acc, unused = _consume(step, kk, kk == num_k - 1, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs,
+                               NUM_STAGES, False)  # fmt: skip
+        if kk == num_k - 1:
+            pid_m, pid_n, expert = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
             _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr,
                             stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout, HAS_BIAS,
                             WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, num_warps)  # fmt: skip
