@@ -93,6 +93,7 @@ class Compiled:
     registers: int | None = None
     spills: int | None = None
     mma: str = ""
+    serialized: str = ""  # ptxas's note that it made the wgmmas wait (C7514-C7517), the note's code and words
     error: str = ""
     refused: str = ""  # over the shared memory: refused, as Triton does when it loads the kernel (why)
 
@@ -114,6 +115,22 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
 def _mma_kind(ptx: str) -> str:
     """The matrix instructions in the PTX: 'wgmma' (Hopper's warpgroup MMA), 'mma' (the older warp MMA) or '-'."""
     return "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
+
+
+def _wgmma_serialized(ptx: str, arch: int) -> str:
+    """ptxas's "Potential Performance Loss" / "warpgroup.wait is injected" note on the kernel's wgmmas, else "".
+    ptxas writes it only with ``-v`` (which Triton does not pass), so the PTX is assembled once more here. Why: a wait
+    ptxas injects to read an accumulator undoes the one-wgmma-in-flight pipeline; the Gluon GEMMs lost 15-19% of their
+    mainloop to it unseen for a session (bench/NOTES.md version 15)."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([knobs.nvidia.ptxas.path, f"-arch=sm_{arch}a", "-v", str(src), "-o",
+                               str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)  # fmt: skip
+    note = re.search(r"\((C751[4-7])\)\s*(.*)", done.stdout + done.stderr)
+    return f"{note.group(1)} {note.group(2).strip()}" if note else ""
 
 
 class CompileRecorder:
@@ -145,6 +162,8 @@ class CompileRecorder:
             meta = kernel.metadata
             record = Compiled(fn.__name__, time.perf_counter() - start, meta.num_warps, meta.num_stages, meta.shared,
                               *_resource_usage(kernel.asm["cubin"]), _mma_kind(kernel.asm["ptx"]))  # fmt: skip
+            if record.mma == "wgmma":
+                record.serialized = _wgmma_serialized(kernel.asm["ptx"], recorder.target.arch)
             recorder.records.append(record)
             if meta.shared > recorder.shared_limit:
                 from triton.runtime.errors import OutOfResources
@@ -203,6 +222,8 @@ def _print_records(model: str, num_tokens: int, label: str, records: list[Compil
     failures = 0
     for r in records:
         status = r.refused or ("FAIL " + r.error if r.error else "spills" if r.spills else "ok")
+        if r.serialized and not r.error:
+            status += f" (wgmma serialized: {r.serialized[:60]})"
         failures += status.startswith("FAIL")
         regs = "" if r.registers is None else r.registers
         local = "" if r.spills is None else r.spills

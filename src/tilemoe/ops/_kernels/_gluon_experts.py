@@ -226,26 +226,32 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b
 
 
 @gluon.jit
-def _consume(step, kk, last, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
-             TWO_B: gl.constexpr):  # fmt: skip
-    """Step ``step`` (k step ``kk`` of its tile, ``last`` the tile's last) MMAs (acc2 with the second B buffer when
-    TWO_B: ``_ring``'s GATE_UP 1), one step in flight: the previous step's stage is released once its MMAs retire,
-    and at a tile's last step everything retires and its stage too."""
-    s = step % NUM_STAGES
-    mbarrier.wait(ready.index(s), (step // NUM_STAGES) & 1)
-    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
-    if TWO_B:
-        acc2 = warpgroup_mma(a_bufs.index(s), b2_bufs.index(s).permute((1, 0)), acc2, use_acc=kk > 0, is_async=True)
-        acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
-    else:
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-    mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES), pred=kk > 0)
-    if last:
+def _tile_mainloop(first_step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
+                   TWO_B: gl.constexpr):  # fmt: skip
+    """One tile's k steps (the program's steps ``first_step`` on; acc2 with the second B buffer when TWO_B: ``_ring``'s
+    GATE_UP 1), one step of wgmma in flight: each step's stage waits for its boxes, and the step before's stage is
+    released once its MMAs retire; at the end everything retires and the last stage is released too. The k loop is a
+    loop of its own, the accumulators zeroed before it (``use_acc`` off at k = 0) and read only after it: with one flat
+    (tile, k) loop whose epilogue sat in a branch inside it, ptxas made every step wait for all its wgmmas ("warpgroup.wait
+    is injected ... to allow use of registers defined by GMMA", C7517), the one-in-flight pipeline undone (bench/NOTES.md
+    version 15)."""
+    for kk in range(num_k):
+        step = first_step + kk
+        s = step % NUM_STAGES
+        mbarrier.wait(ready.index(s), (step // NUM_STAGES) & 1)
+        acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
         if TWO_B:
-            acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+            acc2 = warpgroup_mma(a_bufs.index(s), b2_bufs.index(s).permute((1, 0)), acc2, use_acc=kk > 0,
+                                 is_async=True)  # fmt: skip
+            acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
         else:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(s))
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES), pred=kk > 0)
+    if TWO_B:
+        acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+    else:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index((first_step + num_k - 1) % NUM_STAGES))
     return acc, acc2
 
 
@@ -258,21 +264,19 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          GATE_UP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
     layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
-    acc_g = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
-    acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
-    for step in range(num_steps):
-        kk = step % num_k
-        acc_g, acc_u = _consume(step, kk, kk == num_k - 1, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs,
-                                NUM_STAGES, GATE_UP == 1)  # fmt: skip
-        if kk == num_k - 1:
-            pid_m, pid_n, expert = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
-            if GATE_UP == 2:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
-                gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
-            else:
-                gate, up = acc_g, acc_u
-            _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn,
-                            topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit,
-                            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
+    for first_step in range(0, num_steps, num_k):
+        acc_g = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
+        acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
+        acc_g, acc_u = _tile_mainloop(first_step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs,
+                                      NUM_STAGES, GATE_UP == 1)  # fmt: skip
+        pid_m, pid_n, expert = _step_coords(first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+        if GATE_UP == 2:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
+            gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
+        else:
+            gate, up = acc_g, acc_u
+        _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                        sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED, HAS_BIAS,
+                        WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
     tma.store_wait(pendings=0)
 
 
@@ -284,16 +288,14 @@ def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
                          num_warps: gl.constexpr):  # fmt: skip
     layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
-    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
-    for step in range(num_steps):
-        kk = step % num_k
-        acc, unused = _consume(step, kk, kk == num_k - 1, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs,
-                               NUM_STAGES, False)  # fmt: skip
-        if kk == num_k - 1:
-            pid_m, pid_n, expert = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
-            _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr,
-                            stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout, HAS_BIAS,
-                            WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, num_warps)  # fmt: skip
+    for first_step in range(0, num_steps, num_k):
+        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
+        acc, unused = _tile_mainloop(first_step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs, NUM_STAGES,
+                                     False)  # fmt: skip
+        pid_m, pid_n, expert = _step_coords(first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+        _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
+                        stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout, HAS_BIAS, WEIGHTS_ON_INPUT,
+                        ATOMIC, BLOCK_M, BLOCK_N, num_warps)  # fmt: skip
 
 
 @gluon.jit
