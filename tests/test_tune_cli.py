@@ -687,6 +687,11 @@ def test_variants_replace_the_candidates(tmp_path):
         dataclasses.replace(entry, split_tail=True),
         dataclasses.replace(entry, split_tail=True, persistent=False),
     ]
+    # the entry is the config in use: the rematch times it again even when three changes screened faster
+    assert points[1].in_use == entry
+    heuristic, _, *changes = points[1].candidates
+    points[1].times = [(heuristic, 1.0), (entry, 2.0), *((cfg, 0.5) for cfg in changes)]  # the entry screened last
+    assert entry in [cfg for cfg, _ in tune.rematch_candidates(points[1])]
 
 
 def test_dry_run_with_variants_says_what_the_gpu_run_times(capsys):

@@ -907,7 +907,9 @@ def use_variant_candidates(points: list[TunePoint], variants: list[dict[str, int
     """Each point's candidates become: the heuristic, its table entry (the first of ``paths`` that has one, or the
     entry tuned nearest to its T as ``pick_config`` takes it, else the heuristic) and that entry with each of
     ``variants`` applied; a change the entry cannot take (KernelConfig refuses it) or that leaves it unchanged is
-    dropped."""
+    dropped. The entry is also the point's config in use, so the rematch times it again beside the fastest changes
+    (``rematch_candidates``; without it, a change timed 0.97x in the screening was written over an entry that the
+    rematch, on another clock, never timed: session 13's mixtral-8x7b T = 2048 / 4096)."""
     entries: dict[str, KernelConfig] = {}
     for path in reversed(list(dict.fromkeys(paths))):  # the first path wins
         entries.update(table_entries(path))
@@ -921,7 +923,7 @@ def use_variant_candidates(points: list[TunePoint], variants: list[dict[str, int
             except ValueError:
                 continue
         p.candidates = list(dict.fromkeys([heuristic, entry, *changed]))
-        p.entry = entry
+        p.entry = p.in_use = entry
 
 
 def add_table_candidates(points: list[TunePoint], paths: list[Path]) -> int:

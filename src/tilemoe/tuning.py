@@ -89,6 +89,11 @@ class KernelConfig:
     Triton kernels instead where Gluon cannot: fp32, a GPU other than Hopper, TMA unable to read a tensor, the
     interpreter. Measured on an H100 (bench/NOTES.md, version 14): the layer 1.07-1.31x slower than with the Triton
     entries at T = 1024-16384, the committed kernels' time 1.15-1.17x at qwen3 / mixtral T=4096; in no table entry.
+    ``expert_groups`` (the tiled GEMMs, Triton and Gluon, one launch included): the tiles run expert by expert,
+    ``group_m*`` blocks of one expert at a time, instead of in groups of ``group_m*`` blocks over all the blocks. Those
+    groups straddle experts, and an expert whose blocks a group edge cuts streams its weights from HBM once per group:
+    ncu counted 4.46 GB read by mixtral-8x7b T=4096's GEMM 1 for 1.88 GB of w13 (bench/NOTES.md, version 15). A
+    ``group_m*`` at least an expert's blocks then reads its weights once.
     """
 
     block_m: int = 64
@@ -114,6 +119,7 @@ class KernelConfig:
     persistent_tails: bool = False
     gemm1_clears_out: bool = False
     gluon: bool = False
+    expert_groups: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):

@@ -177,7 +177,12 @@ def test_randomized_sweep_bf16(part):
               KernelConfig(block_m=128, block_n1=128, block_k1=64, num_warps1=8, num_stages1=4, block_n2=128,
                            block_k2=64, num_warps2=8, num_stages2=4, tma=True, gluon=True),
               KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, gluon=True,
-                           gate_up_dot=True, persistent1=True)]  # fmt: skip
+                           gate_up_dot=True, persistent1=True, expert_groups=True, group_m1=2),
+              KernelConfig(block_m=64, block_n1=64, block_k1=64, block_n2=64, block_k2=64, tma=True, sorted_x=True,
+                           gate_up_dot=True, persistent1=True, persistent=True, expert_groups=True, group_m1=3,
+                           group_m2=16),
+              KernelConfig(block_m=32, block_n1=32, block_k1=32, block_n2=32, block_k2=32, split_tail=True,
+                           expert_groups=True, group_m1=1, group_m2=2)]  # fmt: skip
     mismatches = []
     for case in range(50):
         e = rng.choice([1, 3, 8, 13, 64, 160])

@@ -34,6 +34,12 @@ def _check_invariants(al, topk_ids, num_experts, block_m):
         assert bool((flat[rows] == expert_ids[block]).all())
         assert bool((rows[1:] > rows[:-1]).all())  # slot order inside an expert (stable)
     assert bool((expert_ids[used:] == num_experts).all())
+    # expert_starts: each expert's first block (the blocks are sorted by expert), then the blocks in use
+    starts = al.expert_starts.cpu().long()
+    assert starts.shape == (num_experts + 1,) and int(starts[0]) == 0 and int(starts[-1]) == used
+    assert torch.equal(starts[1:] - starts[:-1], padded // block_m)
+    for expert in range(num_experts):
+        assert bool((expert_ids[starts[expert] : starts[expert + 1]] == expert).all())
 
 
 @pytest.mark.parametrize(
@@ -45,7 +51,7 @@ def test_align_matches_reference(num_tokens, top_k, num_experts, block_m, genera
     topk_ids = torch.sort(scores, dim=-1, descending=True)[1][:, :top_k].to(DEVICE, torch.int32)
     got = moe_align(topk_ids, num_experts, block_m)
     ref = moe_align_torch(topk_ids, num_experts, block_m)
-    for name in ("sorted_ids", "expert_ids", "counts", "num_padded"):
+    for name in ("sorted_ids", "expert_ids", "counts", "num_padded", "expert_starts"):
         assert torch.equal(getattr(got, name).cpu(), getattr(ref, name).cpu()), name
     _check_invariants(got, topk_ids, num_experts, block_m)
 
@@ -59,7 +65,7 @@ def test_align_one_expert_takes_every_token():
 
 
 def _assert_same(got, ref):
-    for name in ("sorted_ids", "expert_ids", "counts", "num_padded"):
+    for name in ("sorted_ids", "expert_ids", "counts", "num_padded", "expert_starts"):
         assert torch.equal(getattr(got, name).cpu(), getattr(ref, name).cpu()), name
 
 

@@ -4,6 +4,8 @@ import functools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import tilemoe.ops._fused_experts_launch as launch_module
 import tilemoe.ops.fused_experts as fused_experts_module
@@ -424,6 +426,71 @@ def test_gemm1_clears_out_only_with_the_tiled_gemms():
         with pytest.raises(ValueError, match="gemm1_clears_out: only with the two-launch tiled GEMMs"):
             KernelConfig(gemm1_clears_out=True, **other)
     assert KernelConfig(gemm1_clears_out=1).gemm1_clears_out is True
+
+
+# expert_groups: the tiles run expert by expert, group_m blocks of one expert at a time; block_m = 16 gives
+# SPLIT_COUNTS' experts 0-5 blocks, so group_m 1-3 cuts most experts into several groups and leaves tails of groups
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(group_m1=1, group_m2=2),
+        dict(group_m1=3, group_m2=8, persistent=True),
+        dict(group_m1=2, group_m2=3, tma=True, persistent1=True, persistent=True),
+        dict(group_m1=2, group_m2=2, tma=True, sorted_x=True, gate_up_dot=True, persistent1=True),
+        dict(group_m1=3, group_m2=1, block_m=32, split_tail=True, persistent=True, persistent_tails=True),
+        dict(group_m1=2, group_m2=3, one_launch=True),
+    ],
+)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_expert_groups(options, deterministic, dtype, generator, monkeypatch):
+    fields = dict(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages1=2, num_stages2=2)
+    cfg = KernelConfig(**{**fields, **options}, expert_groups=True)
+    _poison(monkeypatch)
+    gemm1 = _spy_launches(monkeypatch, "_gemm1_kernel")
+    gemm2 = _spy_launches(monkeypatch, "_gemm2_kernel")
+    _run_split_counts(cfg, dtype, generator, deterministic)
+    launches = gemm1 + gemm2
+    assert len(launches) == (0 if cfg.one_launch else 2) and all(k["EXPERT_GROUPS"] for k in launches)
+
+
+@triton.jit
+def _tile_order_kernel(out_ptr, expert_ids_ptr, expert_starts_ptr, num_blocks_m, num_blocks_n,
+                       GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr):  # fmt: skip
+    from tilemoe.ops._kernels._fused_experts import _tile_coords
+
+    tile = tl.program_id(0)
+    pid_m, pid_n = _tile_coords(
+        tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+    )
+    tl.store(out_ptr + 2 * tile, pid_m)
+    tl.store(out_ptr + 2 * tile + 1, pid_n)
+
+
+@pytest.mark.parametrize("group_m", [1, 2, 3, 8])
+def test_expert_groups_order_is_a_bijection_whose_groups_keep_to_one_expert(group_m):
+    from tilemoe.ops.align import moe_align_torch
+
+    counts = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26, 0, 80]  # 0-6 blocks of 16 rows
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))]
+    align = moe_align_torch(ids.view(-1, 1).to(torch.int32), len(counts), 16)
+    used_m, num_blocks_n = int(align.num_padded) // 16, 5
+    out = torch.full((used_m * num_blocks_n, 2), -1, dtype=torch.int32)
+    _tile_order_kernel[(used_m * num_blocks_n,)](out, align.expert_ids, align.expert_starts, used_m, num_blocks_n,
+                                                 GROUP_M=group_m, EXPERT_GROUPS=True)  # fmt: skip
+    pairs = [tuple(p) for p in out.tolist()]
+    assert sorted(pairs) == [(m, n) for m in range(used_m) for n in range(num_blocks_n)]  # every tile once
+    experts = align.expert_ids[out[:, 0].long()].tolist()
+    assert experts == sorted(experts)  # expert by expert
+    # a run of group_m blocks over all columns: its tiles belong to one expert
+    starts = align.expert_starts.tolist()
+    for expert in range(len(counts)):
+        blocks = starts[expert + 1] - starts[expert]
+        tiles = out[[i for i, e in enumerate(experts) if e == expert]]
+        for group_start in range(0, blocks, group_m):
+            group_tiles = tiles[group_start * num_blocks_n : (group_start + group_m) * num_blocks_n]
+            rows = set(group_tiles[:, 0].tolist())
+            assert rows == set(range(starts[expert] + group_start, starts[expert] + min(blocks, group_start + group_m)))
 
 
 def test_split_tail_needs_block_m_32():

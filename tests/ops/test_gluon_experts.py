@@ -21,20 +21,21 @@ from tilemoe.testing import (
 from tilemoe.tuning import KernelConfig
 
 # (block_m, block_n1, block_k1, warps1, stages1, block_n2, block_k2, warps2, stages2, persistent1, persistent,
-#  gate_up_dot)
+#  gate_up_dot, expert_groups: the tiles expert by expert, 2 blocks of one expert at a time)
 GLUON_TILES = [
-    (128, 128, 64, 8, 4, 128, 64, 8, 4, False, False, False),  # two 128 x 128 accumulators on two warpgroups
-    (128, 128, 64, 8, 4, 256, 64, 8, 3, True, True, True),  # N = 256 wgmmas (gate | up, GEMM 2); persistent grids
-    (64, 128, 64, 4, 4, 128, 64, 4, 4, True, False, True),  # one warpgroup, 64 rows, a [64, 256] accumulator
-    (64, 64, 64, 8, 3, 64, 64, 8, 2, False, True, False),  # 8 warps on 64 rows (side by side along N), 2 stages
+    (128, 128, 64, 8, 4, 128, 64, 8, 4, False, False, False, False),  # two 128 x 128 accumulators, two warpgroups
+    (128, 128, 64, 8, 4, 256, 64, 8, 3, True, True, True, True),  # N = 256 wgmmas (gate | up, GEMM 2); persistent
+    (64, 128, 64, 4, 4, 128, 64, 4, 4, True, False, True, False),  # one warpgroup, 64 rows, a [64, 256] accumulator
+    (64, 64, 64, 8, 3, 64, 64, 8, 2, False, True, False, True),  # 8 warps on 64 rows (side by side along N), 2 stages
 ]
 
 
 def gluon_config(tiles) -> KernelConfig:
-    bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, p1, p2, gate_up = tiles
+    bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, p1, p2, gate_up, expert_groups = tiles
     return KernelConfig(block_m=bm, block_n1=bn1, block_k1=bk1, num_warps1=w1, num_stages1=s1, block_n2=bn2,
                         block_k2=bk2, num_warps2=w2, num_stages2=s2, tma=True, gluon=True, persistent1=p1,
-                        persistent=p2, gate_up_dot=gate_up)  # fmt: skip
+                        persistent=p2, gate_up_dot=gate_up, expert_groups=expert_groups, group_m1=2,
+                        group_m2=2)  # fmt: skip
 
 
 def _run(config, num_tokens, kc, dtype, device, seed, deterministic=False, hot_expert=None):

@@ -213,6 +213,7 @@ def _launch(
         stride_ai=act.stride(1),
         sorted_ids_ptr=align.sorted_ids,
         expert_ids_ptr=align.expert_ids,
+        expert_starts_ptr=align.expert_starts,
         num_padded_ptr=align.num_padded,
         num_slots=num_slots,
         top_k=top_k,
@@ -234,6 +235,7 @@ def _launch(
         BLOCK_N=cfg.block_n1,
         BLOCK_K=cfg.block_k1,
         GROUP_M=cfg.group_m1,
+        EXPERT_GROUPS=cfg.expert_groups,
         SPLIT_TAIL=split_tail1,
     )
     if cfg.one_launch:
@@ -292,6 +294,7 @@ def _launch(
         stride_oh=out.stride(1),
         sorted_ids_ptr=align.sorted_ids,
         expert_ids_ptr=align.expert_ids,
+        expert_starts_ptr=align.expert_starts,
         num_padded_ptr=align.num_padded,
         num_slots=num_slots,
         top_k=top_k,
@@ -311,6 +314,7 @@ def _launch(
         BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2,
         GROUP_M=cfg.group_m2,
+        EXPERT_GROUPS=cfg.expert_groups,
         SPLIT_TAIL=split_tail2,
         num_warps=cfg.num_warps2,
         num_stages=cfg.num_stages2,
@@ -369,8 +373,9 @@ def _launch_gluon(
     b2_arg = b2 if b2 is not None else w2
     # the ring's depth is the kernel's own NUM_STAGES, and a ring needs two
     ring = dict(stage_arg="NUM_STAGES", min_stages=2, sorted_ids_ptr=align.sorted_ids, expert_ids_ptr=align.expert_ids,
-                num_padded_ptr=align.num_padded, topk_weights_ptr=weights_flat, num_slots=num_slots, hidden=hidden,
-                inter=inter, WEIGHTS_ON_INPUT=weights_on_input, BLOCK_M=cfg.block_m)  # fmt: skip
+                expert_starts_ptr=align.expert_starts, num_padded_ptr=align.num_padded, topk_weights_ptr=weights_flat,
+                num_slots=num_slots, hidden=hidden, inter=inter, WEIGHTS_ON_INPUT=weights_on_input,
+                BLOCK_M=cfg.block_m, EXPERT_GROUPS=cfg.expert_groups)  # fmt: skip
     launch_fitting(
         _gluon_gemm1_kernel,
         _grid(x.device, num_blocks_m * cdiv(inter, cfg.block_n1), cfg.persistent1),

@@ -41,6 +41,8 @@ class Alignment:
     expert_ids  [CAP // block_m] int32: expert of each block of rows; E past ``num_padded``.
     counts      [E] int32: slots per expert.
     num_padded  [1] int32: rows in use (each expert's rows rounded up to block_m).
+    expert_starts [E + 1] int32: the first block of each expert's rows, then the blocks in use (num_padded //
+                block_m): expert e has blocks [expert_starts[e], expert_starts[e + 1]), none when its count is 0.
     """
 
     sorted_ids: torch.Tensor
@@ -48,6 +50,7 @@ class Alignment:
     counts: torch.Tensor
     num_padded: torch.Tensor
     block_m: int
+    expert_starts: torch.Tensor
 
 
 def align_capacity(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -92,7 +95,8 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> A
     block_rows = torch.arange(0, capacity, block_m, device=device)
     expert_ids = torch.searchsorted(pad_end, block_rows, right=True).clamp_max(num_experts).to(torch.int32)
     num_padded = pad_end[-1:].to(torch.int32)
-    return Alignment(sorted_ids, expert_ids, counts.to(torch.int32), num_padded, block_m)
+    expert_starts = torch.cat([pad_end.new_zeros(1), pad_end // block_m]).to(torch.int32)
+    return Alignment(sorted_ids, expert_ids, counts.to(torch.int32), num_padded, block_m, expert_starts)
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
@@ -123,6 +127,7 @@ def _moe_align_one_program(topk_ids: torch.Tensor, num_experts: int, block_m: in
     expert_ids = torch.empty(capacity // block_m, dtype=torch.int32, device=device)
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    expert_starts = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
     block_e = max(16, 1 << (num_experts - 1).bit_length())
     chunk = 64 if block_e <= 64 else 32
     _align_one_program_kernel[(1,)](
@@ -132,6 +137,7 @@ def _moe_align_one_program(topk_ids: torch.Tensor, num_experts: int, block_m: in
         expert_ids_ptr=expert_ids,
         counts_ptr=counts,
         num_padded_ptr=num_padded,
+        expert_starts_ptr=expert_starts,
         num_slots=num_slots,
         num_experts=num_experts,
         capacity=capacity,
@@ -140,7 +146,7 @@ def _moe_align_one_program(topk_ids: torch.Tensor, num_experts: int, block_m: in
         CHUNK=chunk,
         num_warps=4,
     )
-    return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m)
+    return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m, expert_starts)
 
 
 def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int = ALIGN_CHUNK) -> Alignment:
@@ -168,6 +174,7 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, 
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    expert_starts = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
     from tilemoe.ops._kernels._align import _align_histogram_kernel, _align_scan_kernel, _align_scatter_kernel
 
     flat = topk_ids.reshape(-1)
@@ -205,6 +212,7 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, 
         sorted_ids_ptr=sorted_ids,
         expert_ids_ptr=expert_ids,
         num_padded_ptr=num_padded,
+        expert_starts_ptr=expert_starts,
         num_slots=num_slots,
         num_experts=num_experts,
         num_chunks=num_chunks,
@@ -217,7 +225,7 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, 
         SUB=64 if block_e <= 128 else 32,
         num_warps=4 if block_e <= 128 else 8,
     )
-    return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m)
+    return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m, expert_starts)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -6,6 +6,7 @@ Dimension letters: T tokens, K top-k, E experts; S = T*K slots (slot s = token s
     expert_ids   [CAP/BLOCK_M]  int32 expert of each BLOCK_M-row block; E for blocks past the end
     counts       [E]            int32 slots per expert
     num_padded   [1]            int32 rows in use: sum_e round_up(counts[e], BLOCK_M)
+    expert_starts [E + 1]       int32 first block of each expert's rows, then num_padded / BLOCK_M
 Order inside an expert is the slot order (a stable sort), so the result equals ``moe_align_torch``.
 ``_align_one_program_kernel`` is meant for small S (decode), where launches, not work, cost time; the three
 multi-program kernels below it for large S.
@@ -24,6 +25,7 @@ def _align_one_program_kernel(
     expert_ids_ptr,
     counts_ptr,
     num_padded_ptr,
+    expert_starts_ptr,
     num_slots,
     num_experts,
     capacity,
@@ -46,6 +48,8 @@ def _align_one_program_kernel(
     total = tl.sum(padded, axis=0)
     tl.store(counts_ptr + experts, counts, mask=experts < num_experts)
     tl.store(num_padded_ptr, total)
+    tl.store(expert_starts_ptr + experts, pad_start // BLOCK_M, mask=experts < num_experts)
+    tl.store(expert_starts_ptr + num_experts, total // BLOCK_M)
     # padding marks and the expert of each block
     for start in range(0, capacity, CHUNK):
         pos = start + lanes
@@ -139,6 +143,7 @@ def _align_scatter_kernel(
     sorted_ids_ptr,
     expert_ids_ptr,
     num_padded_ptr,
+    expert_starts_ptr,
     num_slots,
     num_experts,
     num_chunks,
@@ -163,6 +168,8 @@ def _align_scatter_kernel(
     pad_end = tl.cumsum(padded, axis=0)
     if pid == 0:
         tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+        tl.store(expert_starts_ptr + experts, (pad_end - padded) // BLOCK_M, mask=experts < num_experts)
+        tl.store(expert_starts_ptr + num_experts, tl.sum(padded, axis=0) // BLOCK_M)
     for start in range(0, blocks_per_program, SUB):
         blocks = pid * blocks_per_program + start + lanes
         # experts whose padded range ends at or before this block's first row come before it

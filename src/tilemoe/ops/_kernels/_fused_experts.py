@@ -85,6 +85,26 @@ def _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_coords(tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M: tl.constexpr,
+                 EXPERT_GROUPS: tl.constexpr):  # fmt: skip
+    """Tile index -> (block of rows, block of columns). Without EXPERT_GROUPS: ``_tile_ids`` over all the row blocks,
+    whose groups of GROUP_M blocks straddle experts (an expert's blocks cut by a group edge stream its weights from
+    HBM once per group: ncu counted 2.4x w13's bytes read by mixtral-8x7b T=4096's GEMM 1, bench/NOTES.md version
+    15). With EXPERT_GROUPS: the tiles run expert by expert (each expert's tiles are the ones whose block
+    ``tile // num_blocks_n`` is one of its blocks, as the blocks are sorted by expert), ``_tile_ids`` within the
+    expert's own blocks, so a group never spans two experts. ``tile`` must lie below the used blocks' tiles."""
+    if EXPERT_GROUPS:
+        expert = tl.load(expert_ids_ptr + tile // num_blocks_n)
+        first = tl.load(expert_starts_ptr + expert)
+        size = tl.load(expert_starts_ptr + expert + 1) - first
+        pid_m, pid_n = _tile_ids(tile - first * num_blocks_n, size, num_blocks_n, GROUP_M)
+        pid_m += first
+    else:
+        pid_m, pid_n = _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M)
+    return pid_m, pid_n
+
+
+@triton.jit
 def _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
     """True when rows [BLOCK_M / 2, BLOCK_M) of block pid_m are all padding. An expert's real rows come first in its
     padded range, so the first row of the second half tells: the block is its expert's last, holding at most
@@ -134,6 +154,7 @@ def _gemm1_tile(
     stride_ai,
     sorted_ids_ptr,
     expert_ids_ptr,
+    expert_starts_ptr,  # [E + 1] first block of each expert (EXPERT_GROUPS)
     num_slots,
     top_k,
     hidden,
@@ -154,9 +175,12 @@ def _gemm1_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EXPERT_GROUPS: tl.constexpr,
     ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (x_ptr's TMA boxes are then [ROWS, BLOCK_K])
 ):
-    pid_m, pid_n = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _tile_coords(
+        tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+    )
     rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
@@ -232,30 +256,34 @@ def _gemm1_tile(
 def _gemm1_block(
     tile, num_blocks_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
     b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+    sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
     FP32_PRECISE: tl.constexpr, W_TMA: tl.constexpr, A_TMA: tl.constexpr, GATE_UP_DOT: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+    GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, SPLIT_TAIL: tl.constexpr,
 ):  # fmt: skip
     """GEMM 1 tile ``tile``: its block's first half only (x_tail_ptr's boxes) when SPLIT_TAIL and the second half is
     padding, else the whole block (Triton needs the row count as a constexpr: one call per height)."""
-    pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    pid_m, _ = _tile_coords(
+        tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+    )
     if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
         _gemm1_tile(
             tile, num_blocks_m, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
             b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+            sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
+            num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
             ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M // 2,
         )  # fmt: skip
     else:
         _gemm1_tile(
             tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
             b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+            sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
+            num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
             ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M,
         )  # fmt: skip
 
 
@@ -278,6 +306,7 @@ def _gemm1_kernel(
     stride_ai,
     sorted_ids_ptr,
     expert_ids_ptr,
+    expert_starts_ptr,  # [E + 1] first block of each expert (EXPERT_GROUPS)
     num_padded_ptr,
     num_slots,
     top_k,
@@ -301,6 +330,7 @@ def _gemm1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EXPERT_GROUPS: tl.constexpr,  # tiles ordered expert by expert, GROUP_M blocks of one expert at a time
     SPLIT_TAIL: tl.constexpr,  # a block whose second half is padding computes its first half only
     PDL: tl.constexpr,
     zero_ptr,  # with ZERO_OUT: a contiguous buffer of zero_numel elements that every program clears a share of
@@ -320,29 +350,36 @@ def _gemm1_kernel(
                 _gemm1_block(
                     tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
                     b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                    sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
+                    num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                     ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, True,
                 )  # fmt: skip
         else:
             for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
                 _gemm1_block(
                     tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
                     b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                    sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
+                    num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                     ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, False,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, False,
                 )  # fmt: skip
     else:
         tile = tl.program_id(0)
-        pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-        if pid_m * BLOCK_M < num_padded:
+        if EXPERT_GROUPS:  # the used blocks' tiles come first
+            live = tile < (num_padded // BLOCK_M) * tl.cdiv(inter, BLOCK_N)
+        else:
+            pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+            live = pid_m * BLOCK_M < num_padded
+        if live:
             _gemm1_block(
                 tile, num_blocks_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
                 b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
+                num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_TAIL,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL,
             )  # fmt: skip
 
 
@@ -405,6 +442,7 @@ def _gemm2_tile(
     stride_oh,
     sorted_ids_ptr,
     expert_ids_ptr,
+    expert_starts_ptr,  # [E + 1] first block of each expert (EXPERT_GROUPS)
     num_slots,
     top_k,
     hidden,
@@ -421,9 +459,12 @@ def _gemm2_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EXPERT_GROUPS: tl.constexpr,
     ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (act_ptr's TMA boxes are then [ROWS, BLOCK_K])
 ):
-    pid_m, pid_n = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _tile_coords(
+        tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+    )
     rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
@@ -475,29 +516,32 @@ def _gemm2_tile(
 def _gemm2_block(
     tile, num_blocks_m, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
     b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+    sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
     HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr, ATOMIC: tl.constexpr, FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr,
 ):  # fmt: skip
     """GEMM 2 tile ``tile``: its block's first half only (act_tail_ptr's boxes) when SPLIT_TAIL and the second half is
     padding, else the whole block (as ``_gemm1_block``)."""
-    pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    pid_m, _ = _tile_coords(
+        tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+    )
     if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
         _gemm2_tile(
             tile, num_blocks_m, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
             b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+            sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
             HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M // 2,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M // 2,
         )  # fmt: skip
     else:
         _gemm2_tile(
             tile, num_blocks_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
             b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-            sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+            sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
             HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M,
         )  # fmt: skip
 
 
@@ -520,6 +564,7 @@ def _gemm2_kernel(
     stride_oh,
     sorted_ids_ptr,
     expert_ids_ptr,
+    expert_starts_ptr,  # [E + 1] first block of each expert (EXPERT_GROUPS)
     num_padded_ptr,
     num_slots,
     top_k,
@@ -539,6 +584,7 @@ def _gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EXPERT_GROUPS: tl.constexpr,  # tiles ordered expert by expert, GROUP_M blocks of one expert at a time
     SPLIT_TAIL: tl.constexpr,  # as in GEMM 1
     PDL: tl.constexpr,
 ):
@@ -552,9 +598,9 @@ def _gemm2_kernel(
                 _gemm2_block(
                     tile, used_m, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
                     stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                    sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
                     HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, True,
                 )  # fmt: skip
         else:
             # flattened: the pipeliner prefetches the next tile's operands during this tile's epilogue
@@ -562,18 +608,22 @@ def _gemm2_kernel(
                 _gemm2_tile(
                     tile, used_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
                     b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                    sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                    sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
                     HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_M,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M,
                 )  # fmt: skip
     else:
         tile = tl.program_id(0)
-        pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-        if pid_m * BLOCK_M < num_padded:
+        if EXPERT_GROUPS:  # the used blocks' tiles come first
+            live = tile < (num_padded // BLOCK_M) * tl.cdiv(hidden, BLOCK_N)
+        else:
+            pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+            live = pid_m * BLOCK_M < num_padded
+        if live:
             _gemm2_block(
                 tile, num_blocks_m, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
                 stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
                 HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_TAIL,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL,
             )  # fmt: skip

@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from tilemoe.ops._kernels._activation import _activate, _up_factor
-from tilemoe.ops._kernels._fused_experts import _tile_ids
+from tilemoe.ops._kernels._fused_experts import _tile_coords
 
 # TMA box copies: Triton 3.6 (the device's) names them async_copy_global_to_shared / async_copy_shared_to_global,
 # later releases async_load / async_store (the old names left to raise).
@@ -67,13 +67,16 @@ def _mma_layout(block_m, block_n, num_warps):
 
 
 @gluon.jit
-def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M: gl.constexpr):
+def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M: gl.constexpr,
+                 EXPERT_GROUPS: gl.constexpr):  # fmt: skip
     """The tile of this program's ``step``-th k step: (pid_m, pid_n, expert). Its tiles are program_id,
-    program_id + programs, ... (the ``num_tiles`` tiles of the row blocks in use), each ``num_k`` steps."""
+    program_id + programs, ... (the ``num_tiles`` tiles of the row blocks in use), each ``num_k`` steps, ordered as
+    ``_fused_experts._tile_coords`` orders them."""
     tile = gl.program_id(0) + (step // num_k) * gl.num_programs(0)
     # past the last step (its loads predicated off) or with no tile at all: tile 0's coordinates, never garbage
     used_m = gl.maximum(num_tiles // num_blocks_n, 1)
-    pid_m, pid_n = _tile_ids(gl.maximum(gl.minimum(tile, num_tiles - 1), 0), used_m, num_blocks_n, GROUP_M)
+    tile = gl.maximum(gl.minimum(tile, num_tiles - 1), 0)
+    pid_m, pid_n = _tile_coords(tile, used_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS)
     expert = gl.load(expert_ids_ptr + pid_m)
     return pid_m, pid_n, expert
 
@@ -195,10 +198,10 @@ def _ring(a_desc, b_desc, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK
 
 
 @gluon.jit
-def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, b2_offset,
-                    a_desc, b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
+def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, b_rows_per_expert,
+                    b2_offset, a_desc, b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                    GATE_UP: gl.constexpr):  # fmt: skip
+                    EXPERT_GROUPS: gl.constexpr, GATE_UP: gl.constexpr):  # fmt: skip
     """The producer warp: each step's boxes into its stage once the MMAs of NUM_STAGES steps before have released it
     (the first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done). A tile's
     coordinates (its expert id a global load) are worked out at its first step, before that step's wait, and carried,
@@ -210,7 +213,9 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b
     phase = 1
     for step in range(num_steps):
         if kk == 0:
-            pid_m, pid_n, expert = _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+            pid_m, pid_n, expert = _step_coords(
+                step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+            )
             a_row = pid_m * BLOCK_M
             b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
         mbarrier.wait(empty.index(s), phase)
@@ -231,10 +236,10 @@ def _tile_mainloop(first_step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b
     """One tile's k steps (the program's steps ``first_step`` on; acc2 with the second B buffer when TWO_B: ``_ring``'s
     GATE_UP 1), one step of wgmma in flight: each step's stage waits for its boxes, and the step before's stage is
     released once its MMAs retire; at the end everything retires and the last stage is released too. The k loop is a
-    loop of its own, the accumulators zeroed before it (``use_acc`` off at k = 0) and read only after it: with one flat
-    (tile, k) loop whose epilogue sat in a branch inside it, ptxas made every step wait for all its wgmmas ("warpgroup.wait
-    is injected ... to allow use of registers defined by GMMA", C7517), the one-in-flight pipeline undone (bench/NOTES.md
-    version 15)."""
+    loop of its own, the accumulators zeroed before it (``use_acc`` off at k = 0) and read only after it: with one
+    flat (tile, k) loop whose epilogue sat in a branch inside it, ptxas made every step wait for all its wgmmas
+    ("warpgroup.wait is injected ... to allow use of registers defined by GMMA", C7517), the one-in-flight pipeline
+    undone (bench/NOTES.md version 15)."""
     for kk in range(num_k):
         step = first_step + kk
         s = step % NUM_STAGES
@@ -256,12 +261,13 @@ def _tile_mainloop(first_step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b
 
 
 @gluon.jit
-def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs, b_bufs,
-                         b2_bufs, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr, num_slots,
-                         inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr, GATED: gl.constexpr,
-                         HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr,
-                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
-                         GATE_UP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, ready, empty,
+                         a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                         sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr,
+                         GATED: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
+                         BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, GATE_UP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
     layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
     for first_step in range(0, num_steps, num_k):
@@ -269,7 +275,9 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
         acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
         acc_g, acc_u = _tile_mainloop(first_step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs,
                                       NUM_STAGES, GATE_UP == 1)  # fmt: skip
-        pid_m, pid_n, expert = _step_coords(first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+        pid_m, pid_n, expert = _step_coords(
+            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+        )
         if GATE_UP == 2:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
             gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
         else:
@@ -281,18 +289,20 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
 
 
 @gluon.jit
-def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs, b_bufs,
-                         b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, ready, empty,
+                         a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                          sorted_ids_ptr, num_slots, top_k, hidden, HAS_BIAS: gl.constexpr,
                          WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr,
-                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
-                         num_warps: gl.constexpr):  # fmt: skip
+                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
     for first_step in range(0, num_steps, num_k):
         acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
         acc, unused = _tile_mainloop(first_step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs, NUM_STAGES,
                                      False)  # fmt: skip
-        pid_m, pid_n, expert = _step_coords(first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, GROUP_M)
+        pid_m, pid_n, expert = _step_coords(
+            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+        )
         _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
                         stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout, HAS_BIAS, WEIGHTS_ON_INPUT,
                         ATOMIC, BLOCK_M, BLOCK_N, num_warps)  # fmt: skip
@@ -309,6 +319,7 @@ def _gluon_gemm1_kernel(
     topk_weights_ptr,
     sorted_ids_ptr,
     expert_ids_ptr,
+    expert_starts_ptr,  # [E + 1] first block of each expert (EXPERT_GROUPS)
     num_padded_ptr,
     num_slots,
     hidden,
@@ -323,6 +334,7 @@ def _gluon_gemm1_kernel(
     BLOCK_N: gl.constexpr,
     BLOCK_K: gl.constexpr,
     GROUP_M: gl.constexpr,
+    EXPERT_GROUPS: gl.constexpr,  # tiles ordered expert by expert (``_tile_coords``)
     NUM_STAGES: gl.constexpr,
     GATE_UP_DOT: gl.constexpr,  # gated: one N = 2 BLOCK_N wgmma over the gate and up boxes, not two (``_ring``)
     num_warps: gl.constexpr,
@@ -339,14 +351,14 @@ def _gluon_gemm1_kernel(
     a_bufs, b_bufs, b2_bufs, ready, empty = _ring(x_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, gate_up)
     gl.warp_specialize(
         [
-            (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs,
-                                    b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
-                                    sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED,
-                                    HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, gate_up,
-                                    num_warps)),
-            (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, b_rows_per_expert, inter,
-                               x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N,
-                               BLOCK_K, GROUP_M, gate_up)),
+            (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                    ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
+                                    topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit,
+                                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N, GROUP_M,
+                                    EXPERT_GROUPS, NUM_STAGES, gate_up, num_warps)),
+            (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                               b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
+                               NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, gate_up)),
         ],
         [1],
         [LOADER_REGS],
@@ -366,6 +378,7 @@ def _gluon_gemm2_kernel(
     stride_oh,
     sorted_ids_ptr,
     expert_ids_ptr,
+    expert_starts_ptr,  # [E + 1] first block of each expert (EXPERT_GROUPS)
     num_padded_ptr,
     num_slots,
     top_k,
@@ -378,6 +391,7 @@ def _gluon_gemm2_kernel(
     BLOCK_N: gl.constexpr,
     BLOCK_K: gl.constexpr,
     GROUP_M: gl.constexpr,
+    EXPERT_GROUPS: gl.constexpr,  # tiles ordered expert by expert (``_tile_coords``)
     NUM_STAGES: gl.constexpr,
     num_warps: gl.constexpr,
 ):
@@ -389,13 +403,14 @@ def _gluon_gemm2_kernel(
     a_bufs, b_bufs, b2_bufs, ready, empty = _ring(act_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, 0)
     gl.warp_specialize(
         [
-            (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, ready, empty, a_bufs,
-                                    b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
-                                    stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, HAS_BIAS, WEIGHTS_ON_INPUT,
-                                    ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, num_warps)),
-            (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, hidden, 0, act_desc, w_desc,
-                               ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                               0)),
+            (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                    ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
+                                    out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, HAS_BIAS,
+                                    WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES,
+                                    num_warps)),
+            (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, hidden, 0,
+                               act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N,
+                               BLOCK_K, GROUP_M, EXPERT_GROUPS, 0)),
         ],
         [1],
         [LOADER_REGS],

@@ -23,7 +23,7 @@ runs one program, which meets every GEMM 1 tile before the GEMM 2 tiles that nee
 import triton
 import triton.language as tl
 
-from tilemoe.ops._kernels._fused_experts import _gemm1_block, _gemm2_block, _tile_ids
+from tilemoe.ops._kernels._fused_experts import _gemm1_block, _gemm2_block, _tile_coords
 from tilemoe.ops._kernels._pdl import _pdl_prologue
 
 
@@ -69,6 +69,7 @@ def _one_launch_kernel(
     stride_ai,
     sorted_ids_ptr,
     expert_ids_ptr,
+    expert_starts_ptr,
     num_padded_ptr,
     num_slots,
     top_k,
@@ -104,6 +105,7 @@ def _one_launch_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EXPERT_GROUPS: tl.constexpr,
     SPLIT_TAIL: tl.constexpr,
     HAS_BIAS2: tl.constexpr,
     ATOMIC: tl.constexpr,
@@ -128,20 +130,23 @@ def _one_launch_kernel(
             _gemm1_block(
                 tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
                 b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter, swiglu_alpha,
+                swiglu_limit,
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_TAIL,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL,
             )  # fmt: skip
-            pid_m, pid_n = _tile_ids(tile, used_m, nt1, GROUP_M)
+            pid_m, pid_n = _tile_coords(tile, used_m, nt1, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS)
             _mark_ready(ready_ptr + pid_m * nt1 + pid_n)
         else:
             tile2 = tile - tiles1
-            pid_m, _ = _tile_ids(tile2, used_m, tl.cdiv(hidden, BLOCK_N2), GROUP_M2)
+            pid_m, _ = _tile_coords(
+                tile2, used_m, tl.cdiv(hidden, BLOCK_N2), expert_ids_ptr, expert_starts_ptr, GROUP_M2, EXPERT_GROUPS
+            )
             _wait_ready(ready_ptr + pid_m * nt1, err_ptr, nt1, max_spin, NT1_P2, SPIN)
             _gemm2_block(
                 tile2, used_m, act_ptr, act_ptr, stride_am, stride_ai, w2_ptr, stride_w2e, stride_w2h, stride_w2i,
                 b2_ptr, stride_b2e, stride_b2h, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                sorted_ids_ptr, expert_ids_ptr, num_slots, top_k, hidden, inter,
+                sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
                 HAS_BIAS2, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W2_TMA, False, EVEN_K2, EVEN_N2,
-                BLOCK_M, BLOCK_N2, BLOCK_K2, GROUP_M2, SPLIT_TAIL,
+                BLOCK_M, BLOCK_N2, BLOCK_K2, GROUP_M2, EXPERT_GROUPS, SPLIT_TAIL,
             )  # fmt: skip

@@ -1,0 +1,64 @@
+"""One fused Triton MoE forward per config under Nsight Compute: the GEMM kernels' hardware counters, side by side.
+
+    ncu --profile-from-start off --clock-control none -k regex:gemm --section SpeedOfLight ... \\
+        python3 bench/ncu_probe.py --point qwen3-30b-a3b:4096 --variants gluon=1,...
+
+Each config (the point's table entry, then each variant applied to it) is run twice unprofiled (compiles, warm
+caches) and once between cudaProfilerStart / Stop, so ``--profile-from-start off`` profiles exactly that call's
+kernels; the printed order of the configs is the order of their kernels in ncu's report. Random routing, bf16. A
+development tool (bench/NOTES.md version 15): it reads counters, the numbers that back claims come from
+``tilemoe bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from tilemoe.bench.scenarios import make_routing_for
+from tilemoe.config import MoEConfig
+from tilemoe.ops.fused_experts import fused_experts
+from tilemoe.testing import make_weights
+from tilemoe.tuning import MoEShape, pick_config
+
+
+def _changes(variant: str) -> dict[str, int]:
+    return {key: int(value) for key, value in (item.split("=") for item in variant.split(","))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--point", default="qwen3-30b-a3b:4096", help="MODEL:T")
+    parser.add_argument("--variants", nargs="*", default=[], help="KernelConfig changes of the entry")
+    parser.add_argument("--scenario", default="random", choices=["random", "balanced", "imbalanced"])
+    args = parser.parse_args(argv)
+    name, tokens = args.point.split(":")
+    t = int(tokens)
+    config = MoEConfig.from_pretrained(name)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    w13, w2, b13, b2 = make_weights(config, dtype=dtype, device="cuda").values()
+    x = torch.randn(t, config.hidden_size, generator=gen).to("cuda", dtype)
+    weights, ids = make_routing_for(args.scenario, t, config, generator=gen, x=x, device="cuda")
+    weights, ids = weights.float().contiguous(), ids.to(torch.int32).contiguous()
+    shape = MoEShape(t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
+    entry = pick_config(shape, dtype, torch.cuda.get_device_name())
+    for label, cfg in [("entry", entry), *((v, dataclasses.replace(entry, **_changes(v))) for v in args.variants)]:
+
+        def run(cfg=cfg):
+            return fused_experts(x, w13, w2, weights, ids, config=config, b13=b13, b2=b2, kernel_config=cfg)
+
+        run(), run()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        print(f"profiled {name} T={t}: {label}: {cfg}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
