@@ -10,6 +10,7 @@ import triton.language as tl
 import tilemoe.ops._fused_experts_launch as launch_module
 import tilemoe.ops.fused_experts as fused_experts_module
 from tilemoe.config import MoEConfig
+from tilemoe.ops._kernels._fused_experts import _tile_coords
 from tilemoe.ops.fused_experts import fused_experts, fused_experts_torch
 from tilemoe.testing import assert_close, make_input, make_routing, make_weights, reference_experts
 from tilemoe.tuning import KernelConfig
@@ -457,8 +458,6 @@ def test_expert_groups(options, deterministic, dtype, generator, monkeypatch):
 @triton.jit
 def _tile_order_kernel(out_ptr, expert_ids_ptr, expert_starts_ptr, num_blocks_m, num_blocks_n,
                        GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr):  # fmt: skip
-    from tilemoe.ops._kernels._fused_experts import _tile_coords
-
     tile = tl.program_id(0)
     pid_m, pid_n = _tile_coords(
         tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
@@ -473,14 +472,15 @@ def test_expert_groups_order_is_a_bijection_whose_groups_keep_to_one_expert(grou
 
     counts = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26, 0, 80]  # 0-6 blocks of 16 rows
     ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))]
-    align = moe_align_torch(ids.view(-1, 1).to(torch.int32), len(counts), 16)
+    align = moe_align_torch(ids.view(-1, 1).to(DEVICE, torch.int32), len(counts), 16)
     used_m, num_blocks_n = int(align.num_padded) // 16, 5
-    out = torch.full((used_m * num_blocks_n, 2), -1, dtype=torch.int32)
+    out = torch.full((used_m * num_blocks_n, 2), -1, dtype=torch.int32, device=DEVICE)
     _tile_order_kernel[(used_m * num_blocks_n,)](out, align.expert_ids, align.expert_starts, used_m, num_blocks_n,
                                                  GROUP_M=group_m, EXPERT_GROUPS=True)  # fmt: skip
     pairs = [tuple(p) for p in out.tolist()]
     assert sorted(pairs) == [(m, n) for m in range(used_m) for n in range(num_blocks_n)]  # every tile once
-    experts = align.expert_ids[out[:, 0].long()].tolist()
+    out = out.cpu()
+    experts = align.expert_ids.cpu()[out[:, 0].long()].tolist()
     assert experts == sorted(experts)  # expert by expert
     # a run of group_m blocks over all columns: its tiles belong to one expert
     starts = align.expert_starts.tolist()
