@@ -76,10 +76,16 @@ def test_candidate_configs(shape):
     for cfg in cands[1:]:
         if not cfg.grouped_mm:  # the grouped GEMM's block_m is its row alignment, not a tile
             assert smallest <= cfg.block_m <= max(16, 4 * rows)
-    pruned = [c for c in tune.CANDIDATES if c not in cands]
-    assert all(not smallest <= c.block_m <= max(16, 4 * rows) for c in pruned if c != cands[0])
+    # from EXPERT_GROUPS_MIN_ROWS rows per expert the 128-row tiles run expert by expert, 16 blocks at a time
+    by_expert = rows >= tune.EXPERT_GROUPS_MIN_ROWS
+    as_tried = tune._expert_grouped if by_expert else (lambda c: c)
+    for cfg in cands[1:]:
+        if cfg.block_m >= 128 and not cfg.grouped_mm:
+            assert cfg.expert_groups == by_expert and (not by_expert or cfg.group_m1 == cfg.group_m2 == 16)
+    pruned = [c for c in tune.CANDIDATES if as_tried(c) not in cands]
+    assert all(not smallest <= c.block_m <= max(16, 4 * rows) for c in pruned if as_tried(c) != cands[0])
     if rows >= 1024:  # the 128-row dense GEMM 1 forms (the H100's mixtral T=16384 winner among them) are timed
-        assert all(c in cands for c in tune.DENSE_GEMM1_CANDIDATES if c.block_m == 128)
+        assert all(as_tried(c) in cands for c in tune.DENSE_GEMM1_CANDIDATES if c.block_m == 128)
 
 
 def test_grouped_mm_candidate_where_its_grouped_gemm_runs(monkeypatch):
@@ -647,8 +653,10 @@ def test_candidates_add_tma_for_16_bit_and_decode_for_few_slots():
     assert any(c.tma for c in tune.candidate_configs(prefill_shape, torch.bfloat16))
     assert not any(c.tma for c in tune.candidate_configs(prefill_shape, torch.float32))
     dense = [c for c in tune.candidate_configs(prefill_shape, torch.bfloat16) if c.persistent1]
-    assert set(tune.DENSE_GEMM1_CANDIDATES) <= set(dense)  # GEMM 1's dense forms are timed where TMA is
-    assert set(tune.ONE_LAUNCH_CANDIDATES) <= set(tune.candidate_configs(prefill_shape, torch.bfloat16))
+    # GEMM 1's dense forms are timed where TMA is (256 rows per expert: tiles of 128 rows expert by expert)
+    assert {tune._expert_grouped(c) for c in tune.DENSE_GEMM1_CANDIDATES} <= set(dense)
+    one_launch = {tune._expert_grouped(c) for c in tune.ONE_LAUNCH_CANDIDATES}
+    assert one_launch <= set(tune.candidate_configs(prefill_shape, torch.bfloat16))
 
 
 def test_split_tail_twins_follow_their_configs():

@@ -50,6 +50,7 @@ from tilemoe.ops._launch import recording_stages
 from tilemoe.ops.align import ONE_PROGRAM_MAX_SLOTS, align_capacity
 from tilemoe.ops.grouped_mm import grouped_mm_available
 from tilemoe.tuning import (
+    EXPERT_GROUP_M,
     TABLE_DIR,
     KernelConfig,
     MoEShape,
@@ -173,13 +174,26 @@ def _split_twin(cfg: KernelConfig) -> tuple[KernelConfig, ...]:
     return (dataclasses.replace(cfg, split_tail=True),)
 
 
+# From this many rows per expert, the candidates of 128 rows or more run their tiles expert by expert
+# (``expert_groups``, EXPERT_GROUP_M blocks at a time), as the heuristic does: they beat the same tiles in groups over
+# all blocks at 66 of 85 H100 points at T >= 1024 (bench/NOTES.md, version 15)
+EXPERT_GROUPS_MIN_ROWS = 64
+
+
+def _expert_grouped(cfg: KernelConfig) -> KernelConfig:
+    if cfg.block_m < 128 or cfg.decode or cfg.grouped_mm or cfg.expert_groups:
+        return cfg
+    return dataclasses.replace(cfg, expert_groups=True, group_m1=EXPERT_GROUP_M, group_m2=EXPERT_GROUP_M)
+
+
 def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]:
     """The configs ``tilemoe tune`` times for ``shape`` in ``dtype``: the heuristic first, then ``CANDIDATES``
     (+ ``TMA_CANDIDATES`` for 16-bit dtypes, + ``DECODE_CANDIDATES`` for S <= ``DECODE_MAX_SLOTS``) that can
     win, the likeliest first (block_m nearest the heuristic's), without repeats; last ``GROUPED_MM_CANDIDATE``
     (16-bit, from ``GROUPED_MM_MIN_ROWS`` rows per expert, where torch's grouped GEMM runs on this machine).
 
-    From ``SPLIT_TAIL_MIN_ROWS`` rows per expert, each config of 64 rows or more is followed by its split-tail twin.
+    From ``SPLIT_TAIL_MIN_ROWS`` rows per expert, each config of 64 rows or more is followed by its split-tail twin;
+    from ``EXPERT_GROUPS_MIN_ROWS``, those of 128 rows or more run their tiles expert by expert.
     Pruned: block_m over 4x the mean rows per expert (T*K/E), floor 16: such a tile is mostly padding rows
     (the busiest expert of a random routing rarely gets 4x the mean); block_m under 1/16 of it, capped at
     ``MIN_BLOCK_M_CAP``: 128-row tiles won every T >= 1024 point of the H100 runs (bench/NOTES.md, run 2), so much
@@ -195,6 +209,8 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
         pool += TMA_CANDIDATES + DENSE_GEMM1_CANDIDATES + ONE_LAUNCH_CANDIDATES
     if shape.num_tokens * shape.top_k <= DECODE_MAX_SLOTS:
         pool += DECODE_CANDIDATES
+    if rows_per_expert >= EXPERT_GROUPS_MIN_ROWS:
+        pool = [_expert_grouped(c) for c in pool]
     rest = [c for c in dict.fromkeys(pool) if c != base and min_block_m <= c.block_m <= max_block_m]
     rest.sort(key=lambda c: abs(math.log2(c.block_m) - math.log2(base.block_m)))  # stable: list order breaks ties
     if rows_per_expert >= SPLIT_TAIL_MIN_ROWS:  # each 64/128-row config then its split-tail twin

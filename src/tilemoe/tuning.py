@@ -87,8 +87,9 @@ class KernelConfig:
     epilogue; else one program per tile), ``gate_up_dot`` one wgmma of N = 2 block_n1 over the gate and up boxes
     (else two accumulators); ``split_tail`` unused; block_m >= 64 (a warpgroup MMA's rows). The launcher runs the
     Triton kernels instead where Gluon cannot: fp32, a GPU other than Hopper, TMA unable to read a tensor, the
-    interpreter. Measured on an H100 (bench/NOTES.md, version 14): the layer 1.07-1.31x slower than with the Triton
-    entries at T = 1024-16384, the committed kernels' time 1.15-1.17x at qwen3 / mixtral T=4096; in no table entry.
+    interpreter. Measured on an H100 (bench/NOTES.md, version 15, after a ptxas-serialized mainloop was fixed): GEMM 1
+    3-7% faster than the Triton kernel at qwen3 / mixtral T = 1024-4096, GEMM 2 -1% to +9%; with ``expert_groups``
+    20 H100 entries take them (mixtral, llama4-scout, gpt-oss, qwen2-57b, kimi-k2 and others at T >= 1024).
     ``expert_groups`` (the tiled GEMMs, Triton and Gluon, one launch included): the tiles run expert by expert,
     ``group_m*`` blocks of one expert at a time, instead of in groups of ``group_m*`` blocks over all the blocks. Those
     groups straddle experts, and an expert whose blocks a group edge cuts streams its weights from HBM once per group:
@@ -321,6 +322,12 @@ def _load_table(device_name: str) -> _DeviceTable:
     return _DeviceTable(configs, device=data.get("device", device_name))
 
 
+# Row blocks of one expert per group when the tiles run expert by expert (``KernelConfig.expert_groups``), the
+# heuristic's and the tuner's: of the 66 H100 points where expert_groups won, group_m 16 won 39, 32 18 and 8 nine
+# (bench/NOTES.md, version 15)
+EXPERT_GROUP_M = 16
+
+
 def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
     """Config for any shape from the rows per expert (a rule, no table).
 
@@ -356,9 +363,12 @@ def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
         )  # fmt: skip
     # TMA weight boxes and 4 stages: GEMM 1 541 vs 594 us (FlashMoE's shape, T=8192), 1435 vs 1507 us
     # (qwen3-30b-a3b, T=16384) on an H100 (bench/NOTES.md, version 3); a persistent grid gave nothing there.
+    # The tiles expert by expert, 16 blocks at a time: each expert's weights streamed from HBM once per 16 of its
+    # blocks (version 15: the H100 entries with them beat the same entries without at 66 of 85 points, T >= 1024).
     return KernelConfig(
-        block_m=128, block_n1=128, block_k1=64, group_m1=8, num_warps1=8, num_stages1=4,
-        block_n2=256, block_k2=64, group_m2=8, num_warps2=8, num_stages2=4, tma=True,
+        block_m=128, block_n1=128, block_k1=64, group_m1=EXPERT_GROUP_M, num_warps1=8, num_stages1=4,
+        block_n2=256, block_k2=64, group_m2=EXPERT_GROUP_M, num_warps2=8, num_stages2=4, tma=True,
+        expert_groups=True,
     )  # fmt: skip
 
 

@@ -7,8 +7,9 @@ wait for each stage ("ready"), keep one step of wgmma in flight, release the sta
 epilogue; a program walks one tile, or several (a persistent grid), in one flat loop, so the producer loads the next
 tile's boxes under this tile's epilogue. Why: Triton's ``tl.dot`` pipeline reached 75-86% of cuBLAS's batched GEMM at
 the cells issue 4 still misses (bench/NOTES.md, run 17), and the Gluon tutorials' Hopper matmuls matched cuBLAS.
-Measured on an H100 (NOTES version 14): the layer 1.07-1.31x slower than with the Triton entries; no table entry
-takes them.
+Measured on an H100: 15-19% slower mainloops than Triton's in version 14, ptxas having serialized the wgmmas
+(``_tile_mainloop``); after that fix (version 15) GEMM 1 runs 3-7% faster than the Triton kernel at qwen3 / mixtral
+T = 1024-4096, and 20 H100 table entries take these kernels.
 
 Dimension letters and index arrays as in ``tilemoe.ops._kernels._fused_experts``:
     x_sorted     [CAP, H]      x in padded sorted order (padding rows zero), read through [BLOCK_M, BLOCK_K] boxes
