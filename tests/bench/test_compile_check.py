@@ -73,3 +73,24 @@ def test_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, str(TOOL)], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode != 0 and "unset TRITON_INTERPRET" in done.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
+def test_flags_wgmmas_that_ptxas_serialized():
+    """Triton 3.6's PTX (the device's Triton) of the Gluon GEMM 2 in version 14's flat (tile, k) loop, whose wgmmas
+    ptxas serialized (C7517), and in version 15's per-tile k loop: the first is flagged, the second is not."""
+    data = Path(__file__).parent / "data"
+    script = (
+        "import gzip, sys\n"
+        f"sys.path.insert(0, {str(TOOL.parent)!r})\n"
+        "import compile_check\n"
+        "for path in sys.argv[1:]:\n"
+        "    print(repr(compile_check._wgmma_serialized(gzip.open(path, 'rt').read(), 90)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    paths = [str(data / "gluon_gemm2_v14_serialized.ptx.gz"), str(data / "gluon_gemm2_v15.ptx.gz")]
+    done = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    serialized, fixed = done.stdout.strip().splitlines()
+    assert "C7517 warpgroup.wait is injected" in serialized and fixed == "''"
