@@ -176,7 +176,7 @@ def _split_twin(cfg: KernelConfig) -> tuple[KernelConfig, ...]:
 
 # From this many rows per expert, the candidates of 128 rows or more run their tiles expert by expert
 # (``expert_groups``, EXPERT_GROUP_M blocks at a time), as the heuristic does: they beat the same tiles in groups over
-# all blocks at 66 of 85 H100 points at T >= 1024 (bench/NOTES.md, version 15)
+# all blocks at 64 of 85 H100 points at T >= 1024 (bench/NOTES.md, version 15)
 EXPERT_GROUPS_MIN_ROWS = 64
 
 

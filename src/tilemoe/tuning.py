@@ -323,7 +323,7 @@ def _load_table(device_name: str) -> _DeviceTable:
 
 
 # Row blocks of one expert per group when the tiles run expert by expert (``KernelConfig.expert_groups``), the
-# heuristic's and the tuner's: of the 66 H100 points where expert_groups won, group_m 16 won 39, 32 18 and 8 nine
+# heuristic's and the tuner's: of the 64 H100 points where expert_groups won, group_m 16 won 39, 32 16 and 8 nine
 # (bench/NOTES.md, version 15)
 EXPERT_GROUP_M = 16
 
@@ -364,7 +364,7 @@ def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
     # TMA weight boxes and 4 stages: GEMM 1 541 vs 594 us (FlashMoE's shape, T=8192), 1435 vs 1507 us
     # (qwen3-30b-a3b, T=16384) on an H100 (bench/NOTES.md, version 3); a persistent grid gave nothing there.
     # The tiles expert by expert, 16 blocks at a time: each expert's weights streamed from HBM once per 16 of its
-    # blocks (version 15: the H100 entries with them beat the same entries without at 66 of 85 points, T >= 1024).
+    # blocks (version 15: the H100 entries with them beat the same entries without at 64 of 85 points, T >= 1024).
     return KernelConfig(
         block_m=128, block_n1=128, block_k1=64, group_m1=EXPERT_GROUP_M, num_warps1=8, num_stages1=4,
         block_n2=256, block_k2=64, group_m2=EXPERT_GROUP_M, num_warps2=8, num_stages2=4, tma=True,
