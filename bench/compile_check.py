@@ -93,7 +93,7 @@ class Compiled:
     registers: int | None = None
     spills: int | None = None
     mma: str = ""
-    serialized: str = ""  # ptxas's note that it made the wgmmas wait (C7514-C7517), the note's code and words
+    serialized: str = ""  # ptxas's note that it serialized the wgmmas or made them wait (_SERIALIZED_NOTE): code, words
     error: str = ""
     refused: str = ""  # over the shared memory: refused, as Triton does when it loads the kernel (why)
 
@@ -117,11 +117,20 @@ def _mma_kind(ptx: str) -> str:
     return "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
 
 
+# ptxas's notes that it serialized a kernel's wgmmas (the 10 "wgmma.mma_async instructions are serialized due to ..."
+# reasons: extern calls, register pressure, non-wgmma instructions touching accumulators, ...) or made them wait
+_SERIALIZED_NOTE = re.compile(
+    r"\((C\d{4})\)\s*((?:Potential Performance Loss: wgmma\.mma_async instructions are serialized|"
+    r"warpgroup\.wait is injected).*)"
+)
+
+
 def _wgmma_serialized(ptx: str, arch: int) -> str:
-    """ptxas's "Potential Performance Loss" / "warpgroup.wait is injected" note on the kernel's wgmmas, else "".
-    ptxas writes it only with ``-v`` (which Triton does not pass), so the PTX is assembled once more here. Why: a wait
-    ptxas injects to read an accumulator undoes the one-wgmma-in-flight pipeline; the Gluon GEMMs lost 15-19% of their
-    mainloop to it unseen for a session (bench/NOTES.md version 15)."""
+    """ptxas's note that it serialized the kernel's wgmmas or injected a wait for them (its code and words), "" when
+    there is none, or "ptxas failed: ..." when the PTX does not assemble. ptxas writes the note only with ``-v``
+    (which Triton does not pass), so the PTX is assembled once more here. Why: a wait ptxas injects to read an
+    accumulator undoes the one-wgmma-in-flight pipeline; the Gluon GEMMs lost 15-19% of their mainloop to it unseen
+    for a session (bench/NOTES.md version 15)."""
     from triton import knobs
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +138,9 @@ def _wgmma_serialized(ptx: str, arch: int) -> str:
         src.write_text(ptx)
         done = subprocess.run([knobs.nvidia.ptxas.path, f"-arch=sm_{arch}a", "-v", str(src), "-o",
                                str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)  # fmt: skip
-    note = re.search(r"\((C751[4-7])\)\s*(.*)", done.stdout + done.stderr)
+    if done.returncode != 0:
+        return "ptxas failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:120]
+    note = _SERIALIZED_NOTE.search(done.stdout + done.stderr)
     return f"{note.group(1)} {note.group(2).strip()}" if note else ""
 
 

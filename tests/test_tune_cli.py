@@ -76,8 +76,8 @@ def test_candidate_configs(shape):
     for cfg in cands[1:]:
         if not cfg.grouped_mm:  # the grouped GEMM's block_m is its row alignment, not a tile
             assert smallest <= cfg.block_m <= max(16, 4 * rows)
-    # from EXPERT_GROUPS_MIN_ROWS rows per expert the 128-row tiles run expert by expert, 16 blocks at a time
-    by_expert = rows >= tune.EXPERT_GROUPS_MIN_ROWS
+    # above EXPERT_GROUPS_ABOVE_ROWS rows per expert the 128-row tiles run expert by expert, 16 blocks at a time
+    by_expert = rows > tune.EXPERT_GROUPS_ABOVE_ROWS
     as_tried = tune._expert_grouped if by_expert else (lambda c: c)
     for cfg in cands[1:]:
         if cfg.block_m >= 128 and not cfg.grouped_mm:

@@ -174,10 +174,11 @@ def _split_twin(cfg: KernelConfig) -> tuple[KernelConfig, ...]:
     return (dataclasses.replace(cfg, split_tail=True),)
 
 
-# From this many rows per expert, the candidates of 128 rows or more run their tiles expert by expert
-# (``expert_groups``, EXPERT_GROUP_M blocks at a time), as the heuristic does: they beat the same tiles in groups over
-# all blocks at 64 of 85 H100 points at T >= 1024 (bench/NOTES.md, version 15)
-EXPERT_GROUPS_MIN_ROWS = 64
+# Above this many rows per expert (where the heuristic takes its 128-row tiles), the candidates of 128 rows or more
+# run their tiles expert by expert (``expert_groups``, EXPERT_GROUP_M blocks at a time), as the heuristic's do, in
+# place of their plain order: expert by expert won 64 of 85 H100 points at T >= 1024 in turn, and the config in use,
+# whatever its order, is always timed (bench/NOTES.md, version 15)
+EXPERT_GROUPS_ABOVE_ROWS = 48
 
 
 def _expert_grouped(cfg: KernelConfig) -> KernelConfig:
@@ -193,7 +194,7 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
     (16-bit, from ``GROUPED_MM_MIN_ROWS`` rows per expert, where torch's grouped GEMM runs on this machine).
 
     From ``SPLIT_TAIL_MIN_ROWS`` rows per expert, each config of 64 rows or more is followed by its split-tail twin;
-    from ``EXPERT_GROUPS_MIN_ROWS``, those of 128 rows or more run their tiles expert by expert.
+    above ``EXPERT_GROUPS_ABOVE_ROWS``, those of 128 rows or more run their tiles expert by expert.
     Pruned: block_m over 4x the mean rows per expert (T*K/E), floor 16: such a tile is mostly padding rows
     (the busiest expert of a random routing rarely gets 4x the mean); block_m under 1/16 of it, capped at
     ``MIN_BLOCK_M_CAP``: 128-row tiles won every T >= 1024 point of the H100 runs (bench/NOTES.md, run 2), so much
@@ -209,7 +210,7 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
         pool += TMA_CANDIDATES + DENSE_GEMM1_CANDIDATES + ONE_LAUNCH_CANDIDATES
     if shape.num_tokens * shape.top_k <= DECODE_MAX_SLOTS:
         pool += DECODE_CANDIDATES
-    if rows_per_expert >= EXPERT_GROUPS_MIN_ROWS:
+    if rows_per_expert > EXPERT_GROUPS_ABOVE_ROWS:
         pool = [_expert_grouped(c) for c in pool]
     rest = [c for c in dict.fromkeys(pool) if c != base and min_block_m <= c.block_m <= max_block_m]
     rest.sort(key=lambda c: abs(math.log2(c.block_m) - math.log2(base.block_m)))  # stable: list order breaks ties
@@ -923,9 +924,10 @@ def use_variant_candidates(points: list[TunePoint], variants: list[dict[str, int
     """Each point's candidates become: the heuristic, its table entry (the first of ``paths`` that has one, or the
     entry tuned nearest to its T as ``pick_config`` takes it, else the heuristic) and that entry with each of
     ``variants`` applied; a change the entry cannot take (KernelConfig refuses it) or that leaves it unchanged is
-    dropped. The entry is also the point's config in use, so the rematch times it again beside the fastest changes
-    (``rematch_candidates``; without it, a change timed 0.97x in the screening was written over an entry that the
-    rematch, on another clock, never timed: session 13's mixtral-8x7b T = 2048 / 4096)."""
+    dropped. The entry is also taken as the point's config in use (what ``pick_config`` runs, unless ``--output``
+    names another table or an fp16 / grouped-GEMM fallback stands in), so the rematch times it again beside the
+    fastest changes (``rematch_candidates``; without it, a change timed 0.97x in the screening was written over an
+    entry that the rematch, on another clock, never timed: session 13's mixtral-8x7b T = 2048 / 4096)."""
     entries: dict[str, KernelConfig] = {}
     for path in reversed(list(dict.fromkeys(paths))):  # the first path wins
         entries.update(table_entries(path))

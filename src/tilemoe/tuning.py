@@ -155,6 +155,11 @@ class KernelConfig:
                 )
             if self.persistent or self.persistent1:
                 raise ValueError("KernelConfig.one_launch: not with persistent or persistent1 (it has its own loop)")
+        if self.expert_groups and (self.decode or self.grouped_mm):
+            raise ValueError(
+                "KernelConfig.expert_groups: only with the tiled GEMMs (their tile order), got "
+                f"decode={self.decode}, grouped_mm={self.grouped_mm}"
+            )
         if self.gemm1_clears_out and (self.decode or self.grouped_mm or self.one_launch):
             raise ValueError(
                 "KernelConfig.gemm1_clears_out: only with the two-launch tiled GEMMs, got "
@@ -346,7 +351,7 @@ def heuristic_config(shape: MoEShape, dtype: torch.dtype) -> KernelConfig:
             block_m=16, block_n1=32, block_k1=64 if fp32 else 256, group_m1=1, num_warps1=4, num_stages1=3,
             block_n2=64, block_k2=64 if fp32 else 256, group_m2=1, num_warps2=4, num_stages2=3,
         )  # fmt: skip
-    if rows_per_expert <= 48:
+    if rows_per_expert <= 48:  # (tune_cli.EXPERT_GROUPS_ABOVE_ROWS: the tuner's expert-grouped tiles start here too)
         if few_experts:
             return KernelConfig(
                 block_m=64, block_n1=64, block_k1=64 if fp32 else 128, group_m1=8, num_warps1=4, num_stages1=3,

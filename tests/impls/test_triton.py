@@ -182,7 +182,9 @@ def test_randomized_sweep_bf16(part):
                            gate_up_dot=True, persistent1=True, persistent=True, expert_groups=True, group_m1=3,
                            group_m2=16),
               KernelConfig(block_m=32, block_n1=32, block_k1=32, block_n2=32, block_k2=32, split_tail=True,
-                           expert_groups=True, group_m1=1, group_m2=2)]  # fmt: skip
+                           expert_groups=True, group_m1=1, group_m2=2),
+              KernelConfig(block_m=32, block_n1=32, block_k1=32, block_n2=32, block_k2=32, one_launch=True,
+                           expert_groups=True, group_m1=2, group_m2=3)]  # fmt: skip
     mismatches = []
     for case in range(50):
         e = rng.choice([1, 3, 8, 13, 64, 160])

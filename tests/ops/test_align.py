@@ -133,15 +133,33 @@ def test_align_multi_program_zero_tokens():
     assert int(got.num_padded) == 0 and got.sorted_ids.numel() == 0
 
 
+def _assert_bad_ids_dropped(got, num_slots, bad_slots, num_experts, block_m):
+    """Slots whose id is outside [0, E) are counted nowhere and never written; the layout of the others holds."""
+    assert int(got.counts.sum()) == num_slots - len(bad_slots)
+    sorted_ids = got.sorted_ids.cpu()
+    assert not any(bool((sorted_ids == slot).any()) for slot in bad_slots)
+    assert int((sorted_ids < num_slots).sum()) == num_slots - len(bad_slots)
+    padded = (got.counts.cpu().long() + block_m - 1) // block_m * block_m
+    assert int(got.num_padded) == int(padded.sum())
+    starts = got.expert_starts.cpu().long()
+    assert torch.equal(starts, torch.cat([torch.zeros(1, dtype=torch.long), padded.cumsum(0) // block_m]))
+
+
 def test_align_multi_program_ids_out_of_range_are_dropped(generator):
     # documented behaviour: a slot whose id is outside [0, E) is counted nowhere and never written
     topk_ids = _random_ids(50, 3, 9, generator)
     topk_ids[3, 1], topk_ids[40, 0] = -1, 9
     got = moe_align_triton(topk_ids, 9, 16, chunk=64)
-    assert int(got.counts.sum()) == 150 - 2
-    sorted_ids = got.sorted_ids.cpu()
-    assert not bool(((sorted_ids == 3 * 3 + 1) | (sorted_ids == 40 * 3)).any())
-    assert int((sorted_ids < 150).sum()) == 148
+    _assert_bad_ids_dropped(got, 150, [3 * 3 + 1, 40 * 3], 9, 16)
+
+
+def test_align_one_program_ids_out_of_range_are_dropped(generator):
+    # the decode-sized path too (S <= 128): ids E..BLOCK_E-1 made phantom experts there, a negative one overwrote
+    # sorted_ids[rank] (found in review, session 13)
+    topk_ids = _random_ids(20, 3, 9, generator)
+    topk_ids[2, 0], topk_ids[5, 2], topk_ids[11, 1] = 9, 12, -1
+    got = moe_align(topk_ids, 9, 16)
+    _assert_bad_ids_dropped(got, 60, [2 * 3, 5 * 3 + 2, 11 * 3 + 1], 9, 16)
 
 
 def test_align_bad_arguments():

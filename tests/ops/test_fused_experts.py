@@ -429,6 +429,14 @@ def test_gemm1_clears_out_only_with_the_tiled_gemms():
     assert KernelConfig(gemm1_clears_out=1).gemm1_clears_out is True
 
 
+def test_expert_groups_only_with_the_tiled_gemms():
+    # the decode kernels and torch's grouped GEMM have no tile order to change: the flag would be silently ignored
+    for other in (dict(decode=True), dict(grouped_mm=True)):
+        with pytest.raises(ValueError, match="expert_groups: only with the tiled GEMMs"):
+            KernelConfig(expert_groups=True, **other)
+    assert KernelConfig(expert_groups=1, one_launch=True).expert_groups is True
+
+
 # expert_groups: the tiles run expert by expert, group_m blocks of one expert at a time; block_m = 16 gives
 # SPLIT_COUNTS' experts 0-5 blocks, so group_m 1-3 cuts most experts into several groups and leaves tails of groups
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -444,6 +452,7 @@ def test_gemm1_clears_out_only_with_the_tiled_gemms():
     ],
 )
 @pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter's only sign of a read past expert_starts
 def test_expert_groups(options, deterministic, dtype, generator, monkeypatch):
     fields = dict(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages1=2, num_stages2=2)
     cfg = KernelConfig(**{**fields, **options}, expert_groups=True)
@@ -724,6 +733,7 @@ ONE_LAUNCH_FORMS = [
     dict(),
     dict(tma=True),  # weights through TMA, act by pointers
     dict(tma=True, sorted_x=True, gate_up_dot=True),
+    dict(expert_groups=True, group_m1=2, group_m2=3),  # the ready words under the expert-by-expert order
 ]
 
 

@@ -34,8 +34,8 @@ def gluon_config(tiles) -> KernelConfig:
     bm, bn1, bk1, w1, s1, bn2, bk2, w2, s2, p1, p2, gate_up, expert_groups = tiles
     return KernelConfig(block_m=bm, block_n1=bn1, block_k1=bk1, num_warps1=w1, num_stages1=s1, block_n2=bn2,
                         block_k2=bk2, num_warps2=w2, num_stages2=s2, tma=True, gluon=True, persistent1=p1,
-                        persistent=p2, gate_up_dot=gate_up, expert_groups=expert_groups, group_m1=2,
-                        group_m2=2)  # fmt: skip
+                        persistent=p2, gate_up_dot=gate_up, expert_groups=expert_groups,
+                        group_m1=2 if expert_groups else 8, group_m2=2 if expert_groups else 8)  # fmt: skip
 
 
 def _run(config, num_tokens, kc, dtype, device, seed, deterministic=False, hot_expert=None):

@@ -41,6 +41,7 @@ def _align_one_program_kernel(
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     for start in range(0, num_slots, CHUNK):
         ids = tl.load(topk_ids_ptr + start + lanes, mask=start + lanes < num_slots, other=BLOCK_E).to(tl.int32)
+        ids = tl.where((ids >= 0) & (ids < num_experts), ids, BLOCK_E)  # out of range: no expert (see below)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
@@ -66,11 +67,12 @@ def _align_one_program_kernel(
     seen = tl.zeros([BLOCK_E], dtype=tl.int32)
     for start in range(0, num_slots, CHUNK):
         ids = tl.load(topk_ids_ptr + start + lanes, mask=start + lanes < num_slots, other=BLOCK_E).to(tl.int32)
+        ids = tl.where((ids >= 0) & (ids < num_experts), ids, BLOCK_E)
         onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
         base = tl.sum(onehot * (pad_start + seen)[None, :], axis=1)
         same_before = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
         rank = tl.sum(same_before.to(tl.int32), axis=1)
-        tl.store(sorted_ids_ptr + base + rank, start + lanes, mask=start + lanes < num_slots)
+        tl.store(sorted_ids_ptr + base + rank, start + lanes, mask=(start + lanes < num_slots) & (ids < num_experts))
         seen += tl.sum(onehot, axis=0)
 
 
@@ -79,7 +81,7 @@ def _align_one_program_kernel(
 #                       after _align_histogram_kernel: slots of expert e in chunk c;
 #                       after _align_scan_kernel: slots of expert e in chunks before c (exclusive scan over c).
 # Ids outside [0, E) are read as "no expert" (the sentinel E): such a slot is counted nowhere and never written,
-# so a bad id cannot send a store out of bounds.
+# so a bad id cannot send a store out of bounds (the one-program kernel above does the same, with BLOCK_E).
 
 
 @triton.jit

@@ -4,8 +4,8 @@ The same GEMMs as ``_fused_experts``' dense TMA form (``KernelConfig.sorted_x`` 
 lower and warp-specialized: a producer warp walks the program's (tile, k) steps and copies each step's A and B boxes
 into a ring of NUM_STAGES shared buffers once the stage is released ("empty" mbarrier), and the num_warps MMA warps
 wait for each stage ("ready"), keep one step of wgmma in flight, release the stage before it and run each tile's
-epilogue; a program walks one tile, or several (a persistent grid), in one flat loop, so the producer loads the next
-tile's boxes under this tile's epilogue. Why: Triton's ``tl.dot`` pipeline reached 75-86% of cuBLAS's batched GEMM at
+epilogue; a program walks one tile, or several (a persistent grid): the producer in one flat loop over its
+(tile, k) steps, so it loads the next tile's boxes under this tile's epilogue, the MMA warps a k loop per tile. Why: Triton's ``tl.dot`` pipeline reached 75-86% of cuBLAS's batched GEMM at
 the cells issue 4 still misses (bench/NOTES.md, run 17), and the Gluon tutorials' Hopper matmuls matched cuBLAS.
 Measured on an H100: 15-19% slower mainloops than Triton's in version 14, ptxas having serialized the wgmmas
 (``_tile_mainloop``); after that fix (version 15) GEMM 1 runs 3-7% faster than the Triton kernel at qwen3 / mixtral
@@ -74,7 +74,8 @@ def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_st
     program_id + programs, ... (the ``num_tiles`` tiles of the row blocks in use), each ``num_k`` steps, ordered as
     ``_fused_experts._tile_coords`` orders them."""
     tile = gl.program_id(0) + (step // num_k) * gl.num_programs(0)
-    # past the last step (its loads predicated off) or with no tile at all: tile 0's coordinates, never garbage
+    # clamped to the program's tiles; never called without a tile (num_steps is 0 then: under EXPERT_GROUPS tile 0
+    # would read expert_starts past its end)
     used_m = gl.maximum(num_tiles // num_blocks_n, 1)
     tile = gl.maximum(gl.minimum(tile, num_tiles - 1), 0)
     pid_m, pid_n = _tile_coords(tile, used_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS)
@@ -340,9 +341,9 @@ def _gluon_gemm1_kernel(
     GATE_UP_DOT: gl.constexpr,  # gated: one N = 2 BLOCK_N wgmma over the gate and up boxes, not two (``_ring``)
     num_warps: gl.constexpr,
 ):
-    """One program per tile, or fewer programs each walking tiles (a persistent grid); within a program one flat
-    run of (tile, k) steps: a producer warp keeps the ring NUM_STAGES steps ahead, across tiles, while the num_warps
-    MMA warps consume it and run each tile's epilogue."""
+    """One program per tile, or fewer programs each walking tiles (a persistent grid); within a program a producer
+    warp walks the (tile, k) steps in one flat loop, keeping the ring NUM_STAGES steps ahead across tiles, while the
+    num_warps MMA warps consume it a tile at a time (``_tile_mainloop``) and run each tile's epilogue."""
     num_blocks_n = gl.cdiv(inter, BLOCK_N)
     num_tiles = (gl.load(num_padded_ptr) // BLOCK_M) * num_blocks_n
     num_k = gl.cdiv(hidden, BLOCK_K)
