@@ -119,9 +119,10 @@ def _mma_kind(ptx: str) -> str:
 
 # ptxas's notes that it serialized a kernel's wgmmas (the 10 "wgmma.mma_async instructions are serialized due to ..."
 # reasons: extern calls, register pressure, non-wgmma instructions touching accumulators, ...) or made them wait
+# (CUDA 12's ptxas says "warpgroup.wait is injected", CUDA 13's "wgmma.wait_group is injected")
 _SERIALIZED_NOTE = re.compile(
     r"\((C\d{4})\)\s*((?:Potential Performance Loss: wgmma\.mma_async instructions are serialized|"
-    r"warpgroup\.wait is injected).*)"
+    r"(?:warpgroup\.wait|wgmma\.wait_group) is injected).*)"
 )
 
 
@@ -130,13 +131,14 @@ def _wgmma_serialized(ptx: str, arch: int) -> str:
     there is none, or "ptxas failed: ..." when the PTX does not assemble. ptxas writes the note only with ``-v``
     (which Triton does not pass), so the PTX is assembled once more here. Why: a wait ptxas injects to read an
     accumulator undoes the one-wgmma-in-flight pipeline; the Gluon GEMMs lost 15-19% of their mainloop to it unseen
-    for a session (bench/NOTES.md version 15)."""
-    from triton import knobs
+    for a session (bench/NOTES.md version 15). The ptxas is the one Triton assembles for ``arch`` with (Triton 3.9
+    takes its CUDA 13 ptxas from sm_90 on, 3.6 the CUDA 12 one below sm_100)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        done = subprocess.run([knobs.nvidia.ptxas.path, f"-arch=sm_{arch}a", "-v", str(src), "-o",
+        done = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", str(src), "-o",
                                str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         return "ptxas failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:120]

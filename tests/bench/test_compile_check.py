@@ -93,4 +93,5 @@ def test_flags_wgmmas_that_ptxas_serialized():
     done = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     serialized, fixed = done.stdout.strip().splitlines()
-    assert "C7517 warpgroup.wait is injected" in serialized and fixed == "''"
+    # CUDA 12's ptxas (Triton 3.6) words it "warpgroup.wait is injected", CUDA 13's (Triton 3.9) "wgmma.wait_group"
+    assert "C7517" in serialized and "is injected" in serialized and fixed == "''"
