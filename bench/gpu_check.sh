@@ -3,9 +3,9 @@
 #   bash bench/gpu_check.sh MODE...   MODE: tests, ladder (journey + issue-3 benches), triton (issue-4 benches), all;
 #   forms (not in all): the session-6 kernels (GEMM 1 dense forms, routing in the decode GEMM 1, one launch): GPU tests
 #   and the structure probe of bench/ws_probe.py --gemm1 (dense shapes, each form against the plain one);
-#   unrun (not in all): the GPU tests of what sessions 9-11 wrote without a device (persistent tails in the dense-form
-#   test and the randomized sweep, split tails, the routing kernels' non-finite logits over every preset, GEMM 1
-#   clearing the combine's output; sessions 9-10's passed on an H100 in session 11);
+#   unrun (not in all): the GPU tests of what was written without a device (session 13's review: the one-program
+#   align dropping bad ids, one-launch and the sweep with expert_groups; earlier: persistent tails, split tails, the
+#   routing kernels' non-finite logits, GEMM 1 clearing the combine's output, which passed on an H100 in session 12);
 #   gluon (not in all): the Gluon GEMMs' GPU tests and the randomized sweep (which forces two Gluon configs)
 # Each mode fits one 10-minute device call on an H100; give several to run them in one call.
 # Results come back as $OUT/results.tar.gz (bench/results/ layout) plus logs; the machine keeps nothing.
@@ -41,7 +41,8 @@ fi
 
 if [[ $modes == *" unrun "* ]]; then
   timeout -k 5 "${T_UNRUN_TESTS:-330}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_fused_experts.py \
-    tests/impls/test_triton.py tests/ops/test_route.py -k "dense_forms or randomized_sweep or split_tail or non_finite or clears" \
+    tests/impls/test_triton.py tests/ops/test_route.py tests/ops/test_align.py \
+    -k "dense_forms or randomized_sweep or split_tail or non_finite or clears or expert_groups or one_launch or align" \
     2>&1 | tee -a "$log" | tail -n 30
 fi
 
