@@ -468,11 +468,12 @@ def test_expert_groups(options, deterministic, dtype, generator, monkeypatch):
 def _tile_order_kernel(out_ptr, expert_ids_ptr, expert_starts_ptr, num_blocks_m, num_blocks_n,
                        GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr):  # fmt: skip
     tile = tl.program_id(0)
-    pid_m, pid_n = _tile_coords(
+    pid_m, pid_n, expert = _tile_coords(
         tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
-    tl.store(out_ptr + 2 * tile, pid_m)
-    tl.store(out_ptr + 2 * tile + 1, pid_n)
+    tl.store(out_ptr + 3 * tile, pid_m)
+    tl.store(out_ptr + 3 * tile + 1, pid_n)
+    tl.store(out_ptr + 3 * tile + 2, expert)
 
 
 @pytest.mark.parametrize("group_m", [1, 2, 3, 8])
@@ -483,14 +484,16 @@ def test_expert_groups_order_is_a_bijection_whose_groups_keep_to_one_expert(grou
     ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))]
     align = moe_align_torch(ids.view(-1, 1).to(DEVICE, torch.int32), len(counts), 16)
     used_m, num_blocks_n = int(align.num_padded) // 16, 5
-    out = torch.full((used_m * num_blocks_n, 2), -1, dtype=torch.int32, device=DEVICE)
-    _tile_order_kernel[(used_m * num_blocks_n,)](out, align.expert_ids, align.expert_starts, used_m, num_blocks_n,
+    coords = torch.full((used_m * num_blocks_n, 3), -1, dtype=torch.int32, device=DEVICE)
+    _tile_order_kernel[(used_m * num_blocks_n,)](coords, align.expert_ids, align.expert_starts, used_m, num_blocks_n,
                                                  GROUP_M=group_m, EXPERT_GROUPS=True)  # fmt: skip
+    coords = coords.cpu()
+    out = coords[:, :2]
     pairs = [tuple(p) for p in out.tolist()]
     assert sorted(pairs) == [(m, n) for m in range(used_m) for n in range(num_blocks_n)]  # every tile once
-    out = out.cpu()
     experts = align.expert_ids.cpu()[out[:, 0].long()].tolist()
     assert experts == sorted(experts)  # expert by expert
+    assert coords[:, 2].tolist() == experts  # the expert id it returns is its block's
     # a run of group_m blocks over all columns: its tiles belong to one expert
     starts = align.expert_starts.tolist()
     for expert in range(len(counts)):

@@ -608,7 +608,7 @@ def _launch_grouped_mm(
     block_m = cfg.block_m
     align = moe_align(topk_ids, num_experts, block_m)
     capacity = align.sorted_ids.numel()
-    group_ends = torch.cumsum((align.counts + block_m - 1) // block_m * block_m, 0).to(torch.int32)
+    group_ends = align.expert_starts[1:] * block_m  # each expert's padded rows end (int32)
     slot = align.sorted_ids.long()
     valid = slot < num_slots
     weights_flat = topk_weights.reshape(-1)

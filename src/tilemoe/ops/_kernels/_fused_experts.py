@@ -87,7 +87,8 @@ def _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _tile_coords(tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M: tl.constexpr,
                  EXPERT_GROUPS: tl.constexpr):  # fmt: skip
-    """Tile index -> (block of rows, block of columns). Without EXPERT_GROUPS: ``_tile_ids`` over all the row blocks,
+    """Tile index -> (block of rows, block of columns, the block's expert id). Without EXPERT_GROUPS: ``_tile_ids`` over
+    all the row blocks,
     whose groups of GROUP_M blocks straddle experts (an expert's blocks cut by a group edge stream its weights from
     HBM once per group: ncu counted 2.4x w13's bytes read by mixtral-8x7b T=4096's GEMM 1, bench/NOTES.md version
     15). With EXPERT_GROUPS: the tiles run expert by expert (each expert's tiles are the ones whose block
@@ -101,7 +102,22 @@ def _tile_coords(tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts
         pid_m += first
     else:
         pid_m, pid_n = _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M)
-    return pid_m, pid_n
+        expert = tl.load(expert_ids_ptr + pid_m)
+    return pid_m, pid_n, expert
+
+
+@triton.jit
+def _tile_live(tile, num_blocks_m, num_blocks_n, num_padded, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+               EXPERT_GROUPS: tl.constexpr):  # fmt: skip
+    """Whether one-program-per-tile tile ``tile`` (a grid over all ``num_blocks_m`` blocks of the capacity) has a
+    block in use: under EXPERT_GROUPS the used blocks' tiles come first (``_tile_coords`` may only see those), else
+    ``_tile_ids`` spreads them and the tile's block says."""
+    if EXPERT_GROUPS:
+        live = tile < (num_padded // BLOCK_M) * num_blocks_n
+    else:
+        pid_m, _ = _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M)
+        live = pid_m * BLOCK_M < num_padded
+    return live
 
 
 @triton.jit
@@ -178,14 +194,14 @@ def _gemm1_tile(
     EXPERT_GROUPS: tl.constexpr,
     ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (x_ptr's TMA boxes are then [ROWS, BLOCK_K])
 ):
-    pid_m, pid_n = _tile_coords(
+    pid_m, pid_n, expert = _tile_coords(
         tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
     rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
     token = tl.where(valid, slot // top_k, 0).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    expert = expert.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
     ks = tl.arange(0, BLOCK_K)
@@ -264,7 +280,7 @@ def _gemm1_block(
 ):  # fmt: skip
     """GEMM 1 tile ``tile``: its block's first half only (x_tail_ptr's boxes) when SPLIT_TAIL and the second half is
     padding, else the whole block (Triton needs the row count as a constexpr: one call per height)."""
-    pid_m, _ = _tile_coords(
+    pid_m, _, _ = _tile_coords(
         tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
     if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
@@ -367,12 +383,7 @@ def _gemm1_kernel(
                 )  # fmt: skip
     else:
         tile = tl.program_id(0)
-        if EXPERT_GROUPS:  # the used blocks' tiles come first
-            live = tile < (num_padded // BLOCK_M) * tl.cdiv(inter, BLOCK_N)
-        else:
-            pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-            live = pid_m * BLOCK_M < num_padded
-        if live:
+        if _tile_live(tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), num_padded, BLOCK_M, GROUP_M, EXPERT_GROUPS):
             _gemm1_block(
                 tile, num_blocks_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
                 b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
@@ -462,13 +473,13 @@ def _gemm2_tile(
     EXPERT_GROUPS: tl.constexpr,
     ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (act_ptr's TMA boxes are then [ROWS, BLOCK_K])
 ):
-    pid_m, pid_n = _tile_coords(
+    pid_m, pid_n, expert = _tile_coords(
         tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
     rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    expert = expert.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
     ks = tl.arange(0, BLOCK_K)
@@ -524,7 +535,7 @@ def _gemm2_block(
 ):  # fmt: skip
     """GEMM 2 tile ``tile``: its block's first half only (act_tail_ptr's boxes) when SPLIT_TAIL and the second half is
     padding, else the whole block (as ``_gemm1_block``)."""
-    pid_m, _ = _tile_coords(
+    pid_m, _, _ = _tile_coords(
         tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
     if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
@@ -614,12 +625,7 @@ def _gemm2_kernel(
                 )  # fmt: skip
     else:
         tile = tl.program_id(0)
-        if EXPERT_GROUPS:  # the used blocks' tiles come first
-            live = tile < (num_padded // BLOCK_M) * tl.cdiv(hidden, BLOCK_N)
-        else:
-            pid_m, _ = _tile_ids(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-            live = pid_m * BLOCK_M < num_padded
-        if live:
+        if _tile_live(tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), num_padded, BLOCK_M, GROUP_M, EXPERT_GROUPS):
             _gemm2_block(
                 tile, num_blocks_m, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
                 stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,

@@ -78,9 +78,7 @@ def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_st
     # would read expert_starts past its end)
     used_m = gl.maximum(num_tiles // num_blocks_n, 1)
     tile = gl.maximum(gl.minimum(tile, num_tiles - 1), 0)
-    pid_m, pid_n = _tile_coords(tile, used_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS)
-    expert = gl.load(expert_ids_ptr + pid_m)
-    return pid_m, pid_n, expert
+    return _tile_coords(tile, used_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS)
 
 
 @gluon.jit

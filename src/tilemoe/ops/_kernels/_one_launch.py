@@ -135,11 +135,11 @@ def _one_launch_kernel(
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
                 EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL,
             )  # fmt: skip
-            pid_m, pid_n = _tile_coords(tile, used_m, nt1, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS)
+            pid_m, pid_n, _ = _tile_coords(tile, used_m, nt1, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS)
             _mark_ready(ready_ptr + pid_m * nt1 + pid_n)
         else:
             tile2 = tile - tiles1
-            pid_m, _ = _tile_coords(
+            pid_m, _, _ = _tile_coords(
                 tile2, used_m, tl.cdiv(hidden, BLOCK_N2), expert_ids_ptr, expert_starts_ptr, GROUP_M2, EXPERT_GROUPS
             )
             _wait_ready(ready_ptr + pid_m * nt1, err_ptr, nt1, max_spin, NT1_P2, SPIN)
