@@ -7,6 +7,9 @@
 #   align dropping bad ids, one-launch and the sweep with expert_groups; earlier: persistent tails, split tails, the
 #   routing kernels' non-finite logits, GEMM 1 clearing the combine's output, which passed on an H100 in session 12);
 #   gluon (not in all): the Gluon GEMMs' GPU tests and the randomized sweep (which forces two Gluon configs)
+#   pingpong (not in all): session 14's GPU tests (ping-pong Gluon GEMMs, gluon2, and unrun's) and the kernel probe
+#   of those forms against the table's entries (PP_POINTS, PP_VARIANTS; each point warmed in a process of its own
+#   first, all at once: Triton's compiles are CPU-bound)
 # Each mode fits one 10-minute device call on an H100; give several to run them in one call.
 # Results come back as $OUT/results.tar.gz (bench/results/ layout) plus logs; the machine keeps nothing.
 set -uo pipefail
@@ -49,6 +52,29 @@ fi
 if [[ $modes == *" gluon "* ]]; then
   timeout -k 5 "${T_GLUON_TESTS:-300}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_gluon_experts.py \
     tests/impls/test_triton.py -k "gluon or randomized_sweep" 2>&1 | tee -a "$log" | tail -n 30
+fi
+
+if [[ $modes == *" pingpong "* ]]; then
+  timeout -k 5 "${T_PP_TESTS:-300}" python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_gluon_experts.py \
+    tests/ops/test_fused_experts.py tests/impls/test_triton.py tests/ops/test_route.py tests/ops/test_align.py \
+    -k "gluon or ping_pong or randomized_sweep or non_finite or expert_groups or one_launch or align" \
+    2>&1 | tee -a "$log" | tail -n 30
+  g1="gluon=1,gluon2=0,tma=1,gate_up_dot=1,persistent1=1,num_warps1=8,num_stages1=4,persistent=1,num_warps2=8"
+  pp_variants=${PP_VARIANTS:-"gluon2=1,pingpong2=1,block_n2=128,persistent=1,num_warps2=8,num_stages2=4 \
+gluon2=1,pingpong2=1,block_n2=128,persistent=1,num_warps2=8,num_stages2=6 gluon2=1,persistent=1,num_warps2=8 \
+$g1,gluon_gather=1,block_n1=128,block_n2=256,num_stages2=4 \
+$g1,gluon_gather=1,block_n1=128,block_n2=128,num_stages2=4,pingpong2=1 \
+$g1,gluon_gather=1,block_n1=64,block_n2=128,num_stages2=4,pingpong1=1,pingpong2=1 \
+$g1,gluon_gather=0,block_n1=64,block_n2=128,num_stages2=4,pingpong1=1,pingpong2=1"}
+  pp_points=${PP_POINTS:-"qwen3-30b-a3b:4096 deepseek-v2-lite:4096 gpt-oss-120b:16384 mixtral-8x7b:1024 \
+qwen3-30b-a3b:16384"}
+  for point in $pp_points; do
+    timeout -k 5 "${T_PP_WARM:-150}" python3 bench/kernel_probe.py --points $point --variants $pp_variants \
+      --no-breakdown --no-stats >/dev/null 2>&1 &
+  done
+  wait
+  timeout -k 5 "${T_PP_PROBE:-200}" python3 bench/kernel_probe.py --points $pp_points --variants $pp_variants \
+    --no-breakdown --no-stats 2>&1 | grep -v Warning | tee "$OUT/pingpong_probe.txt" | tee -a "$log"
 fi
 
 if has ladder; then

@@ -95,6 +95,18 @@ class KernelConfig:
     groups straddle experts, and an expert whose blocks a group edge cuts streams its weights from HBM once per group:
     ncu counted 4.46 GB read by mixtral-8x7b T=4096's GEMM 1 for 1.88 GB of w13 (bench/NOTES.md, version 15). A
     ``group_m*`` at least an expert's blocks then reads its weights once.
+    ``gluon2`` (needs ``tma``, not with ``gluon``, which has it): GEMM 2 alone as the Gluon kernel, after the Triton
+    GEMM 1 (gathered x, no sorted copy): GEMM 1 in Gluon needs x copied into sorted order, which ate its gain at
+    qwen3 / deepseek (bench/NOTES.md, version 15).
+    ``pingpong1`` / ``pingpong2`` (a Gluon GEMM 1 / 2 with its persistent grid, num_warps 8): the MMA warps split into
+    two warpgroups of 4 that take the program's tiles in turn, one running its epilogue (GEMM 2's: the combine's
+    atomics) while the other's wgmmas run (CUTLASS's "ping-pong" schedule); each warpgroup holds one
+    [block_m, block_n] tile (so at most 128 x 128 fp32 accumulators, or 128 x 64 for a gated GEMM 1's two).
+    Else the 8 warps share one tile (one accumulator of twice the size) and the tensor cores idle through each
+    epilogue.
+    ``gluon_gather`` (with ``gluon``): the Gluon GEMM 1 reads x's rows by token, copied by a producer warpgroup with
+    cp.async (16 bytes a thread), instead of a sorted copy of x through TMA: the copy writes and reads back T*K rows
+    of H (134 MB at qwen3-30b-a3b T=4096), more than the Gluon GEMM 1 gained there.
     """
 
     block_m: int = 64
@@ -121,6 +133,10 @@ class KernelConfig:
     gemm1_clears_out: bool = False
     gluon: bool = False
     expert_groups: bool = False
+    gluon2: bool = False
+    pingpong1: bool = False
+    pingpong2: bool = False
+    gluon_gather: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -144,7 +160,7 @@ class KernelConfig:
                 "KernelConfig.persistent_tails: needs split_tail and persistent or persistent1, got "
                 f"split_tail={self.split_tail}, persistent={self.persistent}, persistent1={self.persistent1}"
             )
-        for name in ("sorted_x", "gate_up_dot", "gluon"):
+        for name in ("sorted_x", "gate_up_dot", "gluon", "gluon2"):
             if getattr(self, name) and not self.tma:
                 raise ValueError(f"KernelConfig.{name}: needs tma=True (GEMM 1's TMA form), got tma=False")
         if self.one_launch:
@@ -180,6 +196,27 @@ class KernelConfig:
             for name in ("num_stages1", "num_stages2"):
                 if getattr(self, name) < 2:
                     raise ValueError(f"KernelConfig.gluon: expected {name} >= 2 (a ring), got {getattr(self, name)}")
+        if self.gluon2:
+            if self.gluon:
+                raise ValueError("KernelConfig.gluon2: GEMM 2 alone in Gluon, not with gluon (both GEMMs), got both")
+            if self.block_m < 64 or self.one_launch or self.num_warps2 not in (4, 8) or self.num_stages2 < 2:
+                raise ValueError(
+                    "KernelConfig.gluon2: expected block_m >= 64, num_warps2 4 or 8, num_stages2 >= 2 and no "
+                    f"one_launch, got block_m={self.block_m}, num_warps2={self.num_warps2}, "
+                    f"num_stages2={self.num_stages2}, one_launch={self.one_launch}"
+                )
+        if self.gluon_gather and not self.gluon:
+            raise ValueError("KernelConfig.gluon_gather: needs gluon=True (the Gluon GEMM 1), got gluon=False")
+        for name, gluon, persistent, warps in (
+            ("pingpong1", self.gluon, "persistent1", "num_warps1"),
+            ("pingpong2", self.gluon or self.gluon2, "persistent", "num_warps2"),
+        ):
+            if getattr(self, name) and not (gluon and getattr(self, persistent) and getattr(self, warps) == 8):
+                raise ValueError(
+                    f"KernelConfig.{name}: needs that GEMM in Gluon, {persistent}=True and {warps}=8 (two warpgroups),"
+                    f" got gluon={self.gluon}, gluon2={self.gluon2}, {persistent}={getattr(self, persistent)}, "
+                    f"{warps}={getattr(self, warps)}"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -45,6 +45,20 @@ def test_compiles_the_gluon_gemms_for_sm90():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
+def test_compiles_the_ping_pong_gluon_gemms_and_gluon2_for_sm90():
+    """Two MMA warpgroups taking tiles in turn (three partitions, setmaxnreg for each), in both GEMMs, and GEMM 2 alone
+    in Gluon after the Triton GEMM 1; none spilling or with serialized wgmmas (the status "ok")."""
+    both = ("tma=1,gluon=1,block_m=128,block_n1=64,block_k1=64,num_warps1=8,num_stages1=4,block_n2=128,block_k2=64,"
+            "num_warps2=8,num_stages2=4,persistent1=1,persistent=1,gate_up_dot=1,pingpong1=1,pingpong2=1")  # fmt: skip
+    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "4096", "--variants", both,
+                    "gluon=0,gluon2=1,block_n2=128,num_warps2=8,persistent=1,pingpong2=1")  # fmt: skip
+    gluon = [line for line in lines if "_gluon_gemm" in line]
+    assert len(gluon) == 3 and all(line.endswith("ok") and " wgmma " in line for line in gluon), gluon
+    assert all(line.split()[4] == "12" for line in gluon)  # 4 + 4 MMA warps and the producer's warpgroup
+    assert any("gluon2=1" in line and "_gemm1_kernel" in line for line in lines)  # GEMM 1 stays Triton's
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
 def test_a_grouped_gemm_entry_is_skipped_not_failed():
     """The H200 table runs torch's grouped GEMM at mixtral T=16384 (session 9): no Triton GEMM to build, and its torch
     ops would index with buffers that nothing wrote on the CPU (this failed as an out-of-bounds index before)."""

@@ -2,6 +2,7 @@
 on the CPU the fallback to the Triton kernels (the interpreter cannot run Gluon). That they compile for sm_90 with
 this machine's Triton is tests/bench/test_compile_check.py's."""
 
+import dataclasses
 import os
 
 import pytest
@@ -63,6 +64,21 @@ def test_gluon_config_checks():
         KernelConfig(block_m=64, tma=True, gluon=True, num_stages2=1)
     with pytest.raises(ValueError, match="not with one_launch or gemm1_clears_out"):
         KernelConfig(block_m=64, tma=True, gluon=True, gemm1_clears_out=True)
+    with pytest.raises(ValueError, match="gluon2: needs tma=True"):
+        KernelConfig(block_m=64, gluon2=True)
+    with pytest.raises(ValueError, match="not with gluon"):
+        KernelConfig(block_m=64, tma=True, gluon=True, gluon2=True)
+    with pytest.raises(ValueError, match="gluon2: expected block_m >= 64"):
+        KernelConfig(block_m=64, tma=True, gluon2=True, one_launch=True)
+    with pytest.raises(ValueError, match="pingpong1: needs that GEMM in Gluon"):
+        KernelConfig(block_m=64, tma=True, gluon2=True, persistent1=True, num_warps1=8, pingpong1=True)
+    with pytest.raises(ValueError, match="pingpong2: needs .* num_warps2=8"):
+        KernelConfig(block_m=64, tma=True, gluon2=True, persistent=True, num_warps2=4, pingpong2=True)
+    with pytest.raises(ValueError, match="pingpong2: needs .* persistent=True"):
+        KernelConfig(block_m=64, tma=True, gluon=True, num_warps2=8, pingpong2=True)
+    KernelConfig(block_m=64, tma=True, gluon2=True, persistent=True, num_warps2=8, pingpong2=True)
+    with pytest.raises(ValueError, match="gluon_gather: needs gluon=True"):
+        KernelConfig(block_m=64, tma=True, gluon2=True, gluon_gather=True)
 
 
 def test_gluon_runs_only_where_it_can(monkeypatch):
@@ -125,6 +141,79 @@ def test_gluon_gemms_bf16(tiles):
                 except AssertionError as error:
                     failures.append(f"{shape} T={t} det={deterministic}: {str(error).splitlines()[0][:160]}")
     assert not failures, "\n".join(failures)
+
+
+# Two MMA warpgroups taking a program's tiles in turn (``pingpong1`` / ``pingpong2``), and GEMM 2 alone in Gluon after
+# the Triton GEMM 1 (``gluon2``: its act rows past a split tail's real rows are never written, so GEMM 2 reads
+# garbage there and must not store it).
+_PP = dict(block_k1=64, block_k2=64, num_warps1=8, num_warps2=8, tma=True, persistent=True)
+# both GEMMs ping-pong: [128, 2 x 64] (gate | up) and [128, 128] per warpgroup; tiles expert by expert
+_PP_BOTH = KernelConfig(block_m=128, block_n1=64, num_stages1=4, block_n2=128, num_stages2=4, gluon=True,
+                        persistent1=True, gate_up_dot=True, pingpong1=True, pingpong2=True, expert_groups=True,
+                        group_m1=2, group_m2=2, **_PP)  # fmt: skip
+# two accumulators per warpgroup ([64, 64] each), GEMM 2 [64, 256], 2 stages (the ring wraps every other step)
+_PP_BM64 = KernelConfig(block_m=64, block_n1=64, num_stages1=2, block_n2=256, num_stages2=2, gluon=True,
+                        persistent1=True, pingpong1=True, pingpong2=True, **_PP)  # fmt: skip
+# Triton GEMM 1 with split tails, then the ping-pong Gluon GEMM 2
+_GLUON2_PP = KernelConfig(block_m=128, block_n1=128, num_stages1=4, block_n2=128, num_stages2=4, split_tail=True,
+                          gluon2=True, pingpong2=True, **_PP)  # fmt: skip
+# Triton GEMM 1 (gathered x), then the cooperative Gluon GEMM 2 (8 warps on [128, 256])
+_GLUON2 = KernelConfig(block_m=128, block_n1=128, num_stages1=4, block_n2=256, num_stages2=3, gluon2=True, **_PP)
+# GEMM 1 gathering x's rows by token (cp.async from a producer warpgroup), no sorted copy: 8 warps on [128, 2 x 128],
+# and with both GEMMs ping-pong
+_GATHER = KernelConfig(block_m=128, block_n1=128, num_stages1=4, block_n2=256, num_stages2=3, gluon=True,
+                       gluon_gather=True, gate_up_dot=True, persistent1=True, **_PP)  # fmt: skip
+_GATHER_PP = dataclasses.replace(_PP_BOTH, gluon_gather=True)
+PINGPONG_CONFIGS = [_PP_BOTH, _PP_BM64, _GLUON2_PP, _GLUON2, _GATHER, _GATHER_PP]
+PINGPONG_IDS = ["pingpong-both", "pingpong-bm64", "gluon2-pingpong", "gluon2", "gather", "gather-pingpong"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kc", PINGPONG_CONFIGS, ids=PINGPONG_IDS)
+def test_ping_pong_and_gluon2_bf16(kc):
+    """As test_gluon_gemms_bf16: T = 1 (one tile: the second warpgroup has none), 300, 1000 with a hot expert (~8
+    tiles per program: the turns go round many times)."""
+    failures = []
+    for i, shape in enumerate(GPU_SHAPES):
+        config = MoEConfig(num_experts=8, **shape)
+        for t in (1, 300, 1000):
+            for deterministic in (False, True):
+                out, ref = _run(config, t, kc, torch.bfloat16, "cuda", seed=t + i, deterministic=deterministic,
+                                hot_expert=0 if t == 1000 else None)  # fmt: skip
+                try:
+                    assert_close(out, ref, torch.bfloat16)
+                except AssertionError as error:
+                    failures.append(f"{shape} T={t} det={deterministic}: {str(error).splitlines()[0][:160]}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kc", [_GATHER, _GATHER_PP], ids=["gather", "gather-pingpong"])
+def test_gather_with_hidden_not_a_multiple_of_the_k_box(kc):
+    """H = 968 (not a multiple of 64: the last k step's copies masked past H), top-1 and top-6 routings."""
+    for top_k, t in ((1, 77), (6, 513)):
+        config = MoEConfig(num_experts=6, top_k=top_k, hidden_size=968, intermediate_size=320)
+        out, ref = _run(config, t, kc, torch.bfloat16, "cuda", seed=t)
+        assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_ping_pong_fp16_many_experts_and_graph_replay():
+    config = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768)
+    for t in (64, 4096):
+        out, ref = _run(config, t, PINGPONG_CONFIGS[0], torch.float16, "cuda", seed=t)
+        assert_close(out, ref, torch.float16)
+    config = MoEConfig(num_experts=8, top_k=2, hidden_size=1024, intermediate_size=512)
+    gen = torch.Generator().manual_seed(0)
+    w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=gen)
+    x = make_input(256, config, dtype=torch.bfloat16, device="cuda", generator=gen)
+    tw, ti = make_routing(256, config, device="cuda", generator=gen)
+    graph, out = capture_graph(
+        lambda: tilemoe.ops.fused_experts.fused_experts(
+            x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=PINGPONG_CONFIGS[2]
+        )
+    )
+    assert_replays_follow_new_inputs(graph, out, x, w, tw, ti, config, gen, replays=3)
 
 
 @pytest.mark.gpu

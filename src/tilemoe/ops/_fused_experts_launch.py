@@ -261,6 +261,9 @@ def _launch(
     )
     if out is None:
         out = _combine_output(x, num_slots, atomic)
+    if cfg.gluon2 and _gluon_ready(x, w13, w2, cfg):
+        _launch_gluon_gemm2(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
+        return out if atomic else sum_slots(out, top_k)
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
@@ -347,42 +350,63 @@ def _gluon_ready(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: Kern
     )
 
 
+def _gluon_layout(dtype: torch.dtype, block: list[int]):
+    """The default NVMMA shared layout (swizzle) of ``block`` boxes of ``dtype``, as Gluon's descriptors take it."""
+    from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for(block, {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype])
+
+
 def _gluon_descriptor(t: torch.Tensor, block: list[int]):
     """Gluon's TMA descriptor over 2-D ``t`` with ``block`` boxes and the default NVMMA swizzle for them."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+    return TensorDescriptor.from_tensor(t, block, _gluon_layout(t.dtype, block))
+
+
+def _gluon_ring_args(x, w2, top_k: int, align, weights_flat, weights_on_input, cfg: KernelConfig) -> dict:
+    """The arguments the two Gluon GEMMs share (the ring's depth is the kernel's own NUM_STAGES, and a ring needs
+    two)."""
+    return dict(stage_arg="NUM_STAGES", min_stages=2, sorted_ids_ptr=align.sorted_ids, expert_ids_ptr=align.expert_ids,
+                expert_starts_ptr=align.expert_starts, num_padded_ptr=align.num_padded, topk_weights_ptr=weights_flat,
+                num_slots=x.shape[0] * top_k, hidden=x.shape[1], inter=w2.shape[2], WEIGHTS_ON_INPUT=weights_on_input,
+                BLOCK_M=cfg.block_m, EXPERT_GROUPS=cfg.expert_groups)  # fmt: skip
+
+
+def _gluon_warps(num_warps: int, pingpong: bool) -> dict:
+    """A Gluon GEMM's MMA warps: num_warps in one partition, or under ping-pong two warpgroups of num_warps / 2."""
+    return dict(PINGPONG=pingpong, num_warps=num_warps // 2 if pingpong else num_warps)
 
 
 def _launch_gluon(
     x, w13, w2, b13, b2, weights_flat, top_k: int, align, act, activation, gated, weights_on_input, swiglu_alpha,
     swiglu_limit, atomic: bool, cfg: KernelConfig,
 ) -> torch.Tensor:  # fmt: skip
-    """The two GEMMs as the Gluon kernels (``_gluon_experts``): x copied into padded sorted order, GEMM 1 writes act
-    through TMA, GEMM 2 adds into the combine's output (atomic) or stores per slot."""
-    from tilemoe.ops._kernels._gluon_experts import _gluon_gemm1_kernel, _gluon_gemm2_kernel
+    """The two GEMMs as the Gluon kernels (``_gluon_experts``): x copied into padded sorted order (or, with
+    ``gluon_gather``, its rows gathered by token inside GEMM 1), GEMM 1 writes act through TMA, GEMM 2 adds into the
+    combine's output (atomic) or stores per slot."""
+    from tilemoe.ops._kernels._gluon_experts import _gluon_gemm1_kernel
 
-    num_tokens, hidden = x.shape
+    hidden = x.shape[1]
     inter = w2.shape[2]
-    num_slots = num_tokens * top_k
     capacity = align.sorted_ids.numel()
     num_blocks_m = capacity // cfg.block_m
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
-    b2_arg = b2 if b2 is not None else w2
-    # the ring's depth is the kernel's own NUM_STAGES, and a ring needs two
-    ring = dict(stage_arg="NUM_STAGES", min_stages=2, sorted_ids_ptr=align.sorted_ids, expert_ids_ptr=align.expert_ids,
-                expert_starts_ptr=align.expert_starts, num_padded_ptr=align.num_padded, topk_weights_ptr=weights_flat,
-                num_slots=num_slots, hidden=hidden, inter=inter, WEIGHTS_ON_INPUT=weights_on_input,
-                BLOCK_M=cfg.block_m, EXPERT_GROUPS=cfg.expert_groups)  # fmt: skip
+    ring = _gluon_ring_args(x, w2, top_k, align, weights_flat, weights_on_input, cfg)
+    a_box = [cfg.block_m, cfg.block_k1]
     launch_fitting(
         _gluon_gemm1_kernel,
         _grid(x.device, num_blocks_m * cdiv(inter, cfg.block_n1), cfg.persistent1),
         x.device,
         record_as="num_stages1",
         **ring,
-        x_desc=_gluon_descriptor(_sorted_rows(x, align, capacity, top_k), [cfg.block_m, cfg.block_k1]),
+        x_desc=x if cfg.gluon_gather else _gluon_descriptor(_sorted_rows(x, align, capacity, top_k), a_box),
+        x_ptr=x,
+        stride_xt=x.stride(0),
+        top_k=top_k,
+        GATHER=cfg.gluon_gather,
+        A_LAYOUT=_gluon_layout(x.dtype, a_box),
+        EVEN_K=hidden % cfg.block_k1 == 0,
         w_desc=_gluon_descriptor(w13.view(-1, hidden), [cfg.block_n1, cfg.block_k1]),
         act_desc=_gluon_descriptor(act, [cfg.block_m, cfg.block_n1]),
         b_ptr=b13_arg,
@@ -398,15 +422,30 @@ def _launch_gluon(
         GROUP_M=cfg.group_m1,
         NUM_STAGES=cfg.num_stages1,
         GATE_UP_DOT=cfg.gate_up_dot,
-        num_warps=cfg.num_warps1,
+        **_gluon_warps(cfg.num_warps1, cfg.pingpong1),
     )
-    out = _combine_output(x, num_slots, atomic)
+    out = _combine_output(x, x.shape[0] * top_k, atomic)
+    _launch_gluon_gemm2(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
+    return out if atomic else sum_slots(out, top_k)
+
+
+def _launch_gluon_gemm2(
+    x, w2, b2, weights_flat, top_k: int, align, act, out, weights_on_input, atomic: bool, cfg: KernelConfig
+) -> None:
+    """GEMM 2 as the Gluon kernel: act (GEMM 1's output, Gluon's or Triton's) through TMA, added into the combine's
+    output ``out`` (atomic) or stored per slot."""
+    from tilemoe.ops._kernels._gluon_experts import _gluon_gemm2_kernel
+
+    hidden = x.shape[1]
+    inter = w2.shape[2]
+    num_blocks_m = align.sorted_ids.numel() // cfg.block_m
+    b2_arg = b2 if b2 is not None else w2
     launch_fitting(
         _gluon_gemm2_kernel,
         _grid(x.device, num_blocks_m * cdiv(hidden, cfg.block_n2), cfg.persistent),
         x.device,
         record_as="num_stages2",
-        **ring,
+        **_gluon_ring_args(x, w2, top_k, align, weights_flat, weights_on_input, cfg),
         act_desc=_gluon_descriptor(act, [cfg.block_m, cfg.block_k2]),
         w_desc=_gluon_descriptor(w2.view(-1, inter), [cfg.block_n2, cfg.block_k2]),
         b_ptr=b2_arg,
@@ -422,9 +461,8 @@ def _launch_gluon(
         BLOCK_K=cfg.block_k2,
         GROUP_M=cfg.group_m2,
         NUM_STAGES=cfg.num_stages2,
-        num_warps=cfg.num_warps2,
+        **_gluon_warps(cfg.num_warps2, cfg.pingpong2),
     )
-    return out if atomic else sum_slots(out, top_k)
 
 
 # Polls of a one-launch GEMM 2 tile waiting for its rows before it gives up (sets the error word): ~1 s and more on

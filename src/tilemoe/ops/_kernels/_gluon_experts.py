@@ -29,6 +29,7 @@ test_gluon_experts.py) and run against the float64 reference on the GPU (the ``g
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -44,10 +45,25 @@ from tilemoe.ops._kernels._fused_experts import _tile_coords
 # later releases async_load / async_store (the old names left to raise).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+# cp.async (16-byte copies by each thread): Triton 3.6 names it async_copy_global_to_shared, later releases
+# async_load
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 # Registers of the producer warp (setmaxnreg hands the rest to the MMA warps): it computes tile coordinates and
 # issues TMA copies, nothing more.
 LOADER_REGS = gl.constexpr(40)
+# Warps of GEMM 1's producer when it gathers x's rows by token (GATHER): each thread issues 16-byte cp.async copies
+# (a [128, 64] 16-bit box is 1024 of them, 8 a thread), and their registers hold the rows' pointers across a tile's
+# k steps.
+GATHER_WARPS = gl.constexpr(4)
+GATHER_REGS = gl.constexpr(88)
+
+
+@gluon.constexpr_function
+def _consumer_regs(producer_regs):
+    """Registers of the second MMA warpgroup under PINGPONG (the first, the default partition, gets as many): what a
+    64K register file leaves them after the producer's warpgroup, in setmaxnreg's steps of 8."""
+    return (65536 // 128 - producer_regs) // 2 // 8 * 8
 
 
 @gluon.constexpr_function
@@ -174,15 +190,16 @@ def _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk
 
 
 @gluon.jit
-def _ring(a_desc, b_desc, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-          BLOCK_K: gl.constexpr, GATE_UP: gl.constexpr):  # fmt: skip
+def _ring(a_layout: gl.constexpr, b_desc, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          BLOCK_K: gl.constexpr, GATE_UP: gl.constexpr, READY_COUNT: gl.constexpr):  # fmt: skip
     """The shared buffers of the A / B box ring, a "ready" mbarrier per stage (its boxes have landed) and an "empty"
     one (the MMAs that read it have retired). GATE_UP: 0 one B box per step (GEMM 2, a plain GEMM 1); 1 the gate and
     the up box in two buffers, for two accumulators; 2 both in one [2 BLOCK_N, BLOCK_K] buffer, for one N = 2 BLOCK_N
     wgmma (as ``_fused_experts``' GATE_UP_DOT: one instruction of twice the width reads the A box once, not twice;
-    measured on an H100 within 1% of two accumulators, bench/NOTES.md version 14)."""
-    dtype: gl.constexpr = a_desc.dtype
-    a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    measured on an H100 within 1% of two accumulators, bench/NOTES.md version 14). READY_COUNT: a stage's arrivals
+    (1, the TMA copies' expect; under GATHER also one per producer thread, its cp.async copies done)."""
+    dtype: gl.constexpr = b_desc.dtype
+    a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], a_layout)
     b_rows: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
     b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, b_rows, BLOCK_K], b_desc.layout)
     if GATE_UP == 1:
@@ -192,9 +209,21 @@ def _ring(a_desc, b_desc, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(ready.index(i), count=READY_COUNT)
         mbarrier.init(empty.index(i), count=1)
     return a_bufs, b_bufs, b2_bufs, ready, empty
+
+
+@gluon.jit
+def _turns(empty, PINGPONG: gl.constexpr):
+    """The two MMA warpgroups' turn barriers under PINGPONG (``_take_turn``); else a stand-in never waited on."""
+    if PINGPONG:
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+    else:
+        turn = empty
+    return turn
 
 
 @gluon.jit
@@ -231,19 +260,97 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, e
 
 
 @gluon.jit
-def _tile_mainloop(first_step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
-                   TWO_B: gl.constexpr):  # fmt: skip
+def _gather_load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                           b_rows_per_expert, b2_offset, x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden,
+                           b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                           EXPERT_GROUPS: gl.constexpr, GATE_UP: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+    """GEMM 1's producer without the sorted copy of x (GATHER): GATHER_WARPS warps copy each step's A box straight
+    from x's rows, token = slot // top_k of the block's slots, 16 bytes a cp.async (padding rows and columns past H
+    zero-filled), and arrive on the stage's "ready" barrier as their copies land (one arrival a thread); one thread
+    issues the B boxes through TMA as ``_load_partition`` does. A tile's row offsets are loaded at its first step and
+    kept in registers for its k steps."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [GATHER_WARPS, 1], [1, 0])
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
+    row_offset = rows.to(gl.int64) * 0
+    valid = rows < 0
+    b_row = 0
+    kk = 0
+    s = 0
+    phase = 1
+    for step in range(num_steps):
+        if kk == 0:
+            pid_m, pid_n, expert = _step_coords(
+                step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+            )
+            slot = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + rows)
+            valid = slot < num_slots
+            row_offset = gl.where(valid, slot // top_k, 0).to(gl.int64) * stride_xt
+            b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
+        k = kk * BLOCK_K
+        mbarrier.wait(empty.index(s), phase)
+        bar = ready.index(s)
+        nbytes: gl.constexpr = (1 if GATE_UP == 0 else 2) * b_desc.block_type.nbytes
+        mbarrier.expect(bar, nbytes)
+        if GATE_UP == 2:
+            _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s).slice(0, BLOCK_N))
+            _tma_load(b_desc, [b_row + b2_offset, k], bar, b_bufs.index(s).slice(BLOCK_N, BLOCK_N))
+        else:
+            _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s))
+            if GATE_UP == 1:
+                _tma_load(b_desc, [b_row + b2_offset, k], bar, b2_bufs.index(s))
+        pointers = x_ptr + row_offset[:, None] + (k + cols)[None, :]
+        if EVEN_K:
+            _cp_async(a_bufs.index(s), pointers, mask=valid[:, None])
+        else:
+            _cp_async(a_bufs.index(s), pointers, mask=valid[:, None] & (k + cols < hidden)[None, :])
+        async_copy.mbarrier_arrive(bar, increment_count=False)
+        kk += 1
+        if kk == num_k:
+            kk = 0
+        s += 1
+        if s == NUM_STAGES:
+            s = 0
+            phase ^= 1
+
+
+@gluon.jit
+def _gemm1_producer(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, b_rows_per_expert,
+                    b2_offset, x_desc, x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, w_desc, ready,
+                    empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
+                    GATE_UP: gl.constexpr, GATHER: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+    if GATHER:
+        _gather_load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                               b_rows_per_expert, b2_offset, x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k,
+                               hidden, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N,
+                               BLOCK_K, GROUP_M, EXPERT_GROUPS, GATE_UP, EVEN_K)  # fmt: skip
+    else:
+        _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                        b_rows_per_expert, b2_offset, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
+                        NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, GATE_UP)  # fmt: skip
+
+
+@gluon.jit
+def _tile_mainloop(first_step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, turn_done,
+                   NUM_STAGES: gl.constexpr, TWO_B: gl.constexpr, PINGPONG: gl.constexpr,
+                   GATHER: gl.constexpr):  # fmt: skip
     """One tile's k steps (the program's steps ``first_step`` on; acc2 with the second B buffer when TWO_B: ``_ring``'s
     GATE_UP 1), one step of wgmma in flight: each step's stage waits for its boxes, and the step before's stage is
     released once its MMAs retire; at the end everything retires and the last stage is released too. The k loop is a
     loop of its own, the accumulators zeroed before it (``use_acc`` off at k = 0) and read only after it: with one
     flat (tile, k) loop whose epilogue sat in a branch inside it, ptxas made every step wait for all its wgmmas
     ("warpgroup.wait is injected ... to allow use of registers defined by GMMA", C7517), the one-in-flight pipeline
-    undone (bench/NOTES.md version 15)."""
+    undone (bench/NOTES.md version 15). PINGPONG: once its last step's boxes have landed, the tile arrives on
+    ``turn_done``, the other MMA warpgroup's turn (``_take_turn``). GATHER: A came by cp.async, whose writes are the
+    generic proxy's, and wgmma reads through the async proxy: a proxy fence between the wait and the wgmmas."""
     for kk in range(num_k):
         step = first_step + kk
         s = step % NUM_STAGES
         mbarrier.wait(ready.index(s), (step // NUM_STAGES) & 1)
+        if GATHER:
+            fence_async_shared()
         acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
         if TWO_B:
             acc2 = warpgroup_mma(a_bufs.index(s), b2_bufs.index(s).permute((1, 0)), acc2, use_acc=kk > 0,
@@ -252,6 +359,8 @@ def _tile_mainloop(first_step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b
         else:
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES), pred=kk > 0)
+    if PINGPONG:
+        mbarrier.arrive(turn_done)
     if TWO_B:
         acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
     else:
@@ -261,20 +370,36 @@ def _tile_mainloop(first_step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b
 
 
 @gluon.jit
+def _take_turn(turn, tile, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr):
+    """PINGPONG: two MMA warpgroups (consumers 0 and 1) take the program's tiles in turn (consumer ``tile`` % 2 runs
+    its ``tile``-th), from one ring, so one runs its epilogue while the other's wgmmas run. Before a tile, a consumer
+    waits until the other has waited for every box of the tile before (``_tile_mainloop`` arrives on ``turn`` then):
+    a ring stage's "ready" barrier tells phases apart by parity only, so a consumer that waited on a stage one use
+    early would take the use before's completed phase for its own. Its (tile // 2)-th wait is for the other's
+    (tile // 2 + CONSUMER - 1)-th arrival."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(CONSUMER), (tile // 2 + CONSUMER + 1) & 1, pred=tile > 0)
+
+
+@gluon.jit
 def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, ready, empty,
                          a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
-                         sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr,
-                         GATED: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
-                         BLOCK_M: gl.constexpr,
-                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, GATE_UP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                         sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, turn,
+                         ACTIVATION: gl.constexpr, GATED: gl.constexpr, HAS_BIAS: gl.constexpr,
+                         WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         GATE_UP: gl.constexpr, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr,
+                         GATHER: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
     layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
-    for first_step in range(0, num_steps, num_k):
+    consumers: gl.constexpr = 2 if PINGPONG else 1
+    for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
+        _take_turn(turn, first_step // num_k, CONSUMER, PINGPONG)
         acc_g = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
         acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
         acc_g, acc_u = _tile_mainloop(first_step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs,
-                                      NUM_STAGES, GATE_UP == 1)  # fmt: skip
+                                      turn.index(1 - CONSUMER), NUM_STAGES, GATE_UP == 1, PINGPONG,
+                                      GATHER)  # fmt: skip
         pid_m, pid_n, expert = _step_coords(
             first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
         )
@@ -291,15 +416,18 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
 @gluon.jit
 def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, ready, empty,
                          a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                         sorted_ids_ptr, num_slots, top_k, hidden, HAS_BIAS: gl.constexpr,
+                         sorted_ids_ptr, num_slots, top_k, hidden, turn, HAS_BIAS: gl.constexpr,
                          WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                         NUM_STAGES: gl.constexpr, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr,
+                         num_warps: gl.constexpr):  # fmt: skip
     layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
-    for first_step in range(0, num_steps, num_k):
+    consumers: gl.constexpr = 2 if PINGPONG else 1
+    for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
+        _take_turn(turn, first_step // num_k, CONSUMER, PINGPONG)
         acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
-        acc, unused = _tile_mainloop(first_step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs, NUM_STAGES,
-                                     False)  # fmt: skip
+        acc, unused = _tile_mainloop(first_step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs,
+                                     turn.index(1 - CONSUMER), NUM_STAGES, False, PINGPONG, False)  # fmt: skip
         pid_m, pid_n, expert = _step_coords(
             first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
         )
@@ -310,7 +438,9 @@ def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
 
 @gluon.jit
 def _gluon_gemm1_kernel(
-    x_desc,  # x_sorted [CAP, H], [BLOCK_M, BLOCK_K] boxes
+    x_desc,  # x_sorted [CAP, H], [BLOCK_M, BLOCK_K] boxes (unused under GATHER)
+    x_ptr,  # x [T, H], rows gathered by token under GATHER (else unused)
+    stride_xt,
     w_desc,  # w13 as [E*N1, H], [BLOCK_N, BLOCK_K] boxes
     act_desc,  # act [CAP, I], [BLOCK_M, BLOCK_N] boxes
     b_ptr,
@@ -322,6 +452,7 @@ def _gluon_gemm1_kernel(
     expert_starts_ptr,  # [E + 1] first block of each expert (EXPERT_GROUPS)
     num_padded_ptr,
     num_slots,
+    top_k,
     hidden,
     inter,
     swiglu_alpha,
@@ -337,6 +468,10 @@ def _gluon_gemm1_kernel(
     EXPERT_GROUPS: gl.constexpr,  # tiles ordered expert by expert (``_tile_coords``)
     NUM_STAGES: gl.constexpr,
     GATE_UP_DOT: gl.constexpr,  # gated: one N = 2 BLOCK_N wgmma over the gate and up boxes, not two (``_ring``)
+    PINGPONG: gl.constexpr,  # two MMA warpgroups of num_warps take the tiles in turn (``_take_turn``)
+    GATHER: gl.constexpr,  # A gathered from x by token (``_gather_load_partition``), not x_sorted through TMA
+    A_LAYOUT: gl.constexpr,  # the A ring's shared layout (x_desc's boxes')
+    EVEN_K: gl.constexpr,  # hidden % BLOCK_K == 0 (GATHER's copies need no column mask)
     num_warps: gl.constexpr,
 ):
     """One program per tile, or fewer programs each walking tiles (a persistent grid); within a program a producer
@@ -348,21 +483,54 @@ def _gluon_gemm1_kernel(
     num_steps = gl.maximum(gl.cdiv(num_tiles - gl.program_id(0), gl.num_programs(0)), 0) * num_k
     b_rows_per_expert = 2 * inter if GATED else inter
     gate_up: gl.constexpr = (2 if GATE_UP_DOT else 1) if GATED else 0
-    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(x_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, gate_up)
-    gl.warp_specialize(
-        [
-            (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                    ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
-                                    topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit,
-                                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N, GROUP_M,
-                                    EXPERT_GROUPS, NUM_STAGES, gate_up, num_warps)),
-            (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                               b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
-                               NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, gate_up)),
-        ],
-        [1],
-        [LOADER_REGS],
-    )  # fmt: skip
+    ready_count: gl.constexpr = GATHER_WARPS * 32 + 1 if GATHER else 1
+    producer_warps: gl.constexpr = GATHER_WARPS if GATHER else 1
+    producer_regs: gl.constexpr = GATHER_REGS if GATHER else LOADER_REGS
+    consumer_regs: gl.constexpr = _consumer_regs(producer_regs)
+    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(A_LAYOUT, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, gate_up,
+                                                  ready_count)  # fmt: skip
+    turn = _turns(empty, PINGPONG)
+    # (the partitions' arguments written out: a tuple built here would turn its constexprs into tensors)
+    if PINGPONG:
+        gl.warp_specialize(
+            [
+                (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
+                                        topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
+                                        swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
+                                        BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 0, True, GATHER,
+                                        num_warps)),
+                (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
+                                        topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
+                                        swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
+                                        BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 1, True, GATHER,
+                                        num_warps)),
+                (_gemm1_producer, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                   b_rows_per_expert, inter, x_desc, x_ptr, stride_xt, sorted_ids_ptr, num_slots,
+                                   top_k, hidden, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M,
+                                   BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, gate_up, GATHER, EVEN_K)),
+            ],
+            [num_warps, producer_warps],
+            [consumer_regs, producer_regs],
+        )  # fmt: skip
+    else:
+        gl.warp_specialize(
+            [
+                (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
+                                        topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
+                                        swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
+                                        BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 0, False, GATHER,
+                                        num_warps)),
+                (_gemm1_producer, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                   b_rows_per_expert, inter, x_desc, x_ptr, stride_xt, sorted_ids_ptr, num_slots,
+                                   top_k, hidden, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M,
+                                   BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, gate_up, GATHER, EVEN_K)),
+            ],
+            [producer_warps],
+            [producer_regs],
+        )  # fmt: skip
 
 
 @gluon.jit
@@ -393,6 +561,7 @@ def _gluon_gemm2_kernel(
     GROUP_M: gl.constexpr,
     EXPERT_GROUPS: gl.constexpr,  # tiles ordered expert by expert (``_tile_coords``)
     NUM_STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,  # two MMA warpgroups of num_warps take the tiles in turn (``_take_turn``)
     num_warps: gl.constexpr,
 ):
     """GEMM 2 in GEMM 1's structure (one accumulator, the combine's epilogue)."""
@@ -400,18 +569,42 @@ def _gluon_gemm2_kernel(
     num_tiles = (gl.load(num_padded_ptr) // BLOCK_M) * num_blocks_n
     num_k = gl.cdiv(inter, BLOCK_K)
     num_steps = gl.maximum(gl.cdiv(num_tiles - gl.program_id(0), gl.num_programs(0)), 0) * num_k
-    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(act_desc, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, 0)
-    gl.warp_specialize(
-        [
-            (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                    ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
-                                    out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, HAS_BIAS,
-                                    WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES,
-                                    num_warps)),
-            (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, hidden, 0,
-                               act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N,
-                               BLOCK_K, GROUP_M, EXPERT_GROUPS, 0)),
-        ],
-        [1],
-        [LOADER_REGS],
-    )  # fmt: skip
+    a_layout: gl.constexpr = act_desc.layout
+    a_bufs, b_bufs, b2_bufs, ready, empty = _ring(a_layout, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1)
+    turn = _turns(empty, PINGPONG)
+    # (the partitions' arguments written out: a tuple built here would turn its constexprs into tensors)
+    if PINGPONG:
+        gl.warp_specialize(
+            [
+                (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                        ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
+                                        out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
+                                        HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS,
+                                        NUM_STAGES, 0, True, num_warps)),
+                (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                        ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
+                                        out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
+                                        HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS,
+                                        NUM_STAGES, 1, True, num_warps)),
+                (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                   hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, 0)),
+            ],
+            [num_warps, 1],
+            [_consumer_regs(LOADER_REGS), LOADER_REGS],
+        )  # fmt: skip
+    else:
+        gl.warp_specialize(
+            [
+                (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                        ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
+                                        out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
+                                        HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS,
+                                        NUM_STAGES, 0, False, num_warps)),
+                (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                   hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, 0)),
+            ],
+            [1],
+            [LOADER_REGS],
+        )  # fmt: skip
