@@ -96,8 +96,8 @@ class KernelConfig:
     ncu counted 4.46 GB read by mixtral-8x7b T=4096's GEMM 1 for 1.88 GB of w13 (bench/NOTES.md, version 15). A
     ``group_m*`` at least an expert's blocks then reads its weights once.
     ``gluon2`` (needs ``tma``, not with ``gluon``, which has it): GEMM 2 alone as the Gluon kernel, after the Triton
-    GEMM 1 (gathered x, no sorted copy): GEMM 1 in Gluon needs x copied into sorted order, which ate its gain at
-    qwen3 / deepseek (bench/NOTES.md, version 15).
+    GEMM 1; ``gluon1`` (likewise): GEMM 1 alone as the Gluon kernel, before the Triton GEMM 2 (whose fields then
+    apply as without Gluon). Each Gluon GEMM won at some shapes and lost at others (bench/NOTES.md, version 16).
     ``pingpong1`` / ``pingpong2`` (a Gluon GEMM 1 / 2 with its persistent grid, num_warps 8): the MMA warps split into
     two warpgroups of 4 that take the program's tiles in turn, one running its epilogue (GEMM 2's: the combine's
     atomics) while the other's wgmmas run (CUTLASS's "ping-pong" schedule); each warpgroup holds one
@@ -134,6 +134,7 @@ class KernelConfig:
     gluon: bool = False
     expert_groups: bool = False
     gluon2: bool = False
+    gluon1: bool = False
     pingpong1: bool = False
     pingpong2: bool = False
     gluon_gather: bool = False
@@ -160,7 +161,7 @@ class KernelConfig:
                 "KernelConfig.persistent_tails: needs split_tail and persistent or persistent1, got "
                 f"split_tail={self.split_tail}, persistent={self.persistent}, persistent1={self.persistent1}"
             )
-        for name in ("sorted_x", "gate_up_dot", "gluon", "gluon2"):
+        for name in ("sorted_x", "gate_up_dot", "gluon", "gluon2", "gluon1"):
             if getattr(self, name) and not self.tma:
                 raise ValueError(f"KernelConfig.{name}: needs tma=True (GEMM 1's TMA form), got tma=False")
         if self.one_launch:
@@ -196,6 +197,19 @@ class KernelConfig:
             for name in ("num_stages1", "num_stages2"):
                 if getattr(self, name) < 2:
                     raise ValueError(f"KernelConfig.gluon: expected {name} >= 2 (a ring), got {getattr(self, name)}")
+        if self.gluon1 and (self.gluon or self.gluon2):
+            raise ValueError(
+                "KernelConfig.gluon1: GEMM 1 alone in Gluon, not with gluon (both GEMMs) or gluon2 (say gluon), "
+                f"got gluon={self.gluon}, gluon2={self.gluon2}"
+            )
+        gluon1_tiles_ok = self.block_m >= 64 and self.num_warps1 in (4, 8) and self.num_stages1 >= 2
+        if self.gluon1 and not (gluon1_tiles_ok and not self.one_launch and not self.gemm1_clears_out):
+            raise ValueError(
+                "KernelConfig.gluon1: expected block_m >= 64, num_warps1 4 or 8, num_stages1 >= 2, no one_launch or "
+                f"gemm1_clears_out, got block_m={self.block_m}, num_warps1={self.num_warps1}, "
+                f"num_stages1={self.num_stages1}, one_launch={self.one_launch}, "
+                f"gemm1_clears_out={self.gemm1_clears_out}"
+            )
         if self.gluon2:
             if self.gluon:
                 raise ValueError("KernelConfig.gluon2: GEMM 2 alone in Gluon, not with gluon (both GEMMs), got both")
@@ -205,10 +219,10 @@ class KernelConfig:
                     f"one_launch, got block_m={self.block_m}, num_warps2={self.num_warps2}, "
                     f"num_stages2={self.num_stages2}, one_launch={self.one_launch}"
                 )
-        if self.gluon_gather and not self.gluon:
-            raise ValueError("KernelConfig.gluon_gather: needs gluon=True (the Gluon GEMM 1), got gluon=False")
+        if self.gluon_gather and not (self.gluon or self.gluon1):
+            raise ValueError("KernelConfig.gluon_gather: needs the Gluon GEMM 1 (gluon or gluon1), got neither")
         for name, gluon, persistent, warps in (
-            ("pingpong1", self.gluon, "persistent1", "num_warps1"),
+            ("pingpong1", self.gluon or self.gluon1, "persistent1", "num_warps1"),
             ("pingpong2", self.gluon or self.gluon2, "persistent", "num_warps2"),
         ):
             if getattr(self, name) and not (gluon and getattr(self, persistent) and getattr(self, warps) == 8):

@@ -77,8 +77,13 @@ def test_gluon_config_checks():
     with pytest.raises(ValueError, match="pingpong2: needs .* persistent=True"):
         KernelConfig(block_m=64, tma=True, gluon=True, num_warps2=8, pingpong2=True)
     KernelConfig(block_m=64, tma=True, gluon2=True, persistent=True, num_warps2=8, pingpong2=True)
-    with pytest.raises(ValueError, match="gluon_gather: needs gluon=True"):
+    with pytest.raises(ValueError, match="gluon_gather: needs the Gluon GEMM 1"):
         KernelConfig(block_m=64, tma=True, gluon2=True, gluon_gather=True)
+    with pytest.raises(ValueError, match="gluon1: GEMM 1 alone"):
+        KernelConfig(block_m=64, tma=True, gluon1=True, gluon2=True)
+    with pytest.raises(ValueError, match="gluon1: expected block_m >= 64"):
+        KernelConfig(block_m=64, tma=True, gluon1=True, gemm1_clears_out=True)
+    KernelConfig(block_m=64, tma=True, gluon1=True, gluon_gather=True, persistent1=True, num_warps1=8, pingpong1=True)
 
 
 def test_gluon_runs_only_where_it_can(monkeypatch):
@@ -164,8 +169,11 @@ _GLUON2 = KernelConfig(block_m=128, block_n1=128, num_stages1=4, block_n2=256, n
 _GATHER = KernelConfig(block_m=128, block_n1=128, num_stages1=4, block_n2=256, num_stages2=3, gluon=True,
                        gluon_gather=True, gate_up_dot=True, persistent1=True, **_PP)  # fmt: skip
 _GATHER_PP = dataclasses.replace(_PP_BOTH, gluon_gather=True)
-PINGPONG_CONFIGS = [_PP_BOTH, _PP_BM64, _GLUON2_PP, _GLUON2, _GATHER, _GATHER_PP]
-PINGPONG_IDS = ["pingpong-both", "pingpong-bm64", "gluon2-pingpong", "gluon2", "gather", "gather-pingpong"]
+# GEMM 1 alone in Gluon (gathering x), then the Triton GEMM 2 with split tails (its half tiles read act rows the Gluon
+# GEMM 1 wrote in full blocks)
+_GLUON1 = dataclasses.replace(_GATHER, gluon=False, gluon1=True, split_tail=True, persistent=False)
+PINGPONG_CONFIGS = [_PP_BOTH, _PP_BM64, _GLUON2_PP, _GLUON2, _GATHER, _GATHER_PP, _GLUON1]
+PINGPONG_IDS = ["pingpong-both", "pingpong-bm64", "gluon2-pingpong", "gluon2", "gather", "gather-pingpong", "gluon1"]
 
 
 @pytest.mark.gpu
@@ -188,7 +196,7 @@ def test_ping_pong_and_gluon2_bf16(kc):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kc", [_GATHER, _GATHER_PP], ids=["gather", "gather-pingpong"])
+@pytest.mark.parametrize("kc", [_GATHER, _GATHER_PP, _GLUON1], ids=["gather", "gather-pingpong", "gluon1"])
 def test_gather_with_hidden_not_a_multiple_of_the_k_box(kc):
     """H = 968 (not a multiple of 64: the last k step's copies masked past H), top-1 and top-6 routings."""
     for top_k, t in ((1, 77), (6, 513)):

@@ -149,7 +149,7 @@ def _launch(
     cfg: KernelConfig,
     deterministic: bool,
 ) -> torch.Tensor:
-    from tilemoe.ops._kernels._fused_experts import _gemm1_kernel, _gemm2_kernel
+    from tilemoe.ops._kernels._fused_experts import _gemm1_kernel
 
     num_tokens, hidden = x.shape
     num_experts, inter = w2.shape[0], w2.shape[2]
@@ -173,11 +173,15 @@ def _launch(
     weights_flat = topk_weights.reshape(-1)
     act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
     atomic = not deterministic and top_k > 1
-    if cfg.gluon and _gluon_ready(x, w13, w2, cfg):  # before the Triton kernels' descriptors and x copy
-        return _launch_gluon(
-            x, w13, w2, b13, b2, weights_flat, top_k, align, act, activation, gated, weights_on_input, swiglu_alpha,
-            swiglu_limit, atomic, cfg,
+    if (cfg.gluon or cfg.gluon1) and _gluon_ready(x, w13, w2, cfg):  # before the Triton kernels' descriptors, x copy
+        _launch_gluon_gemm1(
+            x, w13, w2, b13, weights_flat, top_k, align, act, activation, gated, weights_on_input, swiglu_alpha,
+            swiglu_limit, cfg,
         )  # fmt: skip
+        out = _combine_output(x, num_slots, atomic)
+        gemm2 = _launch_gluon_gemm2 if cfg.gluon else _launch_triton_gemm2
+        gemm2(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
+        return out if atomic else sum_slots(out, top_k)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
     w13_desc = None
     gate_up_dot = cfg.gate_up_dot and gated
@@ -264,6 +268,17 @@ def _launch(
     if cfg.gluon2 and _gluon_ready(x, w13, w2, cfg):
         _launch_gluon_gemm2(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
         return out if atomic else sum_slots(out, top_k)
+    _launch_triton_gemm2(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
+    return out if atomic else sum_slots(out, top_k)
+
+
+def _launch_triton_gemm2(
+    x, w2, b2, weights_flat, top_k: int, align, act, out, weights_on_input, atomic: bool, cfg: KernelConfig
+) -> None:
+    """The Triton GEMM 2 (``_gemm2_kernel``): act (GEMM 1's output) into the combine's output ``out``, added per token
+    (atomic) or stored per slot."""
+    from tilemoe.ops._kernels._fused_experts import _gemm2_kernel
+
     b2_arg = b2 if b2 is not None else w2
     w2_desc = _tma_descriptor(w2, cfg.block_n2, cfg.block_k2) if cfg.tma else None
     act_desc = _tma_descriptor(act, cfg.block_m, cfg.block_k2) if cfg.tma else None
@@ -273,7 +288,8 @@ def _launch(
     act_tail_arg = act_arg
     if act_desc is not None and split_tail2:
         act_tail_arg = _tma_descriptor(act, cfg.block_m // 2, cfg.block_k2)
-    tiles2 = num_blocks_m * cdiv(hidden, cfg.block_n2)
+    num_blocks_m = align.sorted_ids.numel() // cfg.block_m
+    tiles2 = num_blocks_m * cdiv(x.shape[1], cfg.block_n2)
     launch_fitting(
         _gemm2_kernel,
         _grid(x.device, tiles2, cfg.persistent),
@@ -299,10 +315,10 @@ def _launch(
         expert_ids_ptr=align.expert_ids,
         expert_starts_ptr=align.expert_starts,
         num_padded_ptr=align.num_padded,
-        num_slots=num_slots,
+        num_slots=x.shape[0] * top_k,
         top_k=top_k,
-        hidden=hidden,
-        inter=inter,
+        hidden=x.shape[1],
+        inter=w2.shape[2],
         num_blocks_m=num_blocks_m,
         HAS_BIAS=b2 is not None,
         WEIGHTS_ON_INPUT=weights_on_input,
@@ -311,8 +327,8 @@ def _launch(
         W_TMA=w2_desc is not None,
         A_TMA=act_desc is not None,
         PERSISTENT=cfg.persistent,
-        EVEN_K=inter % cfg.block_k2 == 0,
-        EVEN_N=hidden % cfg.block_n2 == 0,
+        EVEN_K=w2.shape[2] % cfg.block_k2 == 0,
+        EVEN_N=x.shape[1] % cfg.block_n2 == 0,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2,
@@ -322,7 +338,6 @@ def _launch(
         num_warps=cfg.num_warps2,
         num_stages=cfg.num_stages2,
     )
-    return out if atomic else sum_slots(out, top_k)
 
 
 # Set by bench/compile_check.py, whose CPU tensors stand for a Hopper GPU's: the Gluon kernels are then compiled (for
@@ -378,13 +393,12 @@ def _gluon_warps(num_warps: int, pingpong: bool) -> dict:
     return dict(PINGPONG=pingpong, num_warps=num_warps // 2 if pingpong else num_warps)
 
 
-def _launch_gluon(
-    x, w13, w2, b13, b2, weights_flat, top_k: int, align, act, activation, gated, weights_on_input, swiglu_alpha,
-    swiglu_limit, atomic: bool, cfg: KernelConfig,
-) -> torch.Tensor:  # fmt: skip
-    """The two GEMMs as the Gluon kernels (``_gluon_experts``): x copied into padded sorted order (or, with
-    ``gluon_gather``, its rows gathered by token inside GEMM 1), GEMM 1 writes act through TMA, GEMM 2 adds into the
-    combine's output (atomic) or stores per slot."""
+def _launch_gluon_gemm1(
+    x, w13, w2, b13, weights_flat, top_k: int, align, act, activation, gated, weights_on_input, swiglu_alpha,
+    swiglu_limit, cfg: KernelConfig,
+) -> None:  # fmt: skip
+    """GEMM 1 as the Gluon kernel (``_gluon_experts``): x copied into padded sorted order and read through TMA (or,
+    with ``gluon_gather``, its rows gathered by token inside the kernel); act written through TMA."""
     from tilemoe.ops._kernels._gluon_experts import _gluon_gemm1_kernel
 
     hidden = x.shape[1]
@@ -394,17 +408,20 @@ def _launch_gluon(
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
     ring = _gluon_ring_args(x, w2, top_k, align, weights_flat, weights_on_input, cfg)
     a_box = [cfg.block_m, cfg.block_k1]
+    # the gather's 16-byte copies need x's rows at 16-byte boundaries (the kernel is told so); else the sorted copy
+    gather = cfg.gluon_gather and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0
+    gather = gather and x.data_ptr() % 16 == 0
     launch_fitting(
         _gluon_gemm1_kernel,
         _grid(x.device, num_blocks_m * cdiv(inter, cfg.block_n1), cfg.persistent1),
         x.device,
         record_as="num_stages1",
         **ring,
-        x_desc=x if cfg.gluon_gather else _gluon_descriptor(_sorted_rows(x, align, capacity, top_k), a_box),
+        x_desc=x if gather else _gluon_descriptor(_sorted_rows(x, align, capacity, top_k), a_box),
         x_ptr=x,
         stride_xt=x.stride(0),
         top_k=top_k,
-        GATHER=cfg.gluon_gather,
+        GATHER=gather,
         A_LAYOUT=_gluon_layout(x.dtype, a_box),
         EVEN_K=hidden % cfg.block_k1 == 0,
         w_desc=_gluon_descriptor(w13.view(-1, hidden), [cfg.block_n1, cfg.block_k1]),
@@ -424,9 +441,6 @@ def _launch_gluon(
         GATE_UP_DOT=cfg.gate_up_dot,
         **_gluon_warps(cfg.num_warps1, cfg.pingpong1),
     )
-    out = _combine_output(x, x.shape[0] * top_k, atomic)
-    _launch_gluon_gemm2(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
-    return out if atomic else sum_slots(out, top_k)
 
 
 def _launch_gluon_gemm2(

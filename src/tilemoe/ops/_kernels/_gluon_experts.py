@@ -286,7 +286,9 @@ def _gather_load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids
             )
             slot = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + rows)
             valid = slot < num_slots
-            row_offset = gl.where(valid, slot // top_k, 0).to(gl.int64) * stride_xt
+            # rows of 16-byte multiples (the launcher's condition): told, so the copies are 16 bytes wide even where
+            # H is not a multiple of 16 elements (Triton only sees an int argument's divisibility by 16)
+            row_offset = gl.multiple_of(gl.where(valid, slot // top_k, 0).to(gl.int64) * stride_xt, 8)
             b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
         k = kk * BLOCK_K
         mbarrier.wait(empty.index(s), phase)
@@ -304,7 +306,8 @@ def _gather_load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids
         if EVEN_K:
             _cp_async(a_bufs.index(s), pointers, mask=valid[:, None])
         else:
-            _cp_async(a_bufs.index(s), pointers, mask=valid[:, None] & (k + cols < hidden)[None, :])
+            # in 8-column (16-byte) chunks, so the mask is seen to hold for a whole copy (H is a multiple of 8)
+            _cp_async(a_bufs.index(s), pointers, mask=valid[:, None] & ((k + cols) // 8 < hidden // 8)[None, :])
         async_copy.mbarrier_arrive(bar, increment_count=False)
         kk += 1
         if kk == num_k:
