@@ -4,7 +4,7 @@
 g1="tma=1,gate_up_dot=1,persistent1=1,num_warps1=8,num_stages1=4,block_n1=128,gluon_gather=1"
 pp2="block_n2=128,pingpong2=1,persistent=1,num_warps2=8"
 eg="expert_groups=1,group_m1=16,group_m2=16"
-timeout -k 5 "${T_TESTS:-120}" python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_gluon_experts.py 2>&1 |
+PYTHONPATH=$PWD/src timeout -k 5 "${T_TESTS:-120}" python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_gluon_experts.py 2>&1 |
   tail -n 6
 BUDGET=${BUDGET:-200} bash bench/gpu_tune.sh --model qwen3-30b-a3b deepseek-v2-lite gpt-oss-120b mixtral-8x7b \
   --num-tokens 1024 4096 16384 --scenarios random imbalanced \
