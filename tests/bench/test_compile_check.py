@@ -24,14 +24,14 @@ def _run_ok(*args: str) -> list[str]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
 def test_compiles_every_kernel_of_a_table_entry_for_sm90():
-    # T=1: the decode kernels and the GEMM 1 that routes; T=4096: the tiled GEMMs with TMA and a persistent GEMM 2,
-    # and one variant (persistent_tails, the newest kernel form)
-    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "1", "4096", "--variants", "persistent_tails=1")
+    # T=1: the decode kernels and the GEMM 1 that routes; T=16384: the Triton tiled GEMMs with TMA, both persistent,
+    # and one variant (persistent_tails); the table's T=4096 entry runs the Gluon GEMMs since session 14
+    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "1", "16384", "--variants", "persistent_tails=1")
     kernels = {line.split()[3] for line in lines if line.startswith("qwen3-30b-a3b") and line.endswith("ok")}
     assert {"_route_kernel", "_decode_gemm1_kern", "_decode_gemm2_kern", "_gemm1_kernel", "_gemm2_kernel"} <= kernels
-    gemm_4096 = [line for line in lines if " 4096 " in line and "_gemm" in line]
-    assert len(gemm_4096) == 4 and all(" wgmma " in line for line in gemm_4096)  # the entry and its variant
-    assert any("persistent_tails=1" in line for line in gemm_4096)
+    gemm_16384 = [line for line in lines if " 16384 " in line and "_gemm" in line]
+    assert len(gemm_16384) == 4 and all(" wgmma " in line for line in gemm_16384)  # the entry and its variant
+    assert any("persistent_tails=1" in line for line in gemm_16384)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
@@ -50,7 +50,7 @@ def test_compiles_the_ping_pong_gluon_gemms_and_gluon2_for_sm90():
     in Gluon after the Triton GEMM 1; none spilling or with serialized wgmmas (the status "ok")."""
     both = ("tma=1,gluon=1,block_m=128,block_n1=64,block_k1=64,num_warps1=8,num_stages1=4,block_n2=128,block_k2=64,"
             "num_warps2=8,num_stages2=4,persistent1=1,persistent=1,gate_up_dot=1,pingpong1=1,pingpong2=1")  # fmt: skip
-    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "4096", "--variants", both,
+    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "16384", "--variants", both,  # a Triton entry
                     "gluon=0,gluon2=1,block_n2=128,num_warps2=8,persistent=1,pingpong2=1")  # fmt: skip
     gluon = [line for line in lines if "_gluon_gemm" in line]
     assert len(gluon) == 3 and all(line.endswith("ok") and " wgmma " in line for line in gluon), gluon
