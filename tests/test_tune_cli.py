@@ -625,6 +625,7 @@ def test_tune_end_to_end_gpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tune, "TMA_CANDIDATES", [])
     monkeypatch.setattr(tune, "DENSE_GEMM1_CANDIDATES", [])
     monkeypatch.setattr(tune, "ONE_LAUNCH_CANDIDATES", [])
+    monkeypatch.setattr(tune, "GLUON_CANDIDATES", [])
     monkeypatch.setattr(tune, "DECODE_CANDIDATES", [])
     out = tmp_path / "table.json"
     argv = ["tune", "--model", "olmoe-1b-7b", "--num-tokens", "1", "300", "--out", str(out)]
@@ -657,6 +658,10 @@ def test_candidates_add_tma_for_16_bit_and_decode_for_few_slots():
     assert {tune._expert_grouped(c) for c in tune.DENSE_GEMM1_CANDIDATES} <= set(dense)
     one_launch = {tune._expert_grouped(c) for c in tune.ONE_LAUNCH_CANDIDATES}
     assert one_launch <= set(tune.candidate_configs(prefill_shape, torch.bfloat16))
+    # the Gluon forms (gathering GEMM 1 with the ping-pong GEMM 2; GEMM 1 alone in Gluon) for 16-bit dtypes only
+    gluon = {tune._expert_grouped(c) for c in tune.GLUON_CANDIDATES}
+    assert gluon <= set(tune.candidate_configs(prefill_shape, torch.bfloat16))
+    assert not any(c.gluon or c.gluon1 for c in tune.candidate_configs(prefill_shape, torch.float32))
 
 
 def test_split_tail_twins_follow_their_configs():

@@ -139,6 +139,16 @@ DENSE_GEMM1_CANDIDATES = [
 ONE_LAUNCH_CANDIDATES = [
     _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, one_launch=True),
 ]
+# The Gluon GEMMs (Hopper, 16-bit; elsewhere the launcher runs the Triton kernels in their place): GEMM 1 gathering x
+# by token with GEMM 2 in ping-pong, and GEMM 1 alone in Gluon before the Triton GEMM 2. On an H100 the first won
+# qwen3-30b-a3b and deepseek-v2-lite at T=4096 (0.91x / 0.95x of the entries, in turn) and mixtral-8x7b T=1024 (as a
+# change of its Gluon entry), and lost 2-10% at T=16384 and at gpt-oss-120b (bench/NOTES.md, version 16).
+GLUON_CANDIDATES = [
+    _cfg(128, 128, 64, 8, 4, 128, 64, 8, 6, tma=True, gate_up_dot=True, persistent1=True, persistent=True, gluon=True,
+         gluon_gather=True, pingpong2=True),
+    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, gate_up_dot=True, persistent1=True, persistent=True,
+         gluon1=True, gluon_gather=True),
+]  # fmt: skip
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
 # H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3),
 # before GEMM 2 ran per slot (``tilemoe.ops._fused_experts_launch.DECODE_GEMM2_PER_SLOT``); with it the
@@ -189,7 +199,8 @@ def _expert_grouped(cfg: KernelConfig) -> KernelConfig:
 
 def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]:
     """The configs ``tilemoe tune`` times for ``shape`` in ``dtype``: the heuristic first, then ``CANDIDATES``
-    (+ ``TMA_CANDIDATES`` for 16-bit dtypes, + ``DECODE_CANDIDATES`` for S <= ``DECODE_MAX_SLOTS``) that can
+    (+ ``TMA_CANDIDATES``, ``DENSE_GEMM1_CANDIDATES``, ``ONE_LAUNCH_CANDIDATES`` and ``GLUON_CANDIDATES`` for 16-bit
+    dtypes, + ``DECODE_CANDIDATES`` for S <= ``DECODE_MAX_SLOTS``) that can
     win, the likeliest first (block_m nearest the heuristic's), without repeats; last ``GROUPED_MM_CANDIDATE``
     (16-bit, from ``GROUPED_MM_MIN_ROWS`` rows per expert, where torch's grouped GEMM runs on this machine).
 
@@ -207,7 +218,7 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
     min_block_m = min(rows_per_expert / 16, MIN_BLOCK_M_CAP)
     pool = list(CANDIDATES)
     if dtype in (torch.float16, torch.bfloat16):
-        pool += TMA_CANDIDATES + DENSE_GEMM1_CANDIDATES + ONE_LAUNCH_CANDIDATES
+        pool += TMA_CANDIDATES + DENSE_GEMM1_CANDIDATES + ONE_LAUNCH_CANDIDATES + GLUON_CANDIDATES
     if shape.num_tokens * shape.top_k <= DECODE_MAX_SLOTS:
         pool += DECODE_CANDIDATES
     if rows_per_expert > EXPERT_GROUPS_ABOVE_ROWS:

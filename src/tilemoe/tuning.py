@@ -219,6 +219,13 @@ class KernelConfig:
                     f"one_launch, got block_m={self.block_m}, num_warps2={self.num_warps2}, "
                     f"num_stages2={self.num_stages2}, one_launch={self.one_launch}"
                 )
+        mma_warps1 = self.num_warps1 // 2 if self.pingpong1 else self.num_warps1
+        if (self.gluon or self.gluon1) and self.gate_up_dot and self.block_m < 16 * mma_warps1:
+            raise ValueError(
+                "KernelConfig.gate_up_dot: the Gluon GEMM 1 splits its [gate | up] accumulator in registers, which "
+                "needs its MMA warps stacked along the rows (block_m >= 16 x the warps on a tile), got "
+                f"block_m={self.block_m} with {mma_warps1} warps"
+            )
         if self.gluon_gather and not (self.gluon or self.gluon1):
             raise ValueError("KernelConfig.gluon_gather: needs the Gluon GEMM 1 (gluon or gluon1), got neither")
         for name, gluon, persistent, warps in (

@@ -79,6 +79,8 @@ def test_gluon_config_checks():
     KernelConfig(block_m=64, tma=True, gluon2=True, persistent=True, num_warps2=8, pingpong2=True)
     with pytest.raises(ValueError, match="gluon_gather: needs the Gluon GEMM 1"):
         KernelConfig(block_m=64, tma=True, gluon2=True, gluon_gather=True)
+    with pytest.raises(ValueError, match="gate_up_dot: the Gluon GEMM 1 splits"):  # 8 warps side by side on 64 rows
+        KernelConfig(block_m=64, tma=True, gluon1=True, gate_up_dot=True, num_warps1=8)
     with pytest.raises(ValueError, match="gluon1: GEMM 1 alone"):
         KernelConfig(block_m=64, tma=True, gluon1=True, gluon2=True)
     with pytest.raises(ValueError, match="gluon1: expected block_m >= 64"):
