@@ -4,8 +4,9 @@
 #   forms (not in all): the session-6 kernels (GEMM 1 dense forms, routing in the decode GEMM 1, one launch): GPU tests
 #   and the structure probe of bench/ws_probe.py --gemm1 (dense shapes, each form against the plain one);
 #   unrun (not in all): the GPU tests of what was written without a device (session 13's review: the one-program
-#   align dropping bad ids, one-launch and the sweep with expert_groups; earlier: persistent tails, split tails, the
-#   routing kernels' non-finite logits, GEMM 1 clearing the combine's output, which passed on an H100 in session 12);
+#   align dropping bad ids, one-launch and the sweep with expert_groups, which passed on an H100 in session 14's
+#   pingpong call; earlier: persistent tails, split tails, the routing kernels' non-finite logits, GEMM 1 clearing
+#   the combine's output, which passed on an H100 in session 12);
 #   gluon (not in all): the Gluon GEMMs' GPU tests and the randomized sweep (which forces two Gluon configs)
 #   pingpong (not in all): session 14's GPU tests (ping-pong Gluon GEMMs, gluon2, and unrun's) and the kernel probe
 #   of those forms against the table's entries (PP_POINTS, PP_VARIANTS; each point warmed in a process of its own
