@@ -107,9 +107,11 @@ def test_gluon_runs_only_where_it_can(monkeypatch):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's fallback (CPU suite)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_falls_back_to_the_triton_kernels_in_the_interpreter(dtype):
+    """Every Gluon form (both GEMMs, one of them, ping-pong, the gather) runs the Triton kernels here, its tiles."""
     config = MoEConfig(num_experts=5, top_k=2, hidden_size=64, intermediate_size=48)
-    out, ref = _run(config, 7, gluon_config(GLUON_TILES[2]), dtype, "cpu", seed=1)
-    assert_close(out, ref, dtype)
+    for kc in (gluon_config(GLUON_TILES[2]), _GLUON2_PP, _GLUON1, _GATHER_PP):
+        out, ref = _run(config, 7, kc, dtype, "cpu", seed=1)
+        assert_close(out, ref, dtype)
 
 
 @pytest.mark.gpu
