@@ -11,8 +11,16 @@ Measured on an H100: 15-19% slower mainloops than Triton's in version 14, ptxas 
 (``_tile_mainloop``); after that fix (version 15) GEMM 1 runs 3-7% faster than the Triton kernel at qwen3 / mixtral
 T = 1024-4096, and 20 H100 table entries take these kernels.
 
+Two more forms (version 16). GATHER: GEMM 1's producer is a warpgroup that copies A straight from x's rows by token
+with cp.async (``_gather_load_partition``), instead of TMA boxes of a sorted copy of x; that copy had eaten the Gluon
+GEMM 1's gain at the top-8 / top-6 models, and without it GEMM 1 ran 7% (qwen3-30b-a3b) and 17% (deepseek-v2-lite)
+faster than the Triton kernel at T = 4096 on an H100. PINGPONG: two MMA warpgroups take the program's tiles in turn
+(``_take_turn``), one's epilogue under the other's wgmmas; each holds a tile of half the cooperative size, which paid
+for GEMM 2 where its K is short (deepseek-v2-lite, I = 1408: -9%) and lost where it is long.
+
 Dimension letters and index arrays as in ``tilemoe.ops._kernels._fused_experts``:
     x_sorted     [CAP, H]      x in padded sorted order (padding rows zero), read through [BLOCK_M, BLOCK_K] boxes
+    x            [T, H]        under GATHER, read by rows: token = sorted_ids // top_k
     w13          [E*N1, H]     2-D view of [E, N1, H], N1 = 2I gated (gate rows, then up rows) else I; [BLOCK_N, BLOCK_K]
     act          [CAP, I]      GEMM 1's output, written through [BLOCK_M, BLOCK_N] boxes (columns past I clipped)
     w2           [E*H, I]      2-D view of [E, H, I]; [BLOCK_N, BLOCK_K] boxes
