@@ -142,7 +142,8 @@ ONE_LAUNCH_CANDIDATES = [
 # The Gluon GEMMs (Hopper, 16-bit; elsewhere the launcher runs the Triton kernels in their place): GEMM 1 gathering x
 # by token with GEMM 2 in ping-pong, and GEMM 1 alone in Gluon before the Triton GEMM 2. On an H100 the first won
 # qwen3-30b-a3b and deepseek-v2-lite at T=4096 (0.91x / 0.95x of the entries, in turn) and mixtral-8x7b T=1024 (as a
-# change of its Gluon entry), and lost 2-10% at T=16384 and at gpt-oss-120b (bench/NOTES.md, version 16).
+# change of its Gluon entry); at the other nine T = 1024 / 4096 / 16384 points of the four bench models both tied or
+# lost, by up to 10% (bench/results/session14-gluon-gather.md, call 2).
 GLUON_CANDIDATES = [
     _cfg(128, 128, 64, 8, 4, 128, 64, 8, 6, tma=True, gate_up_dot=True, persistent1=True, persistent=True, gluon=True,
          gluon_gather=True, pingpong2=True),

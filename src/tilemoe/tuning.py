@@ -183,54 +183,39 @@ class KernelConfig:
                 f"decode={self.decode}, grouped_mm={self.grouped_mm}, one_launch={self.one_launch}"
             )
 
-        if self.gluon:
-            if self.block_m < 64:
-                raise ValueError(f"KernelConfig.gluon: expected block_m >= 64 (a warpgroup MMA), got {self.block_m}")
-            if self.one_launch or self.gemm1_clears_out:
+        if self.gluon1 and (self.gluon or self.gluon2) or self.gluon2 and self.gluon:
+            name = "gluon1" if self.gluon1 else "gluon2"
+            raise ValueError(
+                f"KernelConfig.{name}: GEMM {name[-1]} alone in Gluon, not with gluon (both GEMMs) nor with the other "
+                f"GEMM alone (say gluon), got gluon={self.gluon}, gluon1={self.gluon1}, gluon2={self.gluon2}"
+            )
+        for name, gemms in (("gluon", (1, 2)), ("gluon1", (1,)), ("gluon2", (2,))):  # the Gluon GEMMs' own limits
+            if not getattr(self, name):
+                continue
+            if self.block_m < 64 or self.one_launch or (1 in gemms and self.gemm1_clears_out):
                 raise ValueError(
-                    "KernelConfig.gluon: not with one_launch or gemm1_clears_out (the Triton kernels' forms), got "
+                    f"KernelConfig.{name}: expected block_m >= 64 (a warpgroup MMA), not with one_launch or "
+                    f"gemm1_clears_out (the Triton kernels' forms), got block_m={self.block_m}, "
                     f"one_launch={self.one_launch}, gemm1_clears_out={self.gemm1_clears_out}"
                 )
-            for name in ("num_warps1", "num_warps2"):
-                if getattr(self, name) not in (4, 8):
-                    raise ValueError(f"KernelConfig.gluon: expected {name} 4 or 8, got {getattr(self, name)}")
-            for name in ("num_stages1", "num_stages2"):
-                if getattr(self, name) < 2:
-                    raise ValueError(f"KernelConfig.gluon: expected {name} >= 2 (a ring), got {getattr(self, name)}")
-        if self.gluon1 and (self.gluon or self.gluon2):
-            raise ValueError(
-                "KernelConfig.gluon1: GEMM 1 alone in Gluon, not with gluon (both GEMMs) or gluon2 (say gluon), "
-                f"got gluon={self.gluon}, gluon2={self.gluon2}"
-            )
-        gluon1_tiles_ok = self.block_m >= 64 and self.num_warps1 in (4, 8) and self.num_stages1 >= 2
-        if self.gluon1 and not (gluon1_tiles_ok and not self.one_launch and not self.gemm1_clears_out):
-            raise ValueError(
-                "KernelConfig.gluon1: expected block_m >= 64, num_warps1 4 or 8, num_stages1 >= 2, no one_launch or "
-                f"gemm1_clears_out, got block_m={self.block_m}, num_warps1={self.num_warps1}, "
-                f"num_stages1={self.num_stages1}, one_launch={self.one_launch}, "
-                f"gemm1_clears_out={self.gemm1_clears_out}"
-            )
-        if self.gluon2:
-            if self.gluon:
-                raise ValueError("KernelConfig.gluon2: GEMM 2 alone in Gluon, not with gluon (both GEMMs), got both")
-            if self.block_m < 64 or self.one_launch or self.num_warps2 not in (4, 8) or self.num_stages2 < 2:
-                raise ValueError(
-                    "KernelConfig.gluon2: expected block_m >= 64, num_warps2 4 or 8, num_stages2 >= 2 and no "
-                    f"one_launch, got block_m={self.block_m}, num_warps2={self.num_warps2}, "
-                    f"num_stages2={self.num_stages2}, one_launch={self.one_launch}"
-                )
+            for gemm in gemms:
+                warps, stages = getattr(self, f"num_warps{gemm}"), getattr(self, f"num_stages{gemm}")
+                if warps not in (4, 8):
+                    raise ValueError(f"KernelConfig.{name}: expected num_warps{gemm} 4 or 8, got {warps}")
+                if stages < 2:
+                    raise ValueError(f"KernelConfig.{name}: expected num_stages{gemm} >= 2 (a ring), got {stages}")
         mma_warps1 = self.num_warps1 // 2 if self.pingpong1 else self.num_warps1
-        if (self.gluon or self.gluon1) and self.gate_up_dot and self.block_m < 16 * mma_warps1:
+        if self.gluon_gemm1 and self.gate_up_dot and self.block_m < 16 * mma_warps1:
             raise ValueError(
                 "KernelConfig.gate_up_dot: the Gluon GEMM 1 splits its [gate | up] accumulator in registers, which "
                 "needs its MMA warps stacked along the rows (block_m >= 16 x the warps on a tile), got "
                 f"block_m={self.block_m} with {mma_warps1} warps"
             )
-        if self.gluon_gather and not (self.gluon or self.gluon1):
+        if self.gluon_gather and not self.gluon_gemm1:
             raise ValueError("KernelConfig.gluon_gather: needs the Gluon GEMM 1 (gluon or gluon1), got neither")
         for name, gluon, persistent, warps in (
-            ("pingpong1", self.gluon or self.gluon1, "persistent1", "num_warps1"),
-            ("pingpong2", self.gluon or self.gluon2, "persistent", "num_warps2"),
+            ("pingpong1", self.gluon_gemm1, "persistent1", "num_warps1"),
+            ("pingpong2", self.gluon_gemm2, "persistent", "num_warps2"),
         ):
             if getattr(self, name) and not (gluon and getattr(self, persistent) and getattr(self, warps) == 8):
                 raise ValueError(
@@ -238,6 +223,16 @@ class KernelConfig:
                     f" got gluon={self.gluon}, gluon2={self.gluon2}, {persistent}={getattr(self, persistent)}, "
                     f"{warps}={getattr(self, warps)}"
                 )
+
+    @property
+    def gluon_gemm1(self) -> bool:
+        """GEMM 1 runs as the Gluon kernel where Gluon can (``gluon`` or ``gluon1``)."""
+        return self.gluon or self.gluon1
+
+    @property
+    def gluon_gemm2(self) -> bool:
+        """GEMM 2 runs as the Gluon kernel where Gluon can (``gluon`` or ``gluon2``)."""
+        return self.gluon or self.gluon2
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

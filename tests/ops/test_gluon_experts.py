@@ -132,12 +132,9 @@ GPU_SHAPES = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("tiles", GLUON_TILES)
-def test_gluon_gemms_bf16(tiles):
-    """T = 1 (one tile), 300 (tails), 1000, and a hot expert (one expert takes most rows: many tiles of one
-    expert); the atomic combine and the deterministic per-slot one."""
-    kc = gluon_config(tiles)
+def _assert_gpu_shapes_match(kc):
+    """Every GPU shape at T = 1 (one tile), 300 (tails), 1000 with a hot expert (one expert takes most rows: many
+    tiles of one expert); the atomic combine and the deterministic per-slot one."""
     failures = []
     for i, shape in enumerate(GPU_SHAPES):
         config = MoEConfig(num_experts=8, **shape)
@@ -150,6 +147,12 @@ def test_gluon_gemms_bf16(tiles):
                 except AssertionError as error:
                     failures.append(f"{shape} T={t} det={deterministic}: {str(error).splitlines()[0][:160]}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", GLUON_TILES)
+def test_gluon_gemms_bf16(tiles):
+    _assert_gpu_shapes_match(gluon_config(tiles))
 
 
 # Two MMA warpgroups taking a program's tiles in turn (``pingpong1`` / ``pingpong2``), and GEMM 2 alone in Gluon after
@@ -183,20 +186,9 @@ PINGPONG_IDS = ["pingpong-both", "pingpong-bm64", "gluon2-pingpong", "gluon2", "
 @pytest.mark.gpu
 @pytest.mark.parametrize("kc", PINGPONG_CONFIGS, ids=PINGPONG_IDS)
 def test_ping_pong_and_gluon2_bf16(kc):
-    """As test_gluon_gemms_bf16: T = 1 (one tile: the second warpgroup has none), 300, 1000 with a hot expert (~8
-    tiles per program: the turns go round many times)."""
-    failures = []
-    for i, shape in enumerate(GPU_SHAPES):
-        config = MoEConfig(num_experts=8, **shape)
-        for t in (1, 300, 1000):
-            for deterministic in (False, True):
-                out, ref = _run(config, t, kc, torch.bfloat16, "cuda", seed=t + i, deterministic=deterministic,
-                                hot_expert=0 if t == 1000 else None)  # fmt: skip
-                try:
-                    assert_close(out, ref, torch.bfloat16)
-                except AssertionError as error:
-                    failures.append(f"{shape} T={t} det={deterministic}: {str(error).splitlines()[0][:160]}")
-    assert not failures, "\n".join(failures)
+    """T = 1 leaves the second warpgroup no tile; T = 1000 with a hot expert gives ~8 tiles per program, so the turns
+    go round many times."""
+    _assert_gpu_shapes_match(kc)
 
 
 @pytest.mark.gpu
@@ -210,37 +202,20 @@ def test_gather_with_hidden_not_a_multiple_of_the_k_box(kc):
 
 
 @pytest.mark.gpu
-def test_ping_pong_fp16_many_experts_and_graph_replay():
-    config = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768)
-    for t in (64, 4096):
-        out, ref = _run(config, t, PINGPONG_CONFIGS[0], torch.float16, "cuda", seed=t)
-        assert_close(out, ref, torch.float16)
-    config = MoEConfig(num_experts=8, top_k=2, hidden_size=1024, intermediate_size=512)
-    gen = torch.Generator().manual_seed(0)
-    w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=gen)
-    x = make_input(256, config, dtype=torch.bfloat16, device="cuda", generator=gen)
-    tw, ti = make_routing(256, config, device="cuda", generator=gen)
-    graph, out = capture_graph(
-        lambda: tilemoe.ops.fused_experts.fused_experts(
-            x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=PINGPONG_CONFIGS[2]
-        )
-    )
-    assert_replays_follow_new_inputs(graph, out, x, w, tw, ti, config, gen, replays=3)
-
-
-@pytest.mark.gpu
-def test_gluon_gemms_fp16_and_many_experts():
+@pytest.mark.parametrize(("kc", "tokens"), [(gluon_config(GLUON_TILES[0]), (64, 2048)), (_PP_BOTH, (64, 4096))],
+                         ids=["cooperative", "pingpong-both"])  # fmt: skip
+def test_gluon_gemms_fp16_and_many_experts(kc, tokens):
     # fp16 descriptors; E = 128 (qwen3's) with some experts taking no rows, T past one tile per expert
     config = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768)
-    for t in (64, 2048):
-        out, ref = _run(config, t, gluon_config(GLUON_TILES[0]), torch.float16, "cuda", seed=t)
+    for t in tokens:
+        out, ref = _run(config, t, kc, torch.float16, "cuda", seed=t)
         assert_close(out, ref, torch.float16)
 
 
 @pytest.mark.gpu
-def test_gluon_gemms_under_cuda_graph_replay():
+@pytest.mark.parametrize("kc", [gluon_config(GLUON_TILES[0]), _GLUON2_PP], ids=["cooperative", "gluon2-pingpong"])
+def test_gluon_gemms_under_cuda_graph_replay(kc):
     config = MoEConfig(num_experts=8, top_k=2, hidden_size=1024, intermediate_size=512)
-    kc = gluon_config(GLUON_TILES[0])
     gen = torch.Generator().manual_seed(0)
     w = make_weights(config, dtype=torch.bfloat16, device="cuda", generator=gen)
     x = make_input(256, config, dtype=torch.bfloat16, device="cuda", generator=gen)

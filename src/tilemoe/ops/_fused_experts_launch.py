@@ -173,15 +173,14 @@ def _launch(
     weights_flat = topk_weights.reshape(-1)
     act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
     atomic = not deterministic and top_k > 1
-    if (cfg.gluon or cfg.gluon1) and _gluon_ready(x, w13, w2, cfg):  # before the Triton kernels' descriptors, x copy
+    gluon = (cfg.gluon_gemm1 or cfg.gluon_gemm2) and _gluon_ready(x, w13, w2, cfg)
+    gemm2_args = (x, w2, b2, weights_flat, top_k, align, act, weights_on_input, atomic, cfg, gluon and cfg.gluon_gemm2)
+    if gluon and cfg.gluon_gemm1:  # before the Triton kernels' descriptors and x copy
         _launch_gluon_gemm1(
             x, w13, w2, b13, weights_flat, top_k, align, act, activation, gated, weights_on_input, swiglu_alpha,
             swiglu_limit, cfg,
         )  # fmt: skip
-        out = _combine_output(x, num_slots, atomic)
-        gemm2 = _launch_gluon_gemm2 if cfg.gluon else _launch_triton_gemm2
-        gemm2(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
-        return out if atomic else sum_slots(out, top_k)
+        return _gemm2_and_combine(_combine_output(x, num_slots, atomic), *gemm2_args)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
     w13_desc = None
     gate_up_dot = cfg.gate_up_dot and gated
@@ -265,10 +264,17 @@ def _launch(
     )
     if out is None:
         out = _combine_output(x, num_slots, atomic)
-    if cfg.gluon2 and _gluon_ready(x, w13, w2, cfg):
-        _launch_gluon_gemm2(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
-        return out if atomic else sum_slots(out, top_k)
-    _launch_triton_gemm2(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
+    return _gemm2_and_combine(out, *gemm2_args)
+
+
+def _gemm2_and_combine(
+    out, x, w2, b2, weights_flat, top_k: int, align, act, weights_on_input, atomic: bool, cfg: KernelConfig,
+    gluon: bool,
+) -> torch.Tensor:  # fmt: skip
+    """GEMM 2 (the Gluon kernel when ``gluon``, else the Triton one) into the combine's output ``out``, then the
+    layer's output: ``out`` itself when the combine is atomic, else its per-slot rows summed over K."""
+    launch = _launch_gluon_gemm2 if gluon else _launch_triton_gemm2
+    launch(x, w2, b2, weights_flat, top_k, align, act, out, weights_on_input, atomic, cfg)
     return out if atomic else sum_slots(out, top_k)
 
 

@@ -152,8 +152,9 @@ def _load_a(a_ptrs, a_desc, row, k0, k_mask, A_TMA: tl.constexpr, EVEN_K: tl.con
 
 @triton.jit
 def _gemm1_tile(
-    tile,
-    num_blocks_m,
+    pid_m,  # the tile's coordinates and its block's expert, from ``_tile_coords``
+    pid_n,
+    expert,
     x_ptr,
     stride_xt,
     stride_xh,
@@ -169,8 +170,6 @@ def _gemm1_tile(
     stride_am,
     stride_ai,
     sorted_ids_ptr,
-    expert_ids_ptr,
-    expert_starts_ptr,  # [E + 1] first block of each expert (EXPERT_GROUPS)
     num_slots,
     top_k,
     hidden,
@@ -190,13 +189,8 @@ def _gemm1_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EXPERT_GROUPS: tl.constexpr,
     ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (x_ptr's TMA boxes are then [ROWS, BLOCK_K])
 ):
-    pid_m, pid_n, expert = _tile_coords(
-        tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-    )
     rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
@@ -279,28 +273,30 @@ def _gemm1_block(
     GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, SPLIT_TAIL: tl.constexpr,
 ):  # fmt: skip
     """GEMM 1 tile ``tile``: its block's first half only (x_tail_ptr's boxes) when SPLIT_TAIL and the second half is
-    padding, else the whole block (Triton needs the row count as a constexpr: one call per height)."""
-    pid_m, _, _ = _tile_coords(
+    padding, else the whole block (Triton needs the row count as a constexpr: one call per height). Returns the tile's
+    (pid_m, pid_n): ``_tile_coords`` runs once a tile, its loads dependent ones under EXPERT_GROUPS."""
+    pid_m, pid_n, expert = _tile_coords(
         tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
     if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
         _gemm1_tile(
-            tile, num_blocks_m, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+            pid_m, pid_n, expert, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
             b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-            sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
+            sorted_ids_ptr,
             num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
             ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M // 2,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2,
         )  # fmt: skip
     else:
         _gemm1_tile(
-            tile, num_blocks_m, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+            pid_m, pid_n, expert, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
             b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-            sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
+            sorted_ids_ptr,
             num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
             ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M,
         )  # fmt: skip
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -435,8 +431,9 @@ def _sorted_rows_kernel(
 
 @triton.jit
 def _gemm2_tile(
-    tile,
-    num_blocks_m,
+    pid_m,  # the tile's coordinates and its block's expert, from ``_tile_coords``
+    pid_n,
+    expert,
     act_ptr,
     stride_am,
     stride_ai,
@@ -452,8 +449,6 @@ def _gemm2_tile(
     stride_om,
     stride_oh,
     sorted_ids_ptr,
-    expert_ids_ptr,
-    expert_starts_ptr,  # [E + 1] first block of each expert (EXPERT_GROUPS)
     num_slots,
     top_k,
     hidden,
@@ -469,13 +464,8 @@ def _gemm2_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EXPERT_GROUPS: tl.constexpr,
     ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (act_ptr's TMA boxes are then [ROWS, BLOCK_K])
 ):
-    pid_m, pid_n, expert = _tile_coords(
-        tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-    )
     rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
@@ -535,24 +525,24 @@ def _gemm2_block(
 ):  # fmt: skip
     """GEMM 2 tile ``tile``: its block's first half only (act_tail_ptr's boxes) when SPLIT_TAIL and the second half is
     padding, else the whole block (as ``_gemm1_block``)."""
-    pid_m, _, _ = _tile_coords(
+    pid_m, pid_n, expert = _tile_coords(
         tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
     if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
         _gemm2_tile(
-            tile, num_blocks_m, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+            pid_m, pid_n, expert, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
             b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-            sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
+            sorted_ids_ptr, num_slots, top_k, hidden, inter,
             HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M // 2,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2,
         )  # fmt: skip
     else:
         _gemm2_tile(
-            tile, num_blocks_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+            pid_m, pid_n, expert, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
             b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-            sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
+            sorted_ids_ptr, num_slots, top_k, hidden, inter,
             HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M,
         )  # fmt: skip
 
 
@@ -616,12 +606,15 @@ def _gemm2_kernel(
         else:
             # flattened: the pipeliner prefetches the next tile's operands during this tile's epilogue
             for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+                pid_m, pid_n, expert = _tile_coords(
+                    tile, used_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+                )
                 _gemm2_tile(
-                    tile, used_m, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+                    pid_m, pid_n, expert, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
                     b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                    sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
+                    sorted_ids_ptr, num_slots, top_k, hidden, inter,
                     HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, BLOCK_M,
+                    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M,
                 )  # fmt: skip
     else:
         tile = tl.program_id(0)

@@ -12,7 +12,7 @@ Measured on an H100: 15-19% slower mainloops than Triton's in version 14, ptxas 
 T = 1024-4096, and 20 H100 table entries take these kernels.
 
 Two more forms (version 16). GATHER: GEMM 1's producer is a warpgroup that copies A straight from x's rows by token
-with cp.async (``_gather_load_partition``), instead of TMA boxes of a sorted copy of x; that copy had eaten the Gluon
+with cp.async (``_load_partition``), instead of TMA boxes of a sorted copy of x; that copy had eaten the Gluon
 GEMM 1's gain at the top-8 / top-6 models, and without it GEMM 1 ran 7% (qwen3-30b-a3b) and 17% (deepseek-v2-lite)
 faster than the Triton kernel at T = 4096 on an H100. PINGPONG: two MMA warpgroups take the program's tiles in turn
 (``_take_turn``), one's epilogue under the other's wgmmas; each holds a tile of half the cooperative size, which paid
@@ -106,13 +106,9 @@ def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_st
 
 
 @gluon.jit
-def _issue_loads(bar, s, k, a_row, b_row, b2_row, a_desc, b_desc, a_bufs, b_bufs, b2_bufs, BLOCK_N: gl.constexpr,
-                 GATE_UP: gl.constexpr):  # fmt: skip
-    """One step's boxes into stage ``s`` (arriving on ``bar``): A at (a_row, k), B at (b_row, k), and with GATE_UP
-    (see ``_ring``) the up rows at (b2_row, k) too."""
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + (1 if GATE_UP == 0 else 2) * b_desc.block_type.nbytes
-    mbarrier.expect(bar, nbytes)
-    _tma_load(a_desc, [a_row, k], bar, a_bufs.index(s))
+def _issue_b_loads(bar, s, k, b_row, b2_row, b_desc, b_bufs, b2_bufs, BLOCK_N: gl.constexpr, GATE_UP: gl.constexpr):
+    """One step's B boxes into stage ``s`` (arriving on ``bar``): B at (b_row, k), and with GATE_UP (see ``_ring``)
+    the up rows at (b2_row, k) too."""
     if GATE_UP == 2:  # the gate rows, then the up rows, in the two halves of one [2 BLOCK_N, BLOCK_K] buffer
         _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s).slice(0, BLOCK_N))
         _tma_load(b_desc, [b2_row, k], bar, b_bufs.index(s).slice(BLOCK_N, BLOCK_N))
@@ -236,111 +232,72 @@ def _turns(empty, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, b_rows_per_expert,
-                    b2_offset, a_desc, b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                    EXPERT_GROUPS: gl.constexpr, GATE_UP: gl.constexpr):  # fmt: skip
-    """The producer warp: each step's boxes into its stage once the MMAs of NUM_STAGES steps before have released it
-    (the first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done). A tile's
-    coordinates (its expert id a global load) are worked out at its first step, before that step's wait, and carried,
-    not recomputed per step in front of the copies (measured against that: no change, bench/NOTES.md version 14)."""
-    a_row = 0
-    b_row = 0
-    kk = 0
-    s = 0
-    phase = 1
-    for step in range(num_steps):
-        if kk == 0:
-            pid_m, pid_n, expert = _step_coords(
-                step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-            )
-            a_row = pid_m * BLOCK_M
-            b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
-        mbarrier.wait(empty.index(s), phase)
-        _issue_loads(ready.index(s), s, kk * BLOCK_K, a_row, b_row, b_row + b2_offset, a_desc, b_desc, a_bufs, b_bufs,
-                     b2_bufs, BLOCK_N, GATE_UP)  # fmt: skip
-        kk += 1
-        if kk == num_k:
-            kk = 0
-        s += 1
-        if s == NUM_STAGES:
-            s = 0
-            phase ^= 1
-
-
-@gluon.jit
-def _gather_load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                           b_rows_per_expert, b2_offset, x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden,
-                           b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr,
-                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                           EXPERT_GROUPS: gl.constexpr, GATE_UP: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
-    """GEMM 1's producer without the sorted copy of x (GATHER): GATHER_WARPS warps copy each step's A box straight
-    from x's rows, token = slot // top_k of the block's slots, 16 bytes a cp.async (padding rows and columns past H
-    zero-filled), and arrive on the stage's "ready" barrier as their copies land (one arrival a thread); one thread
-    issues the B boxes through TMA as ``_load_partition`` does. A tile's row offsets are loaded at its first step and
-    kept in registers for its k steps."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [GATHER_WARPS, 1], [1, 0])
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
-    row_offset = rows.to(gl.int64) * 0
-    valid = rows < 0
-    b_row = 0
-    kk = 0
-    s = 0
-    phase = 1
-    for step in range(num_steps):
-        if kk == 0:
-            pid_m, pid_n, expert = _step_coords(
-                step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-            )
-            slot = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + rows)
-            valid = slot < num_slots
-            # rows of 16-byte multiples (the launcher's condition): told, so the copies are 16 bytes wide even where
-            # H is not a multiple of 16 elements (Triton only sees an int argument's divisibility by 16)
-            row_offset = gl.multiple_of(gl.where(valid, slot // top_k, 0).to(gl.int64) * stride_xt, 8)
-            b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
-        k = kk * BLOCK_K
-        mbarrier.wait(empty.index(s), phase)
-        bar = ready.index(s)
-        nbytes: gl.constexpr = (1 if GATE_UP == 0 else 2) * b_desc.block_type.nbytes
-        mbarrier.expect(bar, nbytes)
-        if GATE_UP == 2:
-            _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s).slice(0, BLOCK_N))
-            _tma_load(b_desc, [b_row + b2_offset, k], bar, b_bufs.index(s).slice(BLOCK_N, BLOCK_N))
-        else:
-            _tma_load(b_desc, [b_row, k], bar, b_bufs.index(s))
-            if GATE_UP == 1:
-                _tma_load(b_desc, [b_row + b2_offset, k], bar, b2_bufs.index(s))
-        pointers = x_ptr + row_offset[:, None] + (k + cols)[None, :]
-        if EVEN_K:
-            _cp_async(a_bufs.index(s), pointers, mask=valid[:, None])
-        else:
-            # in 8-column (16-byte) chunks, so the mask is seen to hold for a whole copy (H is a multiple of 8)
-            _cp_async(a_bufs.index(s), pointers, mask=valid[:, None] & ((k + cols) // 8 < hidden // 8)[None, :])
-        async_copy.mbarrier_arrive(bar, increment_count=False)
-        kk += 1
-        if kk == num_k:
-            kk = 0
-        s += 1
-        if s == NUM_STAGES:
-            s = 0
-            phase ^= 1
-
-
-@gluon.jit
-def _gemm1_producer(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, b_rows_per_expert,
-                    b2_offset, x_desc, x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, w_desc, ready,
-                    empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                    b2_offset, a_desc, b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, x_ptr, stride_xt, sorted_ids_ptr,
+                    num_slots, top_k, hidden, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
                     GATE_UP: gl.constexpr, GATHER: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+    """The producer: each step's boxes into its stage once the MMAs of NUM_STAGES steps before have released it (the
+    first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done). A tile's coordinates
+    (its expert id a global load) are worked out at its first step, before that step's wait, and carried, not
+    recomputed per step in front of the copies (measured against that: no change, bench/NOTES.md version 14).
+
+    One thread issues the TMA copies: B's boxes, and A's from ``a_desc`` (x_sorted or act). Under GATHER (GEMM 1 without
+    the sorted copy of x) the GATHER_WARPS warps copy A straight from x's rows instead, token = slot // top_k of the
+    block's slots, 16 bytes a cp.async (padding rows and columns past H zero-filled), each thread arriving on the
+    stage's "ready" barrier as its copies land; the tile's row offsets are loaded at its first step and kept in
+    registers for its k steps. x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k and hidden serve only the gather
+    (a_desc is then unused)."""
+    b_bytes: gl.constexpr = (1 if GATE_UP == 0 else 2) * b_desc.block_type.nbytes
     if GATHER:
-        _gather_load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                               b_rows_per_expert, b2_offset, x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k,
-                               hidden, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M, BLOCK_N,
-                               BLOCK_K, GROUP_M, EXPERT_GROUPS, GATE_UP, EVEN_K)  # fmt: skip
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [GATHER_WARPS, 1], [1, 0])
+        block_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
+        row_offset = block_rows.to(gl.int64) * 0
+        valid = block_rows < 0
     else:
-        _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                        b_rows_per_expert, b2_offset, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
-                        NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, GATE_UP)  # fmt: skip
+        a_row = 0
+    b_row = 0
+    kk = 0
+    s = 0
+    phase = 1
+    for step in range(num_steps):
+        if kk == 0:
+            pid_m, pid_n, expert = _step_coords(
+                step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+            )
+            if GATHER:
+                slot = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + block_rows)
+                valid = slot < num_slots
+                # rows of 16-byte multiples (the launcher's condition): told, so the copies are 16 bytes wide even
+                # where H is not a multiple of 16 elements (Triton only sees an int argument's divisibility by 16)
+                row_offset = gl.multiple_of(gl.where(valid, slot // top_k, 0).to(gl.int64) * stride_xt, 8)
+            else:
+                a_row = pid_m * BLOCK_M
+            b_row = expert * b_rows_per_expert + pid_n * BLOCK_N
+        mbarrier.wait(empty.index(s), phase)
+        k = kk * BLOCK_K
+        bar = ready.index(s)
+        if GATHER:
+            mbarrier.expect(bar, b_bytes)
+            _issue_b_loads(bar, s, k, b_row, b_row + b2_offset, b_desc, b_bufs, b2_bufs, BLOCK_N, GATE_UP)
+            pointers = x_ptr + row_offset[:, None] + (k + cols)[None, :]
+            if EVEN_K:
+                _cp_async(a_bufs.index(s), pointers, mask=valid[:, None])
+            else:
+                # in 8-column (16-byte) chunks, so the mask is seen to hold for a whole copy (H is a multiple of 8)
+                _cp_async(a_bufs.index(s), pointers, mask=valid[:, None] & ((k + cols) // 8 < hidden // 8)[None, :])
+            async_copy.mbarrier_arrive(bar, increment_count=False)
+        else:
+            mbarrier.expect(bar, a_desc.block_type.nbytes + b_bytes)
+            _tma_load(a_desc, [a_row, k], bar, a_bufs.index(s))
+            _issue_b_loads(bar, s, k, b_row, b_row + b2_offset, b_desc, b_bufs, b2_bufs, BLOCK_N, GATE_UP)
+        kk += 1
+        if kk == num_k:
+            kk = 0
+        s += 1
+        if s == NUM_STAGES:
+            s = 0
+            phase ^= 1
 
 
 @gluon.jit
@@ -480,7 +437,7 @@ def _gluon_gemm1_kernel(
     NUM_STAGES: gl.constexpr,
     GATE_UP_DOT: gl.constexpr,  # gated: one N = 2 BLOCK_N wgmma over the gate and up boxes, not two (``_ring``)
     PINGPONG: gl.constexpr,  # two MMA warpgroups of num_warps take the tiles in turn (``_take_turn``)
-    GATHER: gl.constexpr,  # A gathered from x by token (``_gather_load_partition``), not x_sorted through TMA
+    GATHER: gl.constexpr,  # A gathered from x by token (``_load_partition``), not x_sorted through TMA
     A_LAYOUT: gl.constexpr,  # the A ring's shared layout (x_desc's boxes')
     EVEN_K: gl.constexpr,  # hidden % BLOCK_K == 0 (GATHER's copies need no column mask)
     num_warps: gl.constexpr,
@@ -517,9 +474,9 @@ def _gluon_gemm1_kernel(
                                         swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
                                         BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 1, True, GATHER,
                                         num_warps)),
-                (_gemm1_producer, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                   b_rows_per_expert, inter, x_desc, x_ptr, stride_xt, sorted_ids_ptr, num_slots,
-                                   top_k, hidden, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M,
+                (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                   b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
+                                   x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M,
                                    BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, gate_up, GATHER, EVEN_K)),
             ],
             [num_warps, producer_warps],
@@ -534,9 +491,9 @@ def _gluon_gemm1_kernel(
                                         swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
                                         BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 0, False, GATHER,
                                         num_warps)),
-                (_gemm1_producer, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                   b_rows_per_expert, inter, x_desc, x_ptr, stride_xt, sorted_ids_ptr, num_slots,
-                                   top_k, hidden, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES, BLOCK_M,
+                (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                   b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
+                                   x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M,
                                    BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, gate_up, GATHER, EVEN_K)),
             ],
             [producer_warps],
@@ -598,8 +555,9 @@ def _gluon_gemm2_kernel(
                                         HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS,
                                         NUM_STAGES, 1, True, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                   hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, 0)),
+                                   hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
+                                   sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   GROUP_M, EXPERT_GROUPS, 0, False, True)),
             ],
             [num_warps, 1],
             [_consumer_regs(LOADER_REGS), LOADER_REGS],
@@ -613,8 +571,9 @@ def _gluon_gemm2_kernel(
                                         HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS,
                                         NUM_STAGES, 0, False, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                   hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, NUM_STAGES,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, 0)),
+                                   hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
+                                   sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   GROUP_M, EXPERT_GROUPS, 0, False, True)),
             ],
             [1],
             [LOADER_REGS],

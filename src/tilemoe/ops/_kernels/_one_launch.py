@@ -127,7 +127,7 @@ def _one_launch_kernel(
     tiles = tiles1 + used_m * tl.cdiv(hidden, BLOCK_N2)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         if tile < tiles1:
-            _gemm1_block(
+            pid_m, pid_n = _gemm1_block(
                 tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
                 b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
                 sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter, swiglu_alpha,
@@ -135,7 +135,6 @@ def _one_launch_kernel(
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
                 EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL,
             )  # fmt: skip
-            pid_m, pid_n, _ = _tile_coords(tile, used_m, nt1, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS)
             _mark_ready(ready_ptr + pid_m * nt1 + pid_n)
         else:
             tile2 = tile - tiles1
