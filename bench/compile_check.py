@@ -170,6 +170,8 @@ class CompileRecorder:
                 while exc.__cause__ is not None:
                     exc = exc.__cause__
                 error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                if os.environ.get("COMPILE_CHECK_TRACE"):
+                    print(str(exc))
                 recorder.records.append(Compiled(fn.__name__, time.perf_counter() - start, error=error[:200]))
                 return None
             meta = kernel.metadata

@@ -11,6 +11,9 @@
 #   pingpong (not in all): session 14's GPU tests (ping-pong Gluon GEMMs, gluon2, and unrun's) and the kernel probe
 #   of those forms against the table's entries (PP_POINTS, PP_VARIANTS; each point warmed in a process of its own
 #   first, all at once: Triton's compiles are CPU-bound)
+#   combine (not in all): session 15's GPU tests (GEMM 2's combine in warps of its own, async_combine, and the Gluon
+#   file) and the kernel probe of that form against the table's entries and the cooperative GEMM 2 without it
+#   (CB_POINTS, CB_VARIANTS; warmed as pingpong's are)
 # Each mode fits one 10-minute device call on an H100; give several to run them in one call.
 # Results come back as $OUT/results.tar.gz (bench/results/ layout) plus logs; the machine keeps nothing.
 set -uo pipefail
@@ -76,6 +79,25 @@ qwen3-30b-a3b:16384"}
   wait
   timeout -k 5 "${T_PP_PROBE:-200}" python3 bench/kernel_probe.py --points $pp_points --variants $pp_variants \
     --no-breakdown --no-stats 2>&1 | grep -v Warning | tee "$OUT/pingpong_probe.txt" | tee -a "$log"
+fi
+
+if [[ $modes == *" combine "* ]]; then
+  timeout -k 5 "${T_CB_TESTS:-200}" python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_gluon_experts.py \
+    2>&1 | tee -a "$log" | tail -n 30
+  g1="gluon=1,gluon1=0,gluon2=0,tma=1,gate_up_dot=1,persistent1=1,num_warps1=8,num_stages1=4,persistent=1,num_warps2=8"
+  g1="$g1,block_m=128,block_n1=128,block_k1=64,block_k2=64,gluon_gather=1,pingpong2=0"
+  g2="gluon=0,gluon1=0,gluon_gather=0,gluon2=1,tma=1,persistent=1,num_warps2=8,block_m=128,block_k2=64,pingpong2=0"
+  cb_variants=${CB_VARIANTS:-"$g1,block_n2=256,num_stages2=3 $g1,block_n2=256,num_stages2=3,async_combine=1 \
+$g1,block_n2=128,num_stages2=4,async_combine=1 $g2,block_n2=256,num_stages2=3,async_combine=1"}
+  cb_points=${CB_POINTS:-"qwen3-30b-a3b:4096 deepseek-v2-lite:4096 gpt-oss-120b:16384 mixtral-8x7b:1024 \
+qwen3-30b-a3b:16384 mixtral-8x7b:4096"}
+  for point in $cb_points; do
+    timeout -k 5 "${T_CB_WARM:-150}" python3 bench/kernel_probe.py --points $point --variants $cb_variants \
+      --no-breakdown --no-stats >/dev/null 2>&1 &
+  done
+  wait
+  timeout -k 5 "${T_CB_PROBE:-220}" python3 bench/kernel_probe.py --points $cb_points --variants $cb_variants \
+    --no-breakdown --no-stats 2>&1 | grep -v Warning | tee "$OUT/combine_probe.txt" | tee -a "$log"
 fi
 
 if has ladder; then

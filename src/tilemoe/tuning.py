@@ -107,6 +107,10 @@ class KernelConfig:
     ``gluon_gather`` (with ``gluon``): the Gluon GEMM 1 reads x's rows by token, copied by a producer warpgroup with
     cp.async (16 bytes a thread), instead of a sorted copy of x through TMA: the copy writes and reads back T*K rows
     of H (134 MB at qwen3-30b-a3b T=4096), more than the Gluon GEMM 1 gained there.
+    ``async_combine`` (a Gluon GEMM 2 with its persistent grid, not ping-pong): the combine (GEMM 2's atomic adds, or
+    per-slot stores) runs in four warps of its own: the MMA warps leave each weighted tile in a shared-memory stage of
+    block_m x block_n2 (which takes room from the ring's stages) and go on to the next tile, whose wgmmas then run
+    under the previous tile's atomics, with the full [block_m, block_n2] tile the ping-pong form halves.
     """
 
     block_m: int = 64
@@ -138,6 +142,7 @@ class KernelConfig:
     pingpong1: bool = False
     pingpong2: bool = False
     gluon_gather: bool = False
+    async_combine: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -223,6 +228,13 @@ class KernelConfig:
                     f" got gluon={self.gluon}, gluon2={self.gluon2}, {persistent}={getattr(self, persistent)}, "
                     f"{warps}={getattr(self, warps)}"
                 )
+
+        if self.async_combine and not (self.gluon_gemm2 and self.persistent and not self.pingpong2):
+            raise ValueError(
+                "KernelConfig.async_combine: needs GEMM 2 in Gluon (gluon or gluon2) with persistent=True and not "
+                f"pingpong2 (whose warpgroups overlap their epilogues already), got gluon={self.gluon}, "
+                f"gluon2={self.gluon2}, persistent={self.persistent}, pingpong2={self.pingpong2}"
+            )
 
     @property
     def gluon_gemm1(self) -> bool:

@@ -86,6 +86,14 @@ def test_gluon_config_checks():
     with pytest.raises(ValueError, match="gluon1: expected block_m >= 64"):
         KernelConfig(block_m=64, tma=True, gluon1=True, gemm1_clears_out=True)
     KernelConfig(block_m=64, tma=True, gluon1=True, gluon_gather=True, persistent1=True, num_warps1=8, pingpong1=True)
+    with pytest.raises(ValueError, match="async_combine: needs GEMM 2 in Gluon"):
+        KernelConfig(block_m=64, tma=True, gluon1=True, persistent=True, async_combine=True)
+    with pytest.raises(ValueError, match="async_combine: .* got .* persistent=False"):
+        KernelConfig(block_m=64, tma=True, gluon2=True, async_combine=True)
+    with pytest.raises(ValueError, match="async_combine: .* pingpong2=True"):
+        KernelConfig(block_m=64, tma=True, gluon2=True, persistent=True, num_warps2=8, pingpong2=True,
+                     async_combine=True)  # fmt: skip
+    KernelConfig(block_m=64, tma=True, gluon2=True, persistent=True, async_combine=True)
 
 
 def test_gluon_runs_only_where_it_can(monkeypatch):
@@ -107,9 +115,10 @@ def test_gluon_runs_only_where_it_can(monkeypatch):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's fallback (CPU suite)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_falls_back_to_the_triton_kernels_in_the_interpreter(dtype):
-    """Every Gluon form (both GEMMs, one of them, ping-pong, the gather) runs the Triton kernels here, its tiles."""
+    """Every Gluon form (both GEMMs, one of them, ping-pong, the gather, the combine's own warps) runs the Triton
+    kernels here, its tiles."""
     config = MoEConfig(num_experts=5, top_k=2, hidden_size=64, intermediate_size=48)
-    for kc in (gluon_config(GLUON_TILES[2]), _GLUON2_PP, _GLUON1, _GATHER_PP):
+    for kc in (gluon_config(GLUON_TILES[2]), _GLUON2_PP, _GLUON1, _GATHER_PP, _GLUON2_COMBINE):
         out, ref = _run(config, 7, kc, dtype, "cpu", seed=1)
         assert_close(out, ref, dtype)
 
@@ -179,8 +188,23 @@ _GATHER_PP = dataclasses.replace(_PP_BOTH, gluon_gather=True)
 # GEMM 1 alone in Gluon (gathering x), then the Triton GEMM 2 with split tails (its half tiles read act rows the Gluon
 # GEMM 1 wrote in full blocks)
 _GLUON1 = dataclasses.replace(_GATHER, gluon=False, gluon1=True, split_tail=True, persistent=False)
-PINGPONG_CONFIGS = [_PP_BOTH, _PP_BM64, _GLUON2_PP, _GLUON2, _GATHER, _GATHER_PP, _GLUON1]
-PINGPONG_IDS = ["pingpong-both", "pingpong-bm64", "gluon2-pingpong", "gluon2", "gather", "gather-pingpong", "gluon1"]
+# GEMM 2's combine in warps of its own (``async_combine``): after the gathering GEMM 1 on [128, 256] tiles, expert by
+# expert; after the Triton GEMM 1 with split tails on [64, 128] tiles, 2 ring stages (the stage handed over every tile)
+_COMBINE = dataclasses.replace(_GATHER, async_combine=True, expert_groups=True, group_m2=4)
+_GLUON2_COMBINE = KernelConfig(block_m=64, block_n1=128, num_stages1=3, block_n2=128, num_stages2=2, split_tail=True,
+                               gluon2=True, async_combine=True, **_PP)  # fmt: skip
+PINGPONG_CONFIGS = [_PP_BOTH, _PP_BM64, _GLUON2_PP, _GLUON2, _GATHER, _GATHER_PP, _GLUON1, _COMBINE, _GLUON2_COMBINE]
+PINGPONG_IDS = [
+    "pingpong-both",
+    "pingpong-bm64",
+    "gluon2-pingpong",
+    "gluon2",
+    "gather",
+    "gather-pingpong",
+    "gluon1",
+    "combine",
+    "gluon2-combine",
+]
 
 
 @pytest.mark.gpu
@@ -202,8 +226,9 @@ def test_gather_with_hidden_not_a_multiple_of_the_k_box(kc):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("kc", "tokens"), [(gluon_config(GLUON_TILES[0]), (64, 2048)), (_PP_BOTH, (64, 4096))],
-                         ids=["cooperative", "pingpong-both"])  # fmt: skip
+@pytest.mark.parametrize(("kc", "tokens"), [(gluon_config(GLUON_TILES[0]), (64, 2048)), (_PP_BOTH, (64, 4096)),
+                                           (_COMBINE, (64, 4096))],
+                         ids=["cooperative", "pingpong-both", "combine"])  # fmt: skip
 def test_gluon_gemms_fp16_and_many_experts(kc, tokens):
     # fp16 descriptors; E = 128 (qwen3's) with some experts taking no rows, T past one tile per expert
     config = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768)
@@ -213,7 +238,8 @@ def test_gluon_gemms_fp16_and_many_experts(kc, tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kc", [gluon_config(GLUON_TILES[0]), _GLUON2_PP], ids=["cooperative", "gluon2-pingpong"])
+@pytest.mark.parametrize("kc", [gluon_config(GLUON_TILES[0]), _GLUON2_PP, _COMBINE],
+                         ids=["cooperative", "gluon2-pingpong", "combine"])  # fmt: skip
 def test_gluon_gemms_under_cuda_graph_replay(kc):
     config = MoEConfig(num_experts=8, top_k=2, hidden_size=1024, intermediate_size=512)
     gen = torch.Generator().manual_seed(0)

@@ -56,6 +56,9 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 # cp.async (16-byte copies by each thread): Triton 3.6 names it async_copy_global_to_shared, later releases
 # async_load
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+# A barrier of the calling partition's warps (a named barrier inside warp_specialize): Triton 3.6 names it
+# thread_barrier, later releases barrier
+_partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 # Registers of the producer warp (setmaxnreg hands the rest to the MMA warps): it computes tile coordinates and
 # issues TMA copies, nothing more.
@@ -65,6 +68,12 @@ LOADER_REGS = gl.constexpr(40)
 # k steps.
 GATHER_WARPS = gl.constexpr(4)
 GATHER_REGS = gl.constexpr(88)
+# Warps of GEMM 2's combine partition (COMBINE): they add each tile's rows into the output from a shared-memory copy
+# of the tile (``_combine_partition``) while the MMA warps run the next tile's wgmmas, COMBINE_ROWS rows at a time
+# (a [16, 256] 16-bit chunk is 8 KiB: 64 bytes a thread, four 16-byte atomics).
+COMBINE_WARPS = gl.constexpr(2)
+COMBINE_REGS = gl.constexpr(96)
+COMBINE_ROWS = gl.constexpr(16)
 
 
 @gluon.constexpr_function
@@ -161,12 +170,11 @@ def _row_vector_layout(block_n, num_warps):
 
 
 @gluon.jit
-def _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
-                    stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """As _fused_experts' GEMM 2 epilogue: bias and the routing weight in the accumulator's layout, then the rows in
-    16-byte pieces per thread for the per-token add or the per-slot store."""
+def _gemm2_scaled(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, sorted_ids_ptr, num_slots,
+                  hidden, layout: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """GEMM 2's accumulator with the bias and the routing weight applied, in its own (wgmma) layout, as _fused_experts'
+    GEMM 2 epilogue applies them."""
     rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
     slot = gl.load(sorted_ids_ptr + rows)
@@ -175,10 +183,17 @@ def _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk
                        other=0.0).to(gl.float32)[None, :]  # fmt: skip
     if not WEIGHTS_ON_INPUT:
         acc = acc * gl.load(topk_weights_ptr + slot, mask=slot < num_slots, other=0.0)[:, None]
-    out_layout: gl.constexpr = _row_vector_layout(BLOCK_N, num_warps)
-    values = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), out_layout)
-    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+    return acc
+
+
+@gluon.jit
+def _combine_rows(values, first_row, pid_n, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden,
+                  ATOMIC: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """``values``' ROWS rows (padded sorted rows ``first_row`` on, in a row-vector layout) added into their tokens'
+    output rows (ATOMIC) or stored into their slots' rows; padding rows are skipped."""
+    layout: gl.constexpr = values.type.layout
+    rows = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
     slot = gl.load(sorted_ids_ptr + rows)
     valid = slot < num_slots
     mask = valid[:, None] & (cols < hidden)[None, :]
@@ -191,6 +206,44 @@ def _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk
         gl.atomic_add(out_ptrs, values, mask=mask, sem="relaxed")
     else:
         gl.store(out_ptrs, values, mask=mask)
+
+
+@gluon.jit
+def _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
+                    stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """As _fused_experts' GEMM 2 epilogue: bias and the routing weight in the accumulator's layout, then the rows in
+    16-byte pieces per thread for the per-token add or the per-slot store."""
+    acc = _gemm2_scaled(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, sorted_ids_ptr,
+                        num_slots, hidden, layout, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
+    values = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), _row_vector_layout(BLOCK_N, num_warps))
+    _combine_rows(values, pid_m * BLOCK_M, pid_n, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k,
+                  hidden, ATOMIC, BLOCK_M, BLOCK_N)  # fmt: skip
+
+
+@gluon.jit
+def _combine_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, staged, drained,
+                       stage, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden,
+                       ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                       EXPERT_GROUPS: gl.constexpr):  # fmt: skip
+    """COMBINE: GEMM 2's combine in warps of their own. The MMA warps leave each tile, weighted and rounded, in the
+    shared ``stage`` and arrive on ``staged``; these warps add its rows into the output (or store them per slot),
+    COMBINE_ROWS at a time, and arrive on ``drained``, freeing the stage for the MMA warps' next tile. So the
+    atomics, which were a third of a [128, 256] tile's time at K = 768 (qwen3-30b-a3b, bench/NOTES.md version 16),
+    run under the next tile's wgmmas without halving the tile as the ping-pong form does."""
+    layout: gl.constexpr = _row_vector_layout(BLOCK_N, COMBINE_WARPS)
+    for first_step in range(0, num_steps, num_k):
+        pid_m, pid_n, expert = _step_coords(
+            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+        )
+        mbarrier.wait(staged, (first_step // num_k) & 1)
+        for r in gl.static_range(0, BLOCK_M, COMBINE_ROWS):
+            values = stage.slice(r, COMBINE_ROWS).load(layout)
+            _combine_rows(values, pid_m * BLOCK_M + r, pid_n, out_ptr, stride_om, stride_oh, sorted_ids_ptr,
+                          num_slots, top_k, hidden, ATOMIC, COMBINE_ROWS, BLOCK_N)  # fmt: skip
+        _partition_barrier()  # every warp's reads of the stage are done before the one-thread arrive frees it
+        mbarrier.arrive(drained)
 
 
 @gluon.jit
@@ -384,11 +437,13 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
 @gluon.jit
 def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, ready, empty,
                          a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-                         sorted_ids_ptr, num_slots, top_k, hidden, turn, HAS_BIAS: gl.constexpr,
-                         WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr,
-                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr,
-                         num_warps: gl.constexpr):  # fmt: skip
+                         sorted_ids_ptr, num_slots, top_k, hidden, turn, staged, drained, stage,
+                         HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                         EXPERT_GROUPS: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMER: gl.constexpr,
+                         PINGPONG: gl.constexpr, COMBINE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """GEMM 2's MMA warps; under COMBINE their epilogue only weights the tile and leaves it in ``stage`` for
+    ``_combine_partition`` (waiting first until that has drained the tile before)."""
     layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
     consumers: gl.constexpr = 2 if PINGPONG else 1
     for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
@@ -399,9 +454,19 @@ def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
         pid_m, pid_n, expert = _step_coords(
             first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
         )
-        _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
-                        stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout, HAS_BIAS, WEIGHTS_ON_INPUT,
-                        ATOMIC, BLOCK_M, BLOCK_N, num_warps)  # fmt: skip
+        if COMBINE:
+            acc = _gemm2_scaled(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr,
+                                sorted_ids_ptr, num_slots, hidden, layout, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
+                                BLOCK_N)  # fmt: skip
+            # the stage is free once the combine has drained the tile before (a fresh barrier's parity 1 passes)
+            mbarrier.wait(drained, ((first_step // num_k) & 1) ^ 1)
+            stage.store(acc.to(out_ptr.dtype.element_ty))
+            _partition_barrier()  # every warp's part of the tile is in the stage before the one-thread arrive
+            mbarrier.arrive(staged)
+        else:
+            _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr,
+                            stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout, HAS_BIAS,
+                            WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, num_warps)  # fmt: skip
 
 
 @gluon.jit
@@ -530,6 +595,8 @@ def _gluon_gemm2_kernel(
     EXPERT_GROUPS: gl.constexpr,  # tiles ordered expert by expert (``_tile_coords``)
     NUM_STAGES: gl.constexpr,
     PINGPONG: gl.constexpr,  # two MMA warpgroups of num_warps take the tiles in turn (``_take_turn``)
+    COMBINE: gl.constexpr,  # the combine in warps of its own, from a shared stage (``_combine_partition``)
+    STAGE_LAYOUT: gl.constexpr,  # that stage's shared layout ([BLOCK_M, BLOCK_N] of out's dtype)
     num_warps: gl.constexpr,
 ):
     """GEMM 2 in GEMM 1's structure (one accumulator, the combine's epilogue)."""
@@ -540,6 +607,17 @@ def _gluon_gemm2_kernel(
     a_layout: gl.constexpr = act_desc.layout
     a_bufs, b_bufs, b2_bufs, ready, empty = _ring(a_layout, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1)
     turn = _turns(empty, PINGPONG)
+    if COMBINE:
+        stage = gl.allocate_shared_memory(out_ptr.dtype.element_ty, [BLOCK_M, BLOCK_N], STAGE_LAYOUT)
+        handoff = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(handoff.index(i), count=1)
+        staged = handoff.index(0)
+        drained = handoff.index(1)
+    else:  # stand-ins, never touched
+        stage = a_bufs
+        staged = empty.index(0)
+        drained = empty.index(0)
     # (the partitions' arguments written out: a tuple built here would turn its constexprs into tensors)
     if PINGPONG:
         gl.warp_specialize(
@@ -547,13 +625,13 @@ def _gluon_gemm2_kernel(
                 (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
-                                        HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS,
-                                        NUM_STAGES, 0, True, num_warps)),
+                                        staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
+                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, True, False, num_warps)),
                 (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
-                                        HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS,
-                                        NUM_STAGES, 1, True, num_warps)),
+                                        staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
+                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 1, True, False, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
                                    sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -562,14 +640,33 @@ def _gluon_gemm2_kernel(
             [num_warps, 1],
             [_consumer_regs(LOADER_REGS), LOADER_REGS],
         )  # fmt: skip
+    elif COMBINE:
+        gl.warp_specialize(
+            [
+                (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                        ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
+                                        out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
+                                        staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
+                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, False, True, num_warps)),
+                (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                   hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
+                                   sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   GROUP_M, EXPERT_GROUPS, 0, False, True)),
+                (_combine_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
+                                      staged, drained, stage, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots,
+                                      top_k, hidden, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS)),
+            ],
+            [1, COMBINE_WARPS],
+            [LOADER_REGS, COMBINE_REGS],
+        )  # fmt: skip
     else:
         gl.warp_specialize(
             [
                 (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
-                                        HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS,
-                                        NUM_STAGES, 0, False, num_warps)),
+                                        staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
+                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, False, False, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
                                    sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
