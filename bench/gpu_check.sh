@@ -11,9 +11,9 @@
 #   pingpong (not in all): session 14's GPU tests (ping-pong Gluon GEMMs, gluon2, and unrun's) and the kernel probe
 #   of those forms against the table's entries (PP_POINTS, PP_VARIANTS; each point warmed in a process of its own
 #   first, all at once: Triton's compiles are CPU-bound)
-#   combine (not in all): session 15's GPU tests (the Gluon file: GEMM 2's combine in warps of its own, async_combine,
-#   and the Gluon half tiles, gluon_split_tail) and the kernel probe of those forms against the table's entries and
-#   the cooperative GEMM 2 without them (CB_POINTS, CB_VARIANTS; warmed as pingpong's are)
+#   combine (not in all): session 15's GPU tests (GEMM 2's combine in warps of its own, async_combine, and the Gluon
+#   file) and the kernel probe of that form against the table's entries and the cooperative GEMM 2 without it
+#   (CB_POINTS, CB_VARIANTS; warmed as pingpong's are)
 # Each mode fits one 10-minute device call on an H100; give several to run them in one call.
 # Results come back as $OUT/results.tar.gz (bench/results/ layout) plus logs; the machine keeps nothing.
 set -uo pipefail
@@ -88,8 +88,7 @@ if [[ $modes == *" combine "* ]]; then
   g1="$g1,block_m=128,block_n1=128,block_k1=64,block_k2=64,gluon_gather=1,pingpong2=0"
   g2="gluon=0,gluon1=0,gluon_gather=0,gluon2=1,tma=1,persistent=1,num_warps2=8,block_m=128,block_k2=64,pingpong2=0"
   cb_variants=${CB_VARIANTS:-"$g1,block_n2=256,num_stages2=3 $g1,block_n2=256,num_stages2=3,async_combine=1 \
-$g1,block_n2=256,num_stages2=3,async_combine=1,gluon_split_tail=1 gluon_split_tail=1 \
-$g2,block_n2=256,num_stages2=3,async_combine=1,gluon_split_tail=1"}
+$g1,block_n2=128,num_stages2=4,async_combine=1 $g2,block_n2=256,num_stages2=3,async_combine=1"}
   cb_points=${CB_POINTS:-"qwen3-30b-a3b:4096 deepseek-v2-lite:4096 gpt-oss-120b:16384 mixtral-8x7b:1024 \
 qwen3-30b-a3b:16384 mixtral-8x7b:4096"}
   for point in $cb_points; do

@@ -111,11 +111,6 @@ class KernelConfig:
     per-slot stores) runs in four warps of its own: the MMA warps leave each weighted tile in a shared-memory stage of
     block_m x block_n2 (which takes room from the ring's stages) and go on to the next tile, whose wgmmas then run
     under the previous tile's atomics, with the full [block_m, block_n2] tile the ping-pong form halves.
-    ``gluon_split_tail`` (with a Gluon GEMM, block_m 128): the Gluon GEMMs' split tails. A block whose second half of
-    rows is all padding (an expert's last block holding at most block_m / 2 rows) runs a half tile: its wgmmas take
-    the first half of the A boxes, a gated GEMM 1's gate and up in two accumulators. The producer's loop and boxes
-    stay as they are. A random routing leaves about half the experts such a tail: at qwen3-30b-a3b T=4096 (about
-    256 rows per expert) a fifth of the computed rows are padding. The Triton GEMMs' ``split_tail`` is separate.
     """
 
     block_m: int = 64
@@ -148,7 +143,6 @@ class KernelConfig:
     pingpong2: bool = False
     gluon_gather: bool = False
     async_combine: bool = False
-    gluon_split_tail: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -240,13 +234,6 @@ class KernelConfig:
                 "KernelConfig.async_combine: needs GEMM 2 in Gluon (gluon or gluon2) with persistent=True and not "
                 f"pingpong2 (whose warpgroups overlap their epilogues already), got gluon={self.gluon}, "
                 f"gluon2={self.gluon2}, persistent={self.persistent}, pingpong2={self.pingpong2}"
-            )
-
-        if self.gluon_split_tail and not ((self.gluon_gemm1 or self.gluon_gemm2) and self.block_m == 128):
-            raise ValueError(
-                "KernelConfig.gluon_split_tail: needs a Gluon GEMM (gluon, gluon1 or gluon2) and block_m=128 (a half "
-                f"tile of 64 rows, a warpgroup MMA's), got gluon={self.gluon}, gluon1={self.gluon1}, "
-                f"gluon2={self.gluon2}, block_m={self.block_m}"
             )
 
     @property

@@ -432,8 +432,6 @@ def _launch_gluon_gemm1(
         EVEN_K=hidden % cfg.block_k1 == 0,
         w_desc=_gluon_descriptor(w13.view(-1, hidden), [cfg.block_n1, cfg.block_k1]),
         act_desc=_gluon_descriptor(act, [cfg.block_m, cfg.block_n1]),
-        act_half_desc=_gluon_descriptor(act, [cfg.block_m // (2 if cfg.gluon_split_tail else 1), cfg.block_n1]),
-        HALF_TILES=cfg.gluon_split_tail,
         b_ptr=b13_arg,
         stride_be=b13_arg.stride(0),
         stride_bn=b13_arg.stride(1),
@@ -484,7 +482,6 @@ def _launch_gluon_gemm2(
         GROUP_M=cfg.group_m2,
         NUM_STAGES=cfg.num_stages2,
         COMBINE=cfg.async_combine,
-        HALF_TILES=cfg.gluon_split_tail,
         STAGE_LAYOUT=_gluon_layout(out.dtype, [cfg.block_m, cfg.block_n2]),
         **_gluon_warps(cfg.num_warps2, cfg.pingpong2),
     )

@@ -128,21 +128,18 @@ def _issue_b_loads(bar, s, k, b_row, b2_row, b_desc, b_bufs, b2_bufs, BLOCK_N: g
 
 
 @gluon.jit
-def _gemm1_epilogue(acc_g, acc_u, first_row, pid_n, expert, act_desc, act_out, b_ptr, stride_be, stride_bn,
-                    topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit,
-                    ACTIVATION: gl.constexpr, GATED: gl.constexpr, HAS_BIAS: gl.constexpr,
-                    WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """As _fused_experts' GEMM 1 epilogue: the activated intermediate of the tile's rows (acc's: padded sorted rows
-    ``first_row`` on), rounded like an unfused x @ w13^T, stored from the shared ``act_out`` (its first rows) through
-    a TMA box of ``act_desc`` (as many rows; clipped past I); the store is left in flight (the next epilogue waits
-    for it)."""
+def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                    sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr,
+                    GATED: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """As _fused_experts' GEMM 1 epilogue: the activated intermediate, rounded like an unfused x @ w13^T, stored
+    through a TMA box (clipped past I); the store is left in flight (the next epilogue waits for it)."""
     dtype: gl.constexpr = act_desc.dtype
     layout: gl.constexpr = acc_g.type.layout
-    rows_n: gl.constexpr = acc_g.shape[0]
     cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
     col_mask = cols < inter
     if WEIGHTS_ON_INPUT:  # (w x) @ W = w (x @ W), see _fused_experts
-        rows = first_row + gl.arange(0, rows_n, layout=gl.SliceLayout(1, layout))
+        rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
         slot = gl.load(sorted_ids_ptr + rows)
         row_weight = gl.load(topk_weights_ptr + slot, mask=slot < num_slots, other=0.0)
         acc_g = acc_g * row_weight[:, None]
@@ -155,13 +152,11 @@ def _gemm1_epilogue(acc_g, acc_u, first_row, pid_n, expert, act_desc, act_out, b
     result = _activate(acc_g.to(dtype).to(gl.float32), ACTIVATION, swiglu_alpha, swiglu_limit)
     if GATED:
         result = result * _up_factor(acc_u.to(dtype).to(gl.float32), ACTIVATION, swiglu_limit)
-    out = act_out
-    if rows_n != act_out.shape[0]:
-        out = act_out.slice(0, rows_n)
+    out = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], act_desc.layout)
     tma.store_wait(pendings=0)  # the previous tile's store has left the buffer
     out.store(result.to(dtype))
     fence_async_shared()
-    _tma_store(act_desc, [first_row, pid_n * BLOCK_N], out)
+    _tma_store(act_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out)
 
 
 @gluon.constexpr_function
@@ -175,13 +170,12 @@ def _row_vector_layout(block_n, num_warps):
 
 
 @gluon.jit
-def _gemm2_scaled(acc, first_row, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, sorted_ids_ptr,
-                  num_slots, hidden, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
-                  BLOCK_N: gl.constexpr):  # fmt: skip
-    """GEMM 2's accumulator (padded sorted rows ``first_row`` on) with the bias and the routing weight applied, in its
-    own (wgmma) layout, as _fused_experts' GEMM 2 epilogue applies them."""
-    layout: gl.constexpr = acc.type.layout
-    rows = first_row + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+def _gemm2_scaled(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, sorted_ids_ptr, num_slots,
+                  hidden, layout: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """GEMM 2's accumulator with the bias and the routing weight applied, in its own (wgmma) layout, as _fused_experts'
+    GEMM 2 epilogue applies them."""
+    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
     slot = gl.load(sorted_ids_ptr + rows)
     if HAS_BIAS:
@@ -215,17 +209,17 @@ def _combine_rows(values, first_row, pid_n, out_ptr, stride_om, stride_oh, sorte
 
 
 @gluon.jit
-def _gemm2_epilogue(acc, first_row, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
-                    stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, HAS_BIAS: gl.constexpr,
-                    WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_N: gl.constexpr,
-                    num_warps: gl.constexpr):  # fmt: skip
+def _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om,
+                    stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """As _fused_experts' GEMM 2 epilogue: bias and the routing weight in the accumulator's layout, then the rows in
     16-byte pieces per thread for the per-token add or the per-slot store."""
-    acc = _gemm2_scaled(acc, first_row, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, sorted_ids_ptr,
-                        num_slots, hidden, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_N)  # fmt: skip
+    acc = _gemm2_scaled(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, sorted_ids_ptr,
+                        num_slots, hidden, layout, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
     values = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), _row_vector_layout(BLOCK_N, num_warps))
-    _combine_rows(values, first_row, pid_n, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden,
-                  ATOMIC, acc.shape[0], BLOCK_N)  # fmt: skip
+    _combine_rows(values, pid_m * BLOCK_M, pid_n, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k,
+                  hidden, ATOMIC, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 @gluon.jit
@@ -361,60 +355,39 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, e
 
 @gluon.jit
 def _tile_mainloop(first_step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b2_bufs, turn_done,
-                   NUM_STAGES: gl.constexpr, B_MODE: gl.constexpr, PINGPONG: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, TWO_B: gl.constexpr, PINGPONG: gl.constexpr,
                    GATHER: gl.constexpr):  # fmt: skip
-    """One tile's k steps (the program's steps ``first_step`` on), one step of wgmma in flight: each step's stage waits
-    for its boxes, and the step before's stage is released once its MMAs retire; at the end everything retires and
-    the last stage is released too. The tile's rows are acc's: the A boxes' first rows (a half tile, ``_tile_rows``,
-    uses the first half of each box). B_MODE: 0 one B operand (acc2 unused); 1 the second B buffer into acc2
-    (``_ring``'s GATE_UP 1); 2 the two halves of one [2 BLOCK_N, BLOCK_K] B buffer into acc and acc2 (``_ring``'s
-    GATE_UP 2 on a half tile, where the warps sit side by side and the [gate | up] accumulator could not be split).
-    The k loop is a loop of its own, the accumulators zeroed before it (``use_acc`` off at k = 0) and read only after
-    it: with one flat (tile, k) loop whose epilogue sat in a branch inside it, ptxas made every step wait for all its
-    wgmmas ("warpgroup.wait is injected ... to allow use of registers defined by GMMA", C7517), the one-in-flight
-    pipeline undone (bench/NOTES.md version 15). PINGPONG: once its last step's boxes have landed, the tile arrives on
+    """One tile's k steps (the program's steps ``first_step`` on; acc2 with the second B buffer when TWO_B: ``_ring``'s
+    GATE_UP 1), one step of wgmma in flight: each step's stage waits for its boxes, and the step before's stage is
+    released once its MMAs retire; at the end everything retires and the last stage is released too. The k loop is a
+    loop of its own, the accumulators zeroed before it (``use_acc`` off at k = 0) and read only after it: with one
+    flat (tile, k) loop whose epilogue sat in a branch inside it, ptxas made every step wait for all its wgmmas
+    ("warpgroup.wait is injected ... to allow use of registers defined by GMMA", C7517), the one-in-flight pipeline
+    undone (bench/NOTES.md version 15). PINGPONG: once its last step's boxes have landed, the tile arrives on
     ``turn_done``, the other MMA warpgroup's turn (``_take_turn``). GATHER: A came by cp.async, whose writes are the
     generic proxy's, and wgmma reads through the async proxy: a proxy fence between the wait and the wgmmas."""
-    rows: gl.constexpr = acc.shape[0]
     for kk in range(num_k):
         step = first_step + kk
         s = step % NUM_STAGES
         mbarrier.wait(ready.index(s), (step // NUM_STAGES) & 1)
         if GATHER:
             fence_async_shared()
-        a = a_bufs.index(s)
-        if rows != a_bufs.shape[1]:
-            a = a.slice(0, rows)
-        if B_MODE == 2:
-            half_n: gl.constexpr = b_bufs.shape[1] // 2
-            b = b_bufs.index(s).slice(0, half_n)
-            b2 = b_bufs.index(s).slice(half_n, half_n)
-        else:
-            b = b_bufs.index(s)
-            b2 = b2_bufs.index(s)
-        acc = warpgroup_mma(a, b.permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
-        if B_MODE > 0:
-            acc2 = warpgroup_mma(a, b2.permute((1, 0)), acc2, use_acc=kk > 0, is_async=True)
+        acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True)
+        if TWO_B:
+            acc2 = warpgroup_mma(a_bufs.index(s), b2_bufs.index(s).permute((1, 0)), acc2, use_acc=kk > 0,
+                                 is_async=True)  # fmt: skip
             acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
         else:
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES), pred=kk > 0)
     if PINGPONG:
         mbarrier.arrive(turn_done)
-    if B_MODE > 0:
+    if TWO_B:
         acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
     else:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index((first_step + num_k - 1) % NUM_STAGES))
     return acc, acc2
-
-
-@gluon.jit
-def _half_tile(pid_m, sorted_ids_ptr, num_slots, BLOCK_M: gl.constexpr):
-    """Whether block ``pid_m``'s second half of rows is all padding, so its tiles run as half tiles
-    (``KernelConfig.gluon_split_tail``): an expert's padding rows close its last block, so the half's first row
-    tells."""
-    return gl.load(sorted_ids_ptr + pid_m * BLOCK_M + BLOCK_M // 2) >= num_slots
 
 
 @gluon.jit
@@ -430,102 +403,35 @@ def _take_turn(turn, tile, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _gemm1_tile(first_step, num_k, pid_m, pid_n, expert, ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, act_out,
-                b_ptr, stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
-                swiglu_limit, turn_done, ACTIVATION: gl.constexpr, GATED: gl.constexpr, HAS_BIAS: gl.constexpr,
-                WEIGHTS_ON_INPUT: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                NUM_STAGES: gl.constexpr, GATE_UP: gl.constexpr, PINGPONG: gl.constexpr, GATHER: gl.constexpr,
-                num_warps: gl.constexpr):  # fmt: skip
-    """One GEMM 1 tile of ROWS rows (BLOCK_M, or BLOCK_M / 2 for a half tile, stored through ``act_desc``'s boxes of
-    as many rows): its k steps, then its epilogue. A half tile of GATE_UP 2 takes the gate and up halves of the B
-    buffer into two accumulators: its warps sit side by side along N, where one [gate | up] accumulator could not be
-    split in registers."""
-    joint: gl.constexpr = GATE_UP == 2 and ROWS == BLOCK_M
-    acc_n: gl.constexpr = 2 * BLOCK_N if joint else BLOCK_N
-    layout: gl.constexpr = _mma_layout(ROWS, acc_n, num_warps)
-    b_mode: gl.constexpr = 0 if joint or not GATED else (1 if GATE_UP == 1 else 2)
-    acc_g = gl.zeros((ROWS, acc_n), dtype=gl.float32, layout=layout)
-    acc_u = gl.zeros((ROWS, acc_n), dtype=gl.float32, layout=layout)
-    acc_g, acc_u = _tile_mainloop(first_step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs, turn_done,
-                                  NUM_STAGES, b_mode, PINGPONG, GATHER)  # fmt: skip
-    if joint:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
-        gate, up = gl.split(gl.permute(gl.reshape(acc_g, [ROWS, 2, BLOCK_N]), [0, 2, 1]))
-    else:
-        gate, up = acc_g, acc_u
-    _gemm1_epilogue(gate, up, pid_m * BLOCK_M, pid_n, expert, act_desc, act_out, b_ptr, stride_be, stride_bn,
-                    topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED,
-                    HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_N)  # fmt: skip
-
-
-@gluon.jit
 def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, ready, empty,
-                         a_bufs, b_bufs, b2_bufs, act_desc, act_half_desc, b_ptr, stride_be, stride_bn,
-                         topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, turn,
+                         a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                         sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, turn,
                          ACTIVATION: gl.constexpr, GATED: gl.constexpr, HAS_BIAS: gl.constexpr,
                          WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                          GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr, NUM_STAGES: gl.constexpr,
                          GATE_UP: gl.constexpr, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr,
-                         GATHER: gl.constexpr, HALF_TILES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """GEMM 1's MMA warps (under PINGPONG one of the two warpgroups, CONSUMER): each tile's k steps and epilogue, a
-    half tile's (HALF_TILES, ``_half_tile``) on the first half of the A boxes."""
+                         GATHER: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
+    layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
     consumers: gl.constexpr = 2 if PINGPONG else 1
-    act_out = gl.allocate_shared_memory(act_desc.dtype, [BLOCK_M, BLOCK_N], act_desc.layout)
     for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
         _take_turn(turn, first_step // num_k, CONSUMER, PINGPONG)
+        acc_g = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
+        acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
+        acc_g, acc_u = _tile_mainloop(first_step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs,
+                                      turn.index(1 - CONSUMER), NUM_STAGES, GATE_UP == 1, PINGPONG,
+                                      GATHER)  # fmt: skip
         pid_m, pid_n, expert = _step_coords(
             first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
         )
-        if HALF_TILES:
-            if _half_tile(pid_m, sorted_ids_ptr, num_slots, BLOCK_M):
-                _gemm1_tile(first_step, num_k, pid_m, pid_n, expert, ready, empty, a_bufs, b_bufs, b2_bufs, act_half_desc,
-                            act_out, b_ptr, stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr, num_slots, inter,
-                            swiglu_alpha, swiglu_limit, turn.index(1 - CONSUMER), ACTIVATION, GATED, HAS_BIAS,
-                            WEIGHTS_ON_INPUT, BLOCK_M // 2, BLOCK_M, BLOCK_N, NUM_STAGES, GATE_UP, PINGPONG, GATHER,
-                            num_warps)  # fmt: skip
-            else:
-                _gemm1_tile(first_step, num_k, pid_m, pid_n, expert, ready, empty, a_bufs, b_bufs, b2_bufs, act_desc,
-                            act_out, b_ptr, stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr, num_slots, inter,
-                            swiglu_alpha, swiglu_limit, turn.index(1 - CONSUMER), ACTIVATION, GATED, HAS_BIAS,
-                            WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_M, BLOCK_N, NUM_STAGES, GATE_UP, PINGPONG, GATHER,
-                            num_warps)  # fmt: skip
+        if GATE_UP == 2:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
+            gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
         else:
-            _gemm1_tile(first_step, num_k, pid_m, pid_n, expert, ready, empty, a_bufs, b_bufs, b2_bufs, act_desc,
-                        act_out, b_ptr, stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr, num_slots, inter,
-                        swiglu_alpha, swiglu_limit, turn.index(1 - CONSUMER), ACTIVATION, GATED, HAS_BIAS,
-                        WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_M, BLOCK_N, NUM_STAGES, GATE_UP, PINGPONG, GATHER,
-                        num_warps)  # fmt: skip
+            gate, up = acc_g, acc_u
+        _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                        sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED, HAS_BIAS,
+                        WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
     tma.store_wait(pendings=0)
-
-
-@gluon.jit
-def _gemm2_tile(first_step, num_k, pid_m, pid_n, expert, ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh,
-                topk_weights_ptr, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn_done,
-                staged, drained, stage, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
-                ATOMIC: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr, COMBINE: gl.constexpr,
-                num_warps: gl.constexpr):  # fmt: skip
-    """One GEMM 2 tile of ROWS rows (BLOCK_M, or BLOCK_M / 2 for a half tile): its k steps, then its epilogue, or
-    under COMBINE the weighted tile left in ``stage`` (its first ROWS rows; the combine masks the rest as padding)
-    for ``_combine_partition``, once that has drained the tile before."""
-    layout: gl.constexpr = _mma_layout(ROWS, BLOCK_N, num_warps)
-    acc = gl.zeros((ROWS, BLOCK_N), dtype=gl.float32, layout=layout)
-    acc, unused = _tile_mainloop(first_step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs, turn_done,
-                                 NUM_STAGES, 0, PINGPONG, False)  # fmt: skip
-    if COMBINE:
-        acc = _gemm2_scaled(acc, pid_m * BLOCK_M, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr,
-                            sorted_ids_ptr, num_slots, hidden, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_N)  # fmt: skip
-        # the stage is free once the combine has drained the tile before (a fresh barrier's parity 1 passes)
-        mbarrier.wait(drained, ((first_step // num_k) & 1) ^ 1)
-        if ROWS == BLOCK_M:
-            stage.store(acc.to(out_ptr.dtype.element_ty))
-        else:
-            stage.slice(0, ROWS).store(acc.to(out_ptr.dtype.element_ty))
-        _partition_barrier()  # every warp's part of the tile is in the stage before the one-thread arrive
-        mbarrier.arrive(staged)
-    else:
-        _gemm2_epilogue(acc, pid_m * BLOCK_M, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr,
-                        stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, HAS_BIAS, WEIGHTS_ON_INPUT,
-                        ATOMIC, BLOCK_N, num_warps)  # fmt: skip
 
 
 @gluon.jit
@@ -535,32 +441,32 @@ def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                          EXPERT_GROUPS: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMER: gl.constexpr,
-                         PINGPONG: gl.constexpr, COMBINE: gl.constexpr, HALF_TILES: gl.constexpr,
-                         num_warps: gl.constexpr):  # fmt: skip
-    """GEMM 2's MMA warps (under PINGPONG one of the two warpgroups, CONSUMER): each tile's k steps and epilogue, a
-    half tile's (HALF_TILES, ``_half_tile``) on the first half of the A boxes."""
+                         PINGPONG: gl.constexpr, COMBINE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """GEMM 2's MMA warps; under COMBINE their epilogue only weights the tile and leaves it in ``stage`` for
+    ``_combine_partition`` (waiting first until that has drained the tile before)."""
+    layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
     consumers: gl.constexpr = 2 if PINGPONG else 1
     for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
         _take_turn(turn, first_step // num_k, CONSUMER, PINGPONG)
+        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
+        acc, unused = _tile_mainloop(first_step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs,
+                                     turn.index(1 - CONSUMER), NUM_STAGES, False, PINGPONG, False)  # fmt: skip
         pid_m, pid_n, expert = _step_coords(
             first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
         )
-        if HALF_TILES:
-            if _half_tile(pid_m, sorted_ids_ptr, num_slots, BLOCK_M):
-                _gemm2_tile(first_step, num_k, pid_m, pid_n, expert, ready, empty, a_bufs, b_bufs, b_ptr, stride_be,
-                            stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k,
-                            hidden, turn.index(1 - CONSUMER), staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC,
-                            BLOCK_M // 2, BLOCK_M, BLOCK_N, NUM_STAGES, PINGPONG, COMBINE, num_warps)  # fmt: skip
-            else:
-                _gemm2_tile(first_step, num_k, pid_m, pid_n, expert, ready, empty, a_bufs, b_bufs, b_ptr, stride_be,
-                            stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k,
-                            hidden, turn.index(1 - CONSUMER), staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC,
-                            BLOCK_M, BLOCK_M, BLOCK_N, NUM_STAGES, PINGPONG, COMBINE, num_warps)  # fmt: skip
+        if COMBINE:
+            acc = _gemm2_scaled(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr,
+                                sorted_ids_ptr, num_slots, hidden, layout, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
+                                BLOCK_N)  # fmt: skip
+            # the stage is free once the combine has drained the tile before (a fresh barrier's parity 1 passes)
+            mbarrier.wait(drained, ((first_step // num_k) & 1) ^ 1)
+            stage.store(acc.to(out_ptr.dtype.element_ty))
+            _partition_barrier()  # every warp's part of the tile is in the stage before the one-thread arrive
+            mbarrier.arrive(staged)
         else:
-            _gemm2_tile(first_step, num_k, pid_m, pid_n, expert, ready, empty, a_bufs, b_bufs, b_ptr, stride_be,
-                        stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k,
-                        hidden, turn.index(1 - CONSUMER), staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC,
-                        BLOCK_M, BLOCK_M, BLOCK_N, NUM_STAGES, PINGPONG, COMBINE, num_warps)  # fmt: skip
+            _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr,
+                            stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, layout, HAS_BIAS,
+                            WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N, num_warps)  # fmt: skip
 
 
 @gluon.jit
@@ -570,7 +476,6 @@ def _gluon_gemm1_kernel(
     stride_xt,
     w_desc,  # w13 as [E*N1, H], [BLOCK_N, BLOCK_K] boxes
     act_desc,  # act [CAP, I], [BLOCK_M, BLOCK_N] boxes
-    act_half_desc,  # act [CAP, I], [BLOCK_M / 2, BLOCK_N] boxes (HALF_TILES; else act_desc)
     b_ptr,
     stride_be,
     stride_bn,
@@ -600,7 +505,6 @@ def _gluon_gemm1_kernel(
     GATHER: gl.constexpr,  # A gathered from x by token (``_load_partition``), not x_sorted through TMA
     A_LAYOUT: gl.constexpr,  # the A ring's shared layout (x_desc's boxes')
     EVEN_K: gl.constexpr,  # hidden % BLOCK_K == 0 (GATHER's copies need no column mask)
-    HALF_TILES: gl.constexpr,  # blocks whose second half is padding run half tiles (``_half_tile``)
     num_warps: gl.constexpr,
 ):
     """One program per tile, or fewer programs each walking tiles (a persistent grid); within a program a producer
@@ -624,17 +528,17 @@ def _gluon_gemm1_kernel(
         gl.warp_specialize(
             [
                 (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, act_half_desc, b_ptr,
-                                        stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr, num_slots, inter,
-                                        swiglu_alpha, swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS,
-                                        WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES,
-                                        gate_up, 0, True, GATHER, HALF_TILES, num_warps)),
+                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
+                                        topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
+                                        swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
+                                        BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 0, True, GATHER,
+                                        num_warps)),
                 (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, act_half_desc, b_ptr,
-                                        stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr, num_slots, inter,
-                                        swiglu_alpha, swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS,
-                                        WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES,
-                                        gate_up, 1, True, GATHER, HALF_TILES, num_warps)),
+                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
+                                        topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
+                                        swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
+                                        BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 1, True, GATHER,
+                                        num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
                                    x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M,
@@ -647,11 +551,11 @@ def _gluon_gemm1_kernel(
         gl.warp_specialize(
             [
                 (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, act_half_desc, b_ptr,
-                                        stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr, num_slots, inter,
-                                        swiglu_alpha, swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS,
-                                        WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES,
-                                        gate_up, 0, False, GATHER, HALF_TILES, num_warps)),
+                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
+                                        topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
+                                        swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
+                                        BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 0, False, GATHER,
+                                        num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
                                    x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M,
@@ -693,7 +597,6 @@ def _gluon_gemm2_kernel(
     PINGPONG: gl.constexpr,  # two MMA warpgroups of num_warps take the tiles in turn (``_take_turn``)
     COMBINE: gl.constexpr,  # the combine in warps of its own, from a shared stage (``_combine_partition``)
     STAGE_LAYOUT: gl.constexpr,  # that stage's shared layout ([BLOCK_M, BLOCK_N] of out's dtype)
-    HALF_TILES: gl.constexpr,  # blocks whose second half is padding run half tiles (``_half_tile``)
     num_warps: gl.constexpr,
 ):
     """GEMM 2 in GEMM 1's structure (one accumulator, the combine's epilogue)."""
@@ -723,12 +626,12 @@ def _gluon_gemm2_kernel(
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
                                         staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
-                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, True, False, HALF_TILES, num_warps)),
+                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, True, False, num_warps)),
                 (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
                                         staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
-                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 1, True, False, HALF_TILES, num_warps)),
+                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 1, True, False, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
                                    sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -744,7 +647,7 @@ def _gluon_gemm2_kernel(
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
                                         staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
-                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, False, True, HALF_TILES, num_warps)),
+                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, False, True, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
                                    sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -763,7 +666,7 @@ def _gluon_gemm2_kernel(
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
                                         staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
-                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, False, False, HALF_TILES, num_warps)),
+                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, False, False, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
                                    sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
