@@ -143,12 +143,16 @@ ONE_LAUNCH_CANDIDATES = [
 # by token with GEMM 2 in ping-pong, and GEMM 1 alone in Gluon before the Triton GEMM 2. On an H100 the first won
 # qwen3-30b-a3b and deepseek-v2-lite at T=4096 (0.91x / 0.95x of the entries, in turn) and mixtral-8x7b T=1024 (as a
 # change of its Gluon entry); at the other nine T = 1024 / 4096 / 16384 points of the four bench models both tied or
-# lost, by up to 10% (bench/results/session14-gluon-gather.md, call 2).
+# lost, by up to 10% (bench/results/session14-gluon-gather.md, call 2). The third: the gathering GEMM 1 with the
+# [128, 256] GEMM 2 whose combine runs in warps of its own (``async_combine``): at qwen3-30b-a3b T=16384, where the
+# ping-pong GEMM 2 had lost 33%, its kernels took 2061 us against the entry's 2165 (session 15, call B).
 GLUON_CANDIDATES = [
     _cfg(128, 128, 64, 8, 4, 128, 64, 8, 6, tma=True, gate_up_dot=True, persistent1=True, persistent=True, gluon=True,
          gluon_gather=True, pingpong2=True),
     _cfg(128, 128, 64, 8, 4, 256, 64, 8, 4, tma=True, gate_up_dot=True, persistent1=True, persistent=True,
          gluon1=True, gluon_gather=True),
+    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3, tma=True, gate_up_dot=True, persistent1=True, persistent=True, gluon=True,
+         gluon_gather=True, async_combine=True),
 ]  # fmt: skip
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
 # H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3),
