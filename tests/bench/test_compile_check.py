@@ -24,9 +24,10 @@ def _run_ok(*args: str) -> list[str]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
 def test_compiles_every_kernel_of_a_table_entry_for_sm90():
-    # T=1: the decode kernels and the GEMM 1 that routes; T=16384: the Triton tiled GEMMs with TMA, both persistent,
-    # and one variant (persistent_tails); the table's T=4096 entry runs the Gluon GEMMs since session 14
-    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "1", "16384", "--variants", "persistent_tails=1")
+    # T=1: the decode kernels and the GEMM 1 that routes; T=16384: the entry (the Triton GEMM 1 with TMA, persistent,
+    # then the Gluon GEMM 2 since session 15) and a variant with both Triton GEMMs persistent (persistent_tails)
+    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "1", "16384", "--variants",
+                    "gluon2=0,async_combine=0,persistent_tails=1")  # fmt: skip
     kernels = {line.split()[3] for line in lines if line.startswith("qwen3-30b-a3b") and line.endswith("ok")}
     assert {"_route_kernel", "_decode_gemm1_kern", "_decode_gemm2_kern", "_gemm1_kernel", "_gemm2_kernel"} <= kernels
     gemm_16384 = [line for line in lines if " 16384 " in line and "_gemm" in line]
@@ -48,14 +49,16 @@ def test_compiles_the_gluon_gemms_for_sm90():
 def test_compiles_the_ping_pong_gluon_gemms_and_gluon2_for_sm90():
     """Two MMA warpgroups taking tiles in turn (three partitions, setmaxnreg for each), in both GEMMs, and GEMM 2 alone
     in Gluon after the Triton GEMM 1; none spilling or with serialized wgmmas (the status "ok")."""
-    both = ("tma=1,gluon=1,block_m=128,block_n1=64,block_k1=64,num_warps1=8,num_stages1=4,block_n2=128,block_k2=64,"
-            "num_warps2=8,num_stages2=4,persistent1=1,persistent=1,gate_up_dot=1,pingpong1=1,pingpong2=1")  # fmt: skip
-    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "16384", "--variants", both,  # a Triton entry
-                    "gluon=0,gluon2=1,block_n2=128,num_warps2=8,persistent=1,pingpong2=1")  # fmt: skip
-    gluon = [line for line in lines if "_gluon_gemm" in line]
+    both = ("tma=1,gluon=1,gluon2=0,async_combine=0,block_m=128,block_n1=64,block_k1=64,num_warps1=8,num_stages1=4,"
+            "block_n2=128,block_k2=64,num_warps2=8,num_stages2=4,persistent1=1,persistent=1,gate_up_dot=1,pingpong1=1,"
+            "pingpong2=1")  # fmt: skip
+    lines = _run_ok("--models", "qwen3-30b-a3b", "--num-tokens", "16384", "--variants", both,  # a Triton GEMM 1 entry
+                    "gluon=0,gluon2=1,async_combine=0,block_n2=128,num_warps2=8,persistent=1,pingpong2=1")  # fmt: skip
+    variants = [line for line in lines if line.startswith("qwen3-30b-a3b") and line.split()[2] != "entry"]
+    gluon = [line for line in variants if "_gluon_gemm" in line]
     assert len(gluon) == 3 and all(line.endswith("ok") and " wgmma " in line for line in gluon), gluon
     assert all(line.split()[4] == "12" for line in gluon)  # 4 + 4 MMA warps and the producer's warpgroup
-    assert any("gluon2=1" in line and "_gemm1_kernel" in line for line in lines)  # GEMM 1 stays Triton's
+    assert any("_gemm1_kernel" in line for line in variants)  # gluon2: GEMM 1 stays Triton's
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
