@@ -145,7 +145,10 @@ ONE_LAUNCH_CANDIDATES = [
 # change of its Gluon entry); at the other nine T = 1024 / 4096 / 16384 points of the four bench models both tied or
 # lost, by up to 10% (bench/results/session14-gluon-gather.md, call 2). The third: the gathering GEMM 1 with the
 # [128, 256] GEMM 2 whose combine runs in warps of its own (``async_combine``): at qwen3-30b-a3b T=16384, where the
-# ping-pong GEMM 2 had lost 33%, its kernels took 2061 us against the entry's 2165 (session 15, call B).
+# ping-pong GEMM 2 had lost 33%, its kernels took 2061 us against the entry's 2165 on random routing (session 15,
+# call B), but lost over random + imbalanced in the tune (1.02x); after the Triton GEMM 1, the same GEMM 2 won the
+# three T=16384 points of qwen3 / deepseek-v2-lite / mixtral (0.96-0.99x, call C, as a ``--variants`` change of the
+# Triton entries): the fourth candidate, on the dense-TMA Triton GEMM 1's tiles.
 GLUON_CANDIDATES = [
     _cfg(128, 128, 64, 8, 4, 128, 64, 8, 6, tma=True, gate_up_dot=True, persistent1=True, persistent=True, gluon=True,
          gluon_gather=True, pingpong2=True),
@@ -153,6 +156,8 @@ GLUON_CANDIDATES = [
          gluon1=True, gluon_gather=True),
     _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3, tma=True, gate_up_dot=True, persistent1=True, persistent=True, gluon=True,
          gluon_gather=True, async_combine=True),
+    _cfg(128, 128, 64, 8, 4, 256, 64, 8, 3, tma=True, gate_up_dot=True, persistent1=True, persistent=True, gluon2=True,
+         async_combine=True),
 ]  # fmt: skip
 # The decode kernels (no alignment; ops/_kernels/_decode.py), tried where S = T*K <= DECODE_MAX_SLOTS: on an
 # H200 they beat the 16-row tiles at T=4 for mixtral (528 vs 633 us) and gpt-oss, lost at T=1 (NOTES, version 3),
