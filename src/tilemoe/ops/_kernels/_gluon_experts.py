@@ -18,6 +18,9 @@ faster than the Triton kernel at T = 4096 on an H100. PINGPONG: two MMA warpgrou
 (``_take_turn``), one's epilogue under the other's wgmmas; each holds a tile of half the cooperative size, which paid
 for GEMM 2 where its K is short (deepseek-v2-lite, I = 1408: -9%) and lost where it is long.
 
+COMBINE (version 17): GEMM 2's combine in two warps of their own (``_combine_partition``), fed a tile at a time
+through a shared stage, so the atomics of one tile run under the next tile's wgmmas.
+
 Dimension letters and index arrays as in ``tilemoe.ops._kernels._fused_experts``:
     x_sorted     [CAP, H]      x in padded sorted order (padding rows zero), read through [BLOCK_M, BLOCK_K] boxes
     x            [T, H]        under GATHER, read by rows: token = sorted_ids // top_k
@@ -231,7 +234,9 @@ def _combine_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr
     shared ``stage`` and arrive on ``staged``; these warps add its rows into the output (or store them per slot),
     COMBINE_ROWS at a time, and arrive on ``drained``, freeing the stage for the MMA warps' next tile. So the
     atomics, which were a third of a [128, 256] tile's time at K = 768 (qwen3-30b-a3b, bench/NOTES.md version 16),
-    run under the next tile's wgmmas without halving the tile as the ping-pong form does."""
+    run under the next tile's wgmmas without halving the tile as the ping-pong form does. Measured on an H100
+    (version 17): that GEMM 2 7-12% faster at qwen3-30b-a3b T = 4096 / 16384, a third of what the atomics had cost:
+    the rest is their own rate."""
     layout: gl.constexpr = _row_vector_layout(BLOCK_N, COMBINE_WARPS)
     for first_step in range(0, num_steps, num_k):
         pid_m, pid_n, expert = _step_coords(
