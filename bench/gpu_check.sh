@@ -34,8 +34,10 @@ log=$OUT/gpu_check.log
 } 2>&1 | tee "$log"
 
 if has tests; then
-  # -n 8: Triton compilation is CPU-bound; parallel workers also warm the on-disk kernel cache.
-  timeout -k 5 "$T_TESTS" python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider tests 2>&1 | tee -a "$log" | tail -n 30
+  # 12 workers: Triton compilation is CPU-bound (16 cores); they also warm the on-disk kernel cache. All 178 GPU tests
+  # took longer than 280 s at -n 8 (session 15, call E): give T_TESTS=450 a call of its own.
+  timeout -k 5 "$T_TESTS" python3 -m pytest -m gpu -q -rfE -n "${TEST_WORKERS:-12}" -p no:cacheprovider tests 2>&1 | tee -a "$log" |
+    tail -n 30
 fi
 
 if [[ $modes == *" forms "* ]]; then
