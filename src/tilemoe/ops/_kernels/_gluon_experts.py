@@ -131,12 +131,13 @@ def _issue_b_loads(bar, s, k, b_row, b2_row, b_desc, b_bufs, b2_bufs, BLOCK_N: g
 
 
 @gluon.jit
-def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn, topk_weights_ptr,
                     sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr,
                     GATED: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """As _fused_experts' GEMM 1 epilogue: the activated intermediate, rounded like an unfused x @ w13^T, stored
-    through a TMA box (clipped past I); the store is left in flight (the next epilogue waits for it)."""
+    """As _fused_experts' GEMM 1 epilogue: the activated intermediate, rounded like an unfused x @ w13^T, stored from
+    the shared ``out`` through a TMA box (clipped past I); the store is left in flight (the next epilogue waits for
+    it)."""
     dtype: gl.constexpr = act_desc.dtype
     layout: gl.constexpr = acc_g.type.layout
     cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
@@ -155,7 +156,6 @@ def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, b_ptr, stride_
     result = _activate(acc_g.to(dtype).to(gl.float32), ACTIVATION, swiglu_alpha, swiglu_limit)
     if GATED:
         result = result * _up_factor(acc_u.to(dtype).to(gl.float32), ACTIVATION, swiglu_limit)
-    out = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], act_desc.layout)
     tma.store_wait(pendings=0)  # the previous tile's store has left the buffer
     out.store(result.to(dtype))
     fence_async_shared()
@@ -416,24 +416,31 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr, NUM_STAGES: gl.constexpr,
                          GATE_UP: gl.constexpr, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr,
                          GATHER: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """GEMM 1's MMA warps (under PINGPONG one of the two warpgroups, CONSUMER): each tile's k steps, then its epilogue.
+    A tile's coordinates (dependent loads: its expert, under EXPERT_GROUPS that expert's blocks) are asked before its
+    k loop, so they land under its wgmmas instead of holding up its epilogue (measured on an H100 with a half-tile
+    form since reverted: this tile order's GEMM 1 2.4% and ping-pong GEMM 2 8% faster at qwen3-30b-a3b T=4096, the
+    Triton kernels of the same call within 0.03% of the earlier one's; bench/NOTES.md version 17). The epilogue's
+    shared buffer is allocated once."""
     acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
     layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
     consumers: gl.constexpr = 2 if PINGPONG else 1
+    out = gl.allocate_shared_memory(act_desc.dtype, [BLOCK_M, BLOCK_N], act_desc.layout)
     for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
         _take_turn(turn, first_step // num_k, CONSUMER, PINGPONG)
+        pid_m, pid_n, expert = _step_coords(
+            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+        )
         acc_g = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
         acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
         acc_g, acc_u = _tile_mainloop(first_step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs,
                                       turn.index(1 - CONSUMER), NUM_STAGES, GATE_UP == 1, PINGPONG,
                                       GATHER)  # fmt: skip
-        pid_m, pid_n, expert = _step_coords(
-            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-        )
         if GATE_UP == 2:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
             gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
         else:
             gate, up = acc_g, acc_u
-        _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+        _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn, topk_weights_ptr,
                         sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED, HAS_BIAS,
                         WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
     tma.store_wait(pendings=0)
@@ -447,18 +454,19 @@ def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                          EXPERT_GROUPS: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMER: gl.constexpr,
                          PINGPONG: gl.constexpr, COMBINE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """GEMM 2's MMA warps; under COMBINE their epilogue only weights the tile and leaves it in ``stage`` for
-    ``_combine_partition`` (waiting first until that has drained the tile before)."""
+    """GEMM 2's MMA warps, as GEMM 1's (the coordinates asked before the k loop); under COMBINE their epilogue only
+    weights the tile and leaves it in ``stage`` for ``_combine_partition`` (waiting first until that has drained the
+    tile before)."""
     layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
     consumers: gl.constexpr = 2 if PINGPONG else 1
     for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
         _take_turn(turn, first_step // num_k, CONSUMER, PINGPONG)
-        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
-        acc, unused = _tile_mainloop(first_step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs,
-                                     turn.index(1 - CONSUMER), NUM_STAGES, False, PINGPONG, False)  # fmt: skip
         pid_m, pid_n, expert = _step_coords(
             first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
         )
+        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
+        acc, unused = _tile_mainloop(first_step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs,
+                                     turn.index(1 - CONSUMER), NUM_STAGES, False, PINGPONG, False)  # fmt: skip
         if COMBINE:
             acc = _gemm2_scaled(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                 sorted_ids_ptr, num_slots, hidden, layout, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
