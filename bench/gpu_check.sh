@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: GPU tests, then the benchmarks, results under $OUT, a short table last.
-#   bash bench/gpu_check.sh MODE...   MODE: tests, ladder (journey + issue-3 benches), triton (issue-4 benches), all;
+#   bash bench/gpu_check.sh MODE...   MODE: tests (TEST_PATHS: a subset of tests/), ladder (journey + issue-3 benches), triton (issue-4 benches), all;
 #   forms (not in all): the session-6 kernels (GEMM 1 dense forms, routing in the decode GEMM 1, one launch): GPU tests
 #   and the structure probe of bench/ws_probe.py --gemm1 (dense shapes, each form against the plain one);
 #   unrun (not in all): the GPU tests of what was written without a device (session 13's review: the one-program
@@ -35,9 +35,11 @@ log=$OUT/gpu_check.log
 
 if has tests; then
   # 12 workers: Triton compilation is CPU-bound (16 cores); they also warm the on-disk kernel cache. All 178 GPU tests
-  # took longer than 280 s at -n 8 (session 15, call E): give T_TESTS=450 a call of its own.
-  timeout -k 5 "$T_TESTS" python3 -m pytest -m gpu -q -rfE -n "${TEST_WORKERS:-12}" -p no:cacheprovider tests 2>&1 | tee -a "$log" |
-    tail -n 30
+  # took longer than 280 s at -n 8 (session 15, call E): give T_TESTS=450 a call of its own, or split them over calls
+  # with TEST_PATHS (files or folders under tests/).
+  # shellcheck disable=SC2086  # TEST_PATHS: several paths
+  timeout -k 5 "$T_TESTS" python3 -m pytest -m gpu -q -rfE -n "${TEST_WORKERS:-12}" -p no:cacheprovider \
+    ${TEST_PATHS:-tests} 2>&1 | tee -a "$log" | tail -n 30
 fi
 
 if [[ $modes == *" forms "* ]]; then
