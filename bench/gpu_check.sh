@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: GPU tests, then the benchmarks, results under $OUT, a short table last.
-#   bash bench/gpu_check.sh MODE...   MODE: tests (TEST_PATHS: a subset of tests/), ladder (journey + issue-3 benches), triton (issue-4 benches), all;
+#   bash bench/gpu_check.sh MODE...   MODE: tests (TEST_PATHS: a subset of tests/), ladder (journey + issue-3
+#   benches), triton (issue-4 benches), all;
 #   forms (not in all): the session-6 kernels (GEMM 1 dense forms, routing in the decode GEMM 1, one launch): GPU tests
 #   and the structure probe of bench/ws_probe.py --gemm1 (dense shapes, each form against the plain one);
 #   unrun (not in all): the GPU tests of what was written without a device (session 13's review: the one-program
