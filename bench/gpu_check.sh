@@ -15,6 +15,9 @@
 #   combine (not in all): session 15's GPU tests (GEMM 2's combine in warps of its own, async_combine, and the Gluon
 #   file) and the kernel probe of that form against the table's entries and the cooperative GEMM 2 without it
 #   (CB_POINTS, CB_VARIANTS; warmed as pingpong's are)
+#   ab (not in all): bench/ab_probe.py, source trees' kernels timed in turn
+#   (AB_TREES="main=src old=bench/.trees/old/src", made by bench/ab_tree.sh and carried to the device; AB_POINTS,
+#   AB_ROUNDS)
 # Each mode fits one 10-minute device call on an H100; give several to run them in one call.
 # Results come back as $OUT/results.tar.gz (bench/results/ layout) plus logs; the machine keeps nothing.
 set -uo pipefail
@@ -103,6 +106,13 @@ qwen3-30b-a3b:16384 mixtral-8x7b:4096"}
   wait
   timeout -k 5 "${T_CB_PROBE:-220}" python3 bench/kernel_probe.py --points $cb_points --variants $cb_variants \
     --no-breakdown --no-stats 2>&1 | grep -v Warning | tee "$OUT/combine_probe.txt" | tee -a "$log"
+fi
+
+if [[ $modes == *" ab "* ]]; then
+  # shellcheck disable=SC2086  # several trees and points
+  timeout -k 5 "${T_AB:-450}" python3 bench/ab_probe.py --trees ${AB_TREES:?AB_TREES: NAME=SRC ...} \
+    --points ${AB_POINTS:-qwen3-30b-a3b:4096 deepseek-v2-lite:4096 mixtral-8x7b:1024} --rounds "${AB_ROUNDS:-3}" 2>&1 |
+    grep -v Warning | tee "$OUT/ab_probe.txt" | tee -a "$log"
 fi
 
 if has ladder; then
