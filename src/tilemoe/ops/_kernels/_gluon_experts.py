@@ -73,7 +73,10 @@ GATHER_WARPS = gl.constexpr(4)
 GATHER_REGS = gl.constexpr(88)
 # Warps of GEMM 2's combine partition (COMBINE): they add each tile's rows into the output from a shared-memory copy
 # of the tile (``_combine_partition``) while the MMA warps run the next tile's wgmmas, COMBINE_ROWS rows at a time
-# (a [16, 256] 16-bit chunk is 8 KiB: 64 bytes a thread, four 16-byte atomics).
+# (a [16, 256] 16-bit chunk is 8 KiB: 128 bytes a thread, eight 16-byte atomics). Two, not four: 8 MMA warps, the
+# producer's and 4 more launch as 16 warps at 128 registers a thread, and ptxas cannot fit the MMA warps' [128, 256]
+# accumulator in that ("Insufficient registers (128)"); with 2 the kernel launches 12 warps at 168, and setmaxnreg
+# gives the MMA warps 240.
 COMBINE_WARPS = gl.constexpr(2)
 COMBINE_REGS = gl.constexpr(96)
 COMBINE_ROWS = gl.constexpr(16)
