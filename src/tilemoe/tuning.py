@@ -108,7 +108,7 @@ class KernelConfig:
     cp.async (16 bytes a thread), instead of a sorted copy of x through TMA: the copy writes and reads back T*K rows
     of H (134 MB at qwen3-30b-a3b T=4096), more than the Gluon GEMM 1 gained there.
     ``async_combine`` (a Gluon GEMM 2 with its persistent grid, not ping-pong): the combine (GEMM 2's atomic adds, or
-    per-slot stores) runs in four warps of its own: the MMA warps leave each weighted tile in a shared-memory stage of
+    per-slot stores) runs in two warps of its own: the MMA warps leave each weighted tile in a shared-memory stage of
     block_m x block_n2 (which takes room from the ring's stages) and go on to the next tile, whose wgmmas then run
     under the previous tile's atomics, with the full [block_m, block_n2] tile the ping-pong form halves. Measured on
     an H100 (bench/NOTES.md, version 17): the cooperative GEMM 2 7-12% faster with it at qwen3-30b-a3b T = 4096 /
