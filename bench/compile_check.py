@@ -21,6 +21,7 @@ Why: the device machine has Triton 3.6 and CPU time is cheaper than device time.
 with the device's Triton, or that spills, is found here; install that version beside this one
 (``python -m venv v36 && v36/bin/pip install torch==2.13.0 && v36/bin/pip install --no-deps triton==3.6.0``,
 then ``PYTHONPATH=src v36/bin/python bench/compile_check.py``). A development tool: it measures no speed.
+``COMPILE_CHECK_TRACE=1`` prints each failed compile's whole error (the table keeps its first line).
 """
 
 from __future__ import annotations

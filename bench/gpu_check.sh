@@ -31,6 +31,24 @@ export TILEMOE_CACHE_DIR=/tmp/tilemoe-cache
 # Per-step limits (seconds) keep each mode inside one 10-minute call, so the results always come back.
 T_TESTS=${T_TESTS:-170} T_JOURNEY=${T_JOURNEY:-200} T_BENCH=${T_BENCH:-110} T_TRITON=${T_TRITON:-140}
 tm() { local limit=$1; shift; timeout -k 5 "$limit" python3 -m tilemoe "$@"; }
+# pytest over the given files / options within LIMIT seconds (12 workers: Triton's compiles are CPU-bound)
+run_tests() { local limit=$1; shift; timeout -k 5 "$limit" python3 -m pytest -q -n 12 -p no:cacheprovider "$@" 2>&1 |
+  tee -a "$log" | tail -n 30; }
+# bench/kernel_probe.py at POINTS with VARIANTS (space-separated lists): each point warmed first in a process of its
+# own, all at once, within WARM seconds (Triton's compiles are CPU-bound), then all timed in one process within PROBE
+# seconds; the table goes to $OUT/NAME_probe.txt and the log.
+probe_points() {
+  local name=$1 points=$2 variants=$3 warm=$4 probe=$5 point
+  for point in $points; do
+    # shellcheck disable=SC2086  # lists
+    timeout -k 5 "$warm" python3 bench/kernel_probe.py --points $point --variants $variants --no-breakdown \
+      --no-stats >/dev/null 2>&1 &
+  done
+  wait
+  # shellcheck disable=SC2086
+  timeout -k 5 "$probe" python3 bench/kernel_probe.py --points $points --variants $variants --no-breakdown \
+    --no-stats 2>&1 | grep -v Warning | tee "$OUT/${name}_probe.txt" | tee -a "$log"
+}
 log=$OUT/gpu_check.log
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.draw,power.limit --format=csv
@@ -38,39 +56,36 @@ log=$OUT/gpu_check.log
 } 2>&1 | tee "$log"
 
 if has tests; then
-  # 12 workers: Triton compilation is CPU-bound (16 cores); they also warm the on-disk kernel cache. All 178 GPU tests
+  # The workers also warm the on-disk kernel cache for the benchmarks after. All 178 GPU tests
   # took longer than 280 s at -n 8 (session 15, call E): give T_TESTS=450 a call of its own, or split them over calls
   # with TEST_PATHS (files or folders under tests/).
   # shellcheck disable=SC2086  # TEST_PATHS: several paths
-  timeout -k 5 "$T_TESTS" python3 -m pytest -m gpu -q -rfE -n "${TEST_WORKERS:-12}" -p no:cacheprovider \
-    ${TEST_PATHS:-tests} 2>&1 | tee -a "$log" | tail -n 30
+  run_tests "$T_TESTS" -m gpu -rfE ${TEST_PATHS:-tests}
 fi
 
 if [[ $modes == *" forms "* ]]; then
-  timeout -k 5 "${T_FORMS_TESTS:-330}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_fused_experts.py \
-    tests/impls/test_triton.py -k "dense_forms or randomized_sweep or from_logits or one_launch" 2>&1 | tee -a "$log" | tail -n 30
+  run_tests "${T_FORMS_TESTS:-330}" tests/ops/test_fused_experts.py tests/impls/test_triton.py \
+    -k "dense_forms or randomized_sweep or from_logits or one_launch"
   # qwen3 T=4096-like GEMM 1 (M=S, N=2I, K=H) and mixtral T=1024-like; tiles as in the H100 table
   timeout -k 5 "${T_PROBE:-220}" python3 bench/ws_probe.py --gemm1 --shapes 32768,1536,2048 2048,28672,4096 \
     --configs 128,128,64,8,4 128,64,64,4,4 2>&1 | grep -v Warning | tee -a "$log"
 fi
 
 if [[ $modes == *" unrun "* ]]; then
-  timeout -k 5 "${T_UNRUN_TESTS:-330}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_fused_experts.py \
-    tests/impls/test_triton.py tests/ops/test_route.py tests/ops/test_align.py \
-    -k "dense_forms or randomized_sweep or split_tail or non_finite or clears or expert_groups or one_launch or align" \
-    2>&1 | tee -a "$log" | tail -n 30
+  run_tests "${T_UNRUN_TESTS:-330}" tests/ops/test_fused_experts.py tests/impls/test_triton.py tests/ops/test_route.py \
+    tests/ops/test_align.py \
+    -k "dense_forms or randomized_sweep or split_tail or non_finite or clears or expert_groups or one_launch or align"
 fi
 
 if [[ $modes == *" gluon "* ]]; then
-  timeout -k 5 "${T_GLUON_TESTS:-300}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/ops/test_gluon_experts.py \
-    tests/impls/test_triton.py -k "gluon or randomized_sweep" 2>&1 | tee -a "$log" | tail -n 30
+  run_tests "${T_GLUON_TESTS:-300}" tests/ops/test_gluon_experts.py tests/impls/test_triton.py \
+    -k "gluon or randomized_sweep"
 fi
 
 if [[ $modes == *" pingpong "* ]]; then
-  timeout -k 5 "${T_PP_TESTS:-300}" python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_gluon_experts.py \
-    tests/ops/test_fused_experts.py tests/impls/test_triton.py tests/ops/test_route.py tests/ops/test_align.py \
-    -k "gluon or ping_pong or randomized_sweep or non_finite or expert_groups or one_launch or align" \
-    2>&1 | tee -a "$log" | tail -n 30
+  run_tests "${T_PP_TESTS:-300}" tests/ops/test_gluon_experts.py tests/ops/test_fused_experts.py \
+    tests/impls/test_triton.py tests/ops/test_route.py tests/ops/test_align.py \
+    -k "gluon or ping_pong or randomized_sweep or non_finite or expert_groups or one_launch or align"
   g1="gluon=1,gluon2=0,tma=1,gate_up_dot=1,persistent1=1,num_warps1=8,num_stages1=4,persistent=1,num_warps2=8"
   pp_variants=${PP_VARIANTS:-"gluon2=1,pingpong2=1,block_n2=128,persistent=1,num_warps2=8,num_stages2=4 \
 gluon2=1,pingpong2=1,block_n2=128,persistent=1,num_warps2=8,num_stages2=6 gluon2=1,persistent=1,num_warps2=8 \
@@ -80,18 +95,11 @@ $g1,gluon_gather=1,block_n1=64,block_n2=128,num_stages2=4,pingpong1=1,pingpong2=
 $g1,gluon_gather=0,block_n1=64,block_n2=128,num_stages2=4,pingpong1=1,pingpong2=1"}
   pp_points=${PP_POINTS:-"qwen3-30b-a3b:4096 deepseek-v2-lite:4096 gpt-oss-120b:16384 mixtral-8x7b:1024 \
 qwen3-30b-a3b:16384"}
-  for point in $pp_points; do
-    timeout -k 5 "${T_PP_WARM:-150}" python3 bench/kernel_probe.py --points $point --variants $pp_variants \
-      --no-breakdown --no-stats >/dev/null 2>&1 &
-  done
-  wait
-  timeout -k 5 "${T_PP_PROBE:-200}" python3 bench/kernel_probe.py --points $pp_points --variants $pp_variants \
-    --no-breakdown --no-stats 2>&1 | grep -v Warning | tee "$OUT/pingpong_probe.txt" | tee -a "$log"
+  probe_points pingpong "$pp_points" "$pp_variants" "${T_PP_WARM:-150}" "${T_PP_PROBE:-200}"
 fi
 
 if [[ $modes == *" combine "* ]]; then
-  timeout -k 5 "${T_CB_TESTS:-200}" python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_gluon_experts.py \
-    2>&1 | tee -a "$log" | tail -n 30
+  run_tests "${T_CB_TESTS:-200}" tests/ops/test_gluon_experts.py
   g1="gluon=1,gluon1=0,gluon2=0,tma=1,gate_up_dot=1,persistent1=1,num_warps1=8,num_stages1=4,persistent=1,num_warps2=8"
   g1="$g1,block_m=128,block_n1=128,block_k1=64,block_k2=64,gluon_gather=1,pingpong2=0"
   g2="gluon=0,gluon1=0,gluon_gather=0,gluon2=1,tma=1,persistent=1,num_warps2=8,block_m=128,block_k2=64,pingpong2=0"
@@ -99,13 +107,7 @@ if [[ $modes == *" combine "* ]]; then
 $g1,block_n2=128,num_stages2=4,async_combine=1 $g2,block_n2=256,num_stages2=3,async_combine=1"}
   cb_points=${CB_POINTS:-"qwen3-30b-a3b:4096 deepseek-v2-lite:4096 gpt-oss-120b:16384 mixtral-8x7b:1024 \
 qwen3-30b-a3b:16384 mixtral-8x7b:4096"}
-  for point in $cb_points; do
-    timeout -k 5 "${T_CB_WARM:-150}" python3 bench/kernel_probe.py --points $point --variants $cb_variants \
-      --no-breakdown --no-stats >/dev/null 2>&1 &
-  done
-  wait
-  timeout -k 5 "${T_CB_PROBE:-220}" python3 bench/kernel_probe.py --points $cb_points --variants $cb_variants \
-    --no-breakdown --no-stats 2>&1 | grep -v Warning | tee "$OUT/combine_probe.txt" | tee -a "$log"
+  probe_points combine "$cb_points" "$cb_variants" "${T_CB_WARM:-150}" "${T_CB_PROBE:-220}"
 fi
 
 if [[ $modes == *" ab "* ]]; then

@@ -231,7 +231,6 @@ class KernelConfig:
                     f" got gluon={self.gluon}, gluon2={self.gluon2}, {persistent}={getattr(self, persistent)}, "
                     f"{warps}={getattr(self, warps)}"
                 )
-
         if self.async_combine and not (self.gluon_gemm2 and self.persistent and not self.pingpong2):
             raise ValueError(
                 "KernelConfig.async_combine: needs GEMM 2 in Gluon (gluon or gluon2) with persistent=True and not "

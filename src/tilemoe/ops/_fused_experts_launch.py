@@ -482,7 +482,7 @@ def _launch_gluon_gemm2(
         GROUP_M=cfg.group_m2,
         NUM_STAGES=cfg.num_stages2,
         COMBINE=cfg.async_combine,
-        STAGE_LAYOUT=_gluon_layout(out.dtype, [cfg.block_m, cfg.block_n2]),
+        STAGE_LAYOUT=_gluon_layout(out.dtype, [cfg.block_m, cfg.block_n2]) if cfg.async_combine else None,
         **_gluon_warps(cfg.num_warps2, cfg.pingpong2),
     )
 

@@ -422,9 +422,9 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
     """GEMM 1's MMA warps (under PINGPONG one of the two warpgroups, CONSUMER): each tile's k steps, then its epilogue.
     A tile's coordinates (dependent loads: its expert, under EXPERT_GROUPS that expert's blocks) are asked before its
     k loop, so they land under its wgmmas instead of holding up its epilogue (measured on an H100 with a half-tile
-    form since reverted: this tile order's GEMM 1 2.4% and ping-pong GEMM 2 8% faster at qwen3-30b-a3b T=4096, the
-    Triton kernels of the same call within 0.03% of the earlier one's; bench/NOTES.md version 17). The epilogue's
-    shared buffer is allocated once."""
+    form since reverted: this tile order's GEMM 1 2.4% and ping-pong GEMM 2 8% faster at qwen3-30b-a3b T=4096 than
+    session 14's on another H100, whose Triton kernels this call matched within 0.03%;
+    bench/results/session15-async-combine.md, call B). The epilogue's shared buffer is allocated once."""
     acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
     layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
     consumers: gl.constexpr = 2 if PINGPONG else 1
@@ -612,7 +612,7 @@ def _gluon_gemm2_kernel(
     NUM_STAGES: gl.constexpr,
     PINGPONG: gl.constexpr,  # two MMA warpgroups of num_warps take the tiles in turn (``_take_turn``)
     COMBINE: gl.constexpr,  # the combine in warps of its own, from a shared stage (``_combine_partition``)
-    STAGE_LAYOUT: gl.constexpr,  # that stage's shared layout ([BLOCK_M, BLOCK_N] of out's dtype)
+    STAGE_LAYOUT: gl.constexpr,  # that stage's shared layout ([BLOCK_M, BLOCK_N] of out's dtype; None without COMBINE)
     num_warps: gl.constexpr,
 ):
     """GEMM 2 in GEMM 1's structure (one accumulator, the combine's epilogue)."""
