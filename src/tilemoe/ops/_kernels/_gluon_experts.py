@@ -5,8 +5,9 @@ lower and warp-specialized: a producer warp walks the program's (tile, k) steps 
 into a ring of NUM_STAGES shared buffers once the stage is released ("empty" mbarrier), and the num_warps MMA warps
 wait for each stage ("ready"), keep one step of wgmma in flight, release the stage before it and run each tile's
 epilogue; a program walks one tile, or several (a persistent grid): the producer in one flat loop over its
-(tile, k) steps, so it loads the next tile's boxes under this tile's epilogue, the MMA warps a k loop per tile. Why: Triton's ``tl.dot`` pipeline reached 75-86% of cuBLAS's batched GEMM at
-the cells issue 4 still misses (bench/NOTES.md, run 17), and the Gluon tutorials' Hopper matmuls matched cuBLAS.
+(tile, k) steps, so it loads the next tile's boxes under this tile's epilogue, the MMA warps a k loop per tile.
+Why: Triton's ``tl.dot`` pipeline reached 75-86% of cuBLAS's batched GEMM at the cells issue 4 still misses
+(bench/NOTES.md, run 17), and the Gluon tutorials' Hopper matmuls matched cuBLAS.
 Measured on an H100: 15-19% slower mainloops than Triton's in version 14, ptxas having serialized the wgmmas
 (``_tile_mainloop``); after that fix (version 15) GEMM 1 runs 3-7% faster than the Triton kernel at qwen3 / mixtral
 T = 1024-4096, and 20 H100 table entries take these kernels.
