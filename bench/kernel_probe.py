@@ -5,7 +5,9 @@
 For each point (model or ``flashmoe`` = E32 K2 H=I=2048, and T): the torch profiler's per-kernel CUDA time of
 ``fused_experts`` (triton) and torch_grouped_mm, averaged over a few calls; dense torch.mm at the GEMM shapes of
 the layer (S x H @ H x 2I and S x I @ I x H, S = T*K) as the cuBLAS ceiling; registers and spills of the compiled
-Triton kernels. A development tool: the numbers that back claims come from ``tilemoe bench``.
+Triton kernels. ``--scenario`` picks the routing (random by default; balanced gives every expert T*K/E rows, which
+at the issue-4 points is a multiple of 128: the same kernels without padding rows). A development tool: the numbers
+that back claims come from ``tilemoe bench``.
 """
 
 from __future__ import annotations
@@ -130,6 +132,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dense", nargs="*", default=[], help="M,N,K,BM,BN,BK,warps,stages")
     parser.add_argument("--no-stats", action="store_true")
     parser.add_argument("--graph", action="store_true", help="time variants by CUDA-graph replay (small T)")
+    parser.add_argument(
+        "--scenario",
+        default="random",
+        choices=["random", "balanced", "imbalanced"],
+        help="the routing (balanced: every expert T*K/E rows, no padding where that is a multiple of block_m)",
+    )
     args = parser.parse_args(argv)
     dtype = torch.bfloat16
     tgm = get_impl("torch_grouped_mm").fn
@@ -147,7 +155,7 @@ def main(argv=None) -> int:
         gen = torch.Generator().manual_seed(0)
         w13, w2, b13, b2 = make_weights(config, dtype=dtype, device="cuda").values()
         x = torch.randn(t, config.hidden_size, generator=gen).to("cuda", dtype)
-        tw, ti = make_routing_for("random", t, config, generator=gen, x=x, device="cuda")
+        tw, ti = make_routing_for(args.scenario, t, config, generator=gen, x=x, device="cuda")
         tw, ti = tw.float().contiguous(), ti.to(torch.int32).contiguous()
         kw = dict(config=config, b13=b13, b2=b2)
         run_triton = functools.partial(fused_experts, x, w13, w2, tw, ti, **kw)
@@ -156,7 +164,8 @@ def main(argv=None) -> int:
         s, h, i = t * config.top_k, config.hidden_size, config.intermediate_size
         n1 = 2 * i if config.gated else i
         flops = 2 * s * h * (n1 + i)
-        print(f"\n## {name} T={t} (S={s}, H={h}, I={i}, E={config.num_experts}) rel_err {err:.2e}")
+        shape = f"S={s}, H={h}, I={i}, E={config.num_experts}"
+        print(f"\n## {name} T={t} ({shape}) rel_err {err:.2e}, {args.scenario} routing")
         base = pick_config(
             MoEShape(t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size),
             dtype,
