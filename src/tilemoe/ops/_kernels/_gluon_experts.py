@@ -422,10 +422,11 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          GATHER: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """GEMM 1's MMA warps (under PINGPONG one of the two warpgroups, CONSUMER): each tile's k steps, then its epilogue.
     A tile's coordinates (dependent loads: its expert, under EXPERT_GROUPS that expert's blocks) are asked before its
-    k loop, so they land under its wgmmas instead of holding up its epilogue (measured on an H100 with a half-tile
-    form since reverted: this tile order's GEMM 1 2.4% and ping-pong GEMM 2 8% faster at qwen3-30b-a3b T=4096 than
-    session 14's on another H100, whose Triton kernels this call matched within 0.03%;
-    bench/results/session15-async-combine.md, call B). The epilogue's shared buffer is allocated once."""
+    k loop, so they land under its wgmmas instead of holding up its epilogue. Timed in turn against the order before
+    (after the k loop) on one H100 (bench/results/session16-padding.md, call 1): all kernels of a layer call -0.5%
+    at qwen3-30b-a3b T=4096 (ping-pong GEMM 2 -1.2%), -1.0% at mixtral-8x7b T=4096 (GEMM 1 -1.5%), +0.6% at
+    deepseek-v2-lite T=4096: near even; the -8% session 15 read across two machines was mostly the machines. The
+    epilogue's shared buffer is allocated once."""
     acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
     layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
     consumers: gl.constexpr = 2 if PINGPONG else 1
