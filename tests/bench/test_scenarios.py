@@ -55,6 +55,40 @@ def test_imbalanced_reaches_factor_within_10_percent(tokens, e, k, factor):
     assert _distinct_per_token(ids)
 
 
+@pytest.mark.parametrize("scenario", ["balanced", "imbalanced"])
+def test_counted_scenarios_share_experts_at_random(scenario):
+    # top-8 of 128 experts: a router gives nearly every token its own expert set; the runs the counts are written in
+    # gave 16 (balanced) or 128 (imbalanced) sets over 4096 tokens, each x row's K uses side by side in a kernel
+    config = _config(128, 8)
+    ids = make_routing_for(scenario, 4096, config, generator=torch.Generator().manual_seed(2))[1]
+    assert torch.unique(ids.sort(dim=1).values, dim=0).shape[0] == 4096
+    assert _distinct_per_token(ids)
+
+
+def test_balanced_pairs_are_uniform():
+    # top-2 of 8 experts, balanced: each of the 28 pairs of experts holds about 2048 / 28 = 73 tokens (the runs gave
+    # 4 pairs); 0.6-1.4x of that is more than 3 standard deviations of a random pairing either way
+    config = _config(8, 2)
+    ids = make_routing_for("balanced", 2048, config, generator=torch.Generator().manual_seed(4))[1].long()
+    pairs = ids.sort(dim=1).values
+    counts = torch.bincount(pairs[:, 0] * 8 + pairs[:, 1], minlength=64).view(8, 8)
+    upper = counts[torch.triu_indices(8, 8, offset=1).unbind()]
+    assert upper.numel() == 28 and int(upper.sum()) == 2048
+    assert int(upper.min()) >= 0.6 * 2048 / 28 and int(upper.max()) <= 1.4 * 2048 / 28, upper.tolist()
+
+
+def test_mix_tokens_keeps_counts_and_distinct_rows():
+    from tilemoe.bench.scenarios import _mix_tokens
+
+    ids = torch.tensor([[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5], [0, 3, 6]])
+    mixed = _mix_tokens(ids, 50, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.bincount(mixed.flatten()), torch.bincount(ids.flatten()))
+    assert _distinct_per_token(mixed) and not torch.equal(mixed, ids)
+    # every token holds every expert: no swap can be made, and none is
+    full = torch.arange(4).repeat(6, 1)
+    assert torch.equal(_mix_tokens(full, 20, torch.Generator().manual_seed(0)), full)
+
+
 def test_random_uses_the_config_routing():
     config = _config()
     x = torch.randn(9, 16)

@@ -8,6 +8,7 @@ token, on ``device``, from a ``torch.Generator`` so a seed gives the same routin
     balanced    every expert gets T*K/E pairs, or one more / one fewer when E does not divide T*K
     imbalanced  one hot expert takes ``factor`` times the average load (capped at T), the rest shared evenly;
                 the achieved max_load/avg_load is reported (it cannot exceed E/K, nor T/avg)
+                (both: the experts that share a token drawn at random, as a router's are)
     zipf        expert e (in a random order) drawn with probability proportional to 1 / rank**alpha
     trace       ids replayed from a file (``load_trace``)
 
@@ -43,18 +44,50 @@ def _random_weights(num_tokens: int, k: int, generator: torch.Generator) -> torc
     return w / w.sum(dim=-1, keepdim=True)
 
 
+# Rounds of _mix_tokens per expert a token holds: an entry moves in a round with probability p / K (p: the share of
+# swaps kept, about (1 - K / E) ** 2: 0.56 at top-2 of 8 experts, 0.88 at top-8 of 128), so after 12 K rounds it has
+# stayed put with probability (1 - p / K) ** (12 K): 4e-4 at top-2 of 8, 1e-5 at top-8 of 128.
+MIX_ROUNDS_PER_K = 12
+
+
 def _ids_from_counts(counts: list[int], num_tokens: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """[T, K] ids where expert e appears counts[e] times, never twice in one token.
+    """[T, K] ids where expert e appears counts[e] times, never twice in one token, and which experts share a token
+    random.
 
     Writes the experts' runs one after another into the T*K slots in slot-major order (slot j -> token j % T),
-    so a run of length <= T covers distinct tokens; then tokens and slots are shuffled.
+    so a run of length <= T covers distinct tokens. That alone gives every token of one stretch the same K experts
+    (16 distinct expert sets over 16384 tokens at top-8 of 128 experts, where a router's are nearly all distinct:
+    each x row's K uses then sit at fixed distances in a kernel's tile order, a cache pattern no router gives), so
+    ``_mix_tokens`` swaps entries between random pairs of tokens until every entry has moved. Then the slots are
+    shuffled.
     """
     assert sum(counts) == num_tokens * k and max(counts, default=0) <= num_tokens
     flat = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
     ids = flat.view(k, num_tokens).t().contiguous()  # slot-major: column k holds the k-th block of T
-    ids = ids[torch.randperm(num_tokens, generator=generator)]
+    ids = _mix_tokens(ids, MIX_ROUNDS_PER_K * k, generator)
     slot_order = torch.argsort(torch.rand(num_tokens, k, generator=generator), dim=1)
     return ids.gather(1, slot_order)
+
+
+def _mix_tokens(ids: torch.Tensor, rounds: int, generator: torch.Generator) -> torch.Tensor:
+    """``ids`` [T, K] (K distinct per row) after ``rounds`` rounds of swaps: each round pairs the tokens at random and
+    swaps one random entry of each pair's first token with one of its second's, where neither token would then hold
+    an expert twice. Swaps keep every expert's count and every token's experts distinct."""
+    t, k = ids.shape
+    half = t // 2
+    if half == 0 or k == 0:
+        return ids
+    ids = ids.clone()
+    for _ in range(rounds):
+        order = torch.randperm(t, generator=generator)
+        first, second = order[:half], order[half : 2 * half]  # disjoint: the round's swaps do not interfere
+        col_a = torch.randint(k, (half,), generator=generator)
+        col_b = torch.randint(k, (half,), generator=generator)
+        a, b = ids[first, col_a], ids[second, col_b]
+        ok = ~((ids[second] == a[:, None]).any(dim=1) | (ids[first] == b[:, None]).any(dim=1))
+        ids[first[ok], col_a[ok]] = b[ok]
+        ids[second[ok], col_b[ok]] = a[ok]
+    return ids
 
 
 def balanced_counts(num_tokens: int, config: MoEConfig) -> list[int]:
