@@ -6,8 +6,8 @@ For each point (model or ``flashmoe`` = E32 K2 H=I=2048, and T): the torch profi
 ``fused_experts`` (triton) and torch_grouped_mm, averaged over a few calls; dense torch.mm at the GEMM shapes of
 the layer (S x H @ H x 2I and S x I @ I x H, S = T*K) as the cuBLAS ceiling; registers and spills of the compiled
 Triton kernels. ``--scenario`` picks the routing (random by default; balanced gives every expert T*K/E rows, which
-at the issue-4 points is a multiple of 128: the same kernels without padding rows). A development tool: the numbers
-that back claims come from ``tilemoe bench``.
+at the issue-4 points is a multiple of 128: the same kernels without padding rows); ``--entry-tokens N`` runs every
+point on the table entry of N tokens. A development tool: the numbers that back claims come from ``tilemoe bench``.
 """
 
 from __future__ import annotations
@@ -138,6 +138,13 @@ def main(argv=None) -> int:
         choices=["random", "balanced", "imbalanced"],
         help="the routing (balanced: every expert T*K/E rows, no padding where that is a multiple of block_m)",
     )
+    parser.add_argument(
+        "--entry-tokens",
+        type=int,
+        default=None,
+        help="run every point on its model's table entry for this T instead of its own T's (one kernel config across "
+        "points that differ only in rows per expert: bench/tail_probe.sh)",
+    )
     args = parser.parse_args(argv)
     dtype = torch.bfloat16
     tgm = get_impl("torch_grouped_mm").fn
@@ -167,7 +174,9 @@ def main(argv=None) -> int:
         shape = f"S={s}, H={h}, I={i}, E={config.num_experts}"
         print(f"\n## {name} T={t} ({shape}) rel_err {err:.2e}, {args.scenario} routing")
         base = pick_config(
-            MoEShape(t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size),
+            MoEShape(
+                args.entry_tokens or t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size
+            ),
             dtype,
             torch.cuda.get_device_name(),
         )
