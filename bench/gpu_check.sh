@@ -15,6 +15,8 @@
 #   combine (not in all): session 15's GPU tests (GEMM 2's combine in warps of its own, async_combine, and the Gluon
 #   file) and the kernel probe of that form against the table's entries and the cooperative GEMM 2 without it
 #   (CB_POINTS, CB_VARIANTS; warmed as pingpong's are)
+#   fold (not in all): the fold_tails GPU tests (bf16 among them) and the kernel probe of fold_tails against the
+#   table's entries and the Triton forms of the Gluon entries (FOLD_POINTS, FOLD_VARIANTS; warmed as pingpong's are)
 #   ab (not in all): bench/ab_probe.py, source trees' kernels timed in turn
 #   (AB_TREES="main=src old=bench/.trees/old/src", made by bench/ab_tree.sh and carried to the device; AB_POINTS,
 #   AB_ROUNDS)
@@ -109,6 +111,16 @@ $g1,block_n2=128,num_stages2=4,async_combine=1 $g2,block_n2=256,num_stages2=3,as
   cb_points=${CB_POINTS:-"qwen3-30b-a3b:4096 deepseek-v2-lite:4096 gpt-oss-120b:16384 mixtral-8x7b:1024 \
 qwen3-30b-a3b:16384 mixtral-8x7b:4096"}
   probe_points combine "$cb_points" "$cb_variants" "${T_CB_WARM:-150}" "${T_CB_PROBE:-220}"
+fi
+
+if [[ $modes == *" fold "* ]]; then
+  run_tests "${T_FOLD_TESTS:-200}" tests/ops/test_fused_experts.py -k "fold_tails or split_tail"
+  triton_form="gluon=0,gluon1=0,gluon2=0,gluon_gather=0,pingpong1=0,pingpong2=0,async_combine=0"
+  fold_variants=${FOLD_VARIANTS:-"fold_tails=1 $triton_form $triton_form,fold_tails=1 \
+$triton_form,fold_tails=1,persistent=0,persistent1=0"}
+  fold_points=${FOLD_POINTS:-"qwen3-30b-a3b:4096 deepseek-v2-lite:4096 mixtral-8x7b:1024 qwen3-30b-a3b:16384 \
+gpt-oss-120b:16384 mixtral-8x7b:4096"}
+  probe_points fold "$fold_points" "$fold_variants" "${T_FOLD_WARM:-150}" "${T_FOLD_PROBE:-220}"
 fi
 
 if [[ $modes == *" ab "* ]]; then

@@ -114,6 +114,12 @@ class KernelConfig:
     an H100 (bench/NOTES.md, version 17): the cooperative GEMM 2 7-12% faster with it at qwen3-30b-a3b T = 4096 /
     16384, still slower than ping-pong where that was the entry; after the Triton GEMM 1 it won the T=16384 entries
     of qwen3-30b-a3b, deepseek-v2-lite and mixtral-8x7b (0.96-0.99x).
+    ``fold_tails`` (the Triton GEMMs; needs block_m >= 32): an expert's last block holding at most block_m / 2 real
+    rows, after another block of the same expert, is computed by that block's tile as block_m / 2 more rows on the
+    same weight boxes (a second dot per k step), and its own tile does nothing: the tail no longer streams the
+    expert's weights again. A persistent GEMM then runs its loop unflattened (as under ``persistent_tails``). Why:
+    balanced routing, which has no padding, ran the issue-4 points' kernels 9-12% faster than random routing on an
+    H100 (bench/NOTES.md, version 18). Not yet timed on a GPU.
     """
 
     block_m: int = 64
@@ -146,6 +152,7 @@ class KernelConfig:
     pingpong2: bool = False
     gluon_gather: bool = False
     async_combine: bool = False
+    fold_tails: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -231,6 +238,13 @@ class KernelConfig:
                     f" got gluon={self.gluon}, gluon2={self.gluon2}, {persistent}={getattr(self, persistent)}, "
                     f"{warps}={getattr(self, warps)}"
                 )
+        if self.fold_tails and (self.block_m < 32 or self.gluon or self.one_launch or self.decode or self.grouped_mm):
+            raise ValueError(
+                "KernelConfig.fold_tails: the Triton GEMMs' tails folded into block_m / 2 more rows, so block_m >= 32 "
+                "and a Triton GEMM (not gluon, which takes both, nor one_launch, decode or grouped_mm), got "
+                f"block_m={self.block_m}, gluon={self.gluon}, one_launch={self.one_launch}, decode={self.decode}, "
+                f"grouped_mm={self.grouped_mm}"
+            )
         if self.async_combine and not (self.gluon_gemm2 and self.persistent and not self.pingpong2):
             raise ValueError(
                 "KernelConfig.async_combine: needs GEMM 2 in Gluon (gluon or gluon2) with persistent=True and not "

@@ -337,14 +337,15 @@ def _poison(monkeypatch) -> None:
 SPLIT_COUNTS = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26]
 
 
-def _run_split_counts(cfg, dtype, generator, deterministic=True):
-    """fused_experts with ``cfg`` on a routing that gives the experts SPLIT_COUNTS rows (every kind of tail), biases
-    on, checked against the float64 reference."""
+def _run_split_counts(cfg, dtype, generator, deterministic=True, counts=SPLIT_COUNTS, **config_changes):
+    """fused_experts with ``cfg`` on a routing that gives the experts ``counts`` rows (every kind of tail), biases
+    on, checked against the float64 reference. ``config_changes``: MoEConfig fields other than the defaults here."""
     from tilemoe.bench.scenarios import _ids_from_counts
 
-    config = MoEConfig(num_experts=len(SPLIT_COUNTS), top_k=2, hidden_size=48, intermediate_size=40, expert_bias=True)
-    num_tokens = sum(SPLIT_COUNTS) // config.top_k
-    topk_ids = _ids_from_counts(SPLIT_COUNTS, num_tokens, config.top_k, generator).to(DEVICE, torch.int32)
+    fields = dict(num_experts=len(counts), top_k=2, hidden_size=48, intermediate_size=40, expert_bias=True)
+    config = MoEConfig(**{**fields, **config_changes})
+    num_tokens = sum(counts) // config.top_k
+    topk_ids = _ids_from_counts(counts, num_tokens, config.top_k, generator).to(DEVICE, torch.int32)
     topk_weights = torch.rand(num_tokens, config.top_k, generator=generator).to(DEVICE) + 0.1
     w = make_weights(config, dtype=dtype, device=DEVICE, generator=generator)
     x = make_input(num_tokens, config, dtype=dtype, device=DEVICE, generator=generator)
@@ -391,6 +392,70 @@ def test_split_tail(options, deterministic, dtype, generator, monkeypatch):
     assert [d is not None for d in built] == expected
     if cfg.tma and split2:
         assert built[-1].block_shape == [16, 16]
+
+
+# against block_m = 32: SPLIT_COUNTS' tails (45 = 32 + 13 and 65 = 64 + 1 fold into the block before; 3, 16 and 12
+# are single blocks, 12 right after 45's folded tail, so nothing to fold into), a tail of exactly half a block after a
+# full one (48: folds) and one of a row more (50: does not)
+FOLD_COUNTS = [*SPLIT_COUNTS, 48, 50]
+# GEMM 1 dense (x_sorted through TMA, one [gate | up] dot), both GEMMs persistent, split tails kept in the loops
+EVERY_FORM = dict(tma=True, sorted_x=True, gate_up_dot=True, persistent1=True, persistent=True, split_tail=True)
+EVERY_FORM["persistent_tails"] = True
+
+
+def _folded_blocks(sorted_ids, expert_ids, used_blocks: int, num_slots: int, block_m: int) -> list[int]:
+    """The blocks FOLD_TAILS folds into the block before, worked out on the host from the alignment."""
+    half = sorted_ids.view(-1, block_m)[:used_blocks, block_m // 2].cpu()
+    experts = expert_ids[:used_blocks].cpu()
+    return [b for b in range(1, used_blocks) if experts[b] == experts[b - 1] and half[b] >= num_slots]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "options,model",
+    [
+        (dict(), dict()),
+        (dict(tma=True), dict()),  # GEMM 2 reads the folded rows through its own [16, 16] boxes of act
+        (dict(tma=True, sorted_x=True), dict()),  # GEMM 1 too, of x_sorted
+        (dict(tma=True, sorted_x=True, gate_up_dot=True), dict()),  # one [gate | up] dot per k step, twice
+        (dict(persistent1=True, persistent=True), dict()),  # the persistent loops, unflattened
+        (dict(split_tail=True), dict()),  # single-block tails still run half tiles
+        (EVERY_FORM, dict()),
+        (dict(expert_groups=True, group_m1=2, group_m2=2), dict()),  # tiles expert by expert
+        (dict(), dict(gated=False, activation="relu")),  # one accumulator
+        (dict(tma=True), dict(top_k=1, routing="sigmoid_top1_input_scaled")),  # weights on the input (Llama 4)
+    ],
+)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_fold_tails(options, model, deterministic, dtype, generator, monkeypatch):
+    cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
+                       fold_tails=True, **options)  # fmt: skip
+    _poison(monkeypatch)
+    gemm1 = _spy_launches(monkeypatch, "_gemm1_kernel")
+    gemm2 = _spy_launches(monkeypatch, "_gemm2_kernel")
+    counts = FOLD_COUNTS if model.get("top_k", 2) == 2 else FOLD_COUNTS[:-1]  # top-1: any total
+    _run_split_counts(cfg, dtype, generator, deterministic, counts=counts, **model)
+    assert [k["FOLD_TAILS"] for k in gemm1] == [True] and [k["FOLD_TAILS"] for k in gemm2] == [True]
+    # act: a folded block's first half written by the tile before it, its second half by nobody (NaN from the
+    # poisoned buffer); a split tail's second half neither; every other row written
+    launch = gemm1[0]
+    act, used, slots = launch["act_ptr"], int(launch["num_padded_ptr"]), launch["num_slots"]
+    folded = _folded_blocks(launch["sorted_ids_ptr"], launch["expert_ids_ptr"], used // 32, slots, 32)
+    assert len(folded) == 3  # 45's, 65's and 48's tails
+    unwritten = act[:used].isnan().any(dim=1).view(-1, 32).cpu()
+    for block in range(used // 32):
+        half_empty = int(launch["sorted_ids_ptr"][block * 32 + 16]) >= slots
+        split = cfg.split_tail and (not cfg.persistent1 or cfg.persistent_tails) and half_empty
+        assert not unwritten[block, :16].any(), block
+        assert bool(unwritten[block, 16:].all()) == (block in folded or split), block
+
+
+def test_fold_tails_only_with_a_triton_gemm():
+    for other in (dict(block_m=16), dict(tma=True, gluon=True), dict(one_launch=True), dict(decode=True),
+                  dict(grouped_mm=True)):  # fmt: skip
+        with pytest.raises(ValueError, match="fold_tails"):
+            KernelConfig(fold_tails=True, **other)
+    KernelConfig(fold_tails=True, tma=True, gluon2=True)  # GEMM 1 stays Triton: it folds, the Gluon GEMM 2 does not
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -195,7 +195,7 @@ def _launch(
     if cfg.sorted_x and _tma_rows_ok(x.device, hidden, x.element_size(), cfg.block_k1):
         x_sorted = _sorted_rows(x, align, capacity, top_k)
         x_arg = x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m, cfg.block_k1)
-        if split_tail1:
+        if split_tail1 or cfg.fold_tails:  # half-height boxes: split tails, and the folded tails' rows
             x_tail_arg = _tma_descriptor(x_sorted, cfg.block_m // 2, cfg.block_k1)
     # GEMM 1's arguments, the same in the two-launch and the one-launch kernel
     gemm1_args = dict(
@@ -254,6 +254,7 @@ def _launch(
         record_as="num_stages1",
         **pdl_options(x.device),
         **gemm1_args,
+        FOLD_TAILS=cfg.fold_tails,
         num_blocks_m=num_blocks_m,
         PERSISTENT=cfg.persistent1,
         zero_ptr=out,
@@ -292,7 +293,7 @@ def _launch_triton_gemm2(
     # the half tiles' boxes; TMA reads act through both descriptors or neither (same tensor, same layout test)
     act_arg = act if act_desc is None else act_desc
     act_tail_arg = act_arg
-    if act_desc is not None and split_tail2:
+    if act_desc is not None and (split_tail2 or cfg.fold_tails):
         act_tail_arg = _tma_descriptor(act, cfg.block_m // 2, cfg.block_k2)
     num_blocks_m = align.sorted_ids.numel() // cfg.block_m
     tiles2 = num_blocks_m * cdiv(x.shape[1], cfg.block_n2)
@@ -341,6 +342,7 @@ def _launch_triton_gemm2(
         GROUP_M=cfg.group_m2,
         EXPERT_GROUPS=cfg.expert_groups,
         SPLIT_TAIL=split_tail2,
+        FOLD_TAILS=cfg.fold_tails,
         num_warps=cfg.num_warps2,
         num_stages=cfg.num_stages2,
     )

@@ -129,6 +129,21 @@ def _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _folds(sorted_ids_ptr, expert_ids_ptr, pid_m, expert, num_blocks_m, num_slots, BLOCK_M: tl.constexpr):
+    """(this block is a tail folded into the block before it, the next block is a tail this block's tile folds in)
+    under FOLD_TAILS: a tail is an expert's last block holding at most BLOCK_M / 2 real rows (``_second_half_empty``)
+    after another block of the same expert. Blocks past the ones in use hold expert E in expert_ids, so they never
+    match; the next block's loads are masked at the end of the capacity."""
+    prev = tl.load(expert_ids_ptr + pid_m - 1, mask=pid_m > 0, other=-1)
+    folded = (prev == expert) & _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M)
+    has_next = pid_m + 1 < num_blocks_m
+    nxt = tl.load(expert_ids_ptr + pid_m + 1, mask=has_next, other=-1)
+    next_slot = tl.load(sorted_ids_ptr + (pid_m + 1) * BLOCK_M + BLOCK_M // 2, mask=has_next, other=0)
+    folds_next = has_next & (nxt == expert) & (next_slot >= num_slots)
+    return folded, folds_next
+
+
+@triton.jit
 def _load_w(w_ptrs, w_desc, row, k0, k_mask, col_mask, W_TMA: tl.constexpr, EVEN: tl.constexpr):
     """[BLOCK_K, BLOCK_N] weight tile: a TMA box [BLOCK_N, BLOCK_K] at (row, k0) transposed, or a pointer load."""
     if W_TMA:
@@ -156,6 +171,7 @@ def _gemm1_tile(
     pid_n,
     expert,
     x_ptr,
+    x_tail_ptr,  # EXTRA's rows: x_ptr, or with A_TMA a descriptor of [BLOCK_M // 2, BLOCK_K] boxes
     stride_xt,
     stride_xh,
     w_ptr,
@@ -190,6 +206,7 @@ def _gemm1_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (x_ptr's TMA boxes are then [ROWS, BLOCK_K])
+    EXTRA: tl.constexpr,  # 0, or BLOCK_M // 2: the next block's first rows too (a folded tail), on the same weights
 ):
     rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
@@ -207,6 +224,15 @@ def _gemm1_tile(
         a_ptrs = x_ptr
     else:  # rows gathered by token
         a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh
+    if EXTRA:  # the folded tail's rows: the next block's first EXTRA
+        rows_x = row0 + BLOCK_M + tl.arange(0, EXTRA)
+        slot_x = tl.load(sorted_ids_ptr + rows_x)
+        valid_x = slot_x < num_slots
+        if A_TMA:
+            ax_ptrs = x_tail_ptr
+        else:
+            token_x = tl.where(valid_x, slot_x // top_k, 0).to(tl.int64)
+            ax_ptrs = x_ptr + token_x[:, None] * stride_xt + ks[None, :] * stride_xh
     if W_TMA:  # w_ptr is the descriptor; the pointer tiles below are never formed
         g_ptrs = w_ptr
         u_ptrs = w_ptr
@@ -215,35 +241,74 @@ def _gemm1_tile(
         u_ptrs = g_ptrs + inter * stride_wn
     if WEIGHTS_ON_INPUT:
         row_weight = tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)
+        if EXTRA:
+            row_weight_x = tl.load(topk_weights_ptr + slot_x, mask=valid_x, other=0.0)
+    else:  # not read
+        row_weight = valid
+        row_weight_x = valid
     # padding rows read token 0 (finite, discarded by GEMM 2): the A loads need no row mask
     if GATE_UP_DOT:  # one [ROWS, 2 BLOCK_N] accumulator, gate columns then up columns (see the module docstring)
         acc = tl.zeros([ROWS, 2 * BLOCK_N], dtype=tl.float32)
+        if EXTRA:
+            acc_x = tl.zeros([EXTRA, 2 * BLOCK_N], dtype=tl.float32)
         box_row = (2 * expert).to(tl.int32)
         for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
-            a = _load_a(a_ptrs, x_ptr, row0, k0 * BLOCK_K, ks < hidden - k0 * BLOCK_K, A_TMA, EVEN_K)
+            k_mask = ks < hidden - k0 * BLOCK_K
+            a = _load_a(a_ptrs, x_ptr, row0, k0 * BLOCK_K, k_mask, A_TMA, EVEN_K)
             w = w_ptr.load([box_row, pid_n * BLOCK_N, k0 * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K)
             acc = _dot(a, w.T, acc, FP32_PRECISE)
+            if EXTRA:
+                ax = _load_a(ax_ptrs, x_tail_ptr, row0 + BLOCK_M, k0 * BLOCK_K, k_mask, A_TMA, EVEN_K)
+                acc_x = _dot(ax, w.T, acc_x, FP32_PRECISE)
+                if not A_TMA:
+                    ax_ptrs += BLOCK_K * stride_xh
             if not A_TMA:
                 a_ptrs += BLOCK_K * stride_xh
         acc_g, acc_u = acc.reshape(ROWS, 2, BLOCK_N).permute(0, 2, 1).split()
+        if EXTRA:
+            acc_gx, acc_ux = acc_x.reshape(EXTRA, 2, BLOCK_N).permute(0, 2, 1).split()
     else:
         acc_g = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        if EXTRA:
+            acc_gx = tl.zeros([EXTRA, BLOCK_N], dtype=tl.float32)
+            acc_ux = tl.zeros([EXTRA, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
             k_mask = ks < hidden - k0 * BLOCK_K
             a = _load_a(a_ptrs, x_ptr, row0, k0 * BLOCK_K, k_mask, A_TMA, EVEN_K)
             wg = _load_w(g_ptrs, w_ptr, gate_row, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
             acc_g = _dot(a, wg, acc_g, FP32_PRECISE)
+            if EXTRA:
+                ax = _load_a(ax_ptrs, x_tail_ptr, row0 + BLOCK_M, k0 * BLOCK_K, k_mask, A_TMA, EVEN_K)
+                acc_gx = _dot(ax, wg, acc_gx, FP32_PRECISE)
             if GATED:
                 wu = _load_w(u_ptrs, w_ptr, gate_row + inter, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
                 acc_u = _dot(a, wu, acc_u, FP32_PRECISE)
+                if EXTRA:
+                    acc_ux = _dot(ax, wu, acc_ux, FP32_PRECISE)
             if not A_TMA:
                 a_ptrs += BLOCK_K * stride_xh
+                if EXTRA:
+                    ax_ptrs += BLOCK_K * stride_xh
             if not W_TMA:
                 g_ptrs += BLOCK_K * stride_wh
                 u_ptrs += BLOCK_K * stride_wh
 
-    # epilogue: the activated intermediate, rounded to the operand dtype like an unfused h = x @ w13^T
+    _gemm1_store(acc_g, acc_u, rows, row_weight, expert, cols, col_mask, b_ptr, stride_be, stride_bn, act_ptr,
+                 stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED, HAS_BIAS,
+                 WEIGHTS_ON_INPUT)  # fmt: skip
+    if EXTRA:
+        _gemm1_store(acc_gx, acc_ux, rows_x, row_weight_x, expert, cols, col_mask, b_ptr, stride_be, stride_bn,
+                     act_ptr, stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED, HAS_BIAS,
+                     WEIGHTS_ON_INPUT)  # fmt: skip
+
+
+@triton.jit
+def _gemm1_store(acc_g, acc_u, rows, row_weight, expert, cols, col_mask, b_ptr, stride_be, stride_bn, act_ptr,
+                 stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit, ACTIVATION: tl.constexpr,
+                 GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr):  # fmt: skip
+    """GEMM 1's epilogue for ``rows``: the activated intermediate, rounded to the operand dtype like an unfused
+    h = x @ w13^T (``row_weight``: the rows' routing weights under WEIGHTS_ON_INPUT)."""
     dtype = act_ptr.dtype.element_ty
     if WEIGHTS_ON_INPUT:  # (w x) @ W = w (x @ W), see the module docstring
         acc_g = acc_g * row_weight[:, None]
@@ -270,33 +335,76 @@ def _gemm1_block(
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
     FP32_PRECISE: tl.constexpr, W_TMA: tl.constexpr, A_TMA: tl.constexpr, GATE_UP_DOT: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+    GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, SPLIT_TAIL: tl.constexpr, FOLD_TAILS: tl.constexpr,
 ):  # fmt: skip
     """GEMM 1 tile ``tile``: its block's first half only (x_tail_ptr's boxes) when SPLIT_TAIL and the second half is
-    padding, else the whole block (Triton needs the row count as a constexpr: one call per height). Returns the tile's
-    (pid_m, pid_n): ``_tile_coords`` runs once a tile, its loads dependent ones under EXPERT_GROUPS."""
+    padding, else the whole block (Triton needs the row count as a constexpr: one call per height). Under FOLD_TAILS
+    a tail after a block of the same expert is computed by that block's tile, as BLOCK_M / 2 more rows on the same
+    weight boxes (``_folds``), and its own tile does nothing. Returns the tile's (pid_m, pid_n): ``_tile_coords`` runs
+    once a tile, its loads dependent ones under EXPERT_GROUPS."""
     pid_m, pid_n, expert = _tile_coords(
         tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
+    if FOLD_TAILS:
+        folded, folds_next = _folds(sorted_ids_ptr, expert_ids_ptr, pid_m, expert, num_blocks_m, num_slots, BLOCK_M)
+        if folds_next:
+            _gemm1_tile(
+                pid_m, pid_n, expert, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn,
+                stride_wh, b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr,
+                num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, BLOCK_M // 2,
+            )  # fmt: skip
+        elif not folded:
+            _gemm1_rows(
+                pid_m, pid_n, expert, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn,
+                stride_wh, b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL,
+            )  # fmt: skip
+    else:
+        _gemm1_rows(
+            pid_m, pid_n, expert, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+            b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+            sorted_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
+            BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL,
+        )  # fmt: skip
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm1_rows(
+    pid_m, pid_n, expert, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+    sorted_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
+    FP32_PRECISE: tl.constexpr, W_TMA: tl.constexpr, A_TMA: tl.constexpr, GATE_UP_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr,
+):  # fmt: skip
+    """Block pid_m's own rows: its first half (x_tail_ptr's boxes) when SPLIT_TAIL and the second half is padding,
+    else all of them."""
     if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
         _gemm1_tile(
-            pid_m, pid_n, expert, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-            b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+            pid_m, pid_n, expert, x_tail_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn,
+            stride_wh, b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
             sorted_ids_ptr,
             num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
             ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2, 0,
         )  # fmt: skip
     else:
         _gemm1_tile(
-            pid_m, pid_n, expert, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+            pid_m, pid_n, expert, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
             b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
             sorted_ids_ptr,
             num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
             ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, 0,
         )  # fmt: skip
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -344,6 +452,7 @@ def _gemm1_kernel(
     GROUP_M: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,  # tiles ordered expert by expert, GROUP_M blocks of one expert at a time
     SPLIT_TAIL: tl.constexpr,  # a block whose second half is padding computes its first half only
+    FOLD_TAILS: tl.constexpr,  # a tail after a block of its expert is computed by that block's tile
     PDL: tl.constexpr,
     zero_ptr,  # with ZERO_OUT: a contiguous buffer of zero_numel elements that every program clears a share of
     zero_numel,
@@ -357,7 +466,7 @@ def _gemm1_kernel(
     if PERSISTENT:
         used_m = num_padded // BLOCK_M
         num_tiles = used_m * tl.cdiv(inter, BLOCK_N)
-        if SPLIT_TAIL:  # each tile picks its height: two tile shapes, so the loop is not flattened
+        if SPLIT_TAIL or FOLD_TAILS:  # each tile picks its height: several tile shapes, so the loop is not flattened
             for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
                 _gemm1_block(
                     tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
@@ -365,7 +474,7 @@ def _gemm1_kernel(
                     sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
                     num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                     ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, True,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS,
                 )  # fmt: skip
         else:
             for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
@@ -375,7 +484,7 @@ def _gemm1_kernel(
                     sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
                     num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                     ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, False,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, False, False,
                 )  # fmt: skip
     else:
         tile = tl.program_id(0)
@@ -386,7 +495,7 @@ def _gemm1_kernel(
                 sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
                 num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS,
             )  # fmt: skip
 
 
@@ -435,6 +544,7 @@ def _gemm2_tile(
     pid_n,
     expert,
     act_ptr,
+    act_tail_ptr,  # EXTRA's rows: act_ptr, or with A_TMA a descriptor of [BLOCK_M // 2, BLOCK_K] boxes
     stride_am,
     stride_ai,
     w_ptr,
@@ -465,6 +575,7 @@ def _gemm2_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (act_ptr's TMA boxes are then [ROWS, BLOCK_K])
+    EXTRA: tl.constexpr,  # 0, or BLOCK_M // 2: the next block's first rows too (a folded tail), on the same weights
 ):
     rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
     slot = tl.load(sorted_ids_ptr + rows)
@@ -479,6 +590,15 @@ def _gemm2_tile(
         a_ptrs = act_ptr
     else:
         a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ai
+    if EXTRA:  # the folded tail's rows: the next block's first EXTRA
+        rows_x = pid_m * BLOCK_M + BLOCK_M + tl.arange(0, EXTRA)
+        slot_x = tl.load(sorted_ids_ptr + rows_x)
+        valid_x = slot_x < num_slots
+        if A_TMA:
+            ax_ptrs = act_tail_ptr
+        else:
+            ax_ptrs = act_ptr + rows_x[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ai
+        acc_x = tl.zeros([EXTRA, BLOCK_N], dtype=tl.float32)
     if W_TMA:
         w_ptrs = w_ptr
     else:
@@ -494,11 +614,34 @@ def _gemm2_tile(
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
         w = _load_w(w_ptrs, w_ptr, w_row, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
         acc = _dot(a, w, acc, FP32_PRECISE)
+        if EXTRA:
+            if A_TMA:
+                ax = act_tail_ptr.load([pid_m * BLOCK_M + BLOCK_M, k0 * BLOCK_K])
+            elif EVEN_K:
+                ax = tl.load(ax_ptrs)
+            else:
+                ax = tl.load(ax_ptrs, mask=k_mask[None, :], other=0.0)
+            acc_x = _dot(ax, w, acc_x, FP32_PRECISE)
+            if not A_TMA:
+                ax_ptrs += BLOCK_K * stride_ai
         if not A_TMA:
             a_ptrs += BLOCK_K * stride_ai
         if not W_TMA:
             w_ptrs += BLOCK_K * stride_wi
 
+    _gemm2_store(acc, slot, valid, expert, cols, col_mask, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr,
+                 stride_om, stride_oh, top_k, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC)  # fmt: skip
+    if EXTRA:
+        _gemm2_store(acc_x, slot_x, valid_x, expert, cols, col_mask, b_ptr, stride_be, stride_bh, topk_weights_ptr,
+                     out_ptr, stride_om, stride_oh, top_k, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC)  # fmt: skip
+
+
+@triton.jit
+def _gemm2_store(acc, slot, valid, expert, cols, col_mask, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr,
+                 stride_om, stride_oh, top_k, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
+                 ATOMIC: tl.constexpr):  # fmt: skip
+    """GEMM 2's epilogue for the rows holding ``slot``: bias, routing weight, then added into the token's output row
+    (ATOMIC) or stored into the slot's."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if not WEIGHTS_ON_INPUT:
@@ -521,28 +664,68 @@ def _gemm2_block(
     HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr, ATOMIC: tl.constexpr, FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr, FOLD_TAILS: tl.constexpr,
 ):  # fmt: skip
     """GEMM 2 tile ``tile``: its block's first half only (act_tail_ptr's boxes) when SPLIT_TAIL and the second half is
-    padding, else the whole block (as ``_gemm1_block``)."""
+    padding, else the whole block; under FOLD_TAILS a tail after a block of its expert goes with that block's tile
+    (as ``_gemm1_block``)."""
     pid_m, pid_n, expert = _tile_coords(
         tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
-    if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
-        _gemm2_tile(
-            pid_m, pid_n, expert, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
-            b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+    if FOLD_TAILS:
+        folded, folds_next = _folds(sorted_ids_ptr, expert_ids_ptr, pid_m, expert, num_blocks_m, num_slots, BLOCK_M)
+        if folds_next:
+            _gemm2_tile(
+                pid_m, pid_n, expert, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
+                stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                sorted_ids_ptr, num_slots, top_k, hidden, inter,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, BLOCK_M // 2,
+            )  # fmt: skip
+        elif not folded:
+            _gemm2_rows(
+                pid_m, pid_n, expert, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
+                stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                sorted_ids_ptr, num_slots, top_k, hidden, inter,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL,
+            )  # fmt: skip
+    else:
+        _gemm2_rows(
+            pid_m, pid_n, expert, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
+            stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
             sorted_ids_ptr, num_slots, top_k, hidden, inter,
             HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2,
+            BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL,
+        )  # fmt: skip
+
+
+@triton.jit
+def _gemm2_rows(
+    pid_m, pid_n, expert, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
+    b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+    sorted_ids_ptr, num_slots, top_k, hidden, inter,
+    HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr, ATOMIC: tl.constexpr, FP32_PRECISE: tl.constexpr,
+    W_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+):  # fmt: skip
+    """Block pid_m's own rows: its first half (act_tail_ptr's boxes) when SPLIT_TAIL and the second half is padding,
+    else all of them."""
+    if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+        _gemm2_tile(
+            pid_m, pid_n, expert, act_tail_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
+            stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+            sorted_ids_ptr, num_slots, top_k, hidden, inter,
+            HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2, 0,
         )  # fmt: skip
     else:
         _gemm2_tile(
-            pid_m, pid_n, expert, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
-            b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+            pid_m, pid_n, expert, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
+            stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
             sorted_ids_ptr, num_slots, top_k, hidden, inter,
             HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, 0,
         )  # fmt: skip
 
 
@@ -587,6 +770,7 @@ def _gemm2_kernel(
     GROUP_M: tl.constexpr,
     EXPERT_GROUPS: tl.constexpr,  # tiles ordered expert by expert, GROUP_M blocks of one expert at a time
     SPLIT_TAIL: tl.constexpr,  # as in GEMM 1
+    FOLD_TAILS: tl.constexpr,  # as in GEMM 1
     PDL: tl.constexpr,
 ):
     _pdl_prologue(PDL)
@@ -594,14 +778,14 @@ def _gemm2_kernel(
     if PERSISTENT:
         used_m = num_padded // BLOCK_M
         num_tiles = used_m * tl.cdiv(hidden, BLOCK_N)
-        if SPLIT_TAIL:  # each tile picks its height: two tile shapes, so the loop is not flattened
+        if SPLIT_TAIL or FOLD_TAILS:  # each tile picks its height: several tile shapes, so the loop is not flattened
             for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
                 _gemm2_block(
                     tile, used_m, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
                     stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                     sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
                     HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, True,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS,
                 )  # fmt: skip
         else:
             # flattened: the pipeliner prefetches the next tile's operands during this tile's epilogue
@@ -610,11 +794,11 @@ def _gemm2_kernel(
                     tile, used_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
                 )
                 _gemm2_tile(
-                    pid_m, pid_n, expert, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
-                    b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                    pid_m, pid_n, expert, act_ptr, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
+                    stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                     sorted_ids_ptr, num_slots, top_k, hidden, inter,
                     HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M,
+                    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, 0,
                 )  # fmt: skip
     else:
         tile = tl.program_id(0)
@@ -624,5 +808,5 @@ def _gemm2_kernel(
                 stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                 sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
                 HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS,
             )  # fmt: skip

@@ -133,7 +133,7 @@ def _one_launch_kernel(
                 sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter, swiglu_alpha,
                 swiglu_limit,
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, False,
             )  # fmt: skip
             _mark_ready(ready_ptr + pid_m * nt1 + pid_n)
         else:
@@ -147,5 +147,5 @@ def _one_launch_kernel(
                 b2_ptr, stride_b2e, stride_b2h, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                 sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
                 HAS_BIAS2, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W2_TMA, False, EVEN_K2, EVEN_N2,
-                BLOCK_M, BLOCK_N2, BLOCK_K2, GROUP_M2, EXPERT_GROUPS, SPLIT_TAIL,
+                BLOCK_M, BLOCK_N2, BLOCK_K2, GROUP_M2, EXPERT_GROUPS, SPLIT_TAIL, False,
             )  # fmt: skip
