@@ -36,6 +36,16 @@ def test_compiles_every_kernel_of_a_table_entry_for_sm90():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
+def test_compiles_the_folded_tails_for_sm90():
+    # fold_tails: both Triton GEMMs with a second dot per k step on the same weight boxes (x_sorted's and act's
+    # half-height TMA boxes), persistent and unflattened; built with wgmma and no spills (the device runs Triton 3.6)
+    lines = _run_ok("--models", "gpt-oss-120b", "--num-tokens", "16384", "--variants", "fold_tails=1")
+    folded = [line for line in lines if "fold_tails=1" in line and "_gemm" in line]
+    assert {line.split()[3] for line in folded} == {"_gemm1_kernel", "_gemm2_kernel"}
+    assert all(" wgmma " in line and line.split()[7] == "0" for line in folded), folded  # no local memory
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's ptxas ships for Linux")
 def test_compiles_the_gluon_gemms_for_sm90():
     # the Gluon kernels run on no CPU: built here for sm_90, with wgmma, in the tiles the GPU tests run
     lines = _run_ok("--models", "gpt-oss-120b", "--num-tokens", "1024", "--variants",
