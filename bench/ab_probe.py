@@ -12,6 +12,11 @@ CPU-bound); the report gives each tree's median over the timed rounds, and its r
 
 A tree: ``bench/ab_tree.sh NAME COMMIT`` writes ``bench/.trees/NAME/src`` (git archive of that commit's ``src``;
 ``bench/.trees`` is ignored: carry it to the device).
+
+    python3 bench/ab_probe.py --arms random="--scenario random" balanced="--scenario balanced" --points ...
+
+``--arms`` instead: this checkout's ``src`` under different kernel_probe options (one arm or more, each round in
+turn): the routing that pays no padding against the bench's, or one table entry across points (``--entry-tokens``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -57,19 +63,33 @@ def parse_trees(items: list[str]) -> dict[str, Path]:
     return trees
 
 
-def probe_command(points: list[str]) -> list[str]:
-    return [sys.executable, str(PROBE), "--points", *points, "--no-breakdown", "--no-stats"]
+def parse_arms(items: list[str]) -> dict[str, list[str]]:
+    """["name=kernel_probe options", ...] -> {name: [option, ...]} (one arm or more)."""
+    arms = {}
+    for item in items:
+        name, sep, options = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--arms: expected NAME=OPTIONS, got {item!r}")
+        if name in arms:
+            raise ValueError(f"--arms: the name {name!r} is given twice")
+        arms[name] = shlex.split(options)
+    return arms
 
 
-def run_tree(src: Path, points: list[str], timeout: float) -> subprocess.Popen:
+def probe_command(points: list[str], options: list[str] = ()) -> list[str]:
+    return [sys.executable, str(PROBE), "--points", *points, "--no-breakdown", "--no-stats", *options]
+
+
+def run_tree(src: Path, points: list[str], timeout: float, options: list[str] = ()) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src.resolve()), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen(probe_command(points), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = probe_command(points, options)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def report(trees: list[str], rounds: list[dict[str, dict]], points: list[str]) -> list[str]:
-    """Markdown rows: each point and tree, the median GEMM 1 / GEMM 2 / total over the rounds, and total / first
-    tree's total."""
-    lines = ["| point | tree | GEMM 1 | GEMM 2 | all kernels | vs " + trees[0] + " |", "|---|---|---|---|---|---|"]
+def report(trees: list[str], rounds: list[dict[str, dict]], points: list[str], label: str = "tree") -> list[str]:
+    """Markdown rows: each point and tree (or arm), the median GEMM 1 / GEMM 2 / total over the rounds, and total /
+    first tree's total."""
+    lines = [f"| point | {label} | GEMM 1 | GEMM 2 | all kernels | vs {trees[0]} |", "|---|---|---|---|---|---|"]
     for point in points:
         first = None
         for tree in trees:
@@ -85,27 +105,33 @@ def report(trees: list[str], rounds: list[dict[str, dict]], points: list[str]) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trees", nargs="+", required=True, metavar="NAME=SRC")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trees", nargs="+", metavar="NAME=SRC")
+    which.add_argument("--arms", nargs="+", metavar="NAME=OPTIONS", help="this checkout's src, kernel_probe options")
     parser.add_argument("--points", nargs="+", required=True, metavar="MODEL:T")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, each tree once per round, in turn")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for one probe process")
     args = parser.parse_args(argv)
-    trees = parse_trees(args.trees)
-    warm = [run_tree(src, args.points, args.timeout) for src in trees.values()]  # compiles, in parallel
+    if args.trees:
+        runs, label = {name: (src, []) for name, src in parse_trees(args.trees).items()}, "tree"
+    else:
+        src = Path(__file__).resolve().parents[1] / "src"
+        runs, label = {name: (src, options) for name, options in parse_arms(args.arms).items()}, "arm"
+    warm = [run_tree(src, args.points, args.timeout, options) for src, options in runs.values()]  # in parallel
     for proc in warm:
         proc.communicate(timeout=args.timeout)
     rounds = []
     for index in range(args.rounds):
         results = {}
-        for name, src in trees.items():
-            proc = run_tree(src, args.points, args.timeout)
+        for name, (src, options) in runs.items():
+            proc = run_tree(src, args.points, args.timeout, options)
             out, _ = proc.communicate(timeout=args.timeout)
             results[name] = parse_probe(out)
             if not results[name]:
                 print(f"round {index + 1}, {name}: no result; its output ended with:\n{out[-1500:]}")
         rounds.append(results)
         print(f"round {index + 1}: " + "; ".join(f"{n} {len(r)} points" for n, r in results.items()), flush=True)
-    print("\n".join(report(list(trees), rounds, args.points)))
+    print("\n".join(report(list(runs), rounds, args.points, label)))
     return 0
 
 

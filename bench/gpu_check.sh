@@ -17,6 +17,12 @@
 #   (CB_POINTS, CB_VARIANTS; warmed as pingpong's are)
 #   fold (not in all): the fold_tails GPU tests (bf16 among them) and the kernel probe of fold_tails against the
 #   table's entries and the Triton forms of the Gluon entries (FOLD_POINTS, FOLD_VARIANTS; warmed as pingpong's are)
+#   padding (not in all): what the padding rows cost, in-kernel: the table entries on random and on balanced routing
+#   (every expert T*K/E rows, a multiple of 128 at PAD_POINTS: no padding), in turn (bench/ab_probe.py --arms)
+#   tails (not in all): a tail tile priced against a full one: qwen3-30b-a3b's T=4096 and mixtral-8x7b's T=1024 entry
+#   (--entry-tokens) at balanced routings of 256, 257, 272, 288, 320, 321, 384 rows per expert (T = rows * E / K):
+#   t(257) - t(256) is a tail tile of one row per expert, t(384) - t(256) a full tile, t(320) - t(257) 63 real rows
+#   added to each tail tile
 #   ab (not in all): bench/ab_probe.py, source trees' kernels timed in turn
 #   (AB_TREES="main=src old=bench/.trees/old/src", made by bench/ab_tree.sh and carried to the device; AB_POINTS,
 #   AB_ROUNDS)
@@ -121,6 +127,24 @@ $triton_form,fold_tails=1,persistent=0,persistent1=0"}
   fold_points=${FOLD_POINTS:-"qwen3-30b-a3b:4096 deepseek-v2-lite:4096 mixtral-8x7b:1024 qwen3-30b-a3b:16384 \
 gpt-oss-120b:16384 mixtral-8x7b:4096"}
   probe_points fold "$fold_points" "$fold_variants" "${T_FOLD_WARM:-150}" "${T_FOLD_PROBE:-220}"
+fi
+
+if [[ $modes == *" padding "* ]]; then
+  # shellcheck disable=SC2086  # a list of points
+  timeout -k 5 "${T_PAD:-450}" python3 bench/ab_probe.py --arms random="--scenario random" \
+    balanced="--scenario balanced" --points ${PAD_POINTS:-qwen3-30b-a3b:4096 qwen3-30b-a3b:16384 \
+    deepseek-v2-lite:4096 gpt-oss-120b:16384 mixtral-8x7b:1024} --rounds "${AB_ROUNDS:-3}" 2>&1 |
+    grep -v Warning | tee "$OUT/padding_probe.txt" | tee -a "$log"
+fi
+
+if [[ $modes == *" tails "* ]]; then
+  for model in "qwen3-30b-a3b 128 8 4096" "mixtral-8x7b 8 2 1024"; do
+    read -r name experts top_k entry <<<"$model"
+    points=$(for rows in 256 257 272 288 320 321 384; do echo -n "$name:$((rows * experts / top_k)) "; done)
+    # shellcheck disable=SC2086  # a list of points
+    timeout -k 5 "${T_TAILS:-220}" python3 bench/ab_probe.py --arms "$name=--scenario balanced --entry-tokens $entry" \
+      --points $points --rounds "${AB_ROUNDS:-3}" 2>&1 | grep -v Warning | tee -a "$OUT/tail_probe.txt" | tee -a "$log"
+  done
 fi
 
 if [[ $modes == *" ab "* ]]; then

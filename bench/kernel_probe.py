@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         type=int,
         default=None,
         help="run every point on its model's table entry for this T instead of its own T's (one kernel config across "
-        "points that differ only in rows per expert: bench/tail_probe.sh)",
+        "points that differ only in rows per expert: gpu_check.sh tails)",
     )
     args = parser.parse_args(argv)
     dtype = torch.bfloat16

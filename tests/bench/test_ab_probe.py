@@ -57,3 +57,18 @@ def test_report_gives_medians_and_the_ratio_to_the_first_tree():
     assert lines[2] == "| qwen3-30b-a3b:4096 | main | 400.0 | 240.0 | 662.0 | 1.000x |"
     assert lines[3] == "| qwen3-30b-a3b:4096 | old | 412.0 | 261.0 | 695.0 | 1.050x |"
     assert lines[4] == "| mixtral-8x7b:1024 | main | - | - | - | no result |"
+
+
+def test_arms_are_kernel_probe_options_on_this_checkout():
+    arms = ab_probe.parse_arms(["random=--scenario random", "one=--scenario balanced --entry-tokens 4096", "plain="])
+    assert arms == {"random": ["--scenario", "random"], "one": ["--scenario", "balanced", "--entry-tokens", "4096"],
+                    "plain": []}  # fmt: skip
+    assert ab_probe.probe_command(["qwen3-30b-a3b:4096"], arms["one"])[-4:] == arms["one"]
+    with pytest.raises(ValueError, match="expected NAME=OPTIONS, got '--scenario'"):
+        ab_probe.parse_arms(["--scenario"])
+    with pytest.raises(ValueError, match="given twice"):
+        ab_probe.parse_arms(["a=", "a=--scenario random"])
+    # one arm is enough: its rounds' medians; the report names them arms
+    point = "mixtral-8x7b:1028"
+    lines = ab_probe.report(["one"], [{"one": {point: (1.0, 2.0, 3.0)}}], [point], "arm")
+    assert lines[0].startswith("| point | arm |") and lines[2] == f"| {point} | one | 1.0 | 2.0 | 3.0 | 1.000x |"

@@ -239,13 +239,6 @@ def _gemm1_tile(
     else:  # [BLOCK_K, BLOCK_N] views of the gate rows and the up rows (I further down) of this expert
         g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
         u_ptrs = g_ptrs + inter * stride_wn
-    if WEIGHTS_ON_INPUT:
-        row_weight = tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)
-        if EXTRA:
-            row_weight_x = tl.load(topk_weights_ptr + slot_x, mask=valid_x, other=0.0)
-    else:  # not read
-        row_weight = valid
-        row_weight_x = valid
     # padding rows read token 0 (finite, discarded by GEMM 2): the A loads need no row mask
     if GATE_UP_DOT:  # one [ROWS, 2 BLOCK_N] accumulator, gate columns then up columns (see the module docstring)
         acc = tl.zeros([ROWS, 2 * BLOCK_N], dtype=tl.float32)
@@ -294,23 +287,25 @@ def _gemm1_tile(
                 g_ptrs += BLOCK_K * stride_wh
                 u_ptrs += BLOCK_K * stride_wh
 
-    _gemm1_store(acc_g, acc_u, rows, row_weight, expert, cols, col_mask, b_ptr, stride_be, stride_bn, act_ptr,
-                 stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED, HAS_BIAS,
-                 WEIGHTS_ON_INPUT)  # fmt: skip
+    _gemm1_store(acc_g, acc_u, rows, slot, valid, expert, cols, col_mask, b_ptr, stride_be, stride_bn,
+                 topk_weights_ptr, act_ptr, stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit, ACTIVATION,
+                 GATED, HAS_BIAS, WEIGHTS_ON_INPUT)  # fmt: skip
     if EXTRA:
-        _gemm1_store(acc_gx, acc_ux, rows_x, row_weight_x, expert, cols, col_mask, b_ptr, stride_be, stride_bn,
-                     act_ptr, stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED, HAS_BIAS,
-                     WEIGHTS_ON_INPUT)  # fmt: skip
+        _gemm1_store(acc_gx, acc_ux, rows_x, slot_x, valid_x, expert, cols, col_mask, b_ptr, stride_be, stride_bn,
+                     topk_weights_ptr, act_ptr, stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit, ACTIVATION,
+                     GATED, HAS_BIAS, WEIGHTS_ON_INPUT)  # fmt: skip
 
 
 @triton.jit
-def _gemm1_store(acc_g, acc_u, rows, row_weight, expert, cols, col_mask, b_ptr, stride_be, stride_bn, act_ptr,
-                 stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit, ACTIVATION: tl.constexpr,
-                 GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr):  # fmt: skip
-    """GEMM 1's epilogue for ``rows``: the activated intermediate, rounded to the operand dtype like an unfused
-    h = x @ w13^T (``row_weight``: the rows' routing weights under WEIGHTS_ON_INPUT)."""
+def _gemm1_store(acc_g, acc_u, rows, slot, valid, expert, cols, col_mask, b_ptr, stride_be, stride_bn,
+                 topk_weights_ptr, act_ptr, stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit,
+                 ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 WEIGHTS_ON_INPUT: tl.constexpr):  # fmt: skip
+    """GEMM 1's epilogue for ``rows`` (holding ``slot``): the activated intermediate, rounded to the operand dtype
+    like an unfused h = x @ w13^T."""
     dtype = act_ptr.dtype.element_ty
     if WEIGHTS_ON_INPUT:  # (w x) @ W = w (x @ W), see the module docstring
+        row_weight = tl.load(topk_weights_ptr + slot, mask=valid, other=0.0)
         acc_g = acc_g * row_weight[:, None]
         acc_u = acc_u * row_weight[:, None]
     if HAS_BIAS:
@@ -345,6 +340,7 @@ def _gemm1_block(
     pid_m, pid_n, expert = _tile_coords(
         tile, num_blocks_m, tl.cdiv(inter, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
+    own_rows = True  # the block's rows are its own tile's (a constant without FOLD_TAILS: the branch is static)
     if FOLD_TAILS:
         folded, folds_next = _folds(sorted_ids_ptr, expert_ids_ptr, pid_m, expert, num_blocks_m, num_slots, BLOCK_M)
         if folds_next:
@@ -356,55 +352,27 @@ def _gemm1_block(
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
                 EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, BLOCK_M // 2,
             )  # fmt: skip
-        elif not folded:
-            _gemm1_rows(
+        own_rows = ~(folded | folds_next)
+    if own_rows:
+        if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+            _gemm1_tile(
+                pid_m, pid_n, expert, x_tail_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn,
+                stride_wh, b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr,
+                num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2, 0,
+            )  # fmt: skip
+        else:
+            _gemm1_tile(
                 pid_m, pid_n, expert, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn,
                 stride_wh, b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-                sorted_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                sorted_ids_ptr,
+                num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, 0,
             )  # fmt: skip
-    else:
-        _gemm1_rows(
-            pid_m, pid_n, expert, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-            b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-            sorted_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL,
-        )  # fmt: skip
     return pid_m, pid_n
-
-
-@triton.jit
-def _gemm1_rows(
-    pid_m, pid_n, expert, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-    sorted_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
-    FP32_PRECISE: tl.constexpr, W_TMA: tl.constexpr, A_TMA: tl.constexpr, GATE_UP_DOT: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr,
-):  # fmt: skip
-    """Block pid_m's own rows: its first half (x_tail_ptr's boxes) when SPLIT_TAIL and the second half is padding,
-    else all of them."""
-    if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
-        _gemm1_tile(
-            pid_m, pid_n, expert, x_tail_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn,
-            stride_wh, b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-            sorted_ids_ptr,
-            num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2, 0,
-        )  # fmt: skip
-    else:
-        _gemm1_tile(
-            pid_m, pid_n, expert, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
-            b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
-            sorted_ids_ptr,
-            num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
-            ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, 0,
-        )  # fmt: skip
 
 
 @triton.jit
@@ -672,6 +640,7 @@ def _gemm2_block(
     pid_m, pid_n, expert = _tile_coords(
         tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
     )
+    own_rows = True  # as in _gemm1_block
     if FOLD_TAILS:
         folded, folds_next = _folds(sorted_ids_ptr, expert_ids_ptr, pid_m, expert, num_blocks_m, num_slots, BLOCK_M)
         if folds_next:
@@ -682,51 +651,24 @@ def _gemm2_block(
                 HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
                 BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, BLOCK_M // 2,
             )  # fmt: skip
-        elif not folded:
-            _gemm2_rows(
+        own_rows = ~(folded | folds_next)
+    if own_rows:
+        if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+            _gemm2_tile(
+                pid_m, pid_n, expert, act_tail_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
+                stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
+                sorted_ids_ptr, num_slots, top_k, hidden, inter,
+                HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2, 0,
+            )  # fmt: skip
+        else:
+            _gemm2_tile(
                 pid_m, pid_n, expert, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
                 stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                 sorted_ids_ptr, num_slots, top_k, hidden, inter,
                 HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL,
+                BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, 0,
             )  # fmt: skip
-    else:
-        _gemm2_rows(
-            pid_m, pid_n, expert, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
-            stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-            sorted_ids_ptr, num_slots, top_k, hidden, inter,
-            HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL,
-        )  # fmt: skip
-
-
-@triton.jit
-def _gemm2_rows(
-    pid_m, pid_n, expert, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh, stride_wi,
-    b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-    sorted_ids_ptr, num_slots, top_k, hidden, inter,
-    HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr, ATOMIC: tl.constexpr, FP32_PRECISE: tl.constexpr,
-    W_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-):  # fmt: skip
-    """Block pid_m's own rows: its first half (act_tail_ptr's boxes) when SPLIT_TAIL and the second half is padding,
-    else all of them."""
-    if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
-        _gemm2_tile(
-            pid_m, pid_n, expert, act_tail_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
-            stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-            sorted_ids_ptr, num_slots, top_k, hidden, inter,
-            HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 2, 0,
-        )  # fmt: skip
-    else:
-        _gemm2_tile(
-            pid_m, pid_n, expert, act_ptr, act_tail_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
-            stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
-            sorted_ids_ptr, num_slots, top_k, hidden, inter,
-            HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M, 0,
-        )  # fmt: skip
 
 
 @triton.jit

@@ -541,7 +541,8 @@ def _gluon_gemm1_kernel(
     a_bufs, b_bufs, b2_bufs, ready, empty = _ring(A_LAYOUT, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, gate_up,
                                                   ready_count)  # fmt: skip
     turn = _turns(empty, PINGPONG)
-    # (the partitions' arguments written out: a tuple built here would turn its constexprs into tensors)
+    # (the partitions' arguments written out in each branch: the loader's shared tuple built once before them fails
+    # to compile in Triton 3.6, "`_semantic` argument must be provided outside of JIT functions", session 16)
     if PINGPONG:
         gl.warp_specialize(
             [
@@ -636,7 +637,8 @@ def _gluon_gemm2_kernel(
         stage = a_bufs
         staged = empty.index(0)
         drained = empty.index(0)
-    # (the partitions' arguments written out: a tuple built here would turn its constexprs into tensors)
+    # (the partitions' arguments written out in each branch: the loader's shared tuple built once before them fails
+    # to compile in Triton 3.6, "`_semantic` argument must be provided outside of JIT functions", session 16)
     if PINGPONG:
         gl.warp_specialize(
             [
