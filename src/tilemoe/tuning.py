@@ -119,7 +119,9 @@ class KernelConfig:
     same weight boxes (a second dot per k step), and its own tile does nothing: the tail no longer streams the
     expert's weights again. A persistent GEMM then runs its loop unflattened (as under ``persistent_tails``). Why:
     balanced routing, which has no padding, ran the issue-4 points' kernels 9-12% faster than random routing on an
-    H100 (bench/NOTES.md, version 18). Not yet timed on a GPU.
+    H100 (bench/NOTES.md, version 18). Measured on an H100 (version 19): 1.8-3.8% faster than the same non-persistent
+    Triton GEMMs without it at qwen3-30b-a3b / deepseek-v2-lite T=4096 and mixtral-8x7b T=1024, but 1.4-2.2x slower
+    under a persistent loop, and slower than the table's entries everywhere: no entry takes it.
     """
 
     block_m: int = 64
