@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--point", default="qwen3-30b-a3b:4096", help="MODEL:T")
     parser.add_argument("--variants", nargs="*", default=[], help="KernelConfig changes of the entry")
     parser.add_argument("--scenario", default="random", choices=["random", "balanced", "imbalanced"])
+    parser.add_argument(
+        "--entry-tokens", type=int, default=None, help="run the table entry of this T instead of the point's own"
+    )
     args = parser.parse_args(argv)
     name, tokens = args.point.split(":")
     t = int(tokens)
@@ -43,7 +46,9 @@ def main(argv=None) -> int:
     x = torch.randn(t, config.hidden_size, generator=gen).to("cuda", dtype)
     weights, ids = make_routing_for(args.scenario, t, config, generator=gen, x=x, device="cuda")
     weights, ids = weights.float().contiguous(), ids.to(torch.int32).contiguous()
-    shape = MoEShape(t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
+    shape = MoEShape(
+        args.entry_tokens or t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size
+    )
     entry = pick_config(shape, dtype, torch.cuda.get_device_name())
     for label, cfg in [("entry", entry), *((v, dataclasses.replace(entry, **_changes(v))) for v in args.variants)]:
 
