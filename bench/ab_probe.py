@@ -80,7 +80,7 @@ def probe_command(points: list[str], options: list[str] = ()) -> list[str]:
     return [sys.executable, str(PROBE), "--points", *points, "--no-breakdown", "--no-stats", *options]
 
 
-def run_tree(src: Path, points: list[str], timeout: float, options: list[str] = ()) -> subprocess.Popen:
+def run_tree(src: Path, points: list[str], options: list[str] = ()) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src.resolve()), os.environ.get("PYTHONPATH", "")]))
     command = probe_command(points, options)
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -117,14 +117,14 @@ def main(argv=None) -> int:
     else:
         src = Path(__file__).resolve().parents[1] / "src"
         runs, label = {name: (src, options) for name, options in parse_arms(args.arms).items()}, "arm"
-    warm = [run_tree(src, args.points, args.timeout, options) for src, options in runs.values()]  # in parallel
+    warm = [run_tree(src, args.points, options) for src, options in runs.values()]  # in parallel
     for proc in warm:
         proc.communicate(timeout=args.timeout)
     rounds = []
     for index in range(args.rounds):
         results = {}
         for name, (src, options) in runs.items():
-            proc = run_tree(src, args.points, args.timeout, options)
+            proc = run_tree(src, args.points, options)
             out, _ = proc.communicate(timeout=args.timeout)
             results[name] = parse_probe(out)
             if not results[name]:

@@ -57,6 +57,9 @@ probe_points() {
   timeout -k 5 "$probe" python3 bench/kernel_probe.py --points $points --variants $variants --no-breakdown \
     --no-stats 2>&1 | grep -v Warning | tee "$OUT/${name}_probe.txt" | tee -a "$log"
 }
+# bench/ab_probe.py ARGS... within LIMIT seconds, AB_ROUNDS rounds in turn; its table added to $OUT/NAME.txt and the log
+ab_probe() { local limit=$1 name=$2; shift 2; timeout -k 5 "$limit" python3 bench/ab_probe.py "$@" \
+  --rounds "${AB_ROUNDS:-3}" 2>&1 | grep -v Warning | tee -a "$OUT/$name.txt" | tee -a "$log"; }
 log=$OUT/gpu_check.log
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.draw,power.limit --format=csv
@@ -131,10 +134,9 @@ fi
 
 if [[ $modes == *" padding "* ]]; then
   # shellcheck disable=SC2086  # a list of points
-  timeout -k 5 "${T_PAD:-450}" python3 bench/ab_probe.py --arms random="--scenario random" \
-    balanced="--scenario balanced" --points ${PAD_POINTS:-qwen3-30b-a3b:4096 qwen3-30b-a3b:16384 \
-    deepseek-v2-lite:4096 gpt-oss-120b:16384 mixtral-8x7b:1024} --rounds "${AB_ROUNDS:-3}" 2>&1 |
-    grep -v Warning | tee "$OUT/padding_probe.txt" | tee -a "$log"
+  ab_probe "${T_PAD:-450}" padding_probe --arms random="--scenario random" balanced="--scenario balanced" \
+    --points ${PAD_POINTS:-qwen3-30b-a3b:4096 qwen3-30b-a3b:16384 deepseek-v2-lite:4096 gpt-oss-120b:16384 \
+    mixtral-8x7b:1024}
 fi
 
 if [[ $modes == *" tails "* ]]; then
@@ -142,16 +144,14 @@ if [[ $modes == *" tails "* ]]; then
     read -r name experts top_k entry <<<"$model"
     points=$(for rows in 256 257 272 288 320 321 384; do echo -n "$name:$((rows * experts / top_k)) "; done)
     # shellcheck disable=SC2086  # a list of points
-    timeout -k 5 "${T_TAILS:-220}" python3 bench/ab_probe.py --arms "$name=--scenario balanced --entry-tokens $entry" \
-      --points $points --rounds "${AB_ROUNDS:-3}" 2>&1 | grep -v Warning | tee -a "$OUT/tail_probe.txt" | tee -a "$log"
+    ab_probe "${T_TAILS:-220}" tail_probe --arms "$name=--scenario balanced --entry-tokens $entry" --points $points
   done
 fi
 
 if [[ $modes == *" ab "* ]]; then
   # shellcheck disable=SC2086  # several trees and points
-  timeout -k 5 "${T_AB:-450}" python3 bench/ab_probe.py --trees ${AB_TREES:?AB_TREES: NAME=SRC ...} \
-    --points ${AB_POINTS:-qwen3-30b-a3b:4096 deepseek-v2-lite:4096 mixtral-8x7b:1024} --rounds "${AB_ROUNDS:-3}" 2>&1 |
-    grep -v Warning | tee "$OUT/ab_probe.txt" | tee -a "$log"
+  ab_probe "${T_AB:-450}" ab_probe --trees ${AB_TREES:?AB_TREES: NAME=SRC ...} \
+    --points ${AB_POINTS:-qwen3-30b-a3b:4096 deepseek-v2-lite:4096 mixtral-8x7b:1024}
 fi
 
 if has ladder; then
