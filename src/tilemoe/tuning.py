@@ -121,7 +121,8 @@ class KernelConfig:
     balanced routing, which has no padding, ran the issue-4 points' kernels 9-12% faster than random routing on an
     H100 (bench/NOTES.md, version 18). Measured on an H100 (version 19): 1.8-3.8% faster than the same non-persistent
     Triton GEMMs without it at qwen3-30b-a3b / deepseek-v2-lite T=4096 and mixtral-8x7b T=1024, but 1.4-2.2x slower
-    under a persistent loop, and slower than the table's entries everywhere: no entry takes it.
+    under a persistent loop, and slower than the table's entries there. The H100 table's gpt-oss-120b T=4096 entry
+    (non-persistent Triton GEMMs) takes it: 0.983x / 0.986x of that entry's time in ``tilemoe tune`` (session 18).
     """
 
     block_m: int = 64
