@@ -123,6 +123,10 @@ class KernelConfig:
     Triton GEMMs without it at qwen3-30b-a3b / deepseek-v2-lite T=4096 and mixtral-8x7b T=1024, but 1.4-2.2x slower
     under a persistent loop, and slower than the table's entries there. The H100 table's gpt-oss-120b T=4096 entry
     (non-persistent Triton GEMMs) takes it: 0.983x / 0.986x of that entry's time in ``tilemoe tune`` (session 18).
+    ``fold_gemm2`` (with ``fold_tails``; True by default): the Triton GEMM 2 folds its tails too; False folds GEMM 1's
+    only (GEMM 2 then runs a folded block's rows in that block's own tile, a half tile under split_tail, as it would
+    without the fold). Why: at gpt-oss-120b T=4096 on an H100 the fold took GEMM 1 from 1731 to 1655 us but GEMM 2
+    from 901 to 920 (kernel probe, random routing, in turn; session 18).
     """
 
     block_m: int = 64
@@ -156,6 +160,7 @@ class KernelConfig:
     gluon_gather: bool = False
     async_combine: bool = False
     fold_tails: bool = False
+    fold_gemm2: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -248,6 +253,9 @@ class KernelConfig:
                 f"block_m={self.block_m}, gluon={self.gluon}, one_launch={self.one_launch}, decode={self.decode}, "
                 f"grouped_mm={self.grouped_mm}"
             )
+        if not self.fold_gemm2 and not self.fold_tails:
+            raise ValueError("KernelConfig.fold_gemm2: False turns GEMM 2's fold off, so it needs fold_tails=True, got "
+                             "fold_tails=False")  # fmt: skip
         if self.async_combine and not (self.gluon_gemm2 and self.persistent and not self.pingpong2):
             raise ValueError(
                 "KernelConfig.async_combine: needs GEMM 2 in Gluon (gluon or gluon2) with persistent=True and not "
@@ -264,6 +272,11 @@ class KernelConfig:
     def gluon_gemm2(self) -> bool:
         """GEMM 2 runs as the Gluon kernel where Gluon can (``gluon`` or ``gluon2``)."""
         return self.gluon or self.gluon2
+
+    @property
+    def fold_tails2(self) -> bool:
+        """The Triton GEMM 2 folds its tails (``fold_tails`` and ``fold_gemm2``)."""
+        return self.fold_tails and self.fold_gemm2
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

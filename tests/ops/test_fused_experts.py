@@ -424,6 +424,10 @@ def _folded_blocks(sorted_ids, expert_ids, used_blocks: int, num_slots: int, blo
         (dict(expert_groups=True, group_m1=2, group_m2=2), dict()),  # tiles expert by expert
         (dict(), dict(gated=False, activation="relu")),  # one accumulator
         (dict(tma=True), dict(top_k=1, routing="sigmoid_top1_input_scaled")),  # weights on the input (Llama 4)
+        # GEMM 1 folds, GEMM 2 runs the folded blocks in their own tiles: full ones (reading the rows nobody wrote,
+        # storing none of them), or half tiles through act's half-height boxes
+        (dict(fold_gemm2=False), dict()),
+        (dict(fold_gemm2=False, split_tail=True, tma=True), dict()),
     ],
 )
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -435,7 +439,7 @@ def test_fold_tails(options, model, deterministic, dtype, generator, monkeypatch
     gemm2 = _spy_launches(monkeypatch, "_gemm2_kernel")
     counts = FOLD_COUNTS if model.get("top_k", 2) == 2 else FOLD_COUNTS[:-1]  # top-1: any total
     _run_split_counts(cfg, dtype, generator, deterministic, counts=counts, **model)
-    assert [k["FOLD_TAILS"] for k in gemm1] == [True] and [k["FOLD_TAILS"] for k in gemm2] == [True]
+    assert [k["FOLD_TAILS"] for k in gemm1] == [True] and [k["FOLD_TAILS"] for k in gemm2] == [cfg.fold_gemm2]
     # act: a folded block's first half written by the tile before it, its second half by nobody (NaN from the
     # poisoned buffer); a split tail's second half neither; every other row written
     launch = gemm1[0]
@@ -456,6 +460,9 @@ def test_fold_tails_only_with_a_triton_gemm():
         with pytest.raises(ValueError, match="fold_tails"):
             KernelConfig(fold_tails=True, **other)
     KernelConfig(fold_tails=True, tma=True, gluon2=True)  # GEMM 1 stays Triton: it folds, the Gluon GEMM 2 does not
+    with pytest.raises(ValueError, match="fold_gemm2"):
+        KernelConfig(fold_gemm2=False)  # turns off a fold nobody asked for
+    assert KernelConfig(fold_tails=True).fold_tails2 and not KernelConfig(fold_tails=True, fold_gemm2=False).fold_tails2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

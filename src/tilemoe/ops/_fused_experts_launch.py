@@ -293,7 +293,7 @@ def _launch_triton_gemm2(
     # the half tiles' boxes; TMA reads act through both descriptors or neither (same tensor, same layout test)
     act_arg = act if act_desc is None else act_desc
     act_tail_arg = act_arg
-    if act_desc is not None and (split_tail2 or cfg.fold_tails):
+    if act_desc is not None and (split_tail2 or cfg.fold_tails2):
         act_tail_arg = _tma_descriptor(act, cfg.block_m // 2, cfg.block_k2)
     num_blocks_m = align.sorted_ids.numel() // cfg.block_m
     tiles2 = num_blocks_m * cdiv(x.shape[1], cfg.block_n2)
@@ -342,7 +342,7 @@ def _launch_triton_gemm2(
         GROUP_M=cfg.group_m2,
         EXPERT_GROUPS=cfg.expert_groups,
         SPLIT_TAIL=split_tail2,
-        FOLD_TAILS=cfg.fold_tails,
+        FOLD_TAILS=cfg.fold_tails2,
         num_warps=cfg.num_warps2,
         num_stages=cfg.num_stages2,
     )
