@@ -163,11 +163,30 @@ if has ladder; then
   done
 fi
 
+# Triton's compiles for one model's triton benches, every token count in a process of its own, all at once (the
+# compiles are CPU-bound and serial within a process; the timed bench then reads the on-disk cache): an eager call or
+# two of triton and triton_deterministic per T, nothing written. gpt-oss-120b's bench alone ran past 150 s on a machine
+# whose cache held none of its kernels (session 18; in run 22, last of four models, it took under 130). WARM_TRITON=0
+# skips it.
+warm_triton() {
+  local model=$1 t
+  [[ ${WARM_TRITON:-1} == 1 ]] || return 0
+  for t in $TRITON_TOKENS; do
+    timeout -k 5 "${T_WARM_TRITON:-100}" python3 -m tilemoe bench --model "$model" --dtype bf16 \
+      --impl triton triton_deterministic --num-tokens "$t" --scenarios random --warmup-iters 1 --benchmark-iters 1 \
+      --rounds 1 >/dev/null 2>&1 &
+  done
+  wait
+}
+
 if has triton; then
+  TRITON_TOKENS="1 8 64 256 1024 4096 16384"
   # TRITON_MODELS splits the four models over calls; GRAPH_CALLS layer calls per CUDA graph at T <= 256
   for model in ${TRITON_MODELS:-qwen3-30b-a3b mixtral-8x7b deepseek-v2-lite gpt-oss-120b}; do
+    warm_triton "$model"
+    # shellcheck disable=SC2086  # TRITON_TOKENS: a list
     tm "$T_TRITON" bench --model $model --dtype bf16 --impl triton triton_deterministic torch_grouped_mm grouped \
-      --baseline torch_grouped_mm --num-tokens 1 8 64 256 1024 4096 16384 --scenarios random imbalanced \
+      --baseline torch_grouped_mm --num-tokens $TRITON_TOKENS --scenarios random imbalanced \
       --imbalance-factor 3.0 --cuda-graph --graph-calls "${GRAPH_CALLS:-10}" --bmm-ceiling \
       --output-format all --output-file /tmp/res/h100-triton-$model 2>&1 | tee -a "$log"
     tar -czf "$OUT/results.tar.gz" -C /tmp/res . 2>/dev/null  # after each model: a call cut short keeps the finished
