@@ -127,6 +127,13 @@ class KernelConfig:
     only (GEMM 2 then runs a folded block's rows in that block's own tile, a half tile under split_tail, as it would
     without the fold). Why: at gpt-oss-120b T=4096 on an H100 the fold took GEMM 1 from 1731 to 1655 us but GEMM 2
     from 901 to 920 (kernel probe, random routing, in turn; session 18).
+    ``swap_tails1`` (the Triton GEMM 1, x gathered by token; needs block_m >= 64): a block holding at most block_m / 4
+    real rows (an expert's tail) is computed with the operands' roles swapped, acc^T = W @ x^T, the weight box as the
+    MMA's M and the block_m / 4 tokens as its N, so its MMAs scale with the tail's rows rather than the tile's height (a
+    tail block under split_tail still runs m64 wgmmas on its half). A persistent GEMM 1 swaps only with
+    persistent_tails, as it splits (a flattened loop holds one tile shape). Why: Nsight Compute on an H100 found GEMM
+    1's one-row tail tiles bound by their MMAs on the padded rows, not by memory (tensor pipe 62 -> 71%, DRAM bytes +2%;
+    bench/NOTES.md, version 20). Written and tested in the interpreter only: NOT yet run on a GPU.
     """
 
     block_m: int = 64
@@ -161,6 +168,7 @@ class KernelConfig:
     async_combine: bool = False
     fold_tails: bool = False
     fold_gemm2: bool = True
+    swap_tails1: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -251,6 +259,16 @@ class KernelConfig:
                 "KernelConfig.fold_tails: the Triton GEMMs' tails folded into block_m / 2 more rows, so block_m >= 32 "
                 "and a Triton GEMM (not gluon, which takes both, nor one_launch, decode or grouped_mm), got "
                 f"block_m={self.block_m}, gluon={self.gluon}, one_launch={self.one_launch}, decode={self.decode}, "
+                f"grouped_mm={self.grouped_mm}"
+            )
+        if self.swap_tails1 and (
+            self.block_m < 64 or self.gluon_gemm1 or self.sorted_x or self.one_launch or self.decode or self.grouped_mm
+        ):
+            raise ValueError(
+                "KernelConfig.swap_tails1: the Triton GEMM 1's tails of at most block_m / 4 rows as the MMA's N "
+                "(>= 16), x gathered by token, so block_m >= 64 and neither gluon / gluon1, sorted_x, one_launch, "
+                f"decode nor grouped_mm, got block_m={self.block_m}, gluon={self.gluon}, gluon1={self.gluon1}, "
+                f"sorted_x={self.sorted_x}, one_launch={self.one_launch}, decode={self.decode}, "
                 f"grouped_mm={self.grouped_mm}"
             )
         if not self.fold_gemm2 and not self.fold_tails:

@@ -454,6 +454,62 @@ def test_fold_tails(options, model, deterministic, dtype, generator, monkeypatch
         assert bool(unwritten[block, 16:].all()) == (block in folded or split), block
 
 
+# against block_m = 64 (quarters of 16 rows, halves of 32): tails of 1-16 rows swap (5, 16, 70 = 64 + 6, 13), 17-32
+# split (17, 32) or run full tiles (33, 100 = 64 + 36), none at 0 and 64
+SWAP_COUNTS = [0, 5, 16, 17, 32, 33, 64, 70, 100, 13]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "options,model",
+    [
+        (dict(), dict()),
+        (dict(split_tail=True), dict()),  # quarters swap, the other halves split
+        (dict(tma=True), dict()),  # weight boxes through TMA
+        (dict(tma=True, gate_up_dot=True, split_tail=True), dict()),  # one [gate | up] box per k step
+        (dict(persistent1=True, persistent_tails=True, split_tail=True), dict()),  # the persistent loop, unflattened
+        (dict(expert_groups=True, group_m1=2, group_m2=2, fold_tails=True), dict()),  # folds first, then swaps
+        (dict(), dict(gated=False, activation="relu")),  # one accumulator
+        (dict(tma=True), dict(top_k=1, routing="sigmoid_top1_input_scaled")),  # weights on the input (Llama 4)
+    ],
+)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_swap_tails1(options, model, deterministic, dtype, generator, monkeypatch):
+    cfg = KernelConfig(block_m=64, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
+                       swap_tails1=True, **options)  # fmt: skip
+    _poison(monkeypatch)
+    gemm1 = _spy_launches(monkeypatch, "_gemm1_kernel")
+    counts = SWAP_COUNTS if model.get("top_k", 2) == 2 else SWAP_COUNTS[:-1]
+    _run_split_counts(cfg, dtype, generator, deterministic, counts=counts, **model)
+    assert [k["SWAP_TAILS"] for k in gemm1] == [True]
+    # act: a swapped block's first quarter written, the rest by nobody (NaN from the poisoned buffer); a split
+    # block's second half neither; a folded block's second half neither; every other row written
+    launch = gemm1[0]
+    act, used, slots = launch["act_ptr"], int(launch["num_padded_ptr"]), launch["num_slots"]
+    ids = launch["sorted_ids_ptr"]
+    folded = _folded_blocks(ids, launch["expert_ids_ptr"], used // 64, slots, 64) if cfg.fold_tails else []
+    unwritten = act[:used].isnan().any(dim=1).view(-1, 64).cpu()
+    swapped = 0
+    for block in range(used // 64):
+        quarter_empty = int(ids[block * 64 + 16]) >= slots
+        half_empty = int(ids[block * 64 + 32]) >= slots
+        swap = quarter_empty and block not in folded
+        swapped += swap
+        assert not unwritten[block, :16].any(), block
+        assert bool(unwritten[block, 16:32].all()) == swap, block
+        assert bool(unwritten[block, 32:].all()) == (swap or block in folded or (cfg.split_tail and half_empty)), block
+    assert swapped == (3 if cfg.fold_tails else 4) - (model.get("top_k", 2) == 1)  # 70's tail folds under fold_tails
+
+
+def test_swap_tails1_only_where_it_can():
+    for other in (dict(block_m=32), dict(tma=True, gluon=True), dict(tma=True, gluon1=True),
+                  dict(tma=True, sorted_x=True), dict(one_launch=True), dict(decode=True),
+                  dict(grouped_mm=True)):  # fmt: skip
+        with pytest.raises(ValueError, match="swap_tails1"):
+            KernelConfig(block_m=other.pop("block_m", 64), swap_tails1=True, **other)
+    KernelConfig(block_m=64, swap_tails1=True, tma=True, gluon2=True)  # GEMM 1 swaps, the Gluon GEMM 2 runs its tiles
+
+
 def test_fold_tails_only_with_a_triton_gemm():
     for other in (dict(block_m=16), dict(tma=True, gluon=True), dict(one_launch=True), dict(decode=True),
                   dict(grouped_mm=True)):  # fmt: skip

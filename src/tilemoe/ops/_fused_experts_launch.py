@@ -255,6 +255,7 @@ def _launch(
         **pdl_options(x.device),
         **gemm1_args,
         FOLD_TAILS=cfg.fold_tails,
+        SWAP_TAILS=cfg.swap_tails1 and (not cfg.persistent1 or cfg.persistent_tails),
         num_blocks_m=num_blocks_m,
         PERSISTENT=cfg.persistent1,
         zero_ptr=out,

@@ -129,6 +129,13 @@ def _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _rows_from_empty(sorted_ids_ptr, pid_m, num_slots, FIRST: tl.constexpr, BLOCK_M: tl.constexpr):
+    """True when rows [FIRST, BLOCK_M) of block pid_m are all padding (an expert's real rows come first in its padded
+    range, so row FIRST tells): the block holds at most FIRST real rows."""
+    return tl.load(sorted_ids_ptr + pid_m * BLOCK_M + FIRST) >= num_slots
+
+
+@triton.jit
 def _folds(sorted_ids_ptr, expert_ids_ptr, pid_m, expert, num_blocks_m, num_slots, BLOCK_M: tl.constexpr):
     """(this block is a tail folded into the block before it, the next block is a tail this block's tile folds in)
     under FOLD_TAILS: a tail is an expert's last block holding at most BLOCK_M / 2 real rows (``_second_half_empty``)
@@ -297,6 +304,68 @@ def _gemm1_tile(
 
 
 @triton.jit
+def _gemm1_tile_swapped(
+    pid_m, pid_n, expert, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+    b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+    sorted_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr,
+    FP32_PRECISE: tl.constexpr, W_TMA: tl.constexpr, GATE_UP_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """GEMM 1 on the first ROWS rows of block pid_m (a tail of at most ROWS real rows, SWAP_TAILS) with the operands'
+    roles swapped: acc^T [N, ROWS] = W [N, K] @ x^T [K, ROWS], the weight box as the MMA's M and the block's tokens as
+    its N, so the MMAs scale with ROWS instead of a tile's height (Hopper's wgmma: M = 64 a warpgroup, N from 8).
+    x's rows are gathered by token (no x_sorted); the epilogue is ``_gemm1_store``'s on acc^T transposed."""
+    rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
+    slot = tl.load(sorted_ids_ptr + rows)
+    valid = slot < num_slots
+    token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+    expert = expert.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+    n1 = 2 * inter if GATED else inter
+    gate_row = (expert * n1 + pid_n * BLOCK_N).to(tl.int32)
+    a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh  # padding rows read token 0
+    if W_TMA:  # w_ptr is the descriptor; the pointer tiles below are never formed
+        g_ptrs = w_ptr
+        u_ptrs = w_ptr
+    else:
+        g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
+        u_ptrs = g_ptrs + inter * stride_wn
+    if GATE_UP_DOT:  # one [2 BLOCK_N, ROWS] accumulator: gate rows, then up rows
+        acc_t = tl.zeros([2 * BLOCK_N, ROWS], dtype=tl.float32)
+        box_row = (2 * expert).to(tl.int32)
+        for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
+            k_mask = ks < hidden - k0 * BLOCK_K
+            a = _load_a(a_ptrs, x_ptr, 0, k0 * BLOCK_K, k_mask, False, EVEN_K)
+            w = w_ptr.load([box_row, pid_n * BLOCK_N, k0 * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K)
+            acc_t = _dot(w, a.T, acc_t, FP32_PRECISE)
+            a_ptrs += BLOCK_K * stride_xh
+        acc_g, acc_u = acc_t.T.reshape(ROWS, 2, BLOCK_N).permute(0, 2, 1).split()
+    else:
+        acc_tg = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+        acc_tu = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
+            k_mask = ks < hidden - k0 * BLOCK_K
+            a = _load_a(a_ptrs, x_ptr, 0, k0 * BLOCK_K, k_mask, False, EVEN_K)
+            wg = _load_w(g_ptrs, w_ptr, gate_row, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
+            acc_tg = _dot(wg.T, a.T, acc_tg, FP32_PRECISE)
+            if GATED:
+                wu = _load_w(u_ptrs, w_ptr, gate_row + inter, k0 * BLOCK_K, k_mask, col_mask, W_TMA, EVEN_K and EVEN_N)
+                acc_tu = _dot(wu.T, a.T, acc_tu, FP32_PRECISE)
+            a_ptrs += BLOCK_K * stride_xh
+            if not W_TMA:
+                g_ptrs += BLOCK_K * stride_wh
+                u_ptrs += BLOCK_K * stride_wh
+        acc_g = acc_tg.T
+        acc_u = acc_tu.T
+    _gemm1_store(acc_g, acc_u, rows, slot, valid, expert, cols, col_mask, b_ptr, stride_be, stride_bn,
+                 topk_weights_ptr, act_ptr, stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit, ACTIVATION,
+                 GATED, HAS_BIAS, WEIGHTS_ON_INPUT)  # fmt: skip
+
+
+@triton.jit
 def _gemm1_store(acc_g, acc_u, rows, slot, valid, expert, cols, col_mask, b_ptr, stride_be, stride_bn,
                  topk_weights_ptr, act_ptr, stride_am, stride_ai, inter, swiglu_alpha, swiglu_limit,
                  ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -331,8 +400,10 @@ def _gemm1_block(
     FP32_PRECISE: tl.constexpr, W_TMA: tl.constexpr, A_TMA: tl.constexpr, GATE_UP_DOT: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, SPLIT_TAIL: tl.constexpr, FOLD_TAILS: tl.constexpr,
+    SWAP_TAILS: tl.constexpr = False,
 ):  # fmt: skip
-    """GEMM 1 tile ``tile``: its block's first half only (x_tail_ptr's boxes) when SPLIT_TAIL and the second half is
+    """GEMM 1 tile ``tile``: its block's first quarter only, operands swapped (``_gemm1_tile_swapped``), when SWAP_TAILS
+    and the rest is padding; its first half only (x_tail_ptr's boxes) when SPLIT_TAIL and the second half is
     padding, else the whole block (Triton needs the row count as a constexpr: one call per height). Under FOLD_TAILS
     a tail after a block of the same expert is computed by that block's tile, as BLOCK_M / 2 more rows on the same
     weight boxes (``_folds``), and its own tile does nothing. Returns the tile's (pid_m, pid_n): ``_tile_coords`` runs
@@ -354,7 +425,15 @@ def _gemm1_block(
             )  # fmt: skip
         own_rows = ~(folded | folds_next)
     if own_rows:
-        if SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
+        if SWAP_TAILS and _rows_from_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M // 4, BLOCK_M):
+            _gemm1_tile_swapped(
+                pid_m, pid_n, expert, x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
+                b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
+                sorted_ids_ptr, num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
+                ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, GATE_UP_DOT, EVEN_K, EVEN_N,
+                BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_M // 4,
+            )  # fmt: skip
+        elif SPLIT_TAIL and _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M):
             _gemm1_tile(
                 pid_m, pid_n, expert, x_tail_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn,
                 stride_wh, b_ptr, stride_be, stride_bn, topk_weights_ptr, act_ptr, stride_am, stride_ai,
@@ -425,6 +504,7 @@ def _gemm1_kernel(
     zero_ptr,  # with ZERO_OUT: a contiguous buffer of zero_numel elements that every program clears a share of
     zero_numel,
     ZERO_OUT: tl.constexpr,
+    SWAP_TAILS: tl.constexpr = False,  # a block of at most BLOCK_M / 4 real rows: ``_gemm1_tile_swapped``
     ZERO_BLOCK: tl.constexpr = 1024,
 ):
     _pdl_prologue(PDL)
@@ -434,7 +514,7 @@ def _gemm1_kernel(
     if PERSISTENT:
         used_m = num_padded // BLOCK_M
         num_tiles = used_m * tl.cdiv(inter, BLOCK_N)
-        if SPLIT_TAIL or FOLD_TAILS:  # each tile picks its height: several tile shapes, so the loop is not flattened
+        if SPLIT_TAIL or FOLD_TAILS or SWAP_TAILS:  # a tile's height picked per tile: the loop is not flattened
             for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
                 _gemm1_block(
                     tile, used_m, x_ptr, x_tail_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh,
@@ -442,7 +522,7 @@ def _gemm1_kernel(
                     sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
                     num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                     ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS,
+                    EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS, SWAP_TAILS,
                 )  # fmt: skip
         else:
             for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
@@ -463,7 +543,7 @@ def _gemm1_kernel(
                 sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr,
                 num_slots, top_k, hidden, inter, swiglu_alpha, swiglu_limit,
                 ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, FP32_PRECISE, W_TMA, A_TMA, GATE_UP_DOT, EVEN_K,
-                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS,
+                EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS, SWAP_TAILS,
             )  # fmt: skip
 
 
