@@ -121,18 +121,17 @@ def _tile_live(tile, num_blocks_m, num_blocks_n, num_padded, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
-    """True when rows [BLOCK_M / 2, BLOCK_M) of block pid_m are all padding. An expert's real rows come first in its
-    padded range, so the first row of the second half tells: the block is its expert's last, holding at most
-    BLOCK_M / 2 real rows (a random routing leaves about half the experts such a tail)."""
-    return tl.load(sorted_ids_ptr + pid_m * BLOCK_M + BLOCK_M // 2) >= num_slots
-
-
-@triton.jit
 def _rows_from_empty(sorted_ids_ptr, pid_m, num_slots, FIRST: tl.constexpr, BLOCK_M: tl.constexpr):
     """True when rows [FIRST, BLOCK_M) of block pid_m are all padding (an expert's real rows come first in its padded
     range, so row FIRST tells): the block holds at most FIRST real rows."""
     return tl.load(sorted_ids_ptr + pid_m * BLOCK_M + FIRST) >= num_slots
+
+
+@triton.jit
+def _second_half_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
+    """True when rows [BLOCK_M / 2, BLOCK_M) of block pid_m are all padding: the block is its expert's last, holding at
+    most BLOCK_M / 2 real rows (a random routing leaves about half the experts such a tail)."""
+    return _rows_from_empty(sorted_ids_ptr, pid_m, num_slots, BLOCK_M // 2, BLOCK_M)
 
 
 @triton.jit
