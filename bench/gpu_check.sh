@@ -172,7 +172,7 @@ warm_triton() {
   local model=$1 t
   [[ ${WARM_TRITON:-1} == 1 ]] || return 0
   for t in $TRITON_TOKENS; do
-    timeout -k 5 "${T_WARM_TRITON:-100}" python3 -m tilemoe bench --model "$model" --dtype bf16 \
+    tm "${T_WARM_TRITON:-100}" bench --model "$model" --dtype bf16 \
       --impl triton triton_deterministic --num-tokens "$t" --scenarios random --warmup-iters 1 --benchmark-iters 1 \
       --rounds 1 >/dev/null 2>&1 &
   done

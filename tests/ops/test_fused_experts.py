@@ -403,6 +403,18 @@ EVERY_FORM = dict(tma=True, sorted_x=True, gate_up_dot=True, persistent1=True, p
 EVERY_FORM["persistent_tails"] = True
 
 
+def _run_poisoned(monkeypatch, cfg, dtype, generator, deterministic, counts, **model):
+    """``_run_split_counts`` with every launcher buffer poisoned (NaN) and both Triton GEMMs' launches recorded:
+    (GEMM 1's launches, GEMM 2's, [blocks in use, block_m] bool of the act rows GEMM 1 left unwritten)."""
+    _poison(monkeypatch)
+    gemm1 = _spy_launches(monkeypatch, "_gemm1_kernel")
+    gemm2 = _spy_launches(monkeypatch, "_gemm2_kernel")
+    _run_split_counts(cfg, dtype, generator, deterministic, counts=counts, **model)
+    used = int(gemm1[0]["num_padded_ptr"])
+    unwritten = gemm1[0]["act_ptr"][:used].isnan().any(dim=1).view(-1, cfg.block_m).cpu()
+    return gemm1, gemm2, unwritten
+
+
 def _folded_blocks(sorted_ids, expert_ids, used_blocks: int, num_slots: int, block_m: int) -> list[int]:
     """The blocks FOLD_TAILS folds into the block before, worked out on the host from the alignment."""
     half = sorted_ids.view(-1, block_m)[:used_blocks, block_m // 2].cpu()
@@ -434,20 +446,16 @@ def _folded_blocks(sorted_ids, expert_ids, used_blocks: int, num_slots: int, blo
 def test_fold_tails(options, model, deterministic, dtype, generator, monkeypatch):
     cfg = KernelConfig(block_m=32, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
                        fold_tails=True, **options)  # fmt: skip
-    _poison(monkeypatch)
-    gemm1 = _spy_launches(monkeypatch, "_gemm1_kernel")
-    gemm2 = _spy_launches(monkeypatch, "_gemm2_kernel")
     counts = FOLD_COUNTS if model.get("top_k", 2) == 2 else FOLD_COUNTS[:-1]  # top-1: any total
-    _run_split_counts(cfg, dtype, generator, deterministic, counts=counts, **model)
+    gemm1, gemm2, unwritten = _run_poisoned(monkeypatch, cfg, dtype, generator, deterministic, counts, **model)
     assert [k["FOLD_TAILS"] for k in gemm1] == [True] and [k["FOLD_TAILS"] for k in gemm2] == [cfg.fold_gemm2]
     # act: a folded block's first half written by the tile before it, its second half by nobody (NaN from the
     # poisoned buffer); a split tail's second half neither; every other row written
-    launch = gemm1[0]
-    act, used, slots = launch["act_ptr"], int(launch["num_padded_ptr"]), launch["num_slots"]
-    folded = _folded_blocks(launch["sorted_ids_ptr"], launch["expert_ids_ptr"], used // 32, slots, 32)
+    launch, blocks = gemm1[0], unwritten.shape[0]
+    slots = launch["num_slots"]
+    folded = _folded_blocks(launch["sorted_ids_ptr"], launch["expert_ids_ptr"], blocks, slots, 32)
     assert len(folded) == 3  # 45's, 65's and 48's tails
-    unwritten = act[:used].isnan().any(dim=1).view(-1, 32).cpu()
-    for block in range(used // 32):
+    for block in range(blocks):
         half_empty = int(launch["sorted_ids_ptr"][block * 32 + 16]) >= slots
         split = cfg.split_tail and (not cfg.persistent1 or cfg.persistent_tails) and half_empty
         assert not unwritten[block, :16].any(), block
@@ -477,20 +485,16 @@ SWAP_COUNTS = [0, 5, 16, 17, 32, 33, 64, 70, 100, 13]
 def test_swap_tails1(options, model, deterministic, dtype, generator, monkeypatch):
     cfg = KernelConfig(block_m=64, block_n1=16, block_k1=16, block_n2=32, block_k2=16, num_stages1=2, num_stages2=2,
                        swap_tails1=True, **options)  # fmt: skip
-    _poison(monkeypatch)
-    gemm1 = _spy_launches(monkeypatch, "_gemm1_kernel")
     counts = SWAP_COUNTS if model.get("top_k", 2) == 2 else SWAP_COUNTS[:-1]
-    _run_split_counts(cfg, dtype, generator, deterministic, counts=counts, **model)
+    gemm1, _, unwritten = _run_poisoned(monkeypatch, cfg, dtype, generator, deterministic, counts, **model)
     assert [k["SWAP_TAILS"] for k in gemm1] == [True]
     # act: a swapped block's first quarter written, the rest by nobody (NaN from the poisoned buffer); a split
     # block's second half neither; a folded block's second half neither; every other row written
-    launch = gemm1[0]
-    act, used, slots = launch["act_ptr"], int(launch["num_padded_ptr"]), launch["num_slots"]
-    ids = launch["sorted_ids_ptr"]
-    folded = _folded_blocks(ids, launch["expert_ids_ptr"], used // 64, slots, 64) if cfg.fold_tails else []
-    unwritten = act[:used].isnan().any(dim=1).view(-1, 64).cpu()
+    launch, blocks = gemm1[0], unwritten.shape[0]
+    slots, ids = launch["num_slots"], launch["sorted_ids_ptr"]
+    folded = _folded_blocks(ids, launch["expert_ids_ptr"], blocks, slots, 64) if cfg.fold_tails else []
     swapped = 0
-    for block in range(used // 64):
+    for block in range(blocks):
         quarter_empty = int(ids[block * 64 + 16]) >= slots
         half_empty = int(ids[block * 64 + 32]) >= slots
         swap = quarter_empty and block not in folded

@@ -189,8 +189,10 @@ def _launch(
         gate_up_dot = w13_desc is not None
     if w13_desc is None and cfg.tma:
         w13_desc = _tma_descriptor(w13, cfg.block_n1, cfg.block_k1)
+    # a tile height picked per tile (split, swapped tails): not in a flattened persistent loop, which holds one shape
+    heights_vary1 = not cfg.persistent1 or cfg.persistent_tails
+    split_tail1 = cfg.split_tail and heights_vary1
     # GEMM 1's input: x gathered by token, or x_sorted through TMA boxes (full, and half for split tails)
-    split_tail1 = cfg.split_tail and (not cfg.persistent1 or cfg.persistent_tails)
     x_arg = x_tail_arg = x
     if cfg.sorted_x and _tma_rows_ok(x.device, hidden, x.element_size(), cfg.block_k1):
         x_sorted = _sorted_rows(x, align, capacity, top_k)
@@ -255,7 +257,7 @@ def _launch(
         **pdl_options(x.device),
         **gemm1_args,
         FOLD_TAILS=cfg.fold_tails,
-        SWAP_TAILS=cfg.swap_tails1 and (not cfg.persistent1 or cfg.persistent_tails),
+        SWAP_TAILS=cfg.swap_tails1 and heights_vary1,
         num_blocks_m=num_blocks_m,
         PERSISTENT=cfg.persistent1,
         zero_ptr=out,

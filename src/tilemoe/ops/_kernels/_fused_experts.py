@@ -172,6 +172,31 @@ def _load_a(a_ptrs, a_desc, row, k0, k_mask, A_TMA: tl.constexpr, EVEN_K: tl.con
 
 
 @triton.jit
+def _block_rows(sorted_ids_ptr, first_row, num_slots, top_k, ROWS: tl.constexpr):
+    """Rows [first_row, first_row + ROWS) of the padded order: (rows, their slots, which slots are real, their tokens
+    in int64; a padding row's token is 0, so a gather of x by token needs no row mask)."""
+    rows = first_row + tl.arange(0, ROWS)
+    slot = tl.load(sorted_ids_ptr + rows)
+    valid = slot < num_slots
+    token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+    return rows, slot, valid, token
+
+
+@triton.jit
+def _gemm1_w_ptrs(w_ptr, expert, cols, ks, stride_we, stride_wn, stride_wh, inter, W_TMA: tl.constexpr):
+    """(gate, up) weight tiles of GEMM 1's k loop: w_ptr itself twice under W_TMA (the descriptor; the pointer tiles
+    are never formed), else [BLOCK_K, BLOCK_N] pointer views of the expert's gate rows and its up rows (I further
+    down)."""
+    if W_TMA:
+        g_ptrs = w_ptr
+        u_ptrs = w_ptr
+    else:
+        g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
+        u_ptrs = g_ptrs + inter * stride_wn
+    return g_ptrs, u_ptrs
+
+
+@triton.jit
 def _gemm1_tile(
     pid_m,  # the tile's coordinates and its block's expert, from ``_tile_coords``
     pid_n,
@@ -214,10 +239,8 @@ def _gemm1_tile(
     ROWS: tl.constexpr,  # rows computed: BLOCK_M, or BLOCK_M // 2 (x_ptr's TMA boxes are then [ROWS, BLOCK_K])
     EXTRA: tl.constexpr,  # 0, or BLOCK_M // 2: the next block's first rows too (a folded tail), on the same weights
 ):
-    rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
-    slot = tl.load(sorted_ids_ptr + rows)
-    valid = slot < num_slots
-    token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    rows, slot, valid, token = _block_rows(sorted_ids_ptr, row0, num_slots, top_k, ROWS)
     expert = expert.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
@@ -225,26 +248,17 @@ def _gemm1_tile(
     n1 = 2 * inter if GATED else inter
     gate_row = (expert * n1 + pid_n * BLOCK_N).to(tl.int32)
 
-    row0 = pid_m * BLOCK_M
     if A_TMA:  # x_ptr is the descriptor of x in padded order (x_sorted); the pointer tile is never formed
         a_ptrs = x_ptr
     else:  # rows gathered by token
         a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh
     if EXTRA:  # the folded tail's rows: the next block's first EXTRA
-        rows_x = row0 + BLOCK_M + tl.arange(0, EXTRA)
-        slot_x = tl.load(sorted_ids_ptr + rows_x)
-        valid_x = slot_x < num_slots
+        rows_x, slot_x, valid_x, token_x = _block_rows(sorted_ids_ptr, row0 + BLOCK_M, num_slots, top_k, EXTRA)
         if A_TMA:
             ax_ptrs = x_tail_ptr
         else:
-            token_x = tl.where(valid_x, slot_x // top_k, 0).to(tl.int64)
             ax_ptrs = x_ptr + token_x[:, None] * stride_xt + ks[None, :] * stride_xh
-    if W_TMA:  # w_ptr is the descriptor; the pointer tiles below are never formed
-        g_ptrs = w_ptr
-        u_ptrs = w_ptr
-    else:  # [BLOCK_K, BLOCK_N] views of the gate rows and the up rows (I further down) of this expert
-        g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
-        u_ptrs = g_ptrs + inter * stride_wn
+    g_ptrs, u_ptrs = _gemm1_w_ptrs(w_ptr, expert, cols, ks, stride_we, stride_wn, stride_wh, inter, W_TMA)
     # padding rows read token 0 (finite, discarded by GEMM 2): the A loads need no row mask
     if GATE_UP_DOT:  # one [ROWS, 2 BLOCK_N] accumulator, gate columns then up columns (see the module docstring)
         acc = tl.zeros([ROWS, 2 * BLOCK_N], dtype=tl.float32)
@@ -315,23 +329,15 @@ def _gemm1_tile_swapped(
     roles swapped: acc^T [N, ROWS] = W [N, K] @ x^T [K, ROWS], the weight box as the MMA's M and the block's tokens as
     its N, so the MMAs scale with ROWS instead of a tile's height (Hopper's wgmma: M = 64 a warpgroup, N from 8).
     x's rows are gathered by token (no x_sorted); the epilogue is ``_gemm1_store``'s on acc^T transposed."""
-    rows = pid_m * BLOCK_M + tl.arange(0, ROWS)
-    slot = tl.load(sorted_ids_ptr + rows)
-    valid = slot < num_slots
-    token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+    rows, slot, valid, token = _block_rows(sorted_ids_ptr, pid_m * BLOCK_M, num_slots, top_k, ROWS)
     expert = expert.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
     ks = tl.arange(0, BLOCK_K)
     n1 = 2 * inter if GATED else inter
     gate_row = (expert * n1 + pid_n * BLOCK_N).to(tl.int32)
-    a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh  # padding rows read token 0
-    if W_TMA:  # w_ptr is the descriptor; the pointer tiles below are never formed
-        g_ptrs = w_ptr
-        u_ptrs = w_ptr
-    else:
-        g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wh
-        u_ptrs = g_ptrs + inter * stride_wn
+    a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh
+    g_ptrs, u_ptrs = _gemm1_w_ptrs(w_ptr, expert, cols, ks, stride_we, stride_wn, stride_wh, inter, W_TMA)
     if GATE_UP_DOT:  # one [2 BLOCK_N, ROWS] accumulator: gate rows, then up rows
         acc_t = tl.zeros([2 * BLOCK_N, ROWS], dtype=tl.float32)
         box_row = (2 * expert).to(tl.int32)
