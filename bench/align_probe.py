@@ -45,7 +45,8 @@ def probe(name: str, tokens: int, chunks: list[int], rounds: int) -> None:
           + ", ".join(f"chunk {c} {t:6.1f} us" for c, t in zip(runs, us)))  # fmt: skip
     for chunk, fn in runs.items():
         times = kernel_times(fn)
-        print(f"  chunk {chunk} kernels: " + ", ".join(f"{k.split('_kernel')[0][-12:]} {v:.1f}" for k, v in times.items()))
+        parts = ", ".join(f"{k.split('_kernel')[0][-12:]} {v:.1f}" for k, v in times.items())
+        print(f"  chunk {chunk} kernels: {parts}")
 
 
 def main(argv=None) -> int:
