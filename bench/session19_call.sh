@@ -5,6 +5,7 @@
 #                                    of qwen3 / deepseek in their Triton-GEMM-1 form, with and without swap_tails1
 #   bash bench/session19_call.sh 2   the same at mixtral T=1024; gemm1_clears_out / swap_tails1 at qwen3 / deepseek
 #                                    T=1024 and mixtral T=64 / 256; bench/align_probe.py; bench/layer_probe.py
+# On an H200 either stage runs bench/session17_h200.sh instead (the H200 table's Gluon entries).
 # Every tune times random + imbalanced routing, in turn, and writes nothing into the package: each run's table
 # (entries + measured records) comes back as $OUT/tune_<label>.json.
 set -uo pipefail
@@ -27,6 +28,11 @@ tune() {  # tune LABEL BUDGET_S ARGS...: the variants' times against the entry
   grep -A12 "^variants" "$OUT/tune_$label.log" | grep -v "^--$"
 }
 
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+if [[ $gpu == *H200* ]]; then  # a call may come as an H200: then its table's Gluon entries (never tuned there)
+  BUDGET=${BUDGET:-380} bash bench/session17_h200.sh
+  exit
+fi
 case ${1:-1} in
 1)
   timeout -k 5 200 python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_fused_experts.py -k "fold or swap" \
