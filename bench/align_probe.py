@@ -3,8 +3,9 @@
     PYTHONPATH=src python3 bench/align_probe.py [--points qwen3-30b-a3b:1024 ...] [--chunks 64 128 256]
 
 For each point (model:T, random routing, the block_m of its table entry): ``moe_align_triton`` at each chunk
-size (every result checked equal to ``moe_align_torch``), ten calls per graph, graphs replayed in turn; then the
-torch profiler's per-kernel time of one call at each chunk. A development tool behind ``ALIGN_CHUNK``.
+size, with its scan launch and without it (``fused_scan``), every result checked equal to ``moe_align_torch``;
+ten calls per graph, graphs replayed in turn; then the torch profiler's per-kernel time of one call of each. A
+development tool behind ``ALIGN_CHUNK`` and ``FUSED_SCAN_MAX_ENTRIES``.
 """
 
 from __future__ import annotations
@@ -33,27 +34,29 @@ def probe(name: str, tokens: int, chunks: list[int], rounds: int) -> None:
     want = moe_align_torch(ids, config.num_experts, block_m)
     runs = {}
     for chunk in chunks:
-        fn = functools.partial(moe_align_triton, ids, config.num_experts, block_m, chunk=chunk)
-        got = fn()
-        same = all(torch.equal(getattr(got, f), getattr(want, f)) for f in ("sorted_ids", "expert_ids", "counts",
-                                                                            "num_padded", "expert_starts"))  # fmt: skip
-        print(f"  chunk {chunk}: {'equal to moe_align_torch' if same else 'DIFFERS from moe_align_torch'}")
-        runs[chunk] = fn
+        for fused in (False, True):
+            fn = functools.partial(moe_align_triton, ids, config.num_experts, block_m, chunk=chunk, fused_scan=fused)
+            got = fn()
+            same = all(torch.equal(getattr(got, f), getattr(want, f)) for f in (
+                "sorted_ids", "expert_ids", "counts", "num_padded", "expert_starts"))  # fmt: skip
+            label = f"c{chunk}{'+fused' if fused else ''}"
+            print(f"  {label}: {'equal to moe_align_torch' if same else 'DIFFERS from moe_align_torch'}")
+            runs[label] = fn
     graphs = [(capture_graph(fn, 10)[0], 10) for fn in runs.values()]
     us = graph_us_in_turn(graphs, rounds)
     print(f"## {name} T={tokens} S={ids.numel()} E={config.num_experts} block_m={block_m}: "
-          + ", ".join(f"chunk {c} {t:6.1f} us" for c, t in zip(runs, us)))  # fmt: skip
-    for chunk, fn in runs.items():
+          + ", ".join(f"{c} {t:6.1f} us" for c, t in zip(runs, us)))  # fmt: skip
+    for label, fn in runs.items():
         times = kernel_times(fn)
         parts = ", ".join(f"{k.split('_kernel')[0][-12:]} {v:.1f}" for k, v in times.items())
-        print(f"  chunk {chunk} kernels: {parts}")
+        print(f"  {label} kernels: {parts}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--points", nargs="+", default=["qwen3-30b-a3b:1024", "deepseek-v2-lite:1024",
                                                         "qwen3-30b-a3b:4096", "mixtral-8x7b:1024"])  # fmt: skip
-    parser.add_argument("--chunks", nargs="+", type=int, default=[64, 128, 256])
+    parser.add_argument("--chunks", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args(argv)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")

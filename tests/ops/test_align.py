@@ -101,9 +101,10 @@ def test_align_threshold_paths_match_reference(num_slots, monkeypatch, generator
         (64, 4, 16, 64, 256),  # exactly one full chunk
     ],
 )
-def test_align_multi_program_matches_reference(num_tokens, top_k, num_experts, block_m, chunk, generator):
+@pytest.mark.parametrize("fused_scan", [False, True])  # the scan launch, or the scatter programs summing hist
+def test_align_multi_program_matches_reference(num_tokens, top_k, num_experts, block_m, chunk, fused_scan, generator):
     topk_ids = _random_ids(num_tokens, top_k, num_experts, generator)
-    got = moe_align_triton(topk_ids, num_experts, block_m, chunk=chunk)
+    got = moe_align_triton(topk_ids, num_experts, block_m, chunk=chunk, fused_scan=fused_scan)
     _assert_same(got, moe_align_torch(topk_ids, num_experts, block_m))
     _check_invariants(got, topk_ids, num_experts, block_m)
 
@@ -113,10 +114,11 @@ def test_align_multi_program_skewed_and_int64(generator):
     ids = 2 * torch.randint(0, 6, (160, 4), generator=generator)
     ids[:40] = 4
     topk_ids = ids.to(DEVICE, torch.int64)
-    got = moe_align_triton(topk_ids, 13, 32, chunk=64)
-    _assert_same(got, moe_align_torch(topk_ids, 13, 32))
-    _check_invariants(got, topk_ids, 13, 32)
-    assert all(c == 0 for c in got.counts.tolist()[1::2])
+    for fused_scan in (False, True):
+        got = moe_align_triton(topk_ids, 13, 32, chunk=64, fused_scan=fused_scan)
+        _assert_same(got, moe_align_torch(topk_ids, 13, 32))
+        _check_invariants(got, topk_ids, 13, 32)
+        assert all(c == 0 for c in got.counts.tolist()[1::2])
 
 
 def test_align_multi_program_one_expert_takes_every_slot():
@@ -149,8 +151,9 @@ def test_align_multi_program_ids_out_of_range_are_dropped(generator):
     # documented behaviour: a slot whose id is outside [0, E) is counted nowhere and never written
     topk_ids = _random_ids(50, 3, 9, generator)
     topk_ids[3, 1], topk_ids[40, 0] = -1, 9
-    got = moe_align_triton(topk_ids, 9, 16, chunk=64)
-    _assert_bad_ids_dropped(got, 150, [3 * 3 + 1, 40 * 3], 9, 16)
+    for fused_scan in (False, True):
+        got = moe_align_triton(topk_ids, 9, 16, chunk=64, fused_scan=fused_scan)
+        _assert_bad_ids_dropped(got, 150, [3 * 3 + 1, 40 * 3], 9, 16)
 
 
 def test_align_one_program_ids_out_of_range_are_dropped(generator):
@@ -172,6 +175,8 @@ def test_align_bad_arguments():
         moe_align(ids, 0, 16)
     with pytest.raises(ValueError, match="chunk"):
         moe_align_triton(ids, 4, 16, chunk=96)
+    with pytest.raises(TypeError, match="fused_scan"):
+        moe_align_triton(ids, 4, 16, fused_scan="yes")
 
 
 @pytest.mark.gpu

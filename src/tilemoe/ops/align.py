@@ -8,7 +8,8 @@ sum_e round_up(c_e, BM) <= sum_e (c_e + BM - 1) over the experts hit, at most mi
 CAP = round_up(S + min(E, S) * (BM - 1), BM) always suffices; blocks past ``num_padded`` exit at once.
 
 Two Triton paths give the same result as the reference ``moe_align_torch``: one program for small S (decode),
-and ``moe_align_triton`` for large S, three launches over chunks of slots (histogram, scan, scatter).
+and ``moe_align_triton`` for large S, three launches over chunks of slots (histogram, scan, scatter), or two
+where the scatter kernel sums the histogram itself.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ ONE_PROGRAM_MAX_SLOTS = 128
 ALIGN_CHUNK = 128
 ALIGN_CHUNK_LARGE = 512
 ALIGN_LARGE_SLOTS = 65536
+# The scatter kernel scans the [E, C] histogram itself (no scan launch) up to this many padded entries: each of
+# its C programs then reads the table once (32 KB at 8192, from L2; 64 values a thread at 4 warps). 0 until timed
+# on a GPU (bench/align_probe.py).
+FUSED_SCAN_MAX_ENTRIES = 0
 
 
 @dataclass
@@ -149,13 +154,23 @@ def _moe_align_one_program(topk_ids: torch.Tensor, num_experts: int, block_m: in
     return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m, expert_starts)
 
 
-def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int = ALIGN_CHUNK) -> Alignment:
+def moe_align_triton(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    *,
+    chunk: int = ALIGN_CHUNK,
+    fused_scan: bool | None = None,
+) -> Alignment:
     """The large-S path of ``moe_align``: three Triton launches over chunks of ``chunk`` slots, no host sync.
 
     1. histogram: per-chunk expert counts hist[E, C]; padding marks (S) written into ``sorted_ids``.
     2. scan (one program per expert): hist[e, :] -> slots of e in earlier chunks; counts[e].
     3. scatter (one program per chunk): the padded layout from ``counts``, ``num_padded``, this program's share
        of ``expert_ids``, and each slot's row = its expert's start + earlier chunks + earlier slots in the chunk.
+
+    ``fused_scan``: the scatter programs sum the histogram themselves and step 2 is not launched; None (default)
+    fuses where the padded table has at most ``FUSED_SCAN_MAX_ENTRIES`` entries.
 
     Same arguments and result as ``moe_align`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); ``chunk`` is a
     power of two >= 64. Ids outside [0, E) are counted nowhere and never written (the reference raises on them).
@@ -164,6 +179,8 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, 
     _check(topk_ids, num_experts, block_m)
     if not isinstance(chunk, int) or chunk < 64 or chunk & (chunk - 1):
         raise ValueError(f"chunk: expected a power of two >= 64, got {chunk!r}")
+    if fused_scan not in (None, True, False):
+        raise TypeError(f"fused_scan: expected True, False or None, got {fused_scan!r}")
     num_slots = topk_ids.numel()
     if num_slots == 0:
         return moe_align_torch(topk_ids, num_experts, block_m)
@@ -196,14 +213,18 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, 
         FILL_BLOCK=256,
         num_warps=4,
     )
-    _align_scan_kernel[(num_experts,)](
-        **pdl_options(device),
-        hist_ptr=hist,
-        counts_ptr=counts,
-        num_chunks=num_chunks,
-        BLOCK_C=min(1024, max(16, 1 << (num_chunks - 1).bit_length())),
-        num_warps=4,
-    )
+    block_c = max(16, 1 << (num_chunks - 1).bit_length())
+    if fused_scan is None:
+        fused_scan = block_e * block_c <= FUSED_SCAN_MAX_ENTRIES
+    if not fused_scan:
+        _align_scan_kernel[(num_experts,)](
+            **pdl_options(device),
+            hist_ptr=hist,
+            counts_ptr=counts,
+            num_chunks=num_chunks,
+            BLOCK_C=min(1024, block_c),
+            num_warps=4,
+        )
     _align_scatter_kernel[(num_chunks,)](
         **pdl_options(device),
         topk_ids_ptr=flat,
@@ -223,6 +244,8 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, 
         CHUNK=chunk,
         # [SUB, BLOCK_E] one-hot tiles: 64 x 128 for E <= 128, 32 x 512 for E = 384
         SUB=64 if block_e <= 128 else 32,
+        SCAN=fused_scan,
+        BLOCK_C=block_c if fused_scan else 1,
         num_warps=4 if block_e <= 128 else 8,
     )
     return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m, expert_starts)

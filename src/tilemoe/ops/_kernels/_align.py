@@ -76,10 +76,11 @@ def _align_one_program_kernel(
         seen += tl.sum(onehot, axis=0)
 
 
-# Multi-program align for large S, three launches (no host sync, CUDA-graph capturable):
+# Multi-program align for large S, three launches or two (no host sync, CUDA-graph capturable):
 #   hist        [E, C]  int32 scratch, C = cdiv(S, CHUNK) chunks of CHUNK slots:
 #                       after _align_histogram_kernel: slots of expert e in chunk c;
 #                       after _align_scan_kernel: slots of expert e in chunks before c (exclusive scan over c).
+# A small table (E x C) skips the scan: the scatter kernel sums it in every program (SCAN), two launches in all.
 # Ids outside [0, E) are read as "no expert" (the sentinel E): such a slot is counted nowhere and never written,
 # so a bad id cannot send a store out of bounds (the one-program kernel above does the same, with BLOCK_E).
 
@@ -155,17 +156,34 @@ def _align_scatter_kernel(
     BLOCK_E: tl.constexpr,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
+    SCAN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program c: the rows of the slots of chunk c, and the expert of its share of the BLOCK_M-row blocks.
 
-    Every program recomputes the padded layout from ``counts`` (E values): cheaper than one more launch.
+    Every program recomputes the padded layout from ``counts`` (E values): cheaper than one more launch. With
+    SCAN, ``hist`` is the histogram kernel's (not scanned) and every program sums the whole [E, C] table itself,
+    the counts and its chunk's prefix (program 0 stores ``counts``): no scan launch, for a table small enough.
     """
     _pdl_prologue(PDL)
     pid = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     lanes = tl.arange(0, SUB)
-    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
+    if SCAN:
+        chunks = tl.arange(0, BLOCK_C)
+        hist = tl.load(
+            hist_ptr + experts[:, None] * num_chunks + chunks[None, :],
+            mask=(experts[:, None] < num_experts) & (chunks[None, :] < num_chunks),
+            other=0,
+        )
+        counts = tl.sum(hist, axis=1)
+        seen = tl.sum(tl.where(chunks[None, :] < pid, hist, 0), axis=1)
+        if pid == 0:
+            tl.store(counts_ptr + experts, counts, mask=experts < num_experts)
+    else:
+        counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
+        seen = tl.load(hist_ptr + experts * num_chunks + pid, mask=experts < num_experts, other=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
     if pid == 0:
@@ -182,7 +200,6 @@ def _align_scatter_kernel(
             mask=(start + lanes < blocks_per_program) & (blocks < num_blocks),
         )
     # next free row of each expert for this chunk: its padded start + its slots in earlier chunks
-    seen = tl.load(hist_ptr + experts * num_chunks + pid, mask=experts < num_experts, other=0)
     next_row = pad_end - padded + seen
     for start in range(0, CHUNK, SUB):
         slots = pid * CHUNK + start + lanes
