@@ -4,7 +4,8 @@
 #                                    gpt-oss-120b T=4096 (fold_gemm2, swap_tails1) and at the T=4096 ridge points
 #                                    of qwen3 / deepseek in their Triton-GEMM-1 form, with and without swap_tails1
 #   bash bench/session19_call.sh 2   the same at mixtral T=1024; gemm1_clears_out / swap_tails1 at qwen3 / deepseek
-#                                    T=1024 and mixtral T=64 / 256; bench/align_probe.py; bench/layer_probe.py
+#                                    T=1024 and mixtral T=64 / 256; bench/align_probe.py, router_dot_probe.py and
+#                                    layer_probe.py
 # On an H200 either stage runs bench/session17_h200.sh instead (the H200 table's Gluon entries).
 # Every tune times random + imbalanced routing, in turn, and writes nothing into the package: each run's table
 # (entries + measured records) comes back as $OUT/tune_<label>.json.
@@ -54,6 +55,9 @@ case ${1:-1} in
   (cd bench && timeout -k 5 90 python3 align_probe.py >"$OUT/align_probe.txt" 2>&1)
   echo "== align probe: exit $?"
   grep -E "^## |DIFFERS|kernels" "$OUT/align_probe.txt"
+  (cd bench && timeout -k 5 100 python3 router_dot_probe.py >"$OUT/router_dot_probe.txt" 2>&1)
+  echo "== router dot probe: exit $?"
+  cat "$OUT/router_dot_probe.txt"
   (cd bench && timeout -k 5 120 python3 layer_probe.py --points qwen3-30b-a3b:1024 deepseek-v2-lite:1024 \
     >"$OUT/layer_probe.txt" 2>&1)
   echo "== layer probe: exit $?"
