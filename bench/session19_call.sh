@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Session 19's device calls (one H100), reports under $OUT, a short summary last.
-#   bash bench/session19_call.sh 1   the fold / swap tests (bf16 on the GPU), then `tilemoe tune --variants` at
-#                                    gpt-oss-120b T=4096 (fold_gemm2, swap_tails1) and at the T=4096 ridge points
-#                                    of qwen3 / deepseek in their Triton-GEMM-1 form, with and without swap_tails1
-#   bash bench/session19_call.sh 2   the same at mixtral T=1024; gemm1_clears_out / swap_tails1 at qwen3 / deepseek
-#                                    T=1024 and mixtral T=64 / 256; bench/align_probe.py, router_dot_probe.py and
-#                                    layer_probe.py
+#   bash bench/session19_call.sh 1   the fold / swap tests (bf16 on the GPU), then `tilemoe tune --variants`:
+#                                    swap_tails1 at the ridge points (qwen3 / deepseek T=4096, mixtral T=1024) in
+#                                    their Gluon entries and in the Triton-GEMM-1 form; fold_gemm2 and swap_tails1
+#                                    at gpt-oss-120b T=4096
+#   bash bench/session19_call.sh 2   gemm1_clears_out / swap_tails1 at qwen3 / deepseek T=1024, swap_tails1 at the
+#                                    four models' T=16384 and mixtral T=64 / 256; bench/align_probe.py and
+#                                    router_dot_probe.py
 # On an H200 either stage runs bench/session17_h200.sh instead (the H200 table's Gluon entries).
 # Every tune times random + imbalanced routing, in turn, and writes nothing into the package: each run's table
 # (entries + measured records) comes back as $OUT/tune_<label>.json.
@@ -36,31 +37,28 @@ if [[ $gpu == *H200* ]]; then  # a call may come as an H200: then its table's Gl
 fi
 case ${1:-1} in
 1)
-  timeout -k 5 200 python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_fused_experts.py -k "fold or swap" \
+  timeout -k 5 170 python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_fused_experts.py -k "fold or swap" \
     >"$OUT/tests_fold_swap.txt" 2>&1
   echo "== tests fold / swap: exit $?"
   tail -n 3 "$OUT/tests_fold_swap.txt"
-  tune gptoss4096 120 --model gpt-oss-120b --num-tokens 4096 \
-    --variants fold_gemm2=0 fold_tails=0 swap_tails1=1 swap_tails1=1,fold_tails=0 swap_tails1=1,fold_gemm2=0
-  tune ridge4096 150 --model qwen3-30b-a3b deepseek-v2-lite --num-tokens 4096 \
-    --variants "$tri" "$tri,swap_tails1=1" "$tri,swap_tails1=1,split_tail=0"
+  tune ridge4096 110 --model qwen3-30b-a3b deepseek-v2-lite --num-tokens 4096 \
+    --variants swap_tails1=1 "$tri" "$tri,swap_tails1=1"
+  tune mixtral1024 80 --model mixtral-8x7b --num-tokens 1024 \
+    --variants swap_tails1=1 "$tri,sorted_x=0" "$tri,sorted_x=0,swap_tails1=1"
+  tune gptoss4096 90 --model gpt-oss-120b --num-tokens 4096 \
+    --variants fold_gemm2=0 swap_tails1=1 swap_tails1=1,fold_tails=0
   ;;
 2)
-  tune mixtral1024 100 --model mixtral-8x7b --num-tokens 1024 \
-    --variants "$tri,sorted_x=0" "$tri,sorted_x=0,swap_tails1=1" "$tri,sorted_x=0,swap_tails1=1,split_tail=0"
-  tune t1024 120 --model qwen3-30b-a3b deepseek-v2-lite --num-tokens 1024 \
-    --variants gemm1_clears_out=1 swap_tails1=1 swap_tails1=1,split_tail=0 swap_tails1=1,gemm1_clears_out=1
-  tune mixtral_small 100 --model mixtral-8x7b --num-tokens 64 256 \
-    --variants swap_tails1=1 swap_tails1=1,split_tail=0 gemm1_clears_out=1
-  (cd bench && timeout -k 5 90 python3 align_probe.py >"$OUT/align_probe.txt" 2>&1)
+  tune t1024 90 --model qwen3-30b-a3b deepseek-v2-lite --num-tokens 1024 \
+    --variants gemm1_clears_out=1 swap_tails1=1 swap_tails1=1,split_tail=0
+  tune t16384 110 --model qwen3-30b-a3b deepseek-v2-lite gpt-oss-120b mixtral-8x7b --num-tokens 16384 \
+    --variants swap_tails1=1 swap_tails1=1,persistent_tails=1
+  tune mixtral_small 60 --model mixtral-8x7b --num-tokens 64 256 --variants swap_tails1=1 swap_tails1=1,split_tail=0
+  (cd bench && timeout -k 5 80 python3 align_probe.py >"$OUT/align_probe.txt" 2>&1)
   echo "== align probe: exit $?"
   grep -E "^## |DIFFERS|kernels" "$OUT/align_probe.txt"
-  (cd bench && timeout -k 5 100 python3 router_dot_probe.py >"$OUT/router_dot_probe.txt" 2>&1)
+  (cd bench && timeout -k 5 80 python3 router_dot_probe.py >"$OUT/router_dot_probe.txt" 2>&1)
   echo "== router dot probe: exit $?"
   cat "$OUT/router_dot_probe.txt"
-  (cd bench && timeout -k 5 120 python3 layer_probe.py --points qwen3-30b-a3b:1024 deepseek-v2-lite:1024 \
-    >"$OUT/layer_probe.txt" 2>&1)
-  echo "== layer probe: exit $?"
-  grep -E "^## |call\(s\) per graph|in all" "$OUT/layer_probe.txt"
   ;;
 esac
