@@ -134,9 +134,6 @@ class KernelConfig:
     persistent_tails, as it splits (a flattened loop holds one tile shape). Why: Nsight Compute on an H100 found GEMM
     1's one-row tail tiles bound by their MMAs on the padded rows, not by memory (tensor pipe 62 -> 71%, DRAM bytes +2%;
     bench/NOTES.md, version 20). Written and tested in the interpreter only: NOT yet run on a GPU.
-    With the Gluon GEMM 1 (gluon / gluon1, x gathered or sorted) the same swap runs in its MMA warps
-    (``_gluon_experts._swapped_mainloop``): the first block_m / 4 rows of the A box, transposed, as the wgmma's N,
-    the gate and the up box each as its M. Compiled for sm_90 only: NOT yet run on a GPU.
     """
 
     block_m: int = 64
@@ -265,17 +262,13 @@ class KernelConfig:
                 f"grouped_mm={self.grouped_mm}"
             )
         if self.swap_tails1 and (
-            self.block_m < 64
-            or (self.sorted_x and not self.gluon_gemm1)
-            or self.one_launch
-            or self.decode
-            or self.grouped_mm
+            self.block_m < 64 or self.gluon_gemm1 or self.sorted_x or self.one_launch or self.decode or self.grouped_mm
         ):
             raise ValueError(
-                "KernelConfig.swap_tails1: GEMM 1's tails of at most block_m / 4 rows as the MMA's N (>= 16), so "
-                "block_m >= 64, a Triton GEMM 1 gathering x by token (not sorted_x) or the Gluon one, and neither "
-                f"one_launch, decode nor grouped_mm, got block_m={self.block_m}, gluon={self.gluon}, "
-                f"gluon1={self.gluon1}, sorted_x={self.sorted_x}, one_launch={self.one_launch}, decode={self.decode}, "
+                "KernelConfig.swap_tails1: the Triton GEMM 1's tails of at most block_m / 4 rows as the MMA's N "
+                "(>= 16), x gathered by token, so block_m >= 64 and neither gluon / gluon1, sorted_x, one_launch, "
+                f"decode nor grouped_mm, got block_m={self.block_m}, gluon={self.gluon}, gluon1={self.gluon1}, "
+                f"sorted_x={self.sorted_x}, one_launch={self.one_launch}, decode={self.decode}, "
                 f"grouped_mm={self.grouped_mm}"
             )
         if not self.fold_gemm2 and not self.fold_tails:

@@ -505,58 +505,13 @@ def test_swap_tails1(options, model, deterministic, dtype, generator, monkeypatc
     assert swapped == (3 if cfg.fold_tails else 4) - (model.get("top_k", 2) == 1)  # 70's tail folds under fold_tails
 
 
-# against block_m = 128 (quarters of 32 rows): tails of 1-32 rows swap (5, 32, 128 + 7, 256 + 30, 17), 33-127 run
-# their full tile (33, 64, 200 = 128 + 72), none at 0 and 128
-SWAP_COUNTS_128 = [0, 5, 32, 33, 128, 135, 200, 286, 64, 17]
-_GLUON_SWAP = dict(block_m=128, block_n1=128, block_k1=64, num_warps1=8, num_stages1=4, block_n2=128, block_k2=64,
-                   num_warps2=8, num_stages2=3, tma=True, swap_tails1=True)  # fmt: skip
-_GLUON_SWAP_PINGPONG = dict(gluon=True, gluon_gather=True, gate_up_dot=True, persistent1=True, persistent=True,
-                            block_n1=64, pingpong1=True)  # fmt: skip
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "options,model",
-    [
-        (dict(gluon=True, gluon_gather=True, gate_up_dot=True, persistent1=True), dict()),  # [gate | up] box halves
-        (dict(gluon=True, persistent1=True, persistent=True), dict()),  # two B buffers, x_sorted through TMA
-        (_GLUON_SWAP_PINGPONG, dict()),  # two warpgroups in turn, 64 rows of wgmma each
-        (dict(gluon1=True, gluon_gather=True, split_tail=True), dict()),  # Triton GEMM 2 after it (split tails)
-        (dict(gluon=True, gluon_gather=True, block_m=64, num_warps1=4, num_warps2=4), dict()),  # quarters of 16
-        (dict(gluon=True, gluon_gather=True), dict(gated=False, activation="relu")),  # one box, one accumulator
-        (dict(gluon=True, gluon_gather=True), dict(top_k=1, routing="sigmoid_top1_input_scaled")),  # Llama 4
-    ],
-)
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_gluon_swap_tails1_bf16(options, model, deterministic, generator, monkeypatch):
-    """The Gluon GEMM 1's swapped tails (``_gluon_experts._swapped_mainloop``) against the float64 reference, every
-    launcher buffer poisoned: H and I over several boxes and not multiples of them, biases on."""
-    import tilemoe.ops._kernels._gluon_experts as gluon_kernels
-
-    kernel, seen = gluon_kernels._gluon_gemm1_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append(kwargs["SWAP_TAILS"]) or kernel[grid](*args, **kwargs)
-
-    monkeypatch.setattr(gluon_kernels, "_gluon_gemm1_kernel", Spy())
-    cfg = KernelConfig(**{**_GLUON_SWAP, **options})
-    counts = SWAP_COUNTS_128 if model.get("top_k", 2) == 2 else SWAP_COUNTS_128[:-1]
-    _poison(monkeypatch)
-    _run_split_counts(cfg, torch.bfloat16, generator, deterministic, counts=counts, hidden_size=200,
-                      intermediate_size=328, **model)  # fmt: skip
-    assert seen == [True]
-
-
 def test_swap_tails1_only_where_it_can():
-    for other in (dict(block_m=32), dict(tma=True, sorted_x=True),
-                  dict(one_launch=True), dict(decode=True), dict(grouped_mm=True)):  # fmt: skip
+    for other in (dict(block_m=32), dict(tma=True, gluon=True), dict(tma=True, gluon1=True),
+                  dict(tma=True, sorted_x=True), dict(one_launch=True), dict(decode=True),
+                  dict(grouped_mm=True)):  # fmt: skip
         with pytest.raises(ValueError, match="swap_tails1"):
             KernelConfig(block_m=other.pop("block_m", 64), swap_tails1=True, **other)
     KernelConfig(block_m=64, swap_tails1=True, tma=True, gluon2=True)  # GEMM 1 swaps, the Gluon GEMM 2 runs its tiles
-    # the Gluon GEMM 1 swaps too, of x gathered or of the sorted copy
-    KernelConfig(block_m=64, swap_tails1=True, tma=True, gluon=True, gluon_gather=True)
-    KernelConfig(block_m=128, swap_tails1=True, tma=True, gluon1=True, sorted_x=True)
 
 
 def test_fold_tails_only_with_a_triton_gemm():

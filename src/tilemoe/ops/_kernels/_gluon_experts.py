@@ -166,40 +166,6 @@ def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, out, b_ptr, st
     _tma_store(act_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out)
 
 
-@gluon.jit
-def _gemm1_swapped_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn,
-                            topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit,
-                            ACTIVATION: gl.constexpr, GATED: gl.constexpr, HAS_BIAS: gl.constexpr,
-                            WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                            ROWS: gl.constexpr):  # fmt: skip
-    """``_gemm1_epilogue`` of a swapped tail (``_swapped_mainloop``: columns along the accumulators' rows, the block's
-    first ROWS rows along their columns): the activated rows go into the first ROWS rows of ``out``, transposed, and
-    the whole [BLOCK_M, BLOCK_N] box is stored. Its other rows hold what ``out`` held (an earlier tile's values, or
-    never written shared memory): they are this block's padding rows, whose GEMM 2 results no one stores."""
-    dtype: gl.constexpr = act_desc.dtype
-    layout: gl.constexpr = acc_g.type.layout
-    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-    col_mask = cols < inter
-    if WEIGHTS_ON_INPUT:
-        rows = pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(0, layout))
-        slot = gl.load(sorted_ids_ptr + rows)
-        row_weight = gl.load(topk_weights_ptr + slot, mask=slot < num_slots, other=0.0)
-        acc_g = acc_g * row_weight[None, :]
-        acc_u = acc_u * row_weight[None, :]
-    if HAS_BIAS:
-        b_row = b_ptr + expert.to(gl.int64) * stride_be
-        acc_g += gl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(gl.float32)[:, None]
-        if GATED:
-            acc_u += gl.load(b_row + (cols + inter) * stride_bn, mask=col_mask, other=0.0).to(gl.float32)[:, None]
-    result = _activate(acc_g.to(dtype).to(gl.float32), ACTIVATION, swiglu_alpha, swiglu_limit)
-    if GATED:
-        result = result * _up_factor(acc_u.to(dtype).to(gl.float32), ACTIVATION, swiglu_limit)
-    tma.store_wait(pendings=0)  # the previous tile's store has left the buffer
-    out.slice(0, ROWS).store(gl.permute(result.to(dtype), (1, 0)))
-    fence_async_shared()
-    _tma_store(act_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out)
-
-
 @gluon.constexpr_function
 def _row_vector_layout(block_n, num_warps):
     """A blocked layout of 8 consecutive columns per thread (16 bytes of a 16-bit row): GEMM 2's atomic adds (or
@@ -434,44 +400,6 @@ def _tile_mainloop(first_step, num_k, acc, acc2, ready, empty, a_bufs, b_bufs, b
 
 
 @gluon.jit
-def _swapped_mainloop(first_step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs, turn_done,
-                      NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr, GATE_UP: gl.constexpr,
-                      PINGPONG: gl.constexpr, GATHER: gl.constexpr):  # fmt: skip
-    """``_tile_mainloop`` for GEMM 1's tail of at most ROWS rows (SWAP_TAILS) with the operands' roles swapped: the
-    weight box is the wgmma's A (M = BLOCK_N) and the first ROWS rows of the A box, transposed, its B (N = ROWS), so
-    acc_g^T [BLOCK_N, ROWS] = gate box @ x^T, and gated acc_u^T from the up box (``_ring``'s GATE_UP 1 or 2: a second
-    wgmma either way). The same stages, waits and releases as ``_tile_mainloop``."""
-    for kk in range(num_k):
-        step = first_step + kk
-        s = step % NUM_STAGES
-        mbarrier.wait(ready.index(s), (step // NUM_STAGES) & 1)
-        if GATHER:
-            fence_async_shared()
-        x_t = a_bufs.index(s).slice(0, ROWS).permute((1, 0))
-        if GATE_UP == 2:
-            acc_g = warpgroup_mma(b_bufs.index(s).slice(0, BLOCK_N), x_t, acc_g, use_acc=kk > 0, is_async=True)
-            acc_u = warpgroup_mma(b_bufs.index(s).slice(BLOCK_N, BLOCK_N), x_t, acc_u, use_acc=kk > 0,
-                                  is_async=True)  # fmt: skip
-            acc_g, acc_u = warpgroup_mma_wait(num_outstanding=2, deps=(acc_g, acc_u))
-        elif GATE_UP == 1:
-            acc_g = warpgroup_mma(b_bufs.index(s), x_t, acc_g, use_acc=kk > 0, is_async=True)
-            acc_u = warpgroup_mma(b2_bufs.index(s), x_t, acc_u, use_acc=kk > 0, is_async=True)
-            acc_g, acc_u = warpgroup_mma_wait(num_outstanding=2, deps=(acc_g, acc_u))
-        else:
-            acc_g = warpgroup_mma(b_bufs.index(s), x_t, acc_g, use_acc=kk > 0, is_async=True)
-            acc_g = warpgroup_mma_wait(num_outstanding=1, deps=(acc_g,))
-        mbarrier.arrive(empty.index((step + NUM_STAGES - 1) % NUM_STAGES), pred=kk > 0)
-    if PINGPONG:
-        mbarrier.arrive(turn_done)
-    if GATE_UP == 0:
-        acc_g = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g,))
-    else:
-        acc_g, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, acc_u))
-    mbarrier.arrive(empty.index((first_step + num_k - 1) % NUM_STAGES))
-    return acc_g, acc_u
-
-
-@gluon.jit
 def _take_turn(turn, tile, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr):
     """PINGPONG: two MMA warpgroups (consumers 0 and 1) take the program's tiles in turn (consumer ``tile`` % 2 runs
     its ``tile``-th), from one ring, so one runs its epilogue while the other's wgmmas run. Before a tile, a consumer
@@ -491,11 +419,8 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                          GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr, NUM_STAGES: gl.constexpr,
                          GATE_UP: gl.constexpr, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr,
-                         GATHER: gl.constexpr, SWAP_TAILS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                         GATHER: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """GEMM 1's MMA warps (under PINGPONG one of the two warpgroups, CONSUMER): each tile's k steps, then its epilogue.
-    SWAP_TAILS: a tile whose block holds at most BLOCK_M / 4 real rows (an expert's tail) runs them with the operands'
-    roles swapped (``_swapped_mainloop``), a quarter of the tile's MMAs: Nsight Compute found a tail tile of one real
-    row MMA-bound, as long as a full one (bench/NOTES.md, version 20).
     A tile's coordinates (dependent loads: its expert, under EXPERT_GROUPS that expert's blocks) are asked before its
     k loop, so they land under its wgmmas instead of holding up its epilogue. Timed in turn against the order before
     (after the k loop) on one H100 (bench/results/session16-padding.md, call 1): all kernels of a layer call -0.5%
@@ -504,7 +429,6 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
     epilogue's shared buffer is allocated once."""
     acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
     layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
-    swapped_layout: gl.constexpr = _mma_layout(BLOCK_N, BLOCK_M // 4, num_warps)
     consumers: gl.constexpr = 2 if PINGPONG else 1
     out = gl.allocate_shared_memory(act_desc.dtype, [BLOCK_M, BLOCK_N], act_desc.layout)
     for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
@@ -512,33 +436,18 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
         pid_m, pid_n, expert = _step_coords(
             first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
         )
-        swap = False
-        if SWAP_TAILS:  # the block's row BLOCK_M / 4 is padding: at most BLOCK_M / 4 real rows
-            swap = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + BLOCK_M // 4) >= num_slots
-        if swap:
-            # (names of their own in each branch: a name set in both must have one type after the branch)
-            gate_t = gl.zeros((BLOCK_N, BLOCK_M // 4), dtype=gl.float32, layout=swapped_layout)
-            up_t = gl.zeros((BLOCK_N, BLOCK_M // 4), dtype=gl.float32, layout=swapped_layout)
-            gate_t, up_t = _swapped_mainloop(first_step, num_k, gate_t, up_t, ready, empty, a_bufs, b_bufs, b2_bufs,
-                                             turn.index(1 - CONSUMER), NUM_STAGES, BLOCK_N, BLOCK_M // 4, GATE_UP,
-                                             PINGPONG, GATHER)  # fmt: skip
-            _gemm1_swapped_epilogue(gate_t, up_t, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn,
-                                    topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit,
-                                    ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N,
-                                    BLOCK_M // 4)  # fmt: skip
+        acc_g = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
+        acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
+        acc_g, acc_u = _tile_mainloop(first_step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs,
+                                      turn.index(1 - CONSUMER), NUM_STAGES, GATE_UP == 1, PINGPONG,
+                                      GATHER)  # fmt: skip
+        if GATE_UP == 2:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
+            gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
         else:
-            acc_g = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
-            acc_u = gl.zeros((BLOCK_M, acc_n), dtype=gl.float32, layout=layout)
-            acc_g, acc_u = _tile_mainloop(first_step, num_k, acc_g, acc_u, ready, empty, a_bufs, b_bufs, b2_bufs,
-                                          turn.index(1 - CONSUMER), NUM_STAGES, GATE_UP == 1, PINGPONG,
-                                          GATHER)  # fmt: skip
-            if GATE_UP == 2:  # [gate | up] columns: split into the two [BLOCK_M, BLOCK_N] halves
-                gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
-            else:
-                gate, up = acc_g, acc_u
-            _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn,
-                            topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION,
-                            GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
+            gate, up = acc_g, acc_u
+        _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                        sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED, HAS_BIAS,
+                        WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
     tma.store_wait(pendings=0)
 
 
@@ -615,7 +524,6 @@ def _gluon_gemm1_kernel(
     A_LAYOUT: gl.constexpr,  # the A ring's shared layout (x_desc's boxes')
     EVEN_K: gl.constexpr,  # hidden % BLOCK_K == 0 (GATHER's copies need no column mask)
     num_warps: gl.constexpr,
-    SWAP_TAILS: gl.constexpr = False,  # a block of at most BLOCK_M / 4 real rows: ``_swapped_mainloop``
 ):
     """One program per tile, or fewer programs each walking tiles (a persistent grid); within a program a producer
     warp walks the (tile, k) steps in one flat loop, keeping the ring NUM_STAGES steps ahead across tiles, while the
@@ -643,13 +551,13 @@ def _gluon_gemm1_kernel(
                                         topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
                                         swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
                                         BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 0, True, GATHER,
-                                        SWAP_TAILS, num_warps)),
+                                        num_warps)),
                 (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                         ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
                                         topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
                                         swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
                                         BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 1, True, GATHER,
-                                        SWAP_TAILS, num_warps)),
+                                        num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
                                    x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M,
@@ -666,7 +574,7 @@ def _gluon_gemm1_kernel(
                                         topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
                                         swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
                                         BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 0, False, GATHER,
-                                        SWAP_TAILS, num_warps)),
+                                        num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
                                    x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M,
