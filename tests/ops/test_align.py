@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tilemoe.ops import align as align_module
-from tilemoe.ops.align import align_capacity, moe_align, moe_align_torch, moe_align_triton
+from tilemoe.ops.align import align_capacity, align_chunk, moe_align, moe_align_torch, moe_align_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -107,6 +107,11 @@ def test_align_multi_program_matches_reference(num_tokens, top_k, num_experts, b
     got = moe_align_triton(topk_ids, num_experts, block_m, chunk=chunk, fused_scan=fused_scan)
     _assert_same(got, moe_align_torch(topk_ids, num_experts, block_m))
     _check_invariants(got, topk_ids, num_experts, block_m)
+
+
+def test_align_chunk_by_slots():
+    # 64 slots a program up to S = 16384 (the layer at T = 1024), 128 to 65536, then 512 (H100 timings in align.py)
+    assert [align_chunk(s) for s in (129, 8192, 16384, 16385, 65535, 65536, 131072)] == [64, 64, 64, 128, 128, 512, 512]
 
 
 def test_align_multi_program_skewed_and_int64(generator):

@@ -28,14 +28,20 @@ __all__ = ["Alignment", "align_capacity", "moe_align", "moe_align_torch", "moe_a
 # path: 76-170 us); so one program only for decode-sized S, where its single launch wins.
 ONE_PROGRAM_MAX_SLOTS = 128
 # Slots per program of the multi-program path: 128 was fastest up to S = 32768 (15-22 us; 256: 20-44 us);
-# at S = 131072 512 (40 us) beat 128 (47 us).
+# at S = 131072 512 (40 us) beat 128 (47 us). Up to ALIGN_SMALL_SLOTS, 64: at the layer's T=1024 (H100, graphs of
+# ten calls in turn, bench/align_probe.py, session 19) qwen3-30b-a3b (S=8192, E=128) 10.0 us vs 12.7 at 128,
+# deepseek-v2-lite (6144, 64) 9.0 vs 10.7, mixtral-8x7b (2048, 8) 6.6 vs 8.8; at S=32768 even (17.0 vs 16.9).
 ALIGN_CHUNK = 128
+ALIGN_CHUNK_SMALL = 64
+ALIGN_SMALL_SLOTS = 16384
 ALIGN_CHUNK_LARGE = 512
 ALIGN_LARGE_SLOTS = 65536
 # The scatter kernel scans the [E, C] histogram itself (no scan launch) up to this many padded entries: each of
-# its C programs then reads the table once (32 KB at 8192, from L2; 64 values a thread at 4 warps). 0 until timed
-# on a GPU (bench/align_probe.py).
-FUSED_SCAN_MAX_ENTRIES = 0
+# its C programs then reads the whole table (64 KB at most, from L2; 128 values a thread at 4 warps). Same probe,
+# chunk 64: deepseek-v2-lite T=1024 ([64, 128]) 7.4 us vs 9.0 with the scan, mixtral-8x7b ([16, 32]) 5.3 vs 6.6,
+# qwen3-30b-a3b ([128, 128]) 9.8 vs 10.0; over the limit it loses (qwen3 T=4096, [128, 256] at chunk 128: 33.5 us
+# vs 16.9).
+FUSED_SCAN_MAX_ENTRIES = 16384
 
 
 @dataclass
@@ -104,6 +110,13 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> A
     return Alignment(sorted_ids, expert_ids, counts.to(torch.int32), num_padded, block_m, expert_starts)
 
 
+def align_chunk(num_slots: int) -> int:
+    """Slots per program of ``moe_align_triton`` for S = ``num_slots`` (measured on an H100, see ALIGN_CHUNK)."""
+    if num_slots <= ALIGN_SMALL_SLOTS:
+        return ALIGN_CHUNK_SMALL
+    return ALIGN_CHUNK_LARGE if num_slots >= ALIGN_LARGE_SLOTS else ALIGN_CHUNK
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """Slots of ``topk_ids`` [T, K] grouped by expert and padded to ``block_m`` rows, without a host sync.
 
@@ -117,8 +130,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignme
     if num_slots == 0 or not on_triton:
         return moe_align_torch(topk_ids, num_experts, block_m)
     if num_slots > ONE_PROGRAM_MAX_SLOTS:
-        chunk = ALIGN_CHUNK_LARGE if num_slots >= ALIGN_LARGE_SLOTS else ALIGN_CHUNK
-        return moe_align_triton(topk_ids, num_experts, block_m, chunk=chunk)
+        return moe_align_triton(topk_ids, num_experts, block_m, chunk=align_chunk(num_slots))
     return _moe_align_one_program(topk_ids, num_experts, block_m)
 
 
