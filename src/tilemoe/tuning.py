@@ -79,7 +79,8 @@ class KernelConfig:
     ``gemm1_clears_out`` (the two-launch tiled GEMMs only): the atomic combine's output [T, H] is cleared by GEMM 1's
     programs, a share each before their tiles, instead of by a fill kernel of its own between the GEMMs: one launch
     fewer, the stores draining under GEMM 1's loads (the fill took 2.3 us at qwen3 T=1024 and 29 us at gpt-oss
-    T=16384 on an H100, plus a kernel boundary; version 13).
+    T=16384 on an H100, plus a kernel boundary; version 13). The qwen3-30b-a3b / deepseek-v2-lite T=1024 entries take
+    it: 0.996x / 0.997x in turn (session 19).
     ``gluon`` (needs ``tma``): the two tiled GEMMs as the Gluon kernels (``ops/_kernels/_gluon_experts.py``: explicit
     TMA rings and async wgmma) on GEMM 1's dense form (x in padded sorted order, as ``sorted_x``) and GEMM 2 reading
     act through TMA; ``block_*``, ``group_m*``, ``num_warps*`` and ``num_stages*`` are their tiles, ``persistent1``
@@ -126,14 +127,17 @@ class KernelConfig:
     ``fold_gemm2`` (with ``fold_tails``; True by default): the Triton GEMM 2 folds its tails too; False folds GEMM 1's
     only (GEMM 2 then runs a folded block's rows in that block's own tile, a half tile under split_tail, as it would
     without the fold). Why: at gpt-oss-120b T=4096 on an H100 the fold took GEMM 1 from 1731 to 1655 us but GEMM 2
-    from 901 to 920 (kernel probe, random routing, in turn; session 18).
+    from 901 to 920 (kernel probe, random routing, in turn; session 18). That entry takes it: 0.995x in turn in
+    ``tilemoe tune`` (session 19).
     ``swap_tails1`` (the Triton GEMM 1, x gathered by token; needs block_m >= 64): a block holding at most block_m / 4
     real rows (an expert's tail) is computed with the operands' roles swapped, acc^T = W @ x^T, the weight box as the
     MMA's M and the block_m / 4 tokens as its N, so its MMAs scale with the tail's rows rather than the tile's height (a
     tail block under split_tail still runs m64 wgmmas on its half). A persistent GEMM 1 swaps only with
     persistent_tails, as it splits (a flattened loop holds one tile shape). Why: Nsight Compute on an H100 found GEMM
     1's one-row tail tiles bound by their MMAs on the padded rows, not by memory (tensor pipe 62 -> 71%, DRAM bytes +2%;
-    bench/NOTES.md, version 20). Written and tested in the interpreter only: NOT yet run on a GPU.
+    bench/NOTES.md, version 20). Measured on an H100 (``tilemoe tune``, in turn; session 19): 1.131x of the
+    mixtral-8x7b T=1024 entry against 1.017x for the same Triton GEMM 1 without it, even at qwen3-30b-a3b /
+    deepseek-v2-lite T=1024 (1.000x / 1.002x), 0.997x / 0.998x at mixtral-8x7b T = 64 / 256, whose entries take it.
     """
 
     block_m: int = 64
