@@ -7,6 +7,8 @@
 #   bash bench/session19_call.sh 2   gemm1_clears_out / swap_tails1 at qwen3 / deepseek T=1024, swap_tails1 at the
 #                                    four models' T=16384 and mixtral T=64 / 256; bench/align_probe.py and
 #                                    router_dot_probe.py
+# As run at 6f08c4a (bench/results/session19-swap-align.md, calls 1-2). Since that commit's revert the Gluon entries
+# refuse swap_tails1, and the tuner drops those variants.
 # On an H200 either stage runs bench/session17_h200.sh instead (the H200 table's Gluon entries).
 # Every tune times random + imbalanced routing, in turn, and writes nothing into the package: each run's table
 # (entries + measured records) comes back as $OUT/tune_<label>.json.
