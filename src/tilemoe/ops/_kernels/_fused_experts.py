@@ -183,6 +183,17 @@ def _block_rows(sorted_ids_ptr, first_row, num_slots, top_k, ROWS: tl.constexpr)
 
 
 @triton.jit
+def _gemm1_columns(expert, pid_n, inter, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A GEMM 1 tile's column side: (expert as int64, its BLOCK_N columns of I, which are inside I, the k offsets of
+    a box, the first gate row of w13 viewed as [E * N1, H], the 2-D TMA descriptor's row)."""
+    expert = expert.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n1 = 2 * inter if GATED else inter
+    gate_row = (expert * n1 + pid_n * BLOCK_N).to(tl.int32)
+    return expert, cols, cols < inter, tl.arange(0, BLOCK_K), gate_row
+
+
+@triton.jit
 def _gemm1_w_ptrs(w_ptr, expert, cols, ks, stride_we, stride_wn, stride_wh, inter, W_TMA: tl.constexpr):
     """(gate, up) weight tiles of GEMM 1's k loop: w_ptr itself twice under W_TMA (the descriptor; the pointer tiles
     are never formed), else [BLOCK_K, BLOCK_N] pointer views of the expert's gate rows and its up rows (I further
@@ -241,12 +252,7 @@ def _gemm1_tile(
 ):
     row0 = pid_m * BLOCK_M
     rows, slot, valid, token = _block_rows(sorted_ids_ptr, row0, num_slots, top_k, ROWS)
-    expert = expert.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < inter
-    ks = tl.arange(0, BLOCK_K)
-    n1 = 2 * inter if GATED else inter
-    gate_row = (expert * n1 + pid_n * BLOCK_N).to(tl.int32)
+    expert, cols, col_mask, ks, gate_row = _gemm1_columns(expert, pid_n, inter, GATED, BLOCK_N, BLOCK_K)
 
     if A_TMA:  # x_ptr is the descriptor of x in padded order (x_sorted); the pointer tile is never formed
         a_ptrs = x_ptr
@@ -330,12 +336,7 @@ def _gemm1_tile_swapped(
     its N, so the MMAs scale with ROWS instead of a tile's height (Hopper's wgmma: M = 64 a warpgroup, N from 8).
     x's rows are gathered by token (no x_sorted); the epilogue is ``_gemm1_store``'s on acc^T transposed."""
     rows, slot, valid, token = _block_rows(sorted_ids_ptr, pid_m * BLOCK_M, num_slots, top_k, ROWS)
-    expert = expert.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < inter
-    ks = tl.arange(0, BLOCK_K)
-    n1 = 2 * inter if GATED else inter
-    gate_row = (expert * n1 + pid_n * BLOCK_N).to(tl.int32)
+    expert, cols, col_mask, ks, gate_row = _gemm1_columns(expert, pid_n, inter, GATED, BLOCK_N, BLOCK_K)
     a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh
     g_ptrs, u_ptrs = _gemm1_w_ptrs(w_ptr, expert, cols, ks, stride_we, stride_wn, stride_wh, inter, W_TMA)
     if GATE_UP_DOT:  # one [2 BLOCK_N, ROWS] accumulator: gate rows, then up rows
