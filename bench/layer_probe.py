@@ -3,8 +3,9 @@
     PYTHONPATH=src python3 bench/layer_probe.py [--points qwen3-30b-a3b:1024 deepseek-v2-lite:1024 ...]
 
 For each point (model:T, random routing): CUDA-graph replays, in turn, of
-  * ``layer``   the bench's timed layer, built as the bench builds it (``tilemoe.bench.layer``: its steered router,
-                so the routing kernel gives the scenario's ids; ``layer_fn`` around the triton implementation),
+  * ``layer``   the bench's timed layer, built as the bench builds it (``tilemoe.bench.runner``'s
+                ``make_bench_weights`` and ``layer_inputs``: its steered router, so the routing kernel gives the
+                scenario's ids; ``layer_fn`` around the triton implementation),
   * ``experts`` the triton implementation alone on the same ids (what ``tilemoe tune`` times),
   * ``router``  the router GEMM and the routing alone,
 one call per graph (as the bench replays T >= 1024) and ten calls per graph (no graph launch between calls);
@@ -20,39 +21,28 @@ import torch
 import triton
 from kernel_probe import kernel_times  # bench/, beside this file
 
-from tilemoe.bench.layer import (
-    check_layer_ids,
-    layer_fn,
-    layer_router_logits,
-    make_router_weights,
-    reachable_tokens,
-    route_fn,
-    steer_input,
-)
+from tilemoe.bench.layer import layer_fn, layer_router_logits, route_fn
+from tilemoe.bench.runner import BenchSettings, layer_inputs, make_bench_weights
 from tilemoe.bench.scenarios import make_routing_for
 from tilemoe.bench.timing import capture_graph, graph_us_in_turn
 from tilemoe.config import MoEConfig
 from tilemoe.impls import get_impl
-from tilemoe.testing import make_weights
 
 
 def probe(name: str, tokens: int, rounds: int) -> None:
     config = MoEConfig.from_pretrained(name)
-    dtype, device = torch.bfloat16, torch.device("cuda")
+    device = torch.device("cuda")
+    s = BenchSettings(config=config, impls=["triton"], num_tokens=[tokens], scenarios=["random"], device=device,
+                      dtype=torch.bfloat16, model=name, timed_scope="layer")  # fmt: skip
+    weights = make_bench_weights(s)  # the experts', then the bench's steered router
     gen = torch.Generator().manual_seed(0)
-    weights = {**make_weights(config, dtype=dtype, device=device), **make_router_weights(
-        config, dtype=dtype, device=device, generator=gen
-    )}  # fmt: skip
-    x = torch.randn(tokens, config.hidden_size, generator=gen).to(device, dtype)
-    ti = make_routing_for("random", tokens, config, generator=gen, x=x, device=device)[1].to(torch.int32).contiguous()
-    reachable = reachable_tokens(ti, config)
-    x = steer_input(x, ti, config)
-    router, bias = weights["router_weight"], weights["correction_bias"]
-    tw, routed_ids = route_fn(device)(layer_router_logits(x, router), config, correction_bias=bias)
-    check_layer_ids(routed_ids, ti, reachable, "random")  # the layer's routing gives the scenario's ids
+    x = torch.randn(tokens, config.hidden_size, generator=gen).to(device, s.dtype)
+    tw, ti = make_routing_for("random", tokens, config, generator=gen, x=x, device=device)
+    # x steered so the layer's routing gives the scenario's ids (checked), as the bench's layer scope runs it
+    ((x, _, ti),), tw, pass_through, _ = layer_inputs(s, "random", [x], tw, ti, weights)
     impl = get_impl("triton")
-    layer = layer_fn(impl.fn, weights, config, device, pass_through=not bool(reachable.all()),
-                     from_logits=impl.from_logits)  # fmt: skip
+    layer = layer_fn(impl.fn, weights, config, device, pass_through=pass_through, from_logits=impl.from_logits)
+    router, bias = weights["router_weight"], weights["correction_bias"]
     w13, w2, b13, b2 = (weights[k] for k in ("w13", "w2", "b13", "b2"))
     parts = {
         "layer": lambda: layer((x, None, ti)),

@@ -286,7 +286,7 @@ def _profile(fn, inp, path: Path, device: torch.device) -> None:
     prof.export_chrome_trace(str(path))
 
 
-def _layer_inputs(
+def layer_inputs(
     s: BenchSettings, scenario: str, xs: list, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: dict
 ) -> tuple[list, torch.Tensor, bool, str]:
     """Layer scope: (input sets with steered x, reference topk_weights, pass_through, note for the rows).
@@ -349,7 +349,7 @@ def run_case(
     inputs = [(x, topk_weights, topk_ids) for x in xs]
     ref_weights, pass_through, scope_note = topk_weights, False, ""
     if layer:
-        inputs, ref_weights, pass_through, scope_note = _layer_inputs(s, scenario, xs, topk_weights, topk_ids, weights)
+        inputs, ref_weights, pass_through, scope_note = layer_inputs(s, scenario, xs, topk_weights, topk_ids, weights)
     subset = _reference_rows(tokens, config, device)
     # the same ids as the timed calls: the scenario's (layer scope: the routed ones, checked equal to them)
     reference = _reference(inputs[0][0], ref_weights, topk_ids, subset, weights, config, device)
