@@ -111,9 +111,13 @@ def main(argv=None) -> int:
     parser.add_argument("--points", nargs="+", required=True, metavar="MODEL:T")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, each tree once per round, in turn")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for one probe process")
+    parser.add_argument(
+        "--probe-options", default="", help="kernel_probe options for every tree (with --trees), e.g. --allow-wrong"
+    )
     args = parser.parse_args(argv)
     if args.trees:
-        runs, label = {name: (src, []) for name, src in parse_trees(args.trees).items()}, "tree"
+        options = shlex.split(args.probe_options)
+        runs, label = {name: (src, options) for name, src in parse_trees(args.trees).items()}, "tree"
     else:
         src = Path(__file__).resolve().parents[1] / "src"
         runs, label = {name: (src, options) for name, options in parse_arms(args.arms).items()}, "arm"

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Session 20's device calls (results under $OUT):
+#   bash bench/session20_call.sh skip   what each expert GEMM's epilogue costs where it is exposed: this checkout's
+#                                       src against bench/skip_trees.py's trees (GEMM 1 without its activation, GEMM 1
+#                                       without its epilogue, GEMM 2 without its atomics), in turn (bench/ab_probe.py);
+#                                       carry bench/.trees (python3 bench/skip_trees.py first)
+#   bash bench/session20_call.sh h200   on an H200 only: the H200 table's Gluon entries (bench/session17_h200.sh), then
+#                                       the functional GPU tests on the table as merged
+set -uo pipefail
+OUT=${OUT:-/tmp/tilemoe-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+echo "== $gpu"
+start=$(date +%s)
+case ${1:?step: skip or h200} in
+skip)
+  trees="main=src"
+  for name in noact1 noepi1 noepi2; do trees+=" $name=bench/.trees/$name/src"; done
+  # shellcheck disable=SC2086  # several trees and points
+  timeout -k 5 "${T_SKIP:-400}" python3 bench/ab_probe.py --trees $trees --probe-options --allow-wrong \
+    --rounds "${AB_ROUNDS:-3}" --points ${SKIP_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 mixtral-8x7b:4096 \
+    qwen3-30b-a3b:16384 deepseek-v2-lite:1024 gpt-oss-120b:16384} 2>&1 | grep -v Warning | tee "$OUT/skip_probe.txt"
+  ;;
+h200)
+  if [[ $gpu != *H200* ]]; then
+    echo "session20_call.sh h200: not an H200, nothing run"
+    exit 0
+  fi
+  BUDGET=${BUDGET:-330} bash bench/session17_h200.sh
+  echo "== tune: $(($(date +%s) - start)) s"
+  timeout -k 5 170 python3 -m pytest -q -n 12 -p no:cacheprovider -m gpu tests/test_functional.py tests/impls \
+    >"$OUT/tests_h200.txt" 2>&1
+  tail -n 3 "$OUT/tests_h200.txt"
+  ;;
+*)
+  echo "session20_call.sh: unknown step $1 (skip or h200)"
+  exit 2
+  ;;
+esac
+echo "== $1: $(($(date +%s) - start)) s"
