@@ -3,7 +3,8 @@
 #   bash bench/session20_call.sh skip   what each expert GEMM's epilogue costs where it is exposed: this checkout's
 #                                       src against bench/skip_trees.py's trees (GEMM 1 without its activation, GEMM 1
 #                                       without its epilogue, GEMM 2 without its atomics), in turn (bench/ab_probe.py);
-#                                       carry bench/.trees (python3 bench/skip_trees.py first)
+#                                       carry bench/.trees (python3 bench/skip_trees.py first); then the kernels of
+#                                       mixtral-8x7b T = 64 / 256 and deepseek-v2-lite T=1024 one by one
 #   bash bench/session20_call.sh h200   on an H200 only: the H200 table's Gluon entries (bench/session17_h200.sh), then
 #                                       the functional GPU tests on the table as merged
 set -uo pipefail
@@ -21,6 +22,10 @@ skip)
   timeout -k 5 "${T_SKIP:-400}" python3 bench/ab_probe.py --trees $trees --probe-options --allow-wrong \
     --rounds "${AB_ROUNDS:-3}" --points ${SKIP_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 mixtral-8x7b:4096 \
     qwen3-30b-a3b:16384 deepseek-v2-lite:1024 gpt-oss-120b:16384} 2>&1 | grep -v Warning | tee "$OUT/skip_probe.txt"
+  # where the memory-bound near misses spend their time, kernel by kernel
+  timeout -k 5 120 python3 bench/kernel_probe.py --points mixtral-8x7b:256 deepseek-v2-lite:1024 mixtral-8x7b:64 \
+    --no-stats 2>&1 | grep -v Warning >"$OUT/breakdown.txt"
+  grep -E "^## |^triton|^torch_grouped|^ +[0-9.]+ us|^dense" "$OUT/breakdown.txt"
   ;;
 h200)
   if [[ $gpu != *H200* ]]; then
