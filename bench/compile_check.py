@@ -58,7 +58,8 @@ import tilemoe.ops._kernels._route  # noqa: E402, F401
 import tilemoe.ops._kernels._router  # noqa: E402, F401
 from tilemoe.config import MoEConfig  # noqa: E402
 from tilemoe.ops.fused_experts import fused_experts, fused_experts_from_logits  # noqa: E402
-from tilemoe.ops.route import route_triton  # noqa: E402
+from tilemoe.ops.route import _route_kernels, route_triton  # noqa: E402
+from tilemoe.ops.router import ROUTER_KERNEL_MAX_TOKENS, router_logit_parts  # noqa: E402
 from tilemoe.testing import make_routing  # noqa: E402
 from tilemoe.tune_cli import DTYPES, parse_variant  # noqa: E402
 from tilemoe.tuning import TABLE_DIR, KernelConfig, MoEShape, pick_config  # noqa: E402
@@ -275,9 +276,12 @@ def check_single_gpu(args, target: GPUTarget, dtype: torch.dtype) -> int:
                 x, w13, w2, weights, ids, b13, b2 = _empty_layer(config, num_tokens, dtype)
                 with CompileRecorder(target, SHARED_BYTES[target.arch]) as rec:
                     try:
-                        if index == 0:  # the routing kernel, once per point
+                        if index == 0:  # the routing kernels, once per point: on logits, and on the router's parts
                             bias = torch.empty(config.num_experts) if config.score_correction_bias else None
                             route_triton(torch.empty(num_tokens, config.num_experts), config, bias)
+                            if dtype != torch.float32 and num_tokens > ROUTER_KERNEL_MAX_TOKENS:
+                                router = torch.empty(config.num_experts, config.hidden_size, dtype=dtype)
+                                _route_kernels(router_logit_parts(x, router), config, bias)
                         fused_experts(x, w13, w2, weights, ids, config=config, b13=b13, b2=b2, kernel_config=cfg,
                                       deterministic=args.deterministic)  # fmt: skip
                         if cfg.decode:  # at T = 1 the decode GEMM 1 routes its slot's token itself

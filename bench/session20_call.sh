@@ -4,7 +4,8 @@
 #                                       src against bench/skip_trees.py's trees (GEMM 1 without its activation, GEMM 1
 #                                       without its epilogue, GEMM 2 without its atomics), in turn (bench/ab_probe.py);
 #                                       carry bench/.trees (python3 bench/skip_trees.py first); then the kernels of
-#                                       mixtral-8x7b T = 64 / 256 and deepseek-v2-lite T=1024 one by one
+#                                       mixtral-8x7b T = 64 / 256 and deepseek-v2-lite T=1024 one by one, and the
+#                                       router + routing against route_tokens (bench/route_tokens_probe.py)
 #   bash bench/session20_call.sh h200   on an H200 only: the H200 table's Gluon entries (bench/session17_h200.sh), then
 #                                       the functional GPU tests on the table as merged
 set -uo pipefail
@@ -16,14 +17,18 @@ echo "== $gpu"
 start=$(date +%s)
 case ${1:?step: skip or h200} in
 skip)
+  # the router GEMM + routing: route_tokens' GPU tests, then cuBLAS + route_fast against route_tokens
+  timeout -k 5 120 python3 -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/ops/test_route.py \
+    tests/ops/test_router.py 2>&1 | tail -n 4
+  timeout -k 5 100 python3 bench/route_tokens_probe.py 2>&1 | grep -v Warning | tee "$OUT/route_tokens.txt"
   trees="main=src"
   for name in noact1 noepi1 noepi2; do trees+=" $name=bench/.trees/$name/src"; done
   # shellcheck disable=SC2086  # several trees and points
-  timeout -k 5 "${T_SKIP:-400}" python3 bench/ab_probe.py --trees $trees --probe-options --allow-wrong \
-    --rounds "${AB_ROUNDS:-3}" --points ${SKIP_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 mixtral-8x7b:4096 \
-    qwen3-30b-a3b:16384 deepseek-v2-lite:1024 gpt-oss-120b:16384} 2>&1 | grep -v Warning | tee "$OUT/skip_probe.txt"
+  timeout -k 5 "${T_SKIP:-280}" python3 bench/ab_probe.py --trees $trees --probe-options --allow-wrong \
+    --rounds "${AB_ROUNDS:-2}" --points ${SKIP_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 mixtral-8x7b:4096 \
+    qwen3-30b-a3b:16384 gpt-oss-120b:16384} 2>&1 | grep -v Warning | tee "$OUT/skip_probe.txt"
   # where the memory-bound near misses spend their time, kernel by kernel
-  timeout -k 5 120 python3 bench/kernel_probe.py --points mixtral-8x7b:256 deepseek-v2-lite:1024 mixtral-8x7b:64 \
+  timeout -k 5 80 python3 bench/kernel_probe.py --points mixtral-8x7b:256 deepseek-v2-lite:1024 mixtral-8x7b:64 \
     --no-stats 2>&1 | grep -v Warning >"$OUT/breakdown.txt"
   grep -E "^## |^triton|^torch_grouped|^ +[0-9.]+ us|^dense" "$OUT/breakdown.txt"
   ;;

@@ -20,7 +20,7 @@ PRESETS = list_presets()
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch):
     def poisoned(logits, top_k):
-        shape = (logits.shape[0], top_k)
+        shape = (logits.shape[-2], top_k)  # logits [T, E], or the router's parts [P, T, E]
         weights = torch.full(shape, float("nan"), dtype=torch.float32, device=logits.device)
         return weights, torch.full(shape, -1, dtype=torch.int32, device=logits.device)
 
@@ -305,3 +305,121 @@ def test_grouped_near_tie_rows_are_checked_for_validity():
         _check_near_tie_row(logits[0].cpu(), config, correction_bias, below_the_line, weights)
     with pytest.raises(AssertionError):
         _check_near_tie_row(logits[0].cpu(), config, correction_bias, ids.flip(0), weights)
+
+
+def _exact_parts(logits: torch.Tensor, num_parts: int, generator) -> torch.Tensor:
+    """[P, T, E] float32 parts summing to ``logits`` exactly in any order: multiples of 1/64 of small magnitude (the
+    ties of ``_logits`` stay ties, so the kernel's sum order cannot decide a pick)."""
+    steps = (logits.float().cpu() * 64).round()
+    parts = torch.randint(-64, 65, (num_parts, *logits.shape), generator=generator).float()
+    parts[0] = steps - parts[1:].sum(0)
+    return (parts / 64).to(logits.device)
+
+
+@pytest.mark.parametrize("num_parts", [1, 2, 3, 8])
+@pytest.mark.parametrize(
+    ("routing", "experts", "top_k", "n_group", "topk_group", "bias"),
+    [("softmax_topk", 10, 3, 1, 1, False), ("topk_softmax", 7, 4, 1, 1, False), ("softmax_topk", 160, 6, 1, 1, False),
+     ("sigmoid_grouped_topk", 24, 4, 4, 2, True), ("softmax_grouped_topk", 30, 4, 3, 2, False)],
+)  # fmt: skip
+def test_router_parts_are_summed_as_loaded(routing, experts, top_k, n_group, topk_group, bias, num_parts, generator):
+    """The routing kernels on [P, T, E] parts (``route_tokens``' path) route their sum: ids exactly, weights to
+    float32 rounding, every output written (poisoned)."""
+    config = MoEConfig(num_experts=experts, top_k=top_k, hidden_size=8, intermediate_size=8, routing=routing,
+                       n_group=n_group, topk_group=topk_group)  # fmt: skip
+    logits = (_logits(33, experts, generator) * 64).round() / 64
+    parts = _exact_parts(logits, num_parts, generator)
+    correction_bias = (torch.randn(experts, generator=generator) * 4).round() / 8 if bias else None
+    weights, ids = route_module._route_kernels(parts, config, correction_bias)
+    ref_w, ref_i = route(logits, config, correction_bias=correction_bias)
+    assert torch.equal(ids.cpu(), ref_i.cpu())
+    torch.testing.assert_close(weights.cpu(), ref_w.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_route_tokens_off_its_path_is_route_fast_of_the_router(generator):
+    """route_tokens where ``uses_router_parts`` is false (here the CPU): the router GEMM, then route_fast."""
+    from tilemoe.ops.route import route_fast, route_tokens
+    from tilemoe.ops.router import router_logits_fast
+
+    config = MoEConfig(num_experts=12, top_k=3, hidden_size=32, intermediate_size=8)
+    x, w = torch.randn(9, 32, generator=generator), torch.randn(12, 32, generator=generator)
+    got, want = route_tokens(x, w, config), route_fast(router_logits_fast(x, w), config)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    with pytest.raises(ValueError, match=r"router_weight: expected 12 rows \(config.num_experts\), got shape \[11,"):
+        route_tokens(x, w[:11], config)
+
+
+@pytest.mark.parametrize(
+    ("routing", "experts", "top_k", "n_group", "topk_group", "tokens", "hidden"),
+    [("softmax_topk", 60, 4, 1, 1, 300, 384), ("softmax_topk", 8, 2, 1, 1, 64, 520),
+     ("sigmoid_grouped_topk", 160, 6, 8, 3, 40, 256)],
+)  # fmt: skip
+def test_route_tokens_on_the_router_parts(routing, experts, top_k, n_group, topk_group, tokens, hidden, monkeypatch,
+                                          generator):  # fmt: skip
+    """route_tokens through router_logit_parts (forced on the CPU: the interpreter, float16) against the float64
+    router and routing: the same ids (the logits' gaps are far above float32 sums' rounding here), the weights to
+    float32 rounding."""
+    import tilemoe.ops.router as router_module
+    from tilemoe.ops.route import route_tokens
+    from tilemoe.routing import router_logits
+
+    monkeypatch.setattr(router_module, "uses_router_parts", lambda x, w: True)
+    config = MoEConfig(num_experts=experts, top_k=top_k, hidden_size=hidden, intermediate_size=8, routing=routing,
+                       n_group=n_group, topk_group=topk_group)  # fmt: skip
+    x = torch.randn(tokens, hidden, generator=generator).to(DEVICE, torch.float16)
+    w = (torch.randn(experts, hidden, generator=generator) * hidden**-0.5).to(DEVICE, torch.float16)
+    router_bias = torch.randn(experts, generator=generator).to(DEVICE) * 0.1
+    correction_bias = torch.randn(experts, generator=generator) * 0.01 if n_group > 1 else None
+    weights, ids = route_tokens(x, w, config, router_bias=router_bias, correction_bias=correction_bias)
+    logits = router_logits(x.double(), w.double(), router_bias.double())
+    ref_w, ref_i = route(logits, config, correction_bias=None if correction_bias is None else correction_bias.double())
+    assert torch.equal(ids.cpu().long(), ref_i.cpu().long())
+    torch.testing.assert_close(weights.cpu().double(), ref_w.cpu().double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("name", "tokens"),
+    [("qwen3-30b-a3b", 1024), ("deepseek-v2-lite", 4096), ("mixtral-8x7b", 64), ("gpt-oss-120b", 300),
+     ("deepseek-v3", 512), ("qwen3-30b-a3b", 16384)],
+)  # fmt: skip
+def test_route_tokens_gpu(name, tokens, generator):
+    """bf16 on a GPU, real shapes: route_tokens (router_logit_parts, the routing kernels summing the parts) against
+    the float64 router and routing, ids exactly but for near-ties (a gap between a token's K-th and next choice
+    under 1e-4), and its graph replay on fresh x equal to its eager call; no host sync."""
+    from tilemoe.ops.route import route_tokens
+    from tilemoe.ops.router import uses_router_parts
+    from tilemoe.routing import router_logits
+
+    config = MoEConfig.from_pretrained(name)
+    e, h = config.num_experts, config.hidden_size
+    x = torch.randn(tokens, h, generator=generator).to("cuda", torch.bfloat16)
+    w = (torch.randn(e, h, generator=generator) * h**-0.5).to("cuda", torch.bfloat16)
+    bias = torch.randn(e, generator=generator).cuda() * 0.01 if config.score_correction_bias else None
+    assert uses_router_parts(x, w)
+    weights, ids = route_tokens(x, w, config, correction_bias=bias)
+    logits = router_logits(x.double(), w.double())
+    ref_w, ref_i = route(logits, config, correction_bias=None if bias is None else bias.double())
+    choice = logits.softmax(-1) if "softmax" in config.routing else logits.sigmoid()
+    if bias is not None:
+        choice = choice + bias.double()
+    ranked = choice.sort(dim=-1, descending=True).values
+    clear = (ranked[:, config.top_k - 1] - ranked[:, config.top_k]) > 1e-4
+    same = (ids.long() == ref_i.long()).all(dim=1)
+    if "grouped" in config.routing:  # a group can tie another group's line too: all but a few near-tie rows
+        assert int((~same).sum()) <= max(1, tokens // 1000), int((~same).sum())
+    else:
+        assert bool(same[clear].all()), int((~same[clear]).sum())
+    torch.testing.assert_close(weights[same].double(), ref_w[same].double(), rtol=1e-4, atol=1e-5)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        route_tokens(x, w, config, correction_bias=bias)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_weights, g_ids = route_tokens(x, w, config, correction_bias=bias)
+    x.copy_(torch.randn(tokens, h, generator=generator).to("cuda", torch.bfloat16))
+    graph.replay()
+    e_weights, e_ids = route_tokens(x, w, config, correction_bias=bias)
+    assert torch.equal(g_ids, e_ids) and torch.equal(g_weights, e_weights)

@@ -21,7 +21,7 @@ from tilemoe.config import MoEConfig
 from tilemoe.ops._launch import pdl_options
 from tilemoe.routing import route
 
-__all__ = ["route_fast", "route_triton"]
+__all__ = ["route_fast", "route_tokens", "route_triton"]
 
 _SCORE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_top1_input_scaled": 2}
 # grouped routings: (score: 0 softmax / 1 sigmoid, group score: 0 sum of the best two / 1 the best)
@@ -46,6 +46,13 @@ def route_triton(
         or not logits.is_floating_point()
     ):
         return route(logits, config, correction_bias=correction_bias)  # also raises on bad input
+    return _route_kernels(logits, config, correction_bias)
+
+
+def _route_kernels(
+    logits: torch.Tensor, config: MoEConfig, correction_bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``route_triton``'s kernels on logits [T, E] or float32 parts [P, T, E] (summed as loaded)."""
     scale = float(config.routed_scaling_factor)
     if config.routing in _SCORE_CODES:
         return _route_op(logits, config.top_k, _SCORE_CODES[config.routing], config.renormalize, scale)
@@ -80,12 +87,47 @@ def route_fast(
     return route(logits, config, correction_bias=correction_bias)
 
 
+def route_tokens(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    config: MoEConfig,
+    *,
+    router_bias: torch.Tensor | None = None,
+    correction_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router GEMM and the routing of x [T, H]: (topk_weights [T, K] float32, topk_ids [T, K] int32), what
+    ``route_fast(router_logits_fast(x, router_weight, router_bias), config, correction_bias=...)`` gives, the router's
+    float32 sums taken in another order. Where ``uses_router_parts`` (16-bit x and weight on CUDA, a prefill batch)
+    the GEMM runs split over H on the tensor cores (``router_logit_parts``) and the routing kernel sums the parts as
+    it loads them: no [T, E] logits are written, and no cuBLAS call is made.
+
+    router_weight [E, H], router_bias [E] (optional), correction_bias [E] (grouped routings), E = config.num_experts.
+    Raises ValueError / TypeError naming the argument on a wrong shape, dtype or device.
+    """
+    from tilemoe.ops.router import router_logit_parts, router_logits_fast, uses_router_parts
+
+    weight_shape = tuple(router_weight.shape) if isinstance(router_weight, torch.Tensor) else None
+    if weight_shape is not None and len(weight_shape) == 2 and weight_shape[0] != config.num_experts:
+        raise ValueError(
+            f"router_weight: expected {config.num_experts} rows (config.num_experts), got shape {list(weight_shape)}"
+        )
+    if not (isinstance(x, torch.Tensor) and uses_router_parts(x, router_weight)):
+        logits = router_logits_fast(x, router_weight, router_bias)
+        return route_fast(logits, config, correction_bias=correction_bias)
+    return _route_kernels(router_logit_parts(x, router_weight, router_bias), config, correction_bias)
+
+
 def _pow2(n: int, least: int) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
+def _as_parts(logits: torch.Tensor) -> torch.Tensor:
+    """[T, E] logits as one part [1, T, E]; [P, T, E] parts (summed by the kernels) as they are."""
+    return logits.unsqueeze(0) if logits.dim() == 2 else logits
+
+
 def _empty_outputs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (logits.shape[0], top_k)
+    shape = (logits.shape[-2], top_k)
     weights = torch.empty(shape, dtype=torch.float32, device=logits.device)
     return weights, torch.empty(shape, dtype=torch.int32, device=logits.device)
 
@@ -96,22 +138,26 @@ def _route_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from tilemoe.ops._kernels._route import _route_kernel
 
-    num_tokens, num_experts = logits.shape
+    parts = _as_parts(logits)
+    num_parts, num_tokens, num_experts = parts.shape
     weights, ids = _empty_outputs(logits, top_k)
     if num_tokens == 0:
         return weights, ids
     _route_kernel[(num_tokens,)](
         **pdl_options(logits.device),
-        logits_ptr=logits,
-        stride_lt=logits.stride(0),
-        stride_le=logits.stride(1),
+        logits_ptr=parts,
+        stride_lp=parts.stride(0),
+        stride_lt=parts.stride(1),
+        stride_le=parts.stride(2),
         weights_ptr=weights,
         ids_ptr=ids,
+        num_parts=num_parts,
         num_experts=num_experts,
         scale=scale,
         TOP_K=top_k,
         SCORE=score,
         RENORMALIZE=renormalize,
+        BLOCK_PARTS=_pow2(num_parts, 1),
         BLOCK_E=_pow2(num_experts, 16),
         BLOCK_K=_pow2(top_k, 2),
         num_warps=1 if num_experts <= 128 else 4,
@@ -121,7 +167,7 @@ def _route_op(
 
 @_route_op.register_fake
 def _(logits, top_k, score, renormalize, scale):
-    shape = (logits.shape[0], top_k)
+    shape = (logits.shape[-2], top_k)
     return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)
 
 
@@ -139,7 +185,8 @@ def _grouped_route_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from tilemoe.ops._kernels._route import _grouped_route_kernel
 
-    num_tokens, num_experts = logits.shape
+    parts = _as_parts(logits)
+    num_parts, num_tokens, num_experts = parts.shape
     weights, ids = _empty_outputs(logits, top_k)
     if num_tokens == 0:
         return weights, ids
@@ -151,13 +198,15 @@ def _grouped_route_op(
     block_g, block_p = _pow2(n_group, 2), _pow2(per_group, 16)
     _grouped_route_kernel[(num_tokens,)](
         **pdl_options(logits.device),
-        logits_ptr=logits,
-        stride_lt=logits.stride(0),
-        stride_le=logits.stride(1),
+        logits_ptr=parts,
+        stride_lp=parts.stride(0),
+        stride_lt=parts.stride(1),
+        stride_le=parts.stride(2),
         bias_ptr=correction_bias if has_bias else logits,  # not read without a bias
         stride_be=correction_bias.stride(0) if has_bias else 0,
         weights_ptr=weights,
         ids_ptr=ids,
+        num_parts=num_parts,
         scale=scale,
         TOP_K=top_k,
         N_GROUP=n_group,
@@ -167,6 +216,7 @@ def _grouped_route_op(
         GROUP_SCORE=group_score,
         HAS_BIAS=has_bias,
         RENORMALIZE=renormalize,
+        BLOCK_PARTS=_pow2(num_parts, 1),
         BLOCK_G=block_g,
         BLOCK_P=block_p,
         BLOCK_K=_pow2(top_k, 2),
@@ -177,5 +227,5 @@ def _grouped_route_op(
 
 @_grouped_route_op.register_fake
 def _(logits, correction_bias, top_k, n_group, topk_group, score, group_score, renormalize, scale):
-    shape = (logits.shape[0], top_k)
+    shape = (logits.shape[-2], top_k)
     return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)

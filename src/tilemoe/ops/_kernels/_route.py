@@ -1,7 +1,8 @@
 """Triton kernels: router logits -> top-k weights and ids, one program per token.
 
 Dimension letters: T tokens, E experts, K top-k, G expert groups (E = G * P, P experts per group).
-    logits  [T, E]  any float dtype, math in float32
+    logits  [T, E]  any float dtype, math in float32; or [NUM_PARTS, T, E] float32 parts whose sum over the first
+                    dimension is the logits (``_router._router_parts_kernel``'s split of H), summed as loaded
     bias    [E]     score correction bias (grouped routings only): moves the choice, never the weights
     weights [T, K]  float32
     ids     [T, K]  int32; equal scores go to the lower expert index (like ``tilemoe.routing.topk_stable``)
@@ -55,6 +56,24 @@ def _clamp_min_sum(total):
 
 
 @triton.jit
+def _token_logits(logits_ptr, experts, in_range, stride_le, stride_lp, num_parts, BLOCK_PARTS: tl.constexpr):
+    """A token's float32 logits at ``experts`` (a [BLOCK_E] or [G, P] tile of indices; ``logits_ptr`` points at the
+    token's row of part 0), -inf where not ``in_range``. BLOCK_PARTS > 1: the sum of its ``num_parts`` rows, part p
+    at ``stride_lp`` * p, loaded as one tile (the loads in flight together) and summed in float32."""
+    if BLOCK_PARTS == 1:
+        logits = tl.load(logits_ptr + experts * stride_le, mask=in_range, other=float("-inf")).to(tl.float32)
+    else:
+        parts = tl.expand_dims(tl.arange(0, BLOCK_PARTS), 1)
+        offsets = tl.expand_dims(experts * stride_le, 0)
+        mask = tl.expand_dims(in_range, 0)
+        if len(experts.shape) == 2:
+            parts = tl.expand_dims(parts, 2)
+        tile = tl.load(logits_ptr + parts * stride_lp + offsets, mask=mask & (parts < num_parts), other=0.0)
+        logits = tl.where(in_range, tl.sum(tile.to(tl.float32), axis=0), float("-inf"))
+    return logits
+
+
+@triton.jit
 def _flat_topk(
     logits_ptr,
     stride_le,
@@ -64,13 +83,17 @@ def _flat_topk(
     RENORMALIZE: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    stride_lp=0,
+    num_parts=1,
+    BLOCK_PARTS: tl.constexpr = 1,
 ):
-    """One token's flat routing from its logits row (``logits_ptr`` points at it): ([BLOCK_K] float32 weights before
-    the scale, [BLOCK_K] int32 ids), entries past TOP_K unused. Shared by ``_route_kernel`` and the decode GEMM 1
-    that routes its own slot (``tilemoe.ops._kernels._decode``), so both give the same ids and weights."""
+    """One token's flat routing from its logits row (``logits_ptr`` points at it; ``_token_logits``: the sum of
+    ``num_parts`` rows under BLOCK_PARTS > 1): ([BLOCK_K] float32 weights before the scale, [BLOCK_K] int32 ids),
+    entries past TOP_K unused. Shared by ``_route_kernel`` and the decode GEMM 1 that routes its own slot
+    (``tilemoe.ops._kernels._decode``), so both give the same ids and weights."""
     experts = tl.arange(0, BLOCK_E)
     in_range = experts < num_experts
-    logits = tl.load(logits_ptr + experts * stride_le, mask=in_range, other=float("-inf")).to(tl.float32)
+    logits = _token_logits(logits_ptr, experts, in_range, stride_le, stride_lp, num_parts, BLOCK_PARTS)
     if SCORE == 0:
         shifted = tl.exp(logits - tl.max(logits, axis=0))
         scores = shifted / tl.sum(shifted, axis=0)
@@ -104,15 +127,18 @@ def _flat_topk(
 @triton.jit
 def _route_kernel(
     logits_ptr,
+    stride_lp,
     stride_lt,
     stride_le,
     weights_ptr,
     ids_ptr,
+    num_parts,
     num_experts,
     scale,
     TOP_K: tl.constexpr,
     SCORE: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    BLOCK_PARTS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
@@ -120,8 +146,9 @@ def _route_kernel(
     _pdl_prologue(PDL)
     token = tl.program_id(0).to(tl.int64)
     weights, ids = _flat_topk(
-        logits_ptr + token * stride_lt, stride_le, num_experts, TOP_K, SCORE, RENORMALIZE, BLOCK_E, BLOCK_K
-    )
+        logits_ptr + token * stride_lt, stride_le, num_experts, TOP_K, SCORE, RENORMALIZE, BLOCK_E, BLOCK_K,
+        stride_lp, num_parts, BLOCK_PARTS,
+    )  # fmt: skip
     slots = tl.arange(0, BLOCK_K)
     valid = slots < TOP_K
     tl.store(weights_ptr + token * TOP_K + slots, weights * scale, mask=valid)
@@ -131,12 +158,14 @@ def _route_kernel(
 @triton.jit
 def _grouped_route_kernel(
     logits_ptr,
+    stride_lp,
     stride_lt,
     stride_le,
     bias_ptr,
     stride_be,
     weights_ptr,
     ids_ptr,
+    num_parts,
     scale,
     TOP_K: tl.constexpr,
     N_GROUP: tl.constexpr,
@@ -146,6 +175,7 @@ def _grouped_route_kernel(
     GROUP_SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    BLOCK_PARTS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -159,8 +189,8 @@ def _grouped_route_kernel(
     # their choice is -inf and their score 0, so they never win and add nothing to a weight
     experts = groups[:, None] * PER_GROUP + members[None, :]
     in_range = (groups[:, None] < N_GROUP) & (members[None, :] < PER_GROUP)
-    logits = tl.load(logits_ptr + token * stride_lt + experts * stride_le, mask=in_range, other=float("-inf"))
-    logits = logits.to(tl.float32)
+    logits = _token_logits(logits_ptr + token * stride_lt, experts, in_range, stride_le, stride_lp, num_parts,
+                           BLOCK_PARTS)  # fmt: skip
     if SCORE == 0:
         shifted = tl.exp(logits - tl.max(tl.max(logits, axis=1), axis=0))
         scores = shifted / tl.sum(tl.sum(shifted, axis=1), axis=0)
