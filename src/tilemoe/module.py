@@ -9,8 +9,8 @@ from torch import nn
 
 from tilemoe.config import MoEConfig
 from tilemoe.functional import moe_forward
-from tilemoe.ops.route import route_fast
-from tilemoe.ops.router import router_logits_fast
+from tilemoe.ops.route import route_fast, route_tokens
+from tilemoe.ops.router import router_logits_fast, uses_router_parts
 
 __all__ = ["MoE", "add_moe_parameters"]
 
@@ -101,12 +101,18 @@ class MoE(nn.Module):
         if x.shape[-1] != c.hidden_size:
             raise ValueError(f"x: expected last dim hidden_size={c.hidden_size}, got shape {list(x.shape)}")
         x2 = x.reshape(-1, c.hidden_size)
-        logits = router_logits_fast(x2, self.router_weight, self.router_bias)
+        if uses_router_parts(x2, self.router_weight):  # a prefill batch: no [T, E] logits written (route_tokens)
+            weights, ids = route_tokens(
+                x2, self.router_weight, c, router_bias=self.router_bias, correction_bias=self.correction_bias
+            )
+            routing = dict(topk_weights=weights, topk_ids=ids)
+        else:  # the logits, which an implementation may route inside its kernels (triton's decode path)
+            routing = dict(router_logits=router_logits_fast(x2, self.router_weight, self.router_bias))
         out = moe_forward(
             x2,
             self.w13,
             self.w2,
-            router_logits=logits,
+            **routing,
             config=c,
             impl=self.impl,
             b13=self.b13,

@@ -380,13 +380,14 @@ def test_route_tokens_on_the_router_parts(routing, experts, top_k, n_group, topk
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("name", "tokens"),
-    [("qwen3-30b-a3b", 1024), ("deepseek-v2-lite", 4096), ("mixtral-8x7b", 64), ("gpt-oss-120b", 300),
-     ("deepseek-v3", 512), ("qwen3-30b-a3b", 16384)],
+    [("qwen3-30b-a3b", 1024), ("deepseek-v2-lite", 1024), ("mixtral-8x7b", 64), ("gpt-oss-120b", 300),
+     ("deepseek-v3", 512), ("qwen3-30b-a3b", 9)],
 )  # fmt: skip
 def test_route_tokens_gpu(name, tokens, generator):
     """bf16 on a GPU, real shapes: route_tokens (router_logit_parts, the routing kernels summing the parts) against
-    the float64 router and routing, ids exactly but for near-ties (a gap between a token's K-th and next choice
-    under 1e-4), and its graph replay on fresh x equal to its eager call; no host sync."""
+    the float64 router and routing, each token's set of ids exactly but for near-ties (a gap between a token's K-th
+    and next choice under 1e-4; the order inside the K may follow the sums' rounding where two picks nearly tie), and
+    its graph replay on fresh x equal to its eager call; no host sync."""
     from tilemoe.ops.route import route_tokens
     from tilemoe.ops.router import uses_router_parts
     from tilemoe.routing import router_logits
@@ -405,12 +406,14 @@ def test_route_tokens_gpu(name, tokens, generator):
         choice = choice + bias.double()
     ranked = choice.sort(dim=-1, descending=True).values
     clear = (ranked[:, config.top_k - 1] - ranked[:, config.top_k]) > 1e-4
-    same = (ids.long() == ref_i.long()).all(dim=1)
+    same = (ids.long().sort(dim=1).values == ref_i.long().sort(dim=1).values).all(dim=1)
     if "grouped" in config.routing:  # a group can tie another group's line too: all but a few near-tie rows
         assert int((~same).sum()) <= max(1, tokens // 1000), int((~same).sum())
     else:
         assert bool(same[clear].all()), int((~same[clear]).sum())
-    torch.testing.assert_close(weights[same].double(), ref_w[same].double(), rtol=1e-4, atol=1e-5)
+    by_id = weights.double().gather(1, ids.long().argsort(dim=1))  # the weights in id order, as the sets compare
+    ref_by_id = ref_w.double().gather(1, ref_i.long().argsort(dim=1))
+    torch.testing.assert_close(by_id[same], ref_by_id[same], rtol=1e-4, atol=1e-5)
     torch.cuda.set_sync_debug_mode("error")
     try:
         route_tokens(x, w, config, correction_bias=bias)

@@ -2,14 +2,18 @@
 
 The timed callable, the same for every implementation::
 
-    logits = layer_router_logits(x, router_weight)   [T, E]: on CUDA for T <= ROUTER_KERNEL_MAX_TOKENS (8) the
+    weights, ids = layer_route(x, router_weight, correction_bias)
+        16-bit x on CUDA, 8 < T <= ROUTER_PARTS_MAX_TOKENS: ``route_tokens`` (the router GEMM on the tensor cores
+        split over H, float32 parts summed by the routing kernel; what ``MoE`` does); else
+        logits = layer_router_logits(x, router_weight)   [T, E]: on CUDA for T <= ROUTER_KERNEL_MAX_TOKENS (8) the
                                                    float32 router kernel (tilemoe.ops.router), else x @ router^T
                                                    in the bench dtype (cuBLAS; router_weight [E, H], bench dtype)
-    weights, ids = route(logits, correction_bias)  route_triton on CUDA (what moe_forward does), routing.route
+        weights, ids = route(logits, correction_bias)  route_triton on CUDA (what moe_forward does), routing.route
                                                    on CPU
     out = impl.fn(x, w13, w2, weights, ids)
-                                                   or, for an implementation that routes inside its kernels
-                                                   (``Implementation.from_logits``, e.g. triton's decode path),
+                                                   or, where route_tokens does not run, for an implementation that
+                                                   routes inside its kernels (``Implementation.from_logits``, e.g.
+                                                   triton's decode path),
     out = impl.from_logits(x, w13, w2, logits, correction_bias)     as moe_forward does
 
 A scenario (random / balanced / imbalanced / zipf / trace) still decides which experts each token goes to: the
@@ -44,8 +48,8 @@ from collections.abc import Callable
 import torch
 
 from tilemoe.config import MoEConfig
-from tilemoe.ops.route import route_fast
-from tilemoe.ops.router import router_logits_triton, uses_router_kernel
+from tilemoe.ops.route import route_fast, route_tokens
+from tilemoe.ops.router import router_logit_parts, router_logits_triton, uses_router_kernel, uses_router_parts
 
 ROUTER_GAIN = 4.0
 CHOSEN_TOP = 1.0
@@ -57,6 +61,7 @@ BIAS_SCALE = 1e-4  # correction bias values in [0, 1e-4): far below the 1/16 log
 __all__ = [
     "check_layer_ids",
     "layer_fn",
+    "layer_route",
     "layer_router_logits",
     "make_router_weights",
     "reachable_tokens",
@@ -72,12 +77,25 @@ def route_fn(device: torch.device) -> Callable:
 
 
 def layer_router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """The router GEMM of the timed layer, the same for every implementation: the Triton router kernel (float32
-    logits) where ``tilemoe.ops.router.uses_router_kernel`` (a decode-sized batch on CUDA, where cuBLAS's GEMM is a
-    4-6 us weight stream); x @ router^T in x's dtype (cuBLAS, or the CPU) otherwise."""
+    """The router GEMM of the timed layer as logits [T, E], the same for every implementation: the Triton router
+    kernel (float32 logits) where ``tilemoe.ops.router.uses_router_kernel`` (a decode-sized batch on CUDA, where
+    cuBLAS's GEMM is a 4-6 us weight stream); the sum of ``router_logit_parts`` (float32) where ``uses_router_parts``
+    (what ``layer_route`` routes there); x @ router^T in x's dtype (cuBLAS, or the CPU) otherwise."""
     if uses_router_kernel(x):
         return router_logits_triton(x, router_weight)
+    if uses_router_parts(x, router_weight):
+        return router_logit_parts(x, router_weight).sum(0)
     return torch.nn.functional.linear(x, router_weight)
+
+
+def layer_route(
+    x: torch.Tensor, router_weight: torch.Tensor, config: MoEConfig, correction_bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timed layer's router GEMM and routing, (topk_weights, topk_ids): ``route_tokens`` where
+    ``uses_router_parts``, else ``route_fn`` on ``layer_router_logits``."""
+    if uses_router_parts(x, router_weight):
+        return route_tokens(x, router_weight, config, correction_bias=correction_bias)
+    return route_fn(x.device)(layer_router_logits(x, router_weight), config, correction_bias=correction_bias)
 
 
 def make_router_weights(
@@ -175,10 +193,13 @@ def layer_fn(
 
     def fn(inp):
         x, _, scenario_ids = inp
-        logits = layer_router_logits(x, router_weight)
-        if from_logits is not None and not pass_through:
-            return from_logits(x, w13, w2, logits, config=config, correction_bias=bias, b13=b13, b2=b2)
-        topk_weights, topk_ids = routing(logits, config, correction_bias=bias)
+        if uses_router_parts(x, router_weight):
+            topk_weights, topk_ids = route_tokens(x, router_weight, config, correction_bias=bias)
+        else:
+            logits = layer_router_logits(x, router_weight)
+            if from_logits is not None and not pass_through:
+                return from_logits(x, w13, w2, logits, config=config, correction_bias=bias, b13=b13, b2=b2)
+            topk_weights, topk_ids = routing(logits, config, correction_bias=bias)
         if pass_through:
             topk_ids = scenario_ids
         return experts_fn(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2)

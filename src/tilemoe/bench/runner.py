@@ -40,10 +40,10 @@ from tilemoe.bench.ceiling import bmm_ceiling
 from tilemoe.bench.layer import (
     check_layer_ids,
     layer_fn,
+    layer_route,
     layer_router_logits,
     make_router_weights,
     reachable_tokens,
-    route_fn,
     steer_input,
 )
 from tilemoe.bench.metrics import layer_bytes, layer_flops, load_stats, roofline_seconds
@@ -294,14 +294,14 @@ def layer_inputs(
     The reference weights are ``routing.route`` of the first set's router logits; its ids, and those of the
     routing the timed call uses, must equal the scenario's on every token a router can steer (else RuntimeError).
     """
-    config, device = s.config, s.device
+    config = s.config
     reachable = reachable_tokens(topk_ids, config)
     xs = [steer_input(x, topk_ids, config) for x in xs]
     logits = layer_router_logits(xs[0], weights["router_weight"])
     bias = weights["correction_bias"]
     ref_weights, ref_ids = route(logits, config, correction_bias=bias)
     check_layer_ids(ref_ids, topk_ids, reachable, scenario)
-    check_layer_ids(route_fn(device)(logits, config, correction_bias=bias)[1], topk_ids, reachable, scenario)
+    check_layer_ids(layer_route(xs[0], weights["router_weight"], config, bias)[1], topk_ids, reachable, scenario)
     unreachable = int((~reachable).sum())
     note = ""
     if unreachable:

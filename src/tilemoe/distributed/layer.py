@@ -19,8 +19,7 @@ from tilemoe.distributed.runtime import check_consistent, group_timeout
 from tilemoe.functional import experts_forward, shared_experts_forward
 from tilemoe.impls import available_impls
 from tilemoe.module import add_moe_parameters
-from tilemoe.ops.route import route_fast
-from tilemoe.ops.router import router_logits_fast
+from tilemoe.ops.route import route_tokens
 
 BACKENDS = ("epmoe", "fused")
 # best first: tilemoe's Triton kernels, then torch's grouped GEMM, then the grouped loop
@@ -241,9 +240,11 @@ class ExpertParallelMoE(nn.Module):
         if x.shape[-1] != c.hidden_size:
             raise ValueError(f"x: expected last dim hidden_size={c.hidden_size}, got shape {list(x.shape)}")
         x2 = x.reshape(-1, c.hidden_size).contiguous()
-        # as the one-GPU MoE routes: the router-GEMM kernel for T <= 8 and the routing kernel on CUDA, torch elsewhere
-        logits = router_logits_fast(x2, self.router_weight, self.router_bias)
-        weights, ids = route_fast(logits, c, correction_bias=self.correction_bias)
+        # as the one-GPU MoE routes (route_tokens): the router-GEMM kernels and the routing kernel on CUDA, torch
+        # elsewhere
+        weights, ids = route_tokens(
+            x2, self.router_weight, c, router_bias=self.router_bias, correction_bias=self.correction_bias
+        )
         out = self.forward_routed(x2, weights, ids)
         if self.shared_w13 is not None:
             out = out + shared_experts_forward(x2, self.shared_w13, self.shared_w2, c, self.shared_gate)

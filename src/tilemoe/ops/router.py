@@ -43,12 +43,18 @@ _BLOCK_H = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # router_logit_parts: above ROUTER_KERNEL_MAX_TOKENS and up to this many tokens (16-bit x and weight on CUDA).
-ROUTER_PARTS_MAX_TOKENS = 16384
-# Its tiles: BLOCK_H columns of H a step, at most 128 experts a program; a part count (a power of two, at most
-# _PARTS_MAX: the routing kernels load a token's parts as one tile) that gives about one program per SM.
+# H100, bf16, graph replays of the router GEMM + routing against cuBLAS's GEMM + routing (bench/NOTES.md, version
+# 22): 1.2-2.9 us faster at T = 16-256 for all four bench models, at T=1024 for three (qwen3-30b-a3b, whose 8 parts
+# of 128 experts made the routing read 4 KiB a token, 0.4 us slower before the cap below); at T=4096 even to 37%
+# slower, at 16384 slower (one part: cuBLAS's tiles stream x better).
+ROUTER_PARTS_MAX_TOKENS = 1024
+# Its tiles: BLOCK_H columns of H a step, at most 128 experts a program; a part count (a power of two) that gives
+# about one program per SM, at most _PARTS_MAX and at most _PARTS_ROUTE_BYTES of float32 parts a token (what the
+# routing kernel loads for it as one tile).
 _PARTS_BLOCK_H = 128
 _PARTS_BLOCK_E = 128
 _PARTS_MAX = 8
+_PARTS_ROUTE_BYTES = 2048
 _DEFAULT_SMS = 132  # the interpreter's stand-in (an H100's)
 
 
@@ -153,14 +159,16 @@ def uses_router_parts(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def router_parts_layout(num_tokens: int, num_experts: int, hidden: int, num_sms: int) -> tuple[int, int, int, int]:
     """(block_t, block_e, parts, h_per_part) of ``router_logit_parts``: token blocks of 16 / 32 / 64 (T up to 128 /
-    512 / more), expert blocks of up to 128, and H split into ``parts`` (a power of two up to 8; each a multiple of
-    the 128-column step, none empty) so that the programs come near one per SM. A pure function."""
+    512 / more), expert blocks of up to 128, and H split into ``parts`` (a power of two up to 8, and up to 2 KiB of
+    float32 parts a token: 4 at 128 experts; each a multiple of the 128-column step, none empty) so that the
+    programs come near one per SM. A pure function."""
     block_t = 16 if num_tokens <= 128 else 32 if num_tokens <= 512 else 64
     block_e = min(_PARTS_BLOCK_E, max(16, 1 << max(0, num_experts - 1).bit_length()))
     blocks = cdiv(max(num_tokens, 1), block_t) * cdiv(max(num_experts, 1), block_e)
     steps = cdiv(max(hidden, 1), _PARTS_BLOCK_H)
+    max_parts = max(1, min(_PARTS_MAX, _PARTS_ROUTE_BYTES // (4 * max(num_experts, 1))))
     parts = 1
-    while parts < _PARTS_MAX and parts * blocks < num_sms and parts * 2 <= steps:
+    while parts * 2 <= max_parts and parts * blocks < num_sms and parts * 2 <= steps:
         parts *= 2
     steps_per_part = cdiv(steps, parts)
     parts = cdiv(steps, steps_per_part)  # no empty part

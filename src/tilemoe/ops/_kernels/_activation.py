@@ -2,10 +2,23 @@
 
 Codes (tilemoe.ops.act_and_mul.ACTIVATION_CODES): 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 swigluoai.
 Inputs in float32; ``act_and_mul_torch`` in tilemoe.ops.activation is the reference.
+
+The sigmoid (silu, swigluoai, gelu_tanh) on the GPU is one ex2.approx.ftz and one rcp.approx.ftz (relative error
+about 2^-22 each, denormals flushed): ``tl.exp`` and ``/`` compile to the same MUFU instructions with range fixups
+around each (sm_90 SASS: an FSETP and two predicated FMULs per exp, a compare and scaling per divide), which made
+the GEMM 1 epilogue ~19 instructions an element. Timed on an H100 (bench/NOTES.md, version 22): GEMM 1's activation
+was 4-7% of the kernel (qwen3-30b-a3b T=4096: 25 of 410 us; gpt-oss-120b T=16384: 238 of 3442 us), its whole
+epilogue 5-10%, on the MMA warps' critical path. In the interpreter (no inline PTX) the plain formula runs.
 """
+
+import os
 
 import triton
 import triton.language as tl
+
+# Triton decides interpretation when a kernel is defined; so does this (the interpreter cannot run inline PTX).
+_FAST_SIGMOID = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 SILU = 0
 GELU = 1
@@ -16,7 +29,16 @@ SWIGLUOAI = 4
 
 @triton.jit
 def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
+    if _FAST_SIGMOID:
+        e = tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [v * -_LOG2E], dtype=tl.float32, is_pure=True, pack=1
+        )
+        s = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        s = 1.0 / (1.0 + tl.exp(-v))
+    return s
 
 
 @triton.jit
