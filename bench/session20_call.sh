@@ -6,6 +6,10 @@
 #                                       carry bench/.trees (python3 bench/skip_trees.py first); then the kernels of
 #                                       mixtral-8x7b T = 64 / 256 and deepseek-v2-lite T=1024 one by one, and the
 #                                       router + routing against route_tokens (bench/route_tokens_probe.py)
+#   bash bench/session20_call.sh ab     the fast sigmoid against the one before it (bench/ab_tree.sh slowsig HEAD~1
+#                                       src/tilemoe/ops/_kernels/_activation.py at a9b22b5), its GPU tests, the router
+#                                       parts re-timed
+#   TRITON_MODELS="..." bash bench/session20_call.sh bench     the issue-4 bench (gpu_check.sh triton)
 #   bash bench/session20_call.sh h200   on an H200 only: the H200 table's Gluon entries (bench/session17_h200.sh), then
 #                                       the functional GPU tests on the table as merged
 set -uo pipefail
@@ -15,7 +19,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 echo "== $gpu"
 start=$(date +%s)
-case ${1:?step: skip or h200} in
+case ${1:?step: skip, ab, bench or h200} in
 skip)
   # the router GEMM + routing: route_tokens' GPU tests, then cuBLAS + route_fast against route_tokens
   timeout -k 5 120 python3 -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/ops/test_route.py \
@@ -32,6 +36,22 @@ skip)
     --no-stats 2>&1 | grep -v Warning >"$OUT/breakdown.txt"
   grep -E "^## |^triton|^torch_grouped|^ +[0-9.]+ us|^dense" "$OUT/breakdown.txt"
   ;;
+ab)
+  # the fast sigmoid (a9b22b5) against the one before, in turn; its GPU tests; the router parts' layout re-timed
+  timeout -k 5 150 python3 -m pytest -q -n 12 -p no:cacheprovider -m gpu tests/ops/test_route.py \
+    tests/ops/test_router.py tests/ops/test_gluon_experts.py tests/impls/test_triton.py 2>&1 | tail -n 4
+  # shellcheck disable=SC2086  # several points
+  timeout -k 5 200 python3 bench/ab_probe.py --trees main=src slowsig=bench/.trees/slowsig/src --rounds 2 \
+    --points ${AB_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 gpt-oss-120b:16384 qwen3-30b-a3b:1024} 2>&1 \
+    | grep -v Warning | tee "$OUT/ab_sigmoid.txt" | tail -n 12
+  timeout -k 5 80 python3 bench/route_tokens_probe.py --tokens 16 256 1024 2048 4096 16384 2>&1 | grep -v Warning \
+    | tee "$OUT/route_tokens.txt"
+  ;;
+bench)
+  # the issue-4 bench (gpu_check.sh triton) of TRITON_MODELS
+  TRITON_MODELS=${TRITON_MODELS:-"qwen3-30b-a3b deepseek-v2-lite"} T_TRITON=${T_TRITON:-150} \
+    bash bench/gpu_check.sh triton 2>&1 | tail -n 40
+  ;;
 h200)
   if [[ $gpu != *H200* ]]; then
     echo "session20_call.sh h200: not an H200, nothing run"
@@ -44,7 +64,7 @@ h200)
   tail -n 3 "$OUT/tests_h200.txt"
   ;;
 *)
-  echo "session20_call.sh: unknown step $1 (skip or h200)"
+  echo "session20_call.sh: unknown step $1 (skip, ab, bench or h200)"
   exit 2
   ;;
 esac

@@ -174,3 +174,16 @@ def test_uses_router_parts_only_for_16_bit_prefill_batches_on_cuda():
         assert not uses_router_parts(torch.zeros(ROUTER_PARTS_MAX_TOKENS + 1, 16, device="cuda", dtype=w.dtype), w)
         assert not uses_router_parts(torch.zeros(64, 16, device="cuda", dtype=torch.float16), w)
         assert not uses_router_parts(torch.zeros(64, 16, device="cuda"), w.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("t", "e", "h"), [(9, 128, 2048), (2048, 64, 2048), (300, 7, 100)])
+def test_router_logits_fast_16_bit_gemm_with_float32_output_gpu(t, e, h, dtype):
+    """Above ROUTER_KERNEL_MAX_TOKENS, 16-bit x and weight: cuBLAS's 16-bit GEMM with float32 output, the float64
+    router GEMM to float32 sums' rounding (not the 16-bit output's)."""
+    gen = torch.Generator().manual_seed(t + e + h)
+    x, w, b = _inputs(t, e, h, dtype, gen, bias=True)
+    out = router_logits_fast(x, w, b)
+    assert out.dtype == torch.float32 and out.shape == (t, e)
+    torch.testing.assert_close(out.double(), _reference(x, w, b), atol=ATOL * 4, rtol=1e-5)
