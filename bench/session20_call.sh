@@ -38,14 +38,19 @@ skip)
   ;;
 ab)
   # the fast sigmoid (a9b22b5) against the one before, in turn; its GPU tests; the router parts' layout re-timed
-  timeout -k 5 170 python3 -m pytest -q -n 12 -p no:cacheprovider -m gpu tests/ops/test_route.py \
+  timeout -k 5 "${T_TESTS:-170}" python3 -m pytest -q -n 12 -p no:cacheprovider -m gpu tests/ops/test_route.py \
     tests/ops/test_router.py tests/ops/test_gluon_experts.py tests/impls/test_triton.py \
     -k "route or router or gluon or sweep or graph or compile or atomic or decode" 2>&1 | tail -n 4
+  # async_act1 against each Gluon GEMM 1 entry (one process, the variant after the entry)
+  timeout -k 5 "${T_ACT:-80}" python3 bench/kernel_probe.py --no-breakdown --no-stats --variants async_act1=1 \
+    --points ${ACT_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 mixtral-8x7b:4096 deepseek-v2-lite:4096} 2>&1 \
+    | grep -v Warning | tee "$OUT/async_act.txt" | grep -E "^## |base|async"
   # shellcheck disable=SC2086  # several points
-  timeout -k 5 170 python3 bench/ab_probe.py --trees main=src slowsig=bench/.trees/slowsig/src --rounds 2 \
+  timeout -k 5 "${T_AB:-170}" python3 bench/ab_probe.py --trees main=src slowsig=bench/.trees/slowsig/src --rounds 2 \
     --points ${AB_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 gpt-oss-120b:16384 qwen3-30b-a3b:1024} 2>&1 \
     | grep -v Warning | tee "$OUT/ab_sigmoid.txt" | tail -n 12
-  timeout -k 5 80 python3 bench/route_tokens_probe.py --tokens 16 256 1024 2048 4096 16384 2>&1 | grep -v Warning \
+  timeout -k 5 "${T_ROUTE:-80}" python3 bench/route_tokens_probe.py --tokens ${ROUTE_TOKENS:-16 256 1024 2048 4096 16384} \
+    2>&1 | grep -v Warning \
     | tee "$OUT/route_tokens.txt"
   ;;
 bench)
