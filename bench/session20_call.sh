@@ -6,9 +6,10 @@
 #                                       carry bench/.trees (python3 bench/skip_trees.py first); then the kernels of
 #                                       mixtral-8x7b T = 64 / 256 and deepseek-v2-lite T=1024 one by one, and the
 #                                       router + routing against route_tokens (bench/route_tokens_probe.py)
-#   bash bench/session20_call.sh ab     the fast sigmoid against the one before it (bench/ab_tree.sh slowsig HEAD~1
-#                                       src/tilemoe/ops/_kernels/_activation.py at a9b22b5), its GPU tests, the router
-#                                       parts re-timed
+#   bash bench/session20_call.sh ab     the GPU tests of session 20's code, async_act1 against the Gluon GEMM 1
+#                                       entries, the fast sigmoid against the default in turn (python3
+#                                       bench/skip_trees.py fastsig first; carry bench/.trees), the router parts
+#                                       re-timed. Never ran: no device started after session 20's second call
 #   TRITON_MODELS="..." bash bench/session20_call.sh bench     the issue-4 bench (gpu_check.sh triton)
 #   bash bench/session20_call.sh h200   on an H200 only: the H200 table's Gluon entries (bench/session17_h200.sh), then
 #                                       the functional GPU tests on the table as merged
@@ -37,7 +38,7 @@ skip)
   grep -E "^## |^triton|^torch_grouped|^ +[0-9.]+ us|^dense" "$OUT/breakdown.txt"
   ;;
 ab)
-  # the fast sigmoid (a9b22b5) against the one before, in turn; its GPU tests; the router parts' layout re-timed
+  # the GPU tests of session 20's code (run again with TILEMOE_FAST_SIGMOID=1 exported for the fast sigmoid's)
   timeout -k 5 "${T_TESTS:-170}" python3 -m pytest -q -n 12 -p no:cacheprovider -m gpu tests/ops/test_route.py \
     tests/ops/test_router.py tests/ops/test_gluon_experts.py tests/impls/test_triton.py \
     -k "route or router or gluon or sweep or graph or compile or atomic or decode" 2>&1 | tail -n 4
@@ -46,7 +47,7 @@ ab)
     --points ${ACT_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 mixtral-8x7b:4096 deepseek-v2-lite:4096} 2>&1 \
     | grep -v Warning | tee "$OUT/async_act.txt" | grep -E "^## |base|async"
   # shellcheck disable=SC2086  # several points
-  timeout -k 5 "${T_AB:-170}" python3 bench/ab_probe.py --trees main=src slowsig=bench/.trees/slowsig/src --rounds 2 \
+  timeout -k 5 "${T_AB:-170}" python3 bench/ab_probe.py --trees main=src fastsig=bench/.trees/fastsig/src --rounds 2 \
     --points ${AB_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 gpt-oss-120b:16384 qwen3-30b-a3b:1024} 2>&1 \
     | grep -v Warning | tee "$OUT/ab_sigmoid.txt" | tail -n 12
   timeout -k 5 "${T_ROUTE:-80}" python3 bench/route_tokens_probe.py --tokens ${ROUTE_TOKENS:-16 256 1024 2048 4096 16384} \

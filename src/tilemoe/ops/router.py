@@ -101,15 +101,19 @@ def router_logits_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     16-300 us on an H100 at T = 16-16384 against 7-59 for the bf16 GEMM (bench/route_tokens_probe.py)."""
     if uses_router_kernel(x):
         return router_logits_triton(x, weight, bias)
-    if _MM_OUT_DTYPE and _sixteen_bit_pair(x, weight) and x.is_cuda:
+    if _MM_OUT_DTYPE[0] and _sixteen_bit_pair(x, weight) and x.is_cuda:
         _check(x, weight, bias)
-        logits = torch.mm(x, weight.t(), out_dtype=torch.float32)
+        try:
+            logits = torch.mm(x, weight.t(), out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):  # a torch whose CUDA mm lacks this dtype pair: never again
+            _MM_OUT_DTYPE[0] = False
+            return router_logits(x, weight, bias)
         return logits if bias is None else logits + bias.to(torch.float32)
     return router_logits(x, weight, bias)
 
 
-# torch's GEMM with a wider output dtype (aten::mm.dtype; CUDA)
-_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+# torch's GEMM with a wider output dtype (aten::mm.dtype, CUDA; torch >= 2.8): [still usable]
+_MM_OUT_DTYPE = ["dtype" in torch.ops.aten.mm.overloads()]
 
 
 def _sixteen_bit_pair(x: torch.Tensor, weight: torch.Tensor) -> bool:
