@@ -189,17 +189,13 @@ def layer_fn(
     """
     w13, w2, b13, b2 = weights["w13"], weights["w2"], weights["b13"], weights["b2"]
     router_weight, bias = weights["router_weight"], weights["correction_bias"]
-    routing = route_fn(device)
 
     def fn(inp):
         x, _, scenario_ids = inp
-        if uses_router_parts(x, router_weight):
-            topk_weights, topk_ids = route_tokens(x, router_weight, config, correction_bias=bias)
-        else:
+        if from_logits is not None and not pass_through and not uses_router_parts(x, router_weight):
             logits = layer_router_logits(x, router_weight)
-            if from_logits is not None and not pass_through:
-                return from_logits(x, w13, w2, logits, config=config, correction_bias=bias, b13=b13, b2=b2)
-            topk_weights, topk_ids = routing(logits, config, correction_bias=bias)
+            return from_logits(x, w13, w2, logits, config=config, correction_bias=bias, b13=b13, b2=b2)
+        topk_weights, topk_ids = layer_route(x, router_weight, config, bias)
         if pass_through:
             topk_ids = scenario_ids
         return experts_fn(x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2)
