@@ -112,7 +112,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, each tree once per round, in turn")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for one probe process")
     parser.add_argument(
-        "--probe-options", default="", help="kernel_probe options for every tree (with --trees), e.g. --allow-wrong"
+        "--probe-options",
+        default="",
+        help="kernel_probe options for every tree (with --trees), given with '=' (--probe-options=--allow-wrong): "
+        "a separate value starting with '--' is read as an option of this tool",
     )
     args = parser.parse_args(argv)
     if args.trees:
