@@ -357,13 +357,13 @@ def test_route_tokens_off_its_path_is_route_fast_of_the_router(generator):
 def test_route_tokens_on_the_router_parts(routing, experts, top_k, n_group, topk_group, tokens, hidden, monkeypatch,
                                           generator):  # fmt: skip
     """route_tokens through router_logit_parts (forced on the CPU: the interpreter, float16) against the float64
-    router and routing: the same ids (the logits' gaps are far above float32 sums' rounding here), the weights to
-    float32 rounding."""
-    import tilemoe.ops.router as router_module
+    router and routing: the same ids, the weights to float32 rounding, on every token whose K + 1 best choices are
+    1e-6 apart or more (float32 sums in another order may swap closer ones: fresh inputs each run failed about 1 in
+    100 before), which must be nearly all of them."""
     from tilemoe.ops.route import route_tokens
     from tilemoe.routing import router_logits
 
-    monkeypatch.setattr(router_module, "uses_router_parts", lambda x, w: True)
+    monkeypatch.setattr(route_module, "uses_router_parts", lambda x, w: True)
     config = MoEConfig(num_experts=experts, top_k=top_k, hidden_size=hidden, intermediate_size=8, routing=routing,
                        n_group=n_group, topk_group=topk_group)  # fmt: skip
     x = torch.randn(tokens, hidden, generator=generator).to(DEVICE, torch.float16)
@@ -373,8 +373,14 @@ def test_route_tokens_on_the_router_parts(routing, experts, top_k, n_group, topk
     weights, ids = route_tokens(x, w, config, router_bias=router_bias, correction_bias=correction_bias)
     logits = router_logits(x.double(), w.double(), router_bias.double())
     ref_w, ref_i = route(logits, config, correction_bias=None if correction_bias is None else correction_bias.double())
-    assert torch.equal(ids.cpu().long(), ref_i.cpu().long())
-    torch.testing.assert_close(weights.cpu().double(), ref_w.cpu().double(), rtol=1e-4, atol=1e-5)
+    choice = logits.softmax(-1) if routing.startswith("softmax") else logits.sigmoid()
+    if correction_bias is not None:
+        choice = choice + correction_bias.double()
+    best = choice.topk(top_k + 1, dim=-1).values
+    clear = ((best[:, :-1] - best[:, 1:]) >= 1e-6).all(dim=1).cpu()
+    assert int(clear.sum()) >= 0.9 * tokens
+    assert torch.equal(ids.cpu().long()[clear], ref_i.cpu().long()[clear])
+    torch.testing.assert_close(weights.cpu().double()[clear], ref_w.cpu().double()[clear], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ import torch
 
 from tilemoe.config import MoEConfig
 from tilemoe.ops._launch import pdl_options
+from tilemoe.ops.router import router_logit_parts, router_logits_fast, uses_router_parts
 from tilemoe.routing import route
 
 __all__ = ["route_fast", "route_tokens", "route_triton"]
@@ -104,8 +105,6 @@ def route_tokens(
     router_weight [E, H], router_bias [E] (optional), correction_bias [E] (grouped routings), E = config.num_experts.
     Raises ValueError / TypeError naming the argument on a wrong shape, dtype or device.
     """
-    from tilemoe.ops.router import router_logit_parts, router_logits_fast, uses_router_parts
-
     weight_shape = tuple(router_weight.shape) if isinstance(router_weight, torch.Tensor) else None
     if weight_shape is not None and len(weight_shape) == 2 and weight_shape[0] != config.num_experts:
         raise ValueError(

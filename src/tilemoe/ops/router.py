@@ -98,7 +98,8 @@ def router_logits_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ``uses_router_kernel(x)``; for 16-bit x and weight of one dtype on CUDA, cuBLAS's 16-bit GEMM with float32
     output (16-bit products are exact in float32 and summed in float32, as the reference's float32 GEMM sums them,
     in its own order); the reference's GEMM otherwise. The reference upcasts x and weight and runs a float32 GEMM:
-    16-300 us on an H100 at T = 16-16384 against 7-59 for the bf16 GEMM (bench/route_tokens_probe.py)."""
+    with the routing after it 16-300 us on an H100 at T = 16-16384, against 7-59 for cuBLAS's bf16 GEMM and the
+    routing (bench/results/session20-epilogue-router.md; this float32-output path itself not yet timed)."""
     if uses_router_kernel(x):
         return router_logits_triton(x, weight, bias)
     if _MM_OUT_DTYPE[0] and _sixteen_bit_pair(x, weight) and x.is_cuda:
@@ -125,6 +126,14 @@ def _sixteen_bit_pair(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _operand_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    """x, weight and bias as both router kernels take them: pointers, strides, HAS_BIAS (the weight stands in for a
+    missing bias, never read)."""
+    return dict(x_ptr=x, stride_xt=x.stride(0), stride_xh=x.stride(1), w_ptr=weight, stride_we=weight.stride(0),
+                stride_wh=weight.stride(1), b_ptr=weight if bias is None else bias,
+                HAS_BIAS=bias is not None)  # fmt: skip
+
+
 @torch.library.custom_op("tilemoe::router_logits", mutates_args=())
 def _router_logits_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     from tilemoe.ops._kernels._router import _router_logits_kernel
@@ -138,19 +147,12 @@ def _router_logits_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     block_h = min(_BLOCK_H, max(16, 1 << (hidden - 1).bit_length()))
     _router_logits_kernel[(cdiv(num_experts, block_e), num_tokens)](
         **pdl_options(x.device),
-        x_ptr=x,
-        stride_xt=x.stride(0),
-        stride_xh=x.stride(1),
-        w_ptr=weight,
-        stride_we=weight.stride(0),
-        stride_wh=weight.stride(1),
-        b_ptr=bias if bias is not None else weight,  # never read without HAS_BIAS
+        **_operand_args(x, weight, bias),
         logits_ptr=logits,
         stride_lt=logits.stride(0),
         stride_le=logits.stride(1),
         num_experts=num_experts,
         hidden=hidden,
-        HAS_BIAS=bias is not None,
         BLOCK_E=block_e,
         BLOCK_H=block_h,
         num_warps=4,
@@ -181,9 +183,9 @@ def uses_router_parts(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def router_parts_layout(num_tokens: int, num_experts: int, hidden: int, num_sms: int) -> tuple[int, int, int, int]:
     """(block_t, block_e, parts, h_per_part) of ``router_logit_parts``: token blocks of 16 / 32 / 64 (T up to 128 /
-    512 / more), expert blocks of up to 128, and H split into ``parts`` (a power of two up to 8, and up to 2 KiB of
-    float32 parts a token: 4 at 128 experts; each a multiple of the 128-column step, none empty) so that the
-    programs come near one per SM. A pure function."""
+    512 / more), expert blocks of up to 128, and H split into ``parts`` so that the programs come near one per SM: a
+    power of two up to 8 and up to 2 KiB of float32 parts a token (4 at 128 experts), then as few as cover H in
+    equal multiples of the 128-column step (no part empty; 3 where H has 5 steps). A pure function."""
     block_t = 16 if num_tokens <= 128 else 32 if num_tokens <= 512 else 64
     block_e = min(_PARTS_BLOCK_E, max(16, 1 << max(0, num_experts - 1).bit_length()))
     blocks = cdiv(max(num_tokens, 1), block_t) * cdiv(max(num_experts, 1), block_e)
@@ -256,13 +258,7 @@ def _fill_router_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return
     _router_parts_kernel[(cdiv(num_tokens, block_t), num_parts, cdiv(num_experts, block_e))](
         **pdl_options(x.device),
-        x_ptr=x,
-        stride_xt=x.stride(0),
-        stride_xh=x.stride(1),
-        w_ptr=weight,
-        stride_we=weight.stride(0),
-        stride_wh=weight.stride(1),
-        b_ptr=bias if bias is not None else weight,  # never read without HAS_BIAS
+        **_operand_args(x, weight, bias),
         parts_ptr=parts,
         stride_pp=parts.stride(0),
         stride_pt=parts.stride(1),
@@ -271,7 +267,6 @@ def _fill_router_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         num_experts=num_experts,
         hidden=hidden,
         h_per_part=h_per_part,
-        HAS_BIAS=bias is not None,
         BLOCK_T=block_t,
         BLOCK_E=block_e,
         BLOCK_H=_PARTS_BLOCK_H,
