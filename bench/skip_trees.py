@@ -13,8 +13,6 @@ combine) could gain:
   never true (the wgmma results are still waited for).
 - ``noepi2``: GEMM 2's atomic adds / per-slot stores into the output behind such a condition (the tile's weighting,
   layout change and, under ``async_combine``, the hand-off through shared memory stay).
-- ``fastsig``: not a piece left out but the fast sigmoid switched on (``TILEMOE_FAST_SIGMOID``'s default flipped),
-  to time it in turn against the default (its outputs are right: no ``--allow-wrong`` needed).
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ _TRITON_ACT = (
     "        u = acc_u.to(dtype).to(tl.float32)\n"
     "        result = result * _up_factor(u, ACTIVATION, swiglu_limit)\n"
 )
-_GLUON_EPI1 = "\n            _gemm1_epilogue(gate, up, pid_m, pid_n,"  # (inside async_act1's else branch)
+_GLUON_EPI1 = "        _gemm1_epilogue(gate, up, pid_m, pid_n,"
 _TRITON_STORE1 = "    tl.store(out_ptrs, result.to(dtype), mask=col_mask[None, :])\n"
 _GLUON_COMBINE = (
     "    if ATOMIC:\n"
@@ -63,15 +61,8 @@ EDITS: dict[str, list[tuple[str, str, str]]] = {
     ],
     "noepi1": [
         # (the call's continuation lines sit inside its parentheses: their indentation does not matter)
-        (GLUON, _GLUON_EPI1, "\n            if num_slots < 0:" + _GLUON_EPI1.replace("\n", "\n    ")),
+        (GLUON, _GLUON_EPI1, "        if num_slots < 0:\n    " + _GLUON_EPI1),
         (TRITON, _TRITON_STORE1, "    if inter < 0:\n" + _indent(_TRITON_STORE1)),
-    ],
-    "fastsig": [
-        (
-            f"{KERNELS}/_activation.py",
-            'os.environ.get("TILEMOE_FAST_SIGMOID", "0") == "1"',
-            'os.environ.get("TILEMOE_FAST_SIGMOID", "1") == "1"',
-        )
     ],
     "noepi2": [
         (GLUON, _GLUON_COMBINE, "    if num_slots < 0:\n" + _indent(_GLUON_COMBINE)),

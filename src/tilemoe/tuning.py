@@ -115,12 +115,6 @@ class KernelConfig:
     an H100 (bench/NOTES.md, version 17): the cooperative GEMM 2 7-12% faster with it at qwen3-30b-a3b T = 4096 /
     16384, still slower than ping-pong where that was the entry; after the Triton GEMM 1 it won the T=16384 entries
     of qwen3-30b-a3b, deepseek-v2-lite and mixtral-8x7b (0.96-0.99x).
-    ``async_act1`` (a Gluon GEMM 1 with its persistent grid, not ping-pong): GEMM 1's epilogue (the activation and the
-    intermediate's store) runs in warps of its own, as ``async_combine`` runs GEMM 2's combine: the MMA warps leave
-    each tile's gate and up, rounded, in a shared stage of 2 x block_m x block_n1 (which takes room from the ring's
-    stages) and go on to the next tile. Why: with the epilogue left out, the Gluon GEMM 1 ran 5-10% faster on an
-    H100 (qwen3-30b-a3b T=4096 43 of 410 us; bench/NOTES.md, version 22). Built and compiled for sm_90, NOT yet run
-    on a GPU; no table entry takes it.
     ``fold_tails`` (the Triton GEMMs; needs block_m >= 32): an expert's last block holding at most block_m / 2 real
     rows, after another block of the same expert, is computed by that block's tile as block_m / 2 more rows on the
     same weight boxes (a second dot per k step), and its own tile does nothing: the tail no longer streams the
@@ -179,7 +173,6 @@ class KernelConfig:
     fold_tails: bool = False
     fold_gemm2: bool = True
     swap_tails1: bool = False
-    async_act1: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -290,12 +283,6 @@ class KernelConfig:
                 "KernelConfig.async_combine: needs GEMM 2 in Gluon (gluon or gluon2) with persistent=True and not "
                 f"pingpong2 (whose warpgroups overlap their epilogues already), got gluon={self.gluon}, "
                 f"gluon2={self.gluon2}, persistent={self.persistent}, pingpong2={self.pingpong2}"
-            )
-        if self.async_act1 and not (self.gluon_gemm1 and self.persistent1 and not self.pingpong1):
-            raise ValueError(
-                "KernelConfig.async_act1: needs GEMM 1 in Gluon (gluon or gluon1) with persistent1=True and not "
-                f"pingpong1 (whose warpgroups overlap their epilogues already), got gluon={self.gluon}, "
-                f"gluon1={self.gluon1}, persistent1={self.persistent1}, pingpong1={self.pingpong1}"
             )
 
     @property

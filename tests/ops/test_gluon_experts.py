@@ -94,14 +94,6 @@ def test_gluon_config_checks():
         KernelConfig(block_m=64, tma=True, gluon2=True, persistent=True, num_warps2=8, pingpong2=True,
                      async_combine=True)  # fmt: skip
     KernelConfig(block_m=64, tma=True, gluon2=True, persistent=True, async_combine=True)
-    with pytest.raises(ValueError, match="async_act1: needs GEMM 1 in Gluon"):
-        KernelConfig(block_m=64, tma=True, gluon2=True, persistent1=True, async_act1=True)
-    with pytest.raises(ValueError, match="async_act1: .* got .* persistent1=False"):
-        KernelConfig(block_m=64, tma=True, gluon1=True, async_act1=True)
-    with pytest.raises(ValueError, match="async_act1: .* pingpong1=True"):
-        KernelConfig(block_m=64, tma=True, gluon1=True, persistent1=True, num_warps1=8, pingpong1=True,
-                     async_act1=True)  # fmt: skip
-    KernelConfig(block_m=64, tma=True, gluon1=True, persistent1=True, async_act1=True)
 
 
 def test_gluon_runs_only_where_it_can(monkeypatch):
@@ -201,13 +193,7 @@ _GLUON1 = dataclasses.replace(_GATHER, gluon=False, gluon1=True, split_tail=True
 _COMBINE = dataclasses.replace(_GATHER, async_combine=True, expert_groups=True, group_m2=4)
 _GLUON2_COMBINE = KernelConfig(block_m=64, block_n1=128, num_stages1=3, block_n2=128, num_stages2=2, split_tail=True,
                                gluon2=True, async_combine=True, **_PP)  # fmt: skip
-# GEMM 1's epilogue in warps of its own (``async_act1``): the gathering GEMM 1 on [128, 2 x 128] tiles (2 gathering
-# warps), the TMA one (x sorted) on [64, 256] (one warpgroup, gate | up), with the combine's warps in GEMM 2 too
-_ASYNC_ACT = dataclasses.replace(_GATHER, async_act1=True, expert_groups=True, group_m1=4)
-_ASYNC_ACT_TMA = dataclasses.replace(gluon_config(GLUON_TILES[2]), async_act1=True, persistent=True,
-                                     async_combine=True)  # fmt: skip
-PINGPONG_CONFIGS = [_PP_BOTH, _PP_BM64, _GLUON2_PP, _GLUON2, _GATHER, _GATHER_PP, _GLUON1, _COMBINE, _GLUON2_COMBINE,
-                    _ASYNC_ACT, _ASYNC_ACT_TMA]  # fmt: skip
+PINGPONG_CONFIGS = [_PP_BOTH, _PP_BM64, _GLUON2_PP, _GLUON2, _GATHER, _GATHER_PP, _GLUON1, _COMBINE, _GLUON2_COMBINE]
 PINGPONG_IDS = [
     "pingpong-both",
     "pingpong-bm64",
@@ -218,8 +204,6 @@ PINGPONG_IDS = [
     "gluon1",
     "combine",
     "gluon2-combine",
-    "async-act",
-    "async-act-tma",
 ]
 
 
@@ -243,8 +227,8 @@ def test_gather_with_hidden_not_a_multiple_of_the_k_box(kc):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("kc", "tokens"), [(gluon_config(GLUON_TILES[0]), (64, 2048)), (_PP_BOTH, (64, 4096)),
-                                           (_COMBINE, (64, 4096)), (_ASYNC_ACT, (64, 4096))],
-                         ids=["cooperative", "pingpong-both", "combine", "async-act"])  # fmt: skip
+                                           (_COMBINE, (64, 4096))],
+                         ids=["cooperative", "pingpong-both", "combine"])  # fmt: skip
 def test_gluon_gemms_fp16_and_many_experts(kc, tokens):
     # fp16 descriptors; E = 128 (qwen3's) with some experts taking no rows, T past one tile per expert
     config = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768)
@@ -254,8 +238,8 @@ def test_gluon_gemms_fp16_and_many_experts(kc, tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kc", [gluon_config(GLUON_TILES[0]), _GLUON2_PP, _COMBINE, _ASYNC_ACT],
-                         ids=["cooperative", "gluon2-pingpong", "combine", "async-act"])  # fmt: skip
+@pytest.mark.parametrize("kc", [gluon_config(GLUON_TILES[0]), _GLUON2_PP, _COMBINE],
+                         ids=["cooperative", "gluon2-pingpong", "combine"])  # fmt: skip
 def test_gluon_gemms_under_cuda_graph_replay(kc):
     config = MoEConfig(num_experts=8, top_k=2, hidden_size=1024, intermediate_size=512)
     gen = torch.Generator().manual_seed(0)
@@ -267,18 +251,3 @@ def test_gluon_gemms_under_cuda_graph_replay(kc):
         lambda: tilemoe.ops.fused_experts.fused_experts(x, w["w13"], w["w2"], tw, ti, config=config, kernel_config=kc)
     )
     assert_replays_follow_new_inputs(graph, out, x, w, tw, ti, config, gen, replays=3)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kc", [_ASYNC_ACT, _ASYNC_ACT_TMA], ids=["async-act", "async-act-tma"])
-def test_async_act_is_the_cooperative_epilogue_bit_for_bit(kc):
-    """The activation warps round, activate and store what the cooperative epilogue does: the same output, to the
-    bit, as the same kernel without async_act1 (T = 1000 with a hot expert: many tiles through the stage per
-    program), bf16 and fp16, gated and a plain MLP."""
-    for i, shape in enumerate((GPU_SHAPES[0], GPU_SHAPES[2], GPU_SHAPES[3])):
-        config = MoEConfig(num_experts=8, **shape)
-        for dtype in (torch.bfloat16, torch.float16):
-            out, _ = _run(config, 1000, kc, dtype, "cuda", seed=i, deterministic=True, hot_expert=0)
-            base, _ = _run(config, 1000, dataclasses.replace(kc, async_act1=False), dtype, "cuda", seed=i,
-                           deterministic=True, hot_expert=0)  # fmt: skip
-            assert torch.equal(out, base), (shape, dtype)

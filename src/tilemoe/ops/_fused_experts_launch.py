@@ -450,7 +450,6 @@ def _launch_gluon_gemm1(
         GROUP_M=cfg.group_m1,
         NUM_STAGES=cfg.num_stages1,
         GATE_UP_DOT=cfg.gate_up_dot,
-        ASYNC_ACT=cfg.async_act1,
         **_gluon_warps(cfg.num_warps1, cfg.pingpong1),
     )
 

@@ -2,28 +2,10 @@
 
 Codes (tilemoe.ops.act_and_mul.ACTIVATION_CODES): 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 swigluoai.
 Inputs in float32; ``act_and_mul_torch`` in tilemoe.ops.activation is the reference.
-
-With ``TILEMOE_FAST_SIGMOID=1`` (read at import, as Triton reads TRITON_INTERPRET) the sigmoid (silu, swigluoai,
-gelu_tanh) on the GPU is one ex2.approx.ftz and one rcp.approx.ftz (relative error about 2^-22 each, denormals
-flushed): ``tl.exp`` and ``/`` compile to the same MUFU instructions with range fixups around each (sm_90 SASS: an
-FSETP and two predicated FMULs per exp, a compare and scaling per divide), which makes the GEMM 1 epilogue ~19
-instructions an element; with the fast form the Gluon GEMM 1's epilogue at qwen3-30b-a3b T=4096 went from 1224 to
-711 instructions a thread. Why: GEMM 1's activation was 4-7% of the kernel on an H100 (qwen3-30b-a3b T=4096: 25 of
-410 us; gpt-oss-120b T=16384: 238 of 3442 us), its whole epilogue 5-10%, on the MMA warps' critical path
-(bench/NOTES.md, version 22). Off by default: built and compiled for sm_90 in session 20, which could not get a GPU
-to run its tests or time it. The interpreter (no inline PTX) always runs the plain formula.
 """
-
-import os
 
 import triton
 import triton.language as tl
-
-# Triton decides interpretation when a kernel is defined; so does this (the interpreter cannot run inline PTX).
-_FAST_SIGMOID = tl.constexpr(
-    os.environ.get("TILEMOE_FAST_SIGMOID", "0") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
-)
-_LOG2E = tl.constexpr(1.4426950408889634)
 
 SILU = 0
 GELU = 1
@@ -34,16 +16,9 @@ SWIGLUOAI = 4
 
 @triton.jit
 def _sigmoid(v):
-    if _FAST_SIGMOID:
-        e = tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [v * -_LOG2E], dtype=tl.float32, is_pure=True, pack=1
-        )
-        s = tl.inline_asm_elementwise(
-            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        s = 1.0 / (1.0 + tl.exp(-v))
-    return s
+    # The same as ex2.approx.ftz + rcp.approx.ftz in inline PTX (half the epilogue's SASS) timed even on an H100:
+    # 0.998-1.000x of the layer's kernels (bench/NOTES.md, version 23), so the plain formula stays.
+    return 1.0 / (1.0 + tl.exp(-v))
 
 
 @triton.jit

@@ -71,10 +71,6 @@ LOADER_REGS = gl.constexpr(40)
 # (a [128, 64] 16-bit box is 1024 of them, 8 a thread), and their registers hold the rows' pointers across a tile's
 # k steps.
 GATHER_WARPS = gl.constexpr(4)
-# ... and under ASYNC_ACT, two: 8 MMA warps, 4 gathering and the activation's 2 launch as 16 warps (warpgroups) at
-# 128 registers a thread, too few for ptxas to place the [128, 256] accumulator ("Insufficient registers (128)"),
-# as for COMBINE_WARPS below; with 2 gathering warps the kernel launches 12 warps at 168.
-GATHER_WARPS_ASYNC_ACT = gl.constexpr(2)
 GATHER_REGS = gl.constexpr(88)
 # Warps of GEMM 2's combine partition (COMBINE): they add each tile's rows into the output from a shared-memory copy
 # of the tile (``_combine_partition``) while the MMA warps run the next tile's wgmmas, COMBINE_ROWS rows at a time
@@ -85,12 +81,6 @@ GATHER_REGS = gl.constexpr(88)
 COMBINE_WARPS = gl.constexpr(2)
 COMBINE_REGS = gl.constexpr(96)
 COMBINE_ROWS = gl.constexpr(16)
-# Warps of GEMM 1's activation partition (ASYNC_ACT): from a shared stage of the tile's rounded gate and up, ACT_ROWS
-# rows at a time, the activated rows back into the gate's half, which then leaves through a TMA store. Two, as for
-# the combine: the MMA warps' [128, 256] accumulator has to fit what the other partitions leave them.
-ACT_WARPS = gl.constexpr(2)
-ACT_REGS = gl.constexpr(96)
-ACT_ROWS = gl.constexpr(16)
 
 
 @gluon.constexpr_function
@@ -145,11 +135,14 @@ def _issue_b_loads(bar, s, k, b_row, b2_row, b_desc, b_bufs, b2_bufs, BLOCK_N: g
 
 
 @gluon.jit
-def _gemm1_scaled(acc_g, acc_u, pid_m, pid_n, expert, b_ptr, stride_be, stride_bn, topk_weights_ptr, sorted_ids_ptr,
-                  num_slots, inter, GATED: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """GEMM 1's gate and up accumulators with the routing weight (weights on the input) and the bias applied, in
-    float32 and their own (wgmma) layout, as _fused_experts' GEMM 1 epilogue applies them before rounding."""
+def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                    sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr,
+                    GATED: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """As _fused_experts' GEMM 1 epilogue: the activated intermediate, rounded like an unfused x @ w13^T, stored from
+    the shared ``out`` through a TMA box (clipped past I); the store is left in flight (the next epilogue waits for
+    it)."""
+    dtype: gl.constexpr = act_desc.dtype
     layout: gl.constexpr = acc_g.type.layout
     cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
     col_mask = cols < inter
@@ -164,21 +157,6 @@ def _gemm1_scaled(acc_g, acc_u, pid_m, pid_n, expert, b_ptr, stride_be, stride_b
         acc_g += gl.load(b_row + cols * stride_bn, mask=col_mask, other=0.0).to(gl.float32)[None, :]
         if GATED:
             acc_u += gl.load(b_row + (cols + inter) * stride_bn, mask=col_mask, other=0.0).to(gl.float32)[None, :]
-    return acc_g, acc_u
-
-
-@gluon.jit
-def _gemm1_epilogue(acc_g, acc_u, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn, topk_weights_ptr,
-                    sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr,
-                    GATED: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """As _fused_experts' GEMM 1 epilogue: the activated intermediate, rounded like an unfused x @ w13^T, stored from
-    the shared ``out`` through a TMA box (clipped past I); the store is left in flight (the next epilogue waits for
-    it)."""
-    dtype: gl.constexpr = act_desc.dtype
-    acc_g, acc_u = _gemm1_scaled(acc_g, acc_u, pid_m, pid_n, expert, b_ptr, stride_be, stride_bn, topk_weights_ptr,
-                                 sorted_ids_ptr, num_slots, inter, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
-                                 BLOCK_N)  # fmt: skip
     result = _activate(acc_g.to(dtype).to(gl.float32), ACTIVATION, swiglu_alpha, swiglu_limit)
     if GATED:
         result = result * _up_factor(acc_u.to(dtype).to(gl.float32), ACTIVATION, swiglu_limit)
@@ -278,41 +256,6 @@ def _combine_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr
 
 
 @gluon.jit
-def _act_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, staged, drained,
-                   stage, act_desc, swiglu_alpha, swiglu_limit, ACTIVATION: gl.constexpr, GATED: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                   EXPERT_GROUPS: gl.constexpr):  # fmt: skip
-    """ASYNC_ACT: GEMM 1's epilogue in warps of its own. The MMA warps leave each tile's gate (and up), weighted,
-    biased and rounded to the intermediate's dtype as the cooperative epilogue rounds them, in ``stage`` [2, BLOCK_M,
-    BLOCK_N] and arrive on ``staged``; these warps compute act(gate) * up ACT_ROWS rows at a time, write it over the
-    gate's half, store that half through a TMA box (clipped past I) and, once the store has read it, arrive on
-    ``drained``, freeing the stage for the MMA warps' next tile, whose wgmmas meanwhile run: the epilogue (5-10% of the
-    cooperative GEMM 1 at the ridge points, bench/NOTES.md version 22) leaves the MMA warps' critical path. The same
-    values as ``_gemm1_epilogue`` stores, bit for bit."""
-    dtype: gl.constexpr = act_desc.dtype
-    layout: gl.constexpr = _row_vector_layout(BLOCK_N, ACT_WARPS)
-    gate_half = stage.index(0)
-    for first_step in range(0, num_steps, num_k):
-        pid_m, pid_n, expert = _step_coords(
-            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-        )
-        mbarrier.wait(staged, (first_step // num_k) & 1)
-        for r in gl.static_range(0, BLOCK_M, ACT_ROWS):
-            gate = gate_half.slice(r, ACT_ROWS).load(layout).to(gl.float32)
-            result = _activate(gate, ACTIVATION, swiglu_alpha, swiglu_limit)
-            if GATED:
-                up = stage.index(1).slice(r, ACT_ROWS).load(layout).to(gl.float32)
-                result = result * _up_factor(up, ACTIVATION, swiglu_limit)
-            gate_half.slice(r, ACT_ROWS).store(result.to(dtype))  # each thread over the elements it read
-        fence_async_shared()  # this thread's writes, before the TMA store reads them through the async proxy
-        _partition_barrier()  # every warp's rows (and reads of the up half) are done before the store is issued
-        _tma_store(act_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], gate_half)
-        tma.store_wait(pendings=0)  # the store has read the stage (in the thread that issued it)
-        _partition_barrier()  # ... before whichever thread arrives frees it
-        mbarrier.arrive(drained)
-
-
-@gluon.jit
 def _ring(a_layout: gl.constexpr, b_desc, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
           BLOCK_K: gl.constexpr, GATE_UP: gl.constexpr, READY_COUNT: gl.constexpr):  # fmt: skip
     """The shared buffers of the A / B box ring, a "ready" mbarrier per stage (its boxes have landed) and an "empty"
@@ -354,22 +297,21 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, e
                     b2_offset, a_desc, b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, x_ptr, stride_xt, sorted_ids_ptr,
                     num_slots, top_k, hidden, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-                    GATE_UP: gl.constexpr, GATHER: gl.constexpr, EVEN_K: gl.constexpr,
-                    gather_warps: gl.constexpr = GATHER_WARPS):  # fmt: skip
+                    GATE_UP: gl.constexpr, GATHER: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
     """The producer: each step's boxes into its stage once the MMAs of NUM_STAGES steps before have released it (the
     first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done). A tile's coordinates
     (its expert id a global load) are worked out at its first step, before that step's wait, and carried, not
     recomputed per step in front of the copies (measured against that: no change, bench/NOTES.md version 14).
 
     One thread issues the TMA copies: B's boxes, and A's from ``a_desc`` (x_sorted or act). Under GATHER (GEMM 1 without
-    the sorted copy of x) the ``gather_warps`` warps copy A straight from x's rows instead, token = slot // top_k of the
+    the sorted copy of x) the GATHER_WARPS warps copy A straight from x's rows instead, token = slot // top_k of the
     block's slots, 16 bytes a cp.async (padding rows and columns past H zero-filled), each thread arriving on the
     stage's "ready" barrier as its copies land; the tile's row offsets are loaded at its first step and kept in
     registers for its k steps. x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k and hidden serve only the gather
     (a_desc is then unused)."""
     b_bytes: gl.constexpr = (1 if GATE_UP == 0 else 2) * b_desc.block_type.nbytes
     if GATHER:
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [gather_warps, 1], [1, 0])
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [GATHER_WARPS, 1], [1, 0])
         block_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
         cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
         row_offset = block_rows.to(gl.int64) * 0
@@ -477,10 +419,8 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          WEIGHTS_ON_INPUT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                          GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr, NUM_STAGES: gl.constexpr,
                          GATE_UP: gl.constexpr, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr,
-                         GATHER: gl.constexpr, num_warps: gl.constexpr, ASYNC_ACT: gl.constexpr = False,
-                         staged=None, drained=None, stage=None):  # fmt: skip
-    """GEMM 1's MMA warps (under PINGPONG one of the two warpgroups, CONSUMER): each tile's k steps, then its epilogue
-    (ASYNC_ACT: its gate and up handed to ``_act_partition`` through ``stage`` instead).
+                         GATHER: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """GEMM 1's MMA warps (under PINGPONG one of the two warpgroups, CONSUMER): each tile's k steps, then its epilogue.
     A tile's coordinates (dependent loads: its expert, under EXPERT_GROUPS that expert's blocks) are asked before its
     k loop, so they land under its wgmmas instead of holding up its epilogue. Timed in turn against the order before
     (after the k loop) on one H100 (bench/results/session16-padding.md, call 1): all kernels of a layer call -0.5%
@@ -490,8 +430,7 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
     acc_n: gl.constexpr = 2 * BLOCK_N if GATE_UP == 2 else BLOCK_N
     layout: gl.constexpr = _mma_layout(BLOCK_M, acc_n, num_warps)
     consumers: gl.constexpr = 2 if PINGPONG else 1
-    if not ASYNC_ACT:
-        out = gl.allocate_shared_memory(act_desc.dtype, [BLOCK_M, BLOCK_N], act_desc.layout)
+    out = gl.allocate_shared_memory(act_desc.dtype, [BLOCK_M, BLOCK_N], act_desc.layout)
     for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
         _take_turn(turn, first_step // num_k, CONSUMER, PINGPONG)
         pid_m, pid_n, expert = _step_coords(
@@ -506,24 +445,10 @@ def _gemm1_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
             gate, up = gl.split(gl.permute(gl.reshape(acc_g, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
         else:
             gate, up = acc_g, acc_u
-        if ASYNC_ACT:
-            gate, up = _gemm1_scaled(gate, up, pid_m, pid_n, expert, b_ptr, stride_be, stride_bn, topk_weights_ptr,
-                                     sorted_ids_ptr, num_slots, inter, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
-                                     BLOCK_N)  # fmt: skip
-            # the stage is free once the activation warps' store has read the tile before (a fresh barrier's parity 1
-            # passes)
-            mbarrier.wait(drained, ((first_step // num_k) & 1) ^ 1)
-            stage.index(0).store(gate.to(act_desc.dtype))
-            if GATED:
-                stage.index(1).store(up.to(act_desc.dtype))
-            _partition_barrier()  # every warp's part of the tile is in the stage before the one-thread arrive
-            mbarrier.arrive(staged)
-        else:
-            _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn,
-                            topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION,
-                            GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
-    if not ASYNC_ACT:
-        tma.store_wait(pendings=0)
+        _gemm1_epilogue(gate, up, pid_m, pid_n, expert, act_desc, out, b_ptr, stride_be, stride_bn, topk_weights_ptr,
+                        sorted_ids_ptr, num_slots, inter, swiglu_alpha, swiglu_limit, ACTIVATION, GATED, HAS_BIAS,
+                        WEIGHTS_ON_INPUT, BLOCK_M, BLOCK_N)  # fmt: skip
+    tma.store_wait(pendings=0)
 
 
 @gluon.jit
@@ -599,7 +524,6 @@ def _gluon_gemm1_kernel(
     A_LAYOUT: gl.constexpr,  # the A ring's shared layout (x_desc's boxes')
     EVEN_K: gl.constexpr,  # hidden % BLOCK_K == 0 (GATHER's copies need no column mask)
     num_warps: gl.constexpr,
-    ASYNC_ACT: gl.constexpr = False,  # the epilogue in warps of its own, from a shared stage (``_act_partition``)
 ):
     """One program per tile, or fewer programs each walking tiles (a persistent grid); within a program a producer
     warp walks the (tile, k) steps in one flat loop, keeping the ring NUM_STAGES steps ahead across tiles, while the
@@ -610,9 +534,8 @@ def _gluon_gemm1_kernel(
     num_steps = gl.maximum(gl.cdiv(num_tiles - gl.program_id(0), gl.num_programs(0)), 0) * num_k
     b_rows_per_expert = 2 * inter if GATED else inter
     gate_up: gl.constexpr = (2 if GATE_UP_DOT else 1) if GATED else 0
-    gather_warps: gl.constexpr = GATHER_WARPS_ASYNC_ACT if ASYNC_ACT else GATHER_WARPS
-    ready_count: gl.constexpr = gather_warps * 32 + 1 if GATHER else 1
-    producer_warps: gl.constexpr = gather_warps if GATHER else 1
+    ready_count: gl.constexpr = GATHER_WARPS * 32 + 1 if GATHER else 1
+    producer_warps: gl.constexpr = GATHER_WARPS if GATHER else 1
     producer_regs: gl.constexpr = GATHER_REGS if GATHER else LOADER_REGS
     consumer_regs: gl.constexpr = _consumer_regs(producer_regs)
     a_bufs, b_bufs, b2_bufs, ready, empty = _ring(A_LAYOUT, w_desc, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K, gate_up,
@@ -620,31 +543,7 @@ def _gluon_gemm1_kernel(
     turn = _turns(empty, PINGPONG)
     # (the partitions' arguments written out in each branch: the loader's shared tuple built once before them fails
     # to compile in Triton 3.6, "`_semantic` argument must be provided outside of JIT functions", session 16)
-    if ASYNC_ACT:
-        stage = gl.allocate_shared_memory(act_desc.dtype, [2, BLOCK_M, BLOCK_N], act_desc.layout)
-        handoff = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(handoff.index(i), count=1)
-        gl.warp_specialize(
-            [
-                (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                        ready, empty, a_bufs, b_bufs, b2_bufs, act_desc, b_ptr, stride_be, stride_bn,
-                                        topk_weights_ptr, sorted_ids_ptr, num_slots, inter, swiglu_alpha,
-                                        swiglu_limit, turn, ACTIVATION, GATED, HAS_BIAS, WEIGHTS_ON_INPUT, BLOCK_M,
-                                        BLOCK_N, GROUP_M, EXPERT_GROUPS, NUM_STAGES, gate_up, 0, False, GATHER,
-                                        num_warps, True, handoff.index(0), handoff.index(1), stage)),
-                (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                   b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
-                                   x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M,
-                                   BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, gate_up, GATHER, EVEN_K, gather_warps)),
-                (_act_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
-                                  handoff.index(0), handoff.index(1), stage, act_desc, swiglu_alpha, swiglu_limit,
-                                  ACTIVATION, GATED, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS)),
-            ],
-            [producer_warps, ACT_WARPS],
-            [producer_regs, ACT_REGS],
-        )  # fmt: skip
-    elif PINGPONG:
+    if PINGPONG:
         gl.warp_specialize(
             [
                 (_gemm1_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
