@@ -45,8 +45,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # router_logit_parts: above ROUTER_KERNEL_MAX_TOKENS and up to this many tokens (16-bit x and weight on CUDA).
 # H100, bf16, graph replays of the router GEMM + routing against cuBLAS's GEMM + routing (bench/NOTES.md, version
 # 22): 1.2-2.9 us faster at T = 16-256 for all four bench models, at T=1024 for three (qwen3-30b-a3b, whose 8 parts
-# of 128 experts made the routing read 4 KiB a token, 0.4 us slower before the cap below); at T=4096 even to 37%
-# slower, at 16384 slower (one part: cuBLAS's tiles stream x better).
+# of 128 experts made the routing read 4 KiB a token, 0.4 us slower before the cap below, 0.2 us with it); at
+# T=4096 even to 37% slower, at 16384 slower (one part: cuBLAS's tiles stream x better). With the cap (version 23):
+# 0.1-3.2 us faster at T = 16-1024 but for qwen3-30b-a3b T=1024.
 ROUTER_PARTS_MAX_TOKENS = 1024
 # Its tiles: BLOCK_H columns of H a step, at most 128 experts a program; a part count (a power of two) that gives
 # about one program per SM, at most _PARTS_MAX and at most _PARTS_ROUTE_BYTES of float32 parts a token (what the
@@ -98,8 +99,9 @@ def router_logits_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ``uses_router_kernel(x)``; for 16-bit x and weight of one dtype on CUDA, cuBLAS's 16-bit GEMM with float32
     output (16-bit products are exact in float32 and summed in float32, as the reference's float32 GEMM sums them,
     in its own order); the reference's GEMM otherwise. The reference upcasts x and weight and runs a float32 GEMM:
-    with the routing after it 16-300 us on an H100 at T = 16-16384, against 7-59 for cuBLAS's bf16 GEMM and the
-    routing (bench/results/session20-epilogue-router.md; this float32-output path itself not yet timed)."""
+    with the routing after it 16-401 us on an H100 at T = 16-16384, against 7-61 for cuBLAS's bf16 GEMM and the
+    routing; this float32-output path with the routing, 0.1-2.4 us over the bf16 one at T = 2048-16384
+    (bench/results/session21-run24.md)."""
     if uses_router_kernel(x):
         return router_logits_triton(x, weight, bias)
     if _MM_OUT_DTYPE[0] and _sixteen_bit_pair(x, weight) and x.is_cuda:
