@@ -10,9 +10,11 @@ combine) could gain:
 
 - ``noact1``: GEMM 1 stores the rounded gate accumulator instead of act(gate) * up (the activation's math left out).
 - ``noepi1``: GEMM 1's epilogue (bias, activation, the store of the intermediate) behind a runtime condition that is
-  never true (the wgmma results are still waited for).
+  never true (the wgmma results are still waited for); in the Triton GEMM 1, the activation left out and the store's
+  mask false at run time (an if there breaks Triton's loop flattening), its bias loads kept.
 - ``noepi2``: GEMM 2's atomic adds / per-slot stores into the output behind such a condition (the tile's weighting,
-  layout change and, under ``async_combine``, the hand-off through shared memory stay).
+  layout change and, under ``async_combine``, the hand-off through shared memory stay); in the Triton GEMM 2 their
+  mask false at run time.
 """
 
 from __future__ import annotations
@@ -62,12 +64,17 @@ EDITS: dict[str, list[tuple[str, str, str]]] = {
     "noepi1": [
         # (the call's continuation lines sit inside its parentheses: their indentation does not matter)
         (GLUON, _GLUON_EPI1, "        if num_slots < 0:\n    " + _GLUON_EPI1),
-        (TRITON, _TRITON_STORE1, "    if inter < 0:\n" + _indent(_TRITON_STORE1)),
+        # Triton's loop flattening (the persistent GEMM 1, Triton 3.6) fails on an if around the store ("scf.if op
+        # region control flow edge ..."): the store's mask is false at run time instead, and the activation goes
+        # as in noact1 (the compiler cannot drop math whose store it cannot prove dead)
+        (TRITON, _TRITON_ACT, "    result = g\n"),
+        (TRITON, _TRITON_STORE1, _TRITON_STORE1.replace("col_mask[None, :]", "col_mask[None, :] & (inter < 0)")),
     ],
     "noepi2": [
         (GLUON, _GLUON_COMBINE, "    if num_slots < 0:\n" + _indent(_GLUON_COMBINE)),
-        (TRITON, _TRITON_COMBINE_ATOMIC, "        if top_k < 0:\n" + _indent(_TRITON_COMBINE_ATOMIC)),
-        (TRITON, _TRITON_COMBINE_STORE, "        if top_k < 0:\n" + _indent(_TRITON_COMBINE_STORE)),
+        # (the Triton GEMM 2: the mask false at run time, as in noepi1; an if breaks the nested loops' fusion)
+        (TRITON, _TRITON_COMBINE_ATOMIC, _TRITON_COMBINE_ATOMIC.replace("mask=mask", "mask=mask & (top_k < 0)")),
+        (TRITON, _TRITON_COMBINE_STORE, _TRITON_COMBINE_STORE.replace("mask=mask", "mask=mask & (top_k < 0)")),
     ],
 }
 
