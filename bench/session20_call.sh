@@ -9,7 +9,8 @@
 #   bash bench/session20_call.sh ab     the GPU tests of session 20's code, async_act1 against the Gluon GEMM 1
 #                                       entries, the fast sigmoid against the default in turn (python3
 #                                       bench/skip_trees.py fastsig first; carry bench/.trees), the router parts
-#                                       re-timed. Never ran: no device started after session 20's second call
+#                                       re-timed. Ran in session 21 at cfd2834; async_act1 and the fastsig tree are
+#                                       reverted since (e365b08), so this step no longer runs on main
 #   TRITON_MODELS="..." bash bench/session20_call.sh bench     the issue-4 bench (gpu_check.sh triton)
 #   bash bench/session20_call.sh h200   on an H200 only: the H200 table's Gluon entries (bench/session17_h200.sh), then
 #                                       the functional GPU tests on the table as merged
