@@ -15,6 +15,8 @@ combine) could gain:
 - ``noepi2``: GEMM 2's atomic adds / per-slot stores into the output behind such a condition (the tile's weighting,
   layout change and, under ``async_combine``, the hand-off through shared memory stay); in the Triton GEMM 2 their
   mask false at run time.
+- ``gather2``: not a piece left out: the Gluon GEMM 1's gathering producer in 2 warps instead of 4 (what async_act1's
+  producer had; its outputs are right), to learn whether the gather's copies bound the gathering entries.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ EDITS: dict[str, list[tuple[str, str, str]]] = {
         (TRITON, _TRITON_ACT, "    result = g\n"),
         (TRITON, _TRITON_STORE1, _TRITON_STORE1.replace("col_mask[None, :]", "col_mask[None, :] & (inter < 0)")),
     ],
+    "gather2": [(GLUON, "GATHER_WARPS = gl.constexpr(4)", "GATHER_WARPS = gl.constexpr(2)")],
     "noepi2": [
         (GLUON, _GLUON_COMBINE, "    if num_slots < 0:\n" + _indent(_GLUON_COMBINE)),
         # (the Triton GEMM 2: the mask false at run time, as in noepi1; an if breaks the nested loops' fusion)
