@@ -30,7 +30,7 @@ skip)
   trees="main=src"
   for name in noact1 noepi1 noepi2; do trees+=" $name=bench/.trees/$name/src"; done
   # shellcheck disable=SC2086  # several trees and points
-  timeout -k 5 "${T_SKIP:-280}" python3 bench/ab_probe.py --trees $trees --probe-options --allow-wrong \
+  timeout -k 5 "${T_SKIP:-280}" python3 bench/ab_probe.py --trees $trees --probe-options=--allow-wrong \
     --rounds "${AB_ROUNDS:-2}" --points ${SKIP_POINTS:-qwen3-30b-a3b:4096 mixtral-8x7b:1024 mixtral-8x7b:4096 \
     qwen3-30b-a3b:16384 gpt-oss-120b:16384} 2>&1 | grep -v Warning | tee "$OUT/skip_probe.txt"
   # where the memory-bound near misses spend their time, kernel by kernel

@@ -9,9 +9,9 @@
 #   bash bench/session21_call.sh ncu     DRAM bytes of qwen3-30b-a3b T=16384's GEMM 2 with and without its atomic adds
 #                                        (main's src, then the noepi2 tree), before a column-group tile order
 #                                        (bench/NOTES.md, "After session 20"); carry bench/.trees
-#   bash bench/session21_call.sh h200    on an H200 only: the H200 table's first Gluon entries (session17_h200.sh's
-#                                        variants, tilemoe tune, random + imbalanced) at T_H200 tokens of H200_MODELS,
-#                                        BUDGET seconds of search; the table comes back under $OUT
+#   bash bench/session21_call.sh h200    on an H200 only: the H200 table's first Gluon entries (bench/session17_h200.sh
+#                                        at T_H200 tokens of H200_MODELS, BUDGET seconds of search); the table comes
+#                                        back under $OUT
 set -uo pipefail
 OUT=${OUT:-/tmp/tilemoe-out}
 mkdir -p "$OUT"
@@ -45,21 +45,9 @@ ncu)
   done
   ;;
 h200)
-  if [[ $gpu != *H200* ]]; then
-    echo "session21_call.sh h200: not an H200, nothing run"
-    exit 0
-  fi
-  g1="tma=1,gate_up_dot=1,persistent1=1,num_warps1=8,num_stages1=4,block_n1=128,gluon_gather=1"
-  pp2="block_n2=128,pingpong2=1,persistent=1,num_warps2=8"
-  eg="expert_groups=1,group_m1=16,group_m2=16"
-  ac="gluon2=1,tma=1,persistent=1,num_warps2=8,block_n2=256,block_k2=64,num_stages2=3,pingpong2=0,async_combine=1"
-  # shellcheck disable=SC2086  # several models and token counts
-  BUDGET=${BUDGET:-150} bash bench/gpu_tune.sh --model ${H200_MODELS:-qwen3-30b-a3b mixtral-8x7b} \
-    --num-tokens ${T_H200:-4096} --scenarios random imbalanced \
-    --variants "$eg" "gluon=1,$g1,$pp2,num_stages2=6,$eg" "$ac" \
-    "gluon=1,tma=1,gate_up_dot=1,persistent1=1,num_warps1=8,num_stages1=4,block_n1=128,$eg,persistent=1,num_warps2=8,block_n2=256,num_stages2=4,sorted_x=1" \
-    >"$OUT/tune_call.txt" 2>&1
-  grep -v '^\s*$' "$OUT/tune_call.txt" | tail -n 30
+  # session17_h200.sh's Gluon variants (it checks for an H200 itself) on the points that fit BUDGET
+  H200_MODELS=${H200_MODELS:-qwen3-30b-a3b mixtral-8x7b} T_H200=${T_H200:-4096} BUDGET=${BUDGET:-150} \
+    bash bench/session17_h200.sh
   ;;
 *)
   echo "session21_call.sh: unknown step $1 (diag, ncu or h200)"

@@ -3,7 +3,7 @@
     python3 bench/skip_trees.py [NAME ...]      writes bench/.trees/NAME/src from this checkout's src
 
 Each tree is this checkout's ``src`` with one textual change to the expert GEMMs' kernels (Triton and Gluon alike);
-its outputs are wrong on purpose, so time it with ``ab_probe.py --probe-options --allow-wrong``. The difference
+its outputs are wrong on purpose, so time it with ``ab_probe.py --probe-options=--allow-wrong``. The difference
 between a tree and ``src`` at one point, timed in turn on one GPU, is what that piece of the epilogue adds to the
 kernel there, i.e. the most that hiding it under the MMAs (warps of its own, as ``async_combine`` does for GEMM 2's
 combine) could gain:
@@ -42,6 +42,7 @@ _TRITON_ACT = (
     "        result = result * _up_factor(u, ACTIVATION, swiglu_limit)\n"
 )
 _GLUON_EPI1 = "        _gemm1_epilogue(gate, up, pid_m, pid_n,"
+_TRITON_NOACT = (TRITON, _TRITON_ACT, "    result = g\n")  # the Triton GEMM 1 stores the rounded gate
 _TRITON_STORE1 = "    tl.store(out_ptrs, result.to(dtype), mask=col_mask[None, :])\n"
 _GLUON_COMBINE = (
     "    if ATOMIC:\n"
@@ -61,7 +62,7 @@ def _indent(text: str, spaces: int = 4) -> str:
 EDITS: dict[str, list[tuple[str, str, str]]] = {
     "noact1": [
         (GLUON, _GLUON_ACT, "    result = acc_g.to(dtype).to(gl.float32)\n"),
-        (TRITON, _TRITON_ACT, "    result = g\n"),
+        _TRITON_NOACT,
     ],
     "noepi1": [
         # (the call's continuation lines sit inside its parentheses: their indentation does not matter)
@@ -69,7 +70,7 @@ EDITS: dict[str, list[tuple[str, str, str]]] = {
         # Triton's loop flattening (the persistent GEMM 1, Triton 3.6) fails on an if around the store ("scf.if op
         # region control flow edge ..."): the store's mask is false at run time instead, and the activation goes
         # as in noact1 (the compiler cannot drop math whose store it cannot prove dead)
-        (TRITON, _TRITON_ACT, "    result = g\n"),
+        _TRITON_NOACT,
         (TRITON, _TRITON_STORE1, _TRITON_STORE1.replace("col_mask[None, :]", "col_mask[None, :] & (inter < 0)")),
     ],
     "gather2": [(GLUON, "GATHER_WARPS = gl.constexpr(4)", "GATHER_WARPS = gl.constexpr(2)")],
