@@ -41,7 +41,7 @@ def probe(name: str, tokens: int, rounds: int) -> None:
     # x steered so the layer's routing gives the scenario's ids (checked), as the bench's layer scope runs it
     ((x, _, ti),), tw, pass_through, _ = layer_inputs(s, "random", [x], tw, ti, weights)
     impl = get_impl("triton")
-    layer = layer_fn(impl.fn, weights, config, device, pass_through=pass_through, from_logits=impl.from_logits)
+    layer = layer_fn(impl.fn, weights, config, pass_through=pass_through, from_logits=impl.from_logits)
     router, bias = weights["router_weight"], weights["correction_bias"]
     w13, w2, b13, b2 = (weights[k] for k in ("w13", "w2", "b13", "b2"))
     parts = {

@@ -175,7 +175,6 @@ def layer_fn(
     experts_fn: Callable,
     weights: dict,
     config: MoEConfig,
-    device: torch.device,
     *,
     pass_through: bool,
     from_logits: Callable | None = None,

@@ -370,7 +370,7 @@ def run_case(
             continue
 
         if layer:
-            fn = layer_fn(impl.fn, weights, config, device, pass_through=pass_through, from_logits=impl.from_logits)
+            fn = layer_fn(impl.fn, weights, config, pass_through=pass_through, from_logits=impl.from_logits)
         else:
 
             def fn(inp, _impl=impl):
