@@ -5,7 +5,9 @@
 
 Each config (the point's table entry, then each variant applied to it) is run twice unprofiled (compiles, warm
 caches) and once between cudaProfilerStart / Stop, so ``--profile-from-start off`` profiles exactly that call's
-kernels; the printed order of the configs is the order of their kernels in ncu's report. Random routing, bf16. A
+kernels; the printed order of the configs is the order of their kernels in ncu's report. ``--bmm`` profiles the
+bench's cuBLAS ceiling (``tilemoe.bench.ceiling``: both GEMMs as ``torch.bmm`` over the experts hit, as many rows
+each) last, the same way, to set the vendor GEMM's counters beside ours. Random routing, bf16. A
 development tool (bench/NOTES.md version 15): it reads counters, the numbers that back claims come from
 ``tilemoe bench``.
 """
@@ -17,6 +19,7 @@ import dataclasses
 
 import torch
 
+from tilemoe.bench.ceiling import bmm_ceiling
 from tilemoe.bench.scenarios import make_routing_for
 from tilemoe.config import MoEConfig
 from tilemoe.ops.fused_experts import fused_experts
@@ -36,6 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--entry-tokens", type=int, default=None, help="run the table entry of this T instead of the point's own"
     )
+    parser.add_argument("--bmm", action="store_true", help="profile the cuBLAS ceiling's two batched GEMMs last")
     args = parser.parse_args(argv)
     name, tokens = args.point.split(":")
     t = int(tokens)
@@ -50,18 +54,25 @@ def main(argv=None) -> int:
         args.entry_tokens or t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size
     )
     entry = pick_config(shape, dtype, torch.cuda.get_device_name())
+    runs = []
     for label, cfg in [("entry", entry), *((v, dataclasses.replace(entry, **_changes(v))) for v in args.variants)]:
 
         def run(cfg=cfg):
             return fused_experts(x, w13, w2, weights, ids, config=config, b13=b13, b2=b2, kernel_config=cfg)
 
+        runs.append((f"{label}: {cfg}", run))
+    if args.bmm:
+        hit = int(torch.unique(ids).numel())
+        ceiling = bmm_ceiling(config, t, hit, {"w13": w13, "w2": w2}, dtype=dtype, device=torch.device("cuda"))
+        runs.append((f"cuBLAS bmm, {hit} experts x {ceiling.rows_per_expert} rows", ceiling.fn))
+    for label, run in runs:
         run(), run()
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
         run()
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
-        print(f"profiled {name} T={t}: {label}: {cfg}", flush=True)
+        print(f"profiled {name} T={t}: {label}", flush=True)
     return 0
 
 

@@ -38,10 +38,12 @@ ncu)
     tree=src
     [[ $name == main ]] || tree=bench/.trees/$name/src
     PYTHONPATH=$PWD/$tree timeout -k 5 "${T_NCU:-90}" "$ncu_bin" --profile-from-start off --clock-control none \
-      -k regex:gemm2 --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_srcunit_tex_op_red.sum,lts__t_sector_hit_rate.pct \
+      -k regex:gemm2 --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_srcunit_tex_op_red.sum,lts__t_sector_hit_rate.pct,\
+dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed \
+      --section MemoryWorkloadAnalysis_Tables \
       python3 bench/ncu_probe.py --point qwen3-30b-a3b:16384 --scenario random >"$OUT/ncu_gemm2_$name.txt" 2>&1
     echo "== ncu, qwen3 T=16384 GEMM 2, $name"
-    grep -E "gpu__time|dram__|lts__" "$OUT/ncu_gemm2_$name.txt" | head -n 6
+    grep -E "gpu__time|dram__|lts__" "$OUT/ncu_gemm2_$name.txt" | head -n 12
   done
   ;;
 h200)

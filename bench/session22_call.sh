@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Session 22's device calls (results under $OUT):
+#   bash bench/session22_call.sh l2      on an H100: is the ridge points' GEMM bound by the L2? Nsight Compute's speed of
+#                                        light and memory tables of the table entries' GEMMs at qwen3-30b-a3b T=4096 and
+#                                        mixtral-8x7b T=1024 (random routing), and of cuBLAS's batched GEMMs on the same
+#                                        rows (the bench's bmm ceiling) beside them (bench/NOTES.md, version 24)
+#   bash bench/session22_call.sh diag|ncu|h200     session21_call.sh's steps
+set -uo pipefail
+OUT=${OUT:-/tmp/tilemoe-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+start=$(date +%s)
+case ${1:?step: l2, diag, ncu or h200} in
+l2)
+  points=${L2_POINTS:-"qwen3-30b-a3b:4096 mixtral-8x7b:1024"}
+  for p in $points; do  # compile first, all at once (CPU-bound), unprofiled
+    timeout -k 5 120 python3 bench/ncu_probe.py --point "$p" >/dev/null 2>&1 &
+  done
+  wait
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
+  for p in $points; do
+    report=$OUT/ncu_l2_${p/:/_}.txt
+    timeout -k 5 "${T_NCU:-100}" "$ncu_bin" --profile-from-start off --clock-control none -k regex:"gemm|nvjet|xmma|cutlass" \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis_Tables \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,lts__t_bytes.sum,lts__t_sector_hit_rate.pct \
+      python3 bench/ncu_probe.py --point "$p" --bmm >"$report" 2>&1
+    echo "== $p (entry's GEMMs, then cuBLAS's two bmm)"
+    grep -E "^  [A-Za-z_0-9]*(gemm|nvjet|xmma|cutlass)|^profiled|Duration|SM Frequency|Compute \(SM\) Throughput|\
+DRAM Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|dram__bytes_read|lts__t_bytes|lts__t_sector_hit" \
+      "$report" | head -n 60
+  done
+  ;;
+diag | ncu | h200)
+  bash bench/session21_call.sh "$1"
+  ;;
+*)
+  echo "session22_call.sh: unknown step $1 (l2, diag, ncu or h200)"
+  exit 2
+  ;;
+esac
+echo "== session22 $1: $(($(date +%s) - start)) s"
