@@ -4,13 +4,15 @@
 #                                        light and memory tables of the table entries' GEMMs at qwen3-30b-a3b T=4096 and
 #                                        mixtral-8x7b T=1024 (random routing), and of cuBLAS's batched GEMMs on the same
 #                                        rows (the bench's bmm ceiling) beside them (bench/NOTES.md, version 24)
+#   bash bench/session22_call.sh window  on an H100: GEMM 2's atomic adds at T=16384 with an L2 persisting window over the
+#                                        output (bench/l2_window_probe.py), qwen3-30b-a3b and gpt-oss-120b, in turn
 #   bash bench/session22_call.sh diag|ncu|h200     session21_call.sh's steps
 set -uo pipefail
 OUT=${OUT:-/tmp/tilemoe-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 start=$(date +%s)
-case ${1:?step: l2, diag, ncu or h200} in
+case ${1:?step: l2, window, diag, ncu or h200} in
 l2)
   points=${L2_POINTS:-"qwen3-30b-a3b:4096 mixtral-8x7b:1024"}
   for p in $points; do  # compile first, all at once (CPU-bound), unprofiled
@@ -30,11 +32,16 @@ DRAM Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|dram__bytes_read|lts
       "$report" | head -n 60
   done
   ;;
+window)
+  # shellcheck disable=SC2086  # several points
+  timeout -k 5 "${T_WINDOW:-150}" python3 bench/l2_window_probe.py \
+    --points ${WINDOW_POINTS:-qwen3-30b-a3b:16384 gpt-oss-120b:16384} 2>&1 | grep -v Warning | tee "$OUT/window.txt"
+  ;;
 diag | ncu | h200)
   bash bench/session21_call.sh "$1"
   ;;
 *)
-  echo "session22_call.sh: unknown step $1 (l2, diag, ncu or h200)"
+  echo "session22_call.sh: unknown step $1 (l2, window, diag, ncu or h200)"
   exit 2
   ;;
 esac
