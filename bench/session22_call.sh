@@ -6,13 +6,17 @@
 #                                        rows (the bench's bmm ceiling) beside them (bench/NOTES.md, version 24)
 #   bash bench/session22_call.sh window  on an H100: GEMM 2's atomic adds at T=16384 with an L2 persisting window over the
 #                                        output (bench/l2_window_probe.py), qwen3-30b-a3b and gpt-oss-120b, in turn
+#   bash bench/session22_call.sh tune    deeper weight pipelines at the memory-bound cells near their line (deepseek-v2-lite
+#                                        and qwen3-30b-a3b T=1024: GEMM 2 streams its weights at ~77% of the copy rate,
+#                                        GEMM 1 at ~85%; mixtral-8x7b T=256): tilemoe tune --variants of 32-wide k steps
+#                                        and more stages, random + imbalanced, merged into the H100 table under $OUT
 #   bash bench/session22_call.sh diag|ncu|h200     session21_call.sh's steps
 set -uo pipefail
 OUT=${OUT:-/tmp/tilemoe-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 start=$(date +%s)
-case ${1:?step: l2, window, diag, ncu or h200} in
+case ${1:?step: l2, window, tune, diag, ncu or h200} in
 l2)
   points=${L2_POINTS:-"qwen3-30b-a3b:4096 mixtral-8x7b:1024"}
   for p in $points; do  # compile first, all at once (CPU-bound), unprofiled
@@ -32,6 +36,14 @@ DRAM Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|dram__bytes_read|lts
       "$report" | head -n 60
   done
   ;;
+tune)
+  BUDGET=${BUDGET1:-150} bash bench/gpu_tune.sh --model deepseek-v2-lite qwen3-30b-a3b --num-tokens 1024 \
+    --scenarios random imbalanced --variants block_k2=32,num_stages2=6 block_k2=32,num_stages2=8 \
+    block_k1=32,num_stages1=8 block_k1=32,num_stages1=8,block_k2=32,num_stages2=6 2>&1 | tail -n 12
+  mv "$OUT/gpu_tune.log" "$OUT/gpu_tune_t1024.log"
+  BUDGET=${BUDGET2:-100} bash bench/gpu_tune.sh --model mixtral-8x7b --num-tokens 256 --scenarios random imbalanced \
+    --variants num_stages2=5 num_stages2=8 block_k2=32,num_stages2=8 block_k1=32,num_stages1=10 2>&1 | tail -n 12
+  ;;
 window)
   # shellcheck disable=SC2086  # several points
   timeout -k 5 "${T_WINDOW:-150}" python3 bench/l2_window_probe.py \
@@ -41,7 +53,7 @@ diag | ncu | h200)
   bash bench/session21_call.sh "$1"
   ;;
 *)
-  echo "session22_call.sh: unknown step $1 (l2, window, diag, ncu or h200)"
+  echo "session22_call.sh: unknown step $1 (l2, window, tune, diag, ncu or h200)"
   exit 2
   ;;
 esac
