@@ -19,12 +19,9 @@ import ctypes
 import statistics
 
 import torch
+from ncu_probe import point_inputs  # bench/, beside this file
 
-from tilemoe.bench.scenarios import make_routing_for
-from tilemoe.config import MoEConfig
 from tilemoe.ops.fused_experts import fused_experts
-from tilemoe.testing import make_weights
-from tilemoe.tuning import MoEShape, pick_config
 
 _LIMIT_PERSISTING_L2_CACHE_SIZE = 0x06  # CUlimit
 _STREAM_ATTRIBUTE_ACCESS_POLICY_WINDOW = 1  # CUstreamAttrID
@@ -77,25 +74,17 @@ def set_window(lib, stream: torch.cuda.Stream, base: int, num_bytes: int, hit_ra
 
 def probe_point(lib, stream, point: str, persist: int, granted: int, rounds: int, calls: int) -> str:
     """One point's table entry timed without and with the window over its output, in turn; the line to print."""
-    name, tokens = point.split(":")
-    t = int(tokens)
-    config = MoEConfig.from_pretrained(name)
-    dtype = torch.bfloat16
-    gen = torch.Generator().manual_seed(0)
-    w13, w2, b13, b2 = make_weights(config, dtype=dtype, device="cuda").values()
-    x = torch.randn(t, config.hidden_size, generator=gen).to("cuda", dtype)
-    weights, ids = make_routing_for("random", t, config, generator=gen, x=x, device="cuda")
-    weights, ids = weights.float().contiguous(), ids.to(torch.int32).contiguous()
-    shape = MoEShape(t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
-    entry = pick_config(shape, dtype, torch.cuda.get_device_name())
+    p = point_inputs(point)
+    name, t, x = p.name, p.num_tokens, p.x
 
     def run():
-        return fused_experts(x, w13, w2, weights, ids, config=config, b13=b13, b2=b2, kernel_config=entry)
+        return fused_experts(x, p.w13, p.w2, p.topk_weights, p.topk_ids, config=p.config, b13=p.b13, b2=p.b2,
+                             kernel_config=p.entry)  # fmt: skip
 
     reference = run().float()
     torch.cuda.synchronize()
     base = run().data_ptr()  # freed below: each later call's output takes this block again
-    out_bytes = t * config.hidden_size * x.element_size()
+    out_bytes = t * p.config.hidden_size * x.element_size()
     hit_ratio = min(1.0, granted / out_bytes)
     arms = {"none": 0, "window": out_bytes}
     times: dict[str, list[float]] = {arm: [] for arm in arms}

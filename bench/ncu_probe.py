@@ -24,11 +24,45 @@ from tilemoe.bench.scenarios import make_routing_for
 from tilemoe.config import MoEConfig
 from tilemoe.ops.fused_experts import fused_experts
 from tilemoe.testing import make_weights
-from tilemoe.tuning import MoEShape, pick_config
+from tilemoe.tuning import KernelConfig, MoEShape, pick_config
 
 
 def _changes(variant: str) -> dict[str, int]:
     return {key: int(value) for key, value in (item.split("=") for item in variant.split(","))}
+
+
+@dataclasses.dataclass
+class PointInputs:
+    """One MODEL:T point's bf16 layer inputs on the GPU (seed 0) and its table entry."""
+
+    name: str
+    num_tokens: int
+    config: MoEConfig
+    x: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    b13: torch.Tensor | None
+    b2: torch.Tensor | None
+    topk_weights: torch.Tensor  # float32 [T, K]
+    topk_ids: torch.Tensor  # int32 [T, K]
+    entry: KernelConfig
+
+
+def point_inputs(point: str, scenario: str = "random", entry_tokens: int | None = None) -> PointInputs:
+    """x, the weights and ``scenario``'s routing of ``point`` ("MODEL:T"), and the table entry of ``entry_tokens``
+    (the point's own T when None) on this GPU: what this probe and ``l2_window_probe.py`` run."""
+    name, tokens = point.split(":")
+    t = int(tokens)
+    config = MoEConfig.from_pretrained(name)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    w13, w2, b13, b2 = make_weights(config, dtype=dtype, device="cuda").values()
+    x = torch.randn(t, config.hidden_size, generator=gen).to("cuda", dtype)
+    weights, ids = make_routing_for(scenario, t, config, generator=gen, x=x, device="cuda")
+    shape = MoEShape(entry_tokens or t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
+    entry = pick_config(shape, dtype, torch.cuda.get_device_name())
+    return PointInputs(name, t, config, x, w13, w2, b13, b2, weights.float().contiguous(),
+                       ids.to(torch.int32).contiguous(), entry)  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -41,19 +75,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--bmm", action="store_true", help="profile the cuBLAS ceiling's two batched GEMMs last")
     args = parser.parse_args(argv)
-    name, tokens = args.point.split(":")
-    t = int(tokens)
-    config = MoEConfig.from_pretrained(name)
-    dtype = torch.bfloat16
-    gen = torch.Generator().manual_seed(0)
-    w13, w2, b13, b2 = make_weights(config, dtype=dtype, device="cuda").values()
-    x = torch.randn(t, config.hidden_size, generator=gen).to("cuda", dtype)
-    weights, ids = make_routing_for(args.scenario, t, config, generator=gen, x=x, device="cuda")
-    weights, ids = weights.float().contiguous(), ids.to(torch.int32).contiguous()
-    shape = MoEShape(
-        args.entry_tokens or t, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size
-    )
-    entry = pick_config(shape, dtype, torch.cuda.get_device_name())
+    p = point_inputs(args.point, args.scenario, args.entry_tokens)
+    name, t, config, entry = p.name, p.num_tokens, p.config, p.entry
+    x, w13, w2, b13, b2, weights, ids = p.x, p.w13, p.w2, p.b13, p.b2, p.topk_weights, p.topk_ids
+    dtype = x.dtype
     runs = []
     for label, cfg in [("entry", entry), *((v, dataclasses.replace(entry, **_changes(v))) for v in args.variants)]:
 
