@@ -138,6 +138,13 @@ class KernelConfig:
     bench/NOTES.md, version 20). Measured on an H100 (``tilemoe tune``, in turn; session 19): 1.131x of the
     mixtral-8x7b T=1024 entry against 1.017x for the same Triton GEMM 1 without it, even at qwen3-30b-a3b /
     deepseek-v2-lite T=1024 (1.000x / 1.002x), 0.997x / 0.998x at mixtral-8x7b T = 64 / 256, whose entries take it.
+    ``col_group2`` (GEMM 2's persistent Triton loop or the Gluon GEMM 2; 0, the default, is off): GEMM 2 runs its tiles
+    col_group2 column blocks (of block_n2) at a time, every row block's tiles of those columns before the next ones
+    (GROUP_M and expert_groups order them inside), so the combine's atomic adds land in a T x col_group2 * block_n2
+    slice of the output that L2 can hold, for act read once per group instead of once. Why: at qwen3-30b-a3b T=16384
+    (output 64 MiB, over the L2) Nsight Compute on an H100 counted GEMM 2's DRAM traffic at 1.07 GB read and 0.44 GB
+    written against ~0.67 GB of weights, act and one output write: the adds' sectors miss L2 (bench/NOTES.md,
+    version 25). Elsewhere (a Triton GEMM 2 without its persistent loop) the field does not apply.
     """
 
     block_m: int = 64
@@ -173,6 +180,7 @@ class KernelConfig:
     fold_tails: bool = False
     fold_gemm2: bool = True
     swap_tails1: bool = False
+    col_group2: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -274,6 +282,18 @@ class KernelConfig:
                 f"decode nor grouped_mm, got block_m={self.block_m}, gluon={self.gluon}, gluon1={self.gluon1}, "
                 f"sorted_x={self.sorted_x}, one_launch={self.one_launch}, decode={self.decode}, "
                 f"grouped_mm={self.grouped_mm}"
+            )
+        if not isinstance(self.col_group2, int) or isinstance(self.col_group2, bool) or self.col_group2 < 0:
+            raise ValueError(f"KernelConfig.col_group2: expected an int >= 0 (0: off), got {self.col_group2!r}")
+        col_group_loop = (self.persistent or self.gluon_gemm2) and not (
+            self.decode or self.grouped_mm or self.one_launch
+        )
+        if self.col_group2 and not col_group_loop:
+            raise ValueError(
+                "KernelConfig.col_group2: GEMM 2's tiles by column groups need its persistent Triton loop "
+                "(persistent=True) or the Gluon GEMM 2, and not decode, grouped_mm or one_launch, got "
+                f"persistent={self.persistent}, gluon={self.gluon}, gluon2={self.gluon2}, decode={self.decode}, "
+                f"grouped_mm={self.grouped_mm}, one_launch={self.one_launch}"
             )
         if not self.fold_gemm2 and not self.fold_tails:
             raise ValueError("KernelConfig.fold_gemm2: False turns GEMM 2's fold off, so it needs fold_tails=True, got "

@@ -598,10 +598,10 @@ def test_expert_groups(options, deterministic, dtype, generator, monkeypatch):
 
 @triton.jit
 def _tile_order_kernel(out_ptr, expert_ids_ptr, expert_starts_ptr, num_blocks_m, num_blocks_n,
-                       GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr):  # fmt: skip
+                       GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr, COL_GROUP: tl.constexpr = 0):  # fmt: skip
     tile = tl.program_id(0)
     pid_m, pid_n, expert = _tile_coords(
-        tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
+        tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS, COL_GROUP
     )
     tl.store(out_ptr + 3 * tile, pid_m)
     tl.store(out_ptr + 3 * tile + 1, pid_n)
@@ -635,6 +635,75 @@ def test_expert_groups_order_is_a_bijection_whose_groups_keep_to_one_expert(grou
             group_tiles = tiles[group_start * num_blocks_n : (group_start + group_m) * num_blocks_n]
             rows = set(group_tiles[:, 0].tolist())
             assert rows == set(range(starts[expert] + group_start, starts[expert] + min(blocks, group_start + group_m)))
+
+
+@pytest.mark.parametrize("expert_groups", [False, True])
+@pytest.mark.parametrize("col_group, group_m", [(1, 2), (2, 8), (3, 3), (5, 1), (7, 4)])
+def test_column_groups_order_is_a_bijection_column_group_by_column_group(col_group, group_m, expert_groups):
+    from tilemoe.ops.align import moe_align_torch
+
+    counts = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26, 0, 80]  # 0-6 blocks of 16 rows
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))]
+    align = moe_align_torch(ids.view(-1, 1).to(DEVICE, torch.int32), len(counts), 16)
+    used_m, num_blocks_n = int(align.num_padded) // 16, 5
+    coords = torch.full((used_m * num_blocks_n, 3), -1, dtype=torch.int32, device=DEVICE)
+    _tile_order_kernel[(used_m * num_blocks_n,)](coords, align.expert_ids, align.expert_starts, used_m, num_blocks_n,
+                                                 GROUP_M=group_m, EXPERT_GROUPS=expert_groups,
+                                                 COL_GROUP=col_group)  # fmt: skip
+    coords = coords.cpu()
+    pairs = [tuple(p) for p in coords[:, :2].tolist()]
+    assert sorted(pairs) == [(m, n) for m in range(used_m) for n in range(num_blocks_n)]  # every tile once
+    assert coords[:, 2].tolist() == align.expert_ids.cpu()[coords[:, 0].long()].tolist()  # each block's expert
+    # column group by column group: the tiles of columns [g * col_group, (g + 1) * col_group) come together, g rising,
+    # and inside a group the order is the one without groups over the group's columns
+    column_groups = (coords[:, 1] // col_group).tolist()
+    assert column_groups == sorted(column_groups)
+    for group in range(-(-num_blocks_n // col_group)):
+        width = min(col_group, num_blocks_n - group * col_group)
+        inner = torch.full((used_m * width, 3), -1, dtype=torch.int32, device=DEVICE)
+        _tile_order_kernel[(used_m * width,)](inner, align.expert_ids, align.expert_starts, used_m, width,
+                                              GROUP_M=group_m, EXPERT_GROUPS=expert_groups)  # fmt: skip
+        inner = inner.cpu()
+        inner[:, 1] += group * col_group
+        assert torch.equal(coords[coords[:, 1] // col_group == group], inner)
+
+
+# GEMM 2 column group by column group (its persistent Triton loop, flattened or with split / folded tails): the same
+# sums in another tile order
+COL_GROUPS = [
+    dict(persistent=True, col_group2=1),
+    dict(persistent=True, col_group2=2, expert_groups=True),
+    dict(persistent=True, col_group2=3, split_tail=True, block_m=32),
+    dict(persistent=True, col_group2=2, fold_tails=True, block_m=32),
+    dict(tma=True, persistent=True, col_group2=2),
+]
+
+
+@pytest.mark.parametrize("options", COL_GROUPS)
+@pytest.mark.parametrize(
+    "num_tokens, hot_expert, deterministic", [(0, None, False), (7, None, False), (45, None, True), (64, 2, False)]
+)
+def test_gemm2_column_groups(options, num_tokens, hot_expert, deterministic, generator, monkeypatch):
+    # H = 72: 5 column blocks of 16, the last part-filled, so the last group is narrower than col_group2
+    config = MoEConfig(num_experts=5, top_k=3, hidden_size=72, intermediate_size=40, expert_bias=True)
+    cfg = KernelConfig(**{**dict(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages1=2,
+                                 num_stages2=2), **options})  # fmt: skip
+    launches = _spy_launches(monkeypatch, "_gemm2_kernel")
+    _run_case(config, num_tokens, torch.float16, generator, hot_expert=hot_expert, kernel_config=cfg,
+              deterministic=deterministic)  # fmt: skip
+    assert launches or num_tokens == 0
+    assert all(kw["COL_GROUP"] == cfg.col_group2 for kw in launches)
+
+
+def test_col_group2_needs_a_gemm2_loop_that_walks_tiles():
+    with pytest.raises(ValueError, match="col_group2"):
+        KernelConfig(col_group2=2)  # the one-program-per-tile Triton GEMM 2
+    with pytest.raises(ValueError, match="col_group2"):
+        KernelConfig(persistent=True, col_group2=-1)
+    with pytest.raises(ValueError, match="col_group2"):
+        KernelConfig(persistent=True, col_group2=True)
+    assert KernelConfig(persistent=True, col_group2=2).col_group2 == 2
+    assert KernelConfig(tma=True, gluon2=True, col_group2=4).col_group2 == 4
 
 
 def test_split_tail_needs_block_m_32():

@@ -193,7 +193,16 @@ _GLUON1 = dataclasses.replace(_GATHER, gluon=False, gluon1=True, split_tail=True
 _COMBINE = dataclasses.replace(_GATHER, async_combine=True, expert_groups=True, group_m2=4)
 _GLUON2_COMBINE = KernelConfig(block_m=64, block_n1=128, num_stages1=3, block_n2=128, num_stages2=2, split_tail=True,
                                gluon2=True, async_combine=True, **_PP)  # fmt: skip
-PINGPONG_CONFIGS = [_PP_BOTH, _PP_BM64, _GLUON2_PP, _GLUON2, _GATHER, _GATHER_PP, _GLUON1, _COMBINE, _GLUON2_COMBINE]
+# GEMM 2's tiles by column groups (``col_group2``; 2 and 3 of the shapes' 4-23 column blocks, the last group narrower
+# where they do not divide): the Gluon GEMM 2 after the Triton GEMM 1, ping-pong, with the async combine, and the
+# persistent Triton GEMM 2
+_COLUMNS_GLUON2 = dataclasses.replace(_GLUON2, col_group2=2)
+_COLUMNS_PP = dataclasses.replace(_GLUON2_PP, col_group2=3)
+_COLUMNS_COMBINE = dataclasses.replace(_COMBINE, col_group2=3)
+_COLUMNS_TRITON = KernelConfig(block_m=128, block_n1=128, num_stages1=4, block_n2=256, num_stages2=3, col_group2=2,
+                               **_PP)  # fmt: skip
+PINGPONG_CONFIGS = [_PP_BOTH, _PP_BM64, _GLUON2_PP, _GLUON2, _GATHER, _GATHER_PP, _GLUON1, _COMBINE, _GLUON2_COMBINE,
+                    _COLUMNS_GLUON2, _COLUMNS_PP, _COLUMNS_COMBINE, _COLUMNS_TRITON]  # fmt: skip
 PINGPONG_IDS = [
     "pingpong-both",
     "pingpong-bm64",
@@ -204,6 +213,10 @@ PINGPONG_IDS = [
     "gluon1",
     "combine",
     "gluon2-combine",
+    "columns-gluon2",
+    "columns-pingpong",
+    "columns-combine",
+    "columns-triton",
 ]
 
 

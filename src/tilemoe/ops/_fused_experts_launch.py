@@ -346,6 +346,7 @@ def _launch_triton_gemm2(
         EXPERT_GROUPS=cfg.expert_groups,
         SPLIT_TAIL=split_tail2,
         FOLD_TAILS=cfg.fold_tails2,
+        COL_GROUP=cfg.col_group2,
         num_warps=cfg.num_warps2,
         num_stages=cfg.num_stages2,
     )
@@ -485,6 +486,7 @@ def _launch_gluon_gemm2(
         BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2,
         GROUP_M=cfg.group_m2,
+        COL_GROUP=cfg.col_group2,
         NUM_STAGES=cfg.num_stages2,
         COMBINE=cfg.async_combine,
         STAGE_LAYOUT=_gluon_layout(out.dtype, [cfg.block_m, cfg.block_n2]) if cfg.async_combine else None,

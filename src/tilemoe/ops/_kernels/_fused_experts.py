@@ -86,14 +86,25 @@ def _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _tile_coords(tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M: tl.constexpr,
-                 EXPERT_GROUPS: tl.constexpr):  # fmt: skip
+                 EXPERT_GROUPS: tl.constexpr, COL_GROUP: tl.constexpr = 0):  # fmt: skip
     """Tile index -> (block of rows, block of columns, the block's expert id). Without EXPERT_GROUPS: ``_tile_ids`` over
     all the row blocks,
     whose groups of GROUP_M blocks straddle experts (an expert's blocks cut by a group edge stream its weights from
     HBM once per group: ncu counted 2.4x w13's bytes read by mixtral-8x7b T=4096's GEMM 1, bench/NOTES.md version
     15). With EXPERT_GROUPS: the tiles run expert by expert (each expert's tiles are the ones whose block
     ``tile // num_blocks_n`` is one of its blocks, as the blocks are sorted by expert), ``_tile_ids`` within the
-    expert's own blocks, so a group never spans two experts. ``tile`` must lie below the used blocks' tiles."""
+    expert's own blocks, so a group never spans two experts. ``tile`` must lie below the used blocks' tiles.
+
+    COL_GROUP > 0 (GEMM 2's ``KernelConfig.col_group2``; ``num_blocks_m`` = the blocks in use): all the row blocks'
+    tiles of COL_GROUP column blocks first, in the order above, then those of the next COL_GROUP columns, so the
+    combine's adds land in a slice of the output that L2 can hold."""
+    if COL_GROUP > 0:
+        col_tiles = num_blocks_m * COL_GROUP
+        first_n = (tile // col_tiles) * COL_GROUP
+        tile = tile % col_tiles
+        num_blocks_n = tl.minimum(num_blocks_n - first_n, COL_GROUP)
+    else:
+        first_n = 0
     if EXPERT_GROUPS:
         expert = tl.load(expert_ids_ptr + tile // num_blocks_n)
         first = tl.load(expert_starts_ptr + expert)
@@ -103,7 +114,7 @@ def _tile_coords(tile, num_blocks_m, num_blocks_n, expert_ids_ptr, expert_starts
     else:
         pid_m, pid_n = _tile_ids(tile, num_blocks_m, num_blocks_n, GROUP_M)
         expert = tl.load(expert_ids_ptr + pid_m)
-    return pid_m, pid_n, expert
+    return pid_m, pid_n + first_n, expert
 
 
 @triton.jit
@@ -718,14 +729,15 @@ def _gemm2_block(
     HAS_BIAS: tl.constexpr, WEIGHTS_ON_INPUT: tl.constexpr, ATOMIC: tl.constexpr, FP32_PRECISE: tl.constexpr,
     W_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr, FOLD_TAILS: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr, FOLD_TAILS: tl.constexpr, COL_GROUP: tl.constexpr = 0,
 ):  # fmt: skip
     """GEMM 2 tile ``tile``: its block's first half only (act_tail_ptr's boxes) when SPLIT_TAIL and the second half is
     padding, else the whole block; under FOLD_TAILS a tail after a block of its expert goes with that block's tile
     (as ``_gemm1_block``)."""
     pid_m, pid_n, expert = _tile_coords(
-        tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-    )
+        tile, num_blocks_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS,
+        COL_GROUP,
+    )  # fmt: skip
     own_rows = True  # as in _gemm1_block
     if FOLD_TAILS:
         folded, folds_next = _folds(sorted_ids_ptr, expert_ids_ptr, pid_m, expert, num_blocks_m, num_slots, BLOCK_M)
@@ -800,6 +812,7 @@ def _gemm2_kernel(
     SPLIT_TAIL: tl.constexpr,  # as in GEMM 1
     FOLD_TAILS: tl.constexpr,  # as in GEMM 1
     PDL: tl.constexpr,
+    COL_GROUP: tl.constexpr = 0,  # PERSISTENT only: tiles COL_GROUP column blocks at a time (``_tile_coords``)
 ):
     _pdl_prologue(PDL)
     num_padded = tl.load(num_padded_ptr)
@@ -813,14 +826,15 @@ def _gemm2_kernel(
                     stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,
                     sorted_ids_ptr, expert_ids_ptr, expert_starts_ptr, num_slots, top_k, hidden, inter,
                     HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, FP32_PRECISE, W_TMA, A_TMA, EVEN_K, EVEN_N,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, SPLIT_TAIL, FOLD_TAILS, COL_GROUP,
                 )  # fmt: skip
         else:
             # flattened: the pipeliner prefetches the next tile's operands during this tile's epilogue
             for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
                 pid_m, pid_n, expert = _tile_coords(
-                    tile, used_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-                )
+                    tile, used_m, tl.cdiv(hidden, BLOCK_N), expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS,
+                    COL_GROUP,
+                )  # fmt: skip
                 _gemm2_tile(
                     pid_m, pid_n, expert, act_ptr, act_ptr, stride_am, stride_ai, w_ptr, stride_we, stride_wh,
                     stride_wi, b_ptr, stride_be, stride_bh, topk_weights_ptr, out_ptr, stride_om, stride_oh,

@@ -109,7 +109,7 @@ def _mma_layout(block_m, block_n, num_warps):
 
 @gluon.jit
 def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M: gl.constexpr,
-                 EXPERT_GROUPS: gl.constexpr):  # fmt: skip
+                 EXPERT_GROUPS: gl.constexpr, COL_GROUP: gl.constexpr = 0):  # fmt: skip
     """The tile of this program's ``step``-th k step: (pid_m, pid_n, expert). Its tiles are program_id,
     program_id + programs, ... (the ``num_tiles`` tiles of the row blocks in use), each ``num_k`` steps, ordered as
     ``_fused_experts._tile_coords`` orders them."""
@@ -118,7 +118,9 @@ def _step_coords(step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_st
     # would read expert_starts past its end)
     used_m = gl.maximum(num_tiles // num_blocks_n, 1)
     tile = gl.maximum(gl.minimum(tile, num_tiles - 1), 0)
-    return _tile_coords(tile, used_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS)
+    return _tile_coords(
+        tile, used_m, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS, COL_GROUP
+    )
 
 
 @gluon.jit
@@ -233,7 +235,7 @@ def _gemm2_epilogue(acc, pid_m, pid_n, expert, b_ptr, stride_be, stride_bh, topk
 def _combine_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, staged, drained,
                        stage, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden,
                        ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                       EXPERT_GROUPS: gl.constexpr):  # fmt: skip
+                       EXPERT_GROUPS: gl.constexpr, COL_GROUP: gl.constexpr):  # fmt: skip
     """COMBINE: GEMM 2's combine in warps of their own. The MMA warps leave each tile, weighted and rounded, in the
     shared ``stage`` and arrive on ``staged``; these warps add its rows into the output (or store them per slot),
     COMBINE_ROWS at a time, and arrive on ``drained``, freeing the stage for the MMA warps' next tile. So the
@@ -244,8 +246,9 @@ def _combine_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr
     layout: gl.constexpr = _row_vector_layout(BLOCK_N, COMBINE_WARPS)
     for first_step in range(0, num_steps, num_k):
         pid_m, pid_n, expert = _step_coords(
-            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-        )
+            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS,
+            COL_GROUP,
+        )  # fmt: skip
         mbarrier.wait(staged, (first_step // num_k) & 1)
         for r in gl.static_range(0, BLOCK_M, COMBINE_ROWS):
             values = stage.slice(r, COMBINE_ROWS).load(layout)
@@ -297,7 +300,8 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, e
                     b2_offset, a_desc, b_desc, ready, empty, a_bufs, b_bufs, b2_bufs, x_ptr, stride_xt, sorted_ids_ptr,
                     num_slots, top_k, hidden, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, EXPERT_GROUPS: gl.constexpr,
-                    GATE_UP: gl.constexpr, GATHER: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+                    COL_GROUP: gl.constexpr, GATE_UP: gl.constexpr, GATHER: gl.constexpr,
+                    EVEN_K: gl.constexpr):  # fmt: skip
     """The producer: each step's boxes into its stage once the MMAs of NUM_STAGES steps before have released it (the
     first pass through the ring waits for nothing: parity 1 of a fresh barrier counts as done). A tile's coordinates
     (its expert id a global load) are worked out at its first step, before that step's wait, and carried, not
@@ -325,8 +329,9 @@ def _load_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, e
     for step in range(num_steps):
         if kk == 0:
             pid_m, pid_n, expert = _step_coords(
-                step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-            )
+                step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS,
+                COL_GROUP,
+            )  # fmt: skip
             if GATHER:
                 slot = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + block_rows)
                 valid = slot < num_slots
@@ -457,8 +462,9 @@ def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
                          sorted_ids_ptr, num_slots, top_k, hidden, turn, staged, drained, stage,
                          HAS_BIAS: gl.constexpr, WEIGHTS_ON_INPUT: gl.constexpr, ATOMIC: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                         EXPERT_GROUPS: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMER: gl.constexpr,
-                         PINGPONG: gl.constexpr, COMBINE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                         EXPERT_GROUPS: gl.constexpr, COL_GROUP: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         CONSUMER: gl.constexpr, PINGPONG: gl.constexpr, COMBINE: gl.constexpr,
+                         num_warps: gl.constexpr):  # fmt: skip
     """GEMM 2's MMA warps, as GEMM 1's (the coordinates asked before the k loop); under COMBINE their epilogue only
     weights the tile and leaves it in ``stage`` for ``_combine_partition`` (waiting first until that has drained the
     tile before)."""
@@ -467,8 +473,9 @@ def _gemm2_mma_partition(num_steps, num_k, num_tiles, num_blocks_n, expert_ids_p
     for first_step in range(CONSUMER * num_k, num_steps, consumers * num_k):
         _take_turn(turn, first_step // num_k, CONSUMER, PINGPONG)
         pid_m, pid_n, expert = _step_coords(
-            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS
-        )
+            first_step, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr, GROUP_M, EXPERT_GROUPS,
+            COL_GROUP,
+        )  # fmt: skip
         acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
         acc, unused = _tile_mainloop(first_step, num_k, acc, acc, ready, empty, a_bufs, b_bufs, b_bufs,
                                      turn.index(1 - CONSUMER), NUM_STAGES, False, PINGPONG, False)  # fmt: skip
@@ -561,7 +568,7 @@ def _gluon_gemm1_kernel(
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
                                    x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M,
-                                   BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, gate_up, GATHER, EVEN_K)),
+                                   BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, 0, gate_up, GATHER, EVEN_K)),
             ],
             [num_warps, producer_warps],
             [consumer_regs, producer_regs],
@@ -578,7 +585,7 @@ def _gluon_gemm1_kernel(
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    b_rows_per_expert, inter, x_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs,
                                    x_ptr, stride_xt, sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M,
-                                   BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, gate_up, GATHER, EVEN_K)),
+                                   BLOCK_N, BLOCK_K, GROUP_M, EXPERT_GROUPS, 0, gate_up, GATHER, EVEN_K)),
             ],
             [producer_warps],
             [producer_regs],
@@ -612,6 +619,7 @@ def _gluon_gemm2_kernel(
     BLOCK_K: gl.constexpr,
     GROUP_M: gl.constexpr,
     EXPERT_GROUPS: gl.constexpr,  # tiles ordered expert by expert (``_tile_coords``)
+    COL_GROUP: gl.constexpr,  # tiles COL_GROUP column blocks at a time, 0: all (``_tile_coords``)
     NUM_STAGES: gl.constexpr,
     PINGPONG: gl.constexpr,  # two MMA warpgroups of num_warps take the tiles in turn (``_take_turn``)
     COMBINE: gl.constexpr,  # the combine in warps of its own, from a shared stage (``_combine_partition``)
@@ -646,16 +654,16 @@ def _gluon_gemm2_kernel(
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
                                         staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
-                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, True, False, num_warps)),
+                                        GROUP_M, EXPERT_GROUPS, COL_GROUP, NUM_STAGES, 0, True, False, num_warps)),
                 (_gemm2_mma_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
                                         staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
-                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 1, True, False, num_warps)),
+                                        GROUP_M, EXPERT_GROUPS, COL_GROUP, NUM_STAGES, 1, True, False, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
                                    sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
-                                   GROUP_M, EXPERT_GROUPS, 0, False, True)),
+                                   GROUP_M, EXPERT_GROUPS, COL_GROUP, 0, False, True)),
             ],
             [num_warps, 1],
             [_consumer_regs(LOADER_REGS), LOADER_REGS],
@@ -667,14 +675,15 @@ def _gluon_gemm2_kernel(
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
                                         staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
-                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, False, True, num_warps)),
+                                        GROUP_M, EXPERT_GROUPS, COL_GROUP, NUM_STAGES, 0, False, True, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
                                    sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
-                                   GROUP_M, EXPERT_GROUPS, 0, False, True)),
+                                   GROUP_M, EXPERT_GROUPS, COL_GROUP, 0, False, True)),
                 (_combine_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                       staged, drained, stage, out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots,
-                                      top_k, hidden, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS)),
+                                      top_k, hidden, ATOMIC, BLOCK_M, BLOCK_N, GROUP_M, EXPERT_GROUPS,
+                                      COL_GROUP)),
             ],
             [1, COMBINE_WARPS],
             [LOADER_REGS, COMBINE_REGS],
@@ -686,11 +695,11 @@ def _gluon_gemm2_kernel(
                                         ready, empty, a_bufs, b_bufs, b_ptr, stride_be, stride_bh, topk_weights_ptr,
                                         out_ptr, stride_om, stride_oh, sorted_ids_ptr, num_slots, top_k, hidden, turn,
                                         staged, drained, stage, HAS_BIAS, WEIGHTS_ON_INPUT, ATOMIC, BLOCK_M, BLOCK_N,
-                                        GROUP_M, EXPERT_GROUPS, NUM_STAGES, 0, False, False, num_warps)),
+                                        GROUP_M, EXPERT_GROUPS, COL_GROUP, NUM_STAGES, 0, False, False, num_warps)),
                 (_load_partition, (num_steps, num_k, num_tiles, num_blocks_n, expert_ids_ptr, expert_starts_ptr,
                                    hidden, 0, act_desc, w_desc, ready, empty, a_bufs, b_bufs, b2_bufs, out_ptr, 0,
                                    sorted_ids_ptr, num_slots, top_k, hidden, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K,
-                                   GROUP_M, EXPERT_GROUPS, 0, False, True)),
+                                   GROUP_M, EXPERT_GROUPS, COL_GROUP, 0, False, True)),
             ],
             [1],
             [LOADER_REGS],
