@@ -144,7 +144,12 @@ class KernelConfig:
     slice of the output that L2 can hold, for act read once per group instead of once. Why: at qwen3-30b-a3b T=16384
     (output 64 MiB, over the L2) Nsight Compute on an H100 counted GEMM 2's DRAM traffic at 1.07 GB read and 0.44 GB
     written against ~0.67 GB of weights, act and one output write: the adds' sectors miss L2 (bench/NOTES.md,
-    version 25). Elsewhere (a Triton GEMM 2 without its persistent loop) the field does not apply.
+    version 25). Measured there (session 23, Nsight Compute): 2 column blocks of 256 a group cut the writes only to
+    316 MB (the act and weight streams still evict the slice) while act's re-reads took the reads to 1.57 GB, 750 ->
+    824 us; 4 a group 767 us. In ``tilemoe tune`` (random + imbalanced, in turn) it lost at qwen3-30b-a3b,
+    deepseek-v2-lite and gpt-oss-120b T=16384 (1.006-1.24x); at mixtral-8x7b T=16384 6 a group screened 0.963x and
+    ran 0.962x in turn, but the bench (relative to torch_grouped_mm in the same run) and the kernel probe did not
+    confirm it. No table entry takes it. Elsewhere (a Triton GEMM 2 without its persistent loop) it does not apply.
     """
 
     block_m: int = 64
