@@ -150,6 +150,12 @@ class KernelConfig:
     deepseek-v2-lite and gpt-oss-120b T=16384 (1.006-1.24x); at mixtral-8x7b T=16384 6 a group screened 0.963x and
     ran 0.962x in turn, but the bench (relative to torch_grouped_mm in the same run) and the kernel probe did not
     confirm it. No table entry takes it. Elsewhere (a Triton GEMM 2 without its persistent loop) it does not apply.
+    ``align_clears_out`` (the two-launch tiled GEMMs, Triton or Gluon; not with gemm1_clears_out): the atomic combine's
+    output [T, H] is cleared by the align's scatter programs (``moe_align``'s ``zeros``), which are latency-bound with
+    HBM mostly idle, instead of by a fill kernel between the GEMMs; for the Gluon GEMM 1, which cannot take
+    gemm1_clears_out, too. Why: that fill took 6.1 us at qwen3-30b-a3b T=4096, 21.1 at T=16384, 29.3 at gpt-oss-120b
+    T=16384 and 45.5 at mixtral-8x7b T=16384 on an H100, at HBM's write rate (bench/NOTES.md, version 25). Written
+    and tested in the interpreter in session 23, NOT yet timed on a GPU; off in every entry.
     """
 
     block_m: int = 64
@@ -186,6 +192,7 @@ class KernelConfig:
     fold_gemm2: bool = True
     swap_tails1: bool = False
     col_group2: int = 0
+    align_clears_out: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -224,6 +231,13 @@ class KernelConfig:
             raise ValueError(
                 "KernelConfig.expert_groups: only with the tiled GEMMs (their tile order), got "
                 f"decode={self.decode}, grouped_mm={self.grouped_mm}"
+            )
+        if self.align_clears_out and (self.gemm1_clears_out or self.decode or self.grouped_mm or self.one_launch):
+            raise ValueError(
+                "KernelConfig.align_clears_out: the two-launch tiled GEMMs' output cleared by the align, not with "
+                f"gemm1_clears_out (one of them clears it), decode, grouped_mm or one_launch, got gemm1_clears_out="
+                f"{self.gemm1_clears_out}, decode={self.decode}, grouped_mm={self.grouped_mm}, "
+                f"one_launch={self.one_launch}"
             )
         if self.gemm1_clears_out and (self.decode or self.grouped_mm or self.one_launch):
             raise ValueError(

@@ -170,6 +170,43 @@ def test_align_one_program_ids_out_of_range_are_dropped(generator):
     _assert_bad_ids_dropped(got, 60, [2 * 3, 5 * 3 + 2, 11 * 3 + 1], 9, 16)
 
 
+@pytest.mark.parametrize(
+    ("num_tokens", "top_k", "num_experts", "chunk"),
+    [
+        (0, 2, 6, None),  # T = 0: the torch path
+        (20, 2, 6, None),  # S = 40: the one-program kernel
+        (300, 4, 7, None),  # the scatter programs, 1 step a chunk of 64
+        (300, 4, 7, 256),  # 5 chunks of 4 steps: the share cut into 20 pieces
+        (150, 8, 160, 128),  # SUB = 32 (E > 128): 4 steps
+    ],
+)
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((300, 41), torch.float16), ((7, 3), torch.float32), ((0, 5), torch.bfloat16)]
+)
+def test_align_fills_zeros(num_tokens, top_k, num_experts, chunk, shape, dtype, generator):
+    # the atomic combine's output cleared by the align (KernelConfig.align_clears_out): poisoned first, so an element
+    # no program stored fails; an odd size leaves the last store part-masked, and the alignment itself is unchanged
+    topk_ids = _random_ids(num_tokens, top_k, num_experts, generator)
+    zeros = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    if chunk is None:
+        got = moe_align(topk_ids, num_experts, 16, zeros=zeros)
+    else:
+        got = moe_align_triton(topk_ids, num_experts, 16, chunk=chunk, zeros=zeros)
+    assert bool((zeros == 0).all())
+    _assert_same(got, moe_align_torch(topk_ids, num_experts, 16))
+
+
+def test_align_zeros_bad_arguments():
+    ids = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="zeros"):
+        moe_align(ids, 4, 16, zeros=[0.0])
+    with pytest.raises(ValueError, match="zeros: expected a contiguous"):
+        moe_align(ids, 4, 16, zeros=torch.empty(4, 6, device=DEVICE).t())
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="zeros: expected a tensor on"):
+            moe_align(ids, 4, 16, zeros=torch.empty(4))
+
+
 def test_align_bad_arguments():
     ids = torch.zeros(2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="block_m"):

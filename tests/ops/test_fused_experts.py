@@ -695,6 +695,46 @@ def test_gemm2_column_groups(options, num_tokens, hot_expert, deterministic, gen
     assert all(kw["COL_GROUP"] == cfg.col_group2 for kw in launches)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(persistent=True, tma=True),
+        dict(split_tail=True, block_m=32),
+        dict(gluon=True, tma=True, block_m=64),
+    ],
+    ids=["triton", "persistent-tma", "split-tail", "gluon"],  # gluon: the Triton kernels in the interpreter
+)
+@pytest.mark.parametrize("num_tokens", [1, 45, 300])  # S = 3: one align program; 135, 900: the scatter programs
+def test_align_clears_the_atomic_output(options, num_tokens, generator, monkeypatch):
+    config = MoEConfig(num_experts=5, top_k=3, hidden_size=40, intermediate_size=24)
+    cfg = KernelConfig(**{**dict(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages1=2,
+                                 num_stages2=2, align_clears_out=True), **options})  # fmt: skip
+    fills = _spy(monkeypatch, launch_module, "_combine_output")
+    aligns = []
+    real_align = launch_module.moe_align
+
+    def align_spy(*args, zeros=None, **kwargs):
+        if zeros is not None:
+            zeros.fill_(float("nan"))  # poisoned: only the align's zeros make the sums right
+        aligns.append(zeros)
+        return real_align(*args, zeros=zeros, **kwargs)
+
+    monkeypatch.setattr(launch_module, "moe_align", align_spy)
+    _run_case(config, num_tokens, torch.float16, generator, kernel_config=cfg, deterministic=False)
+    assert fills == [] and len(aligns) == 1 and aligns[0] is not None  # no fill of its own: the align cleared it
+    _run_case(config, num_tokens, torch.float16, generator, kernel_config=cfg, deterministic=True)
+    assert aligns[1] is None and len(fills) == 1  # the per-slot rows need no zeros
+
+
+def test_align_clears_out_or_gemm1_does():
+    with pytest.raises(ValueError, match="align_clears_out"):
+        KernelConfig(align_clears_out=True, gemm1_clears_out=True)
+    with pytest.raises(ValueError, match="align_clears_out"):
+        KernelConfig(block_m=16, align_clears_out=True, decode=True)
+    assert KernelConfig(align_clears_out=1).align_clears_out is True
+
+
 def test_col_group2_needs_a_gemm2_loop_that_walks_tiles():
     with pytest.raises(ValueError, match="col_group2"):
         KernelConfig(col_group2=2)  # the one-program-per-tile Triton GEMM 2

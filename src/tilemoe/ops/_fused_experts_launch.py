@@ -167,12 +167,14 @@ def _launch(
             x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
             swiglu_limit, cfg,
         )  # fmt: skip
-    align = moe_align(topk_ids, num_experts, cfg.block_m)
+    atomic = not deterministic and top_k > 1
+    # the atomic combine's output, cleared by the align's programs (``align_clears_out``), else below
+    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device) if atomic and cfg.align_clears_out else None
+    align = moe_align(topk_ids, num_experts, cfg.block_m, zeros=out)
     capacity = align.sorted_ids.numel()
     num_blocks_m = capacity // cfg.block_m
     weights_flat = topk_weights.reshape(-1)
     act = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
-    atomic = not deterministic and top_k > 1
     gluon = (cfg.gluon_gemm1 or cfg.gluon_gemm2) and _gluon_ready(x, w13, w2, cfg)
     gemm2_args = (x, w2, b2, weights_flat, top_k, align, act, weights_on_input, atomic, cfg, gluon and cfg.gluon_gemm2)
     if gluon and cfg.gluon_gemm1:  # before the Triton kernels' descriptors and x copy
@@ -180,7 +182,9 @@ def _launch(
             x, w13, w2, b13, weights_flat, top_k, align, act, activation, gated, weights_on_input, swiglu_alpha,
             swiglu_limit, cfg,
         )  # fmt: skip
-        return _gemm2_and_combine(_combine_output(x, num_slots, atomic), *gemm2_args)
+        if out is None:
+            out = _combine_output(x, num_slots, atomic)
+        return _gemm2_and_combine(out, *gemm2_args)
     b13_arg = b13 if b13 is not None else w13  # never read when HAS_BIAS is False
     w13_desc = None
     gate_up_dot = cfg.gate_up_dot and gated
@@ -247,8 +251,10 @@ def _launch(
         out, _ = _launch_one(gemm1_args, x, w2, b2, weights_flat, act, align, atomic, cfg)
         return out if atomic else sum_slots(out, top_k)
     tiles1 = num_blocks_m * cdiv(inter, cfg.block_n1)
-    # the atomic combine's output, cleared by GEMM 1's programs (a share each) or by a fill after it
-    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device) if atomic and cfg.gemm1_clears_out else None
+    # or cleared by GEMM 1's programs (a share each), or by a fill after it
+    gemm1_zeros = None
+    if atomic and cfg.gemm1_clears_out:
+        out = gemm1_zeros = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     launch_fitting(
         _gemm1_kernel,
         _grid(x.device, tiles1, cfg.persistent1),
@@ -260,9 +266,9 @@ def _launch(
         SWAP_TAILS=cfg.swap_tails1 and heights_vary1,
         num_blocks_m=num_blocks_m,
         PERSISTENT=cfg.persistent1,
-        zero_ptr=out,
-        zero_numel=0 if out is None else out.numel(),
-        ZERO_OUT=out is not None,
+        zero_ptr=gemm1_zeros,
+        zero_numel=0 if gemm1_zeros is None else gemm1_zeros.numel(),
+        ZERO_OUT=gemm1_zeros is not None,
         num_warps=cfg.num_warps1,
         num_stages=cfg.num_stages1,
     )

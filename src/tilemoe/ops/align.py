@@ -10,6 +10,10 @@ CAP = round_up(S + min(E, S) * (BM - 1), BM) always suffices; blocks past ``num_
 Two Triton paths give the same result as the reference ``moe_align_torch``: one program for small S (decode),
 and ``moe_align_triton`` for large S, three launches over chunks of slots (histogram, scan, scatter), or two
 where the scatter kernel sums the histogram itself.
+
+``zeros``: a buffer the align also fills with zeros (the atomic combine's output, ``KernelConfig.align_clears_out``):
+``moe_align_triton``'s scatter programs, latency-bound with HBM mostly idle, store a share each between their chunk's
+steps, instead of a fill kernel of its own; the other paths zero it with torch.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ ALIGN_LARGE_SLOTS = 65536
 # qwen3-30b-a3b ([128, 128]) 9.8 vs 10.0; over the limit it loses (qwen3 T=4096, [128, 256] at chunk 128: 33.5 us
 # vs 16.9).
 FUSED_SCAN_MAX_ENTRIES = 16384
+# Elements of ``zeros`` one store of the scatter kernel covers (8 of a 16-bit dtype a thread at 4 warps)
+ZERO_BLOCK = 1024
 
 
 @dataclass
@@ -117,21 +123,38 @@ def align_chunk(num_slots: int) -> int:
     return ALIGN_CHUNK_LARGE if num_slots >= ALIGN_LARGE_SLOTS else ALIGN_CHUNK
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+def moe_align(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, *, zeros: torch.Tensor | None = None
+) -> Alignment:
     """Slots of ``topk_ids`` [T, K] grouped by expert and padded to ``block_m`` rows, without a host sync.
 
     On CUDA or the interpreter: one Triton program for S = T*K <= ``ONE_PROGRAM_MAX_SLOTS`` (decode), else
     ``moe_align_triton``; elsewhere ``moe_align_torch``. All give the same result, the order inside an expert
-    being the slot order. Raises ValueError / TypeError on a bad argument.
+    being the slot order. ``zeros`` (optional, a contiguous tensor on topk_ids' device) comes back filled with zeros
+    (by ``moe_align_triton``'s programs where that path runs). Raises ValueError / TypeError on a bad argument.
     """
     _check(topk_ids, num_experts, block_m)
+    _check_zeros(zeros, topk_ids)
     num_slots = topk_ids.numel()
     on_triton = topk_ids.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if num_slots > ONE_PROGRAM_MAX_SLOTS and on_triton:
+        return moe_align_triton(topk_ids, num_experts, block_m, chunk=align_chunk(num_slots), zeros=zeros)
+    if zeros is not None:
+        zeros.zero_()
     if num_slots == 0 or not on_triton:
         return moe_align_torch(topk_ids, num_experts, block_m)
-    if num_slots > ONE_PROGRAM_MAX_SLOTS:
-        return moe_align_triton(topk_ids, num_experts, block_m, chunk=align_chunk(num_slots))
     return _moe_align_one_program(topk_ids, num_experts, block_m)
+
+
+def _check_zeros(zeros: torch.Tensor | None, topk_ids: torch.Tensor) -> None:
+    if zeros is None:
+        return
+    if not isinstance(zeros, torch.Tensor):
+        raise TypeError(f"zeros: expected a tensor or None, got {type(zeros).__name__}")
+    if zeros.device != topk_ids.device:
+        raise ValueError(f"zeros: expected a tensor on {topk_ids.device} (topk_ids' device), got {zeros.device}")
+    if not zeros.is_contiguous():
+        raise ValueError(f"zeros: expected a contiguous tensor, got strides {tuple(zeros.stride())}")
 
 
 def _moe_align_one_program(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
@@ -173,6 +196,7 @@ def moe_align_triton(
     *,
     chunk: int = ALIGN_CHUNK,
     fused_scan: bool | None = None,
+    zeros: torch.Tensor | None = None,
 ) -> Alignment:
     """The large-S path of ``moe_align``: three Triton launches over chunks of ``chunk`` slots, no host sync.
 
@@ -182,7 +206,8 @@ def moe_align_triton(
        of ``expert_ids``, and each slot's row = its expert's start + earlier chunks + earlier slots in the chunk.
 
     ``fused_scan``: the scatter programs sum the histogram themselves and step 2 is not launched; None (default)
-    fuses where the padded table has at most ``FUSED_SCAN_MAX_ENTRIES`` entries.
+    fuses where the padded table has at most ``FUSED_SCAN_MAX_ENTRIES`` entries. ``zeros``: filled with zeros by the
+    scatter programs, a share each, spread over their chunk's steps (``moe_align``).
 
     Same arguments and result as ``moe_align`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); ``chunk`` is a
     power of two >= 64. Ids outside [0, E) are counted nowhere and never written (the reference raises on them).
@@ -193,8 +218,11 @@ def moe_align_triton(
         raise ValueError(f"chunk: expected a power of two >= 64, got {chunk!r}")
     if fused_scan not in (None, True, False):
         raise TypeError(f"fused_scan: expected True, False or None, got {fused_scan!r}")
+    _check_zeros(zeros, topk_ids)
     num_slots = topk_ids.numel()
     if num_slots == 0:
+        if zeros is not None:
+            zeros.zero_()
         return moe_align_torch(topk_ids, num_experts, block_m)
     device = topk_ids.device
     capacity = align_capacity(num_slots, num_experts, block_m)
@@ -237,6 +265,13 @@ def moe_align_triton(
             BLOCK_C=min(1024, block_c),
             num_warps=4,
         )
+    sub = 64 if block_e <= 128 else 32
+    zero_flat = zeros.view(-1) if zeros is not None and zeros.numel() else None
+    # each program's share of the zeros, cut into one piece per step of its chunk (CHUNK / SUB steps)
+    steps = chunk // sub
+    zero_per_step = 0
+    if zero_flat is not None:
+        zero_per_step = _cdiv(_cdiv(zero_flat.numel(), num_chunks * steps), ZERO_BLOCK) * ZERO_BLOCK
     _align_scatter_kernel[(num_chunks,)](
         **pdl_options(device),
         topk_ids_ptr=flat,
@@ -255,9 +290,14 @@ def moe_align_triton(
         BLOCK_E=block_e,
         CHUNK=chunk,
         # [SUB, BLOCK_E] one-hot tiles: 64 x 128 for E <= 128, 32 x 512 for E = 384
-        SUB=64 if block_e <= 128 else 32,
+        SUB=sub,
         SCAN=fused_scan,
         BLOCK_C=block_c if fused_scan else 1,
+        zero_ptr=zero_flat if zero_flat is not None else sorted_ids,  # never written without ZERO
+        zero_numel=0 if zero_flat is None else zero_flat.numel(),
+        zero_per_step=zero_per_step,
+        ZERO=zero_flat is not None,
+        ZERO_BLOCK=ZERO_BLOCK,
         num_warps=4 if block_e <= 128 else 8,
     )
     return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m, expert_starts)

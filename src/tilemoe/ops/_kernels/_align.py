@@ -159,12 +159,20 @@ def _align_scatter_kernel(
     SCAN: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PDL: tl.constexpr,
+    zero_ptr=None,
+    zero_numel=0,
+    zero_per_step=0,
+    ZERO: tl.constexpr = False,
+    ZERO_BLOCK: tl.constexpr = 1024,
 ):
     """Program c: the rows of the slots of chunk c, and the expert of its share of the BLOCK_M-row blocks.
 
     Every program recomputes the padded layout from ``counts`` (E values): cheaper than one more launch. With
     SCAN, ``hist`` is the histogram kernel's (not scanned) and every program sums the whole [E, C] table itself,
     the counts and its chunk's prefix (program 0 stores ``counts``): no scan launch, for a table small enough.
+    With ZERO, each step of the chunk also stores zeros over ``zero_per_step`` elements of ``zero_ptr`` (this
+    program's share, CHUNK / SUB pieces; ``moe_align``'s ``zeros``): stores nothing waits on, under the steps'
+    dependent loads.
     """
     _pdl_prologue(PDL)
     pid = tl.program_id(0)
@@ -201,7 +209,13 @@ def _align_scatter_kernel(
         )
     # next free row of each expert for this chunk: its padded start + its slots in earlier chunks
     next_row = pad_end - padded + seen
+    zero_lanes = tl.arange(0, ZERO_BLOCK)
     for start in range(0, CHUNK, SUB):
+        if ZERO:
+            first = (pid * (CHUNK // SUB) + start // SUB).to(tl.int64) * zero_per_step
+            for z in range(0, zero_per_step, ZERO_BLOCK):
+                pos = first + z + zero_lanes
+                tl.store(zero_ptr + pos, tl.zeros([ZERO_BLOCK], dtype=zero_ptr.dtype.element_ty), mask=pos < zero_numel)
         slots = pid * CHUNK + start + lanes
         ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=num_experts).to(tl.int32)
         ids = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
