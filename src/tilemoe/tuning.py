@@ -156,6 +156,12 @@ class KernelConfig:
     gemm1_clears_out, too. Why: that fill took 6.1 us at qwen3-30b-a3b T=4096, 21.1 at T=16384, 29.3 at gpt-oss-120b
     T=16384 and 45.5 at mixtral-8x7b T=16384 on an H100, at HBM's write rate (bench/NOTES.md, version 25). Written
     and tested in the interpreter in session 23, NOT yet timed on a GPU; off in every entry.
+    ``per_slot_combine`` (the tiled GEMMs): GEMM 2 stores each slot's row and a second kernel sums a token's K rows,
+    as ``deterministic=True`` asks, even where the atomic combine is allowed. Why: at mixtral-8x7b T=16384 on an H100
+    ``triton_deterministic`` ran 0.981x / 0.978x of ``triton``'s time in run 24 and 0.984x / 0.986x on another H100 in
+    session 23 (random / imbalanced, the full layer in ``tilemoe bench``; top-2 leaves only 2 adds a token, and the
+    atomics cost that compute-bound GEMM 2 more than the [T*K, H] round trip); everywhere else in those runs the atomic
+    combine won (0.999-1.117x). The H100 table's mixtral-8x7b T=16384 entry takes it.
     """
 
     block_m: int = 64
@@ -193,6 +199,7 @@ class KernelConfig:
     swap_tails1: bool = False
     col_group2: int = 0
     align_clears_out: bool = False
+    per_slot_combine: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n1", "block_k1", "block_n2", "block_k2"):
@@ -238,6 +245,11 @@ class KernelConfig:
                 f"gemm1_clears_out (one of them clears it), decode, grouped_mm or one_launch, got gemm1_clears_out="
                 f"{self.gemm1_clears_out}, decode={self.decode}, grouped_mm={self.grouped_mm}, "
                 f"one_launch={self.one_launch}"
+            )
+        if self.per_slot_combine and (self.decode or self.grouped_mm):
+            raise ValueError(
+                "KernelConfig.per_slot_combine: the tiled GEMMs' combine (decode has its own, grouped_mm sums slots "
+                f"always), got decode={self.decode}, grouped_mm={self.grouped_mm}"
             )
         if self.gemm1_clears_out and (self.decode or self.grouped_mm or self.one_launch):
             raise ValueError(

@@ -727,6 +727,20 @@ def test_align_clears_the_atomic_output(options, num_tokens, generator, monkeypa
     assert aligns[1] is None and len(fills) == 1  # the per-slot rows need no zeros
 
 
+@pytest.mark.parametrize("options", [dict(), dict(persistent=True, tma=True, persistent1=True)])
+def test_per_slot_combine_sums_slots_where_atomics_are_allowed(options, generator, monkeypatch):
+    config = MoEConfig(num_experts=5, top_k=2, hidden_size=40, intermediate_size=24)
+    cfg = KernelConfig(**{**dict(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages1=2,
+                                 num_stages2=2, per_slot_combine=True), **options})  # fmt: skip
+    outputs = _spy(monkeypatch, launch_module, "_combine_output")
+    sums = _spy(monkeypatch, launch_module, "sum_slots")
+    _run_case(config, 45, torch.float16, generator, kernel_config=cfg, deterministic=False)
+    # GEMM 2 wrote one row a slot ([T*K, H], no zeros to add into), then the K rows of each token were summed
+    assert [tuple(o.shape) for o in outputs] == [(90, 40)] and len(sums) == 1
+    with pytest.raises(ValueError, match="per_slot_combine"):
+        KernelConfig(block_m=16, per_slot_combine=True, decode=True)
+
+
 def test_align_clears_out_or_gemm1_does():
     with pytest.raises(ValueError, match="align_clears_out"):
         KernelConfig(align_clears_out=True, gemm1_clears_out=True)

@@ -167,7 +167,7 @@ def _launch(
             x, w13, w2, topk_weights, topk_ids, b13, b2, activation, gated, weights_on_input, swiglu_alpha,
             swiglu_limit, cfg,
         )  # fmt: skip
-    atomic = not deterministic and top_k > 1
+    atomic = not deterministic and top_k > 1 and not cfg.per_slot_combine
     # the atomic combine's output, cleared by the align's programs (``align_clears_out``), else below
     out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device) if atomic and cfg.align_clears_out else None
     align = moe_align(topk_ids, num_experts, cfg.block_m, zeros=out)

@@ -104,7 +104,8 @@ def fused_experts(
         deterministic: True: GEMM 2 stores each slot's row and a second kernel sums a token's K rows in order
             (bitwise repeatable); False: GEMM 2 adds the rows into the token rows with atomics in x.dtype (the
             combine fused, no [T*K, H] round trip; the order of the additions varies from run to run); None (the
-            default): ``torch.are_deterministic_algorithms_enabled()``. The decode path is deterministic either way.
+            default): ``torch.are_deterministic_algorithms_enabled()``. The decode path is deterministic either way,
+            and so is a kernel config with ``per_slot_combine`` (where the per-slot rows and their sum run faster).
     Raises:
         ValueError / TypeError naming the argument on a shape, dtype or device mismatch.
     """
