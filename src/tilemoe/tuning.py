@@ -141,15 +141,15 @@ class KernelConfig:
     ``col_group2`` (GEMM 2's persistent Triton loop or the Gluon GEMM 2; 0, the default, is off): GEMM 2 runs its tiles
     col_group2 column blocks (of block_n2) at a time, every row block's tiles of those columns before the next ones
     (GROUP_M and expert_groups order them inside), so the combine's atomic adds land in a T x col_group2 * block_n2
-    slice of the output that L2 can hold, for act read once per group instead of once. Why: at qwen3-30b-a3b T=16384
-    (output 64 MiB, over the L2) Nsight Compute on an H100 counted GEMM 2's DRAM traffic at 1.07 GB read and 0.44 GB
-    written against ~0.67 GB of weights, act and one output write: the adds' sectors miss L2 (bench/NOTES.md,
-    version 25). Measured there (session 23, Nsight Compute): 2 column blocks of 256 a group cut the writes only to
-    316 MB (the act and weight streams still evict the slice) while act's re-reads took the reads to 1.57 GB, 750 ->
-    824 us; 4 a group 767 us. In ``tilemoe tune`` (random + imbalanced, in turn) it lost at qwen3-30b-a3b,
-    deepseek-v2-lite and gpt-oss-120b T=16384 (1.006-1.24x); at mixtral-8x7b T=16384 6 a group screened 0.963x and
-    ran 0.962x in turn, but the bench (relative to torch_grouped_mm in the same run) and the kernel probe did not
-    confirm it. No table entry takes it. Elsewhere (a Triton GEMM 2 without its persistent loop) it does not apply.
+    slice of the output that L2 can hold, at the cost of reading act once per group instead of once. Why: at
+    qwen3-30b-a3b T=16384 (output 64 MiB, over the L2) Nsight Compute on an H100 counted GEMM 2's DRAM traffic at 1.07
+    GB read and 0.44 GB written against ~0.67 GB of weights, act and one output write: the adds' sectors miss L2
+    (bench/NOTES.md, version 25). Measured there (session 23, Nsight Compute): 2 column blocks of 256 a group cut the
+    writes only to 316 MB (the act and weight streams still evict the slice) while act's re-reads took the reads to 1.57
+    GB, 750 -> 824 us; 4 a group 767 us. In ``tilemoe tune`` (random + imbalanced, in turn) it lost at qwen3-30b-a3b,
+    deepseek-v2-lite and gpt-oss-120b T=16384 (1.006-1.24x); at mixtral-8x7b T=16384 6 a group screened 0.963x and ran
+    0.962x in turn, but the bench (relative to torch_grouped_mm in the same run) and the kernel probe did not confirm
+    it. No table entry takes it. Elsewhere (a Triton GEMM 2 without its persistent loop) it does not apply.
     ``align_clears_out`` (the two-launch tiled GEMMs, Triton or Gluon; not with gemm1_clears_out): the atomic combine's
     output [T, H] is cleared by the align's scatter programs (``moe_align``'s ``zeros``), which are latency-bound with
     HBM mostly idle, instead of by a fill kernel between the GEMMs; for the Gluon GEMM 1, which cannot take
@@ -159,9 +159,9 @@ class KernelConfig:
     ``per_slot_combine`` (the tiled GEMMs): GEMM 2 stores each slot's row and a second kernel sums a token's K rows,
     as ``deterministic=True`` asks, even where the atomic combine is allowed. Why: at mixtral-8x7b T=16384 on an H100
     ``triton_deterministic`` ran 0.981x / 0.978x of ``triton``'s time in run 24 and 0.984x / 0.986x on another H100 in
-    session 23 (random / imbalanced, the full layer in ``tilemoe bench``; top-2 leaves only 2 adds a token, and the
-    atomics cost that compute-bound GEMM 2 more than the [T*K, H] round trip); everywhere else in those runs the atomic
-    combine won (0.999-1.117x). The H100 table's mixtral-8x7b T=16384 entry takes it.
+    session 23 (random / imbalanced, the full layer in ``tilemoe bench``; why the atomics cost more there than the
+    [T*K, H] round trip is not measured); at every other T >= 1024 point of run 24 the atomic combine won or tied
+    (0.999-1.117x). The H100 table's mixtral-8x7b T=16384 entry takes it.
     """
 
     block_m: int = 64
