@@ -680,9 +680,7 @@ COL_GROUPS = [
 
 
 @pytest.mark.parametrize("options", COL_GROUPS)
-@pytest.mark.parametrize(
-    "num_tokens, hot_expert, deterministic", [(0, None, False), (7, None, False), (45, None, True), (64, 2, False)]
-)
+@pytest.mark.parametrize("num_tokens, hot_expert, deterministic", [(7, None, False), (64, 2, True)])
 def test_gemm2_column_groups(options, num_tokens, hot_expert, deterministic, generator, monkeypatch):
     # H = 72: 5 column blocks of 16, the last part-filled, so the last group is narrower than col_group2
     config = MoEConfig(num_experts=5, top_k=3, hidden_size=72, intermediate_size=40, expert_bias=True)
@@ -705,7 +703,7 @@ def test_gemm2_column_groups(options, num_tokens, hot_expert, deterministic, gen
     ],
     ids=["triton", "persistent-tma", "split-tail", "gluon"],  # gluon: the Triton kernels in the interpreter
 )
-@pytest.mark.parametrize("num_tokens", [1, 45, 300])  # S = 3: one align program; 135, 900: the scatter programs
+@pytest.mark.parametrize("num_tokens", [1, 45])  # S = 3: one align program; 135: the scatter programs
 def test_align_clears_the_atomic_output(options, num_tokens, generator, monkeypatch):
     config = MoEConfig(num_experts=5, top_k=3, hidden_size=40, intermediate_size=24)
     cfg = KernelConfig(**{**dict(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16, num_stages1=2,
