@@ -26,13 +26,10 @@ import argparse
 import torch
 import triton
 import triton.language as tl
+from layer_probe import bench_layer  # bench/, beside this file
 
-from tilemoe.bench.layer import layer_fn
-from tilemoe.bench.runner import BenchSettings, layer_inputs, make_bench_weights
-from tilemoe.bench.scenarios import make_routing_for
 from tilemoe.bench.timing import capture_graph, graph_us_in_turn
 from tilemoe.config import MoEConfig
-from tilemoe.impls import get_impl
 from tilemoe.tuning import MoEShape, pick_config
 
 PREFETCH_ROWS = 1024  # rows a program asks for (8 a thread at 4 warps)
@@ -74,23 +71,13 @@ def plan_rows(plan: str, config: MoEConfig, block_n1: int) -> tuple[torch.Tensor
 
 
 def probe(name: str, tokens: int, plans: list[str], rounds: int) -> None:
-    config = MoEConfig.from_pretrained(name)
-    device = torch.device("cuda")
-    s = BenchSettings(config=config, impls=["triton"], num_tokens=[tokens], scenarios=["random"], device=device,
-                      dtype=torch.bfloat16, model=name, timed_scope="layer")  # fmt: skip
-    weights = make_bench_weights(s)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, config.hidden_size, generator=gen).to(device, s.dtype)
-    tw, ti = make_routing_for("random", tokens, config, generator=gen, x=x, device=device)
-    ((x, _, ti),), tw, pass_through, _ = layer_inputs(s, "random", [x], tw, ti, weights)
-    impl = get_impl("triton")
-    layer = layer_fn(impl.fn, weights, config, pass_through=pass_through, from_logits=impl.from_logits)
-    w13 = weights["w13"]
+    b = bench_layer(name, tokens)
+    config, w13, device = b.config, b.weights["w13"], b.x.device
     shape = MoEShape(tokens, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
-    block_n1 = pick_config(shape, s.dtype, torch.cuda.get_device_name()).block_n1
+    block_n1 = pick_config(shape, b.x.dtype, torch.cuda.get_device_name()).block_n1
     print(f"\n## {name} T={tokens}: w13 {tuple(w13.shape)} {w13.dtype}, entry block_n1 {block_n1}")
     flat = w13.view(-1, w13.shape[-1])
-    fns = {"plain": lambda: layer((x, None, ti))}
+    fns = {"plain": b.layer}
     for plan in plans:
         rows, row_bytes = plan_rows(plan, config, block_n1)
         rows = rows.to(device)
@@ -100,7 +87,7 @@ def probe(name: str, tokens: int, plans: list[str], rounds: int) -> None:
 
         def with_prefetch(rows=rows, row_bytes=row_bytes, grid=grid):
             _prefetch_rows[grid](flat, rows, rows.numel(), flat.stride(0), row_bytes, BLOCK=PREFETCH_ROWS)
-            return layer((x, None, ti))
+            return b.layer()
 
         fns[f"{plan} ({mb:.1f} MB)"] = with_prefetch
     outs = {k: fn() for k, fn in fns.items()}

@@ -16,6 +16,8 @@ the numbers behind claims come from ``tilemoe bench``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Callable
 
 import torch
 import triton
@@ -29,7 +31,22 @@ from tilemoe.config import MoEConfig
 from tilemoe.impls import get_impl
 
 
-def probe(name: str, tokens: int, rounds: int) -> None:
+@dataclasses.dataclass
+class BenchLayer:
+    """The bench's timed layer of one point (random routing, bf16, the triton implementation), as the bench builds it:
+    ``layer()`` runs it once; x steered so the routing kernel gives the scenario's ids ``ti`` (weights ``tw``)."""
+
+    config: MoEConfig
+    weights: dict
+    x: torch.Tensor
+    tw: torch.Tensor
+    ti: torch.Tensor
+    impl: object
+    layer: Callable[[], torch.Tensor]
+
+
+def bench_layer(name: str, tokens: int) -> BenchLayer:
+    """``BenchLayer`` of model ``name`` at ``tokens`` tokens on CUDA (shared by the probes that time the layer)."""
     config = MoEConfig.from_pretrained(name)
     device = torch.device("cuda")
     s = BenchSettings(config=config, impls=["triton"], num_tokens=[tokens], scenarios=["random"], device=device,
@@ -42,10 +59,17 @@ def probe(name: str, tokens: int, rounds: int) -> None:
     ((x, _, ti),), tw, pass_through, _ = layer_inputs(s, "random", [x], tw, ti, weights)
     impl = get_impl("triton")
     layer = layer_fn(impl.fn, weights, config, pass_through=pass_through, from_logits=impl.from_logits)
+    return BenchLayer(config, weights, x, tw, ti, impl, lambda: layer((x, None, ti)))
+
+
+def probe(name: str, tokens: int, rounds: int) -> None:
+    b = bench_layer(name, tokens)
+    config, weights, x, tw, ti, impl = b.config, b.weights, b.x, b.tw, b.ti, b.impl
+    device = x.device
     router, bias = weights["router_weight"], weights["correction_bias"]
     w13, w2, b13, b2 = (weights[k] for k in ("w13", "w2", "b13", "b2"))
     parts = {
-        "layer": lambda: layer((x, None, ti)),
+        "layer": b.layer,
         "experts": lambda: impl.fn(x, w13, w2, tw, ti, config=config, b13=b13, b2=b2),
         "router": lambda: route_fn(device)(layer_router_logits(x, router), config, correction_bias=bias),
     }

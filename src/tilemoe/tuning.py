@@ -156,12 +156,12 @@ class KernelConfig:
     gemm1_clears_out, too. Why: that fill took 6.1 us at qwen3-30b-a3b T=4096, 21.1 at T=16384, 29.3 at gpt-oss-120b
     T=16384 and 45.5 at mixtral-8x7b T=16384 on an H100, at HBM's write rate (bench/NOTES.md, version 25). Written
     and tested in the interpreter in session 23, NOT yet timed on a GPU; off in every entry.
-    ``per_slot_combine`` (the tiled GEMMs): GEMM 2 stores each slot's row and a second kernel sums a token's K rows,
-    as ``deterministic=True`` asks, even where the atomic combine is allowed. Why: at mixtral-8x7b T=16384 on an H100
-    ``triton_deterministic`` ran 0.981x / 0.978x of ``triton``'s time in run 24 and 0.984x / 0.986x on another H100 in
-    session 23 (random / imbalanced, the full layer in ``tilemoe bench``; why the atomics cost more there than the
-    [T*K, H] round trip is not measured); at every other T >= 1024 point of run 24 the atomic combine won or tied
-    (0.999-1.117x). The H100 table's mixtral-8x7b T=16384 entry takes it.
+    ``per_slot_combine`` (the tiled GEMMs): GEMM 2 stores each slot's row and a second kernel sums a token's K rows, as
+    ``deterministic=True`` asks, even where the atomic combine is allowed. Why: at mixtral-8x7b T=16384 on an H100
+    ``triton_deterministic`` ran 0.981x / 0.978x of ``triton``'s time in run 24 and 0.984x / 0.986x (with col_group2=6)
+    on another H100 in session 23 (random / imbalanced, the full layer in ``tilemoe bench``; why the atomics cost more
+    there than the [T*K, H] round trip is not measured); at every other T >= 1024 point of run 24 the atomic combine won
+    or tied (0.999-1.117x). The H100 table's mixtral-8x7b T=16384 entry takes it.
     """
 
     block_m: int = 64

@@ -608,18 +608,33 @@ def _tile_order_kernel(out_ptr, expert_ids_ptr, expert_starts_ptr, num_blocks_m,
     tl.store(out_ptr + 3 * tile + 2, expert)
 
 
-@pytest.mark.parametrize("group_m", [1, 2, 3, 8])
-def test_expert_groups_order_is_a_bijection_whose_groups_keep_to_one_expert(group_m):
+# experts of 0-6 blocks of 16 rows, some empty, for the tile-order tests
+TILE_ORDER_COUNTS = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26, 0, 80]
+
+
+def _tile_order_align():
+    """(the alignment of TILE_ORDER_COUNTS' slots in shuffled order, its blocks in use)."""
     from tilemoe.ops.align import moe_align_torch
 
-    counts = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26, 0, 80]  # 0-6 blocks of 16 rows
+    counts = TILE_ORDER_COUNTS
     ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))]
     align = moe_align_torch(ids.view(-1, 1).to(DEVICE, torch.int32), len(counts), 16)
-    used_m, num_blocks_n = int(align.num_padded) // 16, 5
+    return align, int(align.num_padded) // 16
+
+
+def _tile_order(align, used_m, num_blocks_n, **constexprs):
+    """[tiles, 3] (pid_m, pid_n, expert) of each tile of ``_tile_coords`` in its order, on the CPU."""
     coords = torch.full((used_m * num_blocks_n, 3), -1, dtype=torch.int32, device=DEVICE)
     _tile_order_kernel[(used_m * num_blocks_n,)](coords, align.expert_ids, align.expert_starts, used_m, num_blocks_n,
-                                                 GROUP_M=group_m, EXPERT_GROUPS=True)  # fmt: skip
-    coords = coords.cpu()
+                                                 **constexprs)  # fmt: skip
+    return coords.cpu()
+
+
+@pytest.mark.parametrize("group_m", [1, 2, 3, 8])
+def test_expert_groups_order_is_a_bijection_whose_groups_keep_to_one_expert(group_m):
+    align, used_m = _tile_order_align()
+    counts, num_blocks_n = TILE_ORDER_COUNTS, 5
+    coords = _tile_order(align, used_m, num_blocks_n, GROUP_M=group_m, EXPERT_GROUPS=True)
     out = coords[:, :2]
     pairs = [tuple(p) for p in out.tolist()]
     assert sorted(pairs) == [(m, n) for m in range(used_m) for n in range(num_blocks_n)]  # every tile once
@@ -640,17 +655,10 @@ def test_expert_groups_order_is_a_bijection_whose_groups_keep_to_one_expert(grou
 @pytest.mark.parametrize("expert_groups", [False, True])
 @pytest.mark.parametrize("col_group, group_m", [(1, 2), (2, 8), (3, 3), (5, 1), (7, 4)])
 def test_column_groups_order_is_a_bijection_column_group_by_column_group(col_group, group_m, expert_groups):
-    from tilemoe.ops.align import moe_align_torch
-
-    counts = [0, 3, 16, 17, 32, 45, 12, 65, 24, 26, 0, 80]  # 0-6 blocks of 16 rows
-    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))]
-    align = moe_align_torch(ids.view(-1, 1).to(DEVICE, torch.int32), len(counts), 16)
-    used_m, num_blocks_n = int(align.num_padded) // 16, 5
-    coords = torch.full((used_m * num_blocks_n, 3), -1, dtype=torch.int32, device=DEVICE)
-    _tile_order_kernel[(used_m * num_blocks_n,)](coords, align.expert_ids, align.expert_starts, used_m, num_blocks_n,
-                                                 GROUP_M=group_m, EXPERT_GROUPS=expert_groups,
-                                                 COL_GROUP=col_group)  # fmt: skip
-    coords = coords.cpu()
+    align, used_m = _tile_order_align()
+    num_blocks_n = 5
+    coords = _tile_order(align, used_m, num_blocks_n, GROUP_M=group_m, EXPERT_GROUPS=expert_groups,
+                         COL_GROUP=col_group)  # fmt: skip
     pairs = [tuple(p) for p in coords[:, :2].tolist()]
     assert sorted(pairs) == [(m, n) for m in range(used_m) for n in range(num_blocks_n)]  # every tile once
     assert coords[:, 2].tolist() == align.expert_ids.cpu()[coords[:, 0].long()].tolist()  # each block's expert
@@ -660,10 +668,7 @@ def test_column_groups_order_is_a_bijection_column_group_by_column_group(col_gro
     assert column_groups == sorted(column_groups)
     for group in range(-(-num_blocks_n // col_group)):
         width = min(col_group, num_blocks_n - group * col_group)
-        inner = torch.full((used_m * width, 3), -1, dtype=torch.int32, device=DEVICE)
-        _tile_order_kernel[(used_m * width,)](inner, align.expert_ids, align.expert_starts, used_m, width,
-                                              GROUP_M=group_m, EXPERT_GROUPS=expert_groups)  # fmt: skip
-        inner = inner.cpu()
+        inner = _tile_order(align, used_m, width, GROUP_M=group_m, EXPERT_GROUPS=expert_groups)
         inner[:, 1] += group * col_group
         assert torch.equal(coords[coords[:, 1] // col_group == group], inner)
 

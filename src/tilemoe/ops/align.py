@@ -293,7 +293,7 @@ def moe_align_triton(
         SUB=sub,
         SCAN=fused_scan,
         BLOCK_C=block_c if fused_scan else 1,
-        zero_ptr=zero_flat if zero_flat is not None else sorted_ids,  # never written without ZERO
+        zero_ptr=zero_flat,
         zero_numel=0 if zero_flat is None else zero_flat.numel(),
         zero_per_step=zero_per_step,
         ZERO=zero_flat is not None,
