@@ -1,11 +1,13 @@
 """What moe_align costs at the layer's sizes, and by chunk size: CUDA-graph replays in turn, then its kernels.
 
     PYTHONPATH=src python3 bench/align_probe.py [--points qwen3-30b-a3b:1024 ...] [--chunks 64 128 256]
+        [--no-fused]
 
 For each point (model:T, random routing, the block_m of its table entry): ``moe_align_triton`` at each chunk
-size, with its scan launch and without it (``fused_scan``), every result checked equal to ``moe_align_torch``;
+size, with its scan launch and without it (``fused_scan``, unless --no-fused), every result checked equal to
+``moe_align_torch``;
 ten calls per graph, graphs replayed in turn; then the torch profiler's per-kernel time of one call of each. A
-development tool behind ``ALIGN_CHUNK`` and ``FUSED_SCAN_MAX_ENTRIES``.
+development tool behind ``ALIGN_CHUNK_BY_SLOTS`` and ``FUSED_SCAN_MAX_ENTRIES``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tilemoe.ops.align import moe_align_torch, moe_align_triton
 from tilemoe.tuning import MoEShape, pick_config
 
 
-def probe(name: str, tokens: int, chunks: list[int], rounds: int) -> None:
+def probe(name: str, tokens: int, chunks: list[int], rounds: int, fused_too: bool) -> None:
     config = MoEConfig.from_pretrained(name)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, config.hidden_size, generator=gen).to("cuda", torch.bfloat16)
@@ -34,7 +36,7 @@ def probe(name: str, tokens: int, chunks: list[int], rounds: int) -> None:
     want = moe_align_torch(ids, config.num_experts, block_m)
     runs = {}
     for chunk in chunks:
-        for fused in (False, True):
+        for fused in (False, True) if fused_too else (False,):
             fn = functools.partial(moe_align_triton, ids, config.num_experts, block_m, chunk=chunk, fused_scan=fused)
             got = fn()
             same = all(torch.equal(getattr(got, f), getattr(want, f)) for f in (
@@ -58,11 +60,12 @@ def main(argv=None) -> int:
                                                         "qwen3-30b-a3b:4096", "mixtral-8x7b:1024"])  # fmt: skip
     parser.add_argument("--chunks", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--no-fused", action="store_true", help="only the three-launch form (no fused_scan)")
     args = parser.parse_args(argv)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     for point in args.points:
         name, tokens = point.split(":")
-        probe(name, int(tokens), args.chunks, args.rounds)
+        probe(name, int(tokens), args.chunks, args.rounds, not args.no_fused)
     return 0
 
 

@@ -109,9 +109,23 @@ def test_align_multi_program_matches_reference(num_tokens, top_k, num_experts, b
     _check_invariants(got, topk_ids, num_experts, block_m)
 
 
+@pytest.mark.parametrize(
+    ("num_tokens", "top_k", "num_experts", "block_m", "chunk"),
+    [(150, 8, 160, 32, 128), (250, 8, 128, 64, 512), (400, 6, 64, 16, 256)],
+)
+@pytest.mark.parametrize("fused_scan", [False, True])
+def test_align_large_chunks_match_reference(num_tokens, top_k, num_experts, block_m, chunk, fused_scan, generator):
+    # the scatter sorts a whole chunk (tl.sort of CHUNK keys): chunks of 128-512 slots, the last one partial
+    topk_ids = _random_ids(num_tokens, top_k, num_experts, generator)
+    got = moe_align_triton(topk_ids, num_experts, block_m, chunk=chunk, fused_scan=fused_scan)
+    _assert_same(got, moe_align_torch(topk_ids, num_experts, block_m))
+    _check_invariants(got, topk_ids, num_experts, block_m)
+
+
 def test_align_chunk_by_slots():
-    # 64 slots a program up to S = 16384 (the layer at T = 1024), 128 to 65536, then 512 (H100 timings in align.py)
-    assert [align_chunk(s) for s in (129, 8192, 16384, 16385, 65535, 65536, 131072)] == [64, 64, 64, 128, 128, 512, 512]
+    # 64 slots a program up to S = 4096, 128 to 16384, 256 below 131072, then 512 (H100 timings in align.py)
+    sizes = (129, 4096, 4097, 16384, 16385, 131071, 131072)
+    assert [align_chunk(s) for s in sizes] == [64, 64, 128, 128, 256, 256, 512]
 
 
 def test_align_multi_program_skewed_and_int64(generator):
@@ -175,9 +189,9 @@ def test_align_one_program_ids_out_of_range_are_dropped(generator):
     [
         (0, 2, 6, None),  # T = 0: the torch path
         (20, 2, 6, None),  # S = 40: the one-program kernel
-        (300, 4, 7, None),  # the scatter programs, 1 step a chunk of 64
-        (300, 4, 7, 256),  # 5 chunks of 4 steps: the share cut into 20 pieces
-        (150, 8, 160, 128),  # SUB = 32 (E > 128): 4 steps
+        (300, 4, 7, None),  # the scatter programs, chunks of 64
+        (300, 4, 7, 256),  # 5 chunks of 256: 5 shares
+        (150, 8, 160, 128),  # E > 128
     ],
 )
 @pytest.mark.parametrize(

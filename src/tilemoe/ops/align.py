@@ -12,8 +12,8 @@ and ``moe_align_triton`` for large S, three launches over chunks of slots (histo
 where the scatter kernel sums the histogram itself.
 
 ``zeros``: a buffer the align also fills with zeros (the atomic combine's output, ``KernelConfig.align_clears_out``):
-``moe_align_triton``'s scatter programs, latency-bound with HBM mostly idle, store a share each between their chunk's
-steps, instead of a fill kernel of its own; the other paths zero it with torch.
+``moe_align_triton``'s scatter programs, latency-bound with HBM mostly idle, store a share each, instead of a fill
+kernel of its own; the other paths zero it with torch.
 """
 
 from __future__ import annotations
@@ -31,21 +31,21 @@ __all__ = ["Alignment", "align_capacity", "moe_align", "moe_align_torch", "moe_a
 # CUDA-graph replays: one program 22.4 us vs 18.8 (chunk 128) at S=256, 31.1 vs 15.6 at S=512 (the torch sort
 # path: 76-170 us); so one program only for decode-sized S, where its single launch wins.
 ONE_PROGRAM_MAX_SLOTS = 128
-# Slots per program of the multi-program path: 128 was fastest up to S = 32768 (15-22 us; 256: 20-44 us);
-# at S = 131072 512 (40 us) beat 128 (47 us). Up to ALIGN_SMALL_SLOTS, 64: at the layer's T=1024 (H100, graphs of
-# ten calls in turn, bench/align_probe.py, session 19) qwen3-30b-a3b (S=8192, E=128) 10.0 us vs 12.7 at 128,
-# deepseek-v2-lite (6144, 64) 9.0 vs 10.7, mixtral-8x7b (2048, 8) 6.6 vs 8.8; at S=32768 even (17.0 vs 16.9).
-ALIGN_CHUNK = 128
-ALIGN_CHUNK_SMALL = 64
-ALIGN_SMALL_SLOTS = 16384
+# Slots per program of the multi-program path by S: (the largest S, its chunk) in turn, ALIGN_CHUNK_LARGE above.
+# H100, the layer's points (bench/align_probe.py, random routing, graphs of ten calls in turn, session 24, the sorted
+# scatter): mixtral-8x7b T=1024 (S=2048) 64 5.0 us vs 128 5.2; deepseek-v2-lite T=1024 (6144) 6.9 both; qwen3-30b-a3b
+# T=1024 (8192) 128 7.6 vs 64 8.1; qwen3 T=4096 (32768) 256 8.9 vs 128 9.5, 512 10.0; gpt-oss-120b T=16384 (65536)
+# 256 13.3 vs 512 13.5, 128 14.8; qwen3 T=16384 (131072) 512 15.0 vs 256 15.5.
+ALIGN_CHUNK_BY_SLOTS = ((4096, 64), (16384, 128), (131071, 256))
 ALIGN_CHUNK_LARGE = 512
-ALIGN_LARGE_SLOTS = 65536
+# moe_align_triton's default chunk
+ALIGN_CHUNK = 128
 # The scatter kernel scans the [E, C] histogram itself (no scan launch) up to this many padded entries: each of
 # its C programs then reads the whole table (64 KB at most, from L2; 128 values a thread at 4 warps). Same probe,
 # chunk 64: deepseek-v2-lite T=1024 ([64, 128]) 7.4 us vs 9.0 with the scan, mixtral-8x7b ([16, 32]) 5.3 vs 6.6,
 # qwen3-30b-a3b ([128, 128]) 9.8 vs 10.0; over the limit it loses (qwen3 T=4096, [128, 256] at chunk 128: 33.5 us
 # vs 16.9).
-FUSED_SCAN_MAX_ENTRIES = 16384
+FUSED_SCAN_MAX_ENTRIES = 8192
 # Elements of ``zeros`` one store of the scatter kernel covers (8 of a 16-bit dtype a thread at 4 warps)
 ZERO_BLOCK = 1024
 
@@ -117,10 +117,12 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> A
 
 
 def align_chunk(num_slots: int) -> int:
-    """Slots per program of ``moe_align_triton`` for S = ``num_slots`` (measured on an H100, see ALIGN_CHUNK)."""
-    if num_slots <= ALIGN_SMALL_SLOTS:
-        return ALIGN_CHUNK_SMALL
-    return ALIGN_CHUNK_LARGE if num_slots >= ALIGN_LARGE_SLOTS else ALIGN_CHUNK
+    """Slots per program of ``moe_align_triton`` for S = ``num_slots`` (measured on an H100, see
+    ALIGN_CHUNK_BY_SLOTS)."""
+    for most_slots, chunk in ALIGN_CHUNK_BY_SLOTS:
+        if num_slots <= most_slots:
+            return chunk
+    return ALIGN_CHUNK_LARGE
 
 
 def moe_align(
@@ -207,7 +209,7 @@ def moe_align_triton(
 
     ``fused_scan``: the scatter programs sum the histogram themselves and step 2 is not launched; None (default)
     fuses where the padded table has at most ``FUSED_SCAN_MAX_ENTRIES`` entries. ``zeros``: filled with zeros by the
-    scatter programs, a share each, spread over their chunk's steps (``moe_align``).
+    scatter programs, a share each (``moe_align``).
 
     Same arguments and result as ``moe_align`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); ``chunk`` is a
     power of two >= 64. Ids outside [0, E) are counted nowhere and never written (the reference raises on them).
@@ -265,13 +267,10 @@ def moe_align_triton(
             BLOCK_C=min(1024, block_c),
             num_warps=4,
         )
-    sub = 64 if block_e <= 128 else 32
     zero_flat = zeros.view(-1) if zeros is not None and zeros.numel() else None
-    # each program's share of the zeros, cut into one piece per step of its chunk (CHUNK / SUB steps)
-    steps = chunk // sub
-    zero_per_step = 0
+    zero_per_program = 0  # each program's share of the zeros, whole stores of ZERO_BLOCK
     if zero_flat is not None:
-        zero_per_step = _cdiv(_cdiv(zero_flat.numel(), num_chunks * steps), ZERO_BLOCK) * ZERO_BLOCK
+        zero_per_program = _cdiv(_cdiv(zero_flat.numel(), num_chunks), ZERO_BLOCK) * ZERO_BLOCK
     _align_scatter_kernel[(num_chunks,)](
         **pdl_options(device),
         topk_ids_ptr=flat,
@@ -289,13 +288,12 @@ def moe_align_triton(
         BLOCK_M=block_m,
         BLOCK_E=block_e,
         CHUNK=chunk,
-        # [SUB, BLOCK_E] one-hot tiles: 64 x 128 for E <= 128, 32 x 512 for E = 384
-        SUB=sub,
+        BLOCK_SUB=64 if block_e <= 128 else 32,  # blocks a step of the expert_ids loop ([BLOCK_SUB, BLOCK_E] tiles)
         SCAN=fused_scan,
         BLOCK_C=block_c if fused_scan else 1,
         zero_ptr=zero_flat,
         zero_numel=0 if zero_flat is None else zero_flat.numel(),
-        zero_per_step=zero_per_step,
+        zero_per_program=zero_per_program,
         ZERO=zero_flat is not None,
         ZERO_BLOCK=ZERO_BLOCK,
         num_warps=4 if block_e <= 128 else 8,

@@ -155,13 +155,13 @@ def _align_scatter_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     CHUNK: tl.constexpr,
-    SUB: tl.constexpr,
+    BLOCK_SUB: tl.constexpr,
     SCAN: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PDL: tl.constexpr,
     zero_ptr=None,
     zero_numel=0,
-    zero_per_step=0,
+    zero_per_program=0,
     ZERO: tl.constexpr = False,
     ZERO_BLOCK: tl.constexpr = 1024,
 ):
@@ -170,14 +170,20 @@ def _align_scatter_kernel(
     Every program recomputes the padded layout from ``counts`` (E values): cheaper than one more launch. With
     SCAN, ``hist`` is the histogram kernel's (not scanned) and every program sums the whole [E, C] table itself,
     the counts and its chunk's prefix (program 0 stores ``counts``): no scan launch, for a table small enough.
-    With ZERO, each step of the chunk also stores zeros over ``zero_per_step`` elements of ``zero_ptr`` (this
-    program's share, CHUNK / SUB pieces; ``moe_align``'s ``zeros``): stores nothing waits on, under the steps'
-    dependent loads.
+    With ZERO, each program also stores zeros over ``zero_per_program`` elements of ``zero_ptr`` (its share of
+    ``moe_align``'s ``zeros``): stores nothing waits on.
+
+    A slot's row is its expert's next free row + the slots of its expert before it in the chunk. The chunk is sorted
+    by (expert, slot) (``tl.sort`` of CHUNK keys), so that rank is the slot's sorted position minus its expert's
+    first one, the chunk's histogram cumulated. (Before: [64, E] one-hot sums over the chunk in steps of 64 slots,
+    O(E) work a slot: 32.5 us of scatter at 131072 slots and E = 128 on an H100 against 6.8 sorted, session 24.)
     """
     _pdl_prologue(PDL)
     pid = tl.program_id(0)
+    lanes = tl.arange(0, CHUNK)
+    ids = tl.load(topk_ids_ptr + pid * CHUNK + lanes, mask=pid * CHUNK + lanes < num_slots, other=num_experts)
+    ids = ids.to(tl.int32)
     experts = tl.arange(0, BLOCK_E)
-    lanes = tl.arange(0, SUB)
     if SCAN:
         chunks = tl.arange(0, BLOCK_C)
         hist = tl.load(
@@ -198,30 +204,31 @@ def _align_scatter_kernel(
         tl.store(num_padded_ptr, tl.sum(padded, axis=0))
         tl.store(expert_starts_ptr + experts, (pad_end - padded) // BLOCK_M, mask=experts < num_experts)
         tl.store(expert_starts_ptr + num_experts, tl.sum(padded, axis=0) // BLOCK_M)
-    for start in range(0, blocks_per_program, SUB):
-        blocks = pid * blocks_per_program + start + lanes
+    block_lanes = tl.arange(0, BLOCK_SUB)
+    for start in range(0, blocks_per_program, BLOCK_SUB):
+        blocks = pid * blocks_per_program + start + block_lanes
         # experts whose padded range ends at or before this block's first row come before it
         before = tl.sum((pad_end[None, :] <= (blocks * BLOCK_M)[:, None]).to(tl.int32), axis=1)
         tl.store(
             expert_ids_ptr + blocks,
             tl.minimum(before, num_experts),
-            mask=(start + lanes < blocks_per_program) & (blocks < num_blocks),
+            mask=(start + block_lanes < blocks_per_program) & (blocks < num_blocks),
         )
     # next free row of each expert for this chunk: its padded start + its slots in earlier chunks
     next_row = pad_end - padded + seen
-    zero_lanes = tl.arange(0, ZERO_BLOCK)
-    for start in range(0, CHUNK, SUB):
-        if ZERO:
-            first = (pid * (CHUNK // SUB) + start // SUB).to(tl.int64) * zero_per_step
-            for z in range(0, zero_per_step, ZERO_BLOCK):
-                pos = first + z + zero_lanes
-                tl.store(zero_ptr + pos, tl.zeros([ZERO_BLOCK], dtype=zero_ptr.dtype.element_ty), mask=pos < zero_numel)
-        slots = pid * CHUNK + start + lanes
-        ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=num_experts).to(tl.int32)
-        ids = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
-        base = tl.sum(onehot * next_row[None, :], axis=1)
-        same_before = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
-        rank = tl.sum(same_before.to(tl.int32), axis=1)
-        tl.store(sorted_ids_ptr + base + rank, slots, mask=(slots < num_slots) & (ids < num_experts))
-        next_row += tl.sum(onehot, axis=0)
+    if ZERO:
+        zero_lanes = tl.arange(0, ZERO_BLOCK)
+        first = pid.to(tl.int64) * zero_per_program
+        for z in range(0, zero_per_program, ZERO_BLOCK):
+            pos = first + z + zero_lanes
+            tl.store(zero_ptr + pos, tl.zeros([ZERO_BLOCK], dtype=zero_ptr.dtype.element_ty), mask=pos < zero_numel)
+    valid = (ids >= 0) & (ids < num_experts)
+    ids = tl.where(valid, ids, num_experts)
+    # the chunk sorted by (expert, lane): the sentinel's keys sort last; lane j of the result is sorted position j
+    keys = tl.sort(ids * CHUNK + lanes)
+    sorted_expert = keys // CHUNK
+    chunk_counts = tl.histogram(ids, BLOCK_E, mask=valid)
+    # row of sorted position j: its expert's next free row + j - the expert's first sorted position in the chunk
+    first_row = next_row - (tl.cumsum(chunk_counts, axis=0) - chunk_counts)
+    rows = tl.gather(first_row, tl.minimum(sorted_expert, BLOCK_E - 1), 0) + lanes
+    tl.store(sorted_ids_ptr + rows, pid * CHUNK + keys % CHUNK, mask=sorted_expert < num_experts)
