@@ -103,6 +103,22 @@ def test_matches_reference(routing, experts, top_k, extra, num_tokens, generator
     _check(logits, config)
 
 
+@pytest.mark.parametrize("tokens_per_program", [2, 4])
+@pytest.mark.parametrize("num_tokens", [1, 7, 64])  # a program past the last token; partial; whole programs
+def test_several_tokens_a_program(tokens_per_program, num_tokens, monkeypatch, generator):
+    # the flat routing kernel's TOKENS loop: every token routed once, none past T stored
+    monkeypatch.setattr(route_module, "ROUTE_TOKENS_BY_T", ())
+    monkeypatch.setattr(route_module, "ROUTE_TOKENS_LARGE", tokens_per_program)
+    config = MoEConfig(num_experts=10, top_k=3, hidden_size=8, intermediate_size=8, routing="softmax_topk")
+    logits = torch.randn(num_tokens, 10, generator=generator).to(DEVICE)
+    _check(logits, config)
+
+
+def test_route_tokens_per_program_by_t():
+    assert route_module.route_tokens_per_program(1) == route_module.ROUTE_TOKENS_BY_T[0][1]
+    assert route_module.route_tokens_per_program(10**6) == route_module.ROUTE_TOKENS_LARGE
+
+
 GROUPED = [
     # E not a power of two (6 per group), bias, scaling; DeepSeek-V3's math at a small size
     ("sigmoid_grouped_topk", 24, 4, 4, 2, True, {"routed_scaling_factor": 2.5}),

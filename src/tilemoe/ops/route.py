@@ -116,6 +116,20 @@ def route_tokens(
     return _route_kernels(router_logit_parts(x, router_weight, router_bias), config, correction_bias)
 
 
+# Tokens a program of the flat routing kernel (one warp) for T tokens: (the largest T, tokens) in turn, then
+# ROUTE_TOKENS_LARGE.
+ROUTE_TOKENS_BY_T = ((2048, 1),)
+ROUTE_TOKENS_LARGE = 1
+
+
+def route_tokens_per_program(num_tokens: int) -> int:
+    """Tokens each program of the flat routing kernel routes, for T = ``num_tokens`` (ROUTE_TOKENS_BY_T)."""
+    for most_tokens, tokens in ROUTE_TOKENS_BY_T:
+        if num_tokens <= most_tokens:
+            return tokens
+    return ROUTE_TOKENS_LARGE
+
+
 def _pow2(n: int, least: int) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
@@ -142,8 +156,11 @@ def _route_op(
     weights, ids = _empty_outputs(logits, top_k)
     if num_tokens == 0:
         return weights, ids
-    _route_kernel[(num_tokens,)](
+    tokens = route_tokens_per_program(num_tokens)
+    _route_kernel[((num_tokens + tokens - 1) // tokens,)](
         **pdl_options(logits.device),
+        num_tokens=num_tokens,
+        TOKENS=tokens,
         logits_ptr=parts,
         stride_lp=parts.stride(0),
         stride_lt=parts.stride(1),

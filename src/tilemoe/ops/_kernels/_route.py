@@ -142,17 +142,24 @@ def _route_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    num_tokens=1,
+    TOKENS: tl.constexpr = 1,
 ):
+    """TOKENS tokens a program, one after another in an unrolled loop (independent work the compiler may overlap; a
+    token past ``num_tokens`` routes the last one again and stores nothing)."""
     _pdl_prologue(PDL)
-    token = tl.program_id(0).to(tl.int64)
-    weights, ids = _flat_topk(
-        logits_ptr + token * stride_lt, stride_le, num_experts, TOP_K, SCORE, RENORMALIZE, BLOCK_E, BLOCK_K,
-        stride_lp, num_parts, BLOCK_PARTS,
-    )  # fmt: skip
     slots = tl.arange(0, BLOCK_K)
     valid = slots < TOP_K
-    tl.store(weights_ptr + token * TOP_K + slots, weights * scale, mask=valid)
-    tl.store(ids_ptr + token * TOP_K + slots, ids, mask=valid)
+    for i in tl.static_range(TOKENS):
+        token = tl.program_id(0).to(tl.int64) * TOKENS + i
+        in_batch = valid & (token + slots * 0 < num_tokens)  # [BLOCK_K]: a scalar mask is not taken by every version
+        token = tl.minimum(token, num_tokens - 1)
+        weights, ids = _flat_topk(
+            logits_ptr + token * stride_lt, stride_le, num_experts, TOP_K, SCORE, RENORMALIZE, BLOCK_E, BLOCK_K,
+            stride_lp, num_parts, BLOCK_PARTS,
+        )  # fmt: skip
+        tl.store(weights_ptr + token * TOP_K + slots, weights * scale, mask=in_batch)
+        tl.store(ids_ptr + token * TOP_K + slots, ids, mask=in_batch)
 
 
 @triton.jit
