@@ -16,6 +16,8 @@ case ${1:?step: align or bench} in
 align)
   timeout -k 5 "${T_TESTS:-120}" python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_align.py \
     tests/ops/test_route.py 2>&1 | tail -n 3
+  timeout -k 5 90 python3 -m pytest -q -n 12 -p no:cacheprovider tests/ops/test_fused_experts.py -k "align_clears or zeros" \
+    2>&1 | tail -n 2
   echo "== tests: $(($(date +%s) - start)) s"
   cd bench || exit 1
   probe() { timeout -k 5 "${T_PROBE:-100}" python3 align_probe.py --rounds "${ROUNDS:-10}" "$@" 2>&1 | grep -v -i warn \
