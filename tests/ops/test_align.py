@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from tilemoe.ops import align as align_module
+from tilemoe.ops._kernels._align import _sorted_by_count
 from tilemoe.ops.align import align_capacity, align_chunk, moe_align, moe_align_torch, moe_align_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,6 +123,23 @@ def test_align_large_chunks_match_reference(num_tokens, top_k, num_experts, bloc
     got = moe_align_triton(topk_ids, num_experts, block_m, chunk=chunk, fused_scan=fused_scan)
     _assert_same(got, moe_align_torch(topk_ids, num_experts, block_m))
     _check_invariants(got, topk_ids, num_experts, block_m)
+
+
+@triton.jit
+def _both_sorts(keys_ptr, by_sort_ptr, by_count_ptr, N: tl.constexpr):
+    lanes = tl.arange(0, N)
+    keys = tl.load(keys_ptr + lanes)
+    tl.store(by_sort_ptr + lanes, tl.sort(keys))
+    tl.store(by_count_ptr + lanes, _sorted_by_count(keys, lanes))
+
+
+def test_sorted_by_count_is_tl_sort(generator):
+    # the interpreter's stand-in for tl.sort in the scatter (SORT_BY_COUNT) orders distinct keys as tl.sort does
+    ids = torch.randint(0, 9, (64,), generator=generator, dtype=torch.int32)
+    keys = (ids * 64 + torch.randperm(64, generator=generator, dtype=torch.int32)).to(DEVICE)  # distinct, shuffled
+    by_sort, by_count = torch.full_like(keys, -1), torch.full_like(keys, -1)
+    _both_sorts[(1,)](keys, by_sort, by_count, N=64)
+    assert torch.equal(by_sort.cpu(), torch.sort(keys.cpu())[0]) and torch.equal(by_count.cpu(), by_sort.cpu())
 
 
 def test_align_chunk_by_slots():

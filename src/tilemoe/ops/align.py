@@ -296,6 +296,7 @@ def moe_align_triton(
         zero_per_program=zero_per_program,
         ZERO=zero_flat is not None,
         ZERO_BLOCK=ZERO_BLOCK,
+        SORT_BY_COUNT=not topk_ids.is_cuda,  # the interpreter (see _sorted_by_count)
         num_warps=4 if block_e <= 128 else 8,
     )
     return Alignment(sorted_ids, expert_ids, counts, num_padded, block_m, expert_starts)
