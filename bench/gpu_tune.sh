@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # One cache for the warm-up workers and the timing process; a fresh one on a fresh machine.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
-log=$OUT/gpu_tune.log
+log=$OUT/gpu_tune${TUNE_TAG:+-$TUNE_TAG}.log  # TUNE_TAG: one log per step of a call
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.draw,power.limit --format=csv
   python3 -c 'import os, torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,

@@ -17,13 +17,13 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_
 start=$(date +%s)
 case ${1:?step: gather, zeros or h200} in
 gather)
-  BUDGET=${BUDGET:-80} bash bench/gpu_tune.sh --model gpt-oss-120b --num-tokens 16384 --scenarios random imbalanced \
+  TUNE_TAG=gather BUDGET=${BUDGET:-80} bash bench/gpu_tune.sh --model gpt-oss-120b --num-tokens 16384 --scenarios random imbalanced \
     --variants gluon1=1,gluon_gather=1,sorted_x=0 gluon=1,gluon_gather=1,sorted_x=0,async_combine=1,num_stages2=3 \
     gluon2=1,async_combine=1,num_stages2=3 2>&1 | tail -n 12
   ;;
 zeros)
   # gemm1_clears_out=0: the T=1024 entries that clear the output in GEMM 1 take the align's clearing instead
-  BUDGET=${BUDGET:-150} bash bench/gpu_tune.sh --model qwen3-30b-a3b deepseek-v2-lite gpt-oss-120b mixtral-8x7b \
+  TUNE_TAG=zeros BUDGET=${BUDGET:-150} bash bench/gpu_tune.sh --model qwen3-30b-a3b deepseek-v2-lite gpt-oss-120b mixtral-8x7b \
     --num-tokens 1024 4096 16384 --scenarios random imbalanced --variants align_clears_out=1,gemm1_clears_out=0 2>&1 |
     tail -n 12
   ;;
