@@ -152,7 +152,7 @@ def _route_kernel(
     valid = slots < TOP_K
     for i in tl.static_range(TOKENS):
         token = tl.program_id(0).to(tl.int64) * TOKENS + i
-        in_batch = valid & (token + slots * 0 < num_tokens)  # [BLOCK_K]: a scalar mask is not taken by every version
+        in_batch = valid & (token + slots * 0 < num_tokens)  # [BLOCK_K]: the interpreter refuses a scalar mask here
         token = tl.minimum(token, num_tokens - 1)
         weights, ids = _flat_topk(
             logits_ptr + token * stride_lt, stride_le, num_experts, TOP_K, SCORE, RENORMALIZE, BLOCK_E, BLOCK_K,
