@@ -807,6 +807,35 @@ def test_gemm1_dense_forms_edges(num_experts, top_k, num_tokens, hot_expert, cha
     _run_case(config, num_tokens, torch.float16, generator, hot_expert=hot_expert, kernel_config=ALL_DENSE)
 
 
+@pytest.mark.parametrize(
+    "num_experts, top_k, num_tokens, hot_expert, hidden",
+    [(10, 8, 300, None, 40), (5, 2, 7, 3, 600), (9, 1, 64, None, 24)],  # H over one 512-column block: two
+)
+def test_sorted_copy_token_by_token(num_experts, top_k, num_tokens, hot_expert, hidden, generator, monkeypatch):
+    # x's padded sorted copy read token by token (each x row once, stored to its K rows; padding rows zeroed by
+    # programs of their own) equals the row-by-row copy on every row in use, from poisoned buffers; then the layer
+    from tilemoe.ops.align import align_capacity, moe_align
+
+    _poison(monkeypatch)
+    x = torch.randn(num_tokens, hidden, generator=generator).to(DEVICE, torch.float16)
+    ids = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(num_tokens)])
+    if hot_expert is not None:
+        ids[:, 0] = hot_expert
+        ids[:, 1:] = (hot_expert + 1 + torch.arange(top_k - 1)) % num_experts
+    align = moe_align(ids.to(DEVICE, torch.int32), num_experts, 16)
+    capacity = align_capacity(num_tokens * top_k, num_experts, 16)
+    by_row = launch_module._sorted_rows(x, align, capacity, top_k)
+    monkeypatch.setattr(launch_module, "SORTED_ROWS_BY_TOKEN_MIN_BYTES", 0)
+    by_token = launch_module._sorted_rows(x, align, capacity, top_k)
+    used = int(align.num_padded)
+    padding = align.sorted_ids[:used] >= num_tokens * top_k
+    assert bool(padding.any()) and bool((by_row[:used][padding] == 0).all())
+    assert torch.equal(by_token[:used], by_row[:used])
+    if num_tokens < 100:  # the layer through it (sorted_x), where the interpreter is quick
+        config = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_size=40, intermediate_size=24)
+        _run_case(config, num_tokens, torch.float16, generator, hot_expert=hot_expert, kernel_config=ALL_DENSE)
+
+
 def _form_id(options: dict) -> str:
     return "+".join(name for name, on in options.items() if on)
 

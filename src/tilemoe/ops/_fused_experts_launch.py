@@ -101,13 +101,61 @@ def _gate_up_descriptor(w13: torch.Tensor, block_n: int, block_k: int):
     return TensorDescriptor.from_tensor(w13.view(2 * num_experts, rows // 2, hidden), [2, block_n, block_k])
 
 
+# GEMM 1's sorted copy of x token by token (each x row read once, ``_sorted_rows_by_token_kernel``) from this many
+# bytes of x (T * H * element size) on; below, row by row. Not timed on a GPU yet: off.
+SORTED_ROWS_BY_TOKEN_MIN_BYTES = None
+
+
 def _sorted_rows(x: torch.Tensor, align, capacity: int, top_k: int) -> torch.Tensor:
     """x in padded sorted order [CAP, H]: row r holds x[sorted_ids[r] // K], padding rows zeros; rows at or past
-    num_padded are not written (no GEMM reads them)."""
-    from tilemoe.ops._kernels._fused_experts import _sorted_rows_kernel
+    num_padded are not written (no GEMM reads them). Row by row, or token by token where x has at least
+    ``SORTED_ROWS_BY_TOKEN_MIN_BYTES``."""
+    from tilemoe.ops._kernels._fused_experts import (
+        _slot_rows_kernel,
+        _sorted_rows_by_token_kernel,
+        _sorted_rows_kernel,
+    )
 
     num_tokens, hidden = x.shape
     out = torch.empty((capacity, hidden), dtype=x.dtype, device=x.device)
+    block_h = min(512, max(16, 1 << (hidden - 1).bit_length()))
+    min_bytes = SORTED_ROWS_BY_TOKEN_MIN_BYTES
+    if min_bytes is not None and x.numel() * x.element_size() >= min_bytes and capacity:
+        num_slots = num_tokens * top_k
+        slot_rows = torch.empty(num_slots, dtype=torch.int32, device=x.device)
+        _slot_rows_kernel[(cdiv(capacity, 1024),)](
+            **pdl_options(x.device),
+            sorted_ids_ptr=align.sorted_ids,
+            num_padded_ptr=align.num_padded,
+            slot_rows_ptr=slot_rows,
+            num_slots=num_slots,
+            BLOCK_R=1024,
+            num_warps=4,
+        )
+        block_t, block_r = 16, 16
+        token_programs = cdiv(num_tokens, block_t)
+        _sorted_rows_by_token_kernel[(token_programs + cdiv(capacity, block_r),)](
+            **pdl_options(x.device),
+            x_ptr=x,
+            stride_xt=x.stride(0),
+            stride_xh=x.stride(1),
+            out_ptr=out,
+            stride_or=out.stride(0),
+            stride_oh=out.stride(1),
+            slot_rows_ptr=slot_rows,
+            sorted_ids_ptr=align.sorted_ids,
+            num_padded_ptr=align.num_padded,
+            num_tokens=num_tokens,
+            num_slots=num_slots,
+            top_k=top_k,
+            hidden=hidden,
+            token_programs=token_programs,
+            BLOCK_T=block_t,
+            BLOCK_R=block_r,
+            BLOCK_H=block_h,
+            num_warps=4,
+        )
+        return out
     block_r = 16
     _sorted_rows_kernel[(cdiv(capacity, block_r),)](
         **pdl_options(x.device),
@@ -123,7 +171,7 @@ def _sorted_rows(x: torch.Tensor, align, capacity: int, top_k: int) -> torch.Ten
         top_k=top_k,
         hidden=hidden,
         BLOCK_R=block_r,
-        BLOCK_H=min(512, max(16, 1 << (hidden - 1).bit_length())),
+        BLOCK_H=block_h,
         num_warps=4,
     )
     return out

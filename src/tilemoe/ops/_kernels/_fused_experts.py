@@ -604,6 +604,74 @@ def _sorted_rows_kernel(
 
 
 @triton.jit
+def _slot_rows_kernel(
+    sorted_ids_ptr,
+    num_padded_ptr,
+    slot_rows_ptr,
+    num_slots,
+    BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """slot_rows[s] = the padded row r holding slot s (sorted_ids[r] = s), for the rows in use: the alignment's
+    inverse, which ``_sorted_rows_by_token_kernel`` stores through."""
+    _pdl_prologue(PDL)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_use = rows < tl.load(num_padded_ptr)
+    slot = tl.load(sorted_ids_ptr + rows, mask=in_use, other=num_slots)
+    tl.store(slot_rows_ptr + slot, rows, mask=slot < num_slots)
+
+
+@triton.jit
+def _sorted_rows_by_token_kernel(
+    x_ptr,
+    stride_xt,
+    stride_xh,
+    out_ptr,
+    stride_or,
+    stride_oh,
+    slot_rows_ptr,
+    sorted_ids_ptr,
+    num_padded_ptr,
+    num_tokens,
+    num_slots,
+    top_k,
+    hidden,
+    token_programs,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """``_sorted_rows_kernel``'s result, token by token: programs below ``token_programs`` read BLOCK_T rows of x once
+    and store each to its K padded rows (``slot_rows``); the programs after them zero BLOCK_R rows' padding rows. Each
+    x row is read once, where the row-by-row copy reads it once a pick (K times, from DRAM when x is over the L2)."""
+    _pdl_prologue(PDL)
+    pid = tl.program_id(0)
+    if pid < token_programs:
+        tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        valid = tokens < num_tokens
+        for h0 in range(0, hidden, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            mask = valid[:, None] & (cols < hidden)[None, :]
+            values = tl.load(x_ptr + tokens[:, None].to(tl.int64) * stride_xt + cols[None, :] * stride_xh, mask=mask)
+            for k in range(top_k):
+                rows = tl.load(slot_rows_ptr + tokens * top_k + k, mask=valid, other=0).to(tl.int64)
+                tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_oh, values, mask=mask)
+    else:
+        num_padded = tl.load(num_padded_ptr)
+        first = (pid - token_programs) * BLOCK_R
+        if first < num_padded:
+            rows = first + tl.arange(0, BLOCK_R)
+            slot = tl.load(sorted_ids_ptr + rows, mask=rows < num_padded, other=num_slots)
+            padding = (rows < num_padded) & (slot >= num_slots)
+            zeros = tl.zeros([BLOCK_R, BLOCK_H], dtype=out_ptr.dtype.element_ty)
+            for h0 in range(0, hidden, BLOCK_H):
+                cols = h0 + tl.arange(0, BLOCK_H)
+                out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_or + cols[None, :] * stride_oh
+                tl.store(out_ptrs, zeros, mask=padding[:, None] & (cols < hidden)[None, :])
+
+
+@triton.jit
 def _gemm2_tile(
     pid_m,  # the tile's coordinates and its block's expert, from ``_tile_coords``
     pid_n,
