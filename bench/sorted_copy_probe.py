@@ -14,13 +14,11 @@ import functools
 
 import torch
 import triton
+from ncu_probe import point_inputs  # bench/, beside this file
 
 import tilemoe.ops._fused_experts_launch as launch_module
-from tilemoe.bench.scenarios import make_routing_for
 from tilemoe.bench.timing import capture_graph, graph_us_in_turn
-from tilemoe.config import MoEConfig
 from tilemoe.ops.align import align_capacity, moe_align
-from tilemoe.tuning import MoEShape, pick_config
 
 
 def main(argv=None) -> int:
@@ -30,15 +28,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     for point in args.points:
-        name, tokens = point.split(":")
-        tokens = int(tokens)
-        config = MoEConfig.from_pretrained(name)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(tokens, config.hidden_size, generator=gen).to("cuda", torch.bfloat16)
-        ids = make_routing_for("random", tokens, config, generator=gen, x=x, device="cuda")[1].to(torch.int32)
-        shape = MoEShape(tokens, config.num_experts, config.top_k, config.hidden_size, config.intermediate_size)
-        block_m = pick_config(shape, torch.bfloat16, torch.cuda.get_device_name()).block_m
-        align = moe_align(ids.contiguous(), config.num_experts, block_m)
+        p = point_inputs(point)  # x, random routing, the table entry on this GPU (ncu_probe.py)
+        x, ids, config, block_m = p.x, p.topk_ids, p.config, p.entry.block_m
+        align = moe_align(ids, config.num_experts, block_m)
         capacity = align_capacity(ids.numel(), config.num_experts, block_m)
         copy = functools.partial(launch_module._sorted_rows, x, align, capacity, config.top_k)
         graphs, outs = [], []

@@ -117,11 +117,17 @@ def _sorted_rows(x: torch.Tensor, align, capacity: int, top_k: int) -> torch.Ten
     )
 
     num_tokens, hidden = x.shape
+    num_slots = num_tokens * top_k
     out = torch.empty((capacity, hidden), dtype=x.dtype, device=x.device)
-    block_h = min(512, max(16, 1 << (hidden - 1).bit_length()))
+    # both forms' arguments: x, the copy, the alignment's rows
+    copy_args = dict(
+        x_ptr=x, stride_xt=x.stride(0), stride_xh=x.stride(1), out_ptr=out, stride_or=out.stride(0),
+        stride_oh=out.stride(1), sorted_ids_ptr=align.sorted_ids, num_padded_ptr=align.num_padded,
+        num_slots=num_slots, top_k=top_k, hidden=hidden, BLOCK_R=16,
+        BLOCK_H=min(512, max(16, 1 << (hidden - 1).bit_length())), num_warps=4,
+    )  # fmt: skip
     min_bytes = SORTED_ROWS_BY_TOKEN_MIN_BYTES
     if min_bytes is not None and x.numel() * x.element_size() >= min_bytes and capacity:
-        num_slots = num_tokens * top_k
         slot_rows = torch.empty(num_slots, dtype=torch.int32, device=x.device)
         _slot_rows_kernel[(cdiv(capacity, 1024),)](
             **pdl_options(x.device),
@@ -132,48 +138,17 @@ def _sorted_rows(x: torch.Tensor, align, capacity: int, top_k: int) -> torch.Ten
             BLOCK_R=1024,
             num_warps=4,
         )
-        block_t, block_r = 16, 16
-        token_programs = cdiv(num_tokens, block_t)
-        _sorted_rows_by_token_kernel[(token_programs + cdiv(capacity, block_r),)](
+        token_programs = cdiv(num_tokens, 16)
+        _sorted_rows_by_token_kernel[(token_programs + cdiv(capacity, copy_args["BLOCK_R"]),)](
             **pdl_options(x.device),
-            x_ptr=x,
-            stride_xt=x.stride(0),
-            stride_xh=x.stride(1),
-            out_ptr=out,
-            stride_or=out.stride(0),
-            stride_oh=out.stride(1),
+            **copy_args,
             slot_rows_ptr=slot_rows,
-            sorted_ids_ptr=align.sorted_ids,
-            num_padded_ptr=align.num_padded,
             num_tokens=num_tokens,
-            num_slots=num_slots,
-            top_k=top_k,
-            hidden=hidden,
             token_programs=token_programs,
-            BLOCK_T=block_t,
-            BLOCK_R=block_r,
-            BLOCK_H=block_h,
-            num_warps=4,
+            BLOCK_T=16,
         )
         return out
-    block_r = 16
-    _sorted_rows_kernel[(cdiv(capacity, block_r),)](
-        **pdl_options(x.device),
-        x_ptr=x,
-        stride_xt=x.stride(0),
-        stride_xh=x.stride(1),
-        out_ptr=out,
-        stride_or=out.stride(0),
-        stride_oh=out.stride(1),
-        sorted_ids_ptr=align.sorted_ids,
-        num_padded_ptr=align.num_padded,
-        num_slots=num_tokens * top_k,
-        top_k=top_k,
-        hidden=hidden,
-        BLOCK_R=block_r,
-        BLOCK_H=block_h,
-        num_warps=4,
-    )
+    _sorted_rows_kernel[(cdiv(capacity, copy_args["BLOCK_R"]),)](**pdl_options(x.device), **copy_args)
     return out
 
 

@@ -583,22 +583,39 @@ def _sorted_rows_kernel(
 ):
     """x_sorted[r] = x[sorted_ids[r] // K] for the padded rows r in use, zeros for padding rows (GEMM 1's A_TMA)."""
     _pdl_prologue(PDL)
+    _sorted_row_block(
+        x_ptr, stride_xt, stride_xh, out_ptr, stride_or, stride_oh, sorted_ids_ptr, num_padded_ptr, num_slots, top_k,
+        hidden, tl.program_id(0) * BLOCK_R, BLOCK_R, BLOCK_H, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _sorted_row_block(
+    x_ptr, stride_xt, stride_xh, out_ptr, stride_or, stride_oh, sorted_ids_ptr, num_padded_ptr, num_slots, top_k,
+    hidden, first, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, PADDING_ONLY: tl.constexpr,
+):  # fmt: skip
+    """Rows [first, first + BLOCK_R) of x's padded sorted copy, those in use: x's row of each real row's token, zeros
+    on padding rows; with PADDING_ONLY the zeros alone (the real rows are another kernel's)."""
     num_padded = tl.load(num_padded_ptr)
-    first = tl.program_id(0) * BLOCK_R
     if first < num_padded:
         rows = first + tl.arange(0, BLOCK_R)
         in_use = rows < num_padded
         slot = tl.load(sorted_ids_ptr + rows, mask=in_use, other=num_slots)
         valid = slot < num_slots
         token = tl.where(valid, slot // top_k, 0).to(tl.int64)
+        if PADDING_ONLY:
+            in_use = in_use & ~valid
         for h0 in range(0, hidden, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             col_mask = cols < hidden
-            values = tl.load(
-                x_ptr + token[:, None] * stride_xt + cols[None, :] * stride_xh,
-                mask=valid[:, None] & col_mask[None, :],
-                other=0.0,
-            )
+            if PADDING_ONLY:
+                values = tl.zeros([BLOCK_R, BLOCK_H], dtype=out_ptr.dtype.element_ty)
+            else:
+                values = tl.load(
+                    x_ptr + token[:, None] * stride_xt + cols[None, :] * stride_xh,
+                    mask=valid[:, None] & col_mask[None, :],
+                    other=0.0,
+                )
             out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_or + cols[None, :] * stride_oh
             tl.store(out_ptrs, values, mask=in_use[:, None] & col_mask[None, :])
 
@@ -658,17 +675,10 @@ def _sorted_rows_by_token_kernel(
                 rows = tl.load(slot_rows_ptr + tokens * top_k + k, mask=valid, other=0).to(tl.int64)
                 tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_oh, values, mask=mask)
     else:
-        num_padded = tl.load(num_padded_ptr)
-        first = (pid - token_programs) * BLOCK_R
-        if first < num_padded:
-            rows = first + tl.arange(0, BLOCK_R)
-            slot = tl.load(sorted_ids_ptr + rows, mask=rows < num_padded, other=num_slots)
-            padding = (rows < num_padded) & (slot >= num_slots)
-            zeros = tl.zeros([BLOCK_R, BLOCK_H], dtype=out_ptr.dtype.element_ty)
-            for h0 in range(0, hidden, BLOCK_H):
-                cols = h0 + tl.arange(0, BLOCK_H)
-                out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_or + cols[None, :] * stride_oh
-                tl.store(out_ptrs, zeros, mask=padding[:, None] & (cols < hidden)[None, :])
+        _sorted_row_block(
+            x_ptr, stride_xt, stride_xh, out_ptr, stride_or, stride_oh, sorted_ids_ptr, num_padded_ptr, num_slots,
+            top_k, hidden, (pid - token_programs) * BLOCK_R, BLOCK_R, BLOCK_H, True,
+        )  # fmt: skip
 
 
 @triton.jit
