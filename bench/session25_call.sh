@@ -4,7 +4,10 @@
 #   bash bench/session25_call.sh auto    on an H100: run 25's half named by TRITON_MODELS (session24_call.sh bench);
 #                                        on an H200: the H200 table's first Gluon entries (session21_call.sh h200)
 #   bash bench/session25_call.sh align   session24_call.sh align (the sorted align's GPU tests and three probes)
-#   bash bench/session25_call.sh zeros   session24_call.sh zeros (align_clears_out off against the entries that took it)
+#   bash bench/session25_call.sh zeros   align_clears_out off against the entries that took it (tuned while the one-hot
+#                                        scatter's 33-44 us hid the zeros; the sorted one takes ~7-15 us), alone and with
+#                                        gemm1_clears_out (the zeros under a Triton GEMM 1's loads instead), random +
+#                                        imbalanced, the table under $OUT
 set -uo pipefail
 OUT=${OUT:-/tmp/tilemoe-out}
 mkdir -p "$OUT"
@@ -18,7 +21,12 @@ auto)
   *) echo "session25_call.sh: no H100 or H200 here (${gpu:-none})"; exit 2 ;;
   esac
   ;;
-align | zeros) bash bench/session24_call.sh "$1" ;;
+align) bash bench/session24_call.sh align ;;
+zeros)
+  TUNE_TAG=zeros BUDGET=${BUDGET:-150} bash bench/gpu_tune.sh --model qwen3-30b-a3b deepseek-v2-lite gpt-oss-120b \
+    mixtral-8x7b --num-tokens 1024 4096 16384 --scenarios random imbalanced \
+    --variants align_clears_out=0 align_clears_out=0,gemm1_clears_out=1 2>&1 | tail -n 12
+  ;;
 *)
   echo "session25_call.sh: unknown step $1 (auto, align or zeros)"
   exit 2
