@@ -3,8 +3,8 @@
     PYTHONPATH=src python3 bench/route_program_probe.py [--points qwen3-30b-a3b:16384 ...] [--tokens 1 2 4 8]
 
 For each point (model:T, the logits router_logits_fast writes above T = 1024) ``route_fast`` with every program
-routing 1, 2, 4 ... tokens (``tilemoe.ops.route``'s ROUTE_TOKENS_LARGE, read at capture), each result checked equal
-to the one-token form. A development tool behind ``ROUTE_TOKENS_BY_T``.
+routing 1, 2, 4 ... tokens (``tilemoe.ops.route``'s ROUTE_TOKENS_FORCED, read at capture), each result checked equal
+to the one-token form. A development tool behind ``route_tokens_per_program``'s rule.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args(argv)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-    route_module.ROUTE_TOKENS_BY_T = ()
     for point in args.points:
         name, tokens = point.split(":")
         config = MoEConfig.from_pretrained(name)
@@ -38,7 +37,7 @@ def main(argv=None) -> int:
         logits = torch.randn(int(tokens), config.num_experts, generator=gen).to("cuda")
         graphs, outs = [], []
         for per_program in args.tokens:
-            route_module.ROUTE_TOKENS_LARGE = per_program
+            route_module.ROUTE_TOKENS_FORCED = per_program
             graph, out = capture_graph(functools.partial(route_module.route_fast, logits, config), 20)
             graphs.append((graph, 20))
             outs.append(out)

@@ -102,8 +102,10 @@ def _gate_up_descriptor(w13: torch.Tensor, block_n: int, block_k: int):
 
 
 # GEMM 1's sorted copy of x token by token (each x row read once, ``_sorted_rows_by_token_kernel``) from this many
-# bytes of x (T * H * element size) on; below, row by row. Not timed on a GPU yet: off.
-SORTED_ROWS_BY_TOKEN_MIN_BYTES = None
+# bytes of x (T * H * element size) on; below, row by row. H100, bench/sorted_copy_probe.py (CUDA graphs in turn,
+# session 25): gpt-oss-120b T=16384 (x 94 MB, more than the L2) 278.1 -> 208.2 us, mixtral-8x7b T=4096 (32 MiB)
+# 53.1 -> 52.4; smaller x (the row-by-row copy's repeat reads come from the L2) not timed.
+SORTED_ROWS_BY_TOKEN_MIN_BYTES: int | None = 32 << 20
 
 
 def _sorted_rows(x: torch.Tensor, align, capacity: int, top_k: int) -> torch.Tensor:

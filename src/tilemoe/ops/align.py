@@ -45,8 +45,9 @@ ALIGN_CHUNK = 128
 # chunk 64: deepseek-v2-lite T=1024 ([64, 128]) 7.4 us vs 9.0 with the scan, mixtral-8x7b ([16, 32]) 5.3 vs 6.6,
 # qwen3-30b-a3b ([128, 128]) 9.8 vs 10.0; over the limit it loses (qwen3 T=4096, [128, 256] at chunk 128: 33.5 us
 # vs 16.9). Those were the one-hot scatter's; with the sort, [128, 64] fused won (qwen3 T=1024, chunk 128: 7.6 us vs
-# 8.5) and [128, 128] is not timed yet, so the limit is 8192 (was 16384).
-FUSED_SCAN_MAX_ENTRIES = 8192
+# 8.5), and at T=4096 (session 25, chunk 256) [128, 128] fused 8.4 us vs 9.0 (qwen3) and [64, 96] 7.3 vs 8.7
+# (deepseek-v2-lite), while [128, 256] (chunk 128) still loses (23.3 vs 9.5).
+FUSED_SCAN_MAX_ENTRIES = 16384
 # Elements of ``zeros`` one store of the scatter kernel covers (8 of a 16-bit dtype a thread at 4 warps)
 ZERO_BLOCK = 1024
 

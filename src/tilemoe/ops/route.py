@@ -116,18 +116,25 @@ def route_tokens(
     return _route_kernels(router_logit_parts(x, router_weight, router_bias), config, correction_bias)
 
 
-# Tokens a program of the flat routing kernel (one warp) for T tokens: (the largest T, tokens) in turn, then
-# ROUTE_TOKENS_LARGE.
-ROUTE_TOKENS_BY_T = ((2048, 1),)
-ROUTE_TOKENS_LARGE = 1
+# Tokens a program of the flat routing kernel (one warp): one up to ROUTE_TOKENS_MIN_T - 1 tokens, then
+# ROUTE_PICKS_A_PROGRAM // top_k (1 to ROUTE_TOKENS_MOST). Measured on an H100 (bench/route_program_probe.py, CUDA
+# graphs in turn, session 25; 1 / 2 / 4 / 8 tokens a program): qwen3-30b-a3b (K = 8) best at one at T = 1024, 4096 and
+# 16384 (13.0 us at 16384, 13.2 at two); gpt-oss-120b (K = 4) T=16384 11.7 -> 8.0 us at two (8.5 at four);
+# mixtral-8x7b (K = 2) T=16384 11.4 -> 6.0 us at four (7.2 at two, 6.9 at eight). Grids of 4096 programs or fewer
+# were not timed for K < 8, so they keep one. ROUTE_TOKENS_FORCED (a development tool's override): that many always.
+ROUTE_TOKENS_MIN_T = 4097
+ROUTE_PICKS_A_PROGRAM = 8
+ROUTE_TOKENS_MOST = 4
+ROUTE_TOKENS_FORCED: int | None = None
 
 
-def route_tokens_per_program(num_tokens: int) -> int:
-    """Tokens each program of the flat routing kernel routes, for T = ``num_tokens`` (ROUTE_TOKENS_BY_T)."""
-    for most_tokens, tokens in ROUTE_TOKENS_BY_T:
-        if num_tokens <= most_tokens:
-            return tokens
-    return ROUTE_TOKENS_LARGE
+def route_tokens_per_program(num_tokens: int, top_k: int) -> int:
+    """Tokens each program of the flat routing kernel routes, for T = ``num_tokens`` and K = ``top_k``."""
+    if ROUTE_TOKENS_FORCED is not None:
+        return ROUTE_TOKENS_FORCED
+    if num_tokens < ROUTE_TOKENS_MIN_T:
+        return 1
+    return max(1, min(ROUTE_TOKENS_MOST, ROUTE_PICKS_A_PROGRAM // top_k))
 
 
 def _pow2(n: int, least: int) -> int:
@@ -156,7 +163,7 @@ def _route_op(
     weights, ids = _empty_outputs(logits, top_k)
     if num_tokens == 0:
         return weights, ids
-    tokens = route_tokens_per_program(num_tokens)
+    tokens = route_tokens_per_program(num_tokens, top_k)
     _route_kernel[((num_tokens + tokens - 1) // tokens,)](
         **pdl_options(logits.device),
         num_tokens=num_tokens,
