@@ -368,8 +368,9 @@ def test_route_tokens_off_its_path_is_route_fast_of_the_router(generator):
 
 def _clear_tokens(choice, top_k, n_group, topk_group, gap):
     """Tokens whose float64 choice scores [T, E] pick their experts by a margin of ``gap`` at least: the groups' top-2
-    sums around the topk_group-th (grouped routing), then the K + 1 best choices inside the chosen groups, each
-    ``gap`` apart (a near tie anywhere in the order may swap two ids)."""
+    sums (sigmoid_grouped_topk's group score, the grouped routing these tests take) around the topk_group-th, then
+    the K + 1 best choices inside the chosen groups, each ``gap`` apart (a near tie anywhere in the order may swap
+    two ids)."""
     num_tokens, experts = choice.shape
     clear = torch.ones(num_tokens, dtype=torch.bool)
     if n_group > 1:
@@ -403,7 +404,8 @@ def test_route_tokens_on_the_router_parts(routing, experts, top_k, n_group, topk
     """route_tokens through router_logit_parts (forced on the CPU: the interpreter, float16) against the float64
     router and routing: the same ids, the weights to float32 rounding, on every token whose choices are clear
     (``_clear_tokens``: float32 sums in another order may swap closer ones; fresh inputs each run failed about 1 in
-    100 before on the CPU, and on an H100 where two groups nearly tied), which must be nearly all of them."""
+    100 before on the CPU, and once on an H100 with the grouped case while only the K + 1 best choices overall were
+    checked, blind to near ties of two groups or inside the chosen groups), which must be nearly all of them."""
     from tilemoe.ops.route import route_tokens
     from tilemoe.routing import router_logits
 
