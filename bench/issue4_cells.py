@@ -1,11 +1,15 @@
 """Issue 4's scorecard from `tilemoe bench` CSVs: one Markdown table per scenario, a cell per (T, model).
 
-    python3 bench/issue4_cells.py [DIR] [--before DIR]     DIR: bench/results by default
+    python3 bench/issue4_cells.py [DIR] [--before DIR] [--rates TFLOPS GBPS]     DIR: bench/results by default
 
 A cell: triton's % of the roofline by the mean (the issue's target), its speedup over torch_grouped_mm,
 d = triton_deterministic / triton, triton's % of the cuBLAS bmm ceiling, [the ceiling's own % of the roofline],
 and "met" when the target is reached and triton is no slower than torch_grouped_mm (and >= 1.3x where under 70%).
 ``--before DIR``: the same CSVs of an earlier run; each cell then adds triton's time against it (now / before).
+``--rates TFLOPS GBPS``: the % of the roofline (and the targets' verdicts) against a roofline of these rates instead of
+the run's own, from each row's ``flops`` and ``bytes``: the same kernels read ~5% apart on two H100s whose matmul
+bursts measured 757 and 796 TFLOP/s (runs 24 and 25), so two runs compare on one roofline. The issue's cells are the
+run's own (no ``--rates``).
 The count of met cells and the rules' other checks (imbalanced / random at T >= 1024) close the output.
 """
 
@@ -37,6 +41,20 @@ def load(directory: Path) -> dict[tuple[str, str, int, str], dict]:
         for row in csv.DictReader(path.open()):
             rows[model, row["scenario"], int(row["num_tokens"]), row["implementation"]] = row
     return rows
+
+
+def at_rates(rows: dict, tflops: float, gbps: float) -> dict:
+    """``rows`` with pct_roofline and roofline_ms recomputed for a roofline of ``tflops`` and ``gbps``: max(flops /
+    matmul rate, bytes / copy rate), as the bench computes it with its measured rates."""
+    rescaled = {}
+    for key, row in rows.items():
+        row = dict(row)
+        if row.get("status") == "OK" and row.get("flops") and row.get("bytes"):
+            roofline_ms = 1e3 * max(float(row["flops"]) / (tflops * 1e12), float(row["bytes"]) / (gbps * 1e9))
+            row["roofline_ms"] = f"{roofline_ms:.6g}"
+            row["pct_roofline"] = f"{100 * roofline_ms / float(row['latency_mean_ms']):.6g}"
+        rescaled[key] = row
+    return rescaled
 
 
 def cell(rows: dict, model: str, scenario: str, tokens: int, before: dict | None) -> tuple[str, bool] | None:
@@ -92,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", nargs="?", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--before", default=None, help="an earlier run's directory: adds now / before times")
+    parser.add_argument("--rates", nargs=2, type=float, metavar=("TFLOPS", "GBPS"), default=None,
+                        help="a roofline of these matmul / copy rates instead of the run's own")  # fmt: skip
     args = parser.parse_args(argv)
     rows = load(Path(args.directory))
     if not rows:
         parser.error(f"no h100-triton-<model>.csv in {args.directory}")
+    if args.rates:
+        rows = at_rates(rows, *args.rates)
     print(report(rows, load(Path(args.before)) if args.before else None))
     return 0
 

@@ -67,3 +67,22 @@ def test_the_committed_run_reads():
     assert report.count(" | ") >= 14 * 4 and " - |" not in report
     assert report.count("% [") == 56  # every cell's ceiling
     assert "/28 met" in report
+
+
+def test_the_committed_run_at_its_own_rates_is_unchanged():
+    # the run's own rates (its Markdown header) give back its pct_roofline to the CSV's rounding; a matmul rate 5%
+    # lower lifts a compute-bound point's % by 5%, a memory-bound one's not at all
+    rows = cells.load(ROOT / "bench" / "results")
+    header = (ROOT / "bench" / "results" / "h100-triton-qwen3-30b-a3b.md").read_text()
+    rates = header.split("**roofline**: copy ")[1].split(" TFLOP/s")[0]  # "3008.6 GB/s, matmul 796.42"
+    gbps, tflops = float(rates.split(" GB/s")[0]), float(rates.split("matmul ")[1])
+    same = cells.at_rates(rows, tflops, gbps)
+    for key, row in rows.items():
+        if key[0] == "qwen3-30b-a3b" and row["status"] == "OK":
+            pct = float(row["pct_roofline"])
+            assert abs(float(same[key]["pct_roofline"]) - pct) < 1e-3 * pct, key
+    slower = cells.at_rates(rows, tflops / 1.05, gbps)
+    compute = ("qwen3-30b-a3b", "random", 16384, "triton")  # compute-bound
+    memory = ("qwen3-30b-a3b", "random", 8, "triton")  # weight-bound
+    assert abs(float(slower[compute]["pct_roofline"]) / float(same[compute]["pct_roofline"]) - 1.05) < 1e-3
+    assert float(slower[memory]["pct_roofline"]) == float(same[memory]["pct_roofline"])
