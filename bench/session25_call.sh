@@ -8,11 +8,16 @@
 #                                        scatter's 33-44 us hid the zeros; the sorted one takes ~7-15 us), alone and with
 #                                        gemm1_clears_out (the zeros under a Triton GEMM 1's loads instead), random +
 #                                        imbalanced, the table under $OUT
+#   bash bench/session25_call.sh ab256   mixtral-8x7b T=256 (met in run 21 at 0.983 ms, 1.024-1.035 ms since): HEAD
+#                                        against run 21's tree (c2a39e4) and HEAD with run 21's H100 table, in turn
+#                                        (bench/ab_probe.py, kernel times); first, here: bash bench/ab_tree.sh r21 c2a39e4
+#                                        && bash bench/ab_tree.sh r21table c2a39e4
+#                                        src/tilemoe/tuning_tables/nvidia_h100_80gb_hbm3.json; carry ["bench/.trees"]
 set -uo pipefail
 OUT=${OUT:-/tmp/tilemoe-out}
 mkdir -p "$OUT"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-echo "== session25 ${1:?step: auto, align or zeros} on ${gpu:-no GPU}"
+echo "== session25 ${1:?step: auto, align, zeros or ab256} on ${gpu:-no GPU}"
 case $1 in
 auto)
   case $gpu in
@@ -22,13 +27,19 @@ auto)
   esac
   ;;
 align) bash bench/session24_call.sh align ;;
+ab256)
+  export PYTHONPATH=$PWD/src TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+  timeout -k 5 "${T_AB:-240}" python3 bench/ab_probe.py --trees main=src r21=bench/.trees/r21/src \
+    r21table=bench/.trees/r21table/src --points mixtral-8x7b:256 mixtral-8x7b:64 --rounds "${ROUNDS:-5}" \
+    --timeout 120 2>&1 | tail -n 20
+  ;;
 zeros)
   TUNE_TAG=zeros BUDGET=${BUDGET:-150} bash bench/gpu_tune.sh --model qwen3-30b-a3b deepseek-v2-lite gpt-oss-120b \
     mixtral-8x7b --num-tokens 1024 4096 16384 --scenarios random imbalanced \
     --variants align_clears_out=0 align_clears_out=0,gemm1_clears_out=1 2>&1 | tail -n 12
   ;;
 *)
-  echo "session25_call.sh: unknown step $1 (auto, align or zeros)"
+  echo "session25_call.sh: unknown step $1 (auto, align, zeros or ab256)"
   exit 2
   ;;
 esac
