@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Session 25's device calls (results under $OUT). Machines came rarely (session 24: 2 of 13 calls ran), so a call
-# names nvidia-h200, which takes whichever GPU comes, and this script picks the work by the GPU it finds:
+# Session 25's device calls (results under $OUT). Machines come rarely (session 24: 2 of 13 calls ran; session 25: 3
+# of 11), and a call naming nvidia-h200 takes whichever GPU comes (but costs 180 s where none starts, against 90 for
+# nvidia-h100-x1), so `auto` picks the work by the GPU it finds:
 #   bash bench/session25_call.sh auto    on an H100: run 25's half named by TRITON_MODELS (session24_call.sh bench);
 #                                        on an H200: the H200 table's first Gluon entries (session21_call.sh h200)
 #   bash bench/session25_call.sh align   session24_call.sh align (the sorted align's GPU tests and three probes)

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
         us = graph_us_in_turn(graphs, args.rounds)
         used = int(align.num_padded)
         same = torch.equal(outs[0][:used], outs[1][:used])
-        print(f"## {point} (x {x.numel() * 2 / 1e6:.0f} MB, {used} rows): row by row {us[0]:.1f} us, token by token "
+        mb = x.numel() * x.element_size() / 1e6
+        print(f"## {point} (x {mb:.0f} MB, {used} rows): row by row {us[0]:.1f} us, token by token "
               f"{us[1]:.1f} us ({us[1] / us[0]:.3f}x), {'equal' if same else 'DIFFERENT'}")  # fmt: skip
     return 0
 
