@@ -417,12 +417,12 @@ def test_route_tokens_on_the_router_parts(routing, experts, top_k, n_group, topk
     router_bias = torch.randn(experts, generator=generator).to(DEVICE) * 0.1
     correction_bias = torch.randn(experts, generator=generator) * 0.01 if n_group > 1 else None
     weights, ids = route_tokens(x, w, config, router_bias=router_bias, correction_bias=correction_bias)
-    logits = router_logits(x.double(), w.double(), router_bias.double())
+    logits = router_logits(x.double(), w.double(), router_bias.double()).cpu()  # correction_bias is on the CPU
     ref_w, ref_i = route(logits, config, correction_bias=None if correction_bias is None else correction_bias.double())
     choice = logits.softmax(-1) if routing.startswith("softmax") else logits.sigmoid()
     if correction_bias is not None:
         choice = choice + correction_bias.double()
-    clear = _clear_tokens(choice.cpu(), top_k, n_group, topk_group, gap=1e-5)
+    clear = _clear_tokens(choice, top_k, n_group, topk_group, gap=1e-5)
     assert int(clear.sum()) >= 0.9 * tokens
     assert torch.equal(ids.cpu().long()[clear], ref_i.cpu().long()[clear])
     torch.testing.assert_close(weights.cpu().double()[clear], ref_w.cpu().double()[clear], rtol=1e-4, atol=1e-5)
