@@ -305,6 +305,20 @@ def test_rematch_times_the_heuristic_and_the_config_in_use_again():
     assert len(tune.rematch_candidates(point)) == 4
 
 
+def test_rematch_winner_keeps_the_config_in_use_within_the_noise():
+    fast, in_use, other = KernelConfig(block_m=64), KernelConfig(block_m=128), KernelConfig(block_m=32)
+    gain = tune.REPLACE_MIN_GAIN
+    # the config in use within the margin of the fastest: kept, with its own time
+    assert tune.rematch_winner([(fast, 1.0), (in_use, 1.0 + gain / 2), (other, 2.0)], in_use) == (in_use, 1 + gain / 2)
+    # past the margin: the fastest replaces it
+    assert tune.rematch_winner([(fast, 1.0), (in_use, 1.0 + 2 * gain)], in_use) == (fast, 1.0)
+    # no config in use, or one not in the rematch: the fastest
+    assert tune.rematch_winner([(other, 1.5), (fast, 1.0)], None) == (fast, 1.0)
+    assert tune.rematch_winner([(other, 1.5), (fast, 1.0)], in_use) == (fast, 1.0)
+    # the config in use the fastest: itself
+    assert tune.rematch_winner([(fast, 1.0), (in_use, 0.9)], in_use) == (in_use, 0.9)
+
+
 def test_search_point_keeps_best_and_errors():
     clock = _Clock()
     (point,) = _points(1, 4)
