@@ -60,7 +60,8 @@ def _check_near_tie_row(logits, config, correction_bias, ids, weights, tol=1e-5)
     than topk_group, no expert it passed over in those groups (or in any group clearly better than that line)
     outranks the ones it took by more than ``tol``, and its weights are those of its own ids."""
     scores = torch.sigmoid(logits.double()) if config.routing.startswith("sigmoid") else logits.double().softmax(-1)
-    choice = scores + (correction_bias.double() if correction_bias is not None else 0.0)
+    # the bias where the row is (the CPU): a GPU test's bias on the GPU raised a device mismatch here (session 26)
+    choice = scores + (correction_bias.to(scores.device, torch.float64) if correction_bias is not None else 0.0)
     grouped = choice.view(config.n_group, -1)
     if config.routing == "sigmoid_grouped_topk":
         group_scores = grouped.topk(min(2, grouped.shape[1]), dim=-1).values.sum(-1)
