@@ -492,6 +492,33 @@ def test_a_candidate_triton_lowered_is_written_as_it_ran(monkeypatch):
     assert "[ran as num_stages1=3, num_stages2=2]" in line and "[the config in use: kept]" in line
 
 
+def test_tune_group_gives_the_rematch_its_rest(monkeypatch):
+    """tune_group(rematch_rest=R) reaches each point's measure (the rematch itself runs on a GPU only)."""
+    small = [KernelConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16)]
+    monkeypatch.setattr(tune, "CANDIDATES", small)
+    monkeypatch.setattr(tune, "DECODE_CANDIDATES", [])
+    measures = []
+
+    class Recording(tune._Measure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            measures.append(self)
+
+    monkeypatch.setattr(tune, "_Measure", Recording)
+    config = _config(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
+    points = tune.plan_points(tune.group_shapes(["tiny"], {"tiny": config}), [12], torch.float32)
+    tune.tune_group(points, torch.float32, tune.Budget(None), 1, log=lambda *a: None, device="cpu",
+                    timer=lambda fn, t: 1e-3, rematch_rest=3.0)  # fmt: skip
+    assert [m.rematch_rest for m in measures] == [3.0]
+
+
+def test_rematch_rest_option(capsys):
+    argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "1024", "--dry-run"]
+    assert main([*argv, "--rematch-rest", "3"]) == 0
+    assert main([*argv, "--rematch-rest", "-0.5"]) == 2
+    assert "--rematch-rest: expected >= 0, got -0.5" in capsys.readouterr().err
+
+
 def test_scenarios_option(capsys):
     argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "256", "--dry-run"]
     assert main([*argv, "--scenarios", "random", "imbalanced"]) == 0

@@ -2,6 +2,7 @@
 
     tilemoe tune --model all | NAME... [--models-from FILE] [--num-tokens 1 8 ... 16384] [--dtype bf16]
                  [--write | --out FILE] [--budget-s S] [--workers N] [--dry-run] [--variants FIELD=VALUE[,...] ...]
+                 [--scenarios random imbalanced] [--rematch-rest R]
 
 1. Plan: the models' MoE layers grouped by what the kernels see (E, K, H, I, activation, gated, bias,
    weights on input): each shape is tuned once and its table key (``tilemoe.tuning.shape_key``) serves every
@@ -678,11 +679,12 @@ class _Measure:
 
     def __init__(
         self, cases: list[list], kwargs: dict, num_tokens: int, dtype: torch.dtype, misses: list[int], timer,
-        ran_as: dict | None = None,
+        ran_as: dict | None = None, rematch_rest: float = 0.0,
     ):  # fmt: skip
         self.cases, self.kwargs, self.num_tokens, self.dtype = cases, kwargs, num_tokens, dtype
         self.misses, self.timer = misses, timer
         self.ran_as = {} if ran_as is None else ran_as  # (TunePoint.ran_as)
+        self.rematch_rest = rematch_rest  # idle time over replay time in the rematch (``--rematch-rest``)
 
     @property
     def args(self) -> tuple:  # the first routing's arguments
@@ -736,7 +738,7 @@ class _Measure:
                 graphs.append((graph, calls))
         per_round = sum(seconds * graph_calls(seconds / len(self.cases)) for _, seconds in top)
         rounds = max(3, min(15, int(REMATCH_SECONDS / per_round)))
-        us = graph_us_in_turn(graphs, rounds)
+        us = graph_us_in_turn(graphs, rounds, rest=self.rematch_rest)
         n = len(self.cases)
         point.rematch = [(cfg, sum(us[i * n : (i + 1) * n]) * 1e-6) for i, (cfg, _) in enumerate(top)]
         point.best, point.best_s = rematch_winner(point.rematch, point.in_use)
@@ -786,7 +788,7 @@ def search_points(points: list[TunePoint], measure_for, budget: Budget, points_l
 
 def tune_group(
     points: list[TunePoint], dtype: torch.dtype, budget: Budget, points_left: int, log=print, device="cuda",
-    timer=time_call, scenarios: tuple[str, ...] = ("random",),
+    timer=time_call, scenarios: tuple[str, ...] = ("random",), rematch_rest: float = 0.0,
 ) -> int:  # fmt: skip
     """Time the points of one shape group (weights built once), ``points_left`` points to go in all.
     ``timer(fn, num_tokens) -> seconds``; ``device``: "cuda" (tests: "cpu" in the interpreter, with a wall-clock
@@ -811,7 +813,7 @@ def tune_group(
             args = (x, w13, w2, tw.float().contiguous(), ti.to(torch.int32).contiguous())
             ref = fused_experts_torch(*args, **kwargs).float() if t <= REFERENCE_MAX_TOKENS else None
             cases.append([args, ref])
-        return _Measure(cases, kwargs, t, dtype, misses, timer, point.ran_as)
+        return _Measure(cases, kwargs, t, dtype, misses, timer, point.ran_as, rematch_rest)
 
     search_points(points, measure_for, budget, points_left, log)
     return misses[0]
@@ -936,6 +938,13 @@ def add_parser(subparsers) -> None:
         help="routings whose times are summed into each candidate's time (imbalanced: factor 3.0, as the bench's "
         "issue-4 runs); default random",
     )  # fmt: skip
+    parser.add_argument(
+        "--rematch-rest", type=float, default=0.0, metavar="R",
+        help="in the rematch, leave the GPU idle R times each replay's length after it (duty cycle 1 / (1 + R)); "
+        "0, the default, replays back to back. Why: at mixtral-8x7b T=1024 the rematch, back to back, timed the "
+        "128-row entry 7%% over the bench's layer time, and a 64-row config that lost 9%% in the bench won there "
+        "(session 26); the bench runs each implementation in chunks between the others'",
+    )  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -1039,6 +1048,8 @@ def run(args) -> int:
     budget = Budget(args.budget_s)
     dtype = DTYPES[args.dtype]
     try:
+        if not args.rematch_rest >= 0:  # also NaN
+            raise ValueError(f"--rematch-rest: expected >= 0, got {args.rematch_rest}")
         variants = [parse_variant(v) for v in args.variants or []]
         scenarios = tuple(dict.fromkeys(args.scenarios))
         models = resolve_models(args.model, args.models_from)
@@ -1084,7 +1095,7 @@ def run(args) -> int:
     left = len(points)
     for group_points in by_group.values():
         try:
-            misses += tune_group(group_points, dtype, budget, left, scenarios=scenarios)
+            misses += tune_group(group_points, dtype, budget, left, scenarios=scenarios, rematch_rest=args.rematch_rest)
         except (RuntimeError, ValueError) as error:  # e.g. out of memory for the weights: the other shapes go on
             for p in group_points:
                 if p.status == "pending":

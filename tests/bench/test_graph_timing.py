@@ -51,3 +51,24 @@ def test_timer_graph_calls_cycle_the_inputs_and_divide_the_time():
     assert 0.5 < per_call_four / per_call_one < 1.2  # per call, not per replay
     with pytest.raises(ValueError, match="graph_calls"):
         Timer(bump, counters, device="cuda", cuda_graph=True, graph_calls=0)
+
+
+def test_graph_us_in_turn_refuses_a_negative_rest():
+    with pytest.raises(ValueError, match=r"rest: expected >= 0 \(idle time over replay time\), got -1"):
+        graph_us_in_turn([], rounds=1, rest=-1.0)
+
+
+@pytest.mark.gpu
+def test_graph_us_in_turn_rests_after_each_replay_in_proportion():
+    """rest=2: after each replay the GPU idles twice the replay's time (the tuner's ``--rematch-rest``)."""
+
+    def long_call():
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time
+
+    graph, _ = capture_graph(long_call, calls=1, warmup=1)
+    naps = []
+    times = graph_us_in_turn([(graph, 1), (graph, 1)], rounds=3, rest=2.0, sleep=naps.append)
+    assert len(naps) == 6  # 3 rounds x 2 graphs
+    for nap in naps:
+        assert 1.2 * min(times) * 1e-6 < nap < 2.8 * max(times) * 1e-6
+    assert graph_us_in_turn([(graph, 1)], rounds=2, sleep=naps.append) and len(naps) == 6  # rest 0: no sleep

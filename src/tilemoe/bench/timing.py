@@ -220,9 +220,16 @@ def capture_graph(fn: Callable[[], Any], calls: int = 1, warmup: int = 2) -> tup
     return graph, out
 
 
-def graph_us_in_turn(graphs: Sequence[tuple[torch.cuda.CUDAGraph, int]], rounds: int) -> list[float]:
+def graph_us_in_turn(
+    graphs: Sequence[tuple[torch.cuda.CUDAGraph, int]], rounds: int, rest: float = 0.0, sleep=time.sleep
+) -> list[float]:
     """Median microseconds per call of each (graph, calls it holds), replaying the graphs in turn, one replay each
-    per round, so that a drifting clock hits all of them alike."""
+    per round, so that a drifting clock hits all of them alike. ``rest`` > 0 leaves the GPU idle ``rest`` times each
+    replay's length after it (``sleep``), so the replays run at a duty cycle of 1 / (1 + rest) instead of back to
+    back, closer to the bench, where one implementation's chunk runs between the others' (on an H100 the power cap
+    slows a sustained compute-bound kernel more than one that runs in bursts)."""
+    if rest < 0:
+        raise ValueError(f"rest: expected >= 0 (idle time over replay time), got {rest}")
     times: list[list[float]] = [[] for _ in graphs]
     for _ in range(rounds):
         for i, (graph, calls) in enumerate(graphs):
@@ -231,5 +238,8 @@ def graph_us_in_turn(graphs: Sequence[tuple[torch.cuda.CUDAGraph, int]], rounds:
             graph.replay()
             stop.record()
             torch.cuda.synchronize()
-            times[i].append(start.elapsed_time(stop) * 1e3 / calls)
+            elapsed_ms = start.elapsed_time(stop)
+            times[i].append(elapsed_ms * 1e3 / calls)
+            if rest:
+                sleep(rest * elapsed_ms * 1e-3)
     return [statistics.median(ts) for ts in times]
