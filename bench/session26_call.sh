@@ -6,7 +6,10 @@
 #                                      warpgroup, with 4 or 5 stages, or two in ping-pong), random + imbalanced, the
 #                                      winner written to the table the call then benches (`tilemoe bench` at T = 1024 /
 #                                      4096, triton beside torch_grouped_mm); the table and the CSVs under $OUT
-# Ran once (session 26, bench/results/session26-run26.md): the 64-row tiles lost; the table was not taken.
+#   bash bench/session26_call.sh rest  the tuner's rematch at mixtral T=1024 / qwen3 T=4096 back to back and with
+#                                      --rematch-rest 4 (not yet run): does resting bring the 128-row entry's time
+#                                      toward the bench's (bench/NOTES.md, after session 26)?
+# m64 ran once (session 26, bench/results/session26-run26.md): the 64-row tiles lost; the table was not taken.
 # Why 64 rows: at mixtral T=1024 a random routing gives each expert 241-272 rows, so 128-row tiles pad to 320 an expert
 # on average (25% of the rows are padding; imbalanced: 182-row experts, also 25%); 64-row tiles pad to 288 (12.5%) and
 # 3%. A one-warpgroup m64n256 wgmma reads shared memory per MAC as the 128-row tile's two warpgroups do; what it costs
@@ -17,7 +20,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 start=$(date +%s)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-echo "== session26 ${1:?step: m64} on ${gpu:-no GPU}"
+echo "== session26 ${1:?step: m64 or rest} on ${gpu:-no GPU}"
 case $1 in
 m64)
   timeout -k 5 "${T_TESTS:-90}" python3 -m pytest -q -n 12 -p no:cacheprovider -p no:warnings -rf \
@@ -35,8 +38,20 @@ m64)
     grep -E "^\| triton|^## " "$OUT/m64-$model.md"
   done
   ;;
+rest)
+  # the tuner's rematch back to back (as it ran in call 5) and resting 4x each replay: mixtral T=1024 with the 64-row
+  # config that won there and lost in the bench, qwen3 T=4096; tables to $OUT (the package's is left as it is)
+  for rest in 0 4; do
+    timeout -k 5 200 python3 -m tilemoe tune --model mixtral-8x7b qwen3-30b-a3b --num-tokens 1024 4096 \
+      --scenarios random imbalanced --variants block_m=64,num_warps1=4,num_stages1=5 --rematch-rest $rest \
+      --out "$OUT/rest-$rest.json" --budget-s 150 >"$OUT/tune-rest-$rest.log" 2>&1
+    echo "== --rematch-rest $rest: $(($(date +%s) - start)) s"
+    grep -E "^variants|in turn" "$OUT/tune-rest-$rest.log" |
+      sed -E 's/KernelConfig\((block_m=[0-9]+).*(num_stages1=[0-9]+).*/\1 \2/'
+  done
+  ;;
 *)
-  echo "session26_call.sh: unknown step $1 (m64)"
+  echo "session26_call.sh: unknown step $1 (m64 or rest)"
   exit 2
   ;;
 esac
