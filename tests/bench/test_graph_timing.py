@@ -56,6 +56,8 @@ def test_timer_graph_calls_cycle_the_inputs_and_divide_the_time():
 def test_graph_us_in_turn_refuses_a_negative_rest():
     with pytest.raises(ValueError, match=r"rest: expected >= 0 \(idle time over replay time\), got -1"):
         graph_us_in_turn([], rounds=1, rest=-1.0)
+    with pytest.raises(ValueError, match="got nan"):
+        graph_us_in_turn([], rounds=1, rest=float("nan"))
 
 
 @pytest.mark.gpu

@@ -228,7 +228,7 @@ def graph_us_in_turn(
     replay's length after it (``sleep``), so the replays run at a duty cycle of 1 / (1 + rest) instead of back to
     back, closer to the bench, where one implementation's chunk runs between the others' (on an H100 the power cap
     slows a sustained compute-bound kernel more than one that runs in bursts)."""
-    if rest < 0:
+    if not rest >= 0:  # also NaN
         raise ValueError(f"rest: expected >= 0 (idle time over replay time), got {rest}")
     times: list[list[float]] = [[] for _ in graphs]
     for _ in range(rounds):
