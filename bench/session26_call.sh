@@ -9,6 +9,7 @@
 #   bash bench/session26_call.sh rest  the tuner's rematch at mixtral T=1024 / qwen3 T=4096 back to back and with
 #                                      --rematch-rest 4 (not yet run): does resting bring the 128-row entry's time
 #                                      toward the bench's (bench/NOTES.md, after session 26)?
+#   bash bench/session26_call.sh ops   all of tests/ops on the GPU, CPU tests included (not yet run)
 # m64 ran once (session 26, bench/results/session26-run26.md): the 64-row tiles lost; the table was not taken.
 # Why 64 rows: at mixtral T=1024 a random routing gives each expert 241-272 rows, so 128-row tiles pad to 320 an expert
 # on average (25% of the rows are padding; imbalanced: 182-row experts, also 25%); 64-row tiles pad to 288 (12.5%) and
@@ -20,7 +21,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 start=$(date +%s)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-echo "== session26 ${1:?step: m64 or rest} on ${gpu:-no GPU}"
+echo "== session26 ${1:?step: m64, rest or ops} on ${gpu:-no GPU}"
 case $1 in
 m64)
   timeout -k 5 "${T_TESTS:-90}" python3 -m pytest -q -n 12 -p no:cacheprovider -p no:warnings -rf \
@@ -50,8 +51,14 @@ rest)
       sed -E 's/KernelConfig\((block_m=[0-9]+).*(num_stages1=[0-9]+).*/\1 \2/'
   done
   ;;
+ops)
+  # every test under tests/ops on the GPU, the CPU tests included: those that place their tensors on DEVICE run on
+  # the GPU only this way (-m gpu skips them), and both device mixes of session 26 hid there
+  timeout -k 5 "${T_TESTS:-420}" python3 -m pytest -q -n 12 -p no:cacheprovider -p no:warnings -rf tests/ops 2>&1 |
+    tail -n 15
+  ;;
 *)
-  echo "session26_call.sh: unknown step $1 (m64 or rest)"
+  echo "session26_call.sh: unknown step $1 (m64, rest or ops)"
   exit 2
   ;;
 esac
