@@ -10,6 +10,7 @@ import json
 import math
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,9 +18,37 @@ import torch
 
 from tilemoe.bench.runner import COLUMNS
 
+GPU_STATE_QUERY = "power.limit,clocks.max.sm,clocks.sm,temperature.gpu,power.draw"
+
+
+def gpu_state(device: torch.device, run=subprocess.run) -> str | None:
+    """The GPU's power limit, SM clocks and temperature as ``nvidia-smi`` reads them now (before the timing), e.g.
+    "power limit 700 W, SM clock 1980 MHz max / 1755 now, 33 C, 71 W": two H100s ran the same kernels several % apart
+    (bench/NOTES.md, runs 25-26), and this is what a reader can compare. The GPU is picked by its UUID, so none is
+    named wrongly; None where there is no CUDA device, no UUID or no nvidia-smi, or the query fails."""
+    if device.type != "cuda":
+        return None
+    try:
+        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+        if uuid is None:
+            return None
+        uuid = str(uuid)
+        result = run(
+            ["nvidia-smi", f"--query-gpu={GPU_STATE_QUERY}", "--format=csv,noheader,nounits",
+             "-i", uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        limit, max_clock, clock, temperature, draw = (v.strip() for v in result.stdout.strip().split(","))
+        return (
+            f"power limit {float(limit):.0f} W, SM clock {max_clock} MHz max / {clock} now, {temperature} C, "
+            f"{float(draw):.0f} W"
+        )
+    except (OSError, ValueError, subprocess.SubprocessError, RuntimeError):
+        return None
+
 
 def environment(device: torch.device) -> dict:
-    """Device and software versions for the report header."""
+    """Device and software versions for the report header (and ``gpu state``, ``gpu_state``'s line, where known)."""
     try:
         import triton
 
@@ -30,8 +59,10 @@ def environment(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    state = gpu_state(device)
     return {
         "device": name,
+        **({"gpu state": state} if state else {}),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
