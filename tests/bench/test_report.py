@@ -57,3 +57,13 @@ def test_gpu_state_is_none_where_it_cannot_be_read(cuda_props):
 
 def test_environment_has_no_gpu_state_on_the_cpu():
     assert "gpu state" not in report.environment(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_gpu_state_on_the_gpu():
+    """On a GPU with nvidia-smi, the line is read (the UUID's form is what nvidia-smi takes)."""
+    import re
+
+    line = report.gpu_state(torch.device("cuda", torch.cuda.current_device()))
+    assert line is not None and re.fullmatch(r"power limit \d+ W, SM clock \d+ MHz max / \d+ now, \d+ C, \d+ W", line)
+    assert "gpu state" in report.environment(torch.device("cuda"))  # (its clocks and draw change between reads)
