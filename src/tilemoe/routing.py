@@ -29,19 +29,24 @@ def _renormalize(weights: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
-def _grouped_topk(
-    scores: torch.Tensor, choice_scores: torch.Tensor, config: MoEConfig, group_score: str
-) -> torch.Tensor:
-    """Pick top-k experts among the topk_group best groups. Returns int64 ids [T, K]."""
-    t, e = scores.shape
+def group_scores(choice_scores: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """What each expert group is worth to a grouped routing, from the (biased) choice scores [T, E]: [T, n_group].
+    sigmoid_grouped_topk (DeepSeek-V3): its two best scores summed; softmax_grouped_topk (DeepSeek-V2): its best."""
+    t, e = choice_scores.shape
     per_group = e // config.n_group
     grouped = choice_scores.view(t, config.n_group, per_group)
-    if group_score == "top2_sum":  # DeepSeek-V3: a group is worth its two best biased scores
-        group_scores = topk_stable(grouped, min(2, per_group))[0].sum(dim=-1)
-    else:  # DeepSeek-V2: a group is worth its best score
-        group_scores = grouped.max(dim=-1).values
-    _, group_ids = topk_stable(group_scores, config.topk_group)
-    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+    if config.routing == "sigmoid_grouped_topk":
+        return topk_stable(grouped, min(2, per_group))[0].sum(dim=-1)
+    return grouped.max(dim=-1).values
+
+
+def _grouped_topk(scores: torch.Tensor, choice_scores: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """Pick top-k experts among the topk_group best groups (``group_scores``). Returns int64 ids [T, K]."""
+    t, e = scores.shape
+    per_group = e // config.n_group
+    scores_of_groups = group_scores(choice_scores, config)
+    _, group_ids = topk_stable(scores_of_groups, config.topk_group)
+    group_mask = torch.zeros_like(scores_of_groups, dtype=torch.bool).scatter_(1, group_ids, True)
     expert_mask = group_mask.unsqueeze(-1).expand(t, config.n_group, per_group).reshape(t, e)
     masked = choice_scores.masked_fill(~expert_mask, float("-inf"))
     return topk_stable(masked, config.top_k)[1]
@@ -97,8 +102,7 @@ def route(
                     f"correction_bias: expected shape [{config.num_experts}], got {list(correction_bias.shape)}"
                 )
             choice = scores + correction_bias.to(device=scores.device, dtype=compute)
-        group_score = "top2_sum" if kind == "sigmoid_grouped_topk" else "max"
-        ids = _grouped_topk(scores, choice, config, group_score)
+        ids = _grouped_topk(scores, choice, config)
         weights = scores.gather(1, ids)
         if config.renormalize:
             weights = _renormalize(weights)

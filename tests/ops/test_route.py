@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tilemoe.ops.route as route_module
+import tilemoe.routing as routing_module
 from tilemoe.config import MoEConfig
 from tilemoe.hf_config import list_presets
 from tilemoe.ops.route import route_triton
@@ -63,10 +64,7 @@ def _check_near_tie_row(logits, config, correction_bias, ids, weights, tol=1e-5)
     # the bias where the row is (the CPU): a GPU test's bias on the GPU raised a device mismatch here (session 26)
     choice = scores + (correction_bias.to(scores.device, torch.float64) if correction_bias is not None else 0.0)
     grouped = choice.view(config.n_group, -1)
-    if config.routing == "sigmoid_grouped_topk":
-        group_scores = grouped.topk(min(2, grouped.shape[1]), dim=-1).values.sum(-1)
-    else:
-        group_scores = grouped.max(dim=-1).values
+    group_scores = routing_module.group_scores(choice[None], config)[0]
     line = group_scores.sort(descending=True).values[config.topk_group - 1]
     per_group = grouped.shape[1]
     taken_groups = set((ids.long() // per_group).tolist())
@@ -367,16 +365,16 @@ def test_route_tokens_off_its_path_is_route_fast_of_the_router(generator):
         route_tokens(x, w[:11], config)
 
 
-def _clear_tokens(choice, top_k, n_group, topk_group, gap):
-    """Tokens whose float64 choice scores [T, E] pick their experts by a margin of ``gap`` at least: the groups' top-2
-    sums (sigmoid_grouped_topk's group score, the grouped routing these tests take) around the topk_group-th, then
-    the K + 1 best choices inside the chosen groups, each ``gap`` apart (a near tie anywhere in the order may swap
-    two ids)."""
+def _clear_tokens(choice, config, gap):
+    """Tokens whose float64 choice scores [T, E] pick their experts by a margin of ``gap`` at least: for a grouped
+    routing the group scores (``tilemoe.routing.group_scores``) around the topk_group-th, then the K + 1 best choices
+    inside the chosen groups, each ``gap`` apart (a near tie anywhere in the order may swap two ids)."""
     num_tokens, experts = choice.shape
+    top_k, n_group, topk_group = config.top_k, config.n_group, config.topk_group
     clear = torch.ones(num_tokens, dtype=torch.bool)
     if n_group > 1:
         per_group = experts // n_group
-        group_scores = choice.view(num_tokens, n_group, per_group).topk(min(2, per_group), dim=-1).values.sum(-1)
+        group_scores = routing_module.group_scores(choice, config)
         best_groups = group_scores.topk(min(topk_group + 1, n_group), dim=-1)
         if topk_group < n_group:
             clear &= (best_groups.values[:, -2] - best_groups.values[:, -1]) >= gap
@@ -389,10 +387,12 @@ def _clear_tokens(choice, top_k, n_group, topk_group, gap):
 def test_clear_tokens_sees_a_near_tie_of_two_groups():
     """_clear_tokens drops a token whose third and fourth groups (of 4, 3 chosen) tie exactly, though its K + 1 best
     experts are far apart, and keeps the same token with the groups 1e-3 apart."""
+    config = MoEConfig(num_experts=8, top_k=2, hidden_size=8, intermediate_size=8, routing="sigmoid_grouped_topk",
+                       n_group=4, topk_group=3)  # fmt: skip
     choice = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.5, 0.3, 0.5, 0.3]], dtype=torch.float64)
-    assert not _clear_tokens(choice, 2, 4, 3, gap=1e-5).item()
+    assert not _clear_tokens(choice, config, gap=1e-5).item()
     choice[0, 6] += 1e-3
-    assert _clear_tokens(choice, 2, 4, 3, gap=1e-5).item()
+    assert _clear_tokens(choice, config, gap=1e-5).item()
 
 
 @pytest.mark.parametrize(
@@ -423,7 +423,7 @@ def test_route_tokens_on_the_router_parts(routing, experts, top_k, n_group, topk
     choice = logits.softmax(-1) if routing.startswith("softmax") else logits.sigmoid()
     if correction_bias is not None:
         choice = choice + correction_bias.double()
-    clear = _clear_tokens(choice, top_k, n_group, topk_group, gap=1e-5)
+    clear = _clear_tokens(choice, config, gap=1e-5)
     assert int(clear.sum()) >= 0.9 * tokens
     assert torch.equal(ids.cpu().long()[clear], ref_i.cpu().long()[clear])
     torch.testing.assert_close(weights.cpu().double()[clear], ref_w.cpu().double()[clear], rtol=1e-4, atol=1e-5)
