@@ -19,6 +19,8 @@ import argparse
 import csv
 from pathlib import Path
 
+from tilemoe.bench.metrics import roofline_seconds
+
 MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-120b", "mixtral-8x7b")
 TOKENS = (1, 8, 64, 256, 1024, 4096, 16384)
 SCENARIOS = ("random", "imbalanced")
@@ -44,13 +46,13 @@ def load(directory: Path) -> dict[tuple[str, str, int, str], dict]:
 
 
 def at_rates(rows: dict, tflops: float, gbps: float) -> dict:
-    """``rows`` with pct_roofline and roofline_ms recomputed for a roofline of ``tflops`` and ``gbps``: max(flops /
-    matmul rate, bytes / copy rate), as the bench computes it with its measured rates."""
+    """``rows`` with pct_roofline and roofline_ms recomputed for a roofline of ``tflops`` and ``gbps``, by the bench's
+    own ``roofline_seconds``."""
     rescaled = {}
     for key, row in rows.items():
         row = dict(row)
         if row.get("status") == "OK" and row.get("flops") and row.get("bytes"):
-            roofline_ms = 1e3 * max(float(row["flops"]) / (tflops * 1e12), float(row["bytes"]) / (gbps * 1e9))
+            roofline_ms = 1e3 * roofline_seconds(float(row["flops"]), float(row["bytes"]), tflops * 1e12, gbps * 1e9)
             row["roofline_ms"] = f"{roofline_ms:.6g}"
             row["pct_roofline"] = f"{100 * roofline_ms / float(row['latency_mean_ms']):.6g}"
         rescaled[key] = row
