@@ -155,9 +155,9 @@ class KernelConfig:
     HBM mostly idle, instead of by a fill kernel between the GEMMs; for the Gluon GEMM 1, which cannot take
     gemm1_clears_out, too. Why: that fill took 6.1 us at qwen3-30b-a3b T=4096, 21.1 at T=16384, 29.3 at gpt-oss-120b
     T=16384 and 45.5 at mixtral-8x7b T=16384 on an H100, at HBM's write rate (bench/NOTES.md, version 25).
-    ``tilemoe tune`` took it at 9 of the 12 T = 1024-16384 points of the four bench models (session 24), while the
-    align's one-hot scatter took 33-44 us at T=16384, long enough to hide the zeros; with the sorted scatter (~7-15 us)
-    they may show there again (``bench/session25_call.sh zeros`` re-tunes it).
+    ``tilemoe tune`` took it at 9 of the 12 T = 1024-16384 points of the four bench models (session 24). With the
+    sorted scatter (~7-15 us) it was timed again in turn (session 26, ``bench/results/session26-run26.md``): off
+    against on 0.996-1.002x at those entries but mixtral-8x7b T=16384 (a 134 MB output), where it saves 2.6%.
     ``per_slot_combine`` (the tiled GEMMs): GEMM 2 stores each slot's row and a second kernel sums a token's K rows, as
     ``deterministic=True`` asks, even where the atomic combine is allowed. Why: at mixtral-8x7b T=16384 on an H100
     ``triton_deterministic`` ran 0.981x / 0.978x of ``triton``'s time in run 24 and 0.984x / 0.986x (with col_group2=6)
