@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Session 27's device calls (results under $OUT; name nvidia-h100-x1, an H200 does for `check`):
+#   bash bench/session27_call.sh check  all of tests/ops on the GPU, CPU tests included (session26_call.sh ops), then
+#                                       the -m gpu tests of tests/bench/test_graph_timing.py and test_report.py
+#   bash bench/session27_call.sh rest   the duty-cycle test of bench/NOTES.md (after session 26), from both sides:
+#                                       the tuner's rematch back to back and with --rematch-rest 4 (session26_call.sh
+#                                       rest), then `tilemoe bench` of mixtral-8x7b T=1024 with `triton` alone and in
+#                                       turn with torch_grouped_mm and grouped. If the GPU's duty cycle sets the
+#                                       clock, `triton` alone runs slower than in turn, and the resting rematch
+#                                       times the 128-row entry nearer the bench's.
+set -uo pipefail
+OUT=${OUT:-/tmp/tilemoe-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+start=$(date +%s)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+echo "== session27 ${1:?step: check or rest} on ${gpu:-no GPU}"
+case $1 in
+check)
+  T_TESTS=${T_TESTS:-400} bash bench/session26_call.sh ops
+  timeout -k 5 120 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:warnings -rf tests/bench/test_graph_timing.py \
+    tests/bench/test_report.py 2>&1 | tail -n 6
+  ;;
+rest)
+  bash bench/session26_call.sh rest
+  for impls in "triton" "triton torch_grouped_mm grouped"; do
+    tag=$(echo "$impls" | tr ' ' '-')
+    timeout -k 5 "${T_BENCH:-120}" python3 -m tilemoe bench --model mixtral-8x7b --dtype bf16 --impl $impls \
+      --num-tokens 1024 --scenarios random imbalanced --imbalance-factor 3.0 --cuda-graph --graph-calls 10 --output-format all \
+      --output-file "$OUT/rest-bench-$tag" >/dev/null 2>&1
+    echo "== bench --impl $impls: $(($(date +%s) - start)) s"
+    grep -E "gpu state|^\| triton|^## " "$OUT/rest-bench-$tag.md"
+  done
+  ;;
+*)
+  echo "session27_call.sh: unknown step $1 (check or rest)"
+  exit 2
+  ;;
+esac
+echo "== session27 $1: $(($(date +%s) - start)) s"
