@@ -8,13 +8,17 @@
 #                                       turn with torch_grouped_mm and grouped. If the GPU's duty cycle sets the
 #                                       clock, `triton` alone runs slower than in turn, and the resting rematch
 #                                       times the 128-row entry nearer the bench's.
+#   bash bench/session27_call.sh h200   on an H200 only: the four bench models at T = 1024 / 4096 / 16384 re-tuned
+#                                       (random + imbalanced) with every candidate and the H100 table's entries, the
+#                                       Gluon ones included, which the H200 table has never had; merged into the H200
+#                                       table, which comes back under $OUT
 set -uo pipefail
 OUT=${OUT:-/tmp/tilemoe-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 start=$(date +%s)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-echo "== session27 ${1:?step: check or rest} on ${gpu:-no GPU}"
+echo "== session27 ${1:?step: check, rest or h200} on ${gpu:-no GPU}"
 case $1 in
 check)
   T_TESTS=${T_TESTS:-400} bash bench/session26_call.sh ops
@@ -32,8 +36,17 @@ rest)
     grep -E "gpu state|^\| triton|^## " "$OUT/rest-bench-$tag.md"
   done
   ;;
+h200)
+  if [[ $gpu != *H200* ]]; then
+    echo "session27_call.sh h200: this GPU is ${gpu:-none}, not an H200: nothing tuned"
+    exit 0
+  fi
+  TUNE_TAG=h200 BUDGET=${BUDGET:-420} bash bench/gpu_tune.sh --model qwen3-30b-a3b deepseek-v2-lite gpt-oss-120b \
+    mixtral-8x7b --num-tokens ${T_H200:-1024 4096 16384} --scenarios random imbalanced 2>&1 | tail -n 8
+  grep -E "^[a-z0-9./-]+ T=[0-9]+: " "$OUT/gpu_tune-h200.log" | sed -E "s/ KernelConfig\(.*\)( \[the config)/\1/" | head -n 24
+  ;;
 *)
-  echo "session27_call.sh: unknown step $1 (check or rest)"
+  echo "session27_call.sh: unknown step $1 (check, rest or h200)"
   exit 2
   ;;
 esac
