@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python3 bench/layer_probe.py [--points qwen3-30b-a3b:1024 deepseek-v2-lite:1024 ...]
 
-For each point (model:T, random routing): CUDA-graph replays, in turn, of
+For each point (model:T) and routing (``--scenarios``, random by default; imbalanced is the bench's factor 3.0):
+CUDA-graph replays, in turn, of
   * ``layer``   the bench's timed layer, built as the bench builds it (``tilemoe.bench.runner``'s
                 ``make_bench_weights`` and ``layer_inputs``: its steered router, so the routing kernel gives the
                 scenario's ids; ``layer_fn`` around the triton implementation),
@@ -33,7 +34,7 @@ from tilemoe.impls import get_impl
 
 @dataclasses.dataclass
 class BenchLayer:
-    """The bench's timed layer of one point (random routing, bf16, the triton implementation), as the bench builds it:
+    """The bench's timed layer of one point (one routing, bf16, the triton implementation), as the bench builds it:
     ``layer()`` runs it once; x steered so the routing kernel gives the scenario's ids ``ti`` (weights ``tw``)."""
 
     config: MoEConfig
@@ -45,25 +46,28 @@ class BenchLayer:
     layer: Callable[[], torch.Tensor]
 
 
-def bench_layer(name: str, tokens: int) -> BenchLayer:
-    """``BenchLayer`` of model ``name`` at ``tokens`` tokens on CUDA (shared by the probes that time the layer)."""
+def bench_layer(name: str, tokens: int, scenario: str = "random") -> BenchLayer:
+    """``BenchLayer`` of model ``name`` at ``tokens`` tokens under ``scenario``'s routing on CUDA (shared by the probes
+    that time the layer)."""
     config = MoEConfig.from_pretrained(name)
     device = torch.device("cuda")
-    s = BenchSettings(config=config, impls=["triton"], num_tokens=[tokens], scenarios=["random"], device=device,
+    s = BenchSettings(config=config, impls=["triton"], num_tokens=[tokens], scenarios=[scenario], device=device,
                       dtype=torch.bfloat16, model=name, timed_scope="layer")  # fmt: skip
     weights = make_bench_weights(s)  # the experts', then the bench's steered router
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, config.hidden_size, generator=gen).to(device, s.dtype)
-    tw, ti = make_routing_for("random", tokens, config, generator=gen, x=x, device=device)
+    tw, ti = make_routing_for(
+        scenario, tokens, config, generator=gen, x=x, device=device, imbalance_factor=s.imbalance_factor
+    )
     # x steered so the layer's routing gives the scenario's ids (checked), as the bench's layer scope runs it
-    ((x, _, ti),), tw, pass_through, _ = layer_inputs(s, "random", [x], tw, ti, weights)
+    ((x, _, ti),), tw, pass_through, _ = layer_inputs(s, scenario, [x], tw, ti, weights)
     impl = get_impl("triton")
     layer = layer_fn(impl.fn, weights, config, pass_through=pass_through, from_logits=impl.from_logits)
     return BenchLayer(config, weights, x, tw, ti, impl, lambda: layer((x, None, ti)))
 
 
-def probe(name: str, tokens: int, rounds: int) -> None:
-    b = bench_layer(name, tokens)
+def probe(name: str, tokens: int, rounds: int, scenario: str = "random") -> None:
+    b = bench_layer(name, tokens, scenario)
     config, weights, x, tw, ti, impl = b.config, b.weights, b.x, b.tw, b.ti, b.impl
     device = x.device
     router, bias = weights["router_weight"], weights["correction_bias"]
@@ -73,7 +77,7 @@ def probe(name: str, tokens: int, rounds: int) -> None:
         "experts": lambda: impl.fn(x, w13, w2, tw, ti, config=config, b13=b13, b2=b2),
         "router": lambda: route_fn(device)(layer_router_logits(x, router), config, correction_bias=bias),
     }
-    print(f"\n## {name} T={tokens} (E={config.num_experts}, K={config.top_k}), random routing")
+    print(f"\n## {name} T={tokens} (E={config.num_experts}, K={config.top_k}), {scenario} routing")
     for calls in (1, 10):
         graphs = [(capture_graph(fn, calls)[0], calls) for fn in parts.values()]
         us = graph_us_in_turn(graphs, rounds)
@@ -88,11 +92,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--points", nargs="+", default=["qwen3-30b-a3b:1024", "deepseek-v2-lite:1024"])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--scenarios", nargs="+", choices=["random", "imbalanced"], default=["random"])
     args = parser.parse_args(argv)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     for point in args.points:
         name, tokens = point.split(":")
-        probe(name, int(tokens), args.rounds)
+        for scenario in args.scenarios:
+            probe(name, int(tokens), args.rounds, scenario)
     return 0
 
 

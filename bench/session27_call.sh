@@ -8,6 +8,10 @@
 #                                       turn with torch_grouped_mm and grouped. If the GPU's duty cycle sets the
 #                                       clock, `triton` alone runs slower than in turn, and the resting rematch
 #                                       times the 128-row entry nearer the bench's.
+#   bash bench/session27_call.sh kernels  the layer's kernels under random and imbalanced routing at qwen3-30b-a3b and
+#                                       gpt-oss-120b T=16384 (bench/layer_probe.py --scenarios): at gpt-oss the padding
+#                                       (11% of GEMM rows random, 1.5% imbalanced, bench/padding_report.py) explains the
+#                                       routings' 11% apart; at qwen3 (6% against 1.5%) it leaves ~6% of the 11% unexplained
 #   bash bench/session27_call.sh h200   on an H200 only: the four bench models at T = 1024 / 4096 / 16384 re-tuned
 #                                       (random + imbalanced) with every candidate and the H100 table's entries, the
 #                                       Gluon ones included, which the H200 table has never had; merged into the H200
@@ -18,7 +22,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 start=$(date +%s)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-echo "== session27 ${1:?step: check, rest or h200} on ${gpu:-no GPU}"
+echo "== session27 ${1:?step: check, rest, kernels or h200} on ${gpu:-no GPU}"
 case $1 in
 check)
   T_TESTS=${T_TESTS:-400} bash bench/session26_call.sh ops
@@ -36,6 +40,10 @@ rest)
     grep -E "gpu state|^\| triton|^## " "$OUT/rest-bench-$tag.md"
   done
   ;;
+kernels)
+  timeout -k 5 "${T_PROBE:-300}" python3 bench/layer_probe.py --points qwen3-30b-a3b:16384 gpt-oss-120b:16384 \
+    --scenarios random imbalanced --rounds 5 2>&1 | tee "$OUT/layer_probe.txt" | grep -vE "^\s+[0-9.]+ +[^ ]*(fill|copy|Memset|distribution)" | head -n 60
+  ;;
 h200)
   if [[ $gpu != *H200* ]]; then
     echo "session27_call.sh h200: this GPU is ${gpu:-none}, not an H200: nothing tuned"
@@ -46,7 +54,7 @@ h200)
   grep -E "^[a-z0-9./-]+ T=[0-9]+: " "$OUT/gpu_tune-h200.log" | sed -E "s/ KernelConfig\(.*\)( \[the config)/\1/" | head -n 24
   ;;
 *)
-  echo "session27_call.sh: unknown step $1 (check, rest or h200)"
+  echo "session27_call.sh: unknown step $1 (check, rest, kernels or h200)"
   exit 2
   ;;
 esac
