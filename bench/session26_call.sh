@@ -15,12 +15,8 @@
 # on average (25% of the rows are padding; imbalanced: 182-row experts, also 25%); 64-row tiles pad to 288 (12.5%) and
 # 3%. A one-warpgroup m64n256 wgmma reads shared memory per MAC as the 128-row tile's two warpgroups do; what it costs
 # is the weights' L2 -> SM traffic, twice the 128-row tile's a row.
-set -uo pipefail
-OUT=${OUT:-/tmp/tilemoe-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
-start=$(date +%s)
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+# shellcheck source=bench/call_env.sh
+source bench/call_env.sh
 echo "== session26 ${1:?step: m64, rest or ops} on ${gpu:-no GPU}"
 case $1 in
 m64)

@@ -16,12 +16,8 @@
 #                                       (random + imbalanced) with every candidate and the H100 table's entries, the
 #                                       Gluon ones included, which the H200 table has never had; merged into the H200
 #                                       table, which comes back under $OUT
-set -uo pipefail
-OUT=${OUT:-/tmp/tilemoe-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
-start=$(date +%s)
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+# shellcheck source=bench/call_env.sh
+source bench/call_env.sh
 echo "== session27 ${1:?step: check, rest, kernels or h200} on ${gpu:-no GPU}"
 case $1 in
 check)
