@@ -29,6 +29,21 @@ def _renormalize(weights: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
+def choice_scores(
+    logits: torch.Tensor, config: MoEConfig, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, choice) [..., E] in logits' dtype and device. scores: the sigmoid of the logits for the sigmoid
+    routings, else their softmax (a grouped routing's weights); choice: scores + ``correction_bias`` (moved to the
+    scores' device and dtype), whose order picks the experts (only a grouped routing takes a bias; without one, choice
+    is scores). Raises ValueError: a bias not [E]."""
+    scores = torch.sigmoid(logits) if config.routing.startswith("sigmoid") else torch.softmax(logits, dim=-1)
+    if correction_bias is None:
+        return scores, scores
+    if correction_bias.shape != (config.num_experts,):
+        raise ValueError(f"correction_bias: expected shape [{config.num_experts}], got {list(correction_bias.shape)}")
+    return scores, scores + correction_bias.to(device=scores.device, dtype=scores.dtype)
+
+
 def group_scores(choice_scores: torch.Tensor, config: MoEConfig) -> torch.Tensor:
     """What each expert group is worth to a grouped routing, from the (biased) choice scores [T, E]: [T, n_group].
     sigmoid_grouped_topk (DeepSeek-V3): its two best scores summed; softmax_grouped_topk (DeepSeek-V2): its best."""
@@ -91,17 +106,7 @@ def route(
         values, ids = topk_stable(logits, k)
         weights = torch.sigmoid(values)
     elif kind in ("sigmoid_grouped_topk", "softmax_grouped_topk"):
-        if kind == "sigmoid_grouped_topk":
-            scores = torch.sigmoid(logits)
-        else:
-            scores = torch.softmax(logits, dim=-1)
-        choice = scores
-        if correction_bias is not None:
-            if correction_bias.shape != (config.num_experts,):
-                raise ValueError(
-                    f"correction_bias: expected shape [{config.num_experts}], got {list(correction_bias.shape)}"
-                )
-            choice = scores + correction_bias.to(device=scores.device, dtype=compute)
+        scores, choice = choice_scores(logits, config, correction_bias)
         ids = _grouped_topk(scores, choice, config)
         weights = scores.gather(1, ids)
         if config.renormalize:

@@ -60,9 +60,7 @@ def _check_near_tie_row(logits, config, correction_bias, ids, weights, tol=1e-5)
     every group the kernel took experts from is within ``tol`` of the topk_group-th best group, it took no more groups
     than topk_group, no expert it passed over in those groups (or in any group clearly better than that line)
     outranks the ones it took by more than ``tol``, and its weights are those of its own ids."""
-    scores = torch.sigmoid(logits.double()) if config.routing.startswith("sigmoid") else logits.double().softmax(-1)
-    # the bias where the row is (the CPU): a GPU test's bias on the GPU raised a device mismatch here (session 26)
-    choice = scores + (correction_bias.to(scores.device, torch.float64) if correction_bias is not None else 0.0)
+    scores, choice = routing_module.choice_scores(logits.double(), config, correction_bias)  # the bias moved to the row
     grouped = choice.view(config.n_group, -1)
     group_scores = routing_module.group_scores(choice[None], config)[0]
     line = group_scores.sort(descending=True).values[config.topk_group - 1]
@@ -420,9 +418,7 @@ def test_route_tokens_on_the_router_parts(routing, experts, top_k, n_group, topk
     weights, ids = route_tokens(x, w, config, router_bias=router_bias, correction_bias=correction_bias)
     logits = router_logits(x.double(), w.double(), router_bias.double()).cpu()  # correction_bias is on the CPU
     ref_w, ref_i = route(logits, config, correction_bias=None if correction_bias is None else correction_bias.double())
-    choice = logits.softmax(-1) if routing.startswith("softmax") else logits.sigmoid()
-    if correction_bias is not None:
-        choice = choice + correction_bias.double()
+    _, choice = routing_module.choice_scores(logits, config, correction_bias)
     clear = _clear_tokens(choice, config, gap=1e-5)
     assert int(clear.sum()) >= 0.9 * tokens
     assert torch.equal(ids.cpu().long()[clear], ref_i.cpu().long()[clear])

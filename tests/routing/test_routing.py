@@ -14,7 +14,7 @@ import torch
 
 from tilemoe.config import MoEConfig
 from tilemoe.hf_config import config_from_hf_dict
-from tilemoe.routing import route, router_logits, topk_stable
+from tilemoe.routing import choice_scores, route, router_logits, topk_stable
 
 ROUTINGS = (
     "softmax_topk",
@@ -227,6 +227,23 @@ def test_bad_logits_shape_names_the_argument():
 def test_integer_logits_rejected():
     with pytest.raises(TypeError, match="router_logits: expected a floating dtype, got torch.int64"):
         route(torch.zeros(2, 8, dtype=torch.long), cfg())
+
+
+def test_choice_scores_move_the_bias_to_the_scores():
+    """choice_scores: sigmoid or softmax by the routing; the bias, float32 here, joins float64 scores in their dtype
+    and moves only the choice."""
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0]], dtype=torch.float64)
+    bias = torch.tensor([0.0, 3.0, 0.0, 0.0])
+    config = MoEConfig(num_experts=4, top_k=2, hidden_size=8, intermediate_size=8, routing="sigmoid_grouped_topk",
+                       n_group=2, topk_group=1)  # fmt: skip
+    scores, choice = choice_scores(logits, config, bias)
+    assert torch.equal(scores, torch.sigmoid(logits)) and choice.dtype == torch.float64
+    assert torch.equal(choice, scores + bias.double())
+    softmax = MoEConfig(num_experts=4, top_k=2, hidden_size=8, intermediate_size=8, routing="softmax_topk")
+    scores, choice = choice_scores(logits, softmax)
+    assert torch.equal(scores, logits.softmax(-1)) and choice is scores
+    with pytest.raises(ValueError, match=r"correction_bias: expected shape \[4\], got \[3\]"):
+        choice_scores(logits, config, bias[:3])
 
 
 def test_bad_correction_bias_shape():
