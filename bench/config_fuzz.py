@@ -33,7 +33,9 @@ from tilemoe.tuning import KernelConfig
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the interpreter runs every tile: keep the layers small there
 CPU_LIMITS = dict(experts=12, hidden=96, inter=64, tokens=80)
+MID_LIMITS = dict(experts=24, hidden=160, inter=128, tokens=200)  # several blocks an expert in the interpreter: slow
 GPU_LIMITS = dict(experts=64, hidden=640, inter=512, tokens=600)
+LIMITS = {"cpu": CPU_LIMITS, "mid": MID_LIMITS, "gpu": GPU_LIMITS}
 
 
 class PoisonedTorch:
@@ -149,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="first case's seed; case i uses seed + i")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
                         help="default: fp16 fp32 on a CPU, bf16 fp16 on a GPU")  # fmt: skip
-    parser.add_argument("--limits", choices=["cpu", "gpu"], default=None,
-                        help="the layers' size limits (default: this machine's; gpu on a CPU is slow)")  # fmt: skip
+    parser.add_argument("--limits", choices=list(LIMITS), default=None,
+                        help="the layers' size limits (default: this machine's, cpu or gpu)")  # fmt: skip
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     names = args.dtypes or (["bf16", "fp16"] if device == "cuda" else ["fp16", "fp32"])
-    limits = GPU_LIMITS if (args.limits or ("gpu" if device == "cuda" else "cpu")) == "gpu" else CPU_LIMITS
+    limits = LIMITS[args.limits or ("gpu" if device == "cuda" else "cpu")]
     for module in POISONED_MODULES:
         module.torch = PoisonedTorch()
     failures = 0
