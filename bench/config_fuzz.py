@@ -23,11 +23,9 @@ import traceback
 
 import torch
 
-import tilemoe.ops._fused_experts_launch as launch_module
-import tilemoe.ops.fused_experts as fused_experts_module
 from tilemoe.config import MoEConfig
 from tilemoe.ops.fused_experts import fused_experts
-from tilemoe.testing import assert_close, make_input, make_routing, make_weights, reference_experts
+from tilemoe.testing import assert_close, make_input, make_routing, make_weights, poison_launchers, reference_experts
 from tilemoe.tuning import KernelConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,21 +34,6 @@ CPU_LIMITS = dict(experts=12, hidden=96, inter=64, tokens=80)
 MID_LIMITS = dict(experts=24, hidden=160, inter=128, tokens=200)  # several blocks an expert in the interpreter: slow
 GPU_LIMITS = dict(experts=64, hidden=640, inter=512, tokens=600)
 LIMITS = {"cpu": CPU_LIMITS, "mid": MID_LIMITS, "gpu": GPU_LIMITS}
-
-
-class PoisonedTorch:
-    """``torch`` with ``empty`` filling float tensors with NaN, for the launchers' module globals."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        out = torch.empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-
-POISONED_MODULES = (launch_module, fused_experts_module)  # the modules whose ``torch.empty`` allocates the buffers
 
 
 def random_layer(rng: random.Random, limits: dict) -> MoEConfig:
@@ -157,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     names = args.dtypes or (["bf16", "fp16"] if device == "cuda" else ["fp16", "fp32"])
     limits = LIMITS[args.limits or ("gpu" if device == "cuda" else "cpu")]
-    for module in POISONED_MODULES:
-        module.torch = PoisonedTorch()
+    poison_launchers()
     failures = 0
     for i in range(args.cases):
         seed = args.seed + i

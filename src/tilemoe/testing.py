@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from tilemoe.config import MoEConfig
@@ -21,6 +23,28 @@ REL_ERROR: dict[torch.dtype, float] = {
     torch.bfloat16: 2e-2,
 }
 POISON = float("nan")
+# the modules whose ``torch.empty`` allocates the fused-experts launchers' buffers
+LAUNCHER_MODULES = ("tilemoe.ops._fused_experts_launch", "tilemoe.ops.fused_experts")
+
+
+class PoisonedTorch:
+    """``torch`` with ``empty`` filling float tensors with POISON, set as a launcher module's ``torch``: a buffer row
+    the kernels should have written, or should never read, shows in the output."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        out = torch.empty(*args, **kwargs)
+        return out.fill_(POISON) if out.is_floating_point() else out
+
+
+def poison_launchers(set_attribute=setattr) -> None:
+    """Every buffer the fused-experts launchers allocate from now on starts as POISON. In a test pass
+    ``monkeypatch.setattr``, which undoes it after the test."""
+    for name in LAUNCHER_MODULES:
+        set_attribute(importlib.import_module(name), "torch", PoisonedTorch())
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tilemoe.testing import poison_launchers
+
 ROOT = Path(__file__).resolve().parents[2]
 _SPEC = importlib.util.spec_from_file_location("config_fuzz", ROOT / "bench" / "config_fuzz.py")
 config_fuzz = importlib.util.module_from_spec(_SPEC)
@@ -25,8 +27,7 @@ DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    for module in config_fuzz.POISONED_MODULES:
-        monkeypatch.setattr(module, "torch", config_fuzz.PoisonedTorch())
+    poison_launchers(monkeypatch.setattr)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -12,7 +12,7 @@ import tilemoe.ops.fused_experts as fused_experts_module
 from tilemoe.config import MoEConfig
 from tilemoe.ops._kernels._fused_experts import _tile_coords
 from tilemoe.ops.fused_experts import fused_experts, fused_experts_torch
-from tilemoe.testing import assert_close, make_input, make_routing, make_weights, reference_experts
+from tilemoe.testing import assert_close, make_input, make_routing, make_weights, poison_launchers, reference_experts
 from tilemoe.tuning import KernelConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -313,23 +313,9 @@ def test_pick_config_takes_grouped_mm_for_few_large_experts_without_a_table_entr
         tuning._load_table.cache_clear()
 
 
-class _PoisonedTorch:
-    """The launcher's ``torch`` with ``empty`` filling float tensors with NaN: a buffer row the kernels should have
-    written, or should never read, shows in the output."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        out = torch.empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-
 def _poison(monkeypatch) -> None:
-    """Every buffer the launchers allocate starts as NaN (``_PoisonedTorch``)."""
-    for module in (launch_module, fused_experts_module):
-        monkeypatch.setattr(module, "torch", _PoisonedTorch())
+    """Every buffer the launchers allocate starts as NaN (``tilemoe.testing.poison_launchers``)."""
+    poison_launchers(monkeypatch.setattr)
 
 
 # per-expert loads against block_m = 32 (half blocks of 16 rows): none, a tail of 1-16 rows (half tile), 17-31
