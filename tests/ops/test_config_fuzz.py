@@ -1,6 +1,6 @@
-"""bench/config_fuzz.py in the suite: random kernel configs on random layers against the float64 reference, every
-launcher buffer poisoned; fresh seeds each run (a failure names its seed: `python3 bench/config_fuzz.py --seed S
---cases 1` repeats it)."""
+"""bench/config_fuzz.py and layer_fuzz.py in the suite: random kernel configs on random layers, and random routings
+through fused_experts_from_logits (the ids route_fast's), against the float64 reference, every launcher buffer poisoned;
+fresh seeds each run (a failure names its seed: `python3 bench/config_fuzz.py --seed S --cases 1` repeats it)."""
 
 import importlib.util
 import sys
@@ -12,10 +12,19 @@ import torch
 from tilemoe.testing import poison_launchers
 
 ROOT = Path(__file__).resolve().parents[2]
-_SPEC = importlib.util.spec_from_file_location("config_fuzz", ROOT / "bench" / "config_fuzz.py")
-config_fuzz = importlib.util.module_from_spec(_SPEC)
-sys.modules["config_fuzz"] = config_fuzz  # its dataclass looks its module up there
-_SPEC.loader.exec_module(config_fuzz)
+
+
+def _load(name: str):
+    """bench/<name>.py as module ``name``, registered in sys.modules (its dataclasses look their module up there, and
+    layer_fuzz imports config_fuzz by name)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+config_fuzz = _load("config_fuzz")
+layer_fuzz = _load("layer_fuzz")
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -36,6 +45,14 @@ def test_random_kernel_configs_match_the_reference(part, dtype, poisoned):
     first = torch.seed() % 2**31
     cases = [config_fuzz.draw_case(first + i, ON_GPU, LIMITS) for i in range(CASES_PER_TEST)]
     failures = [failure for case in cases if (failure := config_fuzz.check_case(case, dtype, DEVICE))]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_layers_match_the_reference(dtype, poisoned):
+    first = torch.seed() % 2**31
+    cases = [layer_fuzz.draw_layer_case(first + i, ON_GPU, LIMITS) for i in range(CASES_PER_TEST)]
+    failures = [failure for case in cases if (failure := layer_fuzz.check_layer_case(case, dtype, DEVICE))]
     assert not failures, "\n".join(failures)
 
 
