@@ -128,8 +128,10 @@ def check_case(case: Case, dtype: torch.dtype, device: str) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fuzz_main(name: str, doc: str, draw, check, argv: list[str] | None = None) -> int:
+    """The command line of a fuzzer: ``draw(seed, on_gpu, limits)`` a case, ``check(case, dtype, device)`` it (None
+    or the failure), ``--cases`` of them from ``--seed``, the dtypes in turn; prints each failure and a count."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0, help="first case's seed; case i uses seed + i")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
@@ -143,14 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     poison_launchers()
     failures = 0
     for i in range(args.cases):
-        seed = args.seed + i
-        failure = check_case(draw_case(seed, device == "cuda", limits), DTYPES[names[i % len(names)]], device)
+        failure = check(draw(args.seed + i, device == "cuda", limits), DTYPES[names[i % len(names)]], device)
         if failure:
             failures += 1
             print("FAIL", failure, flush=True)
-    print(f"config_fuzz: {args.cases - failures} of {args.cases} cases match the reference on {device}")
+    print(f"{name}: {args.cases - failures} of {args.cases} cases match the reference on {device}")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(fuzz_main("config_fuzz", __doc__, draw_case, check_case))

@@ -15,19 +15,18 @@ Prints one line per failure (its seed, the layer, the config) and a count; exits
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import random
 import sys
 import traceback
 
 import torch
-from config_fuzz import DTYPES, LIMITS, Case, draw_case, random_kernel_config
+from config_fuzz import Case, draw_case, fuzz_main, random_kernel_config
 
 import tilemoe.ops.fused_experts as fused_experts_module
 from tilemoe.config import ROUTINGS, MoEConfig
 from tilemoe.ops.route import route_fast, route_triton
-from tilemoe.testing import assert_close, make_input, make_weights, poison_launchers, reference_experts
+from tilemoe.testing import assert_close, make_input, make_weights, reference_experts
 
 ROUTE_MAX_TOKENS = 16
 
@@ -110,29 +109,5 @@ def check_layer_case(layer_case: LayerCase, dtype: torch.dtype, device: str) -> 
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0, help="first case's seed; case i uses seed + i")
-    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
-                        help="default: fp16 fp32 on a CPU, bf16 fp16 on a GPU")  # fmt: skip
-    parser.add_argument("--limits", choices=list(LIMITS), default=None,
-                        help="the layers' size limits (default: this machine's, cpu or gpu)")  # fmt: skip
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    names = args.dtypes or (["bf16", "fp16"] if device == "cuda" else ["fp16", "fp32"])
-    limits = LIMITS[args.limits or ("gpu" if device == "cuda" else "cpu")]
-    poison_launchers()
-    failures = 0
-    for i in range(args.cases):
-        case = draw_layer_case(args.seed + i, device == "cuda", limits)
-        failure = check_layer_case(case, DTYPES[names[i % len(names)]], device)
-        if failure:
-            failures += 1
-            print("FAIL", failure, flush=True)
-    print(f"layer_fuzz: {args.cases - failures} of {args.cases} cases match the reference on {device}")
-    return 1 if failures else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(fuzz_main("layer_fuzz", __doc__, draw_layer_case, check_layer_case))
