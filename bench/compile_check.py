@@ -229,9 +229,7 @@ def table_configs(table: str, config: MoEConfig, num_tokens: int, dtype: torch.d
 
 
 def _label(cfg: KernelConfig, base: KernelConfig) -> str:
-    changed = [f"{f.name}={int(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
-               if getattr(cfg, f.name) != getattr(base, f.name)]  # fmt: skip
-    return ",".join(changed) or "entry"
+    return ",".join(f"{name}={int(value)}" for name, value in cfg.changes(base).items()) or "entry"
 
 
 def _print_records(model: str, num_tokens: int, label: str, records: list[Compiled]) -> int:

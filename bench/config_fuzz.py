@@ -23,12 +23,12 @@ import traceback
 
 import torch
 
+from tilemoe.bench.options import DTYPES
 from tilemoe.config import MoEConfig
 from tilemoe.ops.fused_experts import fused_experts
 from tilemoe.testing import assert_close, make_input, make_routing, make_weights, poison_launchers, reference_experts
 from tilemoe.tuning import KernelConfig
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the interpreter runs every tile: keep the layers small there
 CPU_LIMITS = dict(experts=12, hidden=96, inter=64, tokens=80)
 MID_LIMITS = dict(experts=24, hidden=160, inter=128, tokens=200)  # several blocks an expert in the interpreter: slow
@@ -91,12 +91,13 @@ class Case:
     deterministic: bool
 
     def __str__(self) -> str:
-        c, default = self.config, KernelConfig()
-        changed = {f.name: getattr(self.kernel_config, f.name) for f in dataclasses.fields(KernelConfig)
-                   if getattr(self.kernel_config, f.name) != getattr(default, f.name)}  # fmt: skip
+        c = self.config
         return (f"seed={self.seed} T={self.num_tokens} E={c.num_experts} K={c.top_k} H={c.hidden_size} "
                 f"I={c.intermediate_size} gated={c.gated} act={c.activation} bias={c.expert_bias} "
-                f"hot={self.hot_expert} deterministic={self.deterministic} kernel_config={changed}")  # fmt: skip
+                f"routing={c.routing} renormalize={c.renormalize} scaling={c.routed_scaling_factor} "
+                f"groups={c.topk_group}/{c.n_group} correction_bias={c.score_correction_bias} "
+                f"hot={self.hot_expert} deterministic={self.deterministic} "
+                f"kernel_config={self.kernel_config.changes()}")  # fmt: skip
 
 
 def draw_case(seed: int, on_gpu: bool, limits: dict) -> Case:

@@ -52,17 +52,9 @@ def random_routing(rng: random.Random, config: MoEConfig) -> MoEConfig:
             continue
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerCase:
-    case: Case  # the layer, kernel config, tokens and combine mode (its hot expert unused: the routing decides)
-
-    def __str__(self) -> str:
-        c = self.case.config
-        return (f"{self.case} routing={c.routing} renormalize={c.renormalize} scaling={c.routed_scaling_factor} "
-                f"groups={c.topk_group}/{c.n_group} correction_bias={c.score_correction_bias}")  # fmt: skip
-
-
-def draw_layer_case(seed: int, on_gpu: bool, limits: dict) -> LayerCase:
+def draw_layer_case(seed: int, on_gpu: bool, limits: dict) -> Case:
+    """config_fuzz's case of ``seed`` with a routing drawn (its hot expert dropped: the routing decides), in half the
+    cases with a decode kernel config and at most ROUTE_MAX_TOKENS tokens half the time."""
     rng = random.Random(seed)
     case = draw_case(seed, on_gpu, limits)
     if rng.random() < 0.5:  # a decode config: its GEMM 1 routes (flat routings, T <= ROUTE_MAX_TOKENS)
@@ -71,12 +63,11 @@ def draw_layer_case(seed: int, on_gpu: bool, limits: dict) -> LayerCase:
             kernel_config = random_kernel_config(rng, on_gpu)
         num_tokens = rng.choice([case.num_tokens, rng.randint(1, ROUTE_MAX_TOKENS)])
         case = dataclasses.replace(case, kernel_config=kernel_config, num_tokens=num_tokens)
-    return LayerCase(dataclasses.replace(case, config=random_routing(rng, case.config), hot_expert=None))
+    return dataclasses.replace(case, config=random_routing(rng, case.config), hot_expert=None)
 
 
-def check_layer_case(layer_case: LayerCase, dtype: torch.dtype, device: str) -> str | None:
+def check_layer_case(case: Case, dtype: torch.dtype, device: str) -> str | None:
     """None when the routing is route_fast's and the output matches the float64 experts on it, else what failed."""
-    case = layer_case.case
     config, generator = case.config, torch.Generator().manual_seed(case.seed)
     saved = fused_experts_module.DECODE_ROUTE_MAX_TOKENS
     fused_experts_module.DECODE_ROUTE_MAX_TOKENS = ROUTE_MAX_TOKENS
@@ -94,8 +85,8 @@ def check_layer_case(layer_case: LayerCase, dtype: torch.dtype, device: str) -> 
         assert out.shape == x.shape and out.dtype == dtype, f"out {tuple(out.shape)} {out.dtype}"
         # route_fast runs the routing kernel for CUDA logits, torch's routing on the CPU, where the decode GEMM 1's
         # routing (the routing kernel's arithmetic, interpreted) is then held to the routing kernel's
-        routes_in_gemm1 = (case.kernel_config.decode and 0 < case.num_tokens <= ROUTE_MAX_TOKENS
-                           and config.routing in fused_experts_module.DECODE_ROUTE_CODES)  # fmt: skip
+        routes_in_gemm1 = fused_experts_module.decode_gemm1_routes(case.kernel_config, case.num_tokens, config,
+                                                                   logits.dtype)  # fmt: skip
         routing = route_triton if routes_in_gemm1 and device == "cpu" else route_fast
         ref_weights, ref_ids = routing(logits, config, correction_bias=bias)
         name = routing.__name__
@@ -103,7 +94,7 @@ def check_layer_case(layer_case: LayerCase, dtype: torch.dtype, device: str) -> 
         assert torch.equal(weights, ref_weights), f"weights {weights.tolist()} != {name}'s {ref_weights.tolist()}"
         assert_close(out, reference_experts(x, w, weights, ids, config), dtype)
     except Exception:  # noqa: BLE001 - every failure is a finding, reported with its case
-        return f"{layer_case} dtype={str(dtype)[6:]}\n    " + traceback.format_exc().strip().splitlines()[-1]
+        return f"{case} dtype={str(dtype)[6:]}\n    " + traceback.format_exc().strip().splitlines()[-1]
     finally:
         fused_experts_module.DECODE_ROUTE_MAX_TOKENS = saved
     return None

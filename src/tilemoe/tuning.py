@@ -356,6 +356,12 @@ class KernelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def changes(self, base: KernelConfig | None = None) -> dict:
+        """The fields whose value differs from ``base``'s (the defaults when None), in field order."""
+        base = KernelConfig() if base is None else base
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(base, f.name)}  # fmt: skip
+
     @classmethod
     def from_dict(cls, data: dict) -> KernelConfig:
         names = {f.name for f in dataclasses.fields(cls)}

@@ -191,3 +191,10 @@ def test_bad_config_values():
         KernelConfig(num_warps1=0)
     with pytest.raises(ValueError, match="unknown keys"):
         KernelConfig.from_dict({"block_mm": 16})
+
+
+def test_kernel_config_changes_name_the_fields_off_the_base():
+    cfg = KernelConfig(block_m=128, tma=True, sorted_x=True)
+    assert cfg.changes() == {"block_m": 128, "tma": True, "sorted_x": True}
+    assert cfg.changes(KernelConfig(block_m=128, tma=True)) == {"sorted_x": True}
+    assert cfg.changes(cfg) == {}

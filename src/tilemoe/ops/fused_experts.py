@@ -212,7 +212,8 @@ def fused_experts_from_logits(
     deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing and routed experts of one layer: (out [T, H] in x.dtype, topk_weights [T, K] float32, topk_ids [T, K]
-    int32), the routing exactly ``tilemoe.ops.route.route_fast``'s.
+    int32), the routing exactly ``tilemoe.ops.route.route_fast``'s (on a CPU, where the interpreted decode GEMM 1
+    routes (``decode_gemm1_routes``), ``route_triton``'s: route_fast is torch's routing there, a last bit apart).
 
     Where the config is the decode path (``KernelConfig.decode``, from ``pick_config`` when None), T is at most
     ``DECODE_ROUTE_MAX_TOKENS`` and the routing is flat (``DECODE_ROUTE_CODES``), the decode GEMM 1 routes each slot's
@@ -236,12 +237,7 @@ def fused_experts_from_logits(
     if w2.shape[0] != config.num_experts:  # the routing picks among config.num_experts
         raise ValueError(f"w2: expected {config.num_experts} experts (config.num_experts), got {w2.shape[0]}")
     kernel_config = _kernel_config_for(x, w2, config.top_k, kernel_config)
-    if (
-        not kernel_config.decode
-        or x.shape[0] > DECODE_ROUTE_MAX_TOKENS
-        or config.routing not in DECODE_ROUTE_CODES
-        or router_logits.dtype == torch.float64
-    ):
+    if not decode_gemm1_routes(kernel_config, x.shape[0], config, router_logits.dtype):
         topk_weights, topk_ids = route_fast(router_logits, config, correction_bias=correction_bias)
         out = fused_experts(
             x, w13, w2, topk_weights, topk_ids, config=config, b13=b13, b2=b2, kernel_config=kernel_config,
@@ -252,6 +248,17 @@ def fused_experts_from_logits(
         x, w13, w2, router_logits, b13, b2, *_expert_args(config), config.top_k, DECODE_ROUTE_CODES[config.routing],
         config.renormalize, float(config.routed_scaling_factor), _config_ints(kernel_config),
     )  # fmt: skip
+
+
+def decode_gemm1_routes(kernel_config: KernelConfig, num_tokens: int, config: MoEConfig, logits_dtype) -> bool:
+    """Whether ``fused_experts_from_logits`` leaves the routing to the decode GEMM 1 (the routing kernel's arithmetic
+    inside it): a decode config, at most ``DECODE_ROUTE_MAX_TOKENS`` tokens, a flat routing, logits not float64."""
+    return (
+        kernel_config.decode
+        and num_tokens <= DECODE_ROUTE_MAX_TOKENS
+        and config.routing in DECODE_ROUTE_CODES
+        and logits_dtype != torch.float64
+    )
 
 
 def _check(x, w13, w2, topk_weights, topk_ids, config, b13, b2) -> None:
