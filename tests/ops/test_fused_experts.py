@@ -911,6 +911,10 @@ ROUTED_CASES = [
     dict(renormalize=False, routed_scaling_factor=2.5),
     dict(routing="topk_softmax", activation="swigluoai", expert_bias=True),
     dict(routing="sigmoid_top1_input_scaled", top_k=1, activation="gelu", gated=False),  # weights on the input
+    # the softmax's sum over 64 lanes, 35 used: a float32 tl.sum came out a last bit apart on the GPU (the decode
+    # GEMM 1's warps against the routing kernel's one); 160 experts: the routing kernel's 4 warps
+    dict(num_experts=35, top_k=5),
+    dict(num_experts=160, top_k=8, routing="topk_softmax"),
 ]
 
 
@@ -948,10 +952,13 @@ def test_from_logits_routes_inside_the_decode_gemm1(changes, num_tokens, generat
         (dict(), SMALL, 1),  # the tiled path: the routing kernel first
         (dict(routing="softmax_grouped_topk", n_group=2, topk_group=1, top_k=2, num_experts=8), DECODE, 1),  # grouped
         (dict(), DECODE, 2),  # more tokens than DECODE_ROUTE_MAX_TOKENS (measured slower inside from T=4 on)
+        (dict(num_experts=9), DECODE, 1),  # more experts than the flat routing kernel takes (patched to 8 below)
     ],
 )
 def test_from_logits_routes_first_elsewhere(changes, kernel_config, num_tokens, generator, monkeypatch):
     import tilemoe.ops.route as route_module
+
+    monkeypatch.setattr(route_module, "FLAT_ROUTE_MAX_EXPERTS", 8)
 
     config = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=24).replace(**changes)
     w = make_weights(config, dtype=torch.float32, device=DEVICE, generator=generator)

@@ -287,6 +287,24 @@ def test_no_host_sync_and_cuda_graph_gpu(name, generator):
     assert torch.equal(c_ids, ref_i) and torch.equal(c_weights, g_weights)
 
 
+@pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax"])
+def test_past_the_flat_kernels_experts_is_torch(routing, monkeypatch, generator):
+    """More experts than the flat kernel's fixed-point sums hold (FLAT_ROUTE_MAX_EXPERTS): torch's routing, never a
+    launch; at the limit, the kernel."""
+    config = MoEConfig(num_experts=12, top_k=3, hidden_size=8, intermediate_size=8, routing=routing)
+    logits = torch.randn(5, 12, generator=generator).to(DEVICE)
+    monkeypatch.setattr(route_module, "FLAT_ROUTE_MAX_EXPERTS", 12)
+    launches = []
+    real_op = route_module._route_op
+    monkeypatch.setattr(route_module, "_route_op", lambda *args: launches.append(args) or real_op(*args))
+    route_triton(logits, config)
+    assert len(launches) == 1
+    monkeypatch.setattr(route_module, "FLAT_ROUTE_MAX_EXPERTS", 11)
+    weights, ids = route_triton(logits, config)
+    ref_w, ref_i = route(logits, config)
+    assert len(launches) == 1 and torch.equal(ids, ref_i) and torch.equal(weights, ref_w)
+
+
 def test_route_fast_is_route_off_cuda(generator):
     """route_fast: the torch routing for CPU logits (the kernel for CUDA ones, checked by the GPU tests above)."""
     from tilemoe.ops.route import route_fast

@@ -252,11 +252,15 @@ def fused_experts_from_logits(
 
 def decode_gemm1_routes(kernel_config: KernelConfig, num_tokens: int, config: MoEConfig, logits_dtype) -> bool:
     """Whether ``fused_experts_from_logits`` leaves the routing to the decode GEMM 1 (the routing kernel's arithmetic
-    inside it): a decode config, at most ``DECODE_ROUTE_MAX_TOKENS`` tokens, a flat routing, logits not float64."""
+    inside it): a decode config, at most ``DECODE_ROUTE_MAX_TOKENS`` tokens, a flat routing the kernel takes
+    (``FLAT_ROUTE_MAX_EXPERTS``), logits not float64."""
+    from tilemoe.ops.route import FLAT_ROUTE_MAX_EXPERTS
+
     return (
         kernel_config.decode
         and num_tokens <= DECODE_ROUTE_MAX_TOKENS
         and config.routing in DECODE_ROUTE_CODES
+        and config.num_experts <= FLAT_ROUTE_MAX_EXPERTS
         and logits_dtype != torch.float64
     )
 

@@ -25,6 +25,9 @@ from tilemoe.routing import route
 __all__ = ["route_fast", "route_tokens", "route_triton"]
 
 _SCORE_CODES = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_top1_input_scaled": 2}
+# The most experts the flat routing kernel takes: its sums are int64 fixed point with 2**48 a unit
+# (``_route._order_free_sum``), terms at most 1. Past it the flat routings are torch's (``tilemoe.routing.route``).
+FLAT_ROUTE_MAX_EXPERTS = 2**15
 # grouped routings: (score: 0 softmax / 1 sigmoid, group score: 0 sum of the best two / 1 the best)
 _GROUPED_CODES = {"sigmoid_grouped_topk": (1, 0), "softmax_grouped_topk": (0, 1)}
 
@@ -55,6 +58,8 @@ def _route_kernels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``route_triton``'s kernels on logits [T, E] or float32 parts [P, T, E] (summed as loaded)."""
     scale = float(config.routed_scaling_factor)
+    if config.routing in _SCORE_CODES and config.num_experts > FLAT_ROUTE_MAX_EXPERTS:
+        return route(logits if logits.dim() == 2 else logits.sum(0), config, correction_bias=correction_bias)
     if config.routing in _SCORE_CODES:
         return _route_op(logits, config.top_k, _SCORE_CODES[config.routing], config.renormalize, scale)
     if correction_bias is not None:

@@ -49,6 +49,22 @@ def _score_of(rank):
     return tl.where(rank == float("inf"), float("nan"), score)
 
 
+# The flat routing's sums (the softmax's divisor, the renormalisation's) are taken in fixed point, 2**-48 a unit:
+# integer sums come out the same in every order, so the layout a kernel reduces in (the routing kernel's one warp,
+# the decode GEMM 1's several) cannot move a weight's last bit. Every term is in [0, 1], so up to 2**15 terms fit an
+# int64; dropping what is under 2**-48 of each moves a sum of at least 1 (the softmax's) by under 2**-33.
+_FIXED_ONE = tl.constexpr(281474976710656.0)  # 2**48
+
+
+@triton.jit
+def _order_free_sum(terms):
+    """The float32 sum of ``terms`` ([N] float32 in [0, 1], or NaN) in fixed point: the same bits whatever order
+    the reduction takes; NaN when a term is NaN."""
+    fixed = tl.sum(tl.where(terms == terms, terms * _FIXED_ONE, 0.0).to(tl.int64), axis=0)
+    has_nan = tl.max(tl.where(terms != terms, 1, 0), axis=0) > 0
+    return tl.where(has_nan, float("nan"), fixed.to(tl.float32) * (1.0 / _FIXED_ONE))
+
+
 @triton.jit
 def _clamp_min_sum(total):
     """The renormalisation's divisor, at least 1e-20, NaN kept (as torch's clamp_min; tl.maximum may drop it)."""
@@ -90,13 +106,14 @@ def _flat_topk(
     """One token's flat routing from its logits row (``logits_ptr`` points at it; ``_token_logits``: the sum of
     ``num_parts`` rows under BLOCK_PARTS > 1): ([BLOCK_K] float32 weights before the scale, [BLOCK_K] int32 ids),
     entries past TOP_K unused. Shared by ``_route_kernel`` and the decode GEMM 1 that routes its own slot
-    (``tilemoe.ops._kernels._decode``), so both give the same ids and weights."""
+    (``tilemoe.ops._kernels._decode``), so both give the same ids and weights: maxima and ``_order_free_sum`` do
+    not depend on the order a kernel's layout reduces in (a float32 ``tl.sum`` does: a last bit apart at E = 35)."""
     experts = tl.arange(0, BLOCK_E)
     in_range = experts < num_experts
     logits = _token_logits(logits_ptr, experts, in_range, stride_le, stride_lp, num_parts, BLOCK_PARTS)
     if SCORE == 0:
         shifted = tl.exp(logits - tl.max(logits, axis=0))
-        scores = shifted / tl.sum(shifted, axis=0)
+        scores = shifted / _order_free_sum(shifted)
     else:
         scores = logits
     order = tl.where(in_range, _rank(scores), float("-inf"))  # padding lanes and picked experts: -inf
@@ -115,10 +132,10 @@ def _flat_topk(
     if SCORE == 0:
         weights = picked
         if RENORMALIZE:
-            weights = weights / _clamp_min_sum(tl.sum(tl.where(valid, weights, 0.0), axis=0))
+            weights = weights / _clamp_min_sum(_order_free_sum(tl.where(valid, weights, 0.0)))
     elif SCORE == 1:
         shifted = tl.where(valid, tl.exp(picked - tl.max(tl.where(valid, picked, float("-inf")), axis=0)), 0.0)
-        weights = shifted / tl.sum(shifted, axis=0)
+        weights = shifted / _order_free_sum(shifted)
     else:
         weights = 1.0 / (1.0 + tl.exp(-picked))
     return weights, picked_ids
