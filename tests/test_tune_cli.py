@@ -1,6 +1,7 @@
 """tilemoe tune: plan (dedup, candidates, pruning), warm-up (specialization match, partitioning, worker path),
 budget cut-off, table merge; one end-to-end run on the GPU."""
 
+import argparse
 import dataclasses
 import json
 import time
@@ -514,6 +515,9 @@ def test_tune_group_gives_the_rematch_its_rest(monkeypatch):
 
 def test_rematch_rest_option(capsys):
     argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "1024", "--dry-run"]
+    parser = argparse.ArgumentParser()
+    tune.add_parser(parser.add_subparsers())
+    assert parser.parse_args(argv).rematch_rest == tune.REMATCH_REST == 4.0  # rests unless told otherwise
     assert main([*argv, "--rematch-rest", "3"]) == 0
     assert main([*argv, "--rematch-rest", "-0.5"]) == 2
     assert "--rematch-rest: expected >= 0, got -0.5" in capsys.readouterr().err

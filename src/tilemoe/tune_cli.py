@@ -69,7 +69,10 @@ TOKEN_COUNTS = [1, 8, 64, 256, 1024, 4096, 16384]
 # deepseek-v2-lite T=1024 at 1199 us against 480 us in the bench's graph replays of the same config (session 5).
 LONG_CALL_S = 2e-3  # above: one call per graph, fewer replays
 REMATCH_TOP = 3  # the best few of the screening timed again in turn (a drifting clock then hits them alike)
-REMATCH_SECONDS = 1.5  # of replays per point in the rematch, at most
+REMATCH_SECONDS = 1.5  # of replays per point in the rematch, at most (the rests come on top)
+# The rematch's idle time over replay time (``--rematch-rest``): at 4 the GPU runs a fifth of the time, near the
+# bench's duty cycle, where each implementation's chunk of calls runs between the others' (session 29, on an H100).
+REMATCH_REST = 4.0
 # A rematch's winner replaces the config in use only when faster by this share: configs whose kernels cannot differ
 # in cost (align_clears_out where the zeros hide) ran 0.996-1.002x of each other in turn on an H100 (session 26), and
 # a re-tune wrote such noise winners into five entries.
@@ -679,7 +682,7 @@ class _Measure:
 
     def __init__(
         self, cases: list[list], kwargs: dict, num_tokens: int, dtype: torch.dtype, misses: list[int], timer,
-        ran_as: dict | None = None, rematch_rest: float = 0.0,
+        ran_as: dict | None = None, rematch_rest: float = REMATCH_REST,
     ):  # fmt: skip
         self.cases, self.kwargs, self.num_tokens, self.dtype = cases, kwargs, num_tokens, dtype
         self.misses, self.timer = misses, timer
@@ -788,7 +791,7 @@ def search_points(points: list[TunePoint], measure_for, budget: Budget, points_l
 
 def tune_group(
     points: list[TunePoint], dtype: torch.dtype, budget: Budget, points_left: int, log=print, device="cuda",
-    timer=time_call, scenarios: tuple[str, ...] = ("random",), rematch_rest: float = 0.0,
+    timer=time_call, scenarios: tuple[str, ...] = ("random",), rematch_rest: float = REMATCH_REST,
 ) -> int:  # fmt: skip
     """Time the points of one shape group (weights built once), ``points_left`` points to go in all.
     ``timer(fn, num_tokens) -> seconds``; ``device``: "cuda" (tests: "cpu" in the interpreter, with a wall-clock
@@ -939,11 +942,12 @@ def add_parser(subparsers) -> None:
         "issue-4 runs); default random",
     )  # fmt: skip
     parser.add_argument(
-        "--rematch-rest", type=float, default=0.0, metavar="R",
-        help="in the rematch, leave the GPU idle R times each replay's length after it (duty cycle 1 / (1 + R)); "
-        "0, the default, replays back to back. Why: at mixtral-8x7b T=1024 the rematch, back to back, timed the "
-        "128-row entry 7%% over the bench's layer time, and a 64-row config that lost 9%% in the bench won there "
-        "(session 26); the bench runs each implementation in chunks between the others'",
+        "--rematch-rest", type=float, default=REMATCH_REST, metavar="R",
+        help=f"in the rematch, leave the GPU idle R times each replay's length after it (duty cycle 1 / (1 + R)); "
+        f"default {REMATCH_REST:g}; 0 replays back to back. Why: the bench runs each implementation in chunks "
+        "between the others', and on an H100 the power cap slows a kernel run back to back (session 29, mixtral-8x7b "
+        "T=1024: the 128-row entry 3134 us back to back, 2707 us resting, the bench's 2764; a 64-row config won "
+        "back to back, 0.965x, and lost resting, 1.049x, as it loses in the bench)",
     )  # fmt: skip
     parser.set_defaults(run=run)
 
