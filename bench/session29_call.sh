@@ -5,10 +5,14 @@
 #                                        kernel's at E = 35): tests/ops/test_route.py, the from_logits tests and
 #                                        tests/ops/test_config_fuzz.py on the GPU, then session28_call.sh's fuzz step
 #                                        (T_FUZZ, 330 s here, so the call fits its 600 s)
+#   bash bench/session29_call.sh ab      the routing kernel of 1f4d8dd (fixed-point sums) against b1a6443's, in turn
+#                                        (bench/route_program_probe.py --against; first, here: mkdir -p
+#                                        bench/.trees/before && git show b1a6443:src/tilemoe/ops/_kernels/_route.py
+#                                        >bench/.trees/before/_route.py; carry ["bench/.trees"]), then the kernels step
 #   bash bench/session29_call.sh fuzz | check | rest | kernels | h200   as session28_call.sh
 # shellcheck source=bench/call_env.sh
 source bench/call_env.sh
-echo "== session29 ${1:?step: verify, fuzz, check, rest, kernels or h200} on ${gpu:-no GPU}"
+echo "== session29 ${1:?step: verify, ab, fuzz, check, rest, kernels or h200} on ${gpu:-no GPU}"
 case $1 in
 verify)
   timeout -k 5 200 python3 -m pytest -v -n 12 -p no:cacheprovider -p no:warnings -rf tests/ops/test_route.py \
@@ -18,11 +22,17 @@ verify)
   grep -E "^FAILED|^ERROR| passed| failed" "$OUT/verify-tests.log" | tail -n 10
   T_FUZZ=${T_FUZZ:-330} bash bench/session28_call.sh fuzz
   ;;
+ab)
+  timeout -k 5 120 python3 bench/route_program_probe.py --against bench/.trees/before/_route.py --points \
+    qwen3-30b-a3b:1 qwen3-30b-a3b:8 qwen3-30b-a3b:1024 qwen3-30b-a3b:16384 gpt-oss-120b:16384 mixtral-8x7b:16384 \
+    2>&1 | tee "$OUT/route-ab.log" | tail -n 8
+  bash bench/session28_call.sh kernels
+  ;;
 fuzz | check | rest | kernels | h200)
   bash bench/session28_call.sh "$1"
   ;;
 *)
-  echo "session29_call.sh: unknown step $1 (verify, fuzz, check, rest, kernels or h200)"
+  echo "session29_call.sh: unknown step $1 (verify, ab, fuzz, check, rest, kernels or h200)"
   exit 2
   ;;
 esac
