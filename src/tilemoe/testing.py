@@ -8,7 +8,11 @@ import torch
 
 from tilemoe.config import MoEConfig
 
-# (atol, rtol) per output dtype, for a layer output compared with the float64 reference.
+# (atol, rtol) per output dtype, for a layer output compared with the float64 reference. atol is for outputs of RMS
+# up to 1 (make_weights' scale); assert_close scales it with a larger reference RMS: a near-zero element is a sum of
+# terms as large as the others, rounded (the activated intermediate in the output dtype) as they are. The GPU fuzz
+# (session 29) drew layers with routed_scaling_factor 2.5, output RMS ~3: torch's own bf16 layer (``naive``) had
+# 932 of 131516 elements past a fixed atol of 2e-2, the kernels 343.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (2e-4, 2e-3),
@@ -57,7 +61,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
     """Fail unless ``out`` matches ``ref`` within the tolerances of ``dtype`` (default out.dtype).
 
     NaN anywhere in ``out`` fails (outputs are poisoned with NaN before a run, so an unwritten element
-    shows up here). The message gives shapes, max abs error and where, and the relative RMS error.
+    shows up here). Per element: |out - ref| <= atol * max(1, RMS of ref) + rtol * |ref| (``TOLERANCES``), for all
+    but a 1e-3 share; and the relative RMS error within ``REL_ERROR``. The message gives shapes, max abs error and
+    where, and the relative RMS error.
     """
     dtype = dtype or out.dtype
     if out.shape != ref.shape:
@@ -73,6 +79,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
             f"{name}: {int(bad_nan.sum())} non-finite elements (unwritten or overflow), first at {where}"
         )
     atol, rtol = TOLERANCES[dtype]
+    atol *= max(1.0, float(r[torch.isfinite(r)].pow(2).mean().sqrt().nan_to_num(0.0)))
     rel = relative_error(o, r)
     err = (o - r).abs()
     excess = err - (atol + rtol * r.abs())
@@ -83,7 +90,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
             f"{name}: mismatch for {dtype}: max abs err {float(err.max()):.3e} at {[int(i) for i in idx]} "
             f"(out {float(o.flatten()[flat]):.5g}, ref {float(r.flatten()[flat]):.5g}), "
             f"relative error {rel:.3e} (limit {REL_ERROR[dtype]:.1e}), "
-            f"{int((excess > 0).sum())}/{err.numel()} elements beyond atol={atol}, rtol={rtol}"
+            f"{int((excess > 0).sum())}/{err.numel()} elements beyond atol={atol:.3g}, rtol={rtol}"
         )
 
 
