@@ -4,7 +4,8 @@
 #                                        found the decode GEMM 1's routing a last bit apart from the routing
 #                                        kernel's at E = 35): tests/ops/test_route.py, the from_logits tests and
 #                                        tests/ops/test_config_fuzz.py on the GPU, then session28_call.sh's fuzz step
-#                                        (T_FUZZ, 330 s here, so the call fits its 600 s)
+#                                        (T_FUZZ, 330 s here, so the call fits its 600 s); ROUTE_AB=1: the ab step's
+#                                        routing probe in between (carry ["bench/.trees"])
 #   bash bench/session29_call.sh ab      the routing kernel of 1f4d8dd (fixed-point sums) against b1a6443's, in turn
 #                                        (bench/route_program_probe.py --against; first, here: mkdir -p
 #                                        bench/.trees/before && git show b1a6443:src/tilemoe/ops/_kernels/_route.py
@@ -20,7 +21,13 @@ verify)
     >"$OUT/verify-tests.log" 2>&1
   echo "== verify tests: $(grep -c '] PASSED' "$OUT/verify-tests.log") passed, $(grep -c '] FAILED' "$OUT/verify-tests.log") failed"
   grep -E "^FAILED|^ERROR| passed| failed" "$OUT/verify-tests.log" | tail -n 10
+  grep -E "^E  +(Assertion|[A-Za-z]*Error)" "$OUT/verify-tests.log" | cut -c1-700 | head -n 6
+  [[ ${ROUTE_AB:-0} == 1 ]] && timeout -k 5 100 python3 bench/route_program_probe.py --against \
+    bench/.trees/before/_route.py --points qwen3-30b-a3b:1 qwen3-30b-a3b:1024 qwen3-30b-a3b:16384 gpt-oss-120b:16384 \
+    mixtral-8x7b:16384 2>&1 | tee "$OUT/route-ab.log" | tail -n 6
   T_FUZZ=${T_FUZZ:-330} bash bench/session28_call.sh fuzz
+  # one file back, not twelve (a call brings back 8 files at most)
+  for log in "$OUT"/fuzz-*.log; do echo "### $log"; cat "$log"; done >"$OUT/fuzz.log" && rm -f "$OUT"/fuzz-*.log
   ;;
 ab)
   timeout -k 5 120 python3 bench/route_program_probe.py --against bench/.trees/before/_route.py --points \
