@@ -10,11 +10,19 @@
 #                                        (bench/route_program_probe.py --against; first, here: mkdir -p
 #                                        bench/.trees/before && git show b1a6443:src/tilemoe/ops/_kernels/_route.py
 #                                        >bench/.trees/before/_route.py; carry ["bench/.trees"]), then the kernels step
-#   bash bench/session29_call.sh fuzz | check | rest | kernels | h200   as session28_call.sh
+#   bash bench/session29_call.sh fuzz | check | rest | kernels | h200   as session28_call.sh (fuzz: its logs in one file)
 # shellcheck source=bench/call_env.sh
 source bench/call_env.sh
 echo "== session29 ${1:?step: verify, ab, fuzz, check, rest, kernels or h200} on ${gpu:-no GPU}"
+fuzz() {
+  bash bench/session28_call.sh fuzz
+  # one file back, not twelve (a call brings back 8 files at most)
+  for log in "$OUT"/fuzz-*.log; do echo "### $log"; cat "$log"; done >"$OUT/fuzz.log" && rm -f "$OUT"/fuzz-*.log
+}
 case $1 in
+fuzz)
+  fuzz
+  ;;
 verify)
   timeout -k 5 200 python3 -m pytest -v -n 12 -p no:cacheprovider -p no:warnings -rf tests/ops/test_route.py \
     tests/ops/test_config_fuzz.py tests/ops/test_fused_experts.py -k "route or from_logits or fuzz or unwritten" \
@@ -25,9 +33,7 @@ verify)
   [[ ${ROUTE_AB:-0} == 1 ]] && timeout -k 5 100 python3 bench/route_program_probe.py --against \
     bench/.trees/before/_route.py --points qwen3-30b-a3b:1 qwen3-30b-a3b:1024 qwen3-30b-a3b:16384 gpt-oss-120b:16384 \
     mixtral-8x7b:16384 2>&1 | tee "$OUT/route-ab.log" | tail -n 6
-  T_FUZZ=${T_FUZZ:-330} bash bench/session28_call.sh fuzz
-  # one file back, not twelve (a call brings back 8 files at most)
-  for log in "$OUT"/fuzz-*.log; do echo "### $log"; cat "$log"; done >"$OUT/fuzz.log" && rm -f "$OUT"/fuzz-*.log
+  T_FUZZ=${T_FUZZ:-330} fuzz
   ;;
 ab)
   timeout -k 5 120 python3 bench/route_program_probe.py --against bench/.trees/before/_route.py --points \
@@ -35,7 +41,7 @@ ab)
     2>&1 | tee "$OUT/route-ab.log" | tail -n 8
   bash bench/session28_call.sh kernels
   ;;
-fuzz | check | rest | kernels | h200)
+check | rest | kernels | h200)
   bash bench/session28_call.sh "$1"
   ;;
 *)
