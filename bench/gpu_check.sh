@@ -180,8 +180,9 @@ warm_triton() {
 }
 
 if has triton; then
-  TRITON_TOKENS="1 8 64 256 1024 4096 16384"
-  # TRITON_MODELS splits the four models over calls; GRAPH_CALLS layer calls per CUDA graph at T <= 256
+  TRITON_TOKENS=${TRITON_TOKENS:-"1 8 64 256 1024 4096 16384"}
+  # TRITON_MODELS splits the four models over calls (TRITON_TOKENS the tokens); GRAPH_CALLS layer calls per CUDA graph
+  # at T <= 256
   for model in ${TRITON_MODELS:-qwen3-30b-a3b mixtral-8x7b deepseek-v2-lite gpt-oss-120b}; do
     warm_triton "$model"
     # shellcheck disable=SC2086  # TRITON_TOKENS: a list

@@ -10,10 +10,17 @@
 #                                        (bench/route_program_probe.py --against; first, here: mkdir -p
 #                                        bench/.trees/before && git show b1a6443:src/tilemoe/ops/_kernels/_route.py
 #                                        >bench/.trees/before/_route.py; carry ["bench/.trees"]), then the kernels step
+#   bash bench/session29_call.sh retune  (an H100) the issue-4 cells left (qwen3-30b-a3b, gpt-oss-120b, mixtral-8x7b at
+#                                        T = 1024 / 4096 / 16384) tuned again, random + imbalanced, with the rematch
+#                                        resting (REMATCH_REST, now the default): the entries were rematched back to
+#                                        back, at the power cap's sustained clock, not the bench's (session 29's rest
+#                                        step); the H100 table comes back under $OUT (commit it, then `cells`)
+#   bash bench/session29_call.sh cells   (an H100) the issue-4 bench (gpu_check.sh triton) of those models at
+#                                        T = 1024 / 4096 / 16384, `triton` in turn with its peers, the bmm ceiling too
 #   bash bench/session29_call.sh fuzz | check | rest | kernels | h200   as session28_call.sh (fuzz: its logs in one file)
 # shellcheck source=bench/call_env.sh
 source bench/call_env.sh
-echo "== session29 ${1:?step: verify, ab, fuzz, check, rest, kernels or h200} on ${gpu:-no GPU}"
+echo "== session29 ${1:?step: verify, ab, retune, cells, fuzz, check, rest, kernels or h200} on ${gpu:-no GPU}"
 fuzz() {
   bash bench/session28_call.sh fuzz
   # one file back, not twelve (a call brings back 8 files at most)
@@ -41,11 +48,20 @@ ab)
     2>&1 | tee "$OUT/route-ab.log" | tail -n 8
   bash bench/session28_call.sh kernels
   ;;
+retune)
+  TUNE_TAG=retune BUDGET=${BUDGET:-420} bash bench/gpu_tune.sh --model qwen3-30b-a3b gpt-oss-120b mixtral-8x7b \
+    --num-tokens 1024 4096 16384 --scenarios random imbalanced 2>&1 | tail -n 12
+  grep -E " T=[0-9]+: " "$OUT/gpu_tune-retune.log" | cut -c1-300 | head -n 20
+  ;;
+cells)
+  TRITON_MODELS=${TRITON_MODELS:-"qwen3-30b-a3b gpt-oss-120b mixtral-8x7b"} TRITON_TOKENS="1024 4096 16384" \
+    T_TRITON=${T_TRITON:-150} bash bench/gpu_check.sh triton 2>&1 | tail -n 45
+  ;;
 check | rest | kernels | h200)
   bash bench/session28_call.sh "$1"
   ;;
 *)
-  echo "session29_call.sh: unknown step $1 (verify, ab, fuzz, check, rest, kernels or h200)"
+  echo "session29_call.sh: unknown step $1 (verify, ab, retune, cells, fuzz, check, rest, kernels or h200)"
   exit 2
   ;;
 esac
