@@ -11,10 +11,11 @@
 #                                        bench/.trees/before && git show b1a6443:src/tilemoe/ops/_kernels/_route.py
 #                                        >bench/.trees/before/_route.py; carry ["bench/.trees"]), then the kernels step
 #   bash bench/session29_call.sh retune  (an H100) the issue-4 cells left (mixtral-8x7b at T = 1024 / 4096 / 16384,
-#                                        qwen3-30b-a3b and gpt-oss-120b at 4096 / 16384) tuned again, random + imbalanced, with the rematch
-#                                        resting (REMATCH_REST, now the default): the entries were rematched back to
-#                                        back, at the power cap's sustained clock, not the bench's (session 29's rest
-#                                        step); the H100 table comes back under $OUT (commit it, then `cells`)
+#                                        qwen3-30b-a3b and gpt-oss-120b at 4096 / 16384) tuned again, random +
+#                                        imbalanced, with the rematch resting (REMATCH_REST, now the default): the
+#                                        entries were rematched back to back, at the power cap's sustained clock, not
+#                                        the bench's (session 29's rest step); the H100 table comes back under $OUT
+#                                        (commit it, then `cells`)
 #   bash bench/session29_call.sh cells   (an H100) the issue-4 bench (gpu_check.sh triton) of those models at
 #                                        T = 1024 / 4096 / 16384, `triton` in turn with its peers, the bmm ceiling too
 #   bash bench/session29_call.sh fuzz | check | rest | kernels | h200   as session28_call.sh (fuzz: its logs in one file)
