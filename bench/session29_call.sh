@@ -18,7 +18,8 @@
 #                                        (commit it, then `cells`)
 #   bash bench/session29_call.sh cells   (an H100) the issue-4 bench (gpu_check.sh triton) of those models at
 #                                        T = 1024 / 4096 / 16384, `triton` in turn with its peers, the bmm ceiling too
-#   bash bench/session29_call.sh fuzz | check | rest | kernels | h200   as session28_call.sh (fuzz: its logs in one file)
+#   bash bench/session29_call.sh fuzz | check | rest | kernels | h200   as session28_call.sh (fuzz: the logs in one
+#                                        file, since a call brings back 8 files at most)
 # shellcheck source=bench/call_env.sh
 source bench/call_env.sh
 echo "== session29 ${1:?step: verify, ab, retune, cells, fuzz, check, rest, kernels or h200} on ${gpu:-no GPU}"
@@ -35,7 +36,8 @@ verify)
   timeout -k 5 200 python3 -m pytest -v -n 12 -p no:cacheprovider -p no:warnings -rf tests/ops/test_route.py \
     tests/ops/test_config_fuzz.py tests/ops/test_fused_experts.py -k "route or from_logits or fuzz or unwritten" \
     >"$OUT/verify-tests.log" 2>&1
-  echo "== verify tests: $(grep -c '] PASSED' "$OUT/verify-tests.log") passed, $(grep -c '] FAILED' "$OUT/verify-tests.log") failed"
+  log=$OUT/verify-tests.log
+  echo "== verify tests: $(grep -c '] PASSED' "$log") passed, $(grep -c '] FAILED' "$log") failed"
   grep -E "^FAILED|^ERROR| passed| failed" "$OUT/verify-tests.log" | tail -n 10
   grep -E "^E  +(Assertion|[A-Za-z]*Error)" "$OUT/verify-tests.log" | cut -c1-700 | head -n 6
   [[ ${ROUTE_AB:-0} == 1 ]] && timeout -k 5 100 python3 bench/route_program_probe.py --against \
