@@ -125,8 +125,13 @@ def check_case(case: Case, dtype: torch.dtype, device: str) -> str | None:
         assert out.shape == x.shape and out.dtype == dtype, f"out {tuple(out.shape)} {out.dtype}"
         assert_close(out, reference_experts(x, w, topk_weights, topk_ids, config), dtype)
     except Exception:  # noqa: BLE001 - every failure is a finding, reported with its case
-        return f"{case} dtype={str(dtype)[6:]}\n    " + traceback.format_exc().strip().splitlines()[-1]
+        return case_failure(case, dtype)
     return None
+
+
+def case_failure(case: Case, dtype: torch.dtype) -> str:
+    """The report of a case that raised (call it in the ``except``): the case, its dtype, the exception's last line."""
+    return f"{case} dtype={str(dtype)[6:]}\n    " + traceback.format_exc().strip().splitlines()[-1]
 
 
 def fuzz_main(name: str, doc: str, draw, check, argv: list[str] | None = None) -> int:

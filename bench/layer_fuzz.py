@@ -18,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 import random
 import sys
-import traceback
 
 import torch
-from config_fuzz import Case, draw_case, fuzz_main, random_kernel_config
+from config_fuzz import Case, case_failure, draw_case, fuzz_main, random_kernel_config
 
 import tilemoe.ops.fused_experts as fused_experts_module
 from tilemoe.config import ROUTINGS, MoEConfig
@@ -94,7 +93,7 @@ def check_layer_case(case: Case, dtype: torch.dtype, device: str) -> str | None:
         assert torch.equal(weights, ref_weights), f"weights {weights.tolist()} != {name}'s {ref_weights.tolist()}"
         assert_close(out, reference_experts(x, w, weights, ids, config), dtype)
     except Exception:  # noqa: BLE001 - every failure is a finding, reported with its case
-        return f"{case} dtype={str(dtype)[6:]}\n    " + traceback.format_exc().strip().splitlines()[-1]
+        return case_failure(case, dtype)
     finally:
         fused_experts_module.DECODE_ROUTE_MAX_TOKENS = saved
     return None

@@ -4,13 +4,18 @@ On CPU the kernels run in the Triton interpreter (tests/conftest.py); outputs ar
 -1 ids) before the kernel runs, so an element it does not write fails the comparison.
 """
 
+import math
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import tilemoe.ops.route as route_module
 import tilemoe.routing as routing_module
 from tilemoe.config import MoEConfig
 from tilemoe.hf_config import list_presets
+from tilemoe.ops._kernels._route import _order_free_sum
 from tilemoe.ops.route import route_triton
 from tilemoe.routing import route
 
@@ -285,6 +290,43 @@ def test_no_host_sync_and_cuda_graph_gpu(name, generator):
     compiled = torch.compile(lambda lg: route_triton(lg, config, bias))
     c_weights, c_ids = compiled(logits)
     assert torch.equal(c_ids, ref_i) and torch.equal(c_weights, g_weights)
+
+
+@triton.jit
+def _sum_in_order(terms_ptr, order_ptr, out_ptr, N: tl.constexpr, ORDER_FREE: tl.constexpr):
+    """The sum of terms[order] (the same numbers, loaded in another order), as the flat routing takes it, or as a
+    float32 tl.sum."""
+    terms = tl.load(terms_ptr + tl.load(order_ptr + tl.arange(0, N)))
+    if ORDER_FREE:
+        total = _order_free_sum(terms)
+    else:
+        total = tl.sum(terms, axis=0)
+    tl.store(out_ptr, total)
+
+
+def test_flat_routing_sums_do_not_depend_on_the_order(generator):
+    """``_order_free_sum`` gives the same bits in any order (what makes the decode GEMM 1's routing the routing
+    kernel's, whose layouts reduce in different orders); a float32 tl.sum of the same terms does not. Within float32
+    rounding of the exact sum; NaN kept."""
+    terms = torch.exp(torch.randn(64, generator=generator, dtype=torch.float64) * 3)
+    terms = (terms / terms.max()).float()
+    orders = [torch.randperm(64, generator=generator).to(torch.int32) for _ in range(20)]
+
+    def sums(values, order_free):
+        results = []
+        for order in orders:
+            out = torch.empty(1, device=DEVICE)
+            _sum_in_order[(1,)](values.to(DEVICE), order.to(DEVICE), out, N=64, ORDER_FREE=order_free)
+            results.append(out.item())
+        return results
+
+    fixed = sums(terms, True)
+    assert len(set(fixed)) == 1
+    assert len(set(sums(terms, False))) > 1  # these terms do move a float32 sum's last bit
+    assert abs(fixed[0] - terms.double().sum().item()) <= 2**-23 * fixed[0]
+    with_nan = terms.clone()
+    with_nan[5] = float("nan")
+    assert all(math.isnan(total) for total in sums(with_nan, True))
 
 
 @pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax"])
