@@ -304,6 +304,10 @@ def test_rematch_times_the_heuristic_and_the_config_in_use_again():
     assert len(tune.rematch_candidates(point)) == 4
     point.in_use = KernelConfig(block_m=128)  # never timed (it failed, or the budget ran out): not rematched
     assert len(tune.rematch_candidates(point)) == 4
+    point.in_use = None
+    # --rematch-top 5: the fastest five, then the heuristic; --rematch-top 1: the fastest and the heuristic
+    assert [cfg for cfg, _ in tune.rematch_candidates(point, 5)] == point.candidates[5:0:-1] + [point.candidates[0]]
+    assert [cfg for cfg, _ in tune.rematch_candidates(point, 1)] == [point.candidates[5], point.candidates[0]]
 
 
 def test_rematch_winner_keeps_the_config_in_use_within_the_noise():
@@ -509,8 +513,8 @@ def test_tune_group_gives_the_rematch_its_rest(monkeypatch):
     config = _config(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
     points = tune.plan_points(tune.group_shapes(["tiny"], {"tiny": config}), [12], torch.float32)
     tune.tune_group(points, torch.float32, tune.Budget(None), 1, log=lambda *a: None, device="cpu",
-                    timer=lambda fn, t: 1e-3, rematch_rest=3.0)  # fmt: skip
-    assert [m.rematch_rest for m in measures] == [3.0]
+                    timer=lambda fn, t: 1e-3, rematch_rest=3.0, rematch_top=5)  # fmt: skip
+    assert [(m.rematch_rest, m.rematch_top) for m in measures] == [(3.0, 5)]
 
 
 def test_rematch_rest_option(capsys):
@@ -521,6 +525,16 @@ def test_rematch_rest_option(capsys):
     assert main([*argv, "--rematch-rest", "3"]) == 0
     assert main([*argv, "--rematch-rest", "-0.5"]) == 2
     assert "--rematch-rest: expected >= 0, got -0.5" in capsys.readouterr().err
+
+
+def test_rematch_top_option(capsys):
+    argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "1024", "--dry-run"]
+    parser = argparse.ArgumentParser()
+    tune.add_parser(parser.add_subparsers())
+    assert parser.parse_args(argv).rematch_top == tune.REMATCH_TOP == 3
+    assert main([*argv, "--rematch-top", "6"]) == 0
+    assert main([*argv, "--rematch-top", "0"]) == 2
+    assert "--rematch-top: expected >= 1, got 0" in capsys.readouterr().err
 
 
 def test_scenarios_option(capsys):

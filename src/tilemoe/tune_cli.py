@@ -69,6 +69,8 @@ TOKEN_COUNTS = [1, 8, 64, 256, 1024, 4096, 16384]
 # deepseek-v2-lite T=1024 at 1199 us against 480 us in the bench's graph replays of the same config (session 5).
 LONG_CALL_S = 2e-3  # above: one call per graph, fewer replays
 REMATCH_TOP = 3  # the best few of the screening timed again in turn (a drifting clock then hits them alike)
+# (``--rematch-top``: more where the screening, back to back at the power cap's clock, may rank a config that wins
+# resting below the third; the rematch's replays share REMATCH_SECONDS, so more candidates get fewer rounds each)
 REMATCH_SECONDS = 1.5  # of replays per point in the rematch, at most (the rests come on top)
 # The rematch's idle time over replay time (``--rematch-rest``): at 4 the GPU runs a fifth of the time, near the
 # bench's duty cycle, where each implementation's chunk of calls runs between the others' (session 29, on an H100).
@@ -682,12 +684,13 @@ class _Measure:
 
     def __init__(
         self, cases: list[list], kwargs: dict, num_tokens: int, dtype: torch.dtype, misses: list[int], timer,
-        ran_as: dict | None = None, rematch_rest: float = REMATCH_REST,
+        ran_as: dict | None = None, rematch_rest: float = REMATCH_REST, rematch_top: int = REMATCH_TOP,
     ):  # fmt: skip
         self.cases, self.kwargs, self.num_tokens, self.dtype = cases, kwargs, num_tokens, dtype
         self.misses, self.timer = misses, timer
         self.ran_as = {} if ran_as is None else ran_as  # (TunePoint.ran_as)
         self.rematch_rest = rematch_rest  # idle time over replay time in the rematch (``--rematch-rest``)
+        self.rematch_top = rematch_top  # the screening's fastest that the rematch times again (``--rematch-top``)
 
     @property
     def args(self) -> tuple:  # the first routing's arguments
@@ -722,14 +725,14 @@ class _Measure:
         return total
 
     def rematch(self, point: TunePoint) -> None:
-        """Time the ``REMATCH_TOP`` fastest candidates of the screening and the heuristic again, their graphs (one per
+        """Time the ``rematch_top`` fastest candidates of the screening and the heuristic again, their graphs (one per
         routing) replayed in turn, and keep the fastest sum of that; the best and heuristic times become these. A CUDA
         device only: the screening timed one candidate after the other, so a clock drifting under the power cap
         favoured the early ones."""
         from tilemoe.bench.timing import capture_graph, graph_us_in_turn
         from tilemoe.ops.fused_experts import fused_experts
 
-        top = rematch_candidates(point)
+        top = rematch_candidates(point, self.rematch_top)
         if len(top) < 2 or not self.args[0].is_cuda:
             return
         graphs = []
@@ -748,12 +751,12 @@ class _Measure:
         point.heuristic_s = next(t for cfg, t in point.rematch if cfg == point.times[0][0])
 
 
-def rematch_candidates(point: TunePoint) -> list[tuple[KernelConfig, float]]:
-    """The (config, screening seconds) that ``_Measure.rematch`` times again: the ``REMATCH_TOP`` fastest of the
+def rematch_candidates(point: TunePoint, top_n: int = REMATCH_TOP) -> list[tuple[KernelConfig, float]]:
+    """The (config, screening seconds) that ``_Measure.rematch`` times again: the ``top_n`` fastest of the
     screening, the heuristic (its time is the table's reference) and the config in use (the entry a new best would
     replace: timed only in the screening, it was compared with the rematch's times, a different clock under the power
     cap, and two points of session 12 wrote a best that their config in use beat, 0.96x)."""
-    top = sorted(point.times, key=lambda item: item[1])[:REMATCH_TOP]
+    top = sorted(point.times, key=lambda item: item[1])[:top_n]
     for must in (point.times[0][0] if point.times else None, point.in_use):
         timed = next((item for item in point.times if item[0] == must), None)
         if timed is not None and timed not in top:
@@ -792,6 +795,7 @@ def search_points(points: list[TunePoint], measure_for, budget: Budget, points_l
 def tune_group(
     points: list[TunePoint], dtype: torch.dtype, budget: Budget, points_left: int, log=print, device="cuda",
     timer=time_call, scenarios: tuple[str, ...] = ("random",), rematch_rest: float = REMATCH_REST,
+    rematch_top: int = REMATCH_TOP,
 ) -> int:  # fmt: skip
     """Time the points of one shape group (weights built once), ``points_left`` points to go in all.
     ``timer(fn, num_tokens) -> seconds``; ``device``: "cuda" (tests: "cpu" in the interpreter, with a wall-clock
@@ -816,7 +820,7 @@ def tune_group(
             args = (x, w13, w2, tw.float().contiguous(), ti.to(torch.int32).contiguous())
             ref = fused_experts_torch(*args, **kwargs).float() if t <= REFERENCE_MAX_TOKENS else None
             cases.append([args, ref])
-        return _Measure(cases, kwargs, t, dtype, misses, timer, point.ran_as, rematch_rest)
+        return _Measure(cases, kwargs, t, dtype, misses, timer, point.ran_as, rematch_rest, rematch_top)
 
     search_points(points, measure_for, budget, points_left, log)
     return misses[0]
@@ -949,6 +953,12 @@ def add_parser(subparsers) -> None:
         "T=1024: the 128-row entry 3134 us back to back, 2707 us resting, the bench's 2764; a 64-row config won "
         "back to back, 0.965x, and lost resting, 1.049x, as it loses in the bench)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rematch-top", type=int, default=REMATCH_TOP, metavar="N",
+        help=f"the rematch times again the screening's N fastest (with the heuristic and the config in use); default "
+        f"{REMATCH_TOP}. The screening runs back to back, so at compute-bound points it may rank a config that wins "
+        "resting below the third",
+    )  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -1054,6 +1064,8 @@ def run(args) -> int:
     try:
         if not args.rematch_rest >= 0:  # also NaN
             raise ValueError(f"--rematch-rest: expected >= 0, got {args.rematch_rest}")
+        if not args.rematch_top >= 1:
+            raise ValueError(f"--rematch-top: expected >= 1, got {args.rematch_top}")
         variants = [parse_variant(v) for v in args.variants or []]
         scenarios = tuple(dict.fromkeys(args.scenarios))
         models = resolve_models(args.model, args.models_from)
@@ -1099,7 +1111,8 @@ def run(args) -> int:
     left = len(points)
     for group_points in by_group.values():
         try:
-            misses += tune_group(group_points, dtype, budget, left, scenarios=scenarios, rematch_rest=args.rematch_rest)
+            rematch = dict(rematch_rest=args.rematch_rest, rematch_top=args.rematch_top)
+            misses += tune_group(group_points, dtype, budget, left, scenarios=scenarios, **rematch)
         except (RuntimeError, ValueError) as error:  # e.g. out of memory for the weights: the other shapes go on
             for p in group_points:
                 if p.status == "pending":
