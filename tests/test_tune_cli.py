@@ -527,6 +527,37 @@ def test_rematch_rest_option(capsys):
     assert "--rematch-rest: expected >= 0, got -0.5" in capsys.readouterr().err
 
 
+def test_screen_rest_option(capsys):
+    argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "1024", "--dry-run"]
+    parser = argparse.ArgumentParser()
+    tune.add_parser(parser.add_subparsers())
+    assert parser.parse_args(argv).screen_rest == tune.SCREEN_REST == 0.0  # back to back unless told otherwise
+    assert main([*argv, "--screen-rest", "4"]) == 0
+    assert main([*argv, "--screen-rest", "nan"]) == 2
+    assert "--screen-rest: expected >= 0, got nan" in capsys.readouterr().err
+
+
+def test_screen_timer_rests_its_replays(monkeypatch):
+    """screen_timer(R) times by graph replays that rest R (graph_us_in_turn's rest); the default does not rest."""
+    import tilemoe.bench.timing as timing
+
+    seen = []
+    monkeypatch.setattr(tune, "events_seconds", lambda fn, reps: 1e-3)  # 3 calls a graph, 10 replays
+    monkeypatch.setattr(timing, "capture_graph", lambda fn, calls: (_FakeGraph(), None))
+    monkeypatch.setattr(
+        timing, "graph_us_in_turn", lambda graphs, rounds, rest=0.0: seen.append((rounds, rest)) or [7.0]
+    )
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert tune.screen_timer(4.0)(lambda: None, 1024) == pytest.approx(7e-6)
+    assert tune.time_call(lambda: None, 1024) == pytest.approx(7e-6)
+    assert seen == [(10, 4.0), (10, 0.0)]
+
+
+class _FakeGraph:
+    def replay(self):
+        pass
+
+
 def test_rematch_top_option(capsys):
     argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "1024", "--dry-run"]
     parser = argparse.ArgumentParser()

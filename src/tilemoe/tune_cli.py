@@ -2,7 +2,7 @@
 
     tilemoe tune --model all | NAME... [--models-from FILE] [--num-tokens 1 8 ... 16384] [--dtype bf16]
                  [--write | --out FILE] [--budget-s S] [--workers N] [--dry-run] [--variants FIELD=VALUE[,...] ...]
-                 [--scenarios random imbalanced] [--rematch-rest R]
+                 [--scenarios random imbalanced] [--rematch-rest R] [--rematch-top N] [--screen-rest R]
 
 1. Plan: the models' MoE layers grouped by what the kernels see (E, K, H, I, activation, gated, bias,
    weights on input): each shape is tuned once and its table key (``tilemoe.tuning.shape_key``) serves every
@@ -13,14 +13,15 @@
    the main process then reads (a first call that still compiles there is counted and reported).
    Triton compilation is CPU-bound and serial within one process, so this is where the cores pay off.
 3. Timing, in the main process, one candidate at a time on random routing, by CUDA-graph replays (a graph of 10,
-   3 or 1 calls by the call's length); then the three fastest and the heuristic again, their graphs replayed in
-   turn, and the fastest of that wins. Every candidate is checked against the heuristic config's output (itself
-   checked against ``fused_experts_torch`` up to T=1024). The config in the device's table, when there is one, is
-   timed second: a re-tune never writes a slower one; so is the config ``pick_config`` ran there before the run
-   (``add_configs_in_use``: the nearest entry at an untuned bucket), whose time against the winner each point's
-   line gives ("the config in use") and the table records (``in_use_us``). ``--variants``: only the heuristic,
-   the table entry and the given changes of that entry are timed (e.g. ``split_tail=1``), each change's time
-   against the entry's printed.
+   3 or 1 calls by the call's length; back to back unless ``--screen-rest``); then the three fastest
+   (``--rematch-top``) and the heuristic again, their graphs replayed in turn, resting between replays
+   (``--rematch-rest``), and the fastest of that wins. Every candidate is checked against the heuristic config's
+   output (itself checked against ``fused_experts_torch`` up to T=1024). The config in the device's table, when
+   there is one, is timed second: a re-tune never writes a slower one; so is the config ``pick_config`` ran there
+   before the run (``add_configs_in_use``: the nearest entry at an untuned bucket), whose time against the winner
+   each point's line gives ("the config in use") and the table records (``in_use_us``). ``--variants``: only the
+   heuristic, the table entry and the given changes of that entry are timed (e.g. ``split_tail=1``), each change's
+   time against the entry's printed.
 4. ``--budget-s``: the warm-up gets at most ``WARMUP_SHARE`` of it; each point gets a share of what is left;
    a point cut short keeps its best-so-far (the heuristic is always timed first), a point never reached is not
    written (``pick_config`` keeps the table entry, the one nearest in T, or the heuristic). The summary says which.
@@ -75,6 +76,9 @@ REMATCH_SECONDS = 1.5  # of replays per point in the rematch, at most (the rests
 # The rematch's idle time over replay time (``--rematch-rest``): at 4 the GPU runs a fifth of the time, near the
 # bench's duty cycle, where each implementation's chunk of calls runs between the others' (session 29, on an H100).
 REMATCH_REST = 4.0
+# The screening's (``--screen-rest``): back to back by default, so a search covers as many candidates as before; at
+# R each candidate's timing takes 1 + R times as long, and the screening ranks at the bench's duty cycle too.
+SCREEN_REST = 0.0
 # A rematch's winner replaces the config in use only when faster by this share: configs whose kernels cannot differ
 # in cost (align_clears_out where the zeros hide) ran 0.996-1.002x of each other in turn on an H100 (session 26), and
 # a re-tune wrote such noise winners into five entries.
@@ -255,14 +259,15 @@ def candidate_configs(shape: MoEShape, dtype: torch.dtype) -> list[KernelConfig]
 
 
 # ------------------------------------------------------------------------------------------------- timers
-def graph_seconds(fn, calls: int = 10, replays: int = 10) -> float:
-    """Median time of one call, from replays of a CUDA graph holding ``calls`` calls."""
+def graph_seconds(fn, calls: int = 10, replays: int = 10, rest: float = 0.0) -> float:
+    """Median time of one call, from replays of a CUDA graph holding ``calls`` calls; ``rest``: the GPU idles that
+    many times each replay's length after it (``graph_us_in_turn``)."""
     from tilemoe.bench.timing import capture_graph, graph_us_in_turn
 
     graph, _ = capture_graph(fn, calls)
     graph.replay()
     torch.cuda.synchronize()
-    return graph_us_in_turn([(graph, calls)], replays)[0] * 1e-6
+    return graph_us_in_turn([(graph, calls)], replays, rest=rest)[0] * 1e-6
 
 
 def events_seconds(fn, reps: int) -> float:
@@ -278,16 +283,22 @@ def events_seconds(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2] * 1e-3
 
 
+def screen_timer(rest: float):
+    """The screening's ``timer(fn, num_tokens) -> seconds``: ``time_call`` resting ``rest`` (``--screen-rest``)."""
+    return functools.partial(time_call, rest=rest)
+
+
 def graph_calls(estimate_s: float) -> int:
     """Calls per CUDA graph for a call of about ``estimate_s``: enough that one replay is not launch-bound."""
     return 10 if estimate_s < 2e-4 else 3 if estimate_s < LONG_CALL_S else 1
 
 
-def time_call(fn, num_tokens: int) -> float:
-    """Seconds per call of ``fn`` (already run once), from CUDA-graph replays; fewer replays for long calls."""
+def time_call(fn, num_tokens: int, rest: float = SCREEN_REST) -> float:
+    """Seconds per call of ``fn`` (already run once), from CUDA-graph replays; fewer replays for long calls.
+    ``rest``: idle time over replay time after each replay (``--screen-rest``)."""
     estimate = events_seconds(fn, 1)
     calls = graph_calls(estimate)
-    return graph_seconds(fn, calls=calls, replays=10 if estimate * calls < 5e-3 else 5)
+    return graph_seconds(fn, calls=calls, replays=10 if estimate * calls < 5e-3 else 5, rest=rest)
 
 
 # ------------------------------------------------------------------------------------------------- plan
@@ -954,6 +965,12 @@ def add_parser(subparsers) -> None:
         "back to back, 0.965x, and lost resting, 1.049x, as it loses in the bench)",
     )  # fmt: skip
     parser.add_argument(
+        "--screen-rest", type=float, default=SCREEN_REST, metavar="R",
+        help=f"in the screening too, leave the GPU idle R times each replay's length after it; default "
+        f"{SCREEN_REST:g} (back to back). The screening then ranks the candidates at the bench's duty cycle, as the "
+        "rematch does, at 1 + R times its time per candidate",
+    )  # fmt: skip
+    parser.add_argument(
         "--rematch-top", type=int, default=REMATCH_TOP, metavar="N",
         help=f"the rematch times again the screening's N fastest (with the heuristic and the config in use); default "
         f"{REMATCH_TOP}. The screening runs back to back, so at compute-bound points it may rank a config that wins "
@@ -1064,6 +1081,8 @@ def run(args) -> int:
     try:
         if not args.rematch_rest >= 0:  # also NaN
             raise ValueError(f"--rematch-rest: expected >= 0, got {args.rematch_rest}")
+        if not args.screen_rest >= 0:  # also NaN
+            raise ValueError(f"--screen-rest: expected >= 0, got {args.screen_rest}")
         if not args.rematch_top >= 1:
             raise ValueError(f"--rematch-top: expected >= 1, got {args.rematch_top}")
         variants = [parse_variant(v) for v in args.variants or []]
@@ -1111,8 +1130,9 @@ def run(args) -> int:
     left = len(points)
     for group_points in by_group.values():
         try:
-            rematch = dict(rematch_rest=args.rematch_rest, rematch_top=args.rematch_top)
-            misses += tune_group(group_points, dtype, budget, left, scenarios=scenarios, **rematch)
+            timing = dict(timer=screen_timer(args.screen_rest), rematch_rest=args.rematch_rest,
+                          rematch_top=args.rematch_top)  # fmt: skip
+            misses += tune_group(group_points, dtype, budget, left, scenarios=scenarios, **timing)
         except (RuntimeError, ValueError) as error:  # e.g. out of memory for the weights: the other shapes go on
             for p in group_points:
                 if p.status == "pending":
