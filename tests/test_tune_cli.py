@@ -517,24 +517,23 @@ def test_tune_group_gives_the_rematch_its_rest(monkeypatch):
     assert [(m.rematch_rest, m.rematch_top) for m in measures] == [(3.0, 5)]
 
 
-def test_rematch_rest_option(capsys):
+@pytest.mark.parametrize(
+    "flag, default, good, bad, message",
+    [
+        ("--rematch-rest", 4.0, "3", "-0.5", "expected >= 0, got -0.5"),  # rests unless told otherwise
+        ("--screen-rest", 0.0, "4", "nan", "expected >= 0, got nan"),  # back to back unless told otherwise
+        ("--rematch-top", 3, "6", "0", "expected >= 1, got 0"),
+    ],
+)
+def test_rematch_and_screening_options(capsys, flag, default, good, bad, message):
     argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "1024", "--dry-run"]
     parser = argparse.ArgumentParser()
     tune.add_parser(parser.add_subparsers())
-    assert parser.parse_args(argv).rematch_rest == tune.REMATCH_REST == 4.0  # rests unless told otherwise
-    assert main([*argv, "--rematch-rest", "3"]) == 0
-    assert main([*argv, "--rematch-rest", "-0.5"]) == 2
-    assert "--rematch-rest: expected >= 0, got -0.5" in capsys.readouterr().err
-
-
-def test_screen_rest_option(capsys):
-    argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "1024", "--dry-run"]
-    parser = argparse.ArgumentParser()
-    tune.add_parser(parser.add_subparsers())
-    assert parser.parse_args(argv).screen_rest == tune.SCREEN_REST == 0.0  # back to back unless told otherwise
-    assert main([*argv, "--screen-rest", "4"]) == 0
-    assert main([*argv, "--screen-rest", "nan"]) == 2
-    assert "--screen-rest: expected >= 0, got nan" in capsys.readouterr().err
+    name = flag[2:].replace("-", "_")
+    assert getattr(parser.parse_args(argv), name) == getattr(tune, name.upper()) == default
+    assert main([*argv, flag, good]) == 0
+    assert main([*argv, flag, bad]) == 2
+    assert f"{flag}: {message}" in capsys.readouterr().err
 
 
 def test_screen_timer_rests_its_replays(monkeypatch):
@@ -556,16 +555,6 @@ def test_screen_timer_rests_its_replays(monkeypatch):
 class _FakeGraph:
     def replay(self):
         pass
-
-
-def test_rematch_top_option(capsys):
-    argv = ["tune", "--model", "mixtral-8x7b", "--num-tokens", "1024", "--dry-run"]
-    parser = argparse.ArgumentParser()
-    tune.add_parser(parser.add_subparsers())
-    assert parser.parse_args(argv).rematch_top == tune.REMATCH_TOP == 3
-    assert main([*argv, "--rematch-top", "6"]) == 0
-    assert main([*argv, "--rematch-top", "0"]) == 2
-    assert "--rematch-top: expected >= 1, got 0" in capsys.readouterr().err
 
 
 def test_scenarios_option(capsys):
