@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: `tilemoe tune` for every preset on this GPU, merged into the package table of this device,
 # which comes back under $OUT (the machine keeps nothing) with the log; a short summary is printed last.
-#   bash bench/gpu_tune.sh [extra tilemoe tune args]     BUDGET=480 (seconds of search) by default
+#   bash bench/gpu_tune.sh [extra tilemoe tune args]     BUDGET=480 (seconds of search) by default; TUNE_ARGS more
 # The whole call stays under 9 minutes: the search stops at BUDGET, a hard limit 40 s later kills a hung run
 # (the table is written after each shape, so what was found is kept).
 set -uo pipefail
@@ -19,7 +19,10 @@ log=$OUT/gpu_tune${TUNE_TAG:+-$TUNE_TAG}.log  # TUNE_TAG: one log per step of a 
 } 2>&1 | tee "$log"
 
 start=$(date +%s)
-timeout -k 5 $((BUDGET + 40)) python3 -m tilemoe tune --model all --write --budget-s "$BUDGET" "$@" 2>&1 | tee -a "$log"
+# TUNE_ARGS: more tune arguments, after the caller's (a step of another script passes its own through it)
+# shellcheck disable=SC2086  # TUNE_ARGS: a list
+timeout -k 5 $((BUDGET + 40)) python3 -m tilemoe tune --model all --write --budget-s "$BUDGET" "$@" ${TUNE_ARGS:-} 2>&1 |
+  tee -a "$log"
 rc=${PIPESTATUS[0]}
 wall=$(($(date +%s) - start))
 
